@@ -1,0 +1,74 @@
+"""The scheduler's view of one sequence: its tokens, progress and block table."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate. `token_ids` is the prompt followed by the output so far;
+    `num_computed_tokens` of them already have their KV in the blocks of `block_ids`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    # False for requests that need every prompt position's logits (prompt_logprobs).
+    use_prefix_cache: bool = True
+    # Siblings of an n > 1 request share a group: only one of them prefills at a time,
+    # so the others find the prompt in the prefix cache.
+    prefix_group: Optional[str] = None
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 until scheduled
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while the prompt (or, after preemption, prompt plus output) is being computed."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
+
+    def sort_key(self) -> tuple:
+        """Lower is served first: priority, then arrival (FCFS)."""
+        return (self.priority, self.arrival_time)

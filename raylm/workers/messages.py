@@ -1,0 +1,73 @@
+"""The step plan sent to workers and the result they send back: plain data that
+msgpack can carry (see `to_wire` / `from_wire`)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class SeqChunk:
+    """Compute `token_ids` of a request at positions start_pos..; sample after it if `sample`."""
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+
+
+@dataclass
+class NewRequest:
+    """Sent once, the first time a request is scheduled: what the sampler needs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict
+
+
+@dataclass
+class StepPlan:
+    seqs: list[SeqChunk] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "StepPlan":
+        return cls(seqs=[SeqChunk(**s) for s in d["seqs"]],
+                   new_requests=[NewRequest(**r) for r in d["new_requests"]],
+                   finished_ids=list(d["finished_ids"]))
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities at one position: the top-k and the chosen (or actual) token."""
+
+    top_ids: list[int]
+    top_logprobs: list[float]
+    token_id: int
+    logprob: float
+    rank: int
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # Prompt logprobs for the prompt positions this step computed, in order.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    execute_time_s: Optional[float] = None
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "StepResult":
+        return cls(sampled=dict(d["sampled"]),
+                   logprobs={k: TokenLogprobs(**v) for k, v in d["logprobs"].items()},
+                   prompt_logprobs={k: [TokenLogprobs(**x) for x in v]
+                                    for k, v in d["prompt_logprobs"].items()},
+                   execute_time_s=d.get("execute_time_s"))

@@ -1,0 +1,177 @@
+"""Runs the model for one step plan on one device: builds the packed inputs and the
+attention metadata, runs the forward pass, samples, and computes log-probabilities."""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Optional
+
+import torch
+
+from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
+from raylm.workers.loader import iterate_weights, random_weights
+from raylm.workers.messages import StepPlan, StepResult, TokenLogprobs
+from raylm.workers.models.llama import get_model_class
+from raylm.workers.sampler import SamplingState, sample, topk_logprobs
+
+
+class ModelRunner:
+    """Holds the model weights, the paged KV cache and per-request sampling state."""
+
+    def __init__(self, model_dir: str, hf_config, dtype: torch.dtype, device: str,
+                 block_size: int, attention_backend: str = "torch", load_format: str = "auto",
+                 seed: int = 0):
+        self.hf_config = hf_config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.backend = get_attention_backend(attention_backend)
+        cls = get_model_class(hf_config)
+        with torch.device(self.device):
+            self.model = cls(hf_config, dtype=dtype)
+        if load_format == "dummy":
+            random_weights(self.model, seed)
+        else:
+            self.model.load_weights(iterate_weights(model_dir))
+        self.model.eval()
+        self.attn_layers = self.model.attention_layers()
+        self.kv_caches: list[torch.Tensor] = []
+        self.states: dict[str, SamplingState] = {}
+        self.prompt_logprobs_done: dict[str, int] = {}
+        self.default_generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    # ---- KV cache ------------------------------------------------------------------
+    @property
+    def kv_shape_per_layer(self) -> tuple[int, int]:
+        a = self.attn_layers[0]
+        return a.num_kv_heads, a.head_dim
+
+    def kv_bytes_per_block(self) -> int:
+        heads, dim = self.kv_shape_per_layer
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.attn_layers) * self.block_size * heads * dim * elem
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        heads, dim = self.kv_shape_per_layer
+        self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, heads, dim,
+                                      dtype=self.dtype, device=self.device)
+                          for _ in self.attn_layers]
+        for layer, cache in zip(self.attn_layers, self.kv_caches):
+            layer.kv_cache = cache
+
+    def shutdown(self) -> None:
+        for layer in self.attn_layers:
+            layer.kv_cache = None
+        self.kv_caches = []
+        self.states.clear()
+        self.model = None
+        self.attn_layers = []
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- one step ------------------------------------------------------------------
+    def _update_states(self, plan: StepPlan) -> None:
+        for rid in plan.finished_ids:
+            self.states.pop(rid, None)
+            self.prompt_logprobs_done.pop(rid, None)
+        for new in plan.new_requests:
+            seed = new.sampling.get("seed")
+            gen = None
+            if seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(int(seed))
+            self.states[new.request_id] = SamplingState(list(new.prompt_token_ids), new.sampling,
+                                                        generator=gen)
+            if new.sampling.get("prompt_logprobs") is not None:
+                self.prompt_logprobs_done[new.request_id] = 0
+
+    def _prepare(self, plan: StepPlan):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        max_blocks = max(len(s.block_table) for s in plan.seqs)
+        tables = []
+        for s in plan.seqs:
+            n = len(s.token_ids)
+            input_ids.extend(s.token_ids)
+            pos = range(s.start_pos, s.start_pos + n)
+            positions.extend(pos)
+            table = s.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(s.start_pos + n)
+            tables.append(table + [0] * (max_blocks - len(table)))
+        dev = self.device
+        query_lens = [len(s.token_ids) for s in plan.seqs]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta, query_start)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        self._update_states(plan)
+        result = StepResult()
+        if not plan.seqs:
+            return result
+        input_ids, positions, meta, query_start = self._prepare(plan)
+        hidden = self.model(input_ids, positions, meta, self.backend)
+
+        # Rows whose logits are needed: each sampling sequence's last token, and the
+        # prompt positions of requests that asked for prompt logprobs.
+        sample_rows, sample_ids = [], []
+        prompt_rows: list[tuple[str, int, int]] = []  # (request id, row, target token)
+        for i, s in enumerate(plan.seqs):
+            if s.sample:
+                sample_rows.append(query_start[i + 1] - 1)
+                sample_ids.append(s.request_id)
+            done = self.prompt_logprobs_done.get(s.request_id)
+            if done is not None:
+                prompt = self.states[s.request_id].prompt_token_ids
+                for p in range(max(done, s.start_pos), s.start_pos + len(s.token_ids)):
+                    if p + 1 < len(prompt):
+                        prompt_rows.append((s.request_id, query_start[i] + p - s.start_pos, prompt[p + 1]))
+                        self.prompt_logprobs_done[s.request_id] = p + 1
+        rows = sample_rows + [r for _, r, _ in prompt_rows]
+        if not rows:
+            result.execute_time_s = time.perf_counter() - t0
+            return result
+        logits = self.model.compute_logits(hidden[rows]).float()
+
+        if sample_ids:
+            states = [self.states[rid] for rid in sample_ids]
+            sample_logits = logits[:len(sample_ids)]
+            tokens = sample(sample_logits, states, self.default_generator).tolist()
+            want = [i for i, st in enumerate(states) if st.params.get("logprobs") is not None]
+            if want:
+                lp = torch.log_softmax(sample_logits[want], dim=-1)
+                k = max(int(states[i].params["logprobs"]) for i in want)
+                ids, lps, chosen, ranks = topk_logprobs(lp, torch.tensor([tokens[i] for i in want],
+                                                                        device=lp.device), k)
+                for j, i in enumerate(want):
+                    ki = int(states[i].params["logprobs"])
+                    result.logprobs[sample_ids[i]] = TokenLogprobs(ids[j][:ki], lps[j][:ki], tokens[i],
+                                                                   chosen[j], ranks[j])
+            for rid, st, tok in zip(sample_ids, states, tokens):
+                st.output_token_ids.append(tok)
+                result.sampled[rid] = tok
+        if prompt_rows:
+            lp = torch.log_softmax(logits[len(sample_ids):], dim=-1)
+            targets = torch.tensor([t for _, _, t in prompt_rows], device=lp.device)
+            k = max(int(self.states[rid].params["prompt_logprobs"]) for rid, _, _ in prompt_rows)
+            ids, lps, chosen, ranks = topk_logprobs(lp, targets, k)
+            for j, (rid, _, tgt) in enumerate(prompt_rows):
+                ki = int(self.states[rid].params["prompt_logprobs"])
+                result.prompt_logprobs.setdefault(rid, []).append(
+                    TokenLogprobs(ids[j][:ki], lps[j][:ki], tgt, chosen[j], ranks[j]))
+        result.execute_time_s = time.perf_counter() - t0
+        return result

@@ -1,0 +1,202 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3 differ only in flags):
+qkv bias (Qwen2), per-head q/k RMSNorm (Qwen3), llama3 RoPE scaling, GQA, a head_dim
+that need not be hidden_size / num_heads, tied or untied embeddings."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from raylm.workers.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from raylm.workers.layers.basic import ParallelLMHead, RMSNorm, SiluAndMul, VocabParallelEmbedding
+from raylm.workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from raylm.workers.layers.rotary import RotaryEmbedding, rope_parameters
+from raylm.workers.parallel_state import get_tp_size
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        hidden = config.hidden_size
+        self.total_num_heads = config.num_attention_heads
+        self.total_num_kv_heads = getattr(config, "num_key_value_heads", None) or self.total_num_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.total_num_heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, self.total_num_heads,
+                                          self.total_num_kv_heads, bias=qkv_bias, dtype=dtype)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, hidden,
+                                        bias=getattr(config, "o_bias", False), dtype=dtype)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
+        theta, scaling = rope_parameters(config)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
+
+    def forward(self, positions, hidden, meta: AttentionMetadata, backend: AttentionBackend):
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta, backend))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, dtype):
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter],
+                                                       bias=getattr(config, "mlp_bias", False), dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size,
+                                           bias=getattr(config, "mlp_bias", False), dtype=dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, dtype, qkv_bias, qk_norm)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, positions, hidden, residual, meta, backend):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta, backend)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, qkv_bias, qk_norm)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, input_ids, positions, meta, backend):
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta, backend)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The causal LM: `forward` returns final hidden states for every packed token;
+    `compute_logits` projects the rows that need them."""
+
+    qkv_bias_default = False
+    qk_norm = False
+    # checkpoint name fragment -> (our parameter fragment, shard id)
+    stacked_params = [
+        (".qkv_proj.", ".q_proj.", "q"),
+        (".qkv_proj.", ".k_proj.", "k"),
+        (".qkv_proj.", ".v_proj.", "v"),
+        (".gate_up_proj.", ".gate_proj.", 0),
+        (".gate_up_proj.", ".up_proj.", 1),
+    ]
+
+    def __init__(self, config, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.config = config
+        qkv_bias = getattr(config, "attention_bias", self.qkv_bias_default) or self.qkv_bias_default
+        self.model = LlamaModel(config, dtype, qkv_bias, self.qk_norm)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, backend: AttentionBackend):
+        return self.model(input_ids, positions, meta, backend)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (HF names) into this rank's parameters; returns the
+        names of the parameters that were loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            for ours, theirs, shard_id in self.stacked_params:
+                if theirs in name:
+                    target = name.replace(theirs, ours)
+                    if target not in params:
+                        raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+                    params[target].weight_loader(params[target], tensor, shard_id)
+                    loaded.add(target)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+                param = params[name]
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    raise ValueError(f"parameter {name!r} has no weight loader")
+                loader(param, tensor)
+                loaded.add(name)
+        if self.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+        return loaded
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral is Llama's architecture (its sliding window is not used: max_model_len
+    is capped at the window)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2/Qwen2.5: Llama with a bias on the q, k and v projections."""
+
+    qkv_bias_default = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: Llama with RMSNorm on each head of q and k before RoPE."""
+
+    qk_norm = True
+
+
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(config):
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"architecture {archs} is not supported; supported: {sorted(MODEL_REGISTRY)}")

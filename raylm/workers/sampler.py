@@ -1,0 +1,119 @@
+"""Turning logits into tokens, per request: penalties, temperature, top-k/top-p/min-p,
+seeded sampling, and the raw log-probabilities users ask for.
+
+Reported log-probabilities are the model's raw log-softmax, before temperature or
+penalties (as vLLM reports them). Each seeded request draws from its own generator, so
+its tokens do not depend on what else shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SamplingState:
+    """What the worker keeps per request between steps."""
+
+    prompt_token_ids: list[int]
+    params: dict  # SamplingParams.to_dict() plus "eos_token_ids"
+    output_token_ids: list[int] = field(default_factory=list)
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.params.get("temperature", 1.0))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+def topk_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int):
+    """For each row: (top-k ids, top-k logprobs, chosen logprob, chosen 1-based rank)."""
+    chosen_lp = logprobs.gather(1, chosen.view(-1, 1)).squeeze(1)
+    ranks = (logprobs > chosen_lp.unsqueeze(1)).sum(1) + 1
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=1)
+    else:
+        top_lp = top_ids = torch.empty(logprobs.shape[0], 0)
+    return top_ids.tolist(), top_lp.tolist(), chosen_lp.tolist(), ranks.tolist()
+
+
+def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    for i, st in enumerate(states):
+        p = st.params
+        rep = float(p.get("repetition_penalty", 1.0))
+        pres = float(p.get("presence_penalty", 0.0))
+        freq = float(p.get("frequency_penalty", 0.0))
+        row = logits[i]
+        if rep != 1.0:
+            seen = torch.tensor(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)),
+                                dtype=torch.long, device=logits.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / rep, vals * rep)
+        if (pres or freq) and st.output_token_ids:
+            out = torch.tensor(st.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
+            row -= freq * counts + pres * (counts > 0).to(row.dtype)
+        min_tokens = int(p.get("min_tokens", 0))
+        if min_tokens and len(st.output_token_ids) < min_tokens:
+            banned = list(p.get("stop_token_ids") or [])
+            if not p.get("ignore_eos", False):
+                banned += list(p.get("eos_token_ids") or [])
+            banned = [t for t in banned if 0 <= t < row.shape[0]]
+            if banned:
+                row[banned] = float("-inf")
+    return logits
+
+
+def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (each a no-op at its default)."""
+    temps = torch.tensor([max(st.temperature, 1e-5) for st in states],
+                         dtype=logits.dtype, device=logits.device)
+    logits = logits / temps.unsqueeze(1)
+    vocab = logits.shape[1]
+    top_k = [int(st.params.get("top_k", 0) or 0) for st in states]
+    if any(0 < k < vocab for k in top_k):
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+        sorted_logits = logits.sort(dim=1, descending=True).values
+        kth = sorted_logits.gather(1, (ks - 1).view(-1, 1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = [float(st.params.get("top_p", 1.0)) for st in states]
+    if any(p < 1.0 for p in top_p):
+        ps = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
+        probs_sorted, idx = logits.softmax(dim=1).sort(dim=1, descending=True)
+        cum = probs_sorted.cumsum(dim=1)
+        remove_sorted = (cum - probs_sorted) >= ps.unsqueeze(1)  # keep the smallest set reaching p
+        remove = torch.zeros_like(remove_sorted).scatter(1, idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    min_p = [float(st.params.get("min_p", 0.0)) for st in states]
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(dim=1)
+        thresh = torch.tensor(min_p, dtype=probs.dtype, device=probs.device).unsqueeze(1) \
+            * probs.max(dim=1, keepdim=True).values
+        logits = logits.masked_fill(probs < thresh, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState],
+           default_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of `logits` (float32, [B, V])."""
+    logits = _apply_penalties(logits.clone(), states)
+    greedy = torch.tensor([st.is_greedy for st in states], device=logits.device)
+    tokens = logits.argmax(dim=1)
+    if bool(greedy.all()):
+        return tokens
+    probs = _filter(logits, states).softmax(dim=1)
+    # Exponential race (argmax p/q with q ~ Exp(1)) draws from probs; one generator per
+    # seeded request keeps its draws independent of the batch.
+    q = torch.empty_like(probs)
+    for i, st in enumerate(states):
+        if st.is_greedy:
+            q[i] = 1.0
+        else:
+            q[i].exponential_(generator=st.generator or default_generator)
+    sampled = (probs / q).argmax(dim=1)
+    return torch.where(greedy, tokens, sampled)
