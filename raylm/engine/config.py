@@ -1,0 +1,100 @@
+"""Engine arguments (vLLM's names) and the configuration derived from them."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+_DTYPES = {"float32": "float32", "float": "float32", "fp32": "float32",
+           "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "half": "float16", "fp16": "float16"}
+
+CPU_KV_CACHE_CAP_BYTES = 1 << 30
+
+
+@dataclass
+class EngineArgs:
+    """Every knob of the engine, spelled as in vLLM. `model=None` means the embedded
+    default (SmolLM2-135M-Instruct)."""
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: Optional[int] = None
+    max_num_seqs: int = 256
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    attention_backend: Optional[str] = None
+    load_format: str = "auto"
+    enforce_eager: bool = False
+    max_logprobs: int = 20
+    tensor_parallel_size: int = 1
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self) -> None:
+        def check(name, ok, limit):
+            if not ok:
+                raise ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
+
+        check("block_size", isinstance(self.block_size, int) and self.block_size >= 1, ">= 1")
+        check("max_num_seqs", isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, ">= 1")
+        check("max_model_len", self.max_model_len is None or self.max_model_len >= 1, ">= 1")
+        check("max_num_batched_tokens",
+              self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1, ">= 1")
+        check("kv_cache_memory_bytes",
+              self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "> 0")
+        check("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]")
+        check("dtype", self.dtype == "auto" or self.dtype in _DTYPES,
+              f"'auto' or one of {sorted(_DTYPES)}")
+        check("load_format", self.load_format in ("auto", "safetensors", "gguf", "dummy"),
+              "one of 'auto', 'safetensors', 'gguf', 'dummy'")
+        check("tensor_parallel_size",
+              isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, ">= 1")
+        check("max_logprobs", self.max_logprobs >= 0, ">= 0")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, hf_config, device: str):
+    """`auto`: the checkpoint's dtype on GPU (float32 checkpoints run in bfloat16),
+    float32 on CPU."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, _DTYPES[dtype])
+    if device == "cpu":
+        return torch.float32
+    cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg, str):
+        cfg = getattr(torch, cfg, None)
+    if cfg in (torch.float16, torch.bfloat16):
+        return cfg
+    return torch.bfloat16
+
+
+def resolve_max_model_len(args: EngineArgs, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        limit = min(limit, int(window))  # no sliding-window attention: stay inside it
+    if args.max_model_len is None:
+        return int(limit)
+    if args.max_model_len > limit:
+        raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's limit of {limit} "
+                         f"positions (max_position_embeddings/sliding_window)")
+    return args.max_model_len

@@ -1,0 +1,358 @@
+"""The engine loop: requests in, step plans to the executor, tokens back, text out.
+
+`add_request` validates and tokenizes; `step` schedules one iteration, runs it,
+detokenizes, applies stop conditions and returns the outputs that changed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from raylm.engine.config import (CPU_KV_CACHE_CAP_BYTES, EngineArgs, resolve_device, resolve_dtype,
+                                 resolve_max_model_len)
+from raylm.engine.detokenizer import IncrementalDetokenizer, check_stop_strings, decode_single_token
+from raylm.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from raylm.engine.sampling_params import SamplingParams
+from raylm.scheduler.block_manager import BlockManager
+from raylm.scheduler.request import Request, RequestStatus
+from raylm.scheduler.scheduler import Scheduler, SchedulerConfig
+from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, TokenLogprobs
+
+logger = logging.getLogger("raylm")
+
+PromptType = Union[str, dict, list]
+
+
+@dataclass(eq=False)
+class _Completion:
+    """Engine-side state of one completion (one scheduler Request)."""
+
+    request: Request
+    index: int
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    text: str = ""
+    logprobs: Optional[list] = None
+    cumulative_logprob: float = 0.0
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index, text=self.text, token_ids=list(self.request.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+
+@dataclass(eq=False)
+class _Group:
+    """One user request: a prompt and its n completions."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion] = field(default_factory=list)
+    prompt_logprobs: Optional[list] = None
+    arrival_time: float = 0.0
+    first_token_time: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def to_output(self) -> RequestOutput:
+        cached = max(0, min(c.request.num_cached_tokens for c in self.completions))
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids, prompt_logprobs=self.prompt_logprobs,
+            outputs=[c.to_output() for c in self.completions], finished=self.finished,
+            num_cached_tokens=cached,
+            metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time})
+
+
+class LLMEngine:
+    """Owns the tokenizer, the scheduler and the executor for one model."""
+
+    def __init__(self, args: EngineArgs):
+        from transformers import AutoTokenizer
+
+        from raylm.engine.executor import UniProcExecutor
+        from raylm.workers.loader import load_config, resolve_model_path
+
+        self.args = args
+        self.model_dir = resolve_model_path(args.model)
+        self.hf_config = load_config(self.model_dir)
+        from raylm.workers.models.llama import get_model_class
+        get_model_class(self.hf_config)  # unsupported architectures fail before any loading
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir)
+        self.vocab_size = int(self.hf_config.vocab_size)
+        self.eos_token_ids = self._eos_token_ids()
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.hf_config, self.device)
+        self.max_model_len = resolve_max_model_len(args, self.hf_config)
+        self.max_num_batched_tokens = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
+        if args.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size {args.tensor_parallel_size} needs the Ray "
+                             f"executor; the in-process engine supports 1")
+        backend = args.attention_backend or "torch"
+        self.executor = UniProcExecutor(self.model_dir, self.hf_config, self.dtype, self.device,
+                                        args.block_size, backend, args.load_format, args.seed)
+        self.num_blocks = self._size_kv_cache()
+        self.executor.allocate_kv_cache(self.num_blocks)
+        self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            long_prefill_token_threshold=args.long_prefill_token_threshold), self.block_manager)
+        self.groups: dict[str, _Group] = {}
+        self.completions: dict[str, _Completion] = {}  # scheduler request id -> completion
+        self._worker_known: set[str] = set()
+        self._worker_finished: list[str] = []
+        self._counter = 0
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        logger.info("raylm engine: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
+                    "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
+                    self.dtype, self.device, self.num_blocks, args.block_size,
+                    self.num_blocks * args.block_size,
+                    self.num_blocks / self.block_manager.blocks_needed(self.max_model_len),
+                    self.max_model_len)
+
+    # ---- set-up --------------------------------------------------------------------
+    def _eos_token_ids(self) -> list[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.model_dir)
+            eos = gen.eos_token_id
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        except Exception:  # no generation_config.json
+            pass
+        return sorted(ids)
+
+    def _size_kv_cache(self) -> int:
+        args = self.args
+        per_block = self.executor.kv_bytes_per_block()
+        need = -(-self.max_model_len // args.block_size)
+        if args.kv_cache_memory_bytes is not None:
+            budget, source = args.kv_cache_memory_bytes, "kv_cache_memory_bytes"
+        elif self.device == "cpu":
+            budget = min(args.max_num_seqs * need * per_block, CPU_KV_CACHE_CAP_BYTES)
+            source = "the CPU default (max_num_seqs full sequences, capped at 1 GiB)"
+        else:
+            budget = self.executor.available_kv_memory(args.gpu_memory_utilization,
+                                                       self.max_num_batched_tokens)
+            source = f"gpu_memory_utilization={args.gpu_memory_utilization}"
+        num_blocks = max(0, budget) // per_block
+        if num_blocks < need:
+            raise ValueError(
+                f"KV cache of {max(0, budget)} bytes ({source}) holds {num_blocks} blocks of "
+                f"{args.block_size} tokens ({per_block} bytes each); one max_model_len="
+                f"{self.max_model_len} sequence needs {need} blocks ({need * per_block} bytes): "
+                f"raise the KV cache memory or lower max_model_len")
+        return num_blocks
+
+    # ---- requests ------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def validate(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+        """Tokenize and check one request; raise ValueError naming what is wrong."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty (0 tokens); it needs at least 1 token")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.args.max_logprobs:
+                raise ValueError(f"{name} {k} exceeds max_logprobs {self.args.max_logprobs}")
+        for t in params.stop_token_ids or []:
+            if t >= self.vocab_size:
+                raise ValueError(f"stop_token_ids entry {t} is outside the vocabulary [0, {self.vocab_size})")
+        return text, ids
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    priority: int = 0, arrival_time: Optional[float] = None,
+                    validated: Optional[tuple] = None) -> None:
+        """Queue a request; raises ValueError (queuing nothing) on bad input."""
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = validated or self.validate(prompt, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        group = _Group(request_id, text, ids, params, arrival_time=arrival)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        for i in range(params.n):
+            child = params.clone()
+            child.max_tokens = max(1, max_tokens)
+            if params.seed is not None:
+                child.seed = params.seed + i
+            rid = request_id if params.n == 1 else f"{i}_{request_id}"
+            req = Request(rid, ids, priority=priority, arrival_time=arrival,
+                          use_prefix_cache=params.prompt_logprobs is None or i > 0,
+                          prefix_group=request_id if params.n > 1 else None)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                           params.spaces_between_special_tokens)
+            comp = _Completion(req, i, child, detok, logprobs=[] if params.logprobs is not None else None)
+            group.completions.append(comp)
+        for comp in group.completions:
+            self.scheduler.add_request(comp.request)
+            self.completions[comp.request.request_id] = comp
+        self.groups[request_id] = group
+        self.counters["prompt_tokens"] += len(ids)
+
+    def abort_request(self, request_id: Union[str, list[str]]) -> None:
+        """Stop requests at once and free their KV blocks; unknown ids are ignored."""
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            group = self.groups.get(rid)
+            if group is None:
+                continue
+            for comp in group.completions:
+                if comp.finish_reason is None:
+                    self._finish(comp, RequestStatus.FINISHED_ABORTED)
+            del self.groups[rid]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def next_request_id(self) -> str:
+        self._counter += 1
+        return str(self._counter - 1)
+
+    # ---- one step ------------------------------------------------------------------
+    def _finish(self, comp: _Completion, status: RequestStatus, stop_reason=None) -> None:
+        rid = comp.request.request_id
+        self.scheduler.finish_request(rid, status)
+        comp.finish_reason = status.value
+        comp.stop_reason = stop_reason
+        self.completions.pop(rid, None)
+        if rid in self._worker_known:
+            self._worker_known.discard(rid)
+            self._worker_finished.append(rid)
+
+    def _plan(self, sched_out) -> StepPlan:
+        plan = StepPlan(finished_ids=self._worker_finished)
+        self._worker_finished = []
+        for s in sched_out.seqs:
+            plan.seqs.append(SeqChunk(s.request_id, s.token_ids, s.start_pos, s.block_table, s.sample))
+            if s.request_id not in self._worker_known:
+                comp = self.completions[s.request_id]
+                sampling = comp.params.to_dict()
+                sampling["eos_token_ids"] = self.eos_token_ids
+                if comp.index > 0:
+                    sampling["prompt_logprobs"] = None
+                plan.new_requests.append(NewRequest(s.request_id, comp.request.prompt_token_ids, sampling))
+                self._worker_known.add(s.request_id)
+        return plan
+
+    def _logprob_dict(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        d = {tid: Logprob(v, i + 1, decode_single_token(self.tokenizer, tid))
+             for i, (tid, v) in enumerate(zip(lp.top_ids, lp.top_logprobs))}
+        if lp.token_id not in d:
+            d[lp.token_id] = Logprob(lp.logprob, lp.rank, decode_single_token(self.tokenizer, lp.token_id))
+        return d
+
+    def _check_stop(self, comp: _Completion, token: int, new_chars: int) -> None:
+        p = comp.params
+        n_out = comp.request.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self._finish(comp, RequestStatus.FINISHED_STOPPED)
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return self._finish(comp, RequestStatus.FINISHED_STOPPED, token)
+            if p.stop:
+                hit = check_stop_strings(comp.text, new_chars, p.stop, p.include_stop_str_in_output)
+                if hit is not None:
+                    stop_str, keep = hit
+                    comp.text = comp.text[:keep]
+                    return self._finish(comp, RequestStatus.FINISHED_STOPPED, stop_str)
+        if n_out >= p.max_tokens or comp.request.num_tokens >= self.max_model_len:
+            return self._finish(comp, RequestStatus.FINISHED_LENGTH)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of requests that progressed (finished ones
+        last appear with `finished=True`)."""
+        sched_out = self.scheduler.schedule()
+        if not sched_out:
+            if self._worker_finished:
+                self.executor.execute(self._plan(sched_out))
+            return []
+        result = self.executor.execute(self._plan(sched_out))
+        self.scheduler.update_after_step(sched_out)
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for rid, lps in result.prompt_logprobs.items():
+            comp = self.completions.get(rid)
+            if comp is not None:
+                group = self.groups[self._group_id(comp)]
+                group.prompt_logprobs.extend(self._logprob_dict(lp) for lp in lps)
+        for rid, token in result.sampled.items():
+            comp = self.completions.get(rid)
+            if comp is None:
+                continue
+            group = self.groups[self._group_id(comp)]
+            group.first_token_time = group.first_token_time or now
+            comp.request.append_output_token(token)
+            self.counters["generation_tokens"] += 1
+            if comp.logprobs is not None:
+                lp = result.logprobs[rid]
+                comp.logprobs.append(self._logprob_dict(lp))
+                comp.cumulative_logprob += lp.logprob
+            delta = comp.detok.add_token(token)
+            comp.text += delta
+            self._check_stop(comp, token, len(delta))
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            outputs.append(group.to_output())
+            if group.finished:
+                del self.groups[group.request_id]
+                self.counters["requests_finished"] += 1
+        return outputs
+
+    def _group_id(self, comp: _Completion) -> str:
+        return comp.request.prefix_group or comp.request.request_id
+
+    # ---- introspection -------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        bm, sch = self.block_manager, self.scheduler
+        return {
+            "num_requests_running": sch.num_running,
+            "num_requests_waiting": sch.num_waiting,
+            "num_blocks": bm.num_blocks,
+            "blocks_in_use": bm.num_used_blocks,
+            "kv_cache_usage_perc": bm.usage,
+            "prefix_cache_queries": bm.prefix_query_tokens,
+            "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
+            "num_preemptions": sch.num_preemptions,
+            "num_mixed_steps": sch.num_mixed_steps,
+            "num_steps": sch.num_steps,
+            **self.counters,
+        }
+
+    def shutdown(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+            self.executor = None

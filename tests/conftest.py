@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny offline tokenizer, random-initialised checkpoints of every
+supported architecture saved with transformers, and transformers as the oracle."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from tests.helpers import ARCH_CONFIGS, make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tmp_path_factory):
+    """{arch name: model dir}, built once per test session."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_checkpoint(str(root / name), name) for name in ARCH_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(checkpoint_dirs):
+    return checkpoint_dirs["llama"]
