@@ -1,0 +1,99 @@
+"""`raylm generate|serve|bench` (also `python -m raylm`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional, Sequence
+
+from raylm.engine.config import EngineArgs
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("model",)) -> None:
+    """One flag per EngineArgs field, spelled as in `vllm serve` (--max-model-len ...)."""
+    group = parser.add_argument_group("engine arguments")
+    for f in dataclasses.fields(EngineArgs):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(flag, type=_bool, nargs="?", const=True, default=default, metavar="BOOL")
+            if default:
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            group.add_argument(flag, type=type(default), default=default)
+        elif f.name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):
+            group.add_argument(flag, type=int, default=None)
+        else:
+            group.add_argument(flag, type=str, default=default)
+    group.add_argument("--tp", dest="tensor_parallel_size", type=int, help="alias of --tensor-parallel-size")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(ns, f.name)}
+    return EngineArgs(**kwargs)
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from raylm.engine.llm import LLM
+    from raylm.engine.sampling_params import SamplingParams
+
+    args = engine_args_from(ns)
+    kwargs = dataclasses.asdict(args)
+    model = kwargs.pop("model")
+    llm = LLM(model, **kwargs)
+    sp = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                        max_tokens=ns.max_tokens, seed=ns.seed_sampling, n=ns.n)
+    prompts = ns.prompt or ["Hello, my name is"]
+    if ns.chat:
+        outs = [llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)[0] for p in prompts]
+    else:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        for comp in out.outputs:
+            print(comp.text if ns.chat else prompt + comp.text)
+            print("---")
+    llm.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description="LLM inference and serving on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline with one model")
+    gen.add_argument("prompt", nargs="*", help="prompt(s); default: a greeting")
+    gen.add_argument("--model", default=None, help="model dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--sampling-seed", dest="seed_sampling", type=int, default=None)
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ValueError as exc:
+        print(f"raylm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
