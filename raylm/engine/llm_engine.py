@@ -18,7 +18,7 @@ from raylm.engine.sampling_params import SamplingParams
 from raylm.scheduler.block_manager import BlockManager
 from raylm.scheduler.request import Request, RequestStatus
 from raylm.scheduler.scheduler import Scheduler, SchedulerConfig
-from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, TokenLogprobs
+from raylm.workers.messages import NewRequest, StepPlan, TokenLogprobs
 
 logger = logging.getLogger("raylm")
 
@@ -256,7 +256,7 @@ class LLMEngine:
         plan = StepPlan(finished_ids=self._worker_finished)
         self._worker_finished = []
         for s in sched_out.seqs:
-            plan.seqs.append(SeqChunk(s.request_id, s.token_ids, s.start_pos, s.block_table, s.sample))
+            plan.seqs.append(s)
             if s.request_id not in self._worker_known:
                 comp = self.completions[s.request_id]
                 sampling = comp.params.to_dict()

@@ -5,16 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-
-@dataclass
-class SeqChunk:
-    """Compute `token_ids` of a request at positions start_pos..; sample after it if `sample`."""
-
-    request_id: str
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-    sample: bool
+# A row of the plan is the scheduler's own record: compute `token_ids` of a request at
+# positions start_pos..; sample after it if `sample`.
+from raylm.scheduler.scheduler import ScheduledSeq as SeqChunk
 
 
 @dataclass
