@@ -25,3 +25,22 @@ def checkpoint_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(checkpoint_dirs):
     return checkpoint_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray session for every in-process test that needs Ray (about 5 s to
+    start). Two logical CPUs like the CI box: actors reserve fractions of them."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

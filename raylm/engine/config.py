@@ -35,6 +35,11 @@ class EngineArgs:
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
     long_prefill_token_threshold: int = 0
+    # "ray": run the model in Ray actors even at tensor_parallel_size=1 (the cluster does);
+    # None: in-process at TP=1, Ray above.
+    distributed_executor_backend: Optional[str] = None
+    # CPUs each Ray worker actor reserves; fractional so a 2-core box fits TP=2 plus Serve.
+    num_cpus_per_worker: float = 0.5
 
     def __post_init__(self) -> None:
         def check(name, ok, limit):
@@ -56,6 +61,9 @@ class EngineArgs:
         check("tensor_parallel_size",
               isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, ">= 1")
         check("max_logprobs", self.max_logprobs >= 0, ">= 0")
+        check("distributed_executor_backend", self.distributed_executor_backend in (None, "ray", "uni"),
+              "None, 'ray' or 'uni'")
+        check("num_cpus_per_worker", self.num_cpus_per_worker >= 0, ">= 0")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -1,6 +1,12 @@
 """Executors run step plans on the workers. With tensor_parallel_size=1 the model runs
-in this process (no Ray); the Ray executor for TP > 1 comes with the cluster."""
+in this process (no Ray); TP > 1 (or distributed_executor_backend="ray") runs one Ray
+actor per rank (`raylm.engine.ray_executor`).
+
+Every executor offers: kv_bytes_per_block(), available_kv_memory(util, tokens),
+allocate_kv_cache(n), execute(plan) -> StepResult, async execute_async(plan), shutdown()."""
 from __future__ import annotations
+
+import asyncio
 
 from raylm.workers.messages import StepPlan, StepResult
 
@@ -40,7 +46,24 @@ class UniProcExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
 
+    async def execute_async(self, plan: StepPlan) -> StepResult:
+        # torch releases the GIL inside its kernels, so the event loop keeps serving.
+        return await asyncio.to_thread(self.runner.execute, plan)
+
     def shutdown(self) -> None:
         if self.runner is not None:
             self.runner.shutdown()
             self.runner = None
+
+
+def make_executor(args, model_dir: str, hf_config, dtype, device: str):
+    """The executor the engine arguments ask for."""
+    backend = args.attention_backend or "torch"
+    if args.tensor_parallel_size > 1 or args.distributed_executor_backend == "ray":
+        from raylm.engine.ray_executor import RayExecutor
+
+        return RayExecutor(model_dir, hf_config, dtype, device, args.block_size, backend,
+                           args.load_format, args.seed, args.tensor_parallel_size,
+                           args.num_cpus_per_worker)
+    return UniProcExecutor(model_dir, hf_config, dtype, device, args.block_size, backend,
+                           args.load_format, args.seed)

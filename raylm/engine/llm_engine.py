@@ -79,7 +79,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         from transformers import AutoTokenizer
 
-        from raylm.engine.executor import UniProcExecutor
+        from raylm.engine.executor import make_executor
         from raylm.workers.loader import load_config, resolve_model_path
 
         self.args = args
@@ -94,12 +94,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, self.hf_config, self.device)
         self.max_model_len = resolve_max_model_len(args, self.hf_config)
         self.max_num_batched_tokens = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
-        if args.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size {args.tensor_parallel_size} needs the Ray "
-                             f"executor; the in-process engine supports 1")
-        backend = args.attention_backend or "torch"
-        self.executor = UniProcExecutor(self.model_dir, self.hf_config, self.dtype, self.device,
-                                        args.block_size, backend, args.load_format, args.seed)
+        self.executor = make_executor(args, self.model_dir, self.hf_config, self.dtype, self.device)
         self.num_blocks = self._size_kv_cache()
         self.executor.allocate_kv_cache(self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
