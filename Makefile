@@ -2,6 +2,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# Ray's sockets stay on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), no usage stats.
+RAY_ENV := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 .PHONY: venv test serve clean
 
@@ -16,11 +18,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(RAY_ENV) $(PY) -m pytest -q tests
 
 serve: venv
-	# The HTTP server arrives with the cluster issue; until then: generate offline.
-	$(VENV)/bin/raylm generate --chat "What is the capital of France?"
+	$(RAY_ENV) $(VENV)/bin/raylm serve --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV)
+
+# Regenerate raylm/cluster/raylm_pb2.py and raylm_pb2_grpc.py from raylm.proto. grpcio-tools
+# lives in its own venv so it cannot change the main venv's protobuf; -I. makes the
+# _grpc module import `from raylm.cluster import raylm_pb2`. The command:
+#   python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. raylm/cluster/raylm.proto
+PROTOC_VENV ?= /tmp/raylm-protoc-venv
+.PHONY: proto
+proto:
+	test -x $(PROTOC_VENV)/bin/python || python3 -m venv $(PROTOC_VENV)
+	$(PROTOC_VENV)/bin/pip install -q grpcio-tools==1.85.1
+	$(PROTOC_VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. raylm/cluster/raylm.proto

@@ -66,6 +66,53 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the Serve app until Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = dataclasses.asdict(engine_args_from(ns))
+    args["model"] = ns.model_tag or ns.model
+    app_args = dict(args, num_groups=ns.groups, served_model_name=ns.served_model_name,
+                    api_key=ns.api_key, max_n=ns.max_n)
+    from raylm.cluster.app import APP_NAME, build_app
+
+    app = build_app(app_args)  # argument errors surface before Ray starts
+
+    import ray
+    from ray import serve
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+             configure_logging=False)
+    stop = {"now": False}
+
+    def _on_signal(signum, frame):
+        stop["now"] = True
+
+    try:
+        serve.start(http_options={"host": ns.host, "port": ns.port},
+                    grpc_options={"port": ns.grpc_port, "grpc_servicer_functions": [
+                        "raylm.cluster.raylm_pb2_grpc.add_GenerateServicer_to_server"]})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"raylm: serving {app_args['model'] or 'SmolLM2-135M-Instruct (embedded)'} on "
+              f"http://{ns.host}:{ns.port}/v1 (gRPC {ns.host}:{ns.grpc_port}); Ctrl-C to stop",
+              flush=True)
+        signal.signal(signal.SIGTERM, _on_signal)
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("raylm: shutting down", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description="LLM inference and serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", dest="seed_sampling", type=int, default=None)
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over the OpenAI API (and gRPC) on Ray Serve")
+    srv.add_argument("model_tag", nargs="?", default=None,
+                     help="model dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    srv.add_argument("--model", default=None, help="same as the positional MODEL")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--groups", "--num-groups", dest="groups", type=int, default=1,
+                     help="worker groups (data-parallel replicas of the model)")
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    srv.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     return parser
 
 

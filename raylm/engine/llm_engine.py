@@ -38,6 +38,7 @@ class _Completion:
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    length_capped: bool = False  # hit max_tokens; finished once its text is checked
 
     def to_output(self) -> CompletionOutput:
         return CompletionOutput(
@@ -218,8 +219,10 @@ class LLMEngine:
         self.groups[request_id] = group
         self.counters["prompt_tokens"] += len(ids)
 
-    def abort_request(self, request_id: Union[str, list[str]]) -> None:
-        """Stop requests at once and free their KV blocks; unknown ids are ignored."""
+    def abort_request(self, request_id: Union[str, list[str]]) -> list[RequestOutput]:
+        """Stop requests at once and free their KV blocks; unknown ids are ignored.
+        Returns the final outputs (finish_reason "abort") of the requests it stopped."""
+        outputs = []
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             group = self.groups.get(rid)
             if group is None:
@@ -228,6 +231,8 @@ class LLMEngine:
                 if comp.finish_reason is None:
                     self._finish(comp, RequestStatus.FINISHED_ABORTED)
             del self.groups[rid]
+            outputs.append(group.to_output())
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -269,7 +274,7 @@ class LLMEngine:
             d[lp.token_id] = Logprob(lp.logprob, lp.rank, decode_single_token(self.tokenizer, lp.token_id))
         return d
 
-    def _check_stop(self, comp: _Completion, token: int, new_chars: int) -> None:
+    def _check_stop_tokens(self, comp: _Completion, token: int) -> None:
         p = comp.params
         n_out = comp.request.num_output_tokens
         if n_out >= p.min_tokens:
@@ -277,47 +282,84 @@ class LLMEngine:
                 return self._finish(comp, RequestStatus.FINISHED_STOPPED)
             if p.stop_token_ids and token in p.stop_token_ids:
                 return self._finish(comp, RequestStatus.FINISHED_STOPPED, token)
-            if p.stop:
-                hit = check_stop_strings(comp.text, new_chars, p.stop, p.include_stop_str_in_output)
-                if hit is not None:
-                    stop_str, keep = hit
-                    comp.text = comp.text[:keep]
-                    return self._finish(comp, RequestStatus.FINISHED_STOPPED, stop_str)
         if n_out >= p.max_tokens or comp.request.num_tokens >= self.max_model_len:
-            return self._finish(comp, RequestStatus.FINISHED_LENGTH)
+            if not p.stop:
+                return self._finish(comp, RequestStatus.FINISHED_LENGTH)
+            comp.length_capped = True  # a stop string in this last token still wins
+
+    def _check_stop_strings(self, comp: _Completion, new_chars: int) -> None:
+        p = comp.params
+        if p.stop and comp.request.num_output_tokens >= p.min_tokens:
+            hit = check_stop_strings(comp.text, new_chars, p.stop, p.include_stop_str_in_output)
+            if hit is not None:
+                stop_str, keep = hit
+                comp.text = comp.text[:keep]
+                return self._finish(comp, RequestStatus.FINISHED_STOPPED, stop_str)
+        if comp.length_capped:
+            self._finish(comp, RequestStatus.FINISHED_LENGTH)
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of requests that progressed (finished ones
         last appear with `finished=True`)."""
-        sched_out = self.scheduler.schedule()
-        if not sched_out:
-            if self._worker_finished:
-                self.executor.execute(self._plan(sched_out))
+        planned = self.begin_step()
+        if planned is None:
             return []
-        result = self.executor.execute(self._plan(sched_out))
+        sched_out, plan = planned
+        result = self.executor.execute(plan)
+        return self.emit_step(self.record_step(sched_out, result))
+
+    # The step in three parts, so an asynchronous driver can send step N+1 to the workers
+    # (begin_step) right after recording step N's tokens (record_step) and detokenize
+    # step N (emit_step) while the workers compute.
+    def begin_step(self) -> Optional[tuple]:
+        """Schedule one step: (scheduler output, step plan), or None when there is nothing
+        to send. A plan may carry only finished ids (worker state to drop)."""
+        sched_out = self.scheduler.schedule()
+        if not sched_out and not self._worker_finished:
+            return None
+        return sched_out, self._plan(sched_out)
+
+    def record_step(self, sched_out, result) -> list:
+        """Apply a step's sampled tokens to the requests and finish those that hit EOS, a
+        stop token or their length (checks that need no text). Returns what emit_step needs."""
+        if not sched_out:
+            return []
         self.scheduler.update_after_step(sched_out)
         now = time.monotonic()
-        touched: dict[str, _Group] = {}
+        pending = []
         for rid, lps in result.prompt_logprobs.items():
             comp = self.completions.get(rid)
             if comp is not None:
-                group = self.groups[self._group_id(comp)]
-                group.prompt_logprobs.extend(self._logprob_dict(lp) for lp in lps)
+                pending.append((comp, None, lps))
         for rid, token in result.sampled.items():
             comp = self.completions.get(rid)
             if comp is None:
-                continue
+                continue  # finished or aborted after this step was sent
             group = self.groups[self._group_id(comp)]
             group.first_token_time = group.first_token_time or now
             comp.request.append_output_token(token)
             self.counters["generation_tokens"] += 1
-            if comp.logprobs is not None:
-                lp = result.logprobs[rid]
+            pending.append((comp, token, result.logprobs.get(rid)))
+            self._check_stop_tokens(comp, token)
+        return pending
+
+    def emit_step(self, pending: list) -> list[RequestOutput]:
+        """Detokenize a recorded step, apply stop strings, and build the outputs."""
+        touched: dict[str, _Group] = {}
+        for comp, token, lp in pending:
+            group = self.groups.get(self._group_id(comp))
+            if group is None:
+                continue  # aborted in between
+            if token is None:
+                group.prompt_logprobs.extend(self._logprob_dict(x) for x in lp)
+                continue
+            if comp.logprobs is not None and lp is not None:
                 comp.logprobs.append(self._logprob_dict(lp))
                 comp.cumulative_logprob += lp.logprob
             delta = comp.detok.add_token(token)
             comp.text += delta
-            self._check_stop(comp, token, len(delta))
+            if comp.finish_reason is None:
+                self._check_stop_strings(comp, len(delta))
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():

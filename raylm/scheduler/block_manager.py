@@ -18,6 +18,17 @@ def hash_block(parent_hash: Optional[int], tokens: Sequence[int]) -> int:
     return hash((parent_hash, tuple(tokens)))
 
 
+def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of the full blocks of `token_ids` (what a prefix hit could reuse;
+    the last token never comes from the cache)."""
+    hashes: list[int] = []
+    parent = None
+    for i in range((len(token_ids) - 1) // block_size):
+        parent = hash_block(parent, tuple(token_ids[i * block_size:(i + 1) * block_size]))
+        hashes.append(parent)
+    return hashes
+
+
 class Block:
     __slots__ = ("block_id", "ref_count", "block_hash", "tokens")
 
@@ -89,6 +100,18 @@ class BlockManager:
             parent = h
         self.prefix_query_tokens += request.num_tokens
         return hits
+
+    def num_cached_blocks(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of a prefix (given by its chained hashes) are cached.
+        Read-only: for routing, it neither counts as a query nor takes blocks."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        for h in hashes:
+            if h not in self.hash_to_block:
+                break
+            n += 1
+        return n
 
     # ---- allocation ----------------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int,
