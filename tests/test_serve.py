@@ -1,0 +1,142 @@
+"""The Ray Serve application in the shared Ray session: the HTTP (OpenAI), gRPC and
+Python-handle entry points give the same greedy text; client disconnects abort and free
+blocks; metrics move; bad input gets its 4xx while the server keeps serving."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from raylm import SamplingParams
+
+PROMPT = "the quick brown fox"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, llama_dir):
+    from ray import serve
+
+    from raylm.cluster.app import APP_NAME, build_app
+
+    http_port, grpc_port = _free_port(), _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
+                    "raylm.cluster.raylm_pb2_grpc.add_GenerateServicer_to_server"]})
+    serve.run(build_app({"model": llama_dir, "max_model_len": 128, "num_groups": 1,
+                         "served_model_name": "tiny-llama", "max_n": 4}),
+              name=APP_NAME, route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}",
+           "handle": serve.get_app_handle(APP_NAME)}
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def _scheduler_stats():
+    from ray import serve
+
+    return serve.get_deployment_handle("Scheduler", app_name="raylm").stats.remote().result()
+
+
+def _metrics(url: str) -> dict:
+    text = httpx.get(url + "/metrics").text
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = (s.name, s.labels.get("finished_reason"))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_http_handle_and_grpc_agree(served):
+    from raylm.cluster.grpc_client import GenerateClient
+
+    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    r = httpx.post(served["url"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    http_text = r.json()["choices"][0]["text"]
+
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    out = served["handle"].generate.remote(PROMPT, sp).result()
+    assert out.finished and out.outputs[0].text == http_text
+
+    async def stream():
+        h = served["handle"].options(stream=True)
+        return [o async for o in h.generate_stream.remote(PROMPT, sp)]
+    outs = asyncio.run(stream())
+    assert outs[-1].finished and outs[-1].outputs[0].text == http_text
+
+    client = GenerateClient(served["grpc"], app_name="raylm")
+    try:
+        assert client.generate(PROMPT, max_tokens=8, temperature=0).completions[0].text == http_text
+    finally:
+        client.close()
+
+    models = httpx.get(served["url"] + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+    assert httpx.get(served["url"] + "/health").status_code == 200
+
+
+def test_disconnects_abort_and_free_blocks(served):
+    url = served["url"]
+    before = _metrics(url)
+    assert _scheduler_stats()["blocks_in_use"] == 0
+    body = {"prompt": "keep going", "max_tokens": 100, "ignore_eos": True, "stream": True}
+
+    async def open_and_close(client):
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    json.loads(line[6:])
+                    break  # leave after the first chunk
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            await asyncio.gather(*[open_and_close(client) for _ in range(50)])
+    asyncio.run(main())
+
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = _scheduler_stats()
+        after = _metrics(url)
+        aborted = (after[("raylm:request_success_total", "abort")]
+                   - before[("raylm:request_success_total", "abort")])
+        if stats["blocks_in_use"] == 0 and aborted == 50:
+            break
+        time.sleep(0.2)
+    assert aborted == 50
+    assert stats["blocks_in_use"] == 0 and stats["num_requests_running"] == 0
+    assert after[("raylm:kv_cache_usage_perc", None)] == 0
+
+
+def test_bad_input_gets_4xx_and_server_keeps_serving(served):
+    url = served["url"]
+    cases = [
+        ({"prompt": "x" * 2000, "max_tokens": 4}, 400),                 # over max_model_len
+        ({"prompt": PROMPT, "max_tokens": "many"}, 400),                # wrong type
+        ({"prompt": PROMPT, "n": 5}, 400),                              # over max_n
+        ({"model": "nope", "prompt": PROMPT}, 404),                     # unknown model
+    ]
+    for body, status in cases:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    good = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=60)
+    assert good.status_code == 200
+    m = _metrics(url)
+    assert m[("raylm:request_success_total", "length")] >= 1
+    assert m[("raylm:generation_tokens_total", None)] > 0
