@@ -1,5 +1,8 @@
 """Runs the model for one step plan on one device: builds the packed inputs and the
-attention metadata, runs the forward pass, samples, and computes log-probabilities."""
+attention metadata, runs the forward pass, samples, and computes log-probabilities.
+
+Under tensor parallelism every rank runs the same plan (the forward pass and the LM
+head are collectives) but only rank 0 samples and returns tokens."""
 from __future__ import annotations
 
 import gc
@@ -12,11 +15,13 @@ from raylm.workers.layers.attention import AttentionMetadata, get_attention_back
 from raylm.workers.loader import iterate_weights, random_weights
 from raylm.workers.messages import StepPlan, StepResult, TokenLogprobs
 from raylm.workers.models.llama import get_model_class
+from raylm.workers.parallel_state import get_tp_rank, get_tp_size
 from raylm.workers.sampler import SamplingState, sample, topk_logprobs
 
 
 class ModelRunner:
-    """Holds the model weights, the paged KV cache and per-request sampling state."""
+    """Holds the model weights (this rank's shard), the paged KV cache (this rank's kv
+    heads) and per-request sampling state."""
 
     def __init__(self, model_dir: str, hf_config, dtype: torch.dtype, device: str,
                  block_size: int, attention_backend: str = "torch", load_format: str = "auto",
@@ -25,6 +30,7 @@ class ModelRunner:
         self.dtype = dtype
         self.device = torch.device(device)
         self.block_size = block_size
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.backend = get_attention_backend(attention_backend)
         cls = get_model_class(hf_config)
         with torch.device(self.device):
@@ -50,6 +56,24 @@ class ModelRunner:
         heads, dim = self.kv_shape_per_layer
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * len(self.attn_layers) * self.block_size * heads * dim * elem
+
+    def available_kv_memory(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+        """Bytes the KV pool may take on this GPU: the utilisation share of the device minus
+        what is already in use and an activation reserve for a full-budget step."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        cfg = self.hf_config
+        # Activations of one step: hidden states, qkv, the MLP's intermediate and the
+        # logits rows, a few live at once (float32 logits for the sampled rows). Counted
+        # unsharded: a conservative reserve on every rank.
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_token = elem * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
+        reserve = 2 * max_num_batched_tokens * per_token + 256 * cfg.vocab_size * 4 * 2
+        return int(total * gpu_memory_utilization - used - reserve)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of this rank's parameters (tied weights counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         heads, dim = self.kv_shape_per_layer
@@ -145,7 +169,11 @@ class ModelRunner:
         if not rows:
             result.execute_time_s = time.perf_counter() - t0
             return result
-        logits = self.model.compute_logits(hidden[rows]).float()
+        logits = self.model.compute_logits(hidden[rows])
+        if self.tp_rank > 0:
+            # Ranks > 0 took part in the gather; rank 0 alone samples and reports.
+            return result
+        logits = logits.float()
 
         if sample_ids:
             states = [self.states[rid] for rid in sample_ids]

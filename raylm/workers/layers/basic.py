@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylm.workers.layers.linear import default_weight_loader, divide
-from raylm.workers.parallel_state import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size
+from raylm.workers.parallel_state import all_reduce, gather_last_dim, get_tp_rank, get_tp_size
 
 
 class RMSNorm(nn.Module):
@@ -76,10 +76,14 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection to the vocabulary, split by vocabulary rows across ranks."""
+    """Output projection to the vocabulary, split by vocabulary rows across ranks. With
+    TP the full logits are gathered on rank 0 only; other ranks get None."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:  # type: ignore[override]
         logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
-            logits = all_gather_last_dim(logits)
+            # Only rank 0 samples: a gather moves 1/tp of an all-gather's bytes.
+            logits = gather_last_dim(logits, dst=0)
+            if logits is None:
+                return None
         return logits[..., :self.vocab_size]

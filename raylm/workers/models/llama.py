@@ -12,7 +12,6 @@ from raylm.workers.layers.attention import Attention, AttentionBackend, Attentio
 from raylm.workers.layers.basic import ParallelLMHead, RMSNorm, SiluAndMul, VocabParallelEmbedding
 from raylm.workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from raylm.workers.layers.rotary import RotaryEmbedding, rope_parameters
-from raylm.workers.parallel_state import get_tp_size
 
 
 class LlamaAttention(nn.Module):
@@ -102,7 +101,11 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """The causal LM: `forward` returns final hidden states for every packed token;
-    `compute_logits` projects the rows that need them."""
+    `compute_logits` projects the rows that need them.
+
+    Under tensor parallelism each rank holds num_heads/tp query heads and num_kv_heads/tp
+    kv heads (one replicated kv head when num_kv_heads < tp), 1/tp of the MLP and of the
+    vocabulary; norms (Qwen3's per-head q/k norms too) are replicated."""
 
     qkv_bias_default = False
     qk_norm = False
@@ -128,7 +131,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, backend: AttentionBackend):
         return self.model(input_ids, positions, meta, backend)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits over the whole vocabulary for `hidden`'s rows; every TP rank must call
+        it (it is a collective), and only rank 0 gets the logits (others get None)."""
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:

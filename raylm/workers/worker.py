@@ -1,0 +1,79 @@
+"""One tensor-parallel rank: joins the process group, builds this rank's ModelRunner and
+runs msgpack-encoded step plans. A plain class: `raylm.engine.ray_executor` wraps it in
+a Ray actor, one per rank."""
+from __future__ import annotations
+
+import socket
+from typing import Optional
+
+import msgpack
+import torch
+
+from raylm.workers import parallel_state
+from raylm.workers.messages import StepPlan
+
+
+class Worker:
+    """Rank `rank` of `world_size`: every rank runs every plan; rank 0 returns results."""
+
+    def __init__(self, rank: int, world_size: int, dist_init_method: str, model_dir: str,
+                 hf_config, dtype: torch.dtype, device: str, block_size: int,
+                 attention_backend: str = "torch", load_format: str = "auto", seed: int = 0,
+                 num_threads: Optional[int] = None):
+        self.rank, self.world_size = rank, world_size
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            # Ray gives each actor one visible GPU; without Ray, rank i takes GPU i.
+            count = torch.cuda.device_count()
+            dev = torch.device("cuda", 0 if count == 1 else rank % count)
+            torch.cuda.set_device(dev)
+        if num_threads:
+            # Ranks share the node's cores: oversubscribed OpenMP pools stall collectives.
+            torch.set_num_threads(num_threads)
+        parallel_state.init_tensor_parallel(rank, world_size, dist_init_method, dev.type)
+        from raylm.workers.model_runner import ModelRunner
+
+        self.runner = ModelRunner(model_dir, hf_config, dtype, str(dev), block_size,
+                                  attention_backend=attention_backend, load_format=load_format,
+                                  seed=seed)
+
+    @staticmethod
+    def free_port(host: str = "127.0.0.1") -> int:
+        """A TCP port on `host` that nothing listens on right now."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+    def kv_bytes_per_block(self) -> int:
+        return self.runner.kv_bytes_per_block()
+
+    def available_kv_memory(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+        return self.runner.available_kv_memory(gpu_memory_utilization, max_num_batched_tokens)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, wire: bytes) -> Optional[bytes]:
+        """Run one msgpack-encoded StepPlan; rank 0 returns the msgpack-encoded StepResult,
+        other ranks None."""
+        plan = StepPlan.from_wire(msgpack.unpackb(wire))
+        result = self.runner.execute(plan)
+        if self.rank != 0:
+            return None
+        return msgpack.packb(result.to_wire())
+
+    def info(self) -> dict:
+        """What this rank holds: parameter bytes, local head counts, threads."""
+        attn = self.runner.attn_layers[0]
+        return {"rank": self.rank, "world_size": self.world_size,
+                "parameter_bytes": self.runner.parameter_bytes(),
+                "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads,
+                "head_dim": attn.head_dim, "device": str(self.runner.device),
+                "num_threads": torch.get_num_threads()}
+
+    def shutdown(self) -> None:
+        """Free the model and KV cache and leave the process group."""
+        if self.runner is not None:
+            self.runner.shutdown()
+            self.runner = None
+        parallel_state.destroy_tensor_parallel()
