@@ -19,6 +19,7 @@ class EngineArgs:
 
     model: Optional[str] = None
     tokenizer: Optional[str] = None
+    skip_tokenizer_init: bool = False
     dtype: str = "auto"
     max_model_len: Optional[int] = None
     block_size: int = 16

@@ -25,6 +25,13 @@ logger = logging.getLogger("raylm")
 PromptType = Union[str, dict, list]
 
 
+class _NoDetokenizer:
+    """Stands in for the detokenizer under skip_tokenizer_init: no text."""
+
+    def add_token(self, token_id: int) -> str:
+        return ""
+
+
 @dataclass(eq=False)
 class _Completion:
     """Engine-side state of one completion (one scheduler Request)."""
@@ -88,7 +95,9 @@ class LLMEngine:
         self.hf_config = load_config(self.model_dir)
         from raylm.workers.models.llama import get_model_class
         get_model_class(self.hf_config)  # unsupported architectures fail before any loading
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir)
+        # skip_tokenizer_init (vLLM's name): token ids in, token ids out, no text.
+        self.tokenizer = (None if args.skip_tokenizer_init
+                          else AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir))
         self.vocab_size = int(self.hf_config.vocab_size)
         self.eos_token_ids = self._eos_token_ids()
         self.device = resolve_device(args.device)
@@ -108,6 +117,7 @@ class LLMEngine:
         self._worker_known: set[str] = set()
         self._worker_finished: list[str] = []
         self._counter = 0
+        self.reset_timing()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         logger.info("raylm engine: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
                     "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
@@ -119,8 +129,8 @@ class LLMEngine:
     # ---- set-up --------------------------------------------------------------------
     def _eos_token_ids(self) -> list[int]:
         ids = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else self.hf_config.eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
         try:
             from transformers import GenerationConfig
 
@@ -155,6 +165,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if self.tokenizer is None and (isinstance(prompt, str) or (
+                isinstance(prompt, dict) and "prompt_token_ids" not in prompt)):
+            raise ValueError("skip_tokenizer_init is set: prompts must be token ids")
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
@@ -209,8 +222,9 @@ class LLMEngine:
             req = Request(rid, ids, priority=priority, arrival_time=arrival,
                           use_prefix_cache=params.prompt_logprobs is None or i > 0,
                           prefix_group=request_id if params.n > 1 else None)
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                           params.spaces_between_special_tokens)
+            detok = (_NoDetokenizer() if self.tokenizer is None else
+                     IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                            params.spaces_between_special_tokens))
             comp = _Completion(req, i, child, detok, logprobs=[] if params.logprobs is not None else None)
             group.completions.append(comp)
         for comp in group.completions:
@@ -267,11 +281,14 @@ class LLMEngine:
                 self._worker_known.add(s.request_id)
         return plan
 
+    def _decode_one(self, token_id: int) -> Optional[str]:
+        return None if self.tokenizer is None else decode_single_token(self.tokenizer, token_id)
+
     def _logprob_dict(self, lp: TokenLogprobs) -> dict[int, Logprob]:
-        d = {tid: Logprob(v, i + 1, decode_single_token(self.tokenizer, tid))
+        d = {tid: Logprob(v, i + 1, self._decode_one(tid))
              for i, (tid, v) in enumerate(zip(lp.top_ids, lp.top_logprobs))}
         if lp.token_id not in d:
-            d[lp.token_id] = Logprob(lp.logprob, lp.rank, decode_single_token(self.tokenizer, lp.token_id))
+            d[lp.token_id] = Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))
         return d
 
     def _check_stop_tokens(self, comp: _Completion, token: int) -> None:
@@ -301,12 +318,34 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of requests that progressed (finished ones
         last appear with `finished=True`)."""
+        t0 = time.perf_counter()
         planned = self.begin_step()
         if planned is None:
             return []
         sched_out, plan = planned
+        t1 = time.perf_counter()
         result = self.executor.execute(plan)
-        return self.emit_step(self.record_step(sched_out, result))
+        t2 = time.perf_counter()
+        outputs = self.emit_step(self.record_step(sched_out, result))
+        t3 = time.perf_counter()
+        tm = self.timing
+        tm["steps"] += 1
+        tm["schedule_s"] += t1 - t0
+        tm["execute_s"] += t2 - t1
+        tm["process_s"] += t3 - t2
+        return outputs
+
+    def reset_timing(self) -> None:
+        self.timing = {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0}
+
+    def timing_summary(self) -> dict:
+        """Per-step wall time of the synchronous step loop: scheduling and output processing
+        (host) against the executor call (input preparation, the model, sampling)."""
+        tm = self.timing
+        n = max(1, tm["steps"])
+        return {"steps": tm["steps"], "schedule_ms_per_step": 1e3 * tm["schedule_s"] / n,
+                "execute_ms_per_step": 1e3 * tm["execute_s"] / n,
+                "process_ms_per_step": 1e3 * tm["process_s"] / n}
 
     # The step in three parts, so an asynchronous driver can send step N+1 to the workers
     # (begin_step) right after recording step N's tokens (record_step) and detokenize

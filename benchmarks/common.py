@@ -1,0 +1,156 @@
+"""Shared pieces of the GPU benchmarks: the workload, measured hardware ceilings, the
+roofline, the HF transformers peer on the same weights, and result files."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(os.path.dirname(ROOT), "shared", "models")
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+def model_dir(name: str) -> str:
+    """A directory holding config.json: a name under ../shared/models or a path. Copied to
+    a temp dir so nothing is written next to the shared configs."""
+    src = name if os.path.isdir(name) else os.path.join(MODELS, name)
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise SystemExit(f"--model {name!r}: no config.json in {src}")
+    dst = tempfile.mkdtemp(prefix="raylm-bench-")
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    return dst
+
+
+def make_workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0):
+    """nano-vllm's benchmark: n requests, prompt and output lengths uniform in [lo, hi],
+    random token ids."""
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, vocab - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    outputs = [rng.randint(lo, hi) for _ in range(n)]
+    return prompts, outputs
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus written)."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * iters / (time.perf_counter() - t)
+
+
+def measure_matmul_peak(n: int = 8192, iters: int = 20) -> float:
+    """bf16 matmul FLOP/s on n x n x n."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def model_numbers(cfg) -> dict:
+    """Weight bytes read per step (bf16) and KV bytes per token."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
+    embed = cfg.vocab_size * h
+    lm_head = embed  # read every step whether tied or not
+    params_matmul = L * per_layer + lm_head
+    return {"weight_bytes": 2 * params_matmul, "params_matmul": params_matmul,
+            "kv_bytes_per_token": 2 * L * kv * 2, "layers": L, "q_dim": q}
+
+
+def throughput_roofline(prompts, outputs, nums: dict, bandwidth: float, peak: float) -> dict:
+    """Lower bound on the time of the workload with every request in one batch: each decode
+    step reads the weights once plus the KV of every active sequence; the prefill costs
+    2 * params * prompt tokens (plus attention) FLOPs at the matmul peak."""
+    kv_tok = nums["kv_bytes_per_token"]
+    steps = max(outputs)
+    decode_s = 0.0
+    for s in range(steps):
+        ctx = sum(len(p) + s for p, o in zip(prompts, outputs) if o > s)
+        decode_s += (nums["weight_bytes"] + ctx * kv_tok) / bandwidth
+    prompt_tokens = sum(len(p) for p in prompts)
+    attn = sum(2 * 2 * nums["layers"] * nums["q_dim"] * len(p) * len(p) / 2 for p in prompts)
+    prefill_s = (2 * nums["params_matmul"] * prompt_tokens + attn) / peak
+    total = sum(outputs)
+    return {"roofline_s": decode_s + prefill_s, "roofline_output_tok_per_s": total / (decode_s + prefill_s),
+            "roofline_decode_s": decode_s, "roofline_prefill_s": prefill_s}
+
+
+def hf_model_on_gpu(cfg, dtype=torch.bfloat16):
+    """transformers' model with random weights, created on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_generate_throughput(model, prompts, outputs, batch_size: int, temperature: float) -> dict:
+    """HF generate, batched: requests sorted by length, left-padded, each batch run to its
+    longest output with EOS ignored; only the tokens each request asked for are counted."""
+    order = sorted(range(len(prompts)), key=lambda i: (outputs[i], len(prompts[i])))
+    pad = 0
+    t = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long, device="cuda")
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], device="cuda")
+            mask[row, width - len(prompts[i]):] = 1
+        new = max(outputs[i] for i in idx)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                       do_sample=temperature > 0, temperature=temperature or None, top_p=None,
+                       top_k=None, pad_token_id=pad)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t
+    return {"peer_time_s": elapsed, "peer_output_tok_per_s": sum(outputs) / elapsed,
+            "peer_batch_size": batch_size}
+
+
+def copy_weights_into_raylm(llm, hf_model) -> None:
+    """Load the HF model's tensors into raylm's in-process runner: the same weights."""
+    runner = llm.llm_engine.executor.runner
+    runner.model.load_weights(iter(hf_model.state_dict().items()))
+
+
+def save_result(result: dict, stem: str) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    out_dir = os.environ.get("OUT")
+    path = os.path.join(out_dir or RESULTS_DIR, f"{stem}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return path
+
+
+def base_result(benchmark: str, model: str) -> dict:
+    return {"benchmark": benchmark, "model": model,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": datetime.date.today().isoformat(),
+            "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            "torch": torch.__version__}
