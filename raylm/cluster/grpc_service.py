@@ -24,6 +24,7 @@ from raylm.cluster import raylm_pb2 as pb
 from raylm.cluster.backend import Backend, PromptType
 from raylm.engine.outputs import CompletionOutput, RequestOutput
 from raylm.engine.sampling_params import SamplingParams
+from raylm.engine.stop_checker import stream_holdback
 
 # GenerateRequest fields copied to SamplingParams only when set (unset keeps vLLM's default)...
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "n", "repetition_penalty",
@@ -111,7 +112,7 @@ class StreamDeltas:
 
     def __init__(self, params: SamplingParams):
         self.num_top = params.logprobs or 0
-        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.holdback = stream_holdback(params.stop)
         self.sent: dict[int, tuple[int, int, bool]] = {}  # index -> (chars, tokens, finished)
 
     def response(self, out: RequestOutput) -> Optional[pb.GenerateResponse]:
