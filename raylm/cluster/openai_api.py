@@ -1,0 +1,397 @@
+"""The OpenAI-compatible HTTP API (vLLM's routes and fields) as a FastAPI app over a `Backend`.
+
+    POST /v1/completions, POST /v1/chat/completions   (JSON, or SSE with stream=true)
+    GET  /v1/models, /health, /metrics, /version
+
+Prompts are tokenized here (chat templates too), so length limits are checked before
+the backend sees a request; the backend gets {"prompt": text, "prompt_token_ids": ids}.
+Every error is OpenAI's error JSON. A client that goes away, streaming or not, closes
+its backend streams, which aborts the requests and frees their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from raylm.cluster.protocol import (ApiError, ChatCompletionRequest, ChatStream, CompletionRequest,
+                                    CompletionStream, PromptInput, chat_response, completion_response,
+                                    error_body, response_head)
+from raylm.engine.outputs import RequestOutput
+from raylm.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("raylm")
+
+_DONE = "data: [DONE]\n\n"
+
+
+def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16) -> FastAPI:
+    """The OpenAI API over `backend` (see `raylm.cluster.backend.Backend`). With `api_key`,
+    every /v1 route needs `Authorization: Bearer <api_key>`; `max_n` caps `n`."""
+    from raylm import __version__
+
+    app = FastAPI(title="raylm", version=__version__)
+    server = _OpenAIServer(backend, max_n)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, server.completions(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, server.chat(body))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        name = backend.model_name
+        return {"object": "list", "data": [{
+            "id": name, "object": "model", "created": server.started, "owned_by": "raylm",
+            "root": name, "parent": None, "max_model_len": backend.max_model_len, "permission": []}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await backend.check_health()
+        except Exception as exc:
+            return _error(503, f"the engine cannot serve: {exc}")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await backend.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+    return app
+
+
+# ---- errors ----------------------------------------------------------------------
+def _error(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def _is_branch(part) -> bool:
+    """Whether a pydantic error location part names a union branch ("str", "list[int]")
+    rather than a field."""
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or
+                                      part in ("str", "int", "float", "bool", "dict", "list"))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes a 400 that names the field, as vLLM answers."""
+    errors = exc.errors() or [{"type": "", "loc": (), "msg": "invalid request"}]
+    first = errors[0]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    if first["type"] == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", first["msg"])
+        return _error(400, f"malformed JSON body: {detail}")
+    if not loc or isinstance(loc[0], int):
+        return _error(400, f"the request body must be a JSON object: {first['msg']}")
+    field = str(loc[0])
+    # A union field (prompt, stop, content) fails once per branch: name the branches.
+    branches = list(dict.fromkeys(e["loc"][2] for e in errors
+                                  if len(e["loc"]) > 2 and e["loc"][1] == field and _is_branch(e["loc"][2])))
+    body = exc.body if isinstance(exc.body, dict) else {}
+    if len(branches) > 1 and field in body:
+        message = f"{field} must be one of {', '.join(branches)}"
+        value = body[field]
+    else:
+        path = ".".join(str(p) for p in loc if not _is_branch(p))
+        message, value = f"{path}: {first['msg']}", first.get("input")
+    if first["type"] != "missing":
+        got = repr(value)
+        message += f", got {got if len(got) <= 80 else got[:77] + '...'}"
+    return _error(400, message, field)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path)
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _param_of(message: str, fields, renames: dict) -> Optional[str]:
+    """The request field a ValueError message starts with ("top_p must be ..."), if any."""
+    m = re.match(r"`?([A-Za-z_]+)", message)
+    name = renames.get(m.group(1), m.group(1)) if m else None
+    return name if name in fields else None
+
+
+class _BearerAuth:
+    """ASGI middleware: /v1 routes need `Authorization: Bearer <key>` (health and metrics
+    stay open, as in vLLM). Runs before the body is read, so bad keys never get further."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path == "/v1" or path.startswith("/v1/"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not secrets.compare_digest(given, self.expected):
+                    response = _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+                    return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# ---- running a request -----------------------------------------------------------
+async def _unless_disconnected(raw: Request, work: Awaitable[Response]) -> Response:
+    """Run `work`, cancelling it if the client disconnects first: ASGI servers leave a
+    handler running after its client has gone, and its requests would hold KV blocks."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(raw))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled (Ray Serve does that)
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    return task.result()
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    # FastAPI has read the body, so the next ASGI message is the disconnect.
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Streams:
+    """One backend stream per prompt, each drained by its own task into one queue, so a
+    batch progresses together; `close()` cancels them, which aborts unfinished requests."""
+
+    def __init__(self, backend, requests: list[tuple[dict, SamplingParams, str]]):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._live = len(requests)
+        self._early: list[tuple[int, RequestOutput]] = []
+        self._tasks = [asyncio.ensure_future(self._drain(i, backend, *r)) for i, r in enumerate(requests)]
+
+    async def _drain(self, i: int, backend, prompt: dict, params: SamplingParams, request_id: str):
+        stream = None
+        try:
+            stream = backend.generate_stream(prompt, params, request_id=request_id)
+            async for out in stream:
+                self._queue.put_nowait((i, out))
+            self._queue.put_nowait((i, None))
+        except Exception as exc:
+            self._queue.put_nowait((i, exc))
+        finally:
+            if stream is not None and hasattr(stream, "aclose"):
+                await stream.aclose()  # a no-op once the stream has ended
+
+    async def _next(self) -> Optional[tuple[int, RequestOutput]]:
+        while self._live:
+            i, item = await self._queue.get()
+            if item is None:
+                self._live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                return i, item
+        return None
+
+    async def start(self) -> None:
+        """Wait for each stream's first output, so that bad input (the backend's
+        ValueError) is known before a response starts."""
+        waiting = set(range(len(self._tasks)))
+        while waiting:
+            item = await self._next()
+            if item is None:
+                raise RuntimeError("the backend ended a stream without any output")
+            self._early.append(item)
+            waiting.discard(item[0])
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) as the requests progress."""
+        while self._early:
+            yield self._early.pop(0)
+        while (item := await self._next()) is not None:
+            yield item
+
+    async def finals(self) -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        async for i, out in self.outputs():
+            last[i] = out
+        return [last[i] for i in range(len(self._tasks))]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _OpenAIServer:
+    """The two generation routes: checks, tokenization, then the backend streams."""
+
+    def __init__(self, backend, max_n: int):
+        self.backend = backend
+        self.max_n = max_n
+        self.started = int(time.time())
+
+    # ---- shared checks -------------------------------------------------------------
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.backend.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist.", "model")
+
+    def _max_tokens(self, num_prompt: int, requested: Optional[int], field: str, prompt_field: str) -> int:
+        """vLLM's context check; None means the rest of the context."""
+        limit = self.backend.max_model_len
+        if requested is None:
+            if num_prompt >= limit:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
+                               f"your request has {num_prompt} input tokens. Please reduce the length "
+                               f"of the input messages.", prompt_field)
+            return limit - num_prompt
+        if requested < 1:
+            raise ApiError(400, f"{field} must be >= 1, got {requested}", field)
+        if num_prompt + requested > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                           f"requested {num_prompt + requested} tokens ({num_prompt} in the messages, "
+                           f"{requested} in the completion). Please reduce the length of the messages "
+                           f"or completion.", field)
+        return requested
+
+    def _check_logprobs(self, **requested: Optional[int]) -> None:
+        limit = getattr(self.backend, "max_logprobs", None)  # optional in the Backend protocol
+        for field, k in requested.items():
+            if limit is not None and k is not None and k > limit:
+                raise ApiError(400, f"{field} must be <= {limit} (the server's max_logprobs), got {k}", field)
+
+    async def _guard(self, work: Awaitable[Response]) -> Response:
+        try:
+            return await work
+        except ApiError as exc:
+            return _error(exc.status, exc.message, exc.param)
+        except Exception as exc:
+            logger.exception("request failed")
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _run(self, body, prompts: list[PromptInput], request_id: str, renames: dict,
+                   respond: Callable[[list[RequestOutput]], dict], stream) -> Response:
+        """Start the backend streams, then answer with JSON or SSE; the backend's
+        ValueError (bad input) is a 400."""
+        streams = _Streams(self.backend, [
+            ({"prompt_token_ids": p.ids} if p.text is None else {"prompt": p.text, "prompt_token_ids": p.ids},
+             p.params, request_id if len(prompts) == 1 else f"{request_id}-{i}")
+            for i, p in enumerate(prompts)])
+        try:
+            await streams.start()
+            if body.stream:  # the event stream closes the backend streams when it ends
+                return StreamingResponse(self._events(streams, stream), media_type="text/event-stream")
+            result = respond(await streams.finals())
+        except ValueError as exc:
+            await streams.close()
+            return _error(400, str(exc), _param_of(str(exc), type(body).model_fields, renames))
+        except BaseException:
+            await streams.close()
+            raise
+        await streams.close()
+        return JSONResponse(result)
+
+    async def _events(self, streams: _Streams, stream) -> AsyncIterator[str]:
+        try:
+            for chunk in stream.first_chunks():
+                yield _sse(chunk)
+            async for i, out in streams.outputs():
+                for chunk in stream.chunks(i, out):
+                    yield _sse(chunk)
+            if (chunk := stream.usage_chunk()) is not None:
+                yield _sse(chunk)
+        except Exception as exc:  # the response has started: report in-band, as vLLM does
+            logger.exception("stream failed")
+            yield _sse(error_body(400 if isinstance(exc, ValueError) else 500, str(exc)))
+        finally:
+            await streams.close()
+        yield _DONE
+
+    # ---- /v1/completions -----------------------------------------------------------
+    def completions(self, body: CompletionRequest) -> Awaitable[Response]:
+        return self._guard(self._completions(body))
+
+    async def _completions(self, body: CompletionRequest) -> Response:
+        self._check_model(body.model)
+        body.check(self.max_n)
+        self._check_logprobs(logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs)
+        tok = self.backend.tokenizer
+        prompts = []
+        try:
+            for p in body.prompt_list():
+                text, ids = (p, tok.encode(p)) if isinstance(p, str) else (None, list(p))
+                if not ids:
+                    raise ApiError(400, "prompt is empty (0 tokens); it needs at least 1 token", "prompt")
+                max_tokens = self._max_tokens(len(ids), body.max_tokens, "max_tokens", "prompt")
+                prompts.append(PromptInput(ids, text, body.to_sampling_params(max_tokens)))
+        except ValueError as exc:
+            return _error(400, str(exc), _param_of(str(exc), CompletionRequest.model_fields, {}))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        head = response_head(rid, "text_completion", int(time.time()), self.backend.model_name)
+        return await self._run(body, prompts, rid, {},
+                               lambda finals: completion_response(head, tok, body, prompts, finals),
+                               CompletionStream(head, tok, body, prompts))
+
+    # ---- /v1/chat/completions ------------------------------------------------------
+    def chat(self, body: ChatCompletionRequest) -> Awaitable[Response]:
+        return self._guard(self._chat(body))
+
+    async def _chat(self, body: ChatCompletionRequest) -> Response:
+        self._check_model(body.model)
+        body.check(self.max_n)
+        self._check_logprobs(top_logprobs=body.top_logprobs if body.logprobs else None,
+                             prompt_logprobs=body.prompt_logprobs)
+        tok = self.backend.tokenizer
+        field = body.max_tokens_field
+        renames = {"logprobs": "top_logprobs", "max_tokens": field, "prompt": "messages"}
+        conversation = body.conversation()
+        try:
+            text = tok.apply_chat_template(conversation, **body.template_kwargs())
+        except Exception as exc:  # no template, or the template rejected the conversation
+            return _error(400, f"the chat template could not render messages: {exc}", "messages")
+        ids = tok.encode(text, add_special_tokens=False)  # the template has the special tokens
+        if not ids:
+            return _error(400, "messages render to an empty prompt (0 tokens)", "messages")
+        try:
+            max_tokens = self._max_tokens(len(ids), body.requested_max_tokens(), field, "messages")
+            prompt = PromptInput(ids, text, body.to_sampling_params(max_tokens))
+        except ValueError as exc:
+            return _error(400, str(exc), _param_of(str(exc), ChatCompletionRequest.model_fields, renames))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        head = response_head(rid, "chat.completion", int(time.time()), self.backend.model_name)
+        chunk_head = dict(head, object="chat.completion.chunk")
+        return await self._run(body, [prompt], rid, renames,
+                               lambda finals: chat_response(head, tok, body, prompt, finals[0]),
+                               ChatStream(chunk_head, tok, body, [prompt]))
