@@ -65,8 +65,7 @@ def main() -> None:
     llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # warm-up
     engine.reset_timing()
-    sps = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=o, seed=i)
-           for i, o in enumerate(outputs)]
+    sps = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=o) for o in outputs]
     torch.cuda.synchronize()
     t = time.perf_counter()
     results = llm.generate([{"prompt_token_ids": x} for x in prompts], sps, use_tqdm=False)

@@ -109,11 +109,10 @@ def sample(logits: torch.Tensor, states: list[SamplingState],
     probs = _filter(logits, states).softmax(dim=1)
     # Exponential race (argmax p/q with q ~ Exp(1)) draws from probs; one generator per
     # seeded request keeps its draws independent of the batch.
-    q = torch.empty_like(probs)
+    # Unseeded rows share one batched draw; seeded rows redraw from their own generator.
+    q = torch.empty_like(probs).exponential_(generator=default_generator)
     for i, st in enumerate(states):
-        if st.is_greedy:
-            q[i] = 1.0
-        else:
-            q[i].exponential_(generator=st.generator or default_generator)
+        if st.generator is not None and not st.is_greedy:
+            q[i].exponential_(generator=st.generator)
     sampled = (probs / q).argmax(dim=1)
     return torch.where(greedy, tokens, sampled)
