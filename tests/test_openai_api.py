@@ -119,8 +119,10 @@ async def test_completion_matches_backend_and_counts_usage(client, sched):
     assert choice["text"] == ref.outputs[0].text and choice["finish_reason"] == "length"
     assert choice["logprobs"] is None and choice["stop_reason"] is None
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8}
-    # no max_tokens: the rest of the context
+    # no max_tokens: 16, as in vLLM and OpenAI; null: the rest of the context
     r = await post(client, "/v1/completions", prompt=ids, temperature=0, ignore_eos=True)
+    assert r.json()["usage"]["completion_tokens"] == 16
+    r = await post(client, "/v1/completions", prompt=ids, temperature=0, ignore_eos=True, max_tokens=None)
     assert r.json()["usage"]["completion_tokens"] == MAX_MODEL_LEN - len(ids)
 
 

@@ -16,6 +16,7 @@ PromptType = Union[str, list, dict]
 class Backend(Protocol):
     model_name: str        # the served model name (what /v1/models lists)
     max_model_len: int
+    max_logprobs: int      # the largest logprobs / top_logprobs a request may ask for
     tokenizer: Any         # a transformers tokenizer: chat template, decoding token ids
 
     def generate_stream(self, prompt: PromptType, params: SamplingParams,

@@ -79,6 +79,7 @@ class GlobalScheduler:
         first = self.groups[0].engine
         self.tokenizer = first.tokenizer
         self.max_model_len = first.max_model_len
+        self.max_logprobs = engine_args.max_logprobs
         self.block_size = engine_args.block_size
         self.model_dir = first.model_dir
         self.model_name = served_model_name or engine_args.model or DEFAULT_SERVED_NAME

@@ -271,11 +271,11 @@ class _OpenAIServer:
     def _max_tokens(self, num_prompt: int, requested: Optional[int], field: str, prompt_field: str) -> int:
         """vLLM's context check; None means the rest of the context."""
         limit = self.backend.max_model_len
+        if num_prompt >= limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
+                           f"your request has {num_prompt} input tokens. Please reduce the length "
+                           f"of the input messages.", prompt_field)
         if requested is None:
-            if num_prompt >= limit:
-                raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
-                               f"your request has {num_prompt} input tokens. Please reduce the length "
-                               f"of the input messages.", prompt_field)
             return limit - num_prompt
         if requested < 1:
             raise ApiError(400, f"{field} must be >= 1, got {requested}", field)

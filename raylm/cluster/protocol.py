@@ -106,7 +106,7 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = None  # None: the rest of the context
+    max_tokens: Optional[int] = 16  # as in vLLM and OpenAI; null: the rest of the context
     echo: Optional[bool] = None
     logprobs: Optional[int] = None  # top-k per token, in OpenAI's completions format
 
