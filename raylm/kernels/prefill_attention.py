@@ -1,0 +1,172 @@
+"""Paged attention for prefill and mixed steps: variable-length packed queries, each
+attending causally to its sequence's cached prefix plus the new tokens (which are
+already in the cache). Covers chunked prefill, prefix-cache hits and decode rows mixed
+into the same step.
+
+One program handles BLOCK_Q consecutive query tokens of one sequence times the GROUP
+query heads sharing one kv head (BLOCK_M = BLOCK_Q * GROUP_PAD rows), so each K/V tile
+is loaded once per group. The grid is (num_tokens // BLOCK_Q + num_seqs, num_kv_heads),
+an upper bound on the q blocks of all sequences known from shapes alone; each program
+finds its sequence by binary search over query_start_loc.
+
+KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence owning global q block `q_block`: sequence i owns the blocks from
+    query_start_loc[i] // BLOCK_Q + i on."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ct, stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    local_block = q_block - (q_start // BLOCK_Q + seq)
+    if local_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_idx = local_block * BLOCK_Q + offs_m // GROUP_PAD  # token within this step's chunk
+    in_group = offs_m % GROUP_PAD
+    heads = kv_head * GROUP + in_group
+    mask_m = (q_idx < q_len) & (in_group < GROUP)
+    mask_d = offs_d < HEAD_DIM
+    # Padding rows keep a position >= 0, so key 0 is visible to every row (no NaNs).
+    q_pos = context_len + q_idx
+
+    tok_rows = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + tok_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    # Keys up to the last query of this block: the cached prefix plus the causal part.
+    kv_end = tl.minimum(seq_len, context_len + (local_block + 1) * BLOCK_Q)
+    for n0 in range(0, kv_end, BLOCK_N):
+        tok = n0 + offs_n
+        mask_n = tok < kv_end
+        block = tl.load(table + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_off = block * stride_cb + (tok % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        visible = mask_n[None, :] & (tok[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + tok_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                            max_query_len: int, block_m: int | None = None,
+                            block_n: int | None = None) -> torch.Tensor:
+    """q [num_tokens, Hq, D] packed by sequence (sequence i's rows are
+    query_start_loc[i]:query_start_loc[i+1]); kv_cache [2, num_blocks, block_size, Hk, D]
+    already holding the new tokens; block_tables [num_seqs, max_blocks] int32; seq_lens
+    [num_seqs] int32 (cached + new). Query j of a sequence sits at position
+    seq_len - q_len + j and sees keys up to it. -> out [num_tokens, Hq, D] in q's dtype."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
+    assert cache_dim == head_dim and num_heads % num_kv_heads == 0
+    assert q.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_d = triton.next_power_of_2(head_dim)
+    if block_m is None:
+        # Small tiles when every sequence brings a handful of tokens (decode rows).
+        block_m = 16 if max_query_len * group_pad <= 16 else 64
+    block_m = max(block_m, group_pad, 16)
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    block_q = block_m // group_pad
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out,
+        block_tables, seq_lens, query_start_loc,
+        scale * math.log2(math.e), num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        num_warps=8 if block_d >= 256 else 4, num_stages=2,
+    )
+    return out
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                                seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    """Plain PyTorch: per sequence, gather K/V through the block table and softmax in
+    float32 with a causal mask offset by the cached prefix."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    group = q.shape[1] // num_kv_heads
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        s, e = starts[i], starts[i + 1]
+        if e == s:
+            continue
+        blocks = block_tables[i, :-(-seq_len // block_size)].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
+        q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out

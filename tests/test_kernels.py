@@ -1,0 +1,197 @@
+"""Every Triton kernel against its plain PyTorch reference on fresh random inputs, at
+small shapes. Without a GPU the kernels run in Triton's interpreter (float32); with one
+they run compiled (float32 with TF32 dots, hence the looser tolerance there)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    from raylm.kernels.interpret import use_interpreter
+
+    use_interpreter()  # before the kernel modules are imported
+
+from raylm.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from raylm.kernels.decode_attention import (  # noqa: E402
+    decode_num_splits, paged_decode_attention, paged_decode_attention_ref)
+from raylm.kernels.kv_cache import write_kv_cache, write_kv_cache_ref  # noqa: E402
+from raylm.kernels.prefill_attention import (  # noqa: E402
+    paged_prefill_attention, paged_prefill_attention_ref)
+from raylm.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from raylm.kernels.rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATTN_TOL = 1e-2 if DEVICE == "cuda" else 1e-4
+
+
+def paged_inputs(seq_lens, block_size, num_kv_heads, head_dim, gen, spare_blocks=3):
+    """A random KV cache and block tables handing out shuffled, non-contiguous blocks."""
+    needed = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(needed) + spare_blocks
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(max(needed), 1)
+    tables, pos = [], 0
+    for n in needed:
+        tables.append(perm[pos:pos + n] + [0] * (width - n))
+        pos += n
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    return kv_cache.to(DEVICE), block_tables.to(DEVICE), seq_lens_t.to(DEVICE)
+
+
+def test_write_kv_cache():
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, num_kv_heads, head_dim, block_size, num_blocks = 9, 2, 32, 16, 6
+    # k and v as strided views of a fused qkv projection, as the model produces them.
+    qkv = torch.randn(num_tokens, (4 + 2 * num_kv_heads) * head_dim, generator=gen).to(DEVICE)
+    _, k, v = qkv.split([4 * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    k, v = k.view(num_tokens, num_kv_heads, head_dim), v.view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[3] = -1  # a padding token: skipped
+    slots = slots.to(DEVICE)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    expected = cache.clone()
+    write_kv_cache(k, v, cache, slots)
+    write_kv_cache_ref(k, v, expected, slots)
+    assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 2), (6, 2)])
+def test_decode_attention_split_k(block_size, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(block_size + num_heads)
+    head_dim, scale = 32, 32 ** -0.5
+    # 1 token, a partial block, a context spanning all 4 splits, and a padding row.
+    seq_lens = [1, block_size + 3, 150, 0]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, block_size, num_kv_heads, head_dim, gen)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(DEVICE)
+    out = paged_decode_attention(q, kv_cache, block_tables, seq_lens_t, scale, num_splits=4, block_n=16)
+    ref = paged_decode_attention_ref(q, kv_cache, block_tables, seq_lens_t, scale)
+    torch.testing.assert_close(out, ref, atol=ATTN_TOL, rtol=ATTN_TOL)
+    assert torch.all(out[3] == 0)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_decode_attention_default_and_single_split(num_splits):
+    gen = torch.Generator().manual_seed(7)
+    seq_lens = [70, 5]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, 16, 2, 64, gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
+    assert decode_num_splits(2, 2, DEVICE) >= 1
+    out = paged_decode_attention(q, kv_cache, block_tables, seq_lens_t, 0.125, num_splits=num_splits)
+    ref = paged_decode_attention_ref(q, kv_cache, block_tables, seq_lens_t, 0.125)
+    torch.testing.assert_close(out, ref, atol=ATTN_TOL, rtol=ATTN_TOL)
+
+
+def packed_queries(query_lens, num_heads, head_dim, gen):
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], num_heads, head_dim, generator=gen).to(DEVICE)
+    return q, torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 2), (6, 2)])
+def test_prefill_attention_mixed(block_size, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(block_size * num_heads)
+    head_dim, scale = 32, 32 ** -0.5
+    # A fresh prompt, a chunked prefill on a cached prefix ending in a partial block, a
+    # prefix-cache hit starting on a block boundary, and two decode rows.
+    query_lens = [19, 13, 5, 1, 1]
+    seq_lens = [19, 37 + 13, block_size + 5, 1, 41]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, block_size, num_kv_heads, head_dim, gen)
+    q, query_start_loc = packed_queries(query_lens, num_heads, head_dim, gen)
+    out = paged_prefill_attention(q, kv_cache, block_tables, seq_lens_t, query_start_loc, scale,
+                                  max(query_lens), block_n=16)
+    ref = paged_prefill_attention_ref(q, kv_cache, block_tables, seq_lens_t, query_start_loc, scale)
+    torch.testing.assert_close(out, ref, atol=ATTN_TOL, rtol=ATTN_TOL)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+def test_prefill_attention_head_dims(head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    query_lens, seq_lens = [6, 1, 3], [22, 9, 3]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, 16, 1, head_dim, gen)
+    q, query_start_loc = packed_queries(query_lens, 2, head_dim, gen)
+    scale = head_dim ** -0.5
+    out = paged_prefill_attention(q, kv_cache, block_tables, seq_lens_t, query_start_loc, scale,
+                                  max(query_lens))
+    ref = paged_prefill_attention_ref(q, kv_cache, block_tables, seq_lens_t, query_start_loc, scale)
+    torch.testing.assert_close(out, ref, atol=ATTN_TOL, rtol=ATTN_TOL)
+
+
+def test_prefill_matches_decode_on_single_tokens():
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = [33, 2, 17]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, 16, 2, 32, gen)
+    q, query_start_loc = packed_queries([1, 1, 1], 4, 32, gen)
+    prefill = paged_prefill_attention(q, kv_cache, block_tables, seq_lens_t, query_start_loc, 0.2, 1)
+    decode = paged_decode_attention(q, kv_cache, block_tables, seq_lens_t, 0.2, num_splits=2, block_n=16)
+    torch.testing.assert_close(prefill, decode, atol=ATTN_TOL, rtol=ATTN_TOL)
+
+
+def test_attention_half_precision():
+    """float16 inputs, float32 accumulation (the interpreter has no bfloat16 dot)."""
+    gen = torch.Generator().manual_seed(5)
+    query_lens, seq_lens = [9, 1, 1], [40, 75, 3]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, 16, 2, 64, gen)
+    q, query_start_loc = packed_queries(query_lens, 8, 64, gen)
+    kv_cache, q = kv_cache.half(), q.half()
+    out = paged_prefill_attention(q, kv_cache, block_tables, seq_lens_t, query_start_loc, 0.125, 9)
+    ref = paged_prefill_attention_ref(q, kv_cache, block_tables, seq_lens_t, query_start_loc, 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    q = q[query_start_loc[1:] - 1]  # each sequence's last token, as a decode step
+    out = paged_decode_attention(q, kv_cache, block_tables, seq_lens_t, 0.125, num_splits=4, block_n=16)
+    ref = paged_decode_attention_ref(q, kv_cache, block_tables, seq_lens_t, 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(with_residual):
+    from raylm.workers.layers.basic import RMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 96, generator=gen).to(DEVICE)
+    residual = torch.randn(5, 96, generator=gen).to(DEVICE) if with_residual else None
+    layer = RMSNorm(96, eps=1e-6).to(DEVICE)
+    layer.weight.data = torch.rand(96, generator=gen).to(DEVICE) + 0.5
+    out = rms_norm(x, layer.weight, 1e-6, residual)
+    ref = rms_norm_ref(x, layer.weight, 1e-6, residual)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, layer(x, residual) if with_residual else layer(x),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [None, {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64}])
+def test_rotary_embedding(scaling):
+    from raylm.workers.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(2)
+    num_tokens, num_heads, num_kv_heads, head_dim = 7, 4, 2, 32
+    rope = RotaryEmbedding(head_dim, 512, 500000.0, scaling).to(DEVICE)
+    positions = torch.randint(0, 512, (num_tokens,), generator=gen).to(DEVICE)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(DEVICE)
+    q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q, k = q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
+    q_ref, k_ref = rotary_embedding_ref(positions, q, k, rope.cos_cache, rope.sin_cache)
+    q_layer, k_layer = rope(positions, q, k)
+    rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache)  # in place, into qkv
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q, q_layer, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_layer, atol=1e-5, rtol=1e-5)
+
+
+def test_silu_and_mul():
+    from raylm.workers.layers.basic import SiluAndMul
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 2 * 80, generator=gen).to(DEVICE)
+    out = silu_and_mul(x)
+    assert out.shape == (2, 3, 80)
+    torch.testing.assert_close(out, silu_and_mul_ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, SiluAndMul()(x), atol=1e-5, rtol=1e-5)
