@@ -1,6 +1,7 @@
 """Tensor parallelism in Ray actors: TP=2 gives TP=1's and transformers' greedy tokens
 and log-probabilities, shards weights and KV heads, replicates kv heads when there are
 fewer than ranks, and gives its placement group back on shutdown."""
+import asyncio
 import os
 import random
 import shutil
@@ -10,6 +11,8 @@ import pytest
 
 from raylm import LLM, SamplingParams
 from raylm.engine import ray_executor
+from raylm.scheduler.scheduler import ScheduledSeq
+from raylm.workers.messages import NewRequest, StepPlan
 from tests.helpers import hf_greedy, hf_prompt_logprobs, make_checkpoint
 
 MAX_TOKENS = 6
@@ -97,6 +100,15 @@ def test_single_kv_head_is_replicated(tmp_path, ray_session):
     ref = hf_prompt_logprobs(d, prompts[0])
     got = [e[prompts[0][i]].logprob for i, e in enumerate(outs[0].prompt_logprobs) if i > 0]
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
+
+    # The async path the global scheduler uses: one prefill step straight to the ranks.
+    sampling = {**SamplingParams(temperature=0.0).to_dict(), "eos_token_ids": []}
+    prompt = prompts[1]
+    plan = StepPlan(seqs=[ScheduledSeq("direct", prompt, 0, [0, 1], True)],
+                    new_requests=[NewRequest("direct", prompt, sampling)])
+    result = asyncio.run(llm.llm_engine.executor.execute_async(plan))
+    assert result.sampled == {"direct": hf_greedy(d, prompt, 1)[0][0]}
+    asyncio.run(llm.llm_engine.executor.execute_async(StepPlan(finished_ids=["direct"])))
     llm.shutdown()
     wait_for_free_cpus(ray_session)
 

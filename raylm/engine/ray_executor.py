@@ -1,6 +1,7 @@
 """Runs the model in Ray actors, one per tensor-parallel rank, packed onto one node by a
-placement group. Each step plan is msgpack-encoded once, put in the object store once,
-and handed to every rank; only rank 0's result is fetched.
+placement group. Each step plan is msgpack-encoded once and the same bytes go to every
+rank (inline when small, one object-store put when large); only rank 0's result is
+fetched.
 
 Same interface as `UniProcExecutor` (raylm.engine.executor), plus `worker_info()`."""
 from __future__ import annotations
@@ -20,6 +21,9 @@ logger = logging.getLogger("raylm")
 
 PLACEMENT_TIMEOUT_S = 60.0
 GRACEFUL_SHUTDOWN_S = 5.0
+# Plans up to this size are sent inline with each rank's task, larger ones via one
+# ray.put (below Ray's 100 KiB inline limit, past which it would store a copy per task).
+INLINE_PLAN_BYTES = 64 * 1024
 
 
 def validate_tensor_parallel(hf_config, tensor_parallel_size: int) -> None:
@@ -55,7 +59,6 @@ class RayExecutor:
         validate_tensor_parallel(hf_config, tensor_parallel_size)
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.workers: list = []
         self.placement_group = None
@@ -72,13 +75,23 @@ class RayExecutor:
         bundles = [dict(bundle) for _ in range(tp)]
         pg = placement_group(bundles, strategy="STRICT_PACK", name=self.group_id)
         self.placement_group = pg
-        if not pg.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
-            available = ray.available_resources()
+        try:
+            self._start_workers(pg, bundle, tp, num_cpus_per_worker, on_gpu, model_dir, hf_config,
+                                dtype, device, block_size, attention_backend, load_format, seed)
+        except BaseException:
+            self._failed = True  # no graceful leave: a rank may be stuck joining the group
             self.shutdown()
+            raise
+
+    def _start_workers(self, pg, bundle, tp, num_cpus_per_worker, on_gpu, *worker_args) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not pg.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
             raise RuntimeError(
                 f"could not place {tp} worker(s) of {bundle} on one node within "
                 f"{PLACEMENT_TIMEOUT_S:.0f} s (tensor_parallel_size={tp}, num_cpus_per_worker="
-                f"{num_cpus_per_worker}); the cluster has {available} available")
+                f"{num_cpus_per_worker}); the cluster has {ray.available_resources()} available")
 
         def strategy(i: int):
             return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
@@ -88,74 +101,60 @@ class RayExecutor:
         init_method = f"tcp://127.0.0.1:{port}"  # STRICT_PACK: every rank is on this node
         remote_worker = ray.remote(Worker)
         for rank in range(tp):
-            actor = remote_worker.options(
+            self.workers.append(remote_worker.options(
                 name=f"{self.group_id}-rank{rank}", num_cpus=bundle.get("CPU", 0),
                 num_gpus=1 if on_gpu else 0, scheduling_strategy=strategy(rank),
-            ).remote(rank, tp, init_method, model_dir, hf_config, dtype, device, block_size,
-                     attention_backend, load_format, seed, threads)
-            self.workers.append(actor)
-        try:
-            self._info = self._collect_all([w.info.remote() for w in self.workers])
-        except BaseException:
-            self._failed = True
-            self.shutdown()
-            raise
+            ).remote(rank, tp, init_method, *worker_args, threads))
+        self._collect([w.info.remote() for w in self.workers])  # raises a rank's start-up error
         logger.info("raylm ray executor %s: %d rank(s), %s each, %d torch thread(s) per rank",
                     self.group_id, tp, bundle, threads)
 
-    # ---- collecting results --------------------------------------------------------
-    def _collect_all(self, refs: list) -> list:
-        """Every rank's result; a failing rank raises at once, even while the others wait
-        in a collective for it."""
-        import ray
-
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
-        return ray.get(refs)
-
-    def _collect_first(self, refs: list):
-        """Rank 0's result after every rank has finished (errors from any rank raise)."""
+    def _collect(self, refs: list) -> list:
+        """Every rank's result. A failing rank raises at once, even while the others wait
+        in a collective for it; the executor is then unusable (ranks may be out of step)."""
         import ray
 
         try:
             if len(refs) == 1:
-                return ray.get(refs[0])
+                return [ray.get(refs[0])]
             pending = list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 ray.get(done)
-            return ray.get(refs[0])
+            return ray.get(refs)
         except BaseException:
             self._failed = True
             raise
 
     # ---- the executor interface ----------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        return self._collect_first([w.kv_bytes_per_block.remote() for w in self.workers])
+        return self._collect([w.kv_bytes_per_block.remote() for w in self.workers])[0]
 
     def available_kv_memory(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
         """The smallest of the ranks' KV budgets: every rank holds the same number of blocks."""
-        return min(self._collect_all([w.available_kv_memory.remote(
+        return min(self._collect([w.available_kv_memory.remote(
             gpu_memory_utilization, max_num_batched_tokens) for w in self.workers]))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._collect_all([w.allocate_kv_cache.remote(num_blocks) for w in self.workers])
+        self._collect([w.allocate_kv_cache.remote(num_blocks) for w in self.workers])
 
     def _submit(self, plan: StepPlan) -> list:
         import ray
 
+        if not self.workers:
+            raise RuntimeError(f"ray executor {self.group_id} has been shut down")
         if self._failed:
             raise RuntimeError(f"ray executor {self.group_id} failed in an earlier step; "
                                f"shut it down and start a new one")
         wire = msgpack.packb(plan.to_wire())
-        # One encoding, one object: every rank reads the same bytes (inline for one rank).
-        arg = ray.put(wire) if len(self.workers) > 1 else wire
+        # Encoded once; every rank gets the same bytes. A small plan travels inline in each
+        # task (an object-store ref cost ~1.6 ms more per step on the 2-core box, see
+        # benchmarks/ray_overhead.py); a large one goes to the object store once.
+        arg = ray.put(wire) if len(self.workers) > 1 and len(wire) > INLINE_PLAN_BYTES else wire
         return [w.execute.remote(arg) for w in self.workers]
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return StepResult.from_wire(msgpack.unpackb(self._collect_first(self._submit(plan))))
+        return StepResult.from_wire(msgpack.unpackb(self._collect(self._submit(plan))[0]))
 
     async def execute_async(self, plan: StepPlan) -> StepResult:
         """`execute` without blocking the event loop, so several groups can step at once."""
@@ -171,7 +170,7 @@ class RayExecutor:
 
     def worker_info(self) -> list[dict]:
         """Per-rank facts (rank, parameter_bytes, num_heads, num_kv_heads, head_dim, ...)."""
-        return self._collect_all([w.info.remote() for w in self.workers])
+        return self._collect([w.info.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         """Stop the actors and remove the placement group, freeing its reservation."""
