@@ -103,6 +103,13 @@ def register_backend(name: str, cls) -> None:
 
 def get_attention_backend(name: str) -> AttentionBackend:
     if name not in _BACKENDS:
+        # Registration happens on import; a Ray worker process may not have imported the
+        # module the driver did, so look there before giving up.
+        try:
+            import raylm.workers.attention_backends  # noqa: F401
+        except ImportError:
+            pass
+    if name not in _BACKENDS:
         raise ValueError(f"attention_backend {name!r} is not available; "
                          f"choose from {sorted(_BACKENDS)}")
     return _BACKENDS[name]()
