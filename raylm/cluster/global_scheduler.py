@@ -64,7 +64,7 @@ class GlobalScheduler:
     loops start on first use (or `await start()`)."""
 
     def __init__(self, engine_args: EngineArgs, num_groups: int = 1,
-                 served_model_name: Optional[str] = None):
+                 served_model_name: Optional[str] = None, overlap: bool = True):
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
         self.engine_args = engine_args
@@ -85,6 +85,7 @@ class GlobalScheduler:
         self.model_name = served_model_name or engine_args.model or DEFAULT_SERVED_NAME
         self.metrics = EngineMetrics(self.model_name, self.group_stats)
         self.streams: dict[str, _Stream] = {}
+        self.overlap = overlap  # False only to measure what overlapping gains
         self._closed = False
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -231,6 +232,9 @@ class GlobalScheduler:
                     await group.wake.wait()
                     continue
                 sched_out, plan = planned
+                if not self.overlap and pending is not None:
+                    self._deliver(engine.emit_step(pending))
+                    pending = None
                 running = asyncio.ensure_future(engine.executor.execute_async(plan))
                 if pending is not None:  # overlap: emit step N while step N+1 computes
                     self._deliver(engine.emit_step(pending))
