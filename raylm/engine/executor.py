@@ -7,6 +7,7 @@ allocate_kv_cache(n), execute(plan) -> StepResult, async execute_async(plan), sh
 from __future__ import annotations
 
 import asyncio
+from typing import Optional
 
 from raylm.workers.messages import StepPlan, StepResult
 
@@ -15,30 +16,19 @@ class UniProcExecutor:
     """One ModelRunner in this process."""
 
     def __init__(self, model_dir: str, hf_config, dtype, device: str, block_size: int,
-                 attention_backend: str, load_format: str, seed: int):
+                 attention_backend: Optional[str], load_format: str, seed: int,
+                 runner_options: Optional[dict] = None):
         from raylm.workers.model_runner import ModelRunner
 
         self.runner = ModelRunner(model_dir, hf_config, dtype, device, block_size,
                                   attention_backend=attention_backend, load_format=load_format,
-                                  seed=seed)
+                                  seed=seed, **(runner_options or {}))
 
     def kv_bytes_per_block(self) -> int:
         return self.runner.kv_bytes_per_block()
 
     def available_kv_memory(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
-        """Bytes the KV pool may take on a GPU: the utilisation share of the device minus
-        what is already in use and an activation reserve for a full-budget step."""
-        import torch
-
-        free, total = torch.cuda.mem_get_info(self.runner.device)
-        used = total - free
-        cfg = self.runner.hf_config
-        # Activations of one step: hidden states, qkv, the MLP's intermediate and the
-        # logits rows, a few live at once (float32 logits for the sampled rows).
-        elem = torch.empty((), dtype=self.runner.dtype).element_size()
-        per_token = elem * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
-        reserve = 2 * max_num_batched_tokens * per_token + 256 * cfg.vocab_size * 4 * 2
-        return int(total * gpu_memory_utilization - used - reserve)
+        return self.runner.available_kv_memory(gpu_memory_utilization, max_num_batched_tokens)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
@@ -56,14 +46,16 @@ class UniProcExecutor:
             self.runner = None
 
 
-def make_executor(args, model_dir: str, hf_config, dtype, device: str):
-    """The executor the engine arguments ask for."""
-    backend = args.attention_backend or "torch"
+def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model_len: int):
+    """The executor the engine arguments ask for. The attention backend defaults to the
+    device's (Triton on CUDA, the PyTorch reference on CPU)."""
+    options = {"enforce_eager": args.enforce_eager, "max_num_seqs": args.max_num_seqs,
+               "max_model_len": max_model_len}
     if args.tensor_parallel_size > 1 or args.distributed_executor_backend == "ray":
         from raylm.engine.ray_executor import RayExecutor
 
-        return RayExecutor(model_dir, hf_config, dtype, device, args.block_size, backend,
-                           args.load_format, args.seed, args.tensor_parallel_size,
-                           args.num_cpus_per_worker)
-    return UniProcExecutor(model_dir, hf_config, dtype, device, args.block_size, backend,
-                           args.load_format, args.seed)
+        return RayExecutor(model_dir, hf_config, dtype, device, args.block_size,
+                           args.attention_backend, args.load_format, args.seed,
+                           args.tensor_parallel_size, args.num_cpus_per_worker, options)
+    return UniProcExecutor(model_dir, hf_config, dtype, device, args.block_size,
+                           args.attention_backend, args.load_format, args.seed, options)

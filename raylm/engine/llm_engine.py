@@ -104,7 +104,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, self.hf_config, self.device)
         self.max_model_len = resolve_max_model_len(args, self.hf_config)
         self.max_num_batched_tokens = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
-        self.executor = make_executor(args, self.model_dir, self.hf_config, self.dtype, self.device)
+        self.executor = make_executor(args, self.model_dir, self.hf_config, self.dtype, self.device,
+                                      self.max_model_len)
         self.num_blocks = self._size_kv_cache()
         self.executor.allocate_kv_cache(self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)

@@ -54,14 +54,16 @@ class RayExecutor:
     """`tensor_parallel_size` Ray actors running `raylm.workers.worker.Worker`."""
 
     def __init__(self, model_dir: str, hf_config, dtype, device: str, block_size: int,
-                 attention_backend: str, load_format: str, seed: int,
-                 tensor_parallel_size: int = 1, num_cpus_per_worker: float = 0.5):
+                 attention_backend: Optional[str], load_format: str, seed: int,
+                 tensor_parallel_size: int = 1, num_cpus_per_worker: float = 0.5,
+                 runner_options: Optional[dict] = None):
         validate_tensor_parallel(hf_config, tensor_parallel_size)
         import ray
         from ray.util.placement_group import placement_group
 
         self.workers: list = []
         self.placement_group = None
+        self.runner_options = runner_options or {}
         self._failed = False
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"))
@@ -104,7 +106,7 @@ class RayExecutor:
             self.workers.append(remote_worker.options(
                 name=f"{self.group_id}-rank{rank}", num_cpus=bundle.get("CPU", 0),
                 num_gpus=1 if on_gpu else 0, scheduling_strategy=strategy(rank),
-            ).remote(rank, tp, init_method, *worker_args, threads))
+            ).remote(rank, tp, init_method, *worker_args, threads, self.runner_options))
         self._collect([w.info.remote() for w in self.workers])  # raises a rank's start-up error
         logger.info("raylm ray executor %s: %d rank(s), %s each, %d torch thread(s) per rank",
                     self.group_id, tp, bundle, threads)

@@ -36,6 +36,7 @@ class TritonAttentionBackend(AttentionBackend):
     depends only on tensors and the batch shape, so it can be captured in a CUDA graph."""
 
     name = "triton"
+    supports_cuda_graphs = True
 
     def write_kv(self, k, v, kv_cache, slot_mapping):
         write_kv_cache(k, v, kv_cache, slot_mapping)

@@ -6,6 +6,7 @@ head are collectives) but only rank 0 samples and returns tokens."""
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from typing import Optional
 
@@ -13,10 +14,16 @@ import torch
 
 from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
 from raylm.workers.loader import iterate_weights, random_weights
-from raylm.workers.messages import StepPlan, StepResult, TokenLogprobs
+from raylm.workers.cuda_graphs import DecodeGraphs
+from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult, TokenLogprobs
 from raylm.workers.models.llama import get_model_class
 from raylm.workers.parallel_state import get_tp_rank, get_tp_size
 from raylm.workers.sampler import SamplingState, sample, topk_logprobs
+
+logger = logging.getLogger("raylm")
+# Held back from the KV pool for the decode graphs' memory pool (their activations at
+# batch <= 512 need far less; capture logs what they took).
+GRAPH_MEMORY_RESERVE = 512 << 20
 
 
 class ModelRunner:
@@ -24,14 +31,23 @@ class ModelRunner:
     heads) and per-request sampling state."""
 
     def __init__(self, model_dir: str, hf_config, dtype: torch.dtype, device: str,
-                 block_size: int, attention_backend: str = "torch", load_format: str = "auto",
-                 seed: int = 0):
+                 block_size: int, attention_backend: Optional[str] = None, load_format: str = "auto",
+                 seed: int = 0, enforce_eager: bool = True, max_num_seqs: int = 256,
+                 max_model_len: Optional[int] = None):
         self.hf_config = hf_config
         self.dtype = dtype
         self.device = torch.device(device)
         self.block_size = block_size
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        if attention_backend is None:
+            from raylm.workers.attention_backends import default_backend
+
+            attention_backend = default_backend(device)
         self.backend = get_attention_backend(attention_backend)
+        self.enforce_eager = enforce_eager
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len or hf_config.max_position_embeddings
+        self.graphs = None
         cls = get_model_class(hf_config)
         with torch.device(self.device):
             self.model = cls(hf_config, dtype=dtype)
@@ -59,34 +75,87 @@ class ModelRunner:
 
     def available_kv_memory(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
         """Bytes the KV pool may take on this GPU: the utilisation share of the device minus
-        what is already in use and an activation reserve for a full-budget step."""
+        what is in use now (weights, CUDA context, other tenants), the peak activations of a
+        profiled step at `max_num_batched_tokens`, and a reserve for the CUDA graphs."""
+        peak = self.profile_run(max_num_batched_tokens)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
-        cfg = self.hf_config
-        # Activations of one step: hidden states, qkv, the MLP's intermediate and the
-        # logits rows, a few live at once (float32 logits for the sampled rows). Counted
-        # unsharded: a conservative reserve on every rank.
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_token = elem * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
-        reserve = 2 * max_num_batched_tokens * per_token + 256 * cfg.vocab_size * 4 * 2
-        return int(total * gpu_memory_utilization - used - reserve)
+        graphs = 0 if self._graphs_wanted() is False else GRAPH_MEMORY_RESERVE
+        budget = int(total * gpu_memory_utilization - used - peak - graphs)
+        logger.info("memory profile: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak "
+                    "activations at %d tokens, %.2f GiB for CUDA graphs -> %.2f GiB for the KV cache",
+                    total / 2**30, used / 2**30, peak / 2**30, max_num_batched_tokens,
+                    graphs / 2**30, budget / 2**30)
+        self.profile = {"total": total, "used": used, "peak_activations": peak, "kv_budget": budget}
+        return budget
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int) -> int:
+        """Run one step of `num_tokens` prompt tokens (over up to max_num_seqs sequences, all
+        sampling with top-p) on a scratch KV cache; return the peak bytes it allocated on top
+        of what was allocated before (the scratch cache excluded)."""
+        seqs = max(1, min(self.max_num_seqs, num_tokens // 16 or 1))
+        lens = [num_tokens // seqs + (1 if i < num_tokens % seqs else 0) for i in range(seqs)]
+        lens = [max(1, min(n, self.max_model_len)) for n in lens]
+        bs = self.block_size
+        need = sum(-(-n // bs) for n in lens)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        self.allocate_kv_cache(need, capture_graphs=False)
+        kv = torch.cuda.memory_allocated(self.device) - base
+        torch.cuda.reset_peak_memory_stats(self.device)
+        vocab = self.hf_config.vocab_size
+        plan = StepPlan()
+        block = 0
+        for i, n in enumerate(lens):
+            rid = f"__profile_{i}"
+            table = list(range(block, block + -(-n // bs)))
+            block += len(table)
+            plan.seqs.append(SeqChunk(rid, [(7 * i + j) % vocab for j in range(n)], 0, table, True))
+            plan.new_requests.append(NewRequest(rid, plan.seqs[-1].token_ids,
+                                                {"temperature": 1.0, "top_p": 0.9, "top_k": 50}))
+        self.execute(plan)
+        self.execute(StepPlan(finished_ids=[s.request_id for s in plan.seqs]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base - kv
+        self.release_kv_cache()
+        torch.cuda.empty_cache()
+        return max(0, peak)
 
     def parameter_bytes(self) -> int:
         """Bytes of this rank's parameters (tied weights counted once)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
+        """Allocate the paged KV cache; on CUDA then capture the decode graphs (unless
+        enforce_eager)."""
         heads, dim = self.kv_shape_per_layer
+        self.graphs = None
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, heads, dim,
                                       dtype=self.dtype, device=self.device)
                           for _ in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache = cache
+        if capture_graphs and self._graphs_wanted():
+            max_blocks = -(-self.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.max_num_seqs, max_blocks)
+            self.graphs.capture()
 
-    def shutdown(self) -> None:
+    def release_kv_cache(self) -> None:
+        self.graphs = None
         for layer in self.attn_layers:
             layer.kv_cache = None
         self.kv_caches = []
+
+    def _graphs_wanted(self) -> bool:
+        # Graphs need a capturable attention backend (ours reads only tensors); TP > 1
+        # would capture NCCL collectives, which has not been validated here.
+        return (self.device.type == "cuda" and not self.enforce_eager and self.tp_size == 1
+                and getattr(self.backend, "supports_cuda_graphs", False))
+
+    def shutdown(self) -> None:
+        self.release_kv_cache()
         self.states.clear()
         self.model = None
         self.attn_layers = []
@@ -108,6 +177,22 @@ class ModelRunner:
                                                         generator=gen)
             if new.sampling.get("prompt_logprobs") is not None:
                 self.prompt_logprobs_done[new.request_id] = 0
+
+    def _forward(self, plan: StepPlan):
+        """Hidden states of every scheduled token, and each sequence's first row. Decode
+        steps replay a CUDA graph when one fits."""
+        graphs = self.graphs
+        if (graphs is not None and all(len(s.token_ids) == 1 for s in plan.seqs)
+                and graphs.fits(len(plan.seqs), max(len(s.block_table) for s in plan.seqs))):
+            bs = self.block_size
+            positions = [s.start_pos for s in plan.seqs]
+            tables = [s.block_table for s in plan.seqs]
+            slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+            hidden = graphs.run([s.token_ids[0] for s in plan.seqs], positions, slots,
+                                [p + 1 for p in positions], tables)
+            return hidden, list(range(len(plan.seqs) + 1))
+        input_ids, positions, meta, query_start = self._prepare(plan)
+        return self.model(input_ids, positions, meta, self.backend), query_start
 
     def _prepare(self, plan: StepPlan):
         bs = self.block_size
@@ -147,8 +232,7 @@ class ModelRunner:
         result = StepResult()
         if not plan.seqs:
             return result
-        input_ids, positions, meta, query_start = self._prepare(plan)
-        hidden = self.model(input_ids, positions, meta, self.backend)
+        hidden, query_start = self._forward(plan)
 
         # Rows whose logits are needed: each sampling sequence's last token, and the
         # prompt positions of requests that asked for prompt logprobs.

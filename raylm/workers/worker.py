@@ -18,8 +18,8 @@ class Worker:
 
     def __init__(self, rank: int, world_size: int, dist_init_method: str, model_dir: str,
                  hf_config, dtype: torch.dtype, device: str, block_size: int,
-                 attention_backend: str = "torch", load_format: str = "auto", seed: int = 0,
-                 num_threads: Optional[int] = None):
+                 attention_backend: Optional[str] = None, load_format: str = "auto", seed: int = 0,
+                 num_threads: Optional[int] = None, runner_options: Optional[dict] = None):
         self.rank, self.world_size = rank, world_size
         dev = torch.device(device)
         if dev.type == "cuda":
@@ -35,7 +35,7 @@ class Worker:
 
         self.runner = ModelRunner(model_dir, hf_config, dtype, str(dev), block_size,
                                   attention_backend=attention_backend, load_format=load_format,
-                                  seed=seed)
+                                  seed=seed, **(runner_options or {}))
 
     @staticmethod
     def free_port(host: str = "127.0.0.1") -> int:

@@ -41,6 +41,9 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float,
                  scaling: Optional[dict] = None):
@@ -52,11 +55,18 @@ class RotaryEmbedding(nn.Module):
             if rope_type != "llama3":
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: llama3")
             inv_freq = llama3_inv_freq(inv_freq, scaling)
-        t = torch.arange(max_position, dtype=torch.int64).float()
-        freqs = t[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        # Every layer has the same table: build it once per (shape, device) and share it
+        # (a 128k-position table is 134 MB; one per layer would cost gigabytes).
+        device = torch.empty(0).device  # the device the model is being built under
+        key = (head_dim, max_position, theta, repr(sorted((scaling or {}).items())), str(device))
+        if key not in _TABLES:
+            t = torch.arange(max_position, dtype=torch.int64).float()
+            freqs = t[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1).to(device)
+            _TABLES[key] = (emb.cos(), emb.sin())
+        cos, sin = _TABLES[key]
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +74,13 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((-x2, x1), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (same dtypes)."""
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (same dtypes). On CUDA q and k are
+        rotated in place by one Triton kernel."""
+        if q.is_cuda:
+            from raylm.kernels.rotary import rotary_embedding
+
+            rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         q = q * cos + self._rotate_half(q) * sin
