@@ -14,7 +14,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = os.path.join(os.path.dirname(ROOT), "shared", "models")
+# Copies of ../shared/models/*/config.json, so the benchmarks run from a checkout alone.
+MODELS = os.path.join(ROOT, "benchmarks", "models")
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 
