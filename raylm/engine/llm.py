@@ -88,6 +88,7 @@ class LLM:
             bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
         start = time.perf_counter()
         p0, g0 = engine.counters["prompt_tokens"], engine.counters["generation_tokens"]
+        engine.final_outputs_only = True  # offline: no per-step snapshots to build
         try:
             while pending:
                 for out in engine.step():
@@ -106,6 +107,7 @@ class LLM:
             engine.abort_request(list(pending))
             raise
         finally:
+            engine.final_outputs_only = False
             if bar is not None:
                 bar.close()
         return [done[r] for r in request_ids]

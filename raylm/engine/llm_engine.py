@@ -119,6 +119,8 @@ class LLMEngine:
         self._worker_finished: list[str] = []
         self._counter = 0
         self.reset_timing()
+        # Offline generate() needs only finished requests; skip building the others.
+        self.final_outputs_only = False
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         logger.info("raylm engine: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
                     "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
@@ -403,6 +405,8 @@ class LLMEngine:
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
+            if self.final_outputs_only and not group.finished:
+                continue
             outputs.append(group.to_output())
             if group.finished:
                 del self.groups[group.request_id]

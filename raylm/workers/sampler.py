@@ -22,13 +22,15 @@ class SamplingState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: Optional[torch.Generator] = None
 
-    @property
-    def temperature(self) -> float:
-        return float(self.params.get("temperature", 1.0))
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < 1e-5
+    def __post_init__(self) -> None:
+        # Read once: the sampler looks at these for every row of every step.
+        p = self.params
+        self.temperature = float(p.get("temperature", 1.0))
+        self.is_greedy = self.temperature < 1e-5
+        self.has_penalties = (float(p.get("repetition_penalty", 1.0)) != 1.0
+                              or float(p.get("presence_penalty", 0.0)) != 0.0
+                              or float(p.get("frequency_penalty", 0.0)) != 0.0
+                              or int(p.get("min_tokens", 0) or 0) > 0)
 
 
 def topk_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int):
@@ -44,6 +46,8 @@ def topk_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int):
 
 def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     for i, st in enumerate(states):
+        if not st.has_penalties:
+            continue
         p = st.params
         rep = float(p.get("repetition_penalty", 1.0))
         pres = float(p.get("presence_penalty", 0.0))
@@ -101,10 +105,10 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 def sample(logits: torch.Tensor, states: list[SamplingState],
            default_generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row of `logits` (float32, [B, V])."""
-    logits = _apply_penalties(logits.clone(), states)
-    greedy = torch.tensor([st.is_greedy for st in states], device=logits.device)
+    if any(st.has_penalties for st in states):
+        logits = _apply_penalties(logits.clone(), states)
     tokens = logits.argmax(dim=1)
-    if bool(greedy.all()):
+    if all(st.is_greedy for st in states):
         return tokens
     probs = _filter(logits, states).softmax(dim=1)
     # Exponential race (argmax p/q with q ~ Exp(1)) draws from probs; one generator per
@@ -115,4 +119,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState],
         if st.generator is not None and not st.is_greedy:
             q[i].exponential_(generator=st.generator)
     sampled = (probs / q).argmax(dim=1)
+    if not any(st.is_greedy for st in states):
+        return sampled
+    greedy = torch.tensor([st.is_greedy for st in states], device=logits.device)
     return torch.where(greedy, tokens, sampled)
