@@ -270,7 +270,8 @@ class LLMEngine:
             self._worker_finished.append(rid)
 
     def _plan(self, sched_out) -> StepPlan:
-        plan = StepPlan(finished_ids=self._worker_finished)
+        plan = StepPlan(finished_ids=self._worker_finished,
+                        preempted_ids=list(sched_out.preempted_ids) if sched_out else [])
         self._worker_finished = []
         for s in sched_out.seqs:
             plan.seqs.append(s)

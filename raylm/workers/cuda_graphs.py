@@ -27,6 +27,45 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+class HostBlockTables:
+    """Each running request's block table kept in a row of a pinned host tensor, updated
+    with only the blocks a step adds, so a decode step gathers its rows in one call
+    instead of rebuilding [batch, blocks] from Python lists."""
+
+    def __init__(self, rows: int, max_blocks: int):
+        self.table = torch.zeros(rows, max_blocks, dtype=torch.int32).pin_memory()
+        self.out = torch.zeros(rows, max_blocks, dtype=torch.int32).pin_memory()
+        self.known: dict[str, list] = {}  # request id -> [row, number of blocks written]
+        self.free_rows = list(range(rows - 1, -1, -1))
+
+    def drop(self, request_ids) -> None:
+        for rid in request_ids:
+            entry = self.known.pop(rid, None)
+            if entry is not None:
+                self.free_rows.append(entry[0])
+
+    def gather(self, seqs) -> tuple[torch.Tensor, int]:
+        """Pinned [len(seqs), width] int32 block tables of `seqs` (plan rows), and width."""
+        rows = []
+        for s in seqs:
+            entry = self.known.get(s.request_id)
+            if entry is None:
+                if not self.free_rows:
+                    raise RuntimeError("more running requests than max_num_seqs")
+                entry = self.known[s.request_id] = [self.free_rows.pop(), 0]
+            row, n = entry
+            table = s.block_table
+            if len(table) > n:
+                self.table[row, n:len(table)] = torch.tensor(table[n:], dtype=torch.int32)
+                entry[1] = len(table)
+            rows.append(row)
+        width = max(len(s.block_table) for s in seqs)
+        idx = torch.tensor(rows, dtype=torch.long)
+        out = self.out[:len(rows)]
+        torch.index_select(self.table, 0, idx, out=out)
+        return out, width
+
+
 class DecodeGraphs:
     """Captured decode forward passes of one model over its KV cache."""
 
@@ -86,20 +125,20 @@ class DecodeGraphs:
         return num_seqs <= self.max_batch and max_blocks <= self.max_blocks
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Hidden states [n, hidden] of a decode step of n sequences."""
+            seq_lens: list[int], tables: tuple[torch.Tensor, int]) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode step of n sequences; `tables` is
+        HostBlockTables.gather's (pinned rows, width)."""
         n = len(input_ids)
         b = next(s for s in self.sizes if s >= n)
         dev = self.input_ids.device
         cols = torch.tensor([input_ids, positions, slots, seq_lens], dtype=torch.long).to(dev)
-        # Only the columns this step uses: entries past a row's length are never read.
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(dev)
         self.input_ids[:n].copy_(cols[0])
         self.positions[:n].copy_(cols[1])
         self.slot_mapping[:n].copy_(cols[2])
         self.seq_lens[:n].copy_(cols[3])
-        self.block_tables[:n, :width].copy_(table)
+        # Only the columns this step uses: entries past a row's length are never read.
+        table, width = tables
+        self.block_tables[:n, :width].copy_(table[:, :width], non_blocking=True)
         if b > n:
             self.slot_mapping[n:b].fill_(-1)
             self.seq_lens[n:b].zero_()

@@ -24,6 +24,8 @@ class StepPlan:
     seqs: list[SeqChunk] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
+    # Requests whose blocks were taken back this step: their block tables start over.
+    preempted_ids: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -32,7 +34,8 @@ class StepPlan:
     def from_wire(cls, d: dict) -> "StepPlan":
         return cls(seqs=[SeqChunk(**s) for s in d["seqs"]],
                    new_requests=[NewRequest(**r) for r in d["new_requests"]],
-                   finished_ids=list(d["finished_ids"]))
+                   finished_ids=list(d["finished_ids"]),
+                   preempted_ids=list(d.get("preempted_ids", ())))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
 from raylm.workers.loader import iterate_weights, random_weights
-from raylm.workers.cuda_graphs import DecodeGraphs
+from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables
 from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult, TokenLogprobs
 from raylm.workers.models.llama import get_model_class
 from raylm.workers.parallel_state import get_tp_rank, get_tp_size
@@ -48,6 +48,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len or hf_config.max_position_embeddings
         self.graphs = None
+        self.host_tables = None
         cls = get_model_class(hf_config)
         with torch.device(self.device):
             self.model = cls(hf_config, dtype=dtype)
@@ -132,6 +133,7 @@ class ModelRunner:
         enforce_eager)."""
         heads, dim = self.kv_shape_per_layer
         self.graphs = None
+        self.host_tables = None
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, heads, dim,
                                       dtype=self.dtype, device=self.device)
                           for _ in self.attn_layers]
@@ -141,9 +143,11 @@ class ModelRunner:
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.max_num_seqs, max_blocks)
             self.graphs.capture()
+            self.host_tables = HostBlockTables(self.max_num_seqs, max_blocks)
 
     def release_kv_cache(self) -> None:
         self.graphs = None
+        self.host_tables = None
         for layer in self.attn_layers:
             layer.kv_cache = None
         self.kv_caches = []
@@ -165,6 +169,9 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------
     def _update_states(self, plan: StepPlan) -> None:
+        if self.host_tables is not None:
+            self.host_tables.drop(plan.finished_ids)
+            self.host_tables.drop(plan.preempted_ids)
         for rid in plan.finished_ids:
             self.states.pop(rid, None)
             self.prompt_logprobs_done.pop(rid, None)
@@ -186,10 +193,9 @@ class ModelRunner:
                 and graphs.fits(len(plan.seqs), max(len(s.block_table) for s in plan.seqs))):
             bs = self.block_size
             positions = [s.start_pos for s in plan.seqs]
-            tables = [s.block_table for s in plan.seqs]
-            slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(plan.seqs, positions)]
             hidden = graphs.run([s.token_ids[0] for s in plan.seqs], positions, slots,
-                                [p + 1 for p in positions], tables)
+                                [p + 1 for p in positions], self.host_tables.gather(plan.seqs))
             return hidden, list(range(len(plan.seqs) + 1))
         input_ids, positions, meta, query_start = self._prepare(plan)
         return self.model(input_ids, positions, meta, self.backend), query_start

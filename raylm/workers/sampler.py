@@ -27,6 +27,9 @@ class SamplingState:
         p = self.params
         self.temperature = float(p.get("temperature", 1.0))
         self.is_greedy = self.temperature < 1e-5
+        self.top_k = int(p.get("top_k", 0) or 0)
+        self.top_p = float(p.get("top_p", 1.0))
+        self.min_p = float(p.get("min_p", 0.0))
         self.has_penalties = (float(p.get("repetition_penalty", 1.0)) != 1.0
                               or float(p.get("presence_penalty", 0.0)) != 0.0
                               or float(p.get("frequency_penalty", 0.0)) != 0.0
@@ -75,17 +78,19 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
 
 def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p masks (each a no-op at its default)."""
-    temps = torch.tensor([max(st.temperature, 1e-5) for st in states],
-                         dtype=logits.dtype, device=logits.device)
-    logits = logits / temps.unsqueeze(1)
+    temps = [max(st.temperature, 1e-5) for st in states]
+    if all(t == temps[0] for t in temps):
+        logits = logits / temps[0]
+    else:
+        logits = logits / torch.tensor(temps, dtype=logits.dtype, device=logits.device).unsqueeze(1)
     vocab = logits.shape[1]
-    top_k = [int(st.params.get("top_k", 0) or 0) for st in states]
+    top_k = [st.top_k for st in states]
     if any(0 < k < vocab for k in top_k):
         ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
         sorted_logits = logits.sort(dim=1, descending=True).values
         kth = sorted_logits.gather(1, (ks - 1).view(-1, 1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = [float(st.params.get("top_p", 1.0)) for st in states]
+    top_p = [st.top_p for st in states]
     if any(p < 1.0 for p in top_p):
         ps = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
         probs_sorted, idx = logits.softmax(dim=1).sort(dim=1, descending=True)
@@ -93,7 +98,7 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         remove_sorted = (cum - probs_sorted) >= ps.unsqueeze(1)  # keep the smallest set reaching p
         remove = torch.zeros_like(remove_sorted).scatter(1, idx, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
-    min_p = [float(st.params.get("min_p", 0.0)) for st in states]
+    min_p = [st.min_p for st in states]
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=1)
         thresh = torch.tensor(min_p, dtype=probs.dtype, device=probs.device).unsqueeze(1) \
@@ -107,19 +112,18 @@ def sample(logits: torch.Tensor, states: list[SamplingState],
     """One token per row of `logits` (float32, [B, V])."""
     if any(st.has_penalties for st in states):
         logits = _apply_penalties(logits.clone(), states)
-    tokens = logits.argmax(dim=1)
     if all(st.is_greedy for st in states):
-        return tokens
-    probs = _filter(logits, states).softmax(dim=1)
-    # Exponential race (argmax p/q with q ~ Exp(1)) draws from probs; one generator per
-    # seeded request keeps its draws independent of the batch.
-    # Unseeded rows share one batched draw; seeded rows redraw from their own generator.
-    q = torch.empty_like(probs).exponential_(generator=default_generator)
+        return logits.argmax(dim=1)
+    scaled = _filter(logits, states)
+    # Exponential race: argmax p/q with q ~ Exp(1) draws from p = softmax(scaled); in logs,
+    # argmax(scaled - log q), which needs no softmax. One generator per seeded request
+    # keeps its draws independent of the batch; unseeded rows share one batched draw.
+    q = torch.empty_like(scaled).exponential_(generator=default_generator)
     for i, st in enumerate(states):
         if st.generator is not None and not st.is_greedy:
             q[i].exponential_(generator=st.generator)
-    sampled = (probs / q).argmax(dim=1)
+    sampled = (scaled - q.log_()).argmax(dim=1)
     if not any(st.is_greedy for st in states):
         return sampled
     greedy = torch.tensor([st.is_greedy for st in states], device=logits.device)
-    return torch.where(greedy, tokens, sampled)
+    return torch.where(greedy, logits.argmax(dim=1), sampled)
