@@ -17,6 +17,14 @@ def _fmt(x, spec=".0f"):
 
 
 def row(r: dict) -> str:
+    if r["benchmark"] == "step_profile":
+        lp = r["loop"]
+        numbers = (f"batch {r['batch']}, mean context {r['mean_context']:.0f}: GPU forward (graph) "
+                   f"{r['forward_graph_ms']:.2f} ms vs bandwidth floor {r['bandwidth_floor_ms']:.2f} ms; "
+                   f"LM head {r['lm_head_ms']:.2f} ms, sampling {r['sample_ms']:.2f} ms GPU; host: graph "
+                   f"inputs {r['graph_inputs_ms']:.2f} ms, sampling launch {r['sample_host_ms']:.2f} ms, "
+                   f"schedule {lp['schedule_ms_per_step']:.2f} ms, step loop total {r['wall_ms_per_step']:.2f} ms")
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "latency":
         parts = [f"{x['prompt_len']}: TTFT {x['raylm_ttft_ms']:.1f} ms, TPOT {x['raylm_tpot_ms']:.2f} ms"
                  + (f" (HF {x['peer_ttft_ms']:.1f} / {x['peer_tpot_ms']:.2f})" if "peer_tpot_ms" in x else "")
