@@ -164,36 +164,3 @@ def test_many_llms_one_after_another(llama_dir):
     assert ref() is None
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate("a")
-
-
-def test_pipelined_loop_equals_synchronous_loop(llama_dir):
-    """LLM.generate keeps one step in flight (placeholders for tokens not back yet); it must
-    give exactly what the step-by-step loop gives, with stops, n>1, logprobs and preemption."""
-    prompts = ["hello world", "the quick brown fox jumps", "a b c", "paged attention keeps"] * 3
-    params = [SamplingParams(temperature=0, max_tokens=12, stop=["o"]),
-              SamplingParams(temperature=0.8, seed=3, max_tokens=9, n=2, logprobs=2),
-              SamplingParams(temperature=0, max_tokens=7, min_tokens=5, prompt_logprobs=1),
-              SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True)] * 3
-    # A KV pool for one 64-token sequence: the batch preempts.
-    probe = LLM(llama_dir, max_model_len=64, block_size=4)
-    per_block = probe.llm_engine.executor.kv_bytes_per_block()
-    probe.shutdown()
-    llm = LLM(llama_dir, max_model_len=64, max_num_batched_tokens=32, block_size=4,
-              kv_cache_memory_bytes=16 * per_block)
-    assert llm.llm_engine.can_pipeline
-    pipelined = llm.generate(prompts, params, use_tqdm=False)
-    preempted = llm.stats()["num_preemptions"]
-    llm.llm_engine.executor.supports_pipelining = False
-    synchronous = llm.generate(prompts, params, use_tqdm=False)
-    llm.shutdown()
-    assert preempted > 0
-    for a, b in zip(pipelined, synchronous):
-        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
-        for x, y in zip(a.outputs, b.outputs):
-            assert (x.text, x.token_ids, x.finish_reason, x.stop_reason) == \
-                   (y.text, y.token_ids, y.finish_reason, y.stop_reason)
-            # Batches differ between the two runs, so float sums may round differently.
-            assert (x.logprobs is None) == (y.logprobs is None)
-            for px, py in zip(x.logprobs or [], y.logprobs or []):
-                assert px.keys() == py.keys()
-                assert all(abs(px[t].logprob - py[t].logprob) < 1e-4 for t in px)

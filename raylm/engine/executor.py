@@ -7,7 +7,6 @@ allocate_kv_cache(n), execute(plan) -> StepResult, async execute_async(plan), sh
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 from raylm.workers.messages import StepPlan, StepResult
@@ -24,7 +23,6 @@ class UniProcExecutor:
         self.runner = ModelRunner(model_dir, hf_config, dtype, device, block_size,
                                   attention_backend=attention_backend, load_format=load_format,
                                   seed=seed, **(runner_options or {}))
-        self._pool: Optional[ThreadPoolExecutor] = None
 
     def kv_bytes_per_block(self) -> int:
         return self.runner.kv_bytes_per_block()
@@ -38,23 +36,11 @@ class UniProcExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
 
-    # The model runs in one worker thread, so the engine can plan the next step while it
-    # computes (torch releases the GIL while kernels run and while it waits for the GPU).
-    supports_pipelining = True
-
-    def submit(self, plan: StepPlan) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-runner")
-        return self._pool.submit(self.runner.execute, plan)
-
     async def execute_async(self, plan: StepPlan) -> StepResult:
         # torch releases the GIL inside its kernels, so the event loop keeps serving.
         return await asyncio.to_thread(self.runner.execute, plan)
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         if self.runner is not None:
             self.runner.shutdown()
             self.runner = None

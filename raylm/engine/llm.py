@@ -89,10 +89,9 @@ class LLM:
         start = time.perf_counter()
         p0, g0 = engine.counters["prompt_tokens"], engine.counters["generation_tokens"]
         engine.final_outputs_only = True  # offline: no per-step snapshots to build
-        step = engine.step_pipelined if engine.can_pipeline else engine.step
         try:
             while pending:
-                for out in step():
+                for out in engine.step():
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         done[out.request_id] = out
@@ -108,7 +107,6 @@ class LLM:
             engine.abort_request(list(pending))
             raise
         finally:
-            engine.drain()
             engine.final_outputs_only = False
             if bar is not None:
                 bar.close()

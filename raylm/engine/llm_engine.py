@@ -16,7 +16,7 @@ from raylm.engine.detokenizer import IncrementalDetokenizer, check_stop_strings,
 from raylm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 from raylm.scheduler.block_manager import BlockManager
-from raylm.scheduler.request import PLACEHOLDER_TOKEN, Request, RequestStatus
+from raylm.scheduler.request import Request, RequestStatus
 from raylm.scheduler.scheduler import Scheduler, SchedulerConfig
 from raylm.workers.messages import NewRequest, StepPlan, TokenLogprobs
 
@@ -121,7 +121,6 @@ class LLMEngine:
         self.reset_timing()
         # Offline generate() needs only finished requests; skip building the others.
         self.final_outputs_only = False
-        self._inflight = None  # (scheduler output, future) of the step on the workers
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         logger.info("raylm engine: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
                     "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
@@ -323,8 +322,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of requests that progressed (finished ones
         last appear with `finished=True`)."""
-        if self._inflight is not None:
-            return self.drain()
         t0 = time.perf_counter()
         planned = self.begin_step()
         if planned is None:
@@ -371,54 +368,6 @@ class LLMEngine:
         if not sched_out:
             return []
         self.scheduler.update_after_step(sched_out)
-        return self._record_tokens(result, patch=False)
-
-    # ---- the pipelined loop --------------------------------------------------------
-    @property
-    def can_pipeline(self) -> bool:
-        return bool(getattr(self.executor, "supports_pipelining", False))
-
-    def step_pipelined(self) -> list[RequestOutput]:
-        """One iteration with one step always in flight: step N+1 is scheduled and sent
-        before step N's tokens come back (each sampled token is a placeholder until
-        then, which the worker fills in from its own sampling), so the host's scheduling
-        and output processing overlap the model. A request that finishes at step N has
-        its (discarded) row in step N+1."""
-        planned = self.begin_step()
-        future = self.executor.submit(planned[1]) if planned is not None else None
-        outputs: list[RequestOutput] = []
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            _, prev_future = inflight
-            outputs = self.emit_step(self._record_tokens(prev_future.result(), patch=True))
-        if planned is not None:
-            sched_out = planned[0]
-            if sched_out:
-                self.scheduler.update_after_step(sched_out)
-                self._append_placeholders(sched_out)
-                self._inflight = (sched_out, future)
-            else:
-                future.result()  # a plan that only tells the workers what finished
-        return outputs
-
-    def drain(self) -> list[RequestOutput]:
-        """Collect the step in flight, if any (before a synchronous step or shutdown)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is None:
-            return []
-        return self.emit_step(self._record_tokens(inflight[1].result(), patch=True))
-
-    def _append_placeholders(self, sched_out) -> None:
-        for s in sched_out.seqs:
-            comp = self.completions.get(s.request_id) if s.sample else None
-            if comp is None:
-                continue
-            req = comp.request
-            req.append_output_token(PLACEHOLDER_TOKEN)
-            if req.num_output_tokens >= comp.params.max_tokens or req.num_tokens >= self.max_model_len:
-                req.finishing = True
-
-    def _record_tokens(self, result, patch: bool) -> list:
         now = time.monotonic()
         pending = []
         for rid, lps in result.prompt_logprobs.items():
@@ -431,10 +380,7 @@ class LLMEngine:
                 continue  # finished or aborted after this step was sent
             group = self.groups[self._group_id(comp)]
             group.first_token_time = group.first_token_time or now
-            if patch:  # the placeholder appended when the step was sent
-                comp.request.token_ids[-1] = comp.request.output_token_ids[-1] = token
-            else:
-                comp.request.append_output_token(token)
+            comp.request.append_output_token(token)
             self.counters["generation_tokens"] += 1
             pending.append((comp, token, result.logprobs.get(rid)))
             self._check_stop_tokens(comp, token)

@@ -7,12 +7,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-# Stands for a token sampled by a step still running on the workers (pipelined engine);
-# the engine overwrites it when the step's result arrives, the worker substitutes the
-# token it sampled.
-PLACEHOLDER_TOKEN = -1
-
-
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -47,8 +41,6 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
-    # Its last pending token will end it (max_tokens / max_model_len): schedule no more.
-    finishing: bool = False
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 until scheduled
     num_preemptions: int = 0
 

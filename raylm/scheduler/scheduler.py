@@ -144,9 +144,6 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.finishing:
-                i += 1
-                continue
             n = self._chunk(request, budget)
             while not bm.allocate_slots(request, n):
                 victim = self.running[-1]

@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 
-from raylm.scheduler.request import PLACEHOLDER_TOKEN
 from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
 from raylm.workers.loader import iterate_weights, random_weights
 from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables
@@ -236,9 +235,6 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         self._update_states(plan)
-        for s in plan.seqs:  # a pipelined engine sends the token this runner sampled last
-            if s.token_ids and s.token_ids[-1] == PLACEHOLDER_TOKEN:
-                s.token_ids[-1] = self.states[s.request_id].output_token_ids[-1]
         result = StepResult()
         if not plan.seqs:
             return result
