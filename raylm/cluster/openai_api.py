@@ -26,9 +26,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from raylm.cluster.protocol import (ApiError, ChatCompletionRequest, ChatStream, CompletionRequest,
-                                    CompletionStream, PromptInput, chat_response, completion_response,
-                                    error_body, response_head)
+from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
+from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
+                                     completion_response, response_head)
 from raylm.engine.outputs import RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from raylm.engine.config import (CPU_KV_CACHE_CAP_BYTES, EngineArgs, resolve_device, resolve_dtype,
                                  resolve_max_model_len)
 from raylm.engine.detokenizer import IncrementalDetokenizer, check_stop_strings, decode_single_token
-from raylm.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from raylm.engine.outputs import Logprob, RequestOutput
+from raylm.engine.request_state import CompletionState, NoDetokenizer, RequestGroup
 from raylm.engine.sampling_params import SamplingParams
 from raylm.scheduler.block_manager import BlockManager
 from raylm.scheduler.request import Request, RequestStatus
@@ -23,62 +23,6 @@ from raylm.workers.messages import NewRequest, StepPlan, TokenLogprobs
 logger = logging.getLogger("raylm")
 
 PromptType = Union[str, dict, list]
-
-
-class _NoDetokenizer:
-    """Stands in for the detokenizer under skip_tokenizer_init: no text."""
-
-    def add_token(self, token_id: int) -> str:
-        return ""
-
-
-@dataclass(eq=False)
-class _Completion:
-    """Engine-side state of one completion (one scheduler Request)."""
-
-    request: Request
-    index: int
-    params: SamplingParams
-    detok: IncrementalDetokenizer
-    text: str = ""
-    logprobs: Optional[list] = None
-    cumulative_logprob: float = 0.0
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
-    length_capped: bool = False  # hit max_tokens; finished once its text is checked
-
-    def to_output(self) -> CompletionOutput:
-        return CompletionOutput(
-            index=self.index, text=self.text, token_ids=list(self.request.output_token_ids),
-            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
-
-
-@dataclass(eq=False)
-class _Group:
-    """One user request: a prompt and its n completions."""
-
-    request_id: str
-    prompt: Optional[str]
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    completions: list[_Completion] = field(default_factory=list)
-    prompt_logprobs: Optional[list] = None
-    arrival_time: float = 0.0
-    first_token_time: Optional[float] = None
-
-    @property
-    def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
-
-    def to_output(self) -> RequestOutput:
-        cached = max(0, min(c.request.num_cached_tokens for c in self.completions))
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids, prompt_logprobs=self.prompt_logprobs,
-            outputs=[c.to_output() for c in self.completions], finished=self.finished,
-            num_cached_tokens=cached,
-            metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time})
 
 
 class LLMEngine:
@@ -113,8 +57,8 @@ class LLMEngine:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             long_prefill_token_threshold=args.long_prefill_token_threshold), self.block_manager)
-        self.groups: dict[str, _Group] = {}
-        self.completions: dict[str, _Completion] = {}  # scheduler request id -> completion
+        self.groups: dict[str, RequestGroup] = {}
+        self.completions: dict[str, CompletionState] = {}  # scheduler request id -> completion
         self._worker_known: set[str] = set()
         self._worker_finished: list[str] = []
         self._counter = 0
@@ -212,7 +156,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = validated or self.validate(prompt, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        group = _Group(request_id, text, ids, params, arrival_time=arrival)
+        group = RequestGroup(request_id, text, ids, params, arrival_time=arrival)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
@@ -225,10 +169,10 @@ class LLMEngine:
             req = Request(rid, ids, priority=priority, arrival_time=arrival,
                           use_prefix_cache=params.prompt_logprobs is None or i > 0,
                           prefix_group=request_id if params.n > 1 else None)
-            detok = (_NoDetokenizer() if self.tokenizer is None else
+            detok = (NoDetokenizer() if self.tokenizer is None else
                      IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                             params.spaces_between_special_tokens))
-            comp = _Completion(req, i, child, detok, logprobs=[] if params.logprobs is not None else None)
+            comp = CompletionState(req, i, child, detok, logprobs=[] if params.logprobs is not None else None)
             group.completions.append(comp)
         for comp in group.completions:
             self.scheduler.add_request(comp.request)
@@ -259,7 +203,7 @@ class LLMEngine:
         return str(self._counter - 1)
 
     # ---- one step ------------------------------------------------------------------
-    def _finish(self, comp: _Completion, status: RequestStatus, stop_reason=None) -> None:
+    def _finish(self, comp: CompletionState, status: RequestStatus, stop_reason=None) -> None:
         rid = comp.request.request_id
         self.scheduler.finish_request(rid, status)
         comp.finish_reason = status.value
@@ -295,7 +239,7 @@ class LLMEngine:
             d[lp.token_id] = Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))
         return d
 
-    def _check_stop_tokens(self, comp: _Completion, token: int) -> None:
+    def _check_stop_tokens(self, comp: CompletionState, token: int) -> None:
         p = comp.params
         n_out = comp.request.num_output_tokens
         if n_out >= p.min_tokens:
@@ -308,7 +252,7 @@ class LLMEngine:
                 return self._finish(comp, RequestStatus.FINISHED_LENGTH)
             comp.length_capped = True  # a stop string in this last token still wins
 
-    def _check_stop_strings(self, comp: _Completion, new_chars: int) -> None:
+    def _check_stop_strings(self, comp: CompletionState, new_chars: int) -> None:
         p = comp.params
         if p.stop and comp.request.num_output_tokens >= p.min_tokens:
             hit = check_stop_strings(comp.text, new_chars, p.stop, p.include_stop_str_in_output)
@@ -388,7 +332,7 @@ class LLMEngine:
 
     def emit_step(self, pending: list) -> list[RequestOutput]:
         """Detokenize a recorded step, apply stop strings, and build the outputs."""
-        touched: dict[str, _Group] = {}
+        touched: dict[str, RequestGroup] = {}
         for comp, token, lp in pending:
             group = self.groups.get(self._group_id(comp))
             if group is None:
@@ -414,7 +358,7 @@ class LLMEngine:
                 self.counters["requests_finished"] += 1
         return outputs
 
-    def _group_id(self, comp: _Completion) -> str:
+    def _group_id(self, comp: CompletionState) -> str:
         return comp.request.prefix_group or comp.request.request_id
 
     # ---- introspection -------------------------------------------------------------
