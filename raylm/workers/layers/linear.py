@@ -1,7 +1,11 @@
-"""Linear layers that shard across tensor-parallel ranks.
+"""Linear layers that shard across tensor-parallel ranks, dense or quantized.
 
-Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies
-this rank's slice of a full checkpoint tensor, so sharding lives next to the layer.
+A layer's parameters come from its linear method (dense by default; a quantization
+method registers packed weights, scales, zero points, ...). Every parameter says which of
+its dims is the layer's output dim and which its input dim (`output_dim`, `input_dim`),
+and whether one of them is packed (`packed_dim`, `pack_factor` values per element), so one
+`weight_loader(param, loaded_weight, shard_id=None)` per layer copies this rank's slice of
+any full checkpoint tensor: sharding lives next to the layer.
 """
 from __future__ import annotations
 
@@ -27,34 +31,93 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
     param.data.copy_(loaded_weight)
 
 
-class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W's output rows split across ranks (output stays sharded
-    unless `gather_output`)."""
+def set_dims(param: nn.Parameter, output_dim: Optional[int], input_dim: Optional[int],
+             packed_dim: Optional[int] = None, pack_factor: int = 1) -> nn.Parameter:
+    param.output_dim, param.input_dim = output_dim, input_dim
+    param.packed_dim, param.pack_factor = packed_dim, pack_factor
+    return param
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 gather_output: bool = False, dtype: Optional[torch.dtype] = None):
+
+def _along(param, dim: int, size: int) -> int:
+    """`size` logical elements along `dim` of `param`, in stored elements."""
+    if getattr(param, "packed_dim", None) == dim:
+        return size // param.pack_factor
+    return size
+
+
+class UnquantizedLinearMethod:
+    """Dense weight [out, in] (and bias [out])."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
+                       dtype: Optional[torch.dtype]) -> None:
+        layer.weight = set_dims(nn.Parameter(torch.empty(output_size, input_size, dtype=dtype),
+                                             requires_grad=False), 0, 1)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+
+class LinearBase(nn.Module):
+    """Holds this rank's [input_size_per_partition -> output_size_per_partition] share."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype, quant_config, prefix: str,
+                 input_per_partition: int, output_per_partition: int):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.input_size = input_size
-        self.output_size = output_size
-        self.output_size_per_partition = divide(output_size, self.tp_size, "output size")
-        self.gather_output = gather_output
-        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size, dtype=dtype),
-                                   requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = input_per_partition
+        self.output_size_per_partition = output_per_partition
+        self.prefix = prefix
+        method = quant_config.get_linear_method(self, prefix) if quant_config is not None else None
+        self.quant_method = method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_per_partition, output_per_partition, dtype)
+        for p in self.parameters(recurse=False):
+            p.weight_loader = self.weight_loader
         if bias:
-            self.bias = nn.Parameter(torch.empty(self.output_size_per_partition, dtype=dtype),
-                                     requires_grad=False)
+            self.bias = set_dims(nn.Parameter(torch.empty(self.bias_size(), dtype=dtype),
+                                              requires_grad=False), 0, None)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def bias_size(self) -> int:
+        return self.output_size_per_partition
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T + b with W's output rows split across ranks (output stays sharded
+    unless `gather_output`)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 gather_output: bool = False, dtype: Optional[torch.dtype] = None,
+                 quant_config=None, prefix: str = ""):
+        tp = get_tp_size()
+        self.gather_output = gather_output
+        super().__init__(input_size, output_size, bias, dtype, quant_config, prefix,
+                         input_size, divide(output_size, tp, "output size"))
+
+    def _load_out_slice(self, param, loaded_weight, start: int, size: int, dst_offset: int) -> None:
+        """Copy logical output rows [start, start+size) of the checkpoint tensor into this
+        parameter at logical output offset `dst_offset`; other dims copied whole."""
+        dim = param.output_dim
+        src = loaded_weight.narrow(dim, _along(param, dim, start), _along(param, dim, size))
+        dst = param.data.narrow(dim, _along(param, dim, dst_offset), _along(param, dim, size))
+        default_weight_loader(dst, src)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        size = param.shape[0]
-        default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * size, size))
+        if getattr(param, "output_dim", None) is None:
+            return default_weight_loader(param, loaded_weight)  # replicated (e.g. g_idx)
+        size = self.output_size_per_partition
+        self._load_out_slice(param, loaded_weight, self.tp_rank * size, size, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
         return all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -63,16 +126,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     (gate_proj and up_proj); each is sharded on its own."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, quant_config=None, prefix: str = ""):
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype)
+        super().__init__(input_size, sum(output_sizes), bias=bias, dtype=dtype,
+                         quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if getattr(param, "output_dim", None) is None:
+            return default_weight_loader(param, loaded_weight)  # shared by the shards (g_idx)
         assert shard_id is not None, "merged linear needs a shard_id"
         shard_size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        src = loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size)
-        default_weight_loader(param.data.narrow(0, offset, shard_size), src)
+        self._load_out_slice(param, loaded_weight, self.tp_rank * shard_size, shard_size, offset)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -80,7 +145,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     num_kv_heads/tp kv heads; with fewer kv heads than ranks, kv heads are replicated."""
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
-                 total_num_kv_heads: int, bias: bool = False, dtype: Optional[torch.dtype] = None):
+                 total_num_kv_heads: int, bias: bool = False, dtype: Optional[torch.dtype] = None,
+                 quant_config=None, prefix: str = ""):
         tp = get_tp_size()
         self.head_size = head_size
         self.total_num_heads = total_num_heads
@@ -93,9 +159,12 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = 1
             self.kv_replicas = divide(tp, total_num_kv_heads, "tensor_parallel_size / num_key_value_heads")
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp * head_size
-        super().__init__(hidden_size, output_size, bias=bias, dtype=dtype)
+        super().__init__(hidden_size, output_size, bias=bias, dtype=dtype,
+                         quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if getattr(param, "output_dim", None) is None:
+            return default_weight_loader(param, loaded_weight)
         hs = self.head_size
         q_size, kv_size = self.num_heads * hs, self.num_kv_heads * hs
         if shard_id == "q":
@@ -106,33 +175,33 @@ class QKVParallelLinear(ColumnParallelLinear):
             start = (self.tp_rank // self.kv_replicas) * kv_size
         else:
             raise ValueError(f"unknown qkv shard_id {shard_id!r}")
-        default_weight_loader(param.data.narrow(0, offset, size), loaded_weight.narrow(0, start, size))
+        self._load_out_slice(param, loaded_weight, start, size, offset)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = x W^T + b with W's input columns split across ranks; partial sums are
     all-reduced. The bias is added once, after the reduction."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.input_size_per_partition = divide(input_size, self.tp_size, "input size")
-        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, dtype=dtype),
-                                   requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
-            self.bias.weight_loader = default_weight_loader
-        else:
-            self.register_parameter("bias", None)
+                 dtype: Optional[torch.dtype] = None, quant_config=None, prefix: str = ""):
+        tp = get_tp_size()
+        super().__init__(input_size, output_size, bias, dtype, quant_config, prefix,
+                         divide(input_size, tp, "input size"), output_size)
+
+    def bias_size(self) -> int:
+        return self.output_size
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        size = param.shape[1]
-        default_weight_loader(param, loaded_weight.narrow(1, self.tp_rank * size, size))
+        dim = getattr(param, "input_dim", None)
+        if dim is None or param is self.bias:
+            return default_weight_loader(param, loaded_weight)
+        # Stored rows per rank along the input dim (packed ints, groups of scales, g_idx):
+        # this rank's slice is its equal share of the checkpoint tensor.
+        size = param.shape[dim]
+        default_weight_loader(param, loaded_weight.narrow(dim, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.quant_method.apply(self, x)
         if self.tp_size > 1:
             y = all_reduce(y)
         if self.bias is not None:
