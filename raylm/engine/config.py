@@ -21,6 +21,8 @@ class EngineArgs:
     tokenizer: Optional[str] = None
     skip_tokenizer_init: bool = False
     dtype: str = "auto"
+    # None: whatever the checkpoint's quantization_config says (gptq, awq, auto-round).
+    quantization: Optional[str] = None
     max_model_len: Optional[int] = None
     block_size: int = 16
     enable_prefix_caching: bool = True

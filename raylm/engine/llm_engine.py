@@ -39,6 +39,8 @@ class LLMEngine:
         self.hf_config = load_config(self.model_dir)
         from raylm.workers.models.llama import get_model_class
         get_model_class(self.hf_config)  # unsupported architectures fail before any loading
+        from raylm.workers.quantization import get_quant_config
+        get_quant_config(self.hf_config, args.quantization)  # and unsupported quantization configs
         # skip_tokenizer_init (vLLM's name): token ids in, token ids out, no text.
         self.tokenizer = (None if args.skip_tokenizer_init
                           else AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir))

@@ -76,11 +76,26 @@ def iterate_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def random_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """`load_format="dummy"`: fill parameters with small random values on their device."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """`load_format="dummy"`: fill parameters with small random values, generated on their
+    device (an 8B model is not drawn on the CPU). Packed quantized tensors get random bits,
+    their scales small positive values; g_idx keeps its in-order default."""
+    gens: dict = {}
     for name, param in model.named_parameters():
+        dev = param.device
+        if dev not in gens:
+            gens[dev] = torch.Generator(device=dev).manual_seed(seed)
+        gen = gens[dev]
         if "norm" in name:
             param.data.fill_(1.0)
+        elif name.endswith("g_idx"):
+            continue
+        elif not param.dtype.is_floating_point:
+            param.data.copy_(torch.randint(-2**31, 2**31 - 1, param.shape, generator=gen,
+                                           device=dev, dtype=torch.int64).to(param.dtype))
+        elif name.endswith("scales"):
+            param.data.uniform_(0.001, 0.01, generator=gen)
         else:
-            cpu = torch.empty(param.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
-            param.data.copy_(cpu)
+            param.data.uniform_(-0.02, 0.02, generator=gen)
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading") and module is not model:
+            module.process_weights_after_loading()

@@ -18,6 +18,7 @@ from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables
 from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult, TokenLogprobs
 from raylm.workers.models.llama import get_model_class
 from raylm.workers.parallel_state import get_tp_rank, get_tp_size
+from raylm.workers.quantization import get_quant_config
 from raylm.workers.sampler import SamplingState, sample, topk_logprobs
 
 logger = logging.getLogger("raylm")
@@ -33,7 +34,7 @@ class ModelRunner:
     def __init__(self, model_dir: str, hf_config, dtype: torch.dtype, device: str,
                  block_size: int, attention_backend: Optional[str] = None, load_format: str = "auto",
                  seed: int = 0, enforce_eager: bool = True, max_num_seqs: int = 256,
-                 max_model_len: Optional[int] = None):
+                 max_model_len: Optional[int] = None, quantization: Optional[str] = None):
         self.hf_config = hf_config
         self.dtype = dtype
         self.device = torch.device(device)
@@ -50,8 +51,9 @@ class ModelRunner:
         self.graphs = None
         self.host_tables = None
         cls = get_model_class(hf_config)
+        quant_config = get_quant_config(hf_config, quantization)
         with torch.device(self.device):
-            self.model = cls(hf_config, dtype=dtype)
+            self.model = cls(hf_config, dtype=dtype, quant_config=quant_config)
         if load_format == "dummy":
             random_weights(self.model, seed)
         else:

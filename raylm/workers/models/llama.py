@@ -15,20 +15,22 @@ from raylm.workers.layers.rotary import RotaryEmbedding, rope_parameters
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool, quant_config=None, prefix: str = ""):
         super().__init__()
         hidden = config.hidden_size
         self.total_num_heads = config.num_attention_heads
         self.total_num_kv_heads = getattr(config, "num_key_value_heads", None) or self.total_num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // self.total_num_heads
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, self.total_num_heads,
-                                          self.total_num_kv_heads, bias=qkv_bias, dtype=dtype)
+                                          self.total_num_kv_heads, bias=qkv_bias, dtype=dtype,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, hidden,
-                                        bias=getattr(config, "o_bias", False), dtype=dtype)
+                                        bias=getattr(config, "o_bias", False), dtype=dtype,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype)
@@ -50,13 +52,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, quant_config=None, prefix: str = ""):
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter],
-                                                       bias=getattr(config, "mlp_bias", False), dtype=dtype)
+                                                       bias=getattr(config, "mlp_bias", False), dtype=dtype,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(inter, config.hidden_size,
-                                           bias=getattr(config, "mlp_bias", False), dtype=dtype)
+                                           bias=getattr(config, "mlp_bias", False), dtype=dtype,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act = SiluAndMul()
 
     def forward(self, x):
@@ -64,10 +68,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool, quant_config=None, prefix: str = ""):
         super().__init__()
-        self.self_attn = LlamaAttention(config, dtype, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, dtype, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
@@ -83,11 +87,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, dtype, qkv_bias: bool, qk_norm: bool, quant_config=None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, qkv_bias, qk_norm)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, qkv_bias, qk_norm, quant_config,
+                                                      f"model.layers.{i}")
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
     def forward(self, input_ids, positions, meta, backend):
@@ -118,11 +123,12 @@ class LlamaForCausalLM(nn.Module):
         (".gate_up_proj.", ".up_proj.", 1),
     ]
 
-    def __init__(self, config, dtype: Optional[torch.dtype] = None):
+    def __init__(self, config, dtype: Optional[torch.dtype] = None, quant_config=None):
         super().__init__()
         self.config = config
         qkv_bias = getattr(config, "attention_bias", self.qkv_bias_default) or self.qkv_bias_default
-        self.model = LlamaModel(config, dtype, qkv_bias, self.qk_norm)
+        # The LM head and embeddings stay dense; quant_config covers the decoder's linears.
+        self.model = LlamaModel(config, dtype, qkv_bias, self.qk_norm, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype)
         if self.tie_word_embeddings:
@@ -168,9 +174,12 @@ class LlamaForCausalLM(nn.Module):
                 loaded.add(name)
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")
-        missing = set(params) - loaded
+        missing = {n for n in set(params) - loaded if not getattr(params[n], "optional", False)}
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+        for module in self.modules():
+            if hasattr(module, "process_weights_after_loading") and module is not self:
+                module.process_weights_after_loading()
         return loaded
 
 

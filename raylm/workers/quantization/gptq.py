@@ -1,0 +1,108 @@
+"""GPTQ checkpoints (and AutoRound's auto_gptq layout): 4- or 8-bit weights packed along
+the input dim, per-group scales and zero points, optional act-order `g_idx`.
+
+Stored per layer: qweight int32 [K / (32/bits), N], qzeros int32 [groups, N / (32/bits)],
+scales [groups, N], g_idx int32 [K] (the group of each input row). The weight is
+w[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]; checkpoint_format "gptq" (v1)
+stores z - 1.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from raylm.workers.layers.linear import set_dims
+from raylm.workers.quantization.base import QuantConfig, check_int, num_groups, scale_dtype
+
+
+class GPTQConfig(QuantConfig):
+    name = "gptq"
+
+    def __init__(self, bits: int, group_size: int, desc_act: bool, sym: bool, zero_offset: int,
+                 modules_to_not_convert=None, source: str = "gptq"):
+        super().__init__(modules_to_not_convert)
+        self.bits, self.group_size, self.desc_act, self.sym = bits, group_size, desc_act, sym
+        self.zero_offset = zero_offset
+        self.pack_factor = 32 // bits
+        self.source = source
+
+    @classmethod
+    def from_config(cls, cfg: dict, source: str = "gptq") -> "GPTQConfig":
+        bits = check_int(cfg, "bits", {4, 8})
+        group_size = cfg.get("group_size", 128)
+        if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+            raise ValueError(f"quantization_config.group_size must be -1 or a positive integer, got {group_size!r}")
+        fmt = cfg.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"quantization_config.checkpoint_format {fmt!r} is not supported; "
+                             f"supported: 'gptq', 'gptq_v2'")
+        if cfg.get("lm_head", False):
+            raise ValueError("quantization_config.lm_head true (a quantized LM head) is not supported")
+        skip = list(cfg.get("modules_to_not_convert") or [])
+        return cls(bits, group_size, bool(cfg.get("desc_act", False)), bool(cfg.get("sym", True)),
+                   1 if fmt == "gptq" else 0, skip, source)
+
+    def get_linear_method(self, layer, prefix: str):
+        return None if self.is_skipped(prefix) else GPTQLinearMethod(self)
+
+
+class GPTQLinearMethod:
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
+                       dtype: Optional[torch.dtype]) -> None:
+        c = self.config
+        pack = c.pack_factor
+        for what, size in (("input size", input_size), ("output size", output_size)):
+            if size % pack:
+                raise ValueError(f"{layer.prefix}: {what} {size} is not a multiple of {pack} "
+                                 f"({c.bits}-bit values per int32)")
+        sharded_input = input_size != layer.input_size
+        if c.group_size == -1:
+            groups, group_dim = 1, None
+        elif c.desc_act and sharded_input:
+            # Act-order rows of a shard belong to any group: keep every group's scales.
+            groups, group_dim = num_groups(layer.input_size, c.group_size, layer.prefix), None
+        else:
+            groups, group_dim = num_groups(input_size, c.group_size, layer.prefix), 0
+
+        def param(t, out_dim, in_dim, packed=None):
+            return set_dims(nn.Parameter(t, requires_grad=False), out_dim, in_dim, packed, pack)
+
+        layer.qweight = param(torch.zeros(input_size // pack, output_size, dtype=torch.int32), 1, 0, 0)
+        layer.qzeros = param(torch.zeros(groups, output_size // pack, dtype=torch.int32), 1, group_dim, 1)
+        layer.scales = param(torch.zeros(groups, output_size, dtype=scale_dtype(dtype)), 1, group_dim)
+        # Without act order the checkpoint may omit g_idx: rows follow groups in order.
+        # Indices are global (the shard's rows sit at rank * input_size..); see below.
+        start = layer.tp_rank * input_size if sharded_input else 0
+        rows = torch.arange(start, start + input_size, dtype=torch.int32)
+        default = rows // c.group_size if c.group_size != -1 else torch.zeros_like(rows)
+        layer.g_idx = param(default, None, 0)
+        layer.g_idx.optional = True
+        layer.group_dim = group_dim
+        layer.num_groups = groups
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.group_dim == 0 and layer.input_size_per_partition != layer.input_size:
+            # This rank holds only its own groups' scales: make g_idx local to them.
+            layer.g_idx.data -= layer.tp_rank * layer.num_groups
+        if int(layer.g_idx.min()) < 0 or int(layer.g_idx.max()) >= layer.num_groups:
+            raise ValueError(f"{layer.prefix}.g_idx points outside its {layer.num_groups} groups")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from raylm.kernels import quant_gemm
+
+        c = self.config
+        if x.is_cuda and c.bits == 4:
+            shape = x.shape
+            y = quant_gemm.w4a16_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros,
+                                      layer.g_idx, c.group_size, "gptq", zero_offset=c.zero_offset)
+            y = y.reshape(*shape[:-1], -1)
+        else:
+            w = quant_gemm.dequantize_gptq(layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
+                                           bits=c.bits, zero_offset=c.zero_offset, dtype=torch.float32)
+            y = torch.matmul(x, w.to(x.dtype))
+        return y + bias if bias is not None else y
