@@ -1,0 +1,328 @@
+"""Quantized linear layers' matmuls: weight-only 4/8-bit (GPTQ and AWQ packing) as a
+Triton kernel that dequantizes tiles on the fly, and W8A8 int8 / fp8 through
+torch._int_mm / torch._scaled_mm, each with a plain PyTorch reference (dequantize, then
+matmul), which is also the path for CPU.
+
+Packing, as the checkpoints store it (int32 words, value j of a word at bits
+j*bits .. j*bits+bits-1):
+- GPTQ (AutoGPTQ / GPTQModel): qweight [K // pack, N] packs 32 // bits consecutive input
+  rows: row pack*i + j sits in word i at slot j. qzeros [groups, N // pack] packs output
+  columns the same way along N. Input row k belongs to group g_idx[k] (act-order), or
+  k // group_size without g_idx; group_size -1 means one group. GPTQ v1 checkpoints store
+  zero - 1: pass zero_offset=1 (added after unpacking and masking, as vLLM does).
+- AWQ (AutoAWQ GEMM, awq/utils/packing_utils.py; vLLM awq_triton.py): 4-bit only,
+  qweight [K, N // 8] and qzeros [groups, N // 8] pack 8 output columns per word in
+  AWQ_ORDER: slot i holds column AWQ_ORDER[i] = [0, 2, 4, 6, 1, 3, 5, 7][i], so column j
+  sits in slot AWQ_REVERSE_ORDER[j] = [0, 4, 1, 5, 2, 6, 3, 7][j]. Rows are not packed.
+Dequantization: w[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n]; without qzeros the zero
+is 2 ** (bits - 1) (symmetric).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
+LAYOUTS = ("gptq", "awq")
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); fixed, so CUDA graphs can capture.
+DECODE_CONFIG = (16, 64, 128, 4, 4)  # M <= 16: streams the weight once
+PREFILL_CONFIG = (64, 128, 64, 4, 3)
+INTERPRET_CONFIG = (16, 32, 32, 1, 1)
+
+
+# ---------------------------------------------------------------- references (CPU path)
+
+def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, C] int32 -> [R * 32 // bits, C]: slot j of word i is row (32 // bits) * i + j."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
+    return values.reshape(-1, packed.shape[1])
+
+
+def _unpack_cols(packed: torch.Tensor, bits: int, order: Optional[list] = None) -> torch.Tensor:
+    """[R, C] int32 -> [R, C * 32 // bits]; column j of a word sits in slot order[j]
+    (slot j without an order)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    if order is not None:
+        shifts = shifts[order]
+    values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: Optional[torch.Tensor], bits: int = 4):
+    """GPTQ-packed -> (q int32 [K, N], z int32 [groups, N] or None), stored values
+    (no zero_offset applied)."""
+    _check_bits(bits, "gptq")
+    z = None if qzeros is None else _unpack_cols(qzeros, bits)
+    return _unpack_rows(qweight, bits), z
+
+
+def unpack_awq(qweight: torch.Tensor, qzeros: Optional[torch.Tensor], bits: int = 4):
+    """AWQ-packed -> (q int32 [K, N], z int32 [groups, N] or None) in natural column order."""
+    _check_bits(bits, "awq")
+    z = None if qzeros is None else _unpack_cols(qzeros, bits, AWQ_REVERSE_ORDER)
+    return _unpack_cols(qweight, bits, AWQ_REVERSE_ORDER), z
+
+
+def _dequantize(q, z, scales, g_idx, group_size, bits, zero_offset):
+    k = q.shape[0]
+    if g_idx is None:
+        group_size = k if group_size == -1 else group_size
+        g_idx = torch.arange(k, device=q.device) // group_size
+    g_idx = g_idx.long()
+    zeros = 1 << (bits - 1) if z is None else (z + zero_offset)[g_idx]
+    return (q - zeros).float() * scales.float()[g_idx]
+
+
+def dequantize_gptq(qweight, scales, qzeros, g_idx=None, group_size=128, bits=4, zero_offset=0):
+    """GPTQ-packed weight -> float32 [K, N] (the transpose of nn.Linear's weight)."""
+    q, z = unpack_gptq(qweight, qzeros, bits)
+    return _dequantize(q, z, scales, g_idx, group_size, bits, zero_offset)
+
+
+def dequantize_awq(qweight, scales, qzeros, group_size=128, bits=4, zero_offset=0):
+    """AWQ-packed weight -> float32 [K, N]."""
+    q, z = unpack_awq(qweight, qzeros, bits)
+    return _dequantize(q, z, scales, None, group_size, bits, zero_offset)
+
+
+def w4a16_gemm_ref(x, qweight, scales, qzeros, g_idx, group_size, layout,
+                   bits=4, zero_offset=0, bias=None):
+    """Plain PyTorch: dequantize to float32, matmul in float32, cast to x's dtype."""
+    _check_layout(layout)
+    if layout == "gptq":
+        w = dequantize_gptq(qweight, scales, qzeros, g_idx, group_size, bits, zero_offset)
+    else:
+        w = dequantize_awq(qweight, scales, qzeros, group_size, bits, zero_offset)
+    out = x.float() @ w
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- Triton kernel
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, bias_ptr, out_ptr,
+    M, N, K, group_size, zero_offset, stride_xm, stride_om,
+    AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # M * K can pass 2**31 in long prefills
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    n_words = N // PACK
+    col_word = offs_n // PACK  # where column n sits in the N-packed tensors
+    if AWQ:
+        col_shift = ((offs_n % 2) * 4 + (offs_n % 8) // 2) * BITS  # AWQ_REVERSE_ORDER
+    else:
+        col_shift = (offs_n % PACK) * BITS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if AWQ:
+            words = tl.load(qw_ptr + offs_k[:, None] * n_words + col_word[None, :],
+                            mask=mask_kn, other=0)
+            q = (words >> col_shift[None, :]) & MASK
+        else:
+            # each word is read once per row it packs; the repeats hit L1
+            words = tl.load(qw_ptr + (offs_k // PACK)[:, None] * N + offs_n[None, :],
+                            mask=mask_kn, other=0)
+            q = (words >> ((offs_k % PACK) * BITS)[:, None]) & MASK
+        if TILE_GROUP:  # the whole K tile is in one group: one row of scales and zeros
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
+            if HAS_ZEROS:
+                zw = tl.load(qz_ptr + g * n_words + col_word, mask=mask_n, other=0)[None, :]
+        else:
+            if HAS_G_IDX:
+                g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
+            else:
+                g = offs_k // group_size
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
+            if HAS_ZEROS:
+                zw = tl.load(qz_ptr + g[:, None] * n_words + col_word[None, :], mask=mask_kn, other=0)
+        if HAS_ZEROS:
+            z = ((zw >> col_shift[None, :]) & MASK) + zero_offset
+        else:
+            z = 1 << (BITS - 1)
+        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+        acc += tl.dot(x, w)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout is {layout!r}; expected one of {LAYOUTS}")
+
+
+def _check_bits(bits: int, layout: str) -> None:
+    allowed = (4, 8) if layout == "gptq" else (4,)
+    if bits not in allowed:
+        raise ValueError(f"bits is {bits}; {layout} supports {allowed}")
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected}")
+
+
+def _pick_config(m: int) -> tuple:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return INTERPRET_CONFIG
+    return DECODE_CONFIG if m <= 16 else PREFILL_CONFIG
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               qzeros: Optional[torch.Tensor], g_idx: Optional[torch.Tensor], group_size: int,
+               layout: str, bits: int = 4, zero_offset: int = 0,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16; float32 in the interpreter) @ a GPTQ- or AWQ-packed weight
+    (see the module docstring) -> [..., N] in x's dtype, accumulated in float32.
+    The dequantized tile is rounded to x's dtype before the dot (tensor cores)."""
+    _check_layout(layout)
+    _check_bits(bits, layout)
+    pack = 32 // bits
+    k = x.shape[-1]
+    n = scales.shape[1]
+    num_groups = scales.shape[0]
+    if layout == "gptq":
+        _check_shape("qweight", qweight, (k // pack, n))
+        if k % pack:
+            raise ValueError(f"x has {k} input features; gptq {bits}-bit needs a multiple of {pack}")
+    else:
+        _check_shape("qweight", qweight, (k, n // pack))
+        if g_idx is not None:
+            raise ValueError("g_idx is given; awq has no act-order")
+    if n % pack:
+        raise ValueError(f"scales has {n} output features; a multiple of {pack} is needed")
+    expected_groups = 1 if group_size == -1 else -(-k // group_size)
+    if g_idx is None and num_groups != expected_groups:
+        raise ValueError(f"scales has {num_groups} groups; K={k} and group_size={group_size} "
+                         f"give {expected_groups}")
+    if qzeros is not None:
+        _check_shape("qzeros", qzeros, (num_groups, n // pack))
+    if g_idx is not None:
+        _check_shape("g_idx", g_idx, (k,))
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    block_m, block_n, block_k, num_warps, num_stages = _pick_config(m)
+    gs = k if group_size == -1 else group_size
+    tile_group = g_idx is None and (num_groups == 1 or gs % block_k == 0)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _w4a16_kernel[grid](
+        x2, qweight, scales, qzeros if qzeros is not None else qweight,
+        g_idx if g_idx is not None else qweight, bias if bias is not None else scales, out,
+        m, n, k, gs, zero_offset, x2.stride(0), out.stride(0),
+        AWQ=layout == "awq", BITS=bits, HAS_ZEROS=qzeros is not None,
+        HAS_G_IDX=g_idx is not None, TILE_GROUP=tile_group, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out.view(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------- W8A8: int8 and fp8
+
+def _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype):
+    out = acc.float() * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def w8a8_int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):
+    """Plain PyTorch: exact integer products (float64 holds them), then the scales."""
+    acc = x_q.double() @ w_q.double().t()
+    return _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype)
+
+
+def w8a8_int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
+                   w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x_q int8 [M, K] with per-token x_scale [M, 1]; w_q int8 [N, K] (nn.Linear's layout,
+    as compressed-tensors stores it) with per-channel w_scale [N] (or [N, 1], or one
+    value) -> (x_q @ w_q.T) * x_scale * w_scale + bias, [M, N] in out_dtype.
+    torch._int_mm (int32 accumulation) where it applies: on CUDA it needs K and N
+    multiples of 8 and M > 16, so smaller batches are padded to 32 rows."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    _check_shape("w_q", w_q, (n, k))
+    if x_q.is_cuda and k % 8 == 0 and n % 8 == 0:
+        a = F.pad(x_q, (0, 0, 0, 32 - m)) if m <= 16 else x_q
+        acc = torch._int_mm(a, w_q.t())[:m]
+    elif x_q.device.type == "cpu":
+        acc = torch._int_mm(x_q, w_q.t())
+    else:
+        return w8a8_int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype)
+
+
+def fp8_gemm_ref(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):
+    """Plain PyTorch: dequantize both operands to float32, matmul in float32."""
+    x = x_q.float() * x_scale.float().reshape(-1, 1)
+    w = w_q.float() * w_scale.float().reshape(-1, 1)
+    out = x @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def _capability(t: torch.Tensor) -> tuple:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (99, 0)  # CPU: any
+
+
+def _scaled_mm_ok(x_q: torch.Tensor, n: int, k: int) -> bool:
+    if k % 16 or n % 16 or x_q.device.type not in ("cuda", "cpu"):
+        return False
+    return _capability(x_q) >= (8, 9)
+
+
+def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
+             w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x_q float8_e4m3fn [M, K] with per-token x_scale [M, 1] (or one value); w_q
+    float8_e4m3fn [N, K] with per-channel w_scale [N] / [N, 1] or a per-tensor one ->
+    (x_q * x_scale) @ (w_q * w_scale).T + bias, [M, N] in out_dtype. torch._scaled_mm
+    (sm89+ or CPU) with row-wise scales for bf16 output on sm90+; otherwise unit scales,
+    a float32 result and the scales afterwards. The reference where shapes don't fit."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    _check_shape("w_q", w_q, (n, k))
+    if not _scaled_mm_ok(x_q, n, k):
+        return fp8_gemm_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    if out_dtype == torch.bfloat16 and _capability(x_q) >= (9, 0):  # row-wise: sm90+
+        sa = x_scale.float().reshape(-1, 1).expand(m, 1).contiguous()
+        sb = w_scale.float().reshape(1, -1).expand(1, n).contiguous()
+        out = torch._scaled_mm(x_q, w_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+        return out if bias is None else out + bias.to(out_dtype)
+    one = torch.ones((), dtype=torch.float32, device=x_q.device)
+    acc = torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype)

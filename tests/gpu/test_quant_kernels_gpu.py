@@ -1,0 +1,145 @@
+"""The quantization kernels against their PyTorch references at Llama-3.1-8B's linear
+shapes (hidden 4096, intermediate 14336, qkv 6144) in bf16/fp16, decode and prefill
+batch sizes, plus a CUDA-graph capture of the decode path. Skipped without a GPU."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("needs a CUDA GPU (and compiled, not interpreted, Triton)", allow_module_level=True)
+
+from raylm.kernels.quant_act import (  # noqa: E402
+    per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
+    per_token_quant_int8_ref)
+from raylm.kernels.quant_gemm import (  # noqa: E402
+    fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+
+# (K, N): qkv_proj, o_proj, gate_up_proj (one half), down_proj
+LLAMA_8B = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]
+BATCHES = [1, 16, 100, 512]
+HAS_FP8 = torch.cuda.get_device_capability() >= (8, 9)
+
+
+def assert_close_rel(out, ref, tol):
+    """Max error relative to the output's scale: dequantized tiles are rounded to
+    bf16/fp16 before the tensor-core dot, the reference keeps them in float32."""
+    err = (out.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= tol * scale, f"max error {err:.4g} vs output scale {scale:.4g}"
+
+
+def random_packed(k, n, bits, group_size, layout, act_order, gen):
+    pack = 32 // bits
+    shape = (k // pack, n) if layout == "gptq" else (k, n // pack)
+    qweight = torch.randint(-2 ** 31, 2 ** 31, shape, generator=gen, device="cuda", dtype=torch.int32)
+    num_groups = k // group_size
+    qzeros = torch.randint(-2 ** 31, 2 ** 31, (num_groups, n // pack), generator=gen,
+                           device="cuda", dtype=torch.int32)
+    scales = (torch.rand(num_groups, n, generator=gen, device="cuda") * 0.01 + 1e-3).half()
+    g_idx = None
+    if act_order:
+        g_idx = (torch.randperm(k, generator=gen, device="cuda") // group_size).int()
+    return qweight, scales, qzeros, g_idx
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n", LLAMA_8B)
+@pytest.mark.parametrize("layout,bits,act_order", [
+    ("gptq", 4, False), ("gptq", 4, True), ("gptq", 8, False), ("awq", 4, False)])
+def test_w4a16_gemm(layout, bits, act_order, k, n, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(k + n + bits)
+    qweight, scales, qzeros, g_idx = random_packed(k, n, bits, 128, layout, act_order, gen)
+    zero_offset = 1 if layout == "gptq" else 0
+    for m in BATCHES:
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=dtype)
+        out = w4a16_gemm(x, qweight, scales, qzeros, g_idx, 128, layout, bits, zero_offset)
+        ref = w4a16_gemm_ref(x, qweight, scales, qzeros, g_idx, 128, layout, bits, zero_offset)
+        assert out.dtype == dtype
+        assert_close_rel(out, ref, 1e-2)
+
+
+def test_w4a16_gemm_one_group_and_bias():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k, n = 4096, 6144
+    qweight, scales, qzeros, _ = random_packed(k, n, 4, k, "gptq", False, gen)
+    bias = torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)
+    for m in (1, 300):
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        out = w4a16_gemm(x, qweight, scales, qzeros, None, -1, "gptq", bias=bias)
+        ref = w4a16_gemm_ref(x, qweight, scales, qzeros, None, -1, "gptq", bias=bias)
+        assert_close_rel(out, ref, 1e-2)
+
+
+def test_w4a16_gemm_cuda_graph():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    k, n = 4096, 14336
+    qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, "awq", False, gen)
+    x = torch.randn(8, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+    w4a16_gemm(x, qweight, scales, qzeros, None, 128, "awq")  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_gemm(x, qweight, scales, qzeros, None, 128, "awq")
+    x.copy_(torch.randn(8, k, generator=gen, device="cuda", dtype=torch.bfloat16))
+    graph.replay()
+    assert_close_rel(out, w4a16_gemm_ref(x, qweight, scales, qzeros, None, 128, "awq"), 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("convention", ["vllm", "compressed-tensors"])
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_per_token_quant_int8(k, convention, dtype):
+    x = torch.randn(333, k, device="cuda", dtype=dtype) * 3
+    x[7] = 0
+    q, scale = per_token_quant_int8(x, convention)
+    q_ref, scale_ref = per_token_quant_int8_ref(x, convention)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q, q_ref)
+
+
+@pytest.mark.skipif(not HAS_FP8, reason="fp8 needs sm89+")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_per_token_quant_fp8(k, group_size, dtype):
+    x = torch.randn(333, k, device="cuda", dtype=dtype) * torch.logspace(-4, 2, k, device="cuda").to(dtype)
+    x[7] = 0
+    q, scale = per_token_quant_fp8(x, group_size)
+    q_ref, scale_ref = per_token_quant_fp8_ref(x, group_size)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n", LLAMA_8B)
+def test_w8a8_int8_gemm(k, n, out_dtype):
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    w_q = torch.randint(-127, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    w_scale = torch.rand(n, generator=gen, device="cuda") * 1e-3
+    bias = torch.randn(n, generator=gen, device="cuda", dtype=out_dtype)
+    for m in BATCHES + [17]:
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=out_dtype)
+        x_q, x_scale = per_token_quant_int8(x)
+        out = w8a8_int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        ref = w8a8_int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        assert_close_rel(out, ref, 1e-2)
+
+
+@pytest.mark.skipif(not HAS_FP8, reason="fp8 needs sm89+")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_tensor_w", [False, True])
+@pytest.mark.parametrize("k,n", LLAMA_8B)
+def test_fp8_gemm(k, n, per_tensor_w, out_dtype):
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    w = torch.randn(n, k, generator=gen, device="cuda")
+    w_scale = w.abs().amax() / 448 if per_tensor_w else w.abs().amax(-1) / 448
+    w_q = (w / w_scale.reshape(-1, 1)).to(torch.float8_e4m3fn)
+    for m in BATCHES + [17]:
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=out_dtype)
+        x_q, x_scale = per_token_quant_fp8(x)
+        out = fp8_gemm(x_q, x_scale, w_q, w_scale, None, out_dtype)
+        ref = fp8_gemm_ref(x_q, x_scale, w_q, w_scale, None, out_dtype)
+        assert out.dtype == out_dtype
+        assert_close_rel(out, ref, 1e-2)

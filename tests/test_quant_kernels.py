@@ -1,0 +1,282 @@
+"""Quantization kernels against their PyTorch references at tiny shapes: the w4a16 GEMM
+(GPTQ 4/8-bit sym/asym, group sizes 32 and -1, act-order g_idx; AWQ 4-bit) on weights
+packed here by an independent packer, the packing orders on hand-written words, the
+int8 activation conventions on edge cases, fp8 quantization and the W8A8 GEMMs. Without
+a GPU the Triton kernels run in the interpreter (float32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    from raylm.kernels.interpret import use_interpreter
+
+    use_interpreter()  # before the kernel modules are imported
+
+from raylm.kernels.quant_act import (  # noqa: E402
+    per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
+    per_token_quant_int8_ref)
+from raylm.kernels.quant_gemm import (  # noqa: E402
+    dequantize_awq, dequantize_gptq, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
+    w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+TOL = dict(atol=2e-2, rtol=2e-2) if DEVICE == "cuda" else dict(atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- a packer for the tests
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding 32-bit patterns -> the same bits as int32."""
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def pack_along_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[K, N] -> [K // pack, N]; row pack*i + j into word i at bits j*bits."""
+    pack = 32 // bits
+    words = torch.zeros(q.shape[0] // pack, q.shape[1], dtype=torch.int64)
+    for j in range(pack):
+        words |= q[j::pack].long() << (j * bits)
+    return _to_int32(words)
+
+
+def pack_along_cols(q: torch.Tensor, bits: int, order=None) -> torch.Tensor:
+    """[R, C] -> [R, C // pack]; slot i of word c holds column pack*c + order[i]."""
+    pack = 32 // bits
+    order = order or list(range(pack))
+    words = torch.zeros(q.shape[0], q.shape[1] // pack, dtype=torch.int64)
+    for i in range(pack):
+        words |= q[:, order[i]::pack].long() << (i * bits)
+    return _to_int32(words)
+
+
+AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map when packing
+
+
+def random_quantized(k, n, bits, group_size, act_order, sym, gen):
+    """Integer weight, zeros, scales and g_idx, plus the float weight they stand for."""
+    num_groups = 1 if group_size == -1 else k // group_size
+    q = torch.randint(0, 2 ** bits, (k, n), generator=gen, dtype=torch.int32)
+    if sym:
+        z = torch.full((num_groups, n), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        z = torch.randint(0, 2 ** bits, (num_groups, n), generator=gen, dtype=torch.int32)
+    s = torch.rand(num_groups, n, generator=gen) * 0.02 + 0.001
+    gs = k if group_size == -1 else group_size
+    g_idx = (torch.randperm(k, generator=gen) // gs if act_order else torch.arange(k) // gs).int()
+    w = (q - z[g_idx.long()]).float() * s[g_idx.long()]
+    return q, z, s, g_idx, w
+
+
+# ---------------------------------------------------------------- packing orders
+
+def test_unpack_gptq_known_words():
+    word = 0x76543210  # slot j holds j
+    q, z = unpack_gptq(torch.tensor([[word, 0]], dtype=torch.int32),
+                       torch.tensor([[word]], dtype=torch.int32))
+    assert q[:, 0].tolist() == list(range(8)) and q[:, 1].tolist() == [0] * 8
+    assert z.tolist() == [list(range(8))]
+    q8, _ = unpack_gptq(torch.tensor([[0x7F02FF01]], dtype=torch.int32), None, bits=8)
+    assert q8[:, 0].tolist() == [0x01, 0xFF, 0x02, 0x7F]
+
+
+def test_unpack_awq_known_word():
+    word = torch.tensor([[0x76543210]], dtype=torch.int32)  # slot i holds i
+    q, z = unpack_awq(word, word)
+    # slot i holds column AWQ_ORDER[i], so column j reads slot AWQ_REVERSE_ORDER[j]
+    assert q.tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]] and z.tolist() == q.tolist()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_pack_unpack_roundtrip(bits):
+    gen = torch.Generator().manual_seed(bits)
+    q, z, s, g_idx, w = random_quantized(64, 32, bits, 16, True, False, gen)
+    qweight, qzeros = pack_along_rows(q, bits), pack_along_cols(z, bits)
+    q2, z2 = unpack_gptq(qweight, qzeros, bits)
+    assert torch.equal(q2, q) and torch.equal(z2, z)
+    # GPTQ v1 stores zero - 1 (masked to the bit width), undone by zero_offset=1.
+    stored = pack_along_cols((z - 1) & (2 ** bits - 1), bits)
+    w2 = dequantize_gptq(qweight, s, stored, g_idx, 16, bits, zero_offset=1)
+    ok = (z > 0)[g_idx.long()]  # stored zero -1 wraps to the max, as in vLLM
+    assert torch.equal(w2[ok], w[ok])
+    assert torch.equal(dequantize_gptq(qweight, s, qzeros, g_idx, 16, bits), w)
+
+
+def test_awq_pack_unpack_roundtrip():
+    gen = torch.Generator().manual_seed(1)
+    q, z, s, _, w = random_quantized(64, 32, 4, 32, False, False, gen)
+    qweight, qzeros = pack_along_cols(q, 4, AWQ_PACK_ORDER), pack_along_cols(z, 4, AWQ_PACK_ORDER)
+    q2, z2 = unpack_awq(qweight, qzeros)
+    assert torch.equal(q2, q) and torch.equal(z2, z)
+    assert torch.equal(dequantize_awq(qweight, s, qzeros, 32), w)
+
+
+# ---------------------------------------------------------------- w4a16 GEMM
+
+GPTQ_CASES = [  # (bits, group_size, act_order, sym)
+    (4, 32, False, True), (4, 32, False, False), (4, 32, True, False), (4, 32, True, True),
+    (4, 16, False, False), (4, -1, False, False), (8, 32, True, False), (8, -1, False, True),
+]
+
+
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("bits,group_size,act_order,sym", GPTQ_CASES)
+def test_w4a16_gptq(m, bits, group_size, act_order, sym):
+    gen = torch.Generator().manual_seed(m * 100 + bits * 10 + group_size % 7 + act_order)
+    # Masked tails: n is not a multiple of the interpreter's BLOCK_N, nor k (-1) of BLOCK_K.
+    # Group 16 < BLOCK_K takes the kernel's per-row group lookup, as act-order does.
+    k, n = (136 if group_size == -1 else 128), 72
+    q, z, s, g_idx, w = random_quantized(k, n, bits, group_size, act_order, sym, gen)
+    qweight, qzeros = pack_along_rows(q, bits), pack_along_cols(z - 1 if sym else z, bits)
+    zero_offset = 1 if sym else 0  # sym as a GPTQ v1 checkpoint: stored zero - 1
+    x = torch.randn(m, k, generator=gen)
+    args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
+    g = g_idx.to(DEVICE) if act_order else None
+    out = w4a16_gemm(x.to(DEVICE, DTYPE), *args, g, group_size, "gptq", bits, zero_offset)
+    ref = w4a16_gemm_ref(x.to(DEVICE, DTYPE), *args, g, group_size, "gptq", bits, zero_offset)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(ref.float().cpu(), x.to(DTYPE).float() @ w.to(DTYPE).float(), **TOL)
+
+
+@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_w4a16_awq(m, group_size):
+    gen = torch.Generator().manual_seed(m + group_size)
+    k, n = 96, 64
+    q, z, s, _, w = random_quantized(k, n, 4, group_size, False, False, gen)
+    qweight, qzeros = pack_along_cols(q, 4, AWQ_PACK_ORDER), pack_along_cols(z, 4, AWQ_PACK_ORDER)
+    x = torch.randn(2, m, k, generator=gen)  # leading dims are flattened
+    bias = torch.randn(n, generator=gen)
+    args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
+    xd, bd = x.to(DEVICE, DTYPE), bias.to(DEVICE, DTYPE)
+    out = w4a16_gemm(xd, *args, None, group_size, "awq", bias=bd)
+    ref = w4a16_gemm_ref(xd, *args, None, group_size, "awq", bias=bd)
+    assert out.shape == (2, m, n)
+    torch.testing.assert_close(out, ref, **TOL)
+    expected = x.to(DTYPE).float() @ w.to(DTYPE).float() + bias.to(DTYPE).float()
+    torch.testing.assert_close(ref.float().cpu(), expected, **TOL)
+
+
+def test_w4a16_fp16():
+    # fp16 activations: the dequantized tile is rounded to fp16 before the dot.
+    gen = torch.Generator().manual_seed(4)
+    q, z, s, g_idx, w = random_quantized(128, 64, 4, 32, True, False, gen)
+    args = (pack_along_rows(q, 4).to(DEVICE), s.half().to(DEVICE), pack_along_cols(z, 4).to(DEVICE),
+            g_idx.to(DEVICE), 32, "gptq")
+    x = torch.randn(20, 128, generator=gen).half().to(DEVICE)
+    out, ref = w4a16_gemm(x, *args), w4a16_gemm_ref(x, *args)
+    assert out.dtype == torch.float16
+    assert (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+
+
+def test_w4a16_symmetric_without_qzeros():
+    gen = torch.Generator().manual_seed(5)
+    q, _, s, _, w = random_quantized(64, 32, 4, 32, False, True, gen)
+    x = torch.randn(4, 64, generator=gen).to(DEVICE, DTYPE)
+    qweight, sd = pack_along_rows(q, 4).to(DEVICE), s.to(DEVICE, DTYPE)
+    out = w4a16_gemm(x, qweight, sd, None, None, 32, "gptq")
+    torch.testing.assert_close(out, w4a16_gemm_ref(x, qweight, sd, None, None, 32, "gptq"), **TOL)
+
+
+def test_w4a16_rejects_bad_shapes():
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="qweight has shape"):
+        w4a16_gemm(x, torch.zeros(4, 32, dtype=torch.int32), torch.ones(2, 32), None, None, 32, "gptq")
+    with pytest.raises(ValueError, match="layout is 'exl2'"):
+        w4a16_gemm(x, torch.zeros(8, 32, dtype=torch.int32), torch.ones(2, 32), None, None, 32, "exl2")
+    with pytest.raises(ValueError, match="bits is 8; awq"):
+        w4a16_gemm(x, torch.zeros(64, 8, dtype=torch.int32), torch.ones(2, 32), None, None, 32, "awq", 8)
+
+
+# ---------------------------------------------------------------- activation quantization
+
+@pytest.mark.parametrize("dtype", [DTYPE, torch.bfloat16])
+@pytest.mark.parametrize("convention", ["vllm", "compressed-tensors"])
+def test_per_token_quant_int8_random(convention, dtype):
+    gen = torch.Generator().manual_seed(0)
+    # bf16's coarse values make exact .5 products common: rounding must match exactly
+    x = (torch.randn(32, 200, generator=gen) * torch.logspace(-3, 2, 32).view(-1, 1)).to(DEVICE, dtype)
+    q, scale = per_token_quant_int8(x, convention)
+    q_ref, scale_ref = per_token_quant_int8_ref(x, convention)
+    assert q.dtype == torch.int8 and scale.shape == (32, 1)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert ((q.float() * scale - x.float()).abs() <= scale * 0.501).all()  # half a step
+
+
+def test_per_token_quant_int8_edge_cases():
+    rows = torch.tensor([
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],          # all zeros
+        [127.0, 2.5, 3.5, -2.5, 0.5, -127.0],   # vllm: 127 / amax == 1, exact .5 ties
+        [127.5, 2.5, 3.5, -2.5, 1.5, -127.5],   # compressed-tensors: scale == 1, ties
+        [1.1875, 0.59375, 0.0, 0.0, 0.0, 0.0],  # 0.59375 * fl(127 / 1.1875) = 63.499996
+    ])
+    x = rows.to(DEVICE)
+    q, s = per_token_quant_int8(x, "vllm")
+    assert q.tolist()[:2] == [[0] * 6, [127, 2, 4, -2, 0, -127]]
+    # vLLM divides 127 / amax (IEEE) and multiplies; 127 * (1 / amax) would give 64.
+    assert q.tolist()[3][:2] == [127, 63]
+    assert s.view(-1).tolist()[:2] == [0.0, 1.0]
+    q, s = per_token_quant_int8(x, "compressed-tensors")
+    assert q.tolist()[0] == [0] * 6 and s[0].item() == torch.finfo(torch.float32).eps
+    assert q.tolist()[2] == [127, 2, 4, -2, 2, -128] and s[2].item() == 1.0  # -amax -> -128
+    for convention in ("vllm", "compressed-tensors"):
+        q_ref, s_ref = per_token_quant_int8_ref(x, convention)
+        q, s = per_token_quant_int8(x, convention)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_per_token_quant_fp8(group_size):
+    gen = torch.Generator().manual_seed(1)
+    # magnitudes from 1e-6 to 1e3 reach e4m3's subnormals; row 1 is all zeros
+    x = torch.randn(3, 128, generator=gen) * torch.logspace(-6, 3, 128)
+    x[1] = 0
+    x = x.to(DEVICE, DTYPE)
+    q, scale = per_token_quant_fp8(x, group_size)
+    q_ref, scale_ref = per_token_quant_fp8_ref(x, group_size)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 128 // (group_size or 128))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scale, scale_ref)
+    back = (q.float().unflatten(-1, (scale.shape[-1], -1)) * scale.unsqueeze(-1)).flatten(-2)
+    big = x.float().abs() >= scale.repeat_interleave(128 // scale.shape[-1], -1) * 2 ** -6
+    assert ((back - x.float()).abs()[big] <= x.float().abs()[big] * 2 ** -4).all()  # half ulp
+    assert (q[1].float() == 0).all()
+
+
+# ---------------------------------------------------------------- W8A8 GEMMs
+
+def test_w8a8_int8_gemm():
+    gen = torch.Generator().manual_seed(2)
+    m, k, n = 5, 64, 48
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    w_scale, bias = torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
+    x_q, x_scale = per_token_quant_int8_ref(x)
+    args = [t.to(DEVICE) for t in (x_q, x_scale, w, w_scale, bias)]
+    out = w8a8_int8_gemm(*args, out_dtype=torch.float32)
+    ref = w8a8_int8_gemm_ref(*args, out_dtype=torch.float32)
+    expected = (x_q.double() * x_scale.double()) @ (w.double() * w_scale.double()[:, None]).t()
+    torch.testing.assert_close(ref.cpu().double(), expected + bias.double(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_tensor_w", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_gemm(per_tensor_w, out_dtype):
+    gen = torch.Generator().manual_seed(3)
+    m, k, n = 5, 64, 32
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    w_scale = w.abs().amax() / 448 if per_tensor_w else w.abs().amax(-1) / 448
+    w_q = (w / w_scale.reshape(-1, 1)).to(torch.float8_e4m3fn)
+    x_q, x_scale = per_token_quant_fp8_ref(x)
+    args = [t.to(DEVICE) for t in (x_q, x_scale, w_q, w_scale)]
+    ref = fp8_gemm_ref(*args, out_dtype=out_dtype)
+    exact = x @ w.t()
+    assert (ref.float().cpu() - exact).norm() / exact.norm() < 0.05  # fp8's own error
+    try:
+        out = fp8_gemm(*args, out_dtype=out_dtype)
+    except RuntimeError as e:  # a torch without _scaled_mm for this device
+        pytest.skip(f"torch._scaled_mm unavailable here: {e}")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
