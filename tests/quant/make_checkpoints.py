@@ -111,7 +111,11 @@ FORMATS: dict[str, dict] = {
     "autoround-native-gptq-w4g32-sym": dict(tool="auto-round", bits=4, group_size=32, sym=True,
                                             format="auto_round:auto_gptq"),
     "autoround-native-gptq-w4g32-asym": dict(tool="auto-round", bits=4, group_size=32, sym=False,
-                                             format="auto_round:auto_gptq"),
+                                             format="auto_round:auto_gptq", no_reference=(
+        "auto-round 0.16.1 has no exact CPU loader for asym auto_round:auto_gptq: backend 'torch' picks "
+        "auto_round:fake, which crashes (pad_bits: None + str); the only other CPU backend, "
+        "auto_round_kernel_zp (auto-round-lib 0.16.0), deviates by ~0.5 in log-prob from three agreeing "
+        "exact loaders on the sym checkpoint, so it is not a reference")),
     "autoround-native-awq-w4g32-asym": dict(tool="auto-round", bits=4, group_size=32, sym=False,
                                             format="auto_round:auto_awq"),
     # auto-round exporting to compressed-tensors (llm_compressor format), W4A16 pack-quantized
@@ -166,7 +170,7 @@ def finish_dir(out: str, name: str) -> None:
             if not os.path.exists(os.path.join(out, f)):
                 shutil.copy(os.path.join(BASE_DIR, f), out)
     for f in os.listdir(out):
-        if f.endswith(".pt") or f == "recipe.yaml.bak":
+        if f.endswith(".pt") or f == "quant_log.csv":
             os.remove(os.path.join(out, f))
 
 
@@ -232,31 +236,40 @@ def quantize_gptqmodel(name: str, spec: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- references
+def last_logprobs(model, ps):
+    import torch
+
+    rows, dtypes = [], set()
+    model.eval()
+    with torch.no_grad():
+        for p in ps:
+            logits = model(input_ids=torch.tensor([p], dtype=torch.long)).logits
+            dtypes.add(str(logits.dtype).replace("torch.", ""))
+            rows.append(torch.log_softmax(logits[0, -1].float(), dim=-1).tolist())
+    return rows, dtypes
+
+
 def write_reference(path: str, name: str, model, tool: str, tool_version: str | None, loader: str,
-                    note: str | None = None) -> None:
+                    note: str | None = None, extra: dict | None = None) -> None:
     import torch
 
     cfg = json.load(open(os.path.join(path, "config.json")))
     vocab = cfg["vocab_size"]
     ps = prompts(vocab)
-    rows = []
-    dtypes = set()
-    model.eval()
-    with torch.no_grad():
-        for p in ps:
-            ids = torch.tensor([p], dtype=torch.long)
-            logits = model(input_ids=ids).logits
-            dtypes.add(str(logits.dtype).replace("torch.", ""))
-            rows.append(torch.log_softmax(logits[0, -1].float(), dim=-1).tolist())
+    rows, dtypes = last_logprobs(model, ps)
+    linear_types = sorted({type(m).__module__ + "." + type(m).__name__ for n, m in model.named_modules()
+                           if n.endswith(("q_proj", "down_proj", "lm_head"))})
     compute = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()})
     ref = dict(
         format=name, tool=tool, tool_version=tool_version, loader=loader,
-        logits_dtype=sorted(dtypes), float_param_dtypes=compute, device="cpu",
+        logits_dtype=sorted(dtypes), linear_module_types=linear_types, float_param_dtypes=compute, device="cpu",
         quantization_config=cfg.get("quantization_config"), versions=env_versions(),
         note=note, vocab_size=vocab, prompts=ps,
         description="logprobs[i] = log_softmax of the next-token logits after the LAST token of prompts[i]",
         logprobs=[[round(x, 6) for x in r] for r in rows],
     )
+    for k, v in (extra or {}).items():
+        ref[k] = [[round(x, 6) for x in r] for r in v] if k.startswith("logprobs") and isinstance(v, list) else v
     with open(os.path.join(path, "reference.json"), "w") as f:
         json.dump(ref, f, indent=1)
         f.write("\n")
@@ -269,7 +282,13 @@ def reference(name: str, spec: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     path = os.path.join(CKPT, name)
+    if spec.get("no_reference"):
+        if os.path.exists(os.path.join(path, "reference.json")):
+            os.remove(os.path.join(path, "reference.json"))
+        print(f"[{name}] NO reference: {spec['no_reference']}")
+        return
     tool = spec["tool"]
+    extra = {"activation_quantization_in_reference": "n/a: weight-only scheme"}
     qc = json.load(open(os.path.join(path, "config.json"))).get("quantization_config", {})
     qm = qc.get("quant_method")
     if qm in ("auto-round", "auto_round"):
@@ -281,14 +300,11 @@ def reference(name: str, spec: dict) -> None:
             path, dtype=torch.float32, device_map="cpu",
             quantization_config=AutoRoundConfig(backend=backend))
         forced = str(model.dtype).replace("torch.", "")
-        used = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
-                       if "qlinear" in type(m).__module__.lower() or "QuantLinear" in type(m).__name__})
         loader = (f"transformers.from_pretrained(dtype=float32) + AutoRoundConfig(backend={backend!r});"
                   f" auto-round put the model in {forced}")
         if forced != "float32" and os.environ.get("REF_KEEP_DTYPE") != "1":
             torch.nn.Module.float(model)  # PreTrainedModel.float() refuses quantized models
             loader += "; then torch.nn.Module.float(model) so the reference is computed in float32"
-        loader += f"; quantized modules: {used}"
     elif qm in ("gptq", "awq"):
         import gptqmodel  # noqa: F401  (transformers' gptq/awq integration runs on gptqmodel)
         from transformers import AwqConfig, GPTQConfig
@@ -311,18 +327,38 @@ def reference(name: str, spec: dict) -> None:
             quantization_config=CompressedTensorsConfig(run_compressed=False))
         loader = ("transformers.from_pretrained + compressed-tensors decompression "
                   "(CompressedTensorsConfig(run_compressed=False)), dtype=float32")
+        acts = [g.get("input_activations") for g in qc.get("config_groups", {}).values()]
+        if any(acts):
+            # compressed-tensors keeps the dynamic input-activation quantization of the scheme
+            # (forward hooks on the decompressed Linear): `logprobs` includes it.  For diagnosis,
+            # also record the same model with activation quantization switched off.
+            from compressed_tensors.quantization import disable_quantization, enable_quantization
+
+            rows_on, _ = last_logprobs(model, prompts(model.config.vocab_size))
+            model.apply(disable_quantization)
+            rows_off, _ = last_logprobs(model, prompts(model.config.vocab_size))
+            model.apply(enable_quantization)
+            rows_again, _ = last_logprobs(model, prompts(model.config.vocab_size))
+            assert rows_again == rows_on, "re-enabling activation quantization did not restore the output"
+            extra = dict(activation_quantization_in_reference=f"yes: dynamic, {acts[0]}",
+                         logprobs_no_act_quant=rows_off,
+                         logprobs_no_act_quant_note="same decompressed weights, compressed-tensors "
+                                                    "disable_quantization(): input activations NOT quantized")
     elif qm == "fp8":
         from transformers import FineGrainedFP8Config
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu",
                                                      quantization_config=FineGrainedFP8Config(dequantize=True))
         loader = "transformers.from_pretrained + FineGrainedFP8Config(dequantize=True), dtype=float32"
+        extra = dict(activation_quantization_in_reference="no: transformers' dequantize=True path dequantizes "
+                     "the fp8 weights and runs plain float32 Linear; the checkpoint's dynamic fp8 activation "
+                     "quantization (activation_scheme=dynamic) is NOT applied (its FP8Linear kernels need a GPU)")
     else:
         raise SystemExit(f"{name}: no reference loader for quant_method={qm!r}")
     tool_pkg = {"auto-round": "auto-round", "llmcompressor": "llmcompressor", "gptqmodel": "gptqmodel"}[tool]
     # the tool's version is taken from the checkpoint's own record when the loading venv lacks it
     tv = ver(tool_pkg) or qc.get("autoround_version") or qc.get("quantizer", None)
-    write_reference(path, name, model, tool=tool, tool_version=tv, loader=loader)
+    write_reference(path, name, model, tool=tool, tool_version=tv, loader=loader, extra=extra)
 
 
 def main() -> None:
