@@ -225,14 +225,17 @@ def quantize_gptqmodel(name: str, spec: dict) -> None:
 
     qcfg = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
                           desc_act=spec["desc_act"])
-    model = GPTQModel.load(BASE_DIR, qcfg, device="cpu")
-    calib = [model.tokenizer(t) for t in CALIB] if hasattr(model, "tokenizer") and model.tokenizer else CALIB
-    model.quantize(CALIB, batch_size=4)
+    cwd = os.getcwd()
+    os.chdir(tempfile.mkdtemp(prefix="gptqmodel-"))  # gptqmodel writes ./logs/ into the cwd
+    try:
+        model = GPTQModel.load(BASE_DIR, qcfg, device="cpu")
+        model.quantize(CALIB, batch_size=4)
+    finally:
+        os.chdir(cwd)
     out = os.path.join(CKPT, name)
     shutil.rmtree(out, ignore_errors=True)
     model.save(out)
     finish_dir(out, name)
-    del calib
 
 
 # ----------------------------------------------------------------------------- references
