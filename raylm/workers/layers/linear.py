@@ -75,7 +75,8 @@ class LinearBase(nn.Module):
         self.quant_method = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, input_per_partition, output_per_partition, dtype)
         for p in self.parameters(recurse=False):
-            p.weight_loader = self.weight_loader
+            if not hasattr(p, "weight_loader"):  # a method may bring its own (per-shard scales)
+                p.weight_loader = self.weight_loader
         if bias:
             self.bias = set_dims(nn.Parameter(torch.empty(self.bias_size(), dtype=dtype),
                                               requires_grad=False), 0, None)

@@ -13,6 +13,8 @@ from raylm.workers.quantization.awq import AWQConfig
 from raylm.workers.quantization.gptq import GPTQConfig
 
 _METHODS = {"gptq": GPTQConfig, "awq": AWQConfig}
+# Online quantization of a dense checkpoint at load time (engine argument `quantization`).
+ONLINE = ("fp8", "int8")
 
 
 def _auto_round(cfg: dict):
@@ -31,6 +33,10 @@ def get_quant_config(hf_config, quantization: Optional[str] = None):
     (the engine argument) must agree with the checkpoint when both are given."""
     cfg = getattr(hf_config, "quantization_config", None)
     if cfg is None:
+        if quantization in ONLINE:
+            from raylm.workers.quantization.online import OnlineQuantConfig
+
+            return OnlineQuantConfig(quantization)
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} needs a checkpoint with a "
                              f"quantization_config; this one has none")
@@ -40,6 +46,14 @@ def get_quant_config(hf_config, quantization: Optional[str] = None):
     method = str(cfg.get("quant_method", "")).lower().replace("_", "-")
     if method in ("auto-round", "intel/auto-round"):
         qc = _auto_round(cfg)
+    elif method == "compressed-tensors":
+        from raylm.workers.quantization.compressed_tensors import CompressedTensorsConfig
+
+        qc = CompressedTensorsConfig.from_config(cfg)
+    elif method == "fp8":
+        from raylm.workers.quantization.fp8 import FP8Config
+
+        qc = FP8Config.from_config(cfg)
     elif method in _METHODS:
         qc = _METHODS[method].from_config(cfg)
     else:

@@ -67,10 +67,8 @@ class AWQLinearMethod:
         if x.is_cuda:
             shape = x.shape
             y = quant_gemm.w4a16_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros,
-                                      None, c.group_size, "awq")
-            y = y.reshape(*shape[:-1], -1)
-        else:
-            w = quant_gemm.dequantize_awq(layer.qweight, layer.scales, layer.qzeros, c.group_size,
-                                          dtype=torch.float32)
-            y = torch.matmul(x, w.to(x.dtype))
+                                      None, c.group_size, "awq", bias=bias)
+            return y.reshape(*shape[:-1], -1)
+        w = quant_gemm.dequantize_awq(layer.qweight, layer.scales, layer.qzeros, c.group_size)
+        y = torch.matmul(x, w.to(x.dtype))
         return y + bias if bias is not None else y

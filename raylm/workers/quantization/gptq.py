@@ -96,13 +96,15 @@ class GPTQLinearMethod:
         from raylm.kernels import quant_gemm
 
         c = self.config
-        if x.is_cuda and c.bits == 4:
+        if x.is_cuda:
             shape = x.shape
             y = quant_gemm.w4a16_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros,
-                                      layer.g_idx, c.group_size, "gptq", zero_offset=c.zero_offset)
-            y = y.reshape(*shape[:-1], -1)
-        else:
-            w = quant_gemm.dequantize_gptq(layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
-                                           bits=c.bits, zero_offset=c.zero_offset, dtype=torch.float32)
-            y = torch.matmul(x, w.to(x.dtype))
+                                      layer.g_idx, c.group_size, "gptq", bits=c.bits,
+                                      zero_offset=c.zero_offset, bias=bias)
+            return y.reshape(*shape[:-1], -1)
+        # CPU: dequantize in float32 (exact: small ints times the fp16 scales), then matmul
+        # in the model's dtype.
+        w = quant_gemm.dequantize_gptq(layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
+                                       c.group_size, bits=c.bits, zero_offset=c.zero_offset)
+        y = torch.matmul(x, w.to(x.dtype))
         return y + bias if bias is not None else y
