@@ -1,0 +1,144 @@
+"""HF fine-grained fp8 checkpoints (`quant_method: "fp8"`, as written by transformers'
+FineGrainedFP8Config, DeepSeek-V3 and auto-round's fp8 export): float8_e4m3fn weights
+with one scale per [bn, bk] block and dynamic fp8 activations per group of bk channels.
+
+Stored per layer: weight float8_e4m3fn [N, K] and weight_scale_inv [ceil(N / bn),
+ceil(K / bk)], (bn, bk) = quantization_config.weight_block_size. Despite the name, the
+scale is multiplied: w[n, k] = weight[n, k] * weight_scale_inv[n // bn, k // bk]
+(transformers' integrations/finegrained_fp8.py, Fp8Dequantize and
+_dequantize_fp8_weight). A last partial block (N or K not a multiple of the block, e.g.
+the tiny test model's 64-row k/v projections) has its own scale.
+
+Activations (activation_scheme "dynamic"), as vLLM's per_token_group_quant_fp8: each
+token's channels in groups of bk, scale = max(amax, 1e-10) / 448 (raylm.kernels.quant_act).
+
+The layer keeps the block scales expanded over rows, `weight_scale_inv` [N, ceil(K / bk)]
+float32 (one row per output channel; 4 / bk bytes per weight byte): then a tensor-parallel
+or fused (qkv, gate_up) output split at any row, partial blocks included, is the same row
+split as the weight's. Input splits (row-parallel layers) must fall on block boundaries.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raylm.workers.layers.linear import ColumnParallelLinear, set_dims
+from raylm.workers.quantization.base import QuantConfig
+
+
+class FP8Config(QuantConfig):
+    name = "fp8"
+
+    def __init__(self, weight_block_size: tuple[int, int], modules_to_not_convert=None):
+        super().__init__(modules_to_not_convert)
+        self.block_n, self.block_k = weight_block_size
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "FP8Config":
+        scheme = cfg.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ValueError(f"quantization_config.activation_scheme {scheme!r} is not supported; "
+                             f"supported: 'dynamic'")
+        block = cfg.get("weight_block_size")
+        if (not isinstance(block, (list, tuple)) or len(block) != 2
+                or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"quantization_config.weight_block_size {block!r} is not supported; "
+                             f"supported: two positive integers [block_n, block_k] (per-tensor "
+                             f"fp8 checkpoints are not supported)")
+        fmt = cfg.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ValueError(f"quantization_config.fmt {fmt!r} is not supported; supported: 'e4m3'")
+        return cls(tuple(block), cfg.get("modules_to_not_convert"))
+
+    def get_linear_method(self, layer, prefix: str):
+        return None if self.is_skipped(prefix) else FP8BlockLinearMethod(self)
+
+
+def dequantize_fp8_block(weight: torch.Tensor, row_scales: torch.Tensor, block_k: int) -> torch.Tensor:
+    """fp8 [N, K] with row-expanded block scales [N, ceil(K / block_k)] -> float32 [N, K]."""
+    k = weight.shape[1]
+    return weight.float() * row_scales.float().repeat_interleave(block_k, dim=1)[:, :k]
+
+
+def quant_dequant_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., K] through dynamic per-token-group fp8 (scale = max(amax, 1e-10) / 448 per
+    `group_size` channels, a last partial group on its own) and back, in float32."""
+    from raylm.kernels import quant_act
+
+    k = x.shape[-1]
+    pad = -k % group_size
+    xp = F.pad(x.float(), (0, pad)) if pad else x.float()  # zeros leave each amax unchanged
+    q, scale = quant_act.per_token_quant_fp8_ref(xp, group_size)
+    out = (q.float().unflatten(-1, (-1, group_size)) * scale.unsqueeze(-1)).flatten(-2)
+    return out[..., :k]
+
+
+class FP8BlockLinearMethod:
+    def __init__(self, config: FP8Config):
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
+                       dtype: Optional[torch.dtype]) -> None:
+        bk = self.config.block_k
+        if input_size != layer.input_size and input_size % bk:
+            raise ValueError(f"{layer.prefix}: input size per tensor-parallel rank {input_size} "
+                             f"(of {layer.input_size}) is not a multiple of "
+                             f"quantization_config.weight_block_size[1] {bk}: each rank must hold "
+                             f"whole fp8 blocks; use a smaller tensor_parallel_size")
+        layer.weight = set_dims(nn.Parameter(torch.empty(output_size, input_size, dtype=torch.float8_e4m3fn),
+                                             requires_grad=False), 0, 1)
+        scale = torch.empty(output_size, -(-input_size // bk), dtype=torch.float32)
+        layer.weight_scale_inv = set_dims(nn.Parameter(scale, requires_grad=False), 0, 1)
+        layer.weight_scale_inv.weight_loader = self._scale_loader(layer)
+
+    def _scale_loader(self, layer: nn.Module):
+        bn = self.config.block_n
+
+        def load(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+            # One row per output channel; the layer's loader then takes its rows as a weight's.
+            rows = loaded_weight.float().repeat_interleave(bn, dim=0)
+            if not isinstance(layer, ColumnParallelLinear):
+                rows = rows[: layer.output_size]  # output not split: drop the last block's padding
+            layer.weight_loader(param, rows, shard_id)
+
+        return load
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bk = self.config.block_k
+        if x.is_cuda:
+            return _apply_cuda(layer, x, bias, bk)
+        # CPU: block-dequantize the weight and quantize-dequantize the activations in float32.
+        w = dequantize_fp8_block(layer.weight, layer.weight_scale_inv, bk)
+        y = F.linear(quant_dequant_groups(x, bk), w, None if bias is None else bias.float())
+        return y.to(x.dtype)
+
+
+def _apply_cuda(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], bk: int) -> torch.Tensor:
+    """One fp8 GEMM (torch._scaled_mm) per bk-wide slice of K, each with per-token and
+    per-channel scales, summed in float32. Correct, not fast: a fused block-scaled kernel
+    (vLLM's w8a8_block_fp8_matmul) is the follow-up."""
+    from raylm.kernels import quant_act, quant_gemm
+
+    shape = x.shape
+    k = shape[-1]
+    x2 = x.reshape(-1, k)
+    pad = -k % bk
+    w = layer.weight
+    if pad:  # a last partial block (rare: K is a multiple of 128 in real models)
+        x2, w = F.pad(x2, (0, pad)), F.pad(w.view(torch.uint8), (0, pad)).view(w.dtype)
+    xq, xs = quant_act.per_token_quant_fp8(x2, bk)
+    y = None
+    for b in range(xs.shape[1]):
+        cols = slice(b * bk, (b + 1) * bk)
+        part = quant_gemm.fp8_gemm(xq[:, cols], xs[:, b:b + 1], w[:, cols],
+                                   layer.weight_scale_inv[:, b], out_dtype=torch.float32)
+        y = part if y is None else y + part
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], -1)
