@@ -92,10 +92,12 @@ def random_weights(model: torch.nn.Module, seed: int = 0) -> None:
         elif not param.dtype.is_floating_point:
             param.data.copy_(torch.randint(-2**31, 2**31 - 1, param.shape, generator=gen,
                                            device=dev, dtype=torch.int64).to(param.dtype))
-        elif name.endswith("scales"):
-            param.data.uniform_(0.001, 0.01, generator=gen)
         else:
-            param.data.uniform_(-0.02, 0.02, generator=gen)
+            lo, hi = (0.001, 0.01) if "scale" in name else (-0.02, 0.02)
+            if param.element_size() == 1:  # float8: no random kernels; draw in float32
+                param.data.copy_(torch.empty(param.shape, device=dev).uniform_(lo, hi, generator=gen))
+            else:
+                param.data.uniform_(lo, hi, generator=gen)
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading") and module is not model:
             module.process_weights_after_loading()
