@@ -177,6 +177,7 @@ class LlamaForCausalLM(nn.Module):
         missing = {n for n in set(params) - loaded if not getattr(params[n], "optional", False)}
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+        del params  # let online quantization free each dense weight as it goes
         for module in self.modules():
             if hasattr(module, "process_weights_after_loading") and module is not self:
                 module.process_weights_after_loading()

@@ -1,9 +1,11 @@
 """Quantized checkpoints: read `quantization_config` from config.json and give each linear
 layer its linear method (packed weights and how to multiply by them).
 
-Supported: GPTQ (`quant_method: "gptq"`), AWQ (`"awq"`, version "gemm") and AutoRound
+Supported: GPTQ (`quant_method: "gptq"`), AWQ (`"awq"`, version "gemm"), AutoRound
 (`"auto-round"`, whose `packing_format` `auto_round:auto_gptq` / `auto_round:auto_awq` are
-the GPTQ and AWQ layouts).
+the GPTQ and AWQ layouts), compressed-tensors (`"compressed-tensors"`: int8 W8A8, FP8,
+pack-quantized W4A16), HF fp8 block checkpoints (`"fp8"`), and online `quantization="fp8"`
+or `"int8"` of a dense checkpoint.
 """
 from __future__ import annotations
 
