@@ -10,6 +10,7 @@ _DTYPES = {"float32": "float32", "float": "float32", "fp32": "float32",
            "float16": "float16", "half": "float16", "fp16": "float16"}
 
 CPU_KV_CACHE_CAP_BYTES = 1 << 30
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class EngineArgs:
     attention_backend: Optional[str] = None
     load_format: str = "auto"
     enforce_eager: bool = False
+    # "auto": the model's dtype; "fp8"/"fp8_e4m3": float8_e4m3fn with per-layer scales of 1.0
+    # (vLLM's default without calibrated scales), half the bytes of a bf16 cache.
+    kv_cache_dtype: str = "auto"
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
     long_prefill_token_threshold: int = 0
@@ -63,6 +67,7 @@ class EngineArgs:
               "one of 'auto', 'safetensors', 'gguf', 'dummy'")
         check("tensor_parallel_size",
               isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, ">= 1")
+        check("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES, f"one of {KV_CACHE_DTYPES}")
         check("max_logprobs", self.max_logprobs >= 0, ">= 0")
         check("distributed_executor_backend", self.distributed_executor_backend in (None, "ray", "uni"),
               "None, 'ray' or 'uni'")

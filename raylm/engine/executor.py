@@ -50,7 +50,8 @@ def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model
     """The executor the engine arguments ask for. The attention backend defaults to the
     device's (Triton on CUDA, the PyTorch reference on CPU)."""
     options = {"enforce_eager": args.enforce_eager, "max_num_seqs": args.max_num_seqs,
-               "max_model_len": max_model_len, "quantization": args.quantization}
+               "max_model_len": max_model_len, "quantization": args.quantization,
+               "kv_cache_dtype": args.kv_cache_dtype}
     if args.tensor_parallel_size > 1 or args.distributed_executor_backend == "ray":
         from raylm.engine.ray_executor import RayExecutor
 

@@ -8,7 +8,9 @@ a second kernel merges the splits by their log-sum-exp. `num_splits` is a Python
 fixed for a given batch size, so the launch is CUDA-graph friendly: sequences whose
 context is short simply leave their later splits empty.
 
-KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim].
+KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim]. An fp8 cache
+(float8_e4m3fn) holds K / k_scale and V / v_scale: tiles are loaded as fp8 and converted
+to q's dtype (exact), k_scale is folded into the softmax scale and v_scale into the output.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ MAX_SPLITS = 16
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
-    scale_log2,
+    scale_log2, v_scale,
     stride_qs, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
@@ -65,7 +67,7 @@ def _decode_split_kernel(
         block = tl.load(table + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         kv_off = block * stride_cb + (tok % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * scale_log2
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         # Every tile holds at least one valid token, so m_new is finite.
@@ -73,14 +75,14 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     # An empty split reports lse = -inf and a zero partial output.
     has = l_i > 0
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     mid = mid_o_ptr + seq * stride_ms + heads[:, None] * stride_mh + split * stride_mk + offs_d[None, :]
     tl.store(mid, o, mask=mask_h[:, None] & mask_d[None, :])
     tl.store(mid_lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=mask_h)
@@ -131,10 +133,12 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device) -> int:
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                           block_n: int | None = None) -> torch.Tensor:
-    """q [num_seqs, Hq, D]; kv_cache [2, num_blocks, block_size, Hk, D]; block_tables
-    [num_seqs, max_blocks] int32; seq_lens [num_seqs] int32 (0 marks a padding row, whose
-    output is zeros) -> out [num_seqs, Hq, D] in q's dtype, accumulated in float32."""
+                           block_n: int | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
+    """q [num_seqs, Hq, D]; kv_cache [2, num_blocks, block_size, Hk, D] (q's dtype, or fp8
+    holding K / k_scale and V / v_scale); block_tables [num_seqs, max_blocks] int32;
+    seq_lens [num_seqs] int32 (0 marks a padding row, whose output is zeros) -> out
+    [num_seqs, Hq, D] in q's dtype, accumulated in float32."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -152,7 +156,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e) * k_scale, float(v_scale),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -174,9 +178,10 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
 
 
 def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain PyTorch: gather each sequence's K/V through its block table and softmax in
-    float32. A sequence of length 0 gives zeros."""
+                               seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
+                               v_scale: float = 1.0) -> torch.Tensor:
+    """Plain PyTorch: gather each sequence's K/V through its block table, dequantize
+    (times k_scale / v_scale) and softmax in float32. A sequence of length 0 gives zeros."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     group = q.shape[1] // num_kv_heads
     out = torch.zeros_like(q)
@@ -184,8 +189,8 @@ def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
         if seq_len == 0:
             continue
         blocks = block_tables[i, :-(-seq_len // block_size)].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * k_scale
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * v_scale
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = torch.einsum("hd,khd->hk", q[i].float(), k) * scale
         out[i] = torch.einsum("hk,khd->hd", scores.softmax(-1), v).to(q.dtype)

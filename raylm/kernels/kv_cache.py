@@ -2,6 +2,9 @@
 
 KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim]; slot s is block
 s // block_size, offset s % block_size. A negative slot (a padding token) is skipped.
+
+An fp8 cache (float8_e4m3fn, kv_cache_dtype="fp8") stores clamp(x / scale, +-448) rounded
+to e4m3, one float scale per layer for K and one for V; readers multiply by the scale.
 """
 from __future__ import annotations
 
@@ -9,13 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+from raylm.kernels import quant_act
+
+FP8_MAX = quant_act.FP8_MAX  # largest float8_e4m3fn value
+
 
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_ct, stride_ch,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_cb, stride_ct, stride_ch, k_scale, v_scale,
+    FP8: tl.constexpr, FP8_MAX: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -30,14 +37,23 @@ def _write_kv_kernel(
     row = t.to(tl.int64)
     k = tl.load(k_ptr + row * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + row * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if FP8:
+        # Round to the e4m3 grid in float32 first: the cast is then exact, compiled or in
+        # the interpreter (whose float32 -> fp8 cast rounds wrongly). Looked up through the
+        # module so use_interpreter()'s reload is seen.
+        k = tl.math.div_rn(k.to(tl.float32), k_scale)
+        v = tl.math.div_rn(v.to(tl.float32), v_scale)
+        k = quant_act._round_to_e4m3(tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX))
+        v = quant_act._round_to_e4m3(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX))
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """k, v [num_tokens, Hk, D] (rows may be strided views of a fused qkv) ->
-    kv_cache[0 / 1] at each token's slot, in place."""
+    kv_cache[0 / 1] at each token's slot, in place. An fp8 cache stores k / k_scale and
+    v / v_scale (saturated, round to nearest even); other dtypes ignore the scales."""
     num_tokens, num_kv_heads, head_dim = k.shape
     assert v.shape == k.shape and kv_cache.shape[-2:] == (num_kv_heads, head_dim)
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
@@ -47,17 +63,25 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale),
+        FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_MAX,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=kv_cache.shape[2], num_warps=4,
     )
 
 
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x in the cache's dtype: for fp8, clamp(x / scale, +-448) cast to e4m3 (in float32)."""
+    if dtype == torch.float8_e4m3fn:
+        return quant_act._div(x.float(), scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
 def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Plain PyTorch: index-put through a flat [num_slots, Hk, D] view."""
     keep = slot_mapping >= 0
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping[keep]] = k[keep].to(kv_cache.dtype)
-    kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping[keep]] = v[keep].to(kv_cache.dtype)
+    kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping[keep]] = quantize_kv(k[keep], kv_cache.dtype, k_scale)
+    kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping[keep]] = quantize_kv(v[keep], kv_cache.dtype, v_scale)

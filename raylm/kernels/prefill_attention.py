@@ -9,7 +9,9 @@ is loaded once per group. The grid is (num_tokens // BLOCK_Q + num_seqs, num_kv_
 an upper bound on the q blocks of all sequences known from shapes alone; each program
 finds its sequence by binary search over query_start_loc.
 
-KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim].
+KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim]. An fp8 cache
+(float8_e4m3fn) holds K / k_scale and V / v_scale: tiles are loaded as fp8 and converted
+to q's dtype (exact), k_scale is folded into the softmax scale and v_scale into the output.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2, num_seqs,
+    scale_log2, v_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
@@ -87,7 +89,7 @@ def _prefill_kernel(
         block = tl.load(table + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         kv_off = block * stride_cb + (tok % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * scale_log2
         visible = mask_n[None, :] & (tok[None, :] <= q_pos[:, None])
         qk = tl.where(visible, qk, float("-inf"))
@@ -95,11 +97,11 @@ def _prefill_kernel(
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    out = acc * (v_scale / l_i)[:, None]
     tl.store(out_ptr + tok_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -107,12 +109,14 @@ def _prefill_kernel(
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                             max_query_len: int, block_m: int | None = None,
-                            block_n: int | None = None) -> torch.Tensor:
+                            block_n: int | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """q [num_tokens, Hq, D] packed by sequence (sequence i's rows are
     query_start_loc[i]:query_start_loc[i+1]); kv_cache [2, num_blocks, block_size, Hk, D]
-    already holding the new tokens; block_tables [num_seqs, max_blocks] int32; seq_lens
-    [num_seqs] int32 (cached + new). Query j of a sequence sits at position
-    seq_len - q_len + j and sees keys up to it. -> out [num_tokens, Hq, D] in q's dtype."""
+    already holding the new tokens (q's dtype, or fp8 holding K / k_scale and V / v_scale);
+    block_tables [num_seqs, max_blocks] int32; seq_lens [num_seqs] int32 (cached + new).
+    Query j of a sequence sits at position seq_len - q_len + j and sees keys up to it.
+    -> out [num_tokens, Hq, D] in q's dtype."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -136,7 +140,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), num_seqs,
+        scale * math.log2(math.e) * k_scale, float(v_scale), num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -149,9 +153,10 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
 
 def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                                scale: float) -> torch.Tensor:
-    """Plain PyTorch: per sequence, gather K/V through the block table and softmax in
-    float32 with a causal mask offset by the cached prefix."""
+                                scale: float, k_scale: float = 1.0,
+                                v_scale: float = 1.0) -> torch.Tensor:
+    """Plain PyTorch: per sequence, gather K/V through the block table, dequantize (times
+    k_scale / v_scale) and softmax in float32 with a causal mask offset by the cached prefix."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     group = q.shape[1] // num_kv_heads
     out = torch.zeros_like(q)
@@ -161,8 +166,8 @@ def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_t
         if e == s:
             continue
         blocks = block_tables[i, :-(-seq_len // block_size)].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * k_scale
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float() * v_scale
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
         q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)

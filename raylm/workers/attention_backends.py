@@ -37,17 +37,19 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     supports_cuda_graphs = True
+    supports_fp8_kv_cache = True
 
-    def write_kv(self, k, v, kv_cache, slot_mapping):
-        write_kv_cache(k, v, kv_cache, slot_mapping)
+    def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+        write_kv_cache(k, v, kv_cache, slot_mapping, k_scale, v_scale)
 
-    def attend(self, q, kv_cache, meta: AttentionMetadata, scale):
+    def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
         if meta.max_query_len == 1:
             num_splits = decode_num_splits(q.shape[0], kv_cache.shape[3], q.device)
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                          num_splits=num_splits)
+                                          num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
         return paged_prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens,
-                                       meta.query_start_loc, scale, meta.max_query_len)
+                                       meta.query_start_loc, scale, meta.max_query_len,
+                                       k_scale=k_scale, v_scale=v_scale)
 
 
 class FlashAttnBackend(AttentionBackend):
@@ -61,10 +63,10 @@ class FlashAttnBackend(AttentionBackend):
         self._varlen = fa.flash_attn_varlen_func
         self._with_kvcache = fa.flash_attn_with_kvcache
 
-    def write_kv(self, k, v, kv_cache, slot_mapping):
+    def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         write_kv_cache(k, v, kv_cache, slot_mapping)
 
-    def attend(self, q, kv_cache, meta: AttentionMetadata, scale):
+    def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
         block_size = kv_cache.shape[2]
         if block_size % 256:
             raise ValueError(f"attention_backend 'flash_attn' needs block_size to be a multiple "
@@ -94,7 +96,7 @@ class FlashInferBackend(AttentionBackend):
         self._planned = None  # (meta, plan key) of the current step
         self._wrapper = None
 
-    def write_kv(self, k, v, kv_cache, slot_mapping):
+    def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         write_kv_cache(k, v, kv_cache, slot_mapping)
 
     def _plan(self, q, kv_cache, meta: AttentionMetadata, scale) -> None:
@@ -125,7 +127,7 @@ class FlashInferBackend(AttentionBackend):
             self._wrapper = self._prefill
         self._planned = (meta, key)
 
-    def attend(self, q, kv_cache, meta: AttentionMetadata, scale):
+    def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
         self._plan(q, kv_cache, meta, scale)
         return self._wrapper.run(q, (kv_cache[0], kv_cache[1]))
 

@@ -25,6 +25,8 @@ logger = logging.getLogger("raylm")
 # Held back from the KV pool for the decode graphs' memory pool (their activations at
 # batch <= 512 need far less; capture logs what they took).
 GRAPH_MEMORY_RESERVE = 512 << 20
+# kv_cache_dtype (vLLM's engine argument) -> the cache's torch dtype; "auto" is the model's.
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 class ModelRunner:
@@ -34,9 +36,14 @@ class ModelRunner:
     def __init__(self, model_dir: str, hf_config, dtype: torch.dtype, device: str,
                  block_size: int, attention_backend: Optional[str] = None, load_format: str = "auto",
                  seed: int = 0, enforce_eager: bool = True, max_num_seqs: int = 256,
-                 max_model_len: Optional[int] = None, quantization: Optional[str] = None):
+                 max_model_len: Optional[int] = None, quantization: Optional[str] = None,
+                 kv_cache_dtype: str = "auto"):
         self.hf_config = hf_config
         self.dtype = dtype
+        if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}, "
+                             f"got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = dtype if kv_cache_dtype == "auto" else KV_CACHE_DTYPES[kv_cache_dtype]
         self.device = torch.device(device)
         self.block_size = block_size
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
@@ -45,6 +52,9 @@ class ModelRunner:
 
             attention_backend = default_backend(device)
         self.backend = get_attention_backend(attention_backend)
+        if self.kv_cache_dtype != dtype and not self.backend.supports_fp8_kv_cache:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs the 'torch' or 'triton' "
+                             f"attention backend; attention_backend is {attention_backend!r}")
         self.enforce_eager = enforce_eager
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len or hf_config.max_position_embeddings
@@ -73,7 +83,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         heads, dim = self.kv_shape_per_layer
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * len(self.attn_layers) * self.block_size * heads * dim * elem
 
     def available_kv_memory(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
@@ -131,13 +141,13 @@ class ModelRunner:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
-        """Allocate the paged KV cache; on CUDA then capture the decode graphs (unless
-        enforce_eager)."""
+        """Allocate the paged KV cache (in kv_cache_dtype); on CUDA then capture the decode
+        graphs (unless enforce_eager)."""
         heads, dim = self.kv_shape_per_layer
         self.graphs = None
         self.host_tables = None
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, heads, dim,
-                                      dtype=self.dtype, device=self.device)
+                                      dtype=self.kv_cache_dtype, device=self.device)
                           for _ in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache = cache

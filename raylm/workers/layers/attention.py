@@ -5,6 +5,10 @@ KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim].
 Token t of a sequence lives in block `block_table[t // block_size]` at offset
 `t % block_size`; `slot_mapping` gives each new token's flat slot
 (block_id * block_size + offset).
+
+kv_cache_dtype="fp8" stores the cache as float8_e4m3fn: x is written as
+clamp(x / scale, +-448) cast to e4m3 and read back as float(x_fp8) * scale, with one
+float scale for K and one for V per layer (Attention.k_scale / v_scale).
 """
 from __future__ import annotations
 
@@ -14,6 +18,24 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as stored in a cache of `dtype`: for fp8, clamp(x / scale, +-448) rounded to
+    e4m3 in float32 (a plain cast would turn |x| > 448 into NaN)."""
+    if dtype == FP8_KV_DTYPE:
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cache contents in `dtype` (the query's): float(x) * scale for fp8."""
+    if x.dtype == FP8_KV_DTYPE:
+        return (x.float() * scale).to(dtype)
+    return x.to(dtype)
 
 
 @dataclass
@@ -41,31 +63,35 @@ class AttentionMetadata:
 
 class AttentionBackend:
     """Writes new K/V into the paged cache and attends each query to its sequence's
-    cached prefix plus itself (causal)."""
+    cached prefix plus itself (causal). With an fp8 cache, K and V are stored divided by
+    k_scale / v_scale; backends that cannot read one leave `supports_fp8_kv_cache` False."""
 
     name = "base"
+    supports_fp8_kv_cache = False
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
+               scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
 
 
 class TorchAttentionBackend(AttentionBackend):
     """Reference backend: gather each sequence's K/V through its block table, then
-    scaled-dot-product attention with a causal offset. GQA by repeating kv heads."""
+    scaled-dot-product attention with a causal offset. GQA by repeating kv heads. An fp8
+    cache is quantized on write and dequantized to the query's dtype on read."""
 
     name = "torch"
+    supports_fp8_kv_cache = True
 
-    def write_kv(self, k, v, kv_cache, slot_mapping):
+    def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         num_kv_heads, head_dim = kv_cache.shape[-2:]
-        kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = k
-        kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = v
+        kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = quantize_kv(k, kv_cache.dtype, k_scale)
+        kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = quantize_kv(v, kv_cache.dtype, v_scale)
 
-    def attend(self, q, kv_cache, meta, scale):
+    def attend(self, q, kv_cache, meta, scale, k_scale=1.0, v_scale=1.0):
         block_size = kv_cache.shape[2]
         num_heads = q.shape[1]
         num_kv_heads, head_dim = kv_cache.shape[-2:]
@@ -75,8 +101,10 @@ class TorchAttentionBackend(AttentionBackend):
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             num_blocks = -(-seq_len // block_size)
             blocks = meta.block_tables[i, :num_blocks].long()
-            k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-            v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+            k = dequantize_kv(kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len],
+                              q.dtype, k_scale)
+            v = dequantize_kv(kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len],
+                              q.dtype, v_scale)
             if group > 1:
                 k = k.repeat_interleave(group, dim=1)
                 v = v.repeat_interleave(group, dim=1)
@@ -117,7 +145,11 @@ def get_attention_backend(name: str) -> AttentionBackend:
 
 class Attention(nn.Module):
     """One layer's attention over its paged KV cache. The runner assigns `kv_cache`
-    and passes the step's metadata and backend through `forward`."""
+    and passes the step's metadata and backend through `forward`.
+
+    k_scale / v_scale scale an fp8 KV cache (stored = x / scale). Without calibrated scales
+    in the checkpoint they are 1.0, vLLM's default; they are plain per-layer floats so a
+    loader can set calibrated ones later (CUDA graphs bake them in at capture)."""
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
         super().__init__()
@@ -126,9 +158,12 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.kv_cache: Optional[torch.Tensor] = None
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q, k, v, meta: AttentionMetadata, backend: AttentionBackend):
         """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]."""
         assert self.kv_cache is not None, "KV cache not allocated"
-        backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
-        return backend.attend(q, self.kv_cache, meta, self.scale).reshape(q.shape[0], -1)
+        backend.write_kv(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        out = backend.attend(q, self.kv_cache, meta, self.scale, self.k_scale, self.v_scale)
+        return out.reshape(q.shape[0], -1)
