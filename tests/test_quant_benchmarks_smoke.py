@@ -1,0 +1,73 @@
+"""The quantization benchmarks' --smoke modes (CPU: tiny shapes under Triton's interpreter,
+a tiny random model) run to the end and write result files with the fields
+benchmarks/record.py and a reader of RESULTS.md rely on. Both scripts run at once in
+subprocesses (about 8 s)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_FIELDS = {"benchmark", "model", "device", "date", "command", "torch"}
+
+
+def _run_both(out_dir) -> dict:
+    env = dict(os.environ, OUT=str(out_dir), CUDA_VISIBLE_DEVICES="")
+    scripts = {"quant_gemm": "quant_gemm-smoke", "quant_throughput": "quant_throughput-smoke"}
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--smoke"],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in scripts}
+    results = {}
+    for name, p in procs.items():
+        log, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, log[-4000:]
+        results[name] = json.load(open(os.path.join(out_dir, f"{scripts[name]}.json")))
+    return results
+
+
+def test_smoke_modes_write_complete_results(tmp_path):
+    results = _run_both(tmp_path)
+
+    g = results["quant_gemm"]
+    assert BASE_FIELDS <= g.keys() and g["benchmark"] == "quant_gemm" and g["device"] == "cpu"
+    assert {"measured_bandwidth_Bps", "measured_peak_flops", "rows", "summary", "shapes", "m"} <= g.keys()
+    formats = {"bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w8a8-int8", "fp8"}
+    assert set(g["formats"]) == formats
+    seen = {(r["format"], r["shape"], r["m"], r["act_quant_included"]) for r in g["rows"]}
+    for s in g["shapes"]:
+        for m in g["m"]:
+            for f in formats:
+                assert (f, s["name"], m, False) in seen
+            for f in ("w8a8-int8", "fp8"):
+                assert (f, s["name"], m, True) in seen
+    for r in g["rows"]:
+        assert r["time_us"] > 0 and r["flops"] == 2 * r["m"] * r["k"] * r["n"] and r["bytes"] > 0
+        assert {"speedup_vs_bf16", "fraction_of_roofline", "bound", "memory_floor_us", "compute_floor_us"} <= r.keys()
+        if r["format"] == "bf16":
+            assert r["speedup_vs_bf16"] == 1.0
+        if r["format"].startswith("w4a16"):  # packed 4-bit weights: a quarter of bf16's bytes, plus scales
+            dense = 2 * r["k"] * r["n"]
+            assert dense / 4 < r["bytes"] - 2 * r["m"] * (r["k"] + r["n"]) < dense / 2
+
+    t = results["quant_throughput"]
+    assert BASE_FIELDS <= t.keys() and t["benchmark"] == "quant_throughput"
+    assert t["published"]["trtllm_fp8_h100_output_tok_per_s"]["1000x1000"] == 15220
+    assert t["published"]["trtllm_fp8_h100_output_tok_per_s"]["128x128"] == 28312
+    assert set(t["workloads"]) == {"random", "1000x1000", "128x128"}
+    runs = {(r["format"], r["kv_cache_dtype"]): r for r in t["runs"]}
+    for fmt in ("bf16", "fp8", "int8", "w4a16-gptq"):
+        r = runs[(fmt, "auto")]
+        assert r["error"] is None, r["error"]
+        for name, w in t["workloads"].items():
+            got = r["workloads"][name]
+            assert got["output_tokens"] == w["output_tokens"] and got["output_tok_per_s"] > 0
+            assert {"speedup_vs_bf16", "fraction_of_roofline", "ratio_vs_trtllm_fp8", "timing"} <= got.keys()
+    # The fp8-KV runs exist either way: measured, or skipped because EngineArgs lacks the field.
+    for fmt in ("bf16", "fp8", "int8", "w4a16-gptq"):
+        r = runs[(fmt, "fp8")]
+        assert r.get("skipped") or r["workloads"], r
+        assert bool(r.get("skipped")) != t["kv_cache_dtype_supported"]
+    fixed = [c for c in t["comparison"] if c["workload"] in ("1000x1000", "128x128")]
+    assert fixed and all(c["trtllm_fp8_h100_output_tok_per_s"] for c in fixed)
