@@ -126,3 +126,25 @@ def test_two_ray_groups_serve_32_concurrent_requests(llama_dir, ray_session):
         finally:
             await sched.shutdown()
     run(main())
+
+
+def test_failed_group_fails_its_requests_and_the_rest_keep_serving(llama_dir):
+    async def main():
+        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=128), num_groups=2)
+        try:
+            async def broken(plan):
+                raise RuntimeError("worker died")
+            sched.groups[0].engine.executor.execute_async = broken
+            results = await asyncio.gather(*[sched.generate(f"prompt {i}", GREEDY) for i in range(4)],
+                                           return_exceptions=True)
+            failed = [r for r in results if isinstance(r, Exception)]
+            assert failed and all("worker group 0 failed" in str(e) for e in failed)
+            assert any(not isinstance(r, Exception) and r.finished for r in results)
+            with pytest.raises(RuntimeError, match="group"):
+                await sched.check_health()
+            # New requests avoid the dead group.
+            outs = await asyncio.gather(*[sched.generate(f"later {i}", GREEDY) for i in range(3)])
+            assert all(o.finished for o in outs)
+        finally:
+            await sched.shutdown()
+    run(main())
