@@ -17,9 +17,9 @@ if not torch.cuda.is_available():
 from raylm import LLM, SamplingParams  # noqa: E402
 from raylm.engine.config import EngineArgs  # noqa: E402
 from raylm.workers.attention_backends import TritonAttentionBackend  # noqa: E402
-from raylm.workers.layers.attention import (  # noqa: E402
-    Attention, AttentionMetadata, TorchAttentionBackend)
+from raylm.workers.layers.attention import Attention, TorchAttentionBackend  # noqa: E402
 from tests.helpers import make_tokenizer  # noqa: E402
+from tests.test_attention_backends import make_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -38,29 +38,6 @@ NEAR_TIE_NATS = 0.5
 def fake_quant(x: torch.Tensor, scale: float) -> torch.Tensor:
     """The plain reference: clamp(x / scale, +-448) -> e4m3 -> float32 * scale."""
     return (x.float() / scale).clamp(-448, 448).to(FP8).float() * scale
-
-
-def make_step(seqs, block_size, num_blocks, gen):
-    """seqs: (num_cached, num_new) per sequence -> metadata over shuffled blocks."""
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, slots, starts, seq_lens = [], [], [0], []
-    for cached, new in seqs:
-        n = -(-(cached + new) // block_size)
-        table, perm = perm[:n], perm[n:]
-        tables.append(table)
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, cached + new))
-        starts.append(starts[-1] + new)
-        seq_lens.append(cached + new)
-    width = max(len(t) for t in tables)
-    qlens = [new for _, new in seqs]
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=DEVICE),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                  device=DEVICE),
-        query_lens_cpu=qlens, seq_lens_cpu=seq_lens, max_query_len=max(qlens),
-        max_seq_len=max(seq_lens))
 
 
 def reference_attention(q, k_all, v_all, seqs, scale):
