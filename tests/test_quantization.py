@@ -121,6 +121,22 @@ def raylm_logprobs(llm, prompts, k=20) -> list[dict]:
     return [{t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in outs]
 
 
+def assert_tp2_matches_tp1(model: str, **engine_kwargs) -> None:
+    """The top-5 next-token logprobs at tensor_parallel_size=2 equal TP=1's to 1e-4."""
+    kwargs = dict(dtype="float32", max_model_len=64, max_logprobs=5, **engine_kwargs)
+    base = LLM(model, **kwargs)
+    ref = raylm_logprobs(base, PROMPTS[:2], k=5)
+    base.shutdown()
+    tp = LLM(model, tensor_parallel_size=2, **kwargs)
+    try:
+        got = raylm_logprobs(tp, PROMPTS[:2], k=5)
+    finally:
+        tp.shutdown()
+    for a, b in zip(got, ref):
+        assert a.keys() == b.keys()
+        assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+
+
 def compare(ours: list[dict], ref: torch.Tensor, atol: float) -> float:
     worst = 0.0
     for got, row in zip(ours, ref):
@@ -183,18 +199,7 @@ def test_layers_keep_packed_weights():
 @pytest.mark.parametrize("name", ["gptqmodel-w4g32-descact", "autoround-awq-w4g32-asym",
                                   "autoround-gptq-w8g64-sym"])
 def test_tensor_parallel_shards_packed_weights(ray_session, name):
-    d = os.path.join(CKPT, name)
-    base = LLM(d, dtype="float32", max_model_len=64, max_logprobs=5)
-    ref = raylm_logprobs(base, PROMPTS[:2], k=5)
-    base.shutdown()
-    tp = LLM(d, dtype="float32", max_model_len=64, max_logprobs=5, tensor_parallel_size=2)
-    try:
-        got = raylm_logprobs(tp, PROMPTS[:2], k=5)
-    finally:
-        tp.shutdown()
-    for a, b in zip(got, ref):
-        assert a.keys() == b.keys()
-        assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+    assert_tp2_matches_tp1(os.path.join(CKPT, name))
 
 
 def test_bad_quantization_config_names_the_key(tmp_path):

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from raylm import LLM
-from tests.test_quantization import CKPT, PROMPTS, _tensors, compare, raylm_logprobs
+from tests.test_quantization import (CKPT, PROMPTS, _tensors, assert_tp2_matches_tp1, compare,
+                                     raylm_logprobs)
 
 TOOL_DIRS = ["llmc-w8a8-int8", "llmc-fp8-dynamic", "autoround-ct-w4a16-g32-sym"]
 SYNTH_DIRS = ["synth-w8a8-int8-tensor-static", "synth-w4a16-g32-asym"]
@@ -240,18 +241,7 @@ def test_matches_the_tools_own_loader(name):
 
 @pytest.mark.parametrize("name", ["synth-w8a8-int8-tensor-static"])
 def test_tensor_parallel_shards_weights_and_per_shard_scales(ray_session, ckpt, name):
-    d = ckpt(name)
-    base = LLM(d, dtype="float32", max_model_len=64, max_logprobs=5)
-    ref = raylm_logprobs(base, PROMPTS[:2], k=5)
-    base.shutdown()
-    tp = LLM(d, dtype="float32", max_model_len=64, max_logprobs=5, tensor_parallel_size=2)
-    try:
-        got = raylm_logprobs(tp, PROMPTS[:2], k=5)
-    finally:
-        tp.shutdown()
-    for a, b in zip(got, ref):
-        assert a.keys() == b.keys()
-        assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+    assert_tp2_matches_tp1(ckpt(name))
 
 
 def test_layers_keep_quantized_weights(ckpt):

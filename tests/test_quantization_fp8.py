@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from raylm import LLM
-from tests.test_quantization import CKPT, PROMPTS, _tensors, compare, raylm_logprobs
+from tests.test_quantization import (CKPT, PROMPTS, _tensors, assert_tp2_matches_tp1, compare,
+                                     raylm_logprobs)
 
 FP8_BLOCK = os.path.join(CKPT, "autoround-fp8-block")
 BASE = os.path.join(CKPT, "base-fp32")
@@ -167,18 +168,7 @@ def test_online_quantization_matches_float32_arithmetic(scheme):
 
 
 def test_online_int8_tensor_parallel_equals_single_rank(ray_session):
-    base = LLM(BASE, dtype="float32", max_model_len=64, max_logprobs=5, quantization="int8")
-    ref = raylm_logprobs(base, PROMPTS[:2], k=5)
-    base.shutdown()
-    tp = LLM(BASE, dtype="float32", max_model_len=64, max_logprobs=5, quantization="int8",
-             tensor_parallel_size=2)
-    try:
-        got = raylm_logprobs(tp, PROMPTS[:2], k=5)
-    finally:
-        tp.shutdown()
-    for a, b in zip(got, ref):
-        assert a.keys() == b.keys()
-        assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+    assert_tp2_matches_tp1(BASE, quantization="int8")
 
 
 def test_fp8_config_errors_name_the_key():
