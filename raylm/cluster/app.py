@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raylm.cluster.backend import PromptType
+from raylm.cluster.backend import PromptType, final_output
 from raylm.cluster.grpc_service import GrpcGenerateMixin
 from raylm.engine.config import EngineArgs
 from raylm.engine.outputs import RequestOutput
@@ -119,10 +119,7 @@ class HandleBackend:
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: Optional[str] = None) -> RequestOutput:
-        final = None
-        async for out in self.generate_stream(prompt, params, request_id):
-            final = out
-        return final
+        return await final_output(self.generate_stream(prompt, params, request_id))
 
     async def abort(self, request_id: str) -> None:
         await self.handle.abort.remote(request_id)

@@ -13,6 +13,14 @@ from raylm.engine.sampling_params import SamplingParams
 PromptType = Union[str, list, dict]
 
 
+async def final_output(stream: AsyncIterator[RequestOutput]) -> Optional[RequestOutput]:
+    """The last (finished) output of a generate_stream iterator: a Backend's `generate`."""
+    final = None
+    async for out in stream:
+        final = out
+    return final
+
+
 class Backend(Protocol):
     model_name: str        # the served model name (what /v1/models lists)
     max_model_len: int

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
+from raylm.cluster.backend import final_output
 from raylm.cluster.metrics import EngineMetrics
 from raylm.engine.config import EngineArgs
 from raylm.engine.llm_engine import LLMEngine, PromptType
@@ -172,10 +173,7 @@ class GlobalScheduler:
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: Optional[str] = None) -> RequestOutput:
-        final = None
-        async for out in self.generate_stream(prompt, params, request_id):
-            final = out
-        return final
+        return await final_output(self.generate_stream(prompt, params, request_id))
 
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
