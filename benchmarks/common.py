@@ -30,6 +30,25 @@ def model_dir(name: str) -> str:
     return dst
 
 
+def add_word_tokenizer(cfg_dir: str, cfg) -> None:
+    """Save a tokenizer into `cfg_dir` that maps id i to the word "t<i>", so every id of
+    the vocabulary decodes and a server can run a random-weight model whose real tokenizer
+    is not here (prompts are sent as token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(cfg.vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+    def word(token_id):
+        if isinstance(token_id, (list, tuple)):
+            token_id = token_id[0] if token_id else None
+        return None if token_id is None else f"t{token_id}"
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token=word(cfg.bos_token_id),
+                            eos_token=word(cfg.eos_token_id)).save_pretrained(cfg_dir)
+
+
 def make_workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0):
     """nano-vllm's benchmark: n requests, prompt and output lengths uniform in [lo, hi],
     random token ids."""

@@ -3,6 +3,9 @@ prompt lengths 128, 2k and 8k, raylm and HF transformers on the same random bf16
 against the bandwidth floor (weight bytes / measured copy bandwidth).
 
     python benchmarks/latency.py --model llama-3.1-8b
+    python benchmarks/latency.py --model llama-3.1-8b --tensor-parallel-size 2 --peer none
+
+At --tensor-parallel-size N the floor is the weight bytes over N GPUs' bandwidth.
 """
 from __future__ import annotations
 
@@ -71,8 +74,13 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=16384)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--peer", choices=["hf", "none"], default="hf")
     args = p.parse_args()
+    tp = args.tensor_parallel_size
+    if tp > 1 and args.peer == "hf":
+        raise SystemExit("--peer hf needs the weights in this process: use --peer none with "
+                         "--tensor-parallel-size above 1 (compare with a TP=1 run)")
 
     from transformers import AutoConfig
 
@@ -86,14 +94,16 @@ def main() -> None:
     prompts = [[rng.randint(0, cfg.vocab_size - 1) for _ in range(n)] for n in lens]
     bandwidth = common.measure_bandwidth()
     nums = common.model_numbers(cfg)
-    floor_s = nums["weight_bytes"] / bandwidth
+    bandwidth_all = tp * bandwidth  # each rank reads its shard at one GPU's bandwidth
+    floor_s = nums["weight_bytes"] / bandwidth_all
 
     hf = common.hf_model_on_gpu(cfg) if args.peer == "hf" else None
     t = time.perf_counter()
     llm = LLM(cfg_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.max_model_len, max_num_seqs=16, enable_prefix_caching=False,
               max_num_batched_tokens=max(lens) + 64, gpu_memory_utilization=0.85, seed=0,
-              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
+              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=tp)
     startup_s = time.perf_counter() - t
     if hf is not None:
         common.copy_weights_into_raylm(llm, hf)
@@ -105,7 +115,7 @@ def main() -> None:
         ttft, tpot = raylm_latency(llm, prompt, args.output_len, args.reps)
         row = {"prompt_len": n, "raylm_ttft_ms": 1e3 * ttft, "raylm_tpot_ms": 1e3 * tpot,
                "floor_tpot_ms": 1e3 * (nums["weight_bytes"] + (n + args.output_len // 2)
-                                       * nums["kv_bytes_per_token"]) / bandwidth}
+                                       * nums["kv_bytes_per_token"]) / bandwidth_all}
         print(row, flush=True)
         rows.append(row)
     llm.shutdown()
@@ -129,9 +139,9 @@ def main() -> None:
         "peer_output_tok_per_s": None if hf is None else 1e3 / first["peer_tpot_ms"],
         "roofline_output_tok_per_s": 1e3 / first["floor_tpot_ms"],
         "fraction_of_roofline": first["floor_tpot_ms"] / first["raylm_tpot_ms"],
-        "enforce_eager": args.enforce_eager,
+        "enforce_eager": args.enforce_eager, "tensor_parallel_size": tp,
     })
-    common.save_result(result, f"latency-{args.model}")
+    common.save_result(result, f"latency-{args.model}" + (f"-tp{tp}" if tp > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,28 @@ def test_single_kv_head_is_replicated(tmp_path, ray_session):
     wait_for_free_cpus(ray_session)
 
 
+def test_dummy_weights_are_the_same_model_at_any_tp_size(llama_dir, ray_session):
+    """load_format="dummy" draws each full tensor from the seed and its name, so TP=2's
+    ranks slice TP=1's model (the multi-GPU correctness runs rely on this); all-reduce
+    profiling answers on the ranks."""
+    prompts = prompts_of([13, 6], seed=3)
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(llama_dir, load_format="dummy", tensor_parallel_size=tp, **COMMON)
+        outs[tp] = generate(llm, prompts)
+        if tp == 2:
+            assert llm.llm_engine.executor.profile_all_reduce(4, iters=2) > 0
+        else:
+            assert llm.llm_engine.executor.profile_all_reduce(4) == 0.0
+        llm.shutdown()
+    for a, b in zip(outs[1], outs[2]):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids
+        for i, t in enumerate(ca.token_ids):
+            assert abs(ca.logprobs[i][t].logprob - cb.logprobs[i][t].logprob) < 1e-4
+    wait_for_free_cpus(ray_session)
+
+
 def test_tp1_on_ray_backend(llama_dir, ray_session):
     llm = LLM(llama_dir, distributed_executor_backend="ray", **COMMON)
     assert isinstance(llm.llm_engine.executor, ray_executor.RayExecutor)

@@ -56,6 +56,8 @@ class _GroupState:
     # sharing a prefix follows the first one before its KV is cached.
     inflight_hashes: Counter = field(default_factory=Counter)
     steps: int = 0
+    busy_s: float = 0.0  # time with a step on the workers
+    requests: int = 0  # routed here
 
 
 class GlobalScheduler:
@@ -153,6 +155,7 @@ class GlobalScheduler:
         hashes = prefix_block_hashes(ids, self.block_size) if engine.args.enable_prefix_caching else []
         gi = self._route(hashes)
         group = self.groups[gi]
+        group.requests += 1
         stream = _Stream(gi, asyncio.Queue(), time.monotonic(), hashes)
         group.engine.add_request(rid, prompt, params, validated=(text, ids))
         self.streams[rid] = stream
@@ -233,11 +236,13 @@ class GlobalScheduler:
                 if not self.overlap and pending is not None:
                     self._deliver(engine.emit_step(pending))
                     pending = None
+                t_launch = time.perf_counter()
                 running = asyncio.ensure_future(engine.executor.execute_async(plan))
                 if pending is not None:  # overlap: emit step N while step N+1 computes
                     self._deliver(engine.emit_step(pending))
                     pending = None
                 result = await running
+                group.busy_s += time.perf_counter() - t_launch
                 group.steps += 1
                 pending = engine.record_step(sched_out, result)
         except asyncio.CancelledError:
@@ -252,7 +257,8 @@ class GlobalScheduler:
 
     # ---- introspection -------------------------------------------------------------
     def group_stats(self) -> list[dict]:
-        return [dict(g.engine.stats(), steps=g.steps, alive=g.error is None) for g in self.groups]
+        return [dict(g.engine.stats(), steps=g.steps, busy_s=g.busy_s, requests_routed=g.requests, alive=g.error is None)
+                for g in self.groups]
 
     def stats(self) -> dict:
         per_group = self.group_stats()

@@ -36,6 +36,10 @@ class EngineArgs:
     attention_backend: Optional[str] = None
     load_format: str = "auto"
     enforce_eager: bool = False
+    # vLLM's name. Plan step N+1 while the device runs step N (outputs come one step
+    # later; a request may compute one token past its stop, which is dropped). None: on
+    # for a GPU with the in-process executor (TP=1), off otherwise.
+    async_scheduling: Optional[bool] = None
     # "auto": the model's dtype; "fp8"/"fp8_e4m3": float8_e4m3fn with per-layer scales of 1.0
     # (vLLM's default without calibrated scales), half the bytes of a bf16 cache.
     kv_cache_dtype: str = "auto"

@@ -15,6 +15,10 @@ from raylm.workers.messages import StepPlan, StepResult
 class UniProcExecutor:
     """One ModelRunner in this process."""
 
+    # launch(plan) -> pending and collect(pending) -> StepResult: asynchronous scheduling
+    # plans the next step while the device runs this one.
+    supports_async = True
+
     def __init__(self, model_dir: str, hf_config, dtype, device: str, block_size: int,
                  attention_backend: Optional[str], load_format: str, seed: int,
                  runner_options: Optional[dict] = None):
@@ -36,9 +40,18 @@ class UniProcExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
 
+    def launch(self, plan: StepPlan):
+        return self.runner.launch(plan)
+
+    def collect(self, pending) -> StepResult:
+        return self.runner.collect(pending)
+
     async def execute_async(self, plan: StepPlan) -> StepResult:
         # torch releases the GIL inside its kernels, so the event loop keeps serving.
         return await asyncio.to_thread(self.runner.execute, plan)
+
+    def profile_all_reduce(self, num_tokens: int, iters: int = 10) -> float:
+        return self.runner.profile_all_reduce(num_tokens, iters)
 
     def shutdown(self) -> None:
         if self.runner is not None:

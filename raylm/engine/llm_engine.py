@@ -50,10 +50,28 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, self.hf_config, self.device)
         self.max_model_len = resolve_max_model_len(args, self.hf_config)
         self.max_num_batched_tokens = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
+        t0 = time.perf_counter()
         self.executor = make_executor(args, self.model_dir, self.hf_config, self.dtype, self.device,
                                       self.max_model_len)
+        t1 = time.perf_counter()
         self.num_blocks = self._size_kv_cache()
+        t2 = time.perf_counter()
         self.executor.allocate_kv_cache(self.num_blocks)
+        supports_async = getattr(self.executor, "supports_async", False)
+        if args.async_scheduling and not supports_async:
+            raise ValueError("async_scheduling=True needs the in-process executor (tensor_parallel_size=1 "
+                             f"and no distributed_executor_backend), got tensor_parallel_size="
+                             f"{args.tensor_parallel_size}, distributed_executor_backend="
+                             f"{args.distributed_executor_backend!r}")
+        self.async_scheduling = (supports_async and self.device.startswith("cuda")
+                                 if args.async_scheduling is None else bool(args.async_scheduling))
+        self._inflight = None  # asynchronous scheduling: (scheduler output, pending step)
+        # Where start-up time goes: weights (and worker start), the profiled step, the KV
+        # pool plus CUDA graph capture.
+        self.startup_timing = {"load_s": t1 - t0, "profile_s": t2 - t1,
+                               "kv_cache_and_graphs_s": time.perf_counter() - t2}
+        logger.info("raylm start-up: load %.1f s, memory profile %.1f s, KV cache and graphs %.1f s",
+                    *self.startup_timing.values())
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -170,7 +188,8 @@ class LLMEngine:
             rid = request_id if params.n == 1 else f"{i}_{request_id}"
             req = Request(rid, ids, priority=priority, arrival_time=arrival,
                           use_prefix_cache=params.prompt_logprobs is None or i > 0,
-                          prefix_group=request_id if params.n > 1 else None)
+                          prefix_group=request_id if params.n > 1 else None,
+                          max_output_tokens=child.max_tokens)
             detok = (NoDetokenizer() if self.tokenizer is None else
                      IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                             params.spaces_between_special_tokens))
@@ -249,7 +268,8 @@ class LLMEngine:
                 return self._finish(comp, RequestStatus.FINISHED_STOPPED)
             if p.stop_token_ids and token in p.stop_token_ids:
                 return self._finish(comp, RequestStatus.FINISHED_STOPPED, token)
-        if n_out >= p.max_tokens or comp.request.num_tokens >= self.max_model_len:
+        req = comp.request
+        if n_out >= p.max_tokens or req.num_tokens - req.num_pending >= self.max_model_len:
             if not p.stop:
                 return self._finish(comp, RequestStatus.FINISHED_LENGTH)
             comp.length_capped = True  # a stop string in this last token still wins
@@ -267,7 +287,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of requests that progressed (finished ones
-        last appear with `finished=True`)."""
+        last appear with `finished=True`). With asynchronous scheduling these are the
+        outputs of the previous iteration, whose tokens arrive while this one runs."""
+        if self.async_scheduling:
+            return self._step_async()
         t0 = time.perf_counter()
         planned = self.begin_step()
         if planned is None:
@@ -283,6 +306,51 @@ class LLMEngine:
         tm["schedule_s"] += t1 - t0
         tm["execute_s"] += t2 - t1
         tm["process_s"] += t3 - t2
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule step N+1 (with placeholders for step N's tokens), launch it, then
+        collect and process step N while the device runs N+1."""
+        t0 = time.perf_counter()
+        planned = self.begin_step()
+        t1 = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        if planned is None:
+            if self._inflight is not None:
+                outputs = self._complete_inflight(t1)
+            return outputs
+        sched_out, plan = planned
+        if self._inflight is not None and sched_out and any(
+                c is not None and c.needs_current_outputs
+                for c in (self.completions.get(s.request_id) for s in sched_out.seqs)):
+            outputs += self._complete_inflight(t1)  # penalties need step N's tokens first
+            t1 = time.perf_counter()
+        pending = self.executor.launch(plan)
+        if sched_out:
+            self.scheduler.update_after_step(sched_out)
+            for s in sched_out.seqs:
+                comp = self.completions.get(s.request_id)
+                if s.sample and comp is not None:
+                    comp.request.append_placeholder()
+        t2 = time.perf_counter()
+        tm = self.timing
+        tm["schedule_s"] += t1 - t0
+        tm["execute_s"] += t2 - t1
+        if self._inflight is not None:
+            outputs += self._complete_inflight(t2)
+        self._inflight = (sched_out, pending)
+        return outputs
+
+    def _complete_inflight(self, t0: float) -> list[RequestOutput]:
+        sched_out, pending = self._inflight
+        self._inflight = None
+        result = self.executor.collect(pending)
+        t1 = time.perf_counter()
+        outputs = self.emit_step(self.record_step(sched_out, result, launched=True))
+        tm = self.timing
+        tm["steps"] += 1
+        tm["execute_s"] += t1 - t0
+        tm["process_s"] += time.perf_counter() - t1
         return outputs
 
     def reset_timing(self) -> None:
@@ -308,12 +376,15 @@ class LLMEngine:
             return None
         return sched_out, self._plan(sched_out)
 
-    def record_step(self, sched_out, result) -> list:
+    def record_step(self, sched_out, result, launched: bool = False) -> list:
         """Apply a step's sampled tokens to the requests and finish those that hit EOS, a
-        stop token or their length (checks that need no text). Returns what emit_step needs."""
+        stop token or their length (checks that need no text). Returns what emit_step needs.
+        `launched`: asynchronous scheduling already marked the step computed and gave each
+        sampling request a placeholder, which the token now replaces."""
         if not sched_out:
             return []
-        self.scheduler.update_after_step(sched_out)
+        if not launched:
+            self.scheduler.update_after_step(sched_out)
         now = time.monotonic()
         pending = []
         for rid, lps in result.prompt_logprobs.items():
@@ -326,7 +397,10 @@ class LLMEngine:
                 continue  # finished or aborted after this step was sent
             group = self.groups[self._group_id(comp)]
             group.first_token_time = group.first_token_time or now
-            comp.request.append_output_token(token)
+            if launched:
+                comp.request.resolve_placeholder(token)
+            else:
+                comp.request.append_output_token(token)
             self.counters["generation_tokens"] += 1
             pending.append((comp, token, result.logprobs.get(rid)))
             self._check_stop_tokens(comp, token)

@@ -170,6 +170,11 @@ class RayExecutor:
                 raise f.exception()
         return StepResult.from_wire(msgpack.unpackb(futs[0].result()))
 
+    def profile_all_reduce(self, num_tokens: int, iters: int = 10) -> float:
+        """Seconds per forward pass that rank 0 spends in all-reduces at `num_tokens` tokens
+        (see ModelRunner.profile_all_reduce)."""
+        return self._collect([w.profile_all_reduce.remote(num_tokens, iters) for w in self.workers])[0]
+
     def worker_info(self) -> list[dict]:
         """Per-rank facts (rank, parameter_bytes, num_heads, num_kv_heads, head_dim, ...)."""
         return self._collect([w.info.remote() for w in self.workers])

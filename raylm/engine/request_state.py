@@ -35,6 +35,14 @@ class CompletionState:
     stop_reason: Union[int, str, None] = None
     length_capped: bool = False  # hit max_tokens; finished once its text is checked
 
+    @property
+    def needs_current_outputs(self) -> bool:
+        """Its sampling reads the tokens sampled so far (penalties, min_tokens), so under
+        asynchronous scheduling the previous step must be collected before the next."""
+        p = self.params
+        return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                or p.frequency_penalty != 0.0 or (p.min_tokens or 0) > 0)
+
     def to_output(self) -> CompletionOutput:
         return CompletionOutput(
             index=self.index, text=self.text, token_ids=list(self.request.output_token_ids),

@@ -158,7 +158,8 @@ class BlockManager:
         if not self.enable_prefix_caching or not request.use_prefix_cache:
             return
         bs = self.block_size
-        num_full = request.num_computed_tokens // bs
+        # Placeholders (tokens a launched step has yet to sample) are never hashed.
+        num_full = min(request.num_computed_tokens, request.num_tokens - request.num_pending) // bs
         parent = request.block_hashes[-1] if request.block_hashes else None
         for i in range(len(request.block_hashes), num_full):
             tokens = tuple(request.token_ids[i * bs:(i + 1) * bs])

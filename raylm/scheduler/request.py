@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+# Stands in for a token that a launched step will sample (asynchronous scheduling): the
+# next step is planned before the token is known, and the worker reads it on the device.
+PLACEHOLDER_TOKEN = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -43,6 +48,11 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 until scheduled
     num_preemptions: int = 0
+    # Asynchronous scheduling: tokens at the end of token_ids still PLACEHOLDER_TOKEN.
+    num_pending: int = 0
+    # The request stops after this many output tokens (None: no limit known here). The
+    # scheduler does not plan a step that could only produce tokens past it.
+    max_output_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -68,6 +78,24 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        """A launched step will sample this request's next token: plan past it."""
+        self.token_ids.append(PLACEHOLDER_TOKEN)
+        self.num_pending += 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """The oldest placeholder's token arrived."""
+        assert self.num_pending > 0, f"request {self.request_id} has no placeholder to resolve"
+        self.token_ids[len(self.token_ids) - self.num_pending] = token_id
+        self.output_token_ids.append(token_id)
+        self.num_pending -= 1
+
+    @property
+    def output_limit_reached(self) -> bool:
+        """True when the tokens sampled or in flight already reach max_output_tokens."""
+        return (self.max_output_tokens is not None
+                and len(self.output_token_ids) + self.num_pending >= self.max_output_tokens)
 
     def sort_key(self) -> tuple:
         """Lower is served first: priority, then arrival (FCFS)."""

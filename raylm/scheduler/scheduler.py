@@ -145,6 +145,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._chunk(request, budget)
+            if n <= 0 or (request.num_pending and (
+                    request.output_limit_reached
+                    or request.num_tokens >= self.config.max_model_len)):
+                # Nothing to compute, or only tokens past its end while a launched step
+                # samples its last one: it finishes when that step is recorded.
+                i += 1
+                continue
             while not bm.allocate_slots(request, n):
                 victim = self.running[-1]
                 self._preempt(victim)

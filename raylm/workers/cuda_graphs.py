@@ -14,6 +14,7 @@ import time
 import torch
 
 from raylm.workers.layers.attention import AttentionMetadata
+from raylm.workers.transfer import to_device
 
 logger = logging.getLogger("raylm")
 
@@ -34,7 +35,6 @@ class HostBlockTables:
 
     def __init__(self, rows: int, max_blocks: int):
         self.table = torch.zeros(rows, max_blocks, dtype=torch.int32).pin_memory()
-        self.out = torch.zeros(rows, max_blocks, dtype=torch.int32).pin_memory()
         self.known: dict[str, list] = {}  # request id -> [row, number of blocks written]
         self.free_rows = list(range(rows - 1, -1, -1))
 
@@ -45,7 +45,9 @@ class HostBlockTables:
                 self.free_rows.append(entry[0])
 
     def gather(self, seqs) -> tuple[torch.Tensor, int]:
-        """Pinned [len(seqs), width] int32 block tables of `seqs` (plan rows), and width."""
+        """Pinned [len(seqs), width] int32 block tables of `seqs` (plan rows), and width.
+        A new pinned buffer each call (PyTorch's pinned-memory cache recycles it once its
+        copy has run): the previous step's copy may still be queued behind the GPU."""
         rows = []
         for s in seqs:
             entry = self.known.get(s.request_id)
@@ -61,7 +63,7 @@ class HostBlockTables:
             rows.append(row)
         width = max(len(s.block_table) for s in seqs)
         idx = torch.tensor(rows, dtype=torch.long)
-        out = self.out[:len(rows)]
+        out = torch.empty((len(rows), self.table.shape[1]), dtype=torch.int32, pin_memory=True)
         torch.index_select(self.table, 0, idx, out=out)
         return out, width
 
@@ -125,14 +127,18 @@ class DecodeGraphs:
         return num_seqs <= self.max_batch and max_blocks <= self.max_blocks
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], tables: tuple[torch.Tensor, int]) -> torch.Tensor:
+            seq_lens: list[int], tables: tuple[torch.Tensor, int], placeholders=None) -> torch.Tensor:
         """Hidden states [n, hidden] of a decode step of n sequences; `tables` is
-        HostBlockTables.gather's (pinned rows, width)."""
+        HostBlockTables.gather's (pinned rows, width); `placeholders` (rows, tokens on the
+        device) overwrite input ids that the previous step is still sampling. Nothing here
+        waits for the GPU."""
         n = len(input_ids)
         b = next(s for s in self.sizes if s >= n)
         dev = self.input_ids.device
-        cols = torch.tensor([input_ids, positions, slots, seq_lens], dtype=torch.long).to(dev)
+        cols = to_device([input_ids, positions, slots, seq_lens], torch.long, dev)
         self.input_ids[:n].copy_(cols[0])
+        if placeholders is not None:
+            self.input_ids.index_copy_(0, *placeholders)
         self.positions[:n].copy_(cols[1])
         self.slot_mapping[:n].copy_(cols[2])
         self.seq_lens[:n].copy_(cols[3])

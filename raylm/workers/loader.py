@@ -75,9 +75,33 @@ def iterate_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def dummy_checkpoint(hf_config, dtype: torch.dtype, device, seed: int = 0
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """`load_format="dummy"` for a dense model: the full, unsharded tensors a checkpoint of
+    `hf_config` would hold (HF names and shapes, read off a meta-device transformers
+    model), drawn on `device` one at a time. Each tensor's values depend only on `seed`
+    and its name, so every tensor-parallel rank slices the same model out of them and
+    TP=N computes what TP=1 does. Norm weights are 1, the rest uniform in +-0.02."""
+    import zlib
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf_config)
+    shapes = [(name, tuple(p.shape)) for name, p in meta.named_parameters()]  # tied ones once
+    del meta
+    for name, shape in shapes:
+        if "norm" in name:
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        yield name, torch.empty(shape, dtype=dtype, device=device).uniform_(-0.02, 0.02, generator=gen)
+
+
 def random_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """`load_format="dummy"`: fill parameters with small random values, generated on their
-    device (an 8B model is not drawn on the CPU). Packed quantized tensors get random bits,
+    """`load_format="dummy"` for a checkpoint-quantized model (dense models use
+    `dummy_checkpoint`): fill this rank's parameters with small random values, generated
+    on their device (an 8B model is not drawn on the CPU). Packed quantized tensors get random bits,
     their scales small positive values; g_idx keeps its in-order default."""
     gens: dict = {}
     for name, param in model.named_parameters():

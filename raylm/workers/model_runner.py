@@ -8,18 +8,21 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
-from raylm.workers.loader import iterate_weights, random_weights
+from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
 from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables
 from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult, TokenLogprobs
+from raylm.scheduler.request import PLACEHOLDER_TOKEN
 from raylm.workers.models.llama import get_model_class
-from raylm.workers.parallel_state import get_tp_rank, get_tp_size
+from raylm.workers.parallel_state import all_reduce, get_tp_rank, get_tp_size
 from raylm.workers.quantization import get_quant_config
 from raylm.workers.sampler import SamplingState, sample, topk_logprobs
+from raylm.workers.transfer import to_device, to_host
 
 logger = logging.getLogger("raylm")
 # Held back from the KV pool for the decode graphs' memory pool (their activations at
@@ -27,6 +30,30 @@ logger = logging.getLogger("raylm")
 GRAPH_MEMORY_RESERVE = 512 << 20
 # kv_cache_dtype (vLLM's engine argument) -> the cache's torch dtype; "auto" is the model's.
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+@dataclass
+class PendingStep:
+    """A launched step (ModelRunner.launch): its sampled tokens and log-probabilities are
+    being copied to the host; `collect` waits for them."""
+
+    result: StepResult
+    t0: float
+    sample_ids: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+    tokens: Optional[torch.Tensor] = None
+    want: list = field(default_factory=list)  # rows of sample_ids that asked for logprobs
+    logprobs: Optional[tuple] = None  # (top ids, top logprobs, chosen logprob, rank)
+    prompt_rows: list = field(default_factory=list)
+    prompt_logprobs: Optional[tuple] = None
+    event: Optional[object] = None  # torch.cuda.Event after the copies
+
+
+def _row_index(rows: list[int], device: torch.device):
+    """`rows` as an index: a slice when they are consecutive (no host-to-device copy)."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return to_device(rows, torch.long, device)
 
 
 class ModelRunner:
@@ -64,7 +91,10 @@ class ModelRunner:
         quant_config = get_quant_config(hf_config, quantization)
         with torch.device(self.device):
             self.model = cls(hf_config, dtype=dtype, quant_config=quant_config)
-        if load_format == "dummy":
+        if load_format == "dummy" and getattr(hf_config, "quantization_config", None) is None:
+            # Full tensors sliced per rank, so any TP size holds the same model.
+            self.model.load_weights(dummy_checkpoint(hf_config, dtype, self.device, seed))
+        elif load_format == "dummy":
             random_weights(self.model, seed)
         else:
             self.model.load_weights(iterate_weights(model_dir))
@@ -74,6 +104,11 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.prompt_logprobs_done: dict[str, int] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(seed)
+        # The last launched step's sampled tokens (on the device) and each request's row
+        # in them: asynchronous scheduling plans the next step before they reach the host,
+        # with PLACEHOLDER_TOKEN inputs that are filled from here.
+        self._last_tokens: Optional[torch.Tensor] = None
+        self._last_rows: dict[str, int] = {}
 
     # ---- KV cache ------------------------------------------------------------------
     @property
@@ -165,10 +200,35 @@ class ModelRunner:
         self.kv_caches = []
 
     def _graphs_wanted(self) -> bool:
-        # Graphs need a capturable attention backend (ours reads only tensors); TP > 1
-        # would capture NCCL collectives, which has not been validated here.
-        return (self.device.type == "cuda" and not self.enforce_eager and self.tp_size == 1
+        # Graphs need a capturable attention backend (ours reads only tensors). With TP > 1
+        # every rank captures the same sizes in the same order (allocate_kv_cache runs on
+        # all ranks at once), and the graphs hold the NCCL all-reduces of the forward pass;
+        # the eager warm-up before each capture has set up the communicator.
+        return (self.device.type == "cuda" and not self.enforce_eager
                 and getattr(self.backend, "supports_cuda_graphs", False))
+
+    @torch.inference_mode()
+    def profile_all_reduce(self, num_tokens: int, iters: int = 10) -> float:
+        """Seconds that the all-reduces of one forward pass over `num_tokens` tokens take
+        on this rank: two per layer (after attention and after the MLP) of [num_tokens,
+        hidden] in the model's dtype, as the row-parallel layers issue them. Every rank must
+        call it at once (it is a collective); 0.0 without tensor parallelism."""
+        if self.tp_size == 1:
+            return 0.0
+        x = torch.zeros(num_tokens, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
+        calls = 2 * len(self.attn_layers)
+        for _ in range(calls):
+            all_reduce(x)  # warm-up
+        self._sync()
+        t = time.perf_counter()
+        for _ in range(iters * calls):
+            all_reduce(x)
+        self._sync()
+        return (time.perf_counter() - t) / iters
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def shutdown(self) -> None:
         self.release_kv_cache()
@@ -206,11 +266,34 @@ class ModelRunner:
             bs = self.block_size
             positions = [s.start_pos for s in plan.seqs]
             slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(plan.seqs, positions)]
+            query_start = list(range(len(plan.seqs) + 1))
             hidden = graphs.run([s.token_ids[0] for s in plan.seqs], positions, slots,
-                                [p + 1 for p in positions], self.host_tables.gather(plan.seqs))
-            return hidden, list(range(len(plan.seqs) + 1))
+                                [p + 1 for p in positions], self.host_tables.gather(plan.seqs),
+                                self._placeholders(plan, query_start))
+            return hidden, query_start
         input_ids, positions, meta, query_start = self._prepare(plan)
+        fill = self._placeholders(plan, query_start)
+        if fill is not None:
+            input_ids.index_copy_(0, *fill)
         return self.model(input_ids, positions, meta, self.backend), query_start
+
+    def _placeholders(self, plan: StepPlan, query_start: list[int]):
+        """(input rows, their tokens) for the PLACEHOLDER_TOKEN inputs of `plan` (the last
+        token of a request that the previous launched step sampled), read from that step's
+        tokens on the device; None when there are none."""
+        dst, src = [], []
+        for i, s in enumerate(plan.seqs):
+            if s.token_ids[-1] == PLACEHOLDER_TOKEN:
+                row = self._last_rows.get(s.request_id)
+                if row is None:
+                    raise RuntimeError(f"request {s.request_id!r} has a placeholder token but the "
+                                       f"previous step did not sample it")
+                dst.append(query_start[i] + len(s.token_ids) - 1)
+                src.append(row)
+        if not dst:
+            return None
+        dev = self.device
+        return to_device(dst, torch.long, dev), self._last_tokens.index_select(0, to_device(src, torch.long, dev))
 
     def _prepare(self, plan: StepPlan):
         bs = self.block_size
@@ -234,23 +317,32 @@ class ModelRunner:
         dev = self.device
         query_lens = [len(s.token_ids) for s in plan.seqs]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=to_device(slots, torch.long, dev),
+            query_start_loc=to_device(query_start, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_tables=to_device(tables, torch.int32, dev),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens))
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta, query_start)
+        return (to_device(input_ids, torch.long, dev), to_device(positions, torch.long, dev),
+                meta, query_start)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step and return its sampled tokens (launch, then collect)."""
+        return self.collect(self.launch(plan))
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        t0 = time.perf_counter()
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue one step on the device without waiting for it: the forward pass, sampling
+        and log-probabilities, and the copies of their results to the host. On a GPU
+        nothing here waits for the device, so the host can plan the next step (whose
+        PLACEHOLDER_TOKEN inputs come from this step's tokens) while this one runs."""
+        pending = PendingStep(StepResult(), time.perf_counter())
         self._update_states(plan)
-        result = StepResult()
         if not plan.seqs:
-            return result
-        hidden, query_start = self._forward(plan)
+            return pending
+        hidden, query_start = self._forward(plan)  # reads the previous step's tokens
+        self._last_rows = {}
+        dev = self.device
 
         # Rows whose logits are needed: each sampling sequence's last token, and the
         # prompt positions of requests that asked for prompt logprobs.
@@ -269,39 +361,60 @@ class ModelRunner:
                         self.prompt_logprobs_done[s.request_id] = p + 1
         rows = sample_rows + [r for _, r, _ in prompt_rows]
         if not rows:
-            result.execute_time_s = time.perf_counter() - t0
-            return result
-        logits = self.model.compute_logits(hidden[rows])
+            return pending
+        logits = self.model.compute_logits(hidden[_row_index(rows, dev)])
         if self.tp_rank > 0:
             # Ranks > 0 took part in the gather; rank 0 alone samples and reports.
-            return result
+            return pending
         logits = logits.float()
 
         if sample_ids:
             states = [self.states[rid] for rid in sample_ids]
             sample_logits = logits[:len(sample_ids)]
-            tokens = sample(sample_logits, states, self.default_generator).tolist()
+            tokens = sample(sample_logits, states, self.default_generator)
+            self._last_tokens = tokens
+            self._last_rows = {rid: i for i, rid in enumerate(sample_ids)}
+            pending.sample_ids, pending.states, pending.tokens = sample_ids, states, to_host(tokens)
             want = [i for i, st in enumerate(states) if st.params.get("logprobs") is not None]
             if want:
-                lp = torch.log_softmax(sample_logits[want], dim=-1)
+                idx = _row_index(want, dev)
+                lp = torch.log_softmax(sample_logits[idx], dim=-1)
                 k = max(int(states[i].params["logprobs"]) for i in want)
-                ids, lps, chosen, ranks = topk_logprobs(lp, torch.tensor([tokens[i] for i in want],
-                                                                        device=lp.device), k)
-                for j, i in enumerate(want):
-                    ki = int(states[i].params["logprobs"])
-                    result.logprobs[sample_ids[i]] = TokenLogprobs(ids[j][:ki], lps[j][:ki], tokens[i],
-                                                                   chosen[j], ranks[j])
-            for rid, st, tok in zip(sample_ids, states, tokens):
-                st.output_token_ids.append(tok)
-                result.sampled[rid] = tok
+                pending.want = want
+                pending.logprobs = tuple(to_host(t) for t in topk_logprobs(lp, tokens[idx], k))
         if prompt_rows:
             lp = torch.log_softmax(logits[len(sample_ids):], dim=-1)
-            targets = torch.tensor([t for _, _, t in prompt_rows], device=lp.device)
+            targets = to_device([t for _, _, t in prompt_rows], torch.long, dev)
             k = max(int(self.states[rid].params["prompt_logprobs"]) for rid, _, _ in prompt_rows)
-            ids, lps, chosen, ranks = topk_logprobs(lp, targets, k)
-            for j, (rid, _, tgt) in enumerate(prompt_rows):
-                ki = int(self.states[rid].params["prompt_logprobs"])
+            # (request id, target, k): the request's state may be gone by collect time.
+            pending.prompt_rows = [(rid, tgt, int(self.states[rid].params["prompt_logprobs"]))
+                                   for rid, _, tgt in prompt_rows]
+            pending.prompt_logprobs = tuple(to_host(t) for t in topk_logprobs(lp, targets, k))
+        if dev.type == "cuda":
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+        return pending
+
+    def collect(self, pending: PendingStep) -> StepResult:
+        """Wait for a launched step's results and return them as a StepResult."""
+        result = pending.result
+        if pending.event is not None:
+            pending.event.synchronize()
+        if pending.tokens is not None:
+            tokens = pending.tokens.tolist()
+            if pending.logprobs is not None:
+                ids, lps, chosen, ranks = (t.tolist() for t in pending.logprobs)
+                for j, i in enumerate(pending.want):
+                    ki = int(pending.states[i].params["logprobs"])
+                    result.logprobs[pending.sample_ids[i]] = TokenLogprobs(
+                        ids[j][:ki], lps[j][:ki], tokens[i], chosen[j], ranks[j])
+            for rid, st, tok in zip(pending.sample_ids, pending.states, tokens):
+                st.output_token_ids.append(tok)
+                result.sampled[rid] = tok
+        if pending.prompt_logprobs is not None:
+            ids, lps, chosen, ranks = (t.tolist() for t in pending.prompt_logprobs)
+            for j, (rid, tgt, ki) in enumerate(pending.prompt_rows):
                 result.prompt_logprobs.setdefault(rid, []).append(
                     TokenLogprobs(ids[j][:ki], lps[j][:ki], tgt, chosen[j], ranks[j]))
-        result.execute_time_s = time.perf_counter() - t0
+        result.execute_time_s = time.perf_counter() - pending.t0
         return result

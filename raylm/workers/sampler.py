@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from raylm.workers.transfer import to_device
+
 
 @dataclass
 class SamplingState:
@@ -37,14 +39,16 @@ class SamplingState:
 
 
 def topk_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int):
-    """For each row: (top-k ids, top-k logprobs, chosen logprob, chosen 1-based rank)."""
+    """For each row, as tensors on the logits' device: (top-k ids, top-k logprobs, chosen
+    logprob, chosen 1-based rank)."""
     chosen_lp = logprobs.gather(1, chosen.view(-1, 1)).squeeze(1)
     ranks = (logprobs > chosen_lp.unsqueeze(1)).sum(1) + 1
     if k > 0:
         top_lp, top_ids = logprobs.topk(k, dim=1)
     else:
-        top_lp = top_ids = torch.empty(logprobs.shape[0], 0)
-    return top_ids.tolist(), top_lp.tolist(), chosen_lp.tolist(), ranks.tolist()
+        top_lp = torch.empty(logprobs.shape[0], 0, device=logprobs.device)
+        top_ids = torch.empty(logprobs.shape[0], 0, dtype=torch.long, device=logprobs.device)
+    return top_ids, top_lp, chosen_lp, ranks
 
 
 def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
@@ -57,12 +61,12 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
         freq = float(p.get("frequency_penalty", 0.0))
         row = logits[i]
         if rep != 1.0:
-            seen = torch.tensor(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)),
-                                dtype=torch.long, device=logits.device)
+            seen = to_device(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)),
+                             torch.long, logits.device)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / rep, vals * rep)
         if (pres or freq) and st.output_token_ids:
-            out = torch.tensor(st.output_token_ids, dtype=torch.long, device=logits.device)
+            out = to_device(st.output_token_ids, torch.long, logits.device)
             counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
             row -= freq * counts + pres * (counts > 0).to(row.dtype)
         min_tokens = int(p.get("min_tokens", 0))
@@ -82,17 +86,17 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     if all(t == temps[0] for t in temps):
         logits = logits / temps[0]
     else:
-        logits = logits / torch.tensor(temps, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+        logits = logits / to_device(temps, logits.dtype, logits.device).unsqueeze(1)
     vocab = logits.shape[1]
     top_k = [st.top_k for st in states]
     if any(0 < k < vocab for k in top_k):
-        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+        ks = to_device([k if 0 < k < vocab else vocab for k in top_k], torch.long, logits.device)
         sorted_logits = logits.sort(dim=1, descending=True).values
         kth = sorted_logits.gather(1, (ks - 1).view(-1, 1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     top_p = [st.top_p for st in states]
     if any(p < 1.0 for p in top_p):
-        ps = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
+        ps = to_device(top_p, logits.dtype, logits.device)
         probs_sorted, idx = logits.softmax(dim=1).sort(dim=1, descending=True)
         cum = probs_sorted.cumsum(dim=1)
         remove_sorted = (cum - probs_sorted) >= ps.unsqueeze(1)  # keep the smallest set reaching p
@@ -101,7 +105,7 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     min_p = [st.min_p for st in states]
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=1)
-        thresh = torch.tensor(min_p, dtype=probs.dtype, device=probs.device).unsqueeze(1) \
+        thresh = to_device(min_p, probs.dtype, probs.device).unsqueeze(1) \
             * probs.max(dim=1, keepdim=True).values
         logits = logits.masked_fill(probs < thresh, float("-inf"))
     return logits
@@ -125,5 +129,5 @@ def sample(logits: torch.Tensor, states: list[SamplingState],
     sampled = (scaled - q.log_()).argmax(dim=1)
     if not any(st.is_greedy for st in states):
         return sampled
-    greedy = torch.tensor([st.is_greedy for st in states], device=logits.device)
+    greedy = to_device([st.is_greedy for st in states], torch.bool, logits.device)
     return torch.where(greedy, logits.argmax(dim=1), sampled)

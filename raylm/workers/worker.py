@@ -53,6 +53,9 @@ class Worker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
+    def profile_all_reduce(self, num_tokens: int, iters: int = 10) -> float:
+        return self.runner.profile_all_reduce(num_tokens, iters)
+
     def execute(self, wire: bytes) -> Optional[bytes]:
         """Run one msgpack-encoded StepPlan; rank 0 returns the msgpack-encoded StepResult,
         other ranks None."""

@@ -72,3 +72,44 @@ def test_bf16_engine_matches_transformers(tmp_path, name):
     # allowing one sequence to part on a near-tie.
     same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(results[True], results[False]))
     assert same >= len(prompts) - 1
+
+
+def test_async_scheduling_matches_sync_and_never_waits(tmp_path):
+    """Asynchronous scheduling (the GPU default) gives the synchronous loop's greedy tokens
+    with CUDA graphs in bf16, and launching a decode step (placeholders filled on the
+    device, sampling with top-p, logprobs) makes no synchronising CUDA call: PyTorch's
+    sync debug mode raises on any."""
+    from raylm import LLM, SamplingParams
+
+    cfg_dir = _small_config_dir(tmp_path, "qwen3-0.6b")
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 37, 130, 300, 64)]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    outs = {}
+    for mode in (False, True):
+        llm = LLM(cfg_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, async_scheduling=mode)
+        assert llm.llm_engine.async_scheduling is mode and llm.llm_engine.executor.runner.graphs is not None
+        outs[mode] = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        if mode:
+            engine = llm.llm_engine
+            probe = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, ignore_eos=True, logprobs=2)
+            for i, p in enumerate(prompts):
+                engine.add_request(f"probe{i}", {"prompt_token_ids": p}, probe)
+            engine.step()  # launches the prefill
+            engine.step()  # launches the first decode (placeholders), collects the prefill
+            sched_out, plan = engine.begin_step()
+            assert all(s.token_ids == [-1] for s in plan.seqs)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                engine.executor.launch(plan)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+        llm.shutdown()
+    for a, b in zip(outs[False], outs[True]):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids
+        assert max(abs(ca.logprobs[i][t].logprob - cb.logprobs[i][t].logprob)
+                   for i, t in enumerate(ca.token_ids)) < 1e-3

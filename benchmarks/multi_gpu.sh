@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The multi-GPU runs (tensor parallelism over NCCL, several worker groups, the Serve app)
+# on one host with 4 GPUs, in two parts that each fit one 10-minute device call:
+#
+#   bash benchmarks/multi_gpu.sh a   # TP correctness (Llama-3.1-8B), throughput TP=1/2/4 and 2 groups x TP=1
+#   bash benchmarks/multi_gpu.sh b   # TP correctness (Qwen3-8B), batch-1 latency TP=1/2/4, Serve app 2 and 1 groups
+#
+# Each step has a time limit, so a hang shows as rc=124 instead of eating the call; result
+# JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-multi). NVLink multicast stays off.
+set -u
+part=${1:-a}
+res=${RESULTS_OUT:-/tmp/raylm-multi}
+mkdir -p "$res"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export TOKENIZERS_PARALLELISM=false
+
+step() {  # step NAME SECONDS script args...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  OUT=$res timeout -k 10 "$limit" python3 "$@" >"$res/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $((SECONDS - t0)) s"
+  grep -E "^(TP=|raylm:|all-reduce|app up|[0-9]+ output tok|\{'prompt_len)|Error|error:" "$res/$name.log" | tail -6
+  if [ $rc -ne 0 ]; then
+    tail -15 "$res/$name.log"
+    python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+    pkill -9 -f "python3 benchmarks/" >/dev/null 2>&1
+  fi
+  return $rc
+}
+
+B=benchmarks
+case $part in
+a)
+  step tpc-llama 240 $B/tp_correctness.py --model llama-3.1-8b --tp-sizes 1,2,4 ||
+    step tpc-llama-eager 200 $B/tp_correctness.py --model llama-3.1-8b --tp-sizes 1,2,4 --enforce-eager
+  step thr-tp1 100 $B/throughput.py --model llama-3.1-8b --peer none
+  step thr-tp2 110 $B/throughput.py --model llama-3.1-8b --peer none --tensor-parallel-size 2
+  step thr-tp4 110 $B/throughput.py --model llama-3.1-8b --peer none --tensor-parallel-size 4
+  step thr-2groups 120 $B/throughput.py --model llama-3.1-8b --peer none --num-groups 2
+  ;;
+b)
+  for tp in 1 2 4; do
+    step lat-tp$tp 90 $B/latency.py --model llama-3.1-8b --peer none --prompt-lens 128 --output-len 128 \
+      --max-model-len 4096 --tensor-parallel-size $tp
+  done
+  step serve-2groups 150 $B/serving.py --model llama-3.1-8b --num-groups 2
+  step serve-1group 150 $B/serving.py --model llama-3.1-8b --num-groups 1 --port 8001
+  step tpc-qwen 200 $B/tp_correctness.py --model qwen3-8b --tp-sizes 1,2,4
+  ;;
+esac
+exit 0
