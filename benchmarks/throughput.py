@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="engine argument async_scheduling (auto: on for TP=1 on a GPU)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--num-groups", type=int, default=1)
     p.add_argument("--peer", choices=["hf", "none"], default="hf")
@@ -69,7 +71,8 @@ def main() -> None:
                          max_num_batched_tokens=args.max_num_batched_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
                          attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-                         tensor_parallel_size=tp)
+                         tensor_parallel_size=tp,
+                         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     sps = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=o) for o in outputs]
     if groups > 1:
         run = run_groups(engine_kwargs, groups, prompts, sps)
@@ -89,6 +92,7 @@ def main() -> None:
         "tensor_parallel_size": tp, "num_groups": groups, "num_gpus": tp * groups,
         "measured_bandwidth_Bps": bandwidth, "measured_bf16_flops": peak,
         "enforce_eager": args.enforce_eager, "attention_backend": args.attention_backend,
+        "async_scheduling": args.async_scheduling,
     })
     result.update(run)
     gpus = tp * groups  # ideal scaling: every GPU's bandwidth and peak
@@ -105,7 +109,7 @@ def main() -> None:
         print(f"HF: {result['peer_output_tok_per_s']:.0f} output tok/s; raylm/HF = {result['ratio_vs_peer']:.1f}x")
     else:
         result["peer"], result["peer_output_tok_per_s"] = None, None
-    suffix = (f"-tp{tp}" if tp > 1 else "") + (f"-{groups}groups" if groups > 1 else "")
+    suffix = (f"-tp{tp}" if tp > 1 else "") + ("-sync" if args.async_scheduling == "off" else "") + (f"-{groups}groups" if groups > 1 else "")
     common.save_result(result, f"throughput-{args.model}{suffix}")
 
 
