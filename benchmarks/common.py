@@ -19,6 +19,15 @@ MODELS = os.path.join(ROOT, "benchmarks", "models")
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc), imports included."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def model_dir(name: str) -> str:
     """A directory holding config.json: a name under ../shared/models or a path. Copied to
     a temp dir so nothing is written next to the shared configs."""

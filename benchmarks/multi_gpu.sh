@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The multi-GPU runs (tensor parallelism over NCCL, several worker groups, the Serve app)
-# on one host with 4 GPUs, in two parts that each fit one 10-minute device call:
+# on one host with 4 GPUs, in parts that each fit one 10-minute device call:
 #
 #   bash benchmarks/multi_gpu.sh a   # TP correctness (Llama-3.1-8B), throughput TP=1/2/4 and 2 groups x TP=1
 #   bash benchmarks/multi_gpu.sh b   # TP correctness (Qwen3-8B), batch-1 latency TP=1/2/4, Serve app 2 and 1 groups
+#   bash benchmarks/multi_gpu.sh c   # throughput and latency TP=1/2/4, 2 groups, Serve app 2 groups, Qwen3-8B TP correctness
 #
 # Each step has a time limit, so a hang shows as rc=124 instead of eating the call; result
 # JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-multi). NVLink multicast stays off.
@@ -49,6 +50,18 @@ b)
   step serve-2groups 150 $B/serving.py --model llama-3.1-8b --num-groups 2
   step serve-1group 150 $B/serving.py --model llama-3.1-8b --num-groups 1 --port 8001
   step tpc-qwen 200 $B/tp_correctness.py --model qwen3-8b --tp-sizes 1,2,4
+  ;;
+c)
+  for tp in 1 2 4; do
+    step thr-tp$tp 110 $B/throughput.py --model llama-3.1-8b --peer none --tensor-parallel-size $tp
+  done
+  step thr-2groups 120 $B/throughput.py --model llama-3.1-8b --peer none --num-groups 2
+  for tp in 1 2 4; do
+    step lat-tp$tp 80 $B/latency.py --model llama-3.1-8b --peer none --prompt-lens 128 --output-len 64 \
+      --reps 2 --max-model-len 4096 --tensor-parallel-size $tp
+  done
+  step serve-2groups 120 $B/serving.py --model llama-3.1-8b --num-groups 2 --num-requests 128 --max-len 512
+  step tpc-qwen 120 $B/tp_correctness.py --model qwen3-8b --tp-sizes 1,2,4 --num-prompts 8
   ;;
 esac
 exit 0

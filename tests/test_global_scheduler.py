@@ -58,14 +58,17 @@ def test_prefix_affinity_and_load_spreading(llama_dir):
     run(main())
 
 
-def test_streaming_matches_offline_and_abort_frees_blocks(llama_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_streaming_matches_offline_and_abort_frees_blocks(llama_dir, async_scheduling):
     prompts = ["hello world", "the quick brown fox", "a b c d e f"]
     offline = LLM(llama_dir, max_model_len=256)
     expected = [o.outputs[0].text for o in offline.generate(prompts, GREEDY, use_tqdm=False)]
     offline.shutdown()
 
     async def main():
-        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=256), num_groups=1)
+        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=256,
+                                           async_scheduling=async_scheduling), num_groups=1)
+        assert sched.groups[0].engine.async_scheduling is async_scheduling
         bm = sched.groups[0].engine.block_manager
         try:
             async def stream_text(p):
@@ -108,20 +111,27 @@ def test_streaming_matches_offline_and_abort_frees_blocks(llama_dir):
     run(main())
 
 
-def test_two_ray_groups_serve_32_concurrent_requests(llama_dir, ray_session):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_two_ray_groups_serve_32_concurrent_requests(llama_dir, ray_session, async_scheduling):
+    """Both groups get work; with async_scheduling each group's ranks keep one step in
+    flight (execute_pipelined) and the text is the same."""
     prompts = [f"request number {i} says" for i in range(32)]
     offline = LLM(llama_dir, max_model_len=128)
     expected = [o.outputs[0].text for o in offline.generate(prompts, GREEDY, use_tqdm=False)]
     offline.shutdown()
 
     async def main():
-        args = EngineArgs(model=llama_dir, max_model_len=128, distributed_executor_backend="ray")
+        args = EngineArgs(model=llama_dir, max_model_len=128, distributed_executor_backend="ray",
+                          async_scheduling=async_scheduling)
         sched = GlobalScheduler(args, num_groups=2)
         try:
             outs = await asyncio.gather(*[sched.generate(p, GREEDY) for p in prompts])
             assert [o.outputs[0].text for o in outs] == expected
-            steps = [s["steps"] for s in sched.group_stats()]
+            stats = sched.group_stats()
+            steps = [s["steps"] for s in stats]
             assert all(s > 0 for s in steps), steps
+            assert sum(s["requests_routed"] for s in stats) == 32
+            assert all(0 < s["busy_s"] for s in stats)
             await sched.check_health()
         finally:
             await sched.shutdown()

@@ -113,6 +113,44 @@ def test_single_kv_head_is_replicated(tmp_path, ray_session):
     wait_for_free_cpus(ray_session)
 
 
+def test_tp2_async_scheduling_matches_sync_and_hf(checkpoint_dirs, ray_session):
+    """async_scheduling at TP=2: the ranks keep a step in flight (execute_pipelined) and
+    fill placeholder inputs from rank 0's broadcast tokens; greedy output equals
+    transformers', sampled output (seeds, n > 1, penalties) equals the synchronous loop's,
+    with chunked prefill, and an abort leaves the rest alone."""
+    d = checkpoint_dirs["qwen3"]
+    prompts = prompts_of([30, 7, 19], seed=5)
+    sampled = [SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=5, ignore_eos=True, logprobs=1),
+               SamplingParams(temperature=0.7, seed=9, max_tokens=6, ignore_eos=True,
+                              repetition_penalty=1.2, min_tokens=3),
+               GREEDY]
+    outs = {}
+    for mode in (False, True):
+        llm = LLM(d, tensor_parallel_size=2, async_scheduling=mode, max_num_batched_tokens=16,
+                  block_size=4, **COMMON)
+        assert llm.llm_engine.async_scheduling is mode
+        greedy = generate(llm, prompts)
+        outs[mode] = [[(c.token_ids, c.finish_reason) for c in o.outputs]
+                      for o in generate(llm, prompts, sampled)]
+        if mode:
+            check_hf(d, greedy, prompts)
+            engine = llm.llm_engine
+            for i, p in enumerate(prompts):
+                engine.add_request(f"a{i}", {"prompt_token_ids": p}, GREEDY)
+            engine.step()
+            engine.step()
+            engine.abort_request("a1")
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o for o in engine.step() if o.finished})
+            assert sorted(done) == ["a0", "a2"]
+            assert [done["a0"].outputs[0].token_ids] == [greedy[0].outputs[0].token_ids]
+            assert engine.block_manager.num_used_blocks == 0
+        llm.shutdown()
+    assert outs[True] == outs[False]
+    wait_for_free_cpus(ray_session)
+
+
 def test_dummy_weights_are_the_same_model_at_any_tp_size(llama_dir, ray_session):
     """load_format="dummy" draws each full tensor from the seed and its name, so TP=2's
     ranks slice TP=1's model (the multi-GPU correctness runs rely on this); all-reduce

@@ -57,6 +57,7 @@ class _GroupState:
     inflight_hashes: Counter = field(default_factory=Counter)
     steps: int = 0
     busy_s: float = 0.0  # time with a step on the workers
+    busy_since: Optional[float] = None  # asynchronous scheduling: steps in flight since
     requests: int = 0  # routed here
 
 
@@ -219,6 +220,8 @@ class GlobalScheduler:
         engine = group.engine
         pending = None  # a recorded step whose outputs are not yet emitted
         try:
+            if engine.async_scheduling:
+                return await self._run_group_async(group)
             while True:
                 planned = engine.begin_step()
                 if planned is None:
@@ -255,9 +258,51 @@ class GlobalScheduler:
                     stream.finished = True
                     stream.queue.put_nowait(RuntimeError(f"worker group {gi} failed: {exc!r}"))
 
+    async def _run_group_async(self, group: _GroupState) -> None:
+        """Asynchronous scheduling (the engine's async_scheduling): step N+1 is planned
+        and launched before step N's tokens are back, so the workers always have the next
+        step queued; step N is then recorded, detokenized and streamed."""
+        engine = group.engine
+        inflight = None  # (scheduler output, launched handle)
+
+        async def complete(step) -> None:
+            sched_out, handle = step
+            result = await engine.executor.collect_async(handle)
+            group.steps += 1
+            self._deliver(engine.emit_step(engine.record_step(sched_out, result, launched=True)))
+
+        while True:
+            planned = engine.begin_step()
+            if planned is None:
+                if inflight is not None:
+                    step, inflight = inflight, None
+                    await complete(step)
+                    continue
+                if group.busy_since is not None:
+                    group.busy_s += time.perf_counter() - group.busy_since
+                    group.busy_since = None
+                if engine.has_unfinished_requests():
+                    await asyncio.sleep(0.005)  # nothing fits this instant
+                    continue
+                group.wake.clear()
+                await group.wake.wait()
+                continue
+            sched_out, plan = planned
+            if inflight is not None and engine.needs_current_outputs(sched_out):
+                step, inflight = inflight, None
+                await complete(step)
+            group.busy_since = group.busy_since or time.perf_counter()
+            handle = engine.executor.launch(plan)
+            engine.mark_launched(sched_out)
+            if inflight is not None:
+                await complete(inflight)
+            inflight = (sched_out, handle)
+
     # ---- introspection -------------------------------------------------------------
     def group_stats(self) -> list[dict]:
-        return [dict(g.engine.stats(), steps=g.steps, busy_s=g.busy_s, requests_routed=g.requests, alive=g.error is None)
+        now = time.perf_counter()
+        return [dict(g.engine.stats(), steps=g.steps, requests_routed=g.requests, alive=g.error is None,
+                     busy_s=g.busy_s + (now - g.busy_since if g.busy_since is not None else 0.0))
                 for g in self.groups]
 
     def stats(self) -> dict:

@@ -46,6 +46,9 @@ class UniProcExecutor:
     def collect(self, pending) -> StepResult:
         return self.runner.collect(pending)
 
+    async def collect_async(self, pending) -> StepResult:
+        return await asyncio.to_thread(self.runner.collect, pending)
+
     async def execute_async(self, plan: StepPlan) -> StepResult:
         # torch releases the GIL inside its kernels, so the event loop keeps serving.
         return await asyncio.to_thread(self.runner.execute, plan)

@@ -59,10 +59,7 @@ class LLMEngine:
         self.executor.allocate_kv_cache(self.num_blocks)
         supports_async = getattr(self.executor, "supports_async", False)
         if args.async_scheduling and not supports_async:
-            raise ValueError("async_scheduling=True needs the in-process executor (tensor_parallel_size=1 "
-                             f"and no distributed_executor_backend), got tensor_parallel_size="
-                             f"{args.tensor_parallel_size}, distributed_executor_backend="
-                             f"{args.distributed_executor_backend!r}")
+            raise ValueError(f"async_scheduling=True is not supported by {type(self.executor).__name__}")
         self.async_scheduling = (supports_async and self.device.startswith("cuda")
                                  if args.async_scheduling is None else bool(args.async_scheduling))
         self._inflight = None  # asynchronous scheduling: (scheduler output, pending step)
@@ -320,18 +317,11 @@ class LLMEngine:
                 outputs = self._complete_inflight(t1)
             return outputs
         sched_out, plan = planned
-        if self._inflight is not None and sched_out and any(
-                c is not None and c.needs_current_outputs
-                for c in (self.completions.get(s.request_id) for s in sched_out.seqs)):
+        if self._inflight is not None and self.needs_current_outputs(sched_out):
             outputs += self._complete_inflight(t1)  # penalties need step N's tokens first
             t1 = time.perf_counter()
         pending = self.executor.launch(plan)
-        if sched_out:
-            self.scheduler.update_after_step(sched_out)
-            for s in sched_out.seqs:
-                comp = self.completions.get(s.request_id)
-                if s.sample and comp is not None:
-                    comp.request.append_placeholder()
+        self.mark_launched(sched_out)
         t2 = time.perf_counter()
         tm = self.timing
         tm["schedule_s"] += t1 - t0
@@ -340,6 +330,24 @@ class LLMEngine:
             outputs += self._complete_inflight(t2)
         self._inflight = (sched_out, pending)
         return outputs
+
+    def needs_current_outputs(self, sched_out) -> bool:
+        """True when a request of this step samples from the tokens so far (penalties,
+        min_tokens): the step in flight must be recorded before this one is launched."""
+        return bool(sched_out) and any(
+            c is not None and c.needs_current_outputs
+            for c in (self.completions.get(s.request_id) for s in sched_out.seqs))
+
+    def mark_launched(self, sched_out) -> None:
+        """Asynchronous scheduling: the step is on the device; count its tokens computed
+        and give each request it samples a placeholder for its token."""
+        if not sched_out:
+            return
+        self.scheduler.update_after_step(sched_out)
+        for s in sched_out.seqs:
+            comp = self.completions.get(s.request_id)
+            if s.sample and comp is not None:
+                comp.request.append_placeholder()
 
     def _complete_inflight(self, t0: float) -> list[RequestOutput]:
         sched_out, pending = self._inflight

@@ -50,6 +50,16 @@ def _node_setup(world_size: int) -> tuple[int, int]:
     return Worker.free_port("127.0.0.1"), max(1, (cpus or 1) // world_size)
 
 
+class _Launched:
+    """A step sent with execute_pipelined; its result arrives with the next call's."""
+
+    result_refs: Optional[list] = None
+
+
+def _decode(wire: Optional[bytes]) -> StepResult:
+    return StepResult() if wire is None else StepResult.from_wire(msgpack.unpackb(wire))
+
+
 class RayExecutor:
     """`tensor_parallel_size` Ray actors running `raylm.workers.worker.Worker`."""
 
@@ -62,6 +72,7 @@ class RayExecutor:
         from ray.util.placement_group import placement_group
 
         self.workers: list = []
+        self._last_launched: Optional[_Launched] = None
         self.placement_group = None
         self.runner_options = runner_options or {}
         self._failed = False
@@ -140,7 +151,7 @@ class RayExecutor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._collect([w.allocate_kv_cache.remote(num_blocks) for w in self.workers])
 
-    def _submit(self, plan: StepPlan) -> list:
+    def _submit(self, plan: StepPlan, method: str = "execute") -> list:
         import ray
 
         if not self.workers:
@@ -153,14 +164,49 @@ class RayExecutor:
         # task (an object-store ref cost ~1.6 ms more per step on the 2-core box, see
         # benchmarks/ray_overhead.py); a large one goes to the object store once.
         arg = ray.put(wire) if len(self.workers) > 1 and len(wire) > INLINE_PLAN_BYTES else wire
-        return [w.execute.remote(arg) for w in self.workers]
+        return [getattr(w, method).remote(arg) for w in self.workers]
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return StepResult.from_wire(msgpack.unpackb(self._collect(self._submit(plan))[0]))
+        return _decode(self._collect(self._submit(plan))[0])
 
     async def execute_async(self, plan: StepPlan) -> StepResult:
         """`execute` without blocking the event loop, so several groups can step at once."""
         futs = [asyncio.wrap_future(ref.future()) for ref in self._submit(plan)]
+        return _decode((await self._gather(futs))[0])
+
+    def profile_all_reduce(self, num_tokens: int, iters: int = 10) -> float:
+        """Seconds per forward pass that rank 0 spends in all-reduces at `num_tokens` tokens
+        (see ModelRunner.profile_all_reduce)."""
+        return self._collect([w.profile_all_reduce.remote(num_tokens, iters) for w in self.workers])[0]
+
+    # ---- asynchronous scheduling: the ranks keep one step in flight ------------------
+    # Each execute_pipelined call launches its plan and returns the previous plan's
+    # result, so a step's result comes back with the next launch (or with a flush).
+    supports_async = True
+
+    def launch(self, plan: StepPlan) -> "_Launched":
+        refs = self._submit(plan, "execute_pipelined")
+        if self._last_launched is not None:
+            self._last_launched.result_refs = refs
+        self._last_launched = _Launched()
+        return self._last_launched
+
+    def _result_refs(self, launched: "_Launched") -> list:
+        if launched.result_refs is None:  # nothing launched after it: ask for it
+            if launched is not self._last_launched:
+                raise RuntimeError("collect() of a step that is neither in flight nor answered")
+            launched.result_refs = [w.flush.remote() for w in self.workers]
+            self._last_launched = None
+        return launched.result_refs
+
+    def collect(self, launched: "_Launched") -> StepResult:
+        return _decode(self._collect(self._result_refs(launched))[0])
+
+    async def collect_async(self, launched: "_Launched") -> StepResult:
+        futs = [asyncio.wrap_future(ref.future()) for ref in self._result_refs(launched)]
+        return _decode((await self._gather(futs))[0])
+
+    async def _gather(self, futs: list) -> list:
         done, pending = await asyncio.wait(futs, return_when=asyncio.FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:
@@ -168,12 +214,7 @@ class RayExecutor:
                 for p in pending:
                     p.cancel()
                 raise f.exception()
-        return StepResult.from_wire(msgpack.unpackb(futs[0].result()))
-
-    def profile_all_reduce(self, num_tokens: int, iters: int = 10) -> float:
-        """Seconds per forward pass that rank 0 spends in all-reduces at `num_tokens` tokens
-        (see ModelRunner.profile_all_reduce)."""
-        return self._collect([w.profile_all_reduce.remote(num_tokens, iters) for w in self.workers])[0]
+        return [f.result() for f in futs]
 
     def worker_info(self) -> list[dict]:
         """Per-rank facts (rank, parameter_bytes, num_heads, num_kv_heads, head_dim, ...)."""

@@ -19,7 +19,7 @@ from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables
 from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult, TokenLogprobs
 from raylm.scheduler.request import PLACEHOLDER_TOKEN
 from raylm.workers.models.llama import get_model_class
-from raylm.workers.parallel_state import all_reduce, get_tp_rank, get_tp_size
+from raylm.workers.parallel_state import all_reduce, broadcast_from_first, get_tp_rank, get_tp_size
 from raylm.workers.quantization import get_quant_config
 from raylm.workers.sampler import SamplingState, sample, topk_logprobs
 from raylm.workers.transfer import to_device, to_host
@@ -364,14 +364,19 @@ class ModelRunner:
             return pending
         logits = self.model.compute_logits(hidden[_row_index(rows, dev)])
         if self.tp_rank > 0:
-            # Ranks > 0 took part in the gather; rank 0 alone samples and reports.
+            # Ranks > 0 took part in the gather; rank 0 alone samples and reports. They
+            # get its tokens on the device, for the next step's placeholder inputs.
+            if sample_ids:
+                self._last_tokens = broadcast_from_first(
+                    torch.empty(len(sample_ids), dtype=torch.long, device=dev))
+                self._last_rows = {rid: i for i, rid in enumerate(sample_ids)}
             return pending
         logits = logits.float()
 
         if sample_ids:
             states = [self.states[rid] for rid in sample_ids]
             sample_logits = logits[:len(sample_ids)]
-            tokens = sample(sample_logits, states, self.default_generator)
+            tokens = broadcast_from_first(sample(sample_logits, states, self.default_generator).contiguous())
             self._last_tokens = tokens
             self._last_rows = {rid: i for i, rid in enumerate(sample_ids)}
             pending.sample_ids, pending.states, pending.tokens = sample_ids, states, to_host(tokens)

@@ -60,6 +60,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """Give every rank rank 0's `x` (in place; a no-op without TP)."""
+    if _TP_SIZE > 1:
+        dist.broadcast(x, src=dist.get_global_rank(_TP_GROUP, 0), group=_TP_GROUP)
+    return x
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's `x` along the last dimension, in rank order."""
     if _TP_SIZE == 1:

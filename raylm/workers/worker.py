@@ -21,6 +21,7 @@ class Worker:
                  attention_backend: Optional[str] = None, load_format: str = "auto", seed: int = 0,
                  num_threads: Optional[int] = None, runner_options: Optional[dict] = None):
         self.rank, self.world_size = rank, world_size
+        self.pending = None  # execute_pipelined's step in flight
         dev = torch.device(device)
         if dev.type == "cuda":
             # Ray gives each actor one visible GPU; without Ray, rank i takes GPU i.
@@ -59,11 +60,31 @@ class Worker:
     def execute(self, wire: bytes) -> Optional[bytes]:
         """Run one msgpack-encoded StepPlan; rank 0 returns the msgpack-encoded StepResult,
         other ranks None."""
+        if self.pending is not None:
+            raise RuntimeError("a pipelined step is in flight: flush() it before execute()")
         plan = StepPlan.from_wire(msgpack.unpackb(wire))
-        result = self.runner.execute(plan)
-        if self.rank != 0:
+        return self._encode(self.runner.execute(plan))
+
+    def execute_pipelined(self, wire: bytes) -> Optional[bytes]:
+        """Asynchronous scheduling: launch this plan on the GPU, then return the result of
+        the plan launched by the previous call (None after a flush), so the GPU always has
+        the next step queued while the driver records and plans."""
+        pending = self.runner.launch(StepPlan.from_wire(msgpack.unpackb(wire)))
+        previous, self.pending = self.pending, pending
+        return self.flush_result(previous)
+
+    def flush(self) -> Optional[bytes]:
+        """The result of the step in flight (None if there is none)."""
+        previous, self.pending = self.pending, None
+        return self.flush_result(previous)
+
+    def flush_result(self, pending) -> Optional[bytes]:
+        if pending is None:
             return None
-        return msgpack.packb(result.to_wire())
+        return self._encode(self.runner.collect(pending))
+
+    def _encode(self, result) -> Optional[bytes]:
+        return msgpack.packb(result.to_wire()) if self.rank == 0 else None
 
     def info(self) -> dict:
         """What this rank holds: parameter bytes, local head counts, threads."""
