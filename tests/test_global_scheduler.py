@@ -158,3 +158,27 @@ def test_failed_group_fails_its_requests_and_the_rest_keep_serving(llama_dir):
         finally:
             await sched.shutdown()
     run(main())
+
+
+def test_a_slow_stream_gets_the_newest_output_and_loses_nothing(llama_dir):
+    """Outputs are cumulative, so a consumer that falls behind is sent only the newest
+    one (fewer items), with the same final text and tokens as a prompt consumer gets."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    async def main():
+        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=128), num_groups=1)
+        try:
+            async def consume(delay):
+                items = []
+                async for out in sched.generate_stream("slow reader", params):
+                    items.append(out)
+                    await asyncio.sleep(delay)
+                return items
+            fast = await consume(0)
+            slow = await consume(0.05)
+        finally:
+            await sched.shutdown()
+        assert len(fast) == 24 and len(slow) < len(fast)
+        assert slow[-1].finished and slow[-1].outputs[0].text == fast[-1].outputs[0].text
+        assert slow[-1].outputs[0].token_ids == fast[-1].outputs[0].token_ids
+    run(main())

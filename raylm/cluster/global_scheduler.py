@@ -165,6 +165,12 @@ class GlobalScheduler:
         try:
             while True:
                 item = await stream.queue.get()
+                # Outputs are cumulative: when the consumer fell behind (a slow client, or
+                # Serve's per-item streaming cost under load), send only the newest. An
+                # error or the final output always gets through.
+                while (not isinstance(item, BaseException) and not item.finished
+                       and not stream.queue.empty()):
+                    item = stream.queue.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
