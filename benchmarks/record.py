@@ -25,16 +25,62 @@ def row(r: dict) -> str:
                    f"inputs {r['graph_inputs_ms']:.2f} ms, sampling launch {r['sample_host_ms']:.2f} ms, "
                    f"schedule {lp['schedule_ms_per_step']:.2f} ms, step loop total {r['wall_ms_per_step']:.2f} ms")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "tp_correctness":
+        parts = [f"TP={tp} vs TP={r['reference_tp']}: {c['prompts_agreeing_on_first_tokens']}/{c['prompts']} prompts "
+                 f"agree on the first {c['first_tokens_compared']} greedy tokens, max abs logprob diff before "
+                 f"divergence {c['max_abs_logprob_diff_before_divergence']:.3f}"
+                 + (f", {c['divergences_at_near_ties']} of {len(c['divergence_gaps_nats'])} divergences at "
+                    f"near-ties" if "divergences_at_near_ties" in c else "")
+                 for tp, c in r["vs_reference"].items()]
+        numbers = "; ".join(parts) + "; start-up s " + ", ".join(
+            f"TP={k}: {v:.0f}" for k, v in r["startup_s"].items()) + "; shutdown s " + ", ".join(
+            f"TP={k}: {v:.1f}" for k, v in r["shutdown_s"].items())
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "serving":
+        numbers = (f"{r['num_groups']} group(s) x TP={r['tensor_parallel_size']}: {r['raylm_output_tok_per_s']:.0f} "
+                   f"out tok/s over HTTP, TTFT p50 {r['ttft_ms']['p50']:.0f} ms, TPOT p50 {r['tpot_ms']['p50']:.1f} ms; "
+                   f"groups " + ", ".join(f"{g['requests_routed']} req / {g['busy_fraction']:.2f} busy"
+                                          for g in r["groups"]))
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "quant_gemm":
+        summ = r["summary"]
+        fmts = sorted({k.split("@")[0] for k in summ}, key=list(r["formats"]).index)
+        parts = [f"{f}: " + ", ".join(f"M={m} {summ[f'{f}@M={m}']['speedup_vs_bf16']:.2f}x"
+                                      for m in r["m"] if f"{f}@M={m}" in summ) for f in fmts if f != "bf16"]
+        numbers = "one Llama-3.1-8B layer's GEMMs vs bf16 cuBLAS: " + "; ".join(parts)
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "quant_throughput":
+        parts = []
+        for run in r["runs"]:
+            for w, x in (run.get("workloads") or {}).items():
+                parts.append(f"{run['format']} kv={run['kv_cache_dtype']} {w}: {x['output_tok_per_s']:.0f} tok/s "
+                             f"({x['speedup_vs_bf16']:.2f}x bf16, {x['fraction_of_roofline']:.2f} of roofline"
+                             + (f", {x['ratio_vs_trtllm_fp8']:.2f}x TRT-LLM fp8" if x.get("ratio_vs_trtllm_fp8") else "")
+                             + ")")
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {'; '.join(parts)} |"
     if r["benchmark"] == "latency":
         parts = [f"{x['prompt_len']}: TTFT {x['raylm_ttft_ms']:.1f} ms, TPOT {x['raylm_tpot_ms']:.2f} ms"
                  + (f" (HF {x['peer_ttft_ms']:.1f} / {x['peer_tpot_ms']:.2f})" if "peer_tpot_ms" in x else "")
                  for x in r["rows"]]
         numbers = ("; ".join(parts) + f"; floor TPOT {r['bandwidth_floor_tpot_ms']:.2f} ms, "
                    f"{r['fraction_of_roofline']:.2f} of it at 128")
+        if r.get("tensor_parallel_size", 1) > 1:
+            numbers = f"TP={r['tensor_parallel_size']}: " + numbers
     else:
         numbers = (f"raylm {_fmt(r['raylm_output_tok_per_s'])} out tok/s; HF {_fmt(r.get('peer_output_tok_per_s'))}"
                    f" ({_fmt(r.get('ratio_vs_peer'), '.1f')}x); roofline {_fmt(r['roofline_output_tok_per_s'])}"
                    f" ({r['fraction_of_roofline']:.2f}); startup {r['raylm_startup_s']:.0f} s")
+        if "num_gpus" in r:
+            numbers = (f"TP={r['tensor_parallel_size']} x {r['num_groups']} group(s), async_scheduling="
+                       f"{r.get('async_scheduling', 'auto')}: ") + numbers
+        if r.get("process_start_to_first_token_s") is not None:
+            numbers += f"; process start to first token {r['process_start_to_first_token_s']:.0f} s"
+        if r.get("all_reduce_ms_per_pass"):
+            a = r["all_reduce_ms_per_pass"]
+            numbers += (f"; all-reduce per forward pass {a['1']:.2f} / {a['256']:.2f} / {a['2048']:.2f} ms at "
+                        f"1 / 256 / 2048 tokens ({r['all_reduce_share_of_step_at_256']:.2f} of a mean step)")
+        if r.get("groups"):
+            numbers += "; groups " + ", ".join(f"{g['steps']} steps / {g['busy_fraction']:.2f} busy" for g in r["groups"])
         t = r.get("raylm_timing")
         if t:
             numbers += (f"; per step: schedule {t['schedule_ms_per_step']:.2f} ms, execute "
