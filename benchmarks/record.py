@@ -36,6 +36,14 @@ def row(r: dict) -> str:
             f"TP={k}: {v:.0f}" for k, v in r["startup_s"].items()) + "; shutdown s " + ", ".join(
             f"TP={k}: {v:.1f}" for k, v in r["shutdown_s"].items())
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "agreement":
+        parts = [f"{name}: {c['prompts_agreeing_on_first_tokens']}/{c['prompts']} prompts agree on all "
+                 f"{c['first_tokens_compared']} greedy tokens (first divergences {c['first_divergence']}; "
+                 f"{c['divergences_at_near_ties']} at near-ties), max abs logprob diff before divergence "
+                 f"{c['max_abs_logprob_diff_before_divergence']:.3f}"
+                 for name, c in (("vs HF", r["raylm_vs_hf"]), ("vs CPU float32", r["raylm_vs_cpu_float32"]))]
+        numbers = f"{r['layers']} layers, {r['dtype']}: " + "; ".join(parts)
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "serving":
         numbers = (f"{r['num_groups']} group(s) x TP={r['tensor_parallel_size']}: {r['raylm_output_tok_per_s']:.0f} "
                    f"out tok/s over HTTP, TTFT p50 {r['ttft_ms']['p50']:.0f} ms, TPOT p50 {r['tpot_ms']['p50']:.1f} ms; "
