@@ -196,6 +196,32 @@ def test_layers_keep_packed_weights():
         llm.shutdown()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_rows_inverts_unpack(bits):
+    from raylm.kernels.quant_gemm import _unpack_rows, pack_rows
+
+    packed = torch.randint(-2**31, 2**31 - 1, (6, 5), dtype=torch.int64).to(torch.int32)
+    assert torch.equal(pack_rows(_unpack_rows(packed, bits), bits), packed)
+
+
+@pytest.mark.parametrize("name,sorted_rows", [("gptqmodel-w4g32-descact", True),
+                                              ("autoround-gptq-w4g32-sym", False)])
+def test_gptq_kernel_sees_contiguous_groups(name, sorted_rows):
+    """No GPTQ layer hands the kernel a g_idx: a trivial one (row // group_size) is dropped,
+    and an act-order one has its packed rows sorted by group at load, with the input's
+    columns permuted to match (the tests above check the function is unchanged)."""
+    llm = LLM(os.path.join(CKPT, name), dtype="float32", max_model_len=64)
+    try:
+        layers = [m for m in llm.llm_engine.executor.runner.model.modules() if hasattr(m, "act_perm")]
+        assert layers and all(m.kernel_g_idx is None for m in layers)
+        assert all((m.act_perm is not None) == sorted_rows for m in layers)
+        if sorted_rows:
+            m = layers[0]
+            assert torch.equal(m.g_idx[m.act_perm].long(), torch.arange(m.g_idx.numel()) // 32)
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.parametrize("name", ["gptqmodel-w4g32-descact", "autoround-awq-w4g32-asym",
                                   "autoround-gptq-w8g64-sym"])
 def test_tensor_parallel_shards_packed_weights(ray_session, name):

@@ -46,6 +46,15 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return values.reshape(-1, packed.shape[1])
 
 
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `_unpack_rows`: [R, C] ints in [0, 2**bits) -> [R * bits // 32, C] int32."""
+    pack = 32 // bits
+    v = values.to(torch.int64).reshape(-1, pack, values.shape[1])
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device).view(1, -1, 1)
+    words = (v << shifts).sum(dim=1)  # < 2**32: no two slots overlap
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 def _unpack_cols(packed: torch.Tensor, bits: int, order: Optional[list] = None) -> torch.Tensor:
     """[R, C] int32 -> [R, C * 32 // bits]; column j of a word sits in slot order[j]
     (slot j without an order)."""
