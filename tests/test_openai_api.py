@@ -524,3 +524,33 @@ async def test_openai_client_chat_with_smollm2(smol):
         assert "maximum context length" in str(err.value)
         with pytest.raises(openai.NotFoundError):
             await oa.chat.completions.create(model="gpt-4", messages=question)
+
+
+def test_streams_yield_the_newest_output_when_writing_lags():
+    """Cumulative outputs queued while the response is written are collapsed to each
+    prompt's newest: fewer chunks, the same last output, every stream ends."""
+    from raylm.cluster.openai_api import _Streams
+
+    class Out:
+        def __init__(self, n, finished):
+            self.n, self.finished = n, finished
+
+    class Backend:
+        async def generate_stream(self, prompt, params, request_id=None):
+            for n in range(1, 41):
+                await asyncio.sleep(0)
+                yield Out(n, n == 40)
+
+    async def main():
+        streams = _Streams(Backend(), [({}, None, "a"), ({}, None, "b")])
+        await streams.start()
+        seen = {0: [], 1: []}
+        async for i, out in streams.outputs():
+            seen[i].append(out.n)
+            await asyncio.sleep(0.01)  # a slow writer
+        await streams.close()
+        return seen
+
+    seen = asyncio.run(main())
+    for ns in seen.values():
+        assert ns[-1] == 40 and ns == sorted(ns) and len(ns) < 40

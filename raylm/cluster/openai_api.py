@@ -232,11 +232,24 @@ class _Streams:
             waiting.discard(item[0])
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative output) as the requests progress."""
+        """(prompt index, cumulative output) as the requests progress. Outputs are
+        cumulative, so when several are already queued (the response is written more
+        slowly than tokens arrive) only each prompt's newest is yielded: fewer, larger
+        chunks, nothing lost."""
         while self._early:
             yield self._early.pop(0)
         while (item := await self._next()) is not None:
-            yield item
+            newest = {item[0]: item[1]}
+            while self._live and not self._queue.empty():
+                i, out = self._queue.get_nowait()
+                if out is None:
+                    self._live -= 1
+                elif isinstance(out, BaseException):
+                    raise out
+                else:
+                    newest[i] = out
+            for i, out in newest.items():
+                yield i, out
 
     async def finals(self) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
