@@ -138,13 +138,17 @@ def test_two_ray_groups_serve_32_concurrent_requests(llama_dir, ray_session, asy
     run(main())
 
 
-def test_failed_group_fails_its_requests_and_the_rest_keep_serving(llama_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_failed_group_fails_its_requests_and_the_rest_keep_serving(llama_dir, async_scheduling):
     async def main():
-        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=128), num_groups=2)
+        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=128,
+                                           async_scheduling=async_scheduling), num_groups=2)
         try:
-            async def broken(plan):
+            async def broken(arg):
                 raise RuntimeError("worker died")
-            sched.groups[0].engine.executor.execute_async = broken
+            # The step call each mode awaits: the whole step, or a launched step's result.
+            setattr(sched.groups[0].engine.executor, "collect_async" if async_scheduling else "execute_async",
+                    broken)
             results = await asyncio.gather(*[sched.generate(f"prompt {i}", GREEDY) for i in range(4)],
                                            return_exceptions=True)
             failed = [r for r in results if isinstance(r, Exception)]
