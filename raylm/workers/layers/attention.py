@@ -25,9 +25,13 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
     """x as stored in a cache of `dtype`: for fp8, clamp(x / scale, +-448) rounded to
-    e4m3 in float32 (a plain cast would turn |x| > 448 into NaN)."""
+    e4m3 in float32 (a plain cast would turn |x| > 448 into NaN). The division is IEEE, as
+    in the Triton KV write: on CUDA `tensor / number` multiplies by 1 / number, which for
+    a scale like 0.02 lands some values on the other side of an e4m3 rounding boundary
+    (the torch and Triton caches then differed in a few bytes on the H100)."""
     if dtype == FP8_KV_DTYPE:
-        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+        x = x.float()
+        return (x / torch.full_like(x, scale)).clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x.to(dtype)
 
 
