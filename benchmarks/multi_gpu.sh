@@ -5,6 +5,8 @@
 #   bash benchmarks/multi_gpu.sh a   # TP correctness (Llama-3.1-8B), throughput TP=1/2/4 and 2 groups x TP=1
 #   bash benchmarks/multi_gpu.sh b   # TP correctness (Qwen3-8B), batch-1 latency TP=1/2/4, Serve app 2 and 1 groups
 #   bash benchmarks/multi_gpu.sh c   # throughput and latency TP=1/2/4, 2 groups, Serve app 2 groups, Qwen3-8B TP correctness
+#   bash benchmarks/multi_gpu.sh d   # what c could not finish on 2026-11-27: the Serve app (2 groups, then 1),
+#                                    # TP correctness with the near-tie analysis, scaling re-measured
 #
 # Each step has a time limit, so a hang shows as rc=124 instead of eating the call; result
 # JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-multi). NVLink multicast stays off.
@@ -62,6 +64,15 @@ c)
   done
   step serve-2groups 120 $B/serving.py --model llama-3.1-8b --num-groups 2 --num-requests 128 --max-len 512
   step tpc-qwen 120 $B/tp_correctness.py --model qwen3-8b --tp-sizes 1,2,4 --num-prompts 8
+  ;;
+d)
+  step serve-2groups 150 $B/serving.py --model llama-3.1-8b --num-groups 2 --num-requests 128 --max-len 512
+  step serve-1group 120 $B/serving.py --model llama-3.1-8b --num-groups 1 --num-requests 128 --max-len 512 --port 8001
+  step tpc-qwen 120 $B/tp_correctness.py --model qwen3-8b --tp-sizes 1,2,4 --num-prompts 8
+  step tpc-llama 120 $B/tp_correctness.py --model llama-3.1-8b --tp-sizes 1,2,4 --num-prompts 8
+  step thr-tp1 60 $B/throughput.py --model llama-3.1-8b --peer none
+  step thr-tp2 90 $B/throughput.py --model llama-3.1-8b --peer none --tensor-parallel-size 2
+  step thr-2groups 100 $B/throughput.py --model llama-3.1-8b --peer none --num-groups 2
   ;;
 esac
 exit 0

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The single-GPU runs still owed (see the closing notes and benchmarks/RESULTS.md), in parts
+# that each fit one 10-minute device call on `nvidia-h100-x1`:
+#
+#   bash benchmarks/h100.sh a   # GPU tests, bf16 agreement (16 tokens vs HF and CPU float32), step profile
+#   bash benchmarks/h100.sh b   # quantization: GEMMs (W4A16's dense path from M=32) and W4A16/int8 throughput
+#   bash benchmarks/h100.sh c   # Qwen3-0.6B throughput with the HF peer in the same run
+#
+# The device needs pytest carried (.gpu-test wheels, see the device notes) for part a.
+# Result JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-h100).
+set -u
+part=${1:-a}
+res=${RESULTS_OUT:-/tmp/raylm-h100}
+mkdir -p "$res"
+step() {  # step NAME SECONDS command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  OUT=$res timeout -k 10 "$limit" "$@" >"$res/$name.log" 2>&1
+  echo "== $name rc=$? $((SECONDS - t0)) s"
+  grep -E "raylm:|raylm_vs|passed|failed|tok/s|Error" "$res/$name.log" | tail -8
+}
+B=benchmarks
+case $part in
+a)
+  step pytest 260 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu
+  step agree-qwen 90 python3 $B/agreement.py --model qwen3-0.6b --layers 4
+  step agree-llama 120 python3 $B/agreement.py --model llama-3.1-8b --layers 4
+  step profile 60 python3 $B/step_profile.py --model qwen3-0.6b
+  ;;
+b)
+  step gemm 150 python3 $B/quant_gemm.py --reps 10
+  step qthr 300 python3 $B/quant_throughput.py --formats w4a16-gptq,int8 --kv-cache-dtypes auto \
+    --workloads random --no-bf16 --tag w4-int8
+  ;;
+c)
+  step thr-qwen-hf 500 python3 $B/throughput.py --model qwen3-0.6b --hf-batch-size 128
+  ;;
+esac
+exit 0
