@@ -3,7 +3,9 @@ in this process (no Ray); TP > 1 (or distributed_executor_backend="ray") runs on
 actor per rank (`raylm.engine.ray_executor`).
 
 Every executor offers: kv_bytes_per_block(), available_kv_memory(util, tokens),
-allocate_kv_cache(n), execute(plan) -> StepResult, async execute_async(plan), shutdown()."""
+allocate_kv_cache(n), execute(plan) -> StepResult, async execute_async(plan),
+profile_all_reduce(tokens), shutdown(); and for asynchronous scheduling launch(plan) ->
+handle, collect(handle) -> StepResult and async collect_async(handle)."""
 from __future__ import annotations
 
 import asyncio

@@ -3,7 +3,9 @@ placement group. Each step plan is msgpack-encoded once and the same bytes go to
 rank (inline when small, one object-store put when large); only rank 0's result is
 fetched.
 
-Same interface as `UniProcExecutor` (raylm.engine.executor), plus `worker_info()`."""
+Same interface as `UniProcExecutor` (raylm.engine.executor), plus `worker_info()`. For
+asynchronous scheduling the ranks keep one step in flight: each `execute_pipelined` call
+launches its plan and answers with the previous plan's result."""
 from __future__ import annotations
 
 import asyncio
