@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -16,7 +15,8 @@ import torch
 from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
 from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
 from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables
-from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult, TokenLogprobs
+from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult
+from raylm.workers.pending_step import PendingStep, collect_step
 from raylm.scheduler.request import PLACEHOLDER_TOKEN
 from raylm.workers.models.llama import get_model_class
 from raylm.workers.parallel_state import all_reduce, broadcast_from_first, get_tp_rank, get_tp_size
@@ -30,23 +30,6 @@ logger = logging.getLogger("raylm")
 GRAPH_MEMORY_RESERVE = 512 << 20
 # kv_cache_dtype (vLLM's engine argument) -> the cache's torch dtype; "auto" is the model's.
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
-
-
-@dataclass
-class PendingStep:
-    """A launched step (ModelRunner.launch): its sampled tokens and log-probabilities are
-    being copied to the host; `collect` waits for them."""
-
-    result: StepResult
-    t0: float
-    sample_ids: list = field(default_factory=list)
-    states: list = field(default_factory=list)
-    tokens: Optional[torch.Tensor] = None
-    want: list = field(default_factory=list)  # rows of sample_ids that asked for logprobs
-    logprobs: Optional[tuple] = None  # (top ids, top logprobs, chosen logprob, rank)
-    prompt_rows: list = field(default_factory=list)
-    prompt_logprobs: Optional[tuple] = None
-    event: Optional[object] = None  # torch.cuda.Event after the copies
 
 
 def _row_index(rows: list[int], device: torch.device):
@@ -402,24 +385,4 @@ class ModelRunner:
 
     def collect(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step's results and return them as a StepResult."""
-        result = pending.result
-        if pending.event is not None:
-            pending.event.synchronize()
-        if pending.tokens is not None:
-            tokens = pending.tokens.tolist()
-            if pending.logprobs is not None:
-                ids, lps, chosen, ranks = (t.tolist() for t in pending.logprobs)
-                for j, i in enumerate(pending.want):
-                    ki = int(pending.states[i].params["logprobs"])
-                    result.logprobs[pending.sample_ids[i]] = TokenLogprobs(
-                        ids[j][:ki], lps[j][:ki], tokens[i], chosen[j], ranks[j])
-            for rid, st, tok in zip(pending.sample_ids, pending.states, tokens):
-                st.output_token_ids.append(tok)
-                result.sampled[rid] = tok
-        if pending.prompt_logprobs is not None:
-            ids, lps, chosen, ranks = (t.tolist() for t in pending.prompt_logprobs)
-            for j, (rid, tgt, ki) in enumerate(pending.prompt_rows):
-                result.prompt_logprobs.setdefault(rid, []).append(
-                    TokenLogprobs(ids[j][:ki], lps[j][:ki], tgt, chosen[j], ranks[j]))
-        result.execute_time_s = time.perf_counter() - pending.t0
-        return result
+        return collect_step(pending)
