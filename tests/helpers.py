@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 from functools import lru_cache
 
 import torch
@@ -97,3 +99,18 @@ def hf_prompt_logprobs(path: str, prompt_ids: list[int]) -> list[float]:
     logits = model(torch.tensor([prompt_ids])).logits[0].float()
     lp = torch.log_softmax(logits, -1)
     return [float(lp[i - 1, prompt_ids[i]]) for i in range(1, len(prompt_ids))]
+
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+), where Ray's own processes take
+    theirs while the server starts (a port from bind(0) was once taken that way), and
+    above Ray's worker ports (10002-19999)."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ import httpx
 import pytest
 import yaml
 
+from tests.helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -62,7 +57,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 60) -> int:
 
 @pytest.fixture(scope="module")
 def raylm_server(tmp_path_factory):
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     log = str(tmp_path_factory.mktemp("serve") / "raylm-serve.log")
     cmd = [sys.executable, "-m", "raylm", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--max-num-seqs", "16"]
@@ -121,9 +116,9 @@ def test_openai_client_against_raylm_serve(raylm_server):
 def test_serve_run_yaml(tmp_path):
     with open(os.path.join(ROOT, "deploy", "serve.yaml")) as f:
         config = yaml.safe_load(f)
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
-    config["grpc_options"]["port"] = _free_port()
+    config["grpc_options"]["port"] = free_port()
     config["applications"][0]["args"]["max_model_len"] = 512
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))

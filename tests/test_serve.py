@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
@@ -13,14 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from raylm import SamplingParams
+from tests.helpers import free_port
 
 PROMPT = "the quick brown fox"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def served(ray_session, llama_dir):
 
     from raylm.cluster.app import APP_NAME, build_app
 
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "raylm.cluster.raylm_pb2_grpc.add_GenerateServicer_to_server"]})
