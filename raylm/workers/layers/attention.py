@@ -19,20 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The one definition of how a value is stored in the cache, shared with the Triton KV
+# write's reference (IEEE division by the scale, clamp to +-448, then the cast).
+from raylm.kernels.kv_cache import quantize_kv
+
 FP8_KV_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-
-
-def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """x as stored in a cache of `dtype`: for fp8, clamp(x / scale, +-448) rounded to
-    e4m3 in float32 (a plain cast would turn |x| > 448 into NaN). The division is IEEE, as
-    in the Triton KV write: on CUDA `tensor / number` multiplies by 1 / number, which for
-    a scale like 0.02 lands some values on the other side of an e4m3 rounding boundary
-    (the torch and Triton caches then differed in a few bytes on the H100)."""
-    if dtype == FP8_KV_DTYPE:
-        x = x.float()
-        return (x / torch.full_like(x, scale)).clamp(-FP8_MAX, FP8_MAX).to(dtype)
-    return x.to(dtype)
 
 
 def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
