@@ -235,11 +235,7 @@ class GlobalScheduler:
                         self._deliver(engine.emit_step(pending))
                         pending = None
                         continue
-                    if engine.has_unfinished_requests():
-                        await asyncio.sleep(0.005)  # nothing fits this instant
-                        continue
-                    group.wake.clear()
-                    await group.wake.wait()
+                    await self._wait_for_work(group)
                     continue
                 sched_out, plan = planned
                 if not self.overlap and pending is not None:
@@ -264,6 +260,16 @@ class GlobalScheduler:
                     stream.finished = True
                     stream.queue.put_nowait(RuntimeError(f"worker group {gi} failed: {exc!r}"))
 
+    @staticmethod
+    async def _wait_for_work(group: _GroupState) -> None:
+        """Nothing to schedule: poll while requests wait for room, else sleep until one
+        is added."""
+        if group.engine.has_unfinished_requests():
+            await asyncio.sleep(0.005)  # nothing fits this instant
+        else:
+            group.wake.clear()
+            await group.wake.wait()
+
     async def _run_group_async(self, group: _GroupState) -> None:
         """Asynchronous scheduling (the engine's async_scheduling): step N+1 is planned
         and launched before step N's tokens are back, so the workers always have the next
@@ -287,11 +293,7 @@ class GlobalScheduler:
                 if group.busy_since is not None:
                     group.busy_s += time.perf_counter() - group.busy_since
                     group.busy_since = None
-                if engine.has_unfinished_requests():
-                    await asyncio.sleep(0.005)  # nothing fits this instant
-                    continue
-                group.wake.clear()
-                await group.wake.wait()
+                await self._wait_for_work(group)
                 continue
             sched_out, plan = planned
             if inflight is not None and engine.needs_current_outputs(sched_out):

@@ -173,8 +173,7 @@ class RayExecutor:
 
     async def execute_async(self, plan: StepPlan) -> StepResult:
         """`execute` without blocking the event loop, so several groups can step at once."""
-        futs = [asyncio.wrap_future(ref.future()) for ref in self._submit(plan)]
-        return _decode((await self._gather(futs))[0])
+        return _decode((await self._gather(self._submit(plan)))[0])
 
     def profile_all_reduce(self, num_tokens: int, iters: int = 10) -> float:
         """Seconds per forward pass that rank 0 spends in all-reduces at `num_tokens` tokens
@@ -205,10 +204,11 @@ class RayExecutor:
         return _decode(self._collect(self._result_refs(launched))[0])
 
     async def collect_async(self, launched: "_Launched") -> StepResult:
-        futs = [asyncio.wrap_future(ref.future()) for ref in self._result_refs(launched)]
-        return _decode((await self._gather(futs))[0])
+        return _decode((await self._gather(self._result_refs(launched)))[0])
 
-    async def _gather(self, futs: list) -> list:
+    async def _gather(self, refs: list) -> list:
+        """Every rank's result without blocking the event loop; a failing rank raises at once."""
+        futs = [asyncio.wrap_future(ref.future()) for ref in refs]
         done, pending = await asyncio.wait(futs, return_when=asyncio.FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:
