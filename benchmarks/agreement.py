@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.tp_correctness import TOP_K, compare  # noqa: E402
+from benchmarks.tp_correctness import TOP_K, compare, describe, greedy_record  # noqa: E402
 
 
 @torch.inference_mode()
@@ -59,12 +56,9 @@ def raylm_greedy(cfg_dir, state, prompts, max_tokens: int, device: str, dtype: s
     llm.llm_engine.executor.runner.model.load_weights(
         (k, v.to(device="cpu" if device == "cpu" else v.device, dtype=target)) for k, v in state.items())
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_K)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    run = greedy_record(llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False))
     llm.shutdown()
-    comps = [o.outputs[0] for o in outs]
-    return {"tokens": [c.token_ids for c in comps],
-            "logprobs": [[c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)] for c in comps],
-            "top": [[{t: lp.logprob for t, lp in d.items()} for d in c.logprobs] for c in comps]}
+    return run
 
 
 def main() -> None:
@@ -78,17 +72,14 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    src = common.model_dir(args.model)
-    cfg_dir = tempfile.mkdtemp(prefix="raylm-agree-")
-    shutil.copy(os.path.join(src, "config.json"), cfg_dir)
+    cfg_dir = common.model_dir(args.model)  # a fresh copy: safe to edit
     if args.layers:
         c = json.load(open(os.path.join(cfg_dir, "config.json")))
         c["num_hidden_layers"] = args.layers
         json.dump(c, open(os.path.join(cfg_dir, "config.json"), "w"))
     cfg = AutoConfig.from_pretrained(cfg_dir)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(8, min(300, cfg.max_position_embeddings // 2)))]
-               for _ in range(args.num_prompts)]
+    prompts, _ = common.make_workload(args.num_prompts, 8, min(300, cfg.max_position_embeddings // 2),
+                                      cfg.vocab_size)
     low = "bfloat16" if args.device != "cpu" else "float32"
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -108,12 +99,7 @@ def main() -> None:
         "raylm_output_tok_per_s": None, "peer": "transformers generate (same weights, same dtype)",
         "peer_output_tok_per_s": None, "roofline_output_tok_per_s": None})
     for name in ("raylm_vs_hf", "raylm_vs_cpu_float32"):
-        c = result[name]
-        print(f"{name}: {c['prompts_agreeing_on_first_tokens']}/{c['prompts']} prompts agree on all "
-              f"{args.max_tokens} tokens; first divergences {c['first_divergence']}; max abs logprob diff "
-              f"before divergence {c['max_abs_logprob_diff_before_divergence']:.4f}; "
-              f"{c['divergences_at_near_ties']} of {len(c['divergence_gaps_nats'])} divergences at near-ties",
-              flush=True)
+        print(f"{name}: {describe(result[name])}", flush=True)
     common.save_result(result, f"agreement-{os.path.basename(args.model.rstrip('/'))}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 
@@ -35,15 +34,19 @@ def run(cfg_dir: str, tp: int, prompts, max_tokens: int, enforce_eager: bool, ma
               tensor_parallel_size=tp, enforce_eager=enforce_eager)
     startup_s = time.perf_counter() - t
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_K)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    tokens = [o.outputs[0].token_ids for o in outs]
-    lps = [[c.logprobs[i][tok].logprob for i, tok in enumerate(c.token_ids)]
-           for c in (o.outputs[0] for o in outs)]
-    tops = [[{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs] for o in outs]
+    run = greedy_record(llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False))
     t = time.perf_counter()
     llm.shutdown()
-    return {"tokens": tokens, "logprobs": lps, "top": tops, "startup_s": startup_s,
-            "shutdown_s": time.perf_counter() - t}
+    return dict(run, startup_s=startup_s, shutdown_s=time.perf_counter() - t)
+
+
+def greedy_record(outs) -> dict:
+    """What `compare` reads of raylm outputs sampled with logprobs=TOP_K: each prompt's
+    tokens, each chosen token's logprob, and each position's top tokens."""
+    comps = [o.outputs[0] for o in outs]
+    return {"tokens": [c.token_ids for c in comps],
+            "logprobs": [[c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)] for c in comps],
+            "top": [[{t: lp.logprob for t, lp in d.items()} for d in c.logprobs] for c in comps]}
 
 
 def compare(ref: dict, other: dict, first: int) -> dict:
@@ -67,6 +70,16 @@ def compare(ref: dict, other: dict, first: int) -> dict:
             "divergences_at_near_ties": sum(g is not None and g < NEAR_TIE_NATS for g in gaps)}
 
 
+def describe(c: dict) -> str:
+    """One line of a `compare` result."""
+    gaps = [None if g is None else round(g, 3) for g in c["divergence_gaps_nats"]]
+    return (f"{c['prompts_agreeing_on_first_tokens']}/{c['prompts']} prompts agree on the first "
+            f"{c['first_tokens_compared']} tokens; first divergences {c['first_divergence']}; max abs "
+            f"logprob diff before divergence {c['max_abs_logprob_diff_before_divergence']:.4f}; "
+            f"{c['divergences_at_near_ties']} of {len(gaps)} divergences at a near-tie "
+            f"(< {NEAR_TIE_NATS} nats): gaps {gaps}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
@@ -83,9 +96,7 @@ def main() -> None:
 
     cfg_dir = common.model_dir(args.model)
     cfg = AutoConfig.from_pretrained(cfg_dir)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(16, args.max_prompt_len))]
-               for _ in range(args.num_prompts)]
+    prompts, _ = common.make_workload(args.num_prompts, 16, args.max_prompt_len, cfg.vocab_size)
     sizes = [int(x) for x in args.tp_sizes.split(",")]
     runs = {tp: run(cfg_dir, tp, prompts, args.max_tokens, args.enforce_eager, args.max_model_len) for tp in sizes}
     base = runs[sizes[0]]
@@ -100,11 +111,7 @@ def main() -> None:
                    "raylm_output_tok_per_s": None, "peer": f"raylm TP={sizes[0]}",
                    "peer_output_tok_per_s": None, "roofline_output_tok_per_s": None})
     for tp, c in result["vs_reference"].items():
-        print(f"TP={tp} vs TP={sizes[0]}: {c['prompts_agreeing_on_first_tokens']}/{c['prompts']} prompts agree "
-              f"on the first {args.first} tokens; max |logprob diff| "
-              f"{c['max_abs_logprob_diff_before_divergence']:.4f}; {c['divergences_at_near_ties']} of "
-              f"{len(c['divergence_gaps_nats'])} divergences at a near-tie (< {NEAR_TIE_NATS} nats): "
-              f"gaps {[None if g is None else round(g, 3) for g in c['divergence_gaps_nats']]}", flush=True)
+        print(f"TP={tp} vs TP={sizes[0]}: {describe(c)}", flush=True)
     common.save_result(result, f"tp_correctness-{os.path.basename(args.model.rstrip('/'))}" + ("-eager" if args.enforce_eager else ""))
 
 

@@ -46,7 +46,7 @@ INTERPRET_CONFIG = (16, 32, 32, 1, 1)
 
 # ---------------------------------------------------------------- references (CPU path)
 
-def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """[R, C] int32 -> [R * 32 // bits, C]: slot j of word i is row (32 // bits) * i + j."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
     values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)
@@ -54,7 +54,7 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of `_unpack_rows`: [R, C] ints in [0, 2**bits) -> [R * bits // 32, C] int32."""
+    """The inverse of `unpack_rows`: [R, C] ints in [0, 2**bits) -> [R * bits // 32, C] int32."""
     pack = 32 // bits
     v = values.to(torch.int64).reshape(-1, pack, values.shape[1])
     shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device).view(1, -1, 1)
@@ -77,7 +77,7 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: Optional[torch.Tensor], bits: int
     (no zero_offset applied)."""
     _check_bits(bits, "gptq")
     z = None if qzeros is None else _unpack_cols(qzeros, bits)
-    return _unpack_rows(qweight, bits), z
+    return unpack_rows(qweight, bits), z
 
 
 def unpack_awq(qweight: torch.Tensor, qzeros: Optional[torch.Tensor], bits: int = 4):

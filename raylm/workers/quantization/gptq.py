@@ -117,9 +117,9 @@ class GPTQLinearMethod:
         perm = torch.argsort(g, stable=True)
         if not torch.equal(g[perm], trivial):
             return
-        from raylm.kernels.quant_gemm import _unpack_rows, pack_rows
+        from raylm.kernels.quant_gemm import unpack_rows, pack_rows
 
-        q = _unpack_rows(layer.qweight.data, c.bits)
+        q = unpack_rows(layer.qweight.data, c.bits)
         layer.qweight.data = pack_rows(q[perm], c.bits)
         layer.act_perm, layer.kernel_g_idx = perm, None
 
