@@ -58,6 +58,17 @@ def add_word_tokenizer(cfg_dir: str, cfg) -> None:
                             eos_token=word(cfg.eos_token_id)).save_pretrained(cfg_dir)
 
 
+def add_workload_args(p) -> None:
+    """The workload and engine-size flags the throughput and serving benchmarks share,
+    with nano-vllm's workload as the default."""
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+
+
 def make_workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0):
     """nano-vllm's benchmark: n requests, prompt and output lengths uniform in [lo, hi],
     random token ids."""

@@ -33,14 +33,9 @@ from benchmarks import common  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="a name under ../shared/models or a dir with config.json")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--min-len", type=int, default=100)
-    p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    common.add_workload_args(p)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
