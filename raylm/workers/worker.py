@@ -71,14 +71,14 @@ class Worker:
         the next step queued while the driver records and plans."""
         pending = self.runner.launch(StepPlan.from_wire(msgpack.unpackb(wire)))
         previous, self.pending = self.pending, pending
-        return self.flush_result(previous)
+        return self._result_of(previous)
 
     def flush(self) -> Optional[bytes]:
         """The result of the step in flight (None if there is none)."""
         previous, self.pending = self.pending, None
-        return self.flush_result(previous)
+        return self._result_of(previous)
 
-    def flush_result(self, pending) -> Optional[bytes]:
+    def _result_of(self, pending) -> Optional[bytes]:
         if pending is None:
             return None
         return self._encode(self.runner.collect(pending))
