@@ -57,6 +57,18 @@ def row(r: dict) -> str:
                                       for m in r["m"] if f"{f}@M={m}" in summ) for f in fmts if f != "bf16"]
         numbers = "one Llama-3.1-8B layer's GEMMs vs bf16 cuBLAS: " + "; ".join(parts)
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "w4a16_tune":
+        s = r["summary"]
+        parts = []
+        for layout in ("gptq", "awq"):
+            b, c = s[layout], s[layout]["best_m1_config"]
+            parts.append(f"{layout}: best M=1 block_n {c['block_n']} block_k {c['block_k']} expand {c['expand']} "
+                         f"warps {c['num_warps']} stages {c['num_stages']} split x{b['split_scale']}: "
+                         f"{b['m1_layer_us']:.1f} us/layer ({b['m1_speedup_vs_bf16']:.2f}x bf16); "
+                         + ", ".join(f"M={m} fused {v['fused_us']:.0f} / dequant {v['dequant_us']:.0f} / bf16 "
+                                     f"{s['bf16_layer_us'][str(m)]:.0f} us"
+                                     for m, v in b["batch"].items()))
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {'; '.join(parts)} |"
     if r["benchmark"] == "quant_throughput":
         parts = []
         for run in r["runs"]:

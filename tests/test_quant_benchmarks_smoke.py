@@ -1,7 +1,7 @@
 """The quantization benchmarks' --smoke modes (CPU: tiny shapes under Triton's interpreter,
 a tiny random model) run to the end and write result files with the fields
-benchmarks/record.py and a reader of RESULTS.md rely on. Both scripts run at once in
-subprocesses (about 8 s)."""
+benchmarks/record.py and a reader of RESULTS.md rely on. All three run at once in
+subprocesses (about 10 s)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,8 @@ BASE_FIELDS = {"benchmark", "model", "device", "date", "command", "torch"}
 
 def _run_both(out_dir) -> dict:
     env = dict(os.environ, OUT=str(out_dir), CUDA_VISIBLE_DEVICES="")
-    scripts = {"quant_gemm": "quant_gemm-smoke", "quant_throughput": "quant_throughput-smoke"}
+    scripts = {"quant_gemm": "quant_gemm-smoke", "quant_throughput": "quant_throughput-smoke",
+               "w4a16_tune": "w4a16_tune-smoke"}
     procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--smoke"],
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name in scripts}
@@ -71,3 +72,11 @@ def test_smoke_modes_write_complete_results(tmp_path):
         assert bool(r.get("skipped")) != t["kv_cache_dtype_supported"]
     fixed = [c for c in t["comparison"] if c["workload"] in ("1000x1000", "128x128")]
     assert fixed and all(c["trtllm_fp8_h100_output_tok_per_s"] for c in fixed)
+
+    u = results["w4a16_tune"]
+    assert BASE_FIELDS <= u.keys() and u["benchmark"] == "w4a16_tune"
+    for layout in ("gptq", "awq"):
+        best = u["summary"][layout]
+        assert best["m1_layer_us"] > 0 and {"block_n", "block_k", "split_k", "expand"} <= best["best_m1_config"].keys()
+        assert all(v["fused_us"] > 0 and v["dequant_us"] > 0 for v in best["batch"].values())
+    assert {r["stage"] for r in u["rows"]} == {"bf16", "grid", "refine", "batch"}

@@ -18,7 +18,7 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
     dequantize_awq, dequantize_gptq, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
-    w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    W4Config, pick_config, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -156,6 +156,48 @@ def test_w4a16_awq(m, group_size):
     torch.testing.assert_close(out, ref, **TOL)
     expected = x.to(DTYPE).float() @ w.to(DTYPE).float() + bias.to(DTYPE).float()
     torch.testing.assert_close(ref.float().cpu(), expected, **TOL)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("expand", [False, True])
+@pytest.mark.parametrize("layout,bits,group_size,act_order", [
+    ("gptq", 4, 32, False), ("gptq", 8, 32, False), ("gptq", 4, 16, True), ("awq", 4, 32, False)])
+def test_w4a16_split_k_and_expand(layout, bits, group_size, act_order, expand, split_k):
+    # The decode configurations: K split across programs (partial sums added in a second
+    # kernel, bias there too) and packed words unpacked in registers. N = 72 leaves a
+    # partial last N tile; K = 144 (group 16) a partial last K tile; 3 splits of 5 K
+    # tiles leave the last split shorter.
+    gen = torch.Generator().manual_seed(bits * 10 + group_size + expand + split_k)
+    k, n = (144 if group_size == 16 else 160), 72
+    q, z, s, g_idx, w = random_quantized(k, n, bits, group_size, act_order, False, gen)
+    if layout == "gptq":
+        qweight, qzeros = pack_along_rows(q, bits), pack_along_cols(z, bits)
+    else:
+        qweight, qzeros = pack_along_cols(q, 4, AWQ_PACK_ORDER), pack_along_cols(z, 4, AWQ_PACK_ORDER)
+    x = torch.randn(5, k, generator=gen).to(DEVICE, DTYPE)
+    bias = torch.randn(n, generator=gen).to(DEVICE, DTYPE)
+    args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
+    g = g_idx.to(DEVICE) if act_order else None
+    cfg = W4Config(16, 32, 32, split_k, expand, 1, 1)
+    out = w4a16_gemm(x, *args, g, group_size, layout, bits, bias=bias, config=cfg)
+    ref = w4a16_gemm_ref(x, *args, g, group_size, layout, bits, bias=bias)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_w4a16_pick_config(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's choice, made on CPU
+    from raylm.kernels import quant_gemm
+
+    for layout in ("gptq", "awq"):
+        for k, n in [(4096, 4096), (4096, 28672), (14336, 4096), (64, 64)]:
+            cfg = pick_config(1, k, n, layout)
+            tiles = -(-n // cfg.block_n)
+            assert 1 <= cfg.split_k <= -(-k // cfg.block_k)
+            assert cfg.split_k == 1 or tiles * cfg.split_k <= quant_gemm.TARGET_PROGRAMS
+    assert pick_config(17, 4096, 4096, "gptq") == quant_gemm.PREFILL_CONFIG
+    with pytest.raises(ValueError, match="config.block_k is 24"):
+        w4a16_gemm(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.int32), torch.ones(2, 32),
+                   None, None, 32, "gptq", config=W4Config(16, 32, 24, 1, False, 1, 1))
 
 
 def test_w4a16_fp16():

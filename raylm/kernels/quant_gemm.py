@@ -20,7 +20,7 @@ is 2 ** (bits - 1) (symmetric).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,6 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
 LAYOUTS = ("gptq", "awq")
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); fixed, so CUDA graphs can capture.
-DECODE_CONFIG = (16, 64, 128, 4, 4)  # M <= 16: streams the weight once
-# From this many rows, dequantize the weight once and use a dense matmul. On the H100
-# (2026-11-27, quant_gemm, one Llama-3.1-8B layer) the fused kernel took 0.68 ms at M=64 and
-# 18.4 ms at M=4096, against bf16 cuBLAS's 0.17 and 2.4 ms. Writing the bf16 weight once
-# costs about as much as one bf16 read of it. This threshold is an estimate from those
-# figures and has not been measured; quant_gemm measures both sides of it.
-DEQUANT_MIN_M = 32
-DEQUANT_CONFIG = (64, 128)  # (BLOCK_K, BLOCK_N)
-PREFILL_CONFIG = (64, 128, 64, 4, 3)
-INTERPRET_CONFIG = (16, 32, 32, 1, 1)
 
 
 # ---------------------------------------------------------------- references (CPU path)
@@ -125,11 +114,46 @@ def w4a16_gemm_ref(x, qweight, scales, qzeros, g_idx, group_size, layout,
 
 # ---------------------------------------------------------------- Triton kernel
 
+class W4Config(NamedTuple):
+    """One launch configuration of the fused W4A16 kernel. split_k > 1 splits K across
+    programs, each writing a float32 partial sum that a second kernel adds up in a fixed
+    order (so results don't depend on timing); expand loads each packed word once and
+    unpacks it in registers instead of loading it once per value it holds."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    expand: bool
+    num_warps: int
+    num_stages: int
+
+
+# Fixed launch configurations, so CUDA graphs can capture. The fused kernel is meant for
+# M <= 16 rows (decode), where it streams the packed weight once: with few output tiles
+# the weight is split along K so the GPU has enough programs to keep HBM busy.
+DECODE_CONFIG = {"gptq": W4Config(16, 64, 128, 1, True, 4, 4),
+                 "awq": W4Config(16, 128, 128, 1, True, 4, 4)}
+PREFILL_CONFIG = W4Config(64, 128, 64, 1, False, 4, 3)
+INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
+DECODE_MAX_M = 16
+# Programs to aim for when choosing split_k: a few per SM (132 on an H100).
+TARGET_PROGRAMS = 4 * 132
+# From this many rows, dequantize the weight once and use a dense matmul. On the H100
+# (2026-11-27, quant_gemm, one Llama-3.1-8B layer) the fused kernel took 0.68 ms at M=64 and
+# 18.4 ms at M=4096, against bf16 cuBLAS's 0.17 and 2.4 ms. Writing the bf16 weight once
+# costs about as much as one bf16 read of it. This threshold is an estimate from those
+# figures and has not been measured; quant_gemm measures both sides of it.
+DEQUANT_MIN_M = 32
+DEQUANT_CONFIG = (64, 128)  # (BLOCK_K, BLOCK_N)
+
+
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, offs_k, offs_n, mask_k, mask_n, N, group_size,
+def _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n0, offs_k, offs_n, mask_k, mask_n, N, K, group_size,
                   zero_offset, AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                  HAS_G_IDX: tl.constexpr, TILE_GROUP: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] float32 weight tile at rows offs_k, columns offs_n."""
+                  HAS_G_IDX: tl.constexpr, TILE_GROUP: tl.constexpr, EXPAND: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] float32 weight tile at rows offs_k = k0 + arange(BLOCK_K),
+    columns offs_n = n0 + arange(BLOCK_N) (k0, n0 multiples of BLOCK_K, BLOCK_N)."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     n_words = N // PACK
@@ -139,7 +163,20 @@ def _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, offs_k, offs_n, mask_k, mask
     else:
         col_shift = (offs_n % PACK) * BITS
     mask_kn = mask_k[:, None] & mask_n[None, :]
-    if AWQ:
+    if EXPAND:  # one load per packed word, unpacked in registers
+        slots = tl.arange(0, PACK)
+        if AWQ:  # [BLOCK_K, BLOCK_N // 8] words -> [BLOCK_K, BLOCK_N // 8, 8] -> [BLOCK_K, BLOCK_N]
+            words_n = n0 // PACK + tl.arange(0, BLOCK_N // PACK)
+            words = tl.load(qw_ptr + offs_k[:, None] * n_words + words_n[None, :],
+                            mask=mask_k[:, None] & (words_n < n_words)[None, :], other=0)
+            shifts = ((slots % 2) * 4 + slots // 2) * BITS
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_K, BLOCK_N))
+        else:  # [BLOCK_K // PACK, BLOCK_N] words -> [BLOCK_K // PACK, PACK, BLOCK_N] -> [BLOCK_K, BLOCK_N]
+            words_k = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            words = tl.load(qw_ptr + words_k[:, None] * N + offs_n[None, :],
+                            mask=(words_k < K // PACK)[:, None] & mask_n[None, :], other=0)
+            q = tl.reshape((words[:, None, :] >> (slots * BITS)[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+    elif AWQ:
         words = tl.load(qw_ptr + offs_k[:, None] * n_words + col_word[None, :], mask=mask_kn, other=0)
         q = (words >> col_shift[None, :]) & MASK
     else:
@@ -169,38 +206,59 @@ def _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, offs_k, offs_n, mask_k, mask
 @triton.jit
 def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, bias_ptr, out_ptr,
-    M, N, K, group_size, zero_offset, stride_xm, stride_om,
+    M, N, K, k_per_split, group_size, zero_offset, stride_xm, stride_om,
     AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """out[m, n] (or, with K split across program_id(2), that split's float32 partial sum
+    at out + split * M * N) for one [BLOCK_M, BLOCK_N] tile."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # M * K can pass 2**31 in long prefills
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, offs_k, offs_n, mask_k, mask_n, N,
-                          group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP)
+        w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, pid_n * BLOCK_N, offs_k, offs_n, mask_k, mask_n, N, K,
+                          group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP,
+                          EXPAND, BLOCK_K, BLOCK_N)
         acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptr += pid_s.to(tl.int64) * M * N
     tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _split_k_sum_kernel(part_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum over s of part[s] (+ bias), in order s = 0, 1, ..., cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dequant_kernel(
     qw_ptr, s_ptr, qz_ptr, g_ptr, out_ptr, N, K, group_size, zero_offset,
     AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    TILE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILE_GROUP: tl.constexpr, EXPAND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The whole weight, dequantized into out [K, N] (for a dense matmul at large M)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,8 +266,9 @@ def _dequant_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     mask_n = offs_n < N
-    w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, offs_k, offs_n, mask_k, mask_n, N,
-                      group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP)
+    w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, tl.program_id(0) * BLOCK_N, offs_k, offs_n, mask_k, mask_n, N, K,
+                      group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP,
+                      EXPAND, BLOCK_K, BLOCK_N)
     tl.store(out_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
              w.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
@@ -230,21 +289,43 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected}")
 
 
-def _pick_config(m: int) -> tuple:
+def pick_config(m: int, k: int, n: int, layout: str) -> W4Config:
+    """The fused kernel's launch configuration for an [m, k] @ [k, n] product: the
+    decode tiles for m <= DECODE_MAX_M, split along K until there are about
+    TARGET_PROGRAMS programs (never splitting a K tile)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_CONFIG
-    return DECODE_CONFIG if m <= 16 else PREFILL_CONFIG
+    if m > DECODE_MAX_M:
+        return PREFILL_CONFIG
+    cfg = DECODE_CONFIG[layout]
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    split = max(1, min(TARGET_PROGRAMS // tiles, triton.cdiv(k, cfg.block_k)))
+    return cfg._replace(split_k=split)
+
+
+def _check_config(cfg: W4Config, bits: int) -> None:
+    pack = 32 // bits
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name} is {v}; a power of two >= 16 is needed (tl.dot)")
+    if cfg.split_k < 1:
+        raise ValueError(f"config.split_k is {cfg.split_k}; at least 1 is needed")
+    if cfg.block_k % pack or cfg.block_n % pack:
+        raise ValueError(f"config block_k {cfg.block_k} / block_n {cfg.block_n}: multiples of {pack} needed")
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                qzeros: Optional[torch.Tensor], g_idx: Optional[torch.Tensor], group_size: int,
                layout: str, bits: int = 4, zero_offset: int = 0,
-               bias: Optional[torch.Tensor] = None, dequant_min_m: Optional[int] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, dequant_min_m: Optional[int] = None,
+               config: Optional[W4Config] = None) -> torch.Tensor:
     """x [..., K] (fp16/bf16; float32 in the interpreter) @ a GPTQ- or AWQ-packed weight
     (see the module docstring) -> [..., N] in x's dtype, accumulated in float32.
     The dequantized tile is rounded to x's dtype before the dot (tensor cores). From
     `dequant_min_m` rows (default DEQUANT_MIN_M) the weight is dequantized whole into x's
-    dtype and multiplied densely instead."""
+    dtype and multiplied densely instead. `config` overrides the fused kernel's launch
+    configuration (`pick_config`), for tuning."""
     _check_layout(layout)
     _check_bits(bits, layout)
     pack = 32 // bits
@@ -277,30 +358,40 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return out.view(*x.shape[:-1], n)
     gs = k if group_size == -1 else group_size
-    if m >= (DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m):
+    flags = dict(AWQ=layout == "awq", BITS=bits, HAS_ZEROS=qzeros is not None, HAS_G_IDX=g_idx is not None)
+    qz = qzeros if qzeros is not None else qweight
+    gi = g_idx if g_idx is not None else qweight
+    if config is None and m >= (DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m):
         # Many rows: dequantize the weight once, then a dense matmul (cuBLAS on a GPU).
         block_k, block_n = DEQUANT_CONFIG
         w = torch.empty(k, n, dtype=x.dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-            qweight, scales, qzeros if qzeros is not None else qweight,
-            g_idx if g_idx is not None else qweight, w, n, k, gs, zero_offset,
-            AWQ=layout == "awq", BITS=bits, HAS_ZEROS=qzeros is not None, HAS_G_IDX=g_idx is not None,
-            TILE_GROUP=g_idx is None and (num_groups == 1 or gs % block_k == 0),
+            qweight, scales, qz, gi, w, n, k, gs, zero_offset, **flags,
+            TILE_GROUP=g_idx is None and (num_groups == 1 or gs % block_k == 0), EXPAND=False,
             BLOCK_N=block_n, BLOCK_K=block_k)
         out = torch.matmul(x2, w) if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.view(*x.shape[:-1], n)
-    block_m, block_n, block_k, num_warps, num_stages = _pick_config(m)
-    tile_group = g_idx is None and (num_groups == 1 or gs % block_k == 0)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    cfg = config if config is not None else pick_config(m, k, n, layout)
+    _check_config(cfg, bits)
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = min(cfg.split_k, k_tiles)
+    k_per_split = triton.cdiv(k_tiles, split) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)  # no split left empty
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _w4a16_kernel[grid](
-        x2, qweight, scales, qzeros if qzeros is not None else qweight,
-        g_idx if g_idx is not None else qweight, bias if bias is not None else scales, out,
-        m, n, k, gs, zero_offset, x2.stride(0), out.stride(0),
-        AWQ=layout == "awq", BITS=bits, HAS_ZEROS=qzeros is not None,
-        HAS_G_IDX=g_idx is not None, TILE_GROUP=tile_group, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        x2, qweight, scales, qz, gi, bias if bias is not None else scales, target,
+        m, n, k, k_per_split, gs, zero_offset, x2.stride(0), n, **flags,
+        TILE_GROUP=g_idx is None and (num_groups == 1 or gs % cfg.block_k == 0),
+        HAS_BIAS=bias is not None and split == 1, EXPAND=cfg.expand,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            target, bias if bias is not None else scales, out, m * n, n, SPLIT_K=split,
+            HAS_BIAS=bias is not None, BLOCK=block)
     return out.view(*x.shape[:-1], n)
 
 
