@@ -2,9 +2,18 @@
 CPU float32 path, on the same random weights: greedy tokens of random prompts, compared
 token by token (how many prompts agree on all of the first --first tokens, where each
 diverges, and whether the divergence is at a near-tie of the reference's top two), and
-the log-probability of each chosen token before the first divergence.
+the log-probability of each chosen token before the first divergence. As a control,
+transformers' own bf16 run against the float32 path (raylm's CPU float32 path equals
+transformers in float32 token for token: the --device cpu self-check): how often bf16
+rounding alone flips a greedy token on these weights.
+
+Random weights give nearly flat logits (the top two tokens are often closer than bf16's
+rounding), so most divergences are ties. --logit-scale S multiplies the final norm's
+weight by S, spreading the logits S-fold as a trained model's are; the median gap between
+the reference's top two tokens is reported either way.
 
     python benchmarks/agreement.py --model qwen3-0.6b --layers 4
+    python benchmarks/agreement.py --model qwen3-0.6b --layers 4 --logit-scale 8
     python benchmarks/agreement.py --model llama-3.1-8b --layers 4
     python benchmarks/agreement.py --model /path/to/tiny --device cpu   # all float32: a self-check
 
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,6 +54,16 @@ def hf_greedy(model, prompts, max_tokens: int, device: str) -> dict:
     return {"tokens": tokens, "logprobs": lps, "top": tops}
 
 
+def median_top2_gap(run: dict) -> float:
+    """Median over every generated position of the gap between the top two logprobs."""
+    gaps = []
+    for tops in run["top"]:
+        for top in tops:
+            a, b = sorted(top.values(), reverse=True)[:2]
+            gaps.append(a - b)
+    return statistics.median(gaps)
+
+
 def raylm_greedy(cfg_dir, state, prompts, max_tokens: int, device: str, dtype: str) -> dict:
     from transformers import AutoConfig
 
@@ -68,6 +88,8 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--logit-scale", type=float, default=1.0,
+                   help="multiply the final norm's weight (so every logit) by this")
     args = p.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -84,6 +106,9 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(args.device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, low), attn_implementation="sdpa").eval()
+    if args.logit_scale != 1.0:
+        with torch.no_grad():
+            hf.model.norm.weight.mul_(args.logit_scale)
     state = {k: v for k, v in hf.state_dict().items()}
     runs = {"hf": hf_greedy(hf, prompts, args.max_tokens, args.device)}
     runs["raylm"] = raylm_greedy(cfg_dir, state, prompts, args.max_tokens, args.device, low)
@@ -96,11 +121,16 @@ def main() -> None:
         "layers": args.layers or cfg.num_hidden_layers, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
         "dtype": low, "raylm_vs_hf": compare(runs["hf"], runs["raylm"], args.max_tokens),
         "raylm_vs_cpu_float32": compare(runs["raylm_cpu_float32"], runs["raylm"], args.max_tokens),
+        "hf_vs_cpu_float32": compare(runs["raylm_cpu_float32"], runs["hf"], args.max_tokens),
+        "logit_scale": args.logit_scale, "median_top2_gap_nats": median_top2_gap(runs["raylm_cpu_float32"]),
         "raylm_output_tok_per_s": None, "peer": "transformers generate (same weights, same dtype)",
         "peer_output_tok_per_s": None, "roofline_output_tok_per_s": None})
-    for name in ("raylm_vs_hf", "raylm_vs_cpu_float32"):
+    print(f"logit scale {args.logit_scale:g}: median gap between the float32 run's top two tokens "
+          f"{result['median_top2_gap_nats']:.3f} nats", flush=True)
+    for name in ("raylm_vs_hf", "raylm_vs_cpu_float32", "hf_vs_cpu_float32"):
         print(f"{name}: {describe(result[name])}", flush=True)
-    common.save_result(result, f"agreement-{os.path.basename(args.model.rstrip('/'))}")
+    suffix = "" if args.logit_scale == 1.0 else f"-scale{args.logit_scale:g}"
+    common.save_result(result, f"agreement-{os.path.basename(args.model.rstrip('/'))}{suffix}")
 
 
 if __name__ == "__main__":

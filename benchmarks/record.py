@@ -41,8 +41,12 @@ def row(r: dict) -> str:
                  f"{c['first_tokens_compared']} greedy tokens (first divergences {c['first_divergence']}; "
                  f"{c['divergences_at_near_ties']} at near-ties), max abs logprob diff before divergence "
                  f"{c['max_abs_logprob_diff_before_divergence']:.3f}"
-                 for name, c in (("vs HF", r["raylm_vs_hf"]), ("vs CPU float32", r["raylm_vs_cpu_float32"]))]
+                 for name, c in (("vs HF", r["raylm_vs_hf"]), ("vs CPU float32", r["raylm_vs_cpu_float32"]),
+                                 ("HF bf16 itself vs CPU float32", r.get("hf_vs_cpu_float32"))) if c]
         numbers = f"{r['layers']} layers, {r['dtype']}: " + "; ".join(parts)
+        if "logit_scale" in r:
+            numbers = (f"logit scale {r['logit_scale']:g} (median top-2 gap {r['median_top2_gap_nats']:.3f} "
+                       f"nats), " + numbers)
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "serving":
         numbers = (f"{r['num_groups']} group(s) x TP={r['tensor_parallel_size']}: {r['raylm_output_tok_per_s']:.0f} "

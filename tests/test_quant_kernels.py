@@ -195,6 +195,10 @@ def test_w4a16_pick_config(monkeypatch):
             assert 1 <= cfg.split_k <= -(-k // cfg.block_k)
             assert cfg.split_k == 1 or tiles * cfg.split_k <= quant_gemm.TARGET_PROGRAMS
     assert pick_config(17, 4096, 4096, "gptq") == quant_gemm.PREFILL_CONFIG
+    # small groups: one group per K tile; scattered groups: a shallow pipeline
+    assert pick_config(1, 4096, 4096, "gptq", group_size=32).block_k == 32
+    assert pick_config(1, 4096, 4096, "gptq", has_g_idx=True).num_stages <= 2
+    assert pick_config(20, 4096, 4096, "gptq", group_size=96).num_stages <= 2
     with pytest.raises(ValueError, match="config.block_k is 24"):
         w4a16_gemm(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.int32), torch.ones(2, 32),
                    None, None, 32, "gptq", config=W4Config(16, 32, 24, 1, False, 1, 1))

@@ -133,7 +133,7 @@ class W4Config(NamedTuple):
 # the weight is split along K so the GPU has enough programs to keep HBM busy.
 DECODE_CONFIG = {"gptq": W4Config(16, 64, 128, 1, True, 4, 4),
                  "awq": W4Config(16, 128, 128, 1, True, 4, 4)}
-PREFILL_CONFIG = W4Config(64, 128, 64, 1, False, 4, 3)
+PREFILL_CONFIG = W4Config(32, 64, 64, 1, False, 4, 3)  # DECODE_MAX_M < M < DEQUANT_MIN_M
 INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
 DECODE_MAX_M = 16
 # Programs to aim for when choosing split_k: a few per SM (132 on an H100).
@@ -289,15 +289,25 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected}")
 
 
-def pick_config(m: int, k: int, n: int, layout: str) -> W4Config:
+def pick_config(m: int, k: int, n: int, layout: str, group_size: int = 128,
+                has_g_idx: bool = False) -> W4Config:
     """The fused kernel's launch configuration for an [m, k] @ [k, n] product: the
     decode tiles for m <= DECODE_MAX_M, split along K until there are about
-    TARGET_PROGRAMS programs (never splitting a K tile)."""
+    TARGET_PROGRAMS programs (never splitting a K tile). A K tile stays within one group
+    where it can (block_k shrinks to a smaller power-of-two group size): then each tile
+    loads one row of scales and zeros. Where rows of a tile fall in different groups
+    (g_idx, odd group sizes) each weight value loads its own scale and zero, and the
+    deeper pipelines would run out of shared memory: two stages."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_CONFIG
+    cfg = PREFILL_CONFIG if m > DECODE_MAX_M else DECODE_CONFIG[layout]
+    gs = k if group_size == -1 else group_size
+    if not has_g_idx and gs < cfg.block_k and gs >= 16 and gs & (gs - 1) == 0:
+        cfg = cfg._replace(block_k=gs)
+    if has_g_idx or gs % cfg.block_k:
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
     if m > DECODE_MAX_M:
-        return PREFILL_CONFIG
-    cfg = DECODE_CONFIG[layout]
+        return cfg
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min(TARGET_PROGRAMS // tiles, triton.cdiv(k, cfg.block_k)))
     return cfg._replace(split_k=split)
@@ -371,7 +381,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             BLOCK_N=block_n, BLOCK_K=block_k)
         out = torch.matmul(x2, w) if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.view(*x.shape[:-1], n)
-    cfg = config if config is not None else pick_config(m, k, n, layout)
+    cfg = config if config is not None else pick_config(m, k, n, layout, group_size, g_idx is not None)
     _check_config(cfg, bits)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = min(cfg.split_k, k_tiles)

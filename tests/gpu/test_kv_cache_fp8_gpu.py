@@ -23,6 +23,12 @@ FP8 = torch.float8_e4m3fn
 @pytest.mark.parametrize("seqs", [[(20, 1), (37, 13), (0, 9)], [(20, 1), (300, 1), (0, 1)]],
                          ids=["mixed", "decode"])
 def test_fp8_triton_matches_torch_bf16(seqs, scales):
+    """Both backends write the same e4m3 bytes. Read back with bfloat16 queries, the Triton
+    kernels are as close to the float32 computation on the same cache (the PyTorch backend
+    with float32 q/k/v) as the PyTorch backend's own bfloat16 path is. A direct bf16-to-bf16
+    comparison is not a fair check: with the calibrated k scale most new keys saturate at
+    448 * 0.02, the scores reach tens of nats, and rounding them in bfloat16 (0.125 apart
+    there) moves the softmax of either side by a few percent."""
     gen = torch.Generator().manual_seed(len(seqs))
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
     meta = make_step(seqs, block_size, num_blocks, gen)
@@ -31,14 +37,20 @@ def test_fp8_triton_matches_torch_bf16(seqs, scales):
     q, k, v = (x.to("cuda", torch.bfloat16) for x in (q, k, v))
     cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to("cuda", FP8)
     outs, caches = [], []
-    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+    runs = ((TorchAttentionBackend(), torch.bfloat16), (TritonAttentionBackend(), torch.bfloat16),
+            (TorchAttentionBackend(), torch.float32))  # bf16 values are exact in float32: same bytes
+    for backend, dtype in runs:
         layer = Attention(num_heads, head_dim, num_kv_heads, head_dim ** -0.5)
         layer.k_scale, layer.v_scale = scales
         layer.kv_cache = cache.clone()
-        outs.append(layer(q, k, v, meta, backend))
+        outs.append(layer(*(x.to(dtype) for x in (q, k, v)), meta, backend).float())
         caches.append(layer.kv_cache)
-    assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8))
-    torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=2e-2)
+    for c in caches[1:]:
+        assert torch.equal(caches[0].view(torch.uint8), c.view(torch.uint8))
+    torch_bf16, triton_bf16, reference = outs
+    torch_err, triton_err = (torch_bf16 - reference).abs(), (triton_bf16 - reference).abs()
+    assert triton_err.max() <= max(1.5 * torch_err.max().item(), 2e-2)
+    assert triton_err.mean() <= max(1.5 * torch_err.mean().item(), 1e-3)
 
 
 def test_engine_fp8_bf16_graphs_and_eager(llama_dir):

@@ -15,11 +15,11 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
-    fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    W4Config, fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 # (K, N): qkv_proj, o_proj, gate_up_proj (one half), down_proj
 LLAMA_8B = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]
-BATCHES = [1, 16, 100, 512]
+BATCHES = [1, 7, 16, 24, 100, 512]  # fused decode, fused (17-31), dequantize + cuBLAS
 HAS_FP8 = torch.cuda.get_device_capability() >= (8, 9)
 
 
@@ -59,6 +59,26 @@ def test_w4a16_gemm(layout, bits, act_order, k, n, dtype):
         ref = w4a16_gemm_ref(x, qweight, scales, qzeros, g_idx, 128, layout, bits, zero_offset)
         assert out.dtype == dtype
         assert_close_rel(out, ref, 1e-2)
+
+
+@pytest.mark.parametrize("expand", [False, True])
+@pytest.mark.parametrize("layout,group_size", [("gptq", 128), ("gptq", 32), ("awq", 128)])
+def test_w4a16_gemm_launch_configs(layout, group_size, expand):
+    # What benchmarks/w4a16_tune.py sweeps must compile and compute the same product:
+    # tile shapes, K split across programs, packed words unpacked in registers.
+    gen = torch.Generator(device="cuda").manual_seed(group_size + expand)
+    k, n = 4096, 4096
+    qweight, scales, qzeros, _ = random_packed(k, n, 4, group_size, layout, False, gen)
+    zero_offset = 1 if layout == "gptq" else 0
+    configs = [(16, 64, 128, 1), (16, 128, 64, 4), (16, 256, 128, 8), (16, 32, 256, 3), (32, 64, 64, 2)]
+    for bm, bn, bk, split in configs:
+        cfg = W4Config(bm, bn, bk, split, expand, 4, 3)
+        for m in (1, 9, 32):
+            x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            out = w4a16_gemm(x, qweight, scales, qzeros, None, group_size, layout, zero_offset=zero_offset,
+                             config=cfg)
+            ref = w4a16_gemm_ref(x, qweight, scales, qzeros, None, group_size, layout, zero_offset=zero_offset)
+            assert_close_rel(out, ref, 1e-2)
 
 
 def test_w4a16_gemm_one_group_and_bias():
