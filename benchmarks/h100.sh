@@ -6,10 +6,9 @@
 #   bash benchmarks/h100.sh b   # quantization: GEMMs (W4A16's dense path from M=32) and W4A16/int8 throughput
 #   bash benchmarks/h100.sh c   # Qwen3-0.6B throughput with the HF peer in the same run
 #   bash benchmarks/h100.sh d   # W4A16 launch-configuration sweep; GPU quant/fp8-KV tests after
-#                               # the fixes; bf16 agreement with HF's own bf16 control, plain and
-#                               # with logits spread 8-fold (Qwen3-0.6B)
-#   bash benchmarks/h100.sh e   # quantization GEMMs and W4A16/int8 throughput with the tuned
-#                               # kernel; agreement with spread logits (Llama-3.1-8B)
+#                               # the fixes; bf16 agreement with HF's own bf16 control (Qwen3-0.6B)
+#   bash benchmarks/h100.sh e   # the tuned W4A16 kernel: its GPU tests, the GEMV sweep and the
+#                               # fused/dequantize crossover, the GEMMs, W4A16/int8 throughput
 #
 # The device needs pytest carried (.gpu-test wheels, see the device notes) for part a.
 # Result JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-h100).
@@ -46,13 +45,13 @@ d)
   step pytest 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py \
     tests/gpu/test_kv_cache_fp8_gpu.py tests/gpu/test_quant_engine_gpu.py
   step agree-qwen 60 python3 $B/agreement.py --model qwen3-0.6b --layers 4
-  step agree-qwen-s8 60 python3 $B/agreement.py --model qwen3-0.6b --layers 4 --logit-scale 8
   ;;
 e)
-  step gemm 150 python3 $B/quant_gemm.py --reps 10
-  step qthr 300 python3 $B/quant_throughput.py --formats w4a16-gptq,int8 --kv-cache-dtypes auto \
+  step pytest 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py
+  step tune 100 python3 $B/w4a16_tune.py --stages gemv,batch --m 16,64,128,256,512
+  step gemm 90 python3 $B/quant_gemm.py --reps 10 --formats bf16,w4a16-gptq-no-gidx,w4a16-awq,w8a8-int8
+  step qthr 270 python3 $B/quant_throughput.py --formats w4a16-gptq,int8 --kv-cache-dtypes auto \
     --workloads random --no-bf16 --tag w4-int8
-  step agree-llama-s8 90 python3 $B/agreement.py --model llama-3.1-8b --layers 4 --logit-scale 8
   ;;
 esac
 exit 0

@@ -44,9 +44,8 @@ def row(r: dict) -> str:
                  for name, c in (("vs HF", r["raylm_vs_hf"]), ("vs CPU float32", r["raylm_vs_cpu_float32"]),
                                  ("HF bf16 itself vs CPU float32", r.get("hf_vs_cpu_float32"))) if c]
         numbers = f"{r['layers']} layers, {r['dtype']}: " + "; ".join(parts)
-        if "logit_scale" in r:
-            numbers = (f"logit scale {r['logit_scale']:g} (median top-2 gap {r['median_top2_gap_nats']:.3f} "
-                       f"nats), " + numbers)
+        if "median_top2_gap_nats" in r:
+            numbers = f"median top-2 gap {r['median_top2_gap_nats']:.3f} nats, " + numbers
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "serving":
         numbers = (f"{r['num_groups']} group(s) x TP={r['tensor_parallel_size']}: {r['raylm_output_tok_per_s']:.0f} "
@@ -65,14 +64,24 @@ def row(r: dict) -> str:
         s = r["summary"]
         parts = []
         for layout in ("gptq", "awq"):
-            b, c = s[layout], s[layout]["best_m1_config"]
-            parts.append(f"{layout}: best M=1 block_n {c['block_n']} block_k {c['block_k']} expand {c['expand']} "
-                         f"warps {c['num_warps']} stages {c['num_stages']} split x{b['split_scale']}: "
-                         f"{b['m1_layer_us']:.1f} us/layer ({b['m1_speedup_vs_bf16']:.2f}x bf16); "
-                         + ", ".join(f"M={m} fused {v['fused_us']:.0f} / dequant {v['dequant_us']:.0f} / bf16 "
-                                     f"{s['bf16_layer_us'][str(m)]:.0f} us"
-                                     for m, v in b["batch"].items()))
-        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {'; '.join(parts)} |"
+            b, bits = s[layout], []
+            if "best_m1_config" in b:
+                c = b["best_m1_config"]
+                bits.append(f"best tile config at M=1 block_n {c['block_n']} block_k {c['block_k']} expand "
+                            f"{c['expand']} warps {c['num_warps']} stages {c['num_stages']} split x{b['split_scale']}: "
+                            f"{b['m1_layer_us']:.1f} us/layer ({b['m1_speedup_vs_bf16']:.2f}x bf16)")
+            if "gemv" in b:
+                g, c = b["gemv"], b["gemv"]["best_config"]
+                bits.append(f"GEMV block_n {c['block_n']} block_k {c['block_k']}: {g['m1_layer_us']:.1f} us/layer at "
+                            f"M=1 (tile kernel {g['tile_m1_layer_us']:.1f}, {g['m1_speedup_vs_bf16']:.2f}x bf16), "
+                            + ", ".join(f"M={m} {v['gemv_us']:.0f} vs {v['tile_us']:.0f} us"
+                                        for m, v in g["small_m"].items()))
+            if "batch" in b:
+                bits.append(", ".join(f"M={m} fused {v['fused_us']:.0f} / dequant+cuBLAS {v['dequant_us']:.0f} / "
+                                      f"bf16 {s['bf16_layer_us'][str(m)]:.0f} us" for m, v in b["batch"].items()))
+            parts.append(f"{layout}: " + "; ".join(bits))
+        numbers = "one Llama-3.1-8B layer's four GEMMs: " + " | ".join(parts)
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "quant_throughput":
         parts = []
         for run in r["runs"]:

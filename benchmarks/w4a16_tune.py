@@ -6,14 +6,19 @@ For each layout (GPTQ without g_idx, AWQ), group 128:
    choose it, 4 warps, 3 stages;
 2. around the best two of those per layout (summed over the four shapes): split_k at 1/2,
    1 and 2x that choice, 4 or 8 warps, 2 or 4 stages;
-3. with the best decode tiles, M = 16, 32, 64: the fused kernel (block_m = M) against
-   dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows).
+3. gemv: one row per program on the CUDA cores, every (block_n, block_k), at M=1 (and
+   M=2, 4 for the best of them) against the tile kernel's production choice;
+4. batch: with the best decode tiles (from stage 2, or the production DECODE_CONFIG when
+   stage 2 is not run), at each --m: the fused kernel (pick_config's block_m and split)
+   against dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows).
+--stages picks which run (default all).
 
 Timing as in quant_gemm.py: a CUDA graph of calls cycling through enough weight copies
 that they come from HBM, replayed between CUDA events, median. The summary gives, per
 layout, the best configuration and one decoder layer's four GEMMs against bf16.
 
-    python benchmarks/w4a16_tune.py            # H100
+    python benchmarks/w4a16_tune.py            # H100: about 2.5 minutes
+    python benchmarks/w4a16_tune.py --stages gemv,batch --m 16,64,128,256
     python benchmarks/w4a16_tune.py --smoke    # CPU, interpreter, tiny shapes: checks it runs
 
 Writes benchmarks/results/w4a16_tune.json (or under $OUT).
@@ -81,7 +86,7 @@ def run(args) -> dict:
     weights, group = _setup(shapes, dtype, device, args.smoke)
     gen = torch.Generator(device=device).manual_seed(1)
     xs = {(k, m): torch.randn(m, k, generator=gen, device=device, dtype=dtype)
-          for _, k, _ in shapes for m in [1, *args.m]}
+          for _, k, _ in shapes for m in sorted({1, 2, 4, *args.m})}
     result = common.base_result("w4a16_tune", "llama-3.1-8b shapes" if cuda else "smoke shapes")
     result.update({"group_size": group, "shapes": [{"name": s, "k": k, "n": n} for s, k, n in shapes]})
     rows = []
@@ -91,7 +96,7 @@ def run(args) -> dict:
                      "path": path, "config": cfg._asdict() if cfg else None, "time_us": seconds * 1e6})
 
     bf16 = {}
-    for (name, k, n), m in itertools.product(shapes, [1, *args.m]):
+    for (name, k, n), m in itertools.product(shapes, sorted({1, 2, 4, *args.m})):
         x = xs[k, m]
         bf16[name, m] = _time(lambda w: (lambda: torch.matmul(x, w["w"].t())), weights[name, "bf16"], args, cuda)
         record("bf16", "bf16", name, k, n, m, None, bf16[name, m], "cublas")
@@ -105,59 +110,83 @@ def run(args) -> dict:
             total += t
         return total
 
-    stage_name = ["grid"]
+    stage_name = ["bf16"]
     blocks_n = [32, 64, 128, 256] if cuda else [32]
     blocks_k = [64, 128, 256] if cuda else [32]
-    summary = {"bf16_layer_us": {m: sum(bf16[s, m] for s, _, _ in shapes) * 1e6 for m in [1, *args.m]}}
+    summary = {"bf16_layer_us": {m: sum(bf16[s, m] for s, _, _ in shapes) * 1e6 for m in sorted({1, 2, 4, *args.m})}}
+    stages = set(args.stages.split(","))
     for layout in LAYOUTS:
-        scored = []
-        for bn, bk, expand in itertools.product(blocks_n, blocks_k, [False, True]):
-            base = quant_gemm.W4Config(16, bn, bk, 1, expand, 4 if cuda else 1, 3 if cuda else 1)
+        best = quant_gemm.DECODE_CONFIG[layout]
+        best_t, best_split = float("inf"), 1.0
+        summary[layout] = {}
+        if "grid" in stages:
+            stage_name[0] = "grid"
+            scored = []
+            for bn, bk, expand in itertools.product(blocks_n, blocks_k, [False, True]):
+                base = quant_gemm.W4Config(16, bn, bk, 1, expand, 4 if cuda else 1, 3 if cuda else 1)
+                t = layer_time(layout, lambda k, n, base=base: quant_gemm.with_split(base, 1, k, n), 1)
+                scored.append((t, base))
+                print(f"{layout} M=1 bn={bn} bk={bk} expand={expand}: layer {t * 1e6:.1f} us", flush=True)
+            scored.sort(key=lambda p: p[0])
+            best_t, best = scored[0]
+            if "refine" in stages:
+                stage_name[0] = "refine"
+                for _, base in scored[:2]:
+                    for scale, warps, n_stages in itertools.product(
+                            [0.5, 1.0, 2.0], [4, 8] if cuda else [1], [2, 4] if cuda else [1]):
+                        cand = base._replace(num_warps=warps, num_stages=n_stages)
+                        target = int(quant_gemm.TARGET_PROGRAMS * scale)
+                        t = layer_time(layout, lambda k, n, c=cand, t=target: quant_gemm.with_split(c, 1, k, n, t), 1)
+                        print(f"{layout} M=1 {cand} split x{scale}: layer {t * 1e6:.1f} us", flush=True)
+                        if t < best_t:
+                            best_t, best, best_split = t, cand, scale
+            summary[layout].update({"best_m1_config": best._asdict(), "split_scale": best_split,
+                                    "m1_layer_us": best_t * 1e6,
+                                    "m1_speedup_vs_bf16": summary["bf16_layer_us"][1] / (best_t * 1e6)})
+            print(f"{layout}: best M=1 {best} split x{best_split}: {best_t * 1e6:.1f} us/layer, "
+                  f"{summary[layout]['m1_speedup_vs_bf16']:.2f}x bf16", flush=True)
+        if "gemv" in stages:
+            stage_name[0] = "gemv"
+            prod = layer_time(layout, lambda k, n: quant_gemm.pick_config(1, k, n, layout, group), 1)
+            scored = []
+            for bn, bk in itertools.product(blocks_n, [32, 64, 128] if cuda else [32]):
+                cand = quant_gemm.W4Config(16, bn, bk, 1, True, 4 if cuda else 1, 3 if cuda else 1, gemv=True)
+                t = layer_time(layout, lambda k, n, c=cand: quant_gemm.with_split(c, 1, k, n), 1)
+                scored.append((t, cand))
+                print(f"{layout} gemv M=1 bn={bn} bk={bk}: layer {t * 1e6:.1f} us (tile kernel "
+                      f"{prod * 1e6:.1f})", flush=True)
+            scored.sort(key=lambda p: p[0])
+            g_t, g_best = scored[0]
+            small = {}
+            for m in (2, 4):
+                if (shapes[0][1], m) not in xs:
+                    for _, k, _ in shapes:
+                        xs[k, m] = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
+                tg = layer_time(layout, lambda k, n, m=m: quant_gemm.with_split(g_best, m, k, n), m)
+                tt = layer_time(layout, lambda k, n, m=m: quant_gemm.pick_config(m, k, n, layout, group), m)
+                small[m] = {"gemv_us": tg * 1e6, "tile_us": tt * 1e6}
+                print(f"{layout} M={m}: gemv {tg * 1e6:.1f} us, tile kernel {tt * 1e6:.1f} us", flush=True)
+            summary[layout]["gemv"] = {"best_config": g_best._asdict(), "m1_layer_us": g_t * 1e6,
+                                       "tile_m1_layer_us": prod * 1e6,
+                                       "m1_speedup_vs_bf16": summary["bf16_layer_us"][1] / (g_t * 1e6),
+                                       "small_m": small}
+        if "batch" in stages:
+            stage_name[0] = "batch"
+            per_m = {}
+            for m in args.m:
+                if (shapes[0][1], m) not in xs:
+                    for _, k, _ in shapes:
+                        xs[k, m] = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
 
-            def auto(k, n, base=base):
-                tiles = -(-n // base.block_n)
-                return base._replace(split_k=max(1, min(quant_gemm.TARGET_PROGRAMS // tiles, -(-k // base.block_k))))
-            t = layer_time(layout, auto, 1)
-            scored.append((t, base))
-            print(f"{layout} M=1 bn={bn} bk={bk} expand={expand}: layer {t * 1e6:.1f} us", flush=True)
-        scored.sort(key=lambda p: p[0])
-        stage_name[0] = "refine"
-        best_t, best = scored[0]
-        best_split = 1.0
-        for _, base in scored[:2]:
-            for scale, warps, stages in itertools.product([0.5, 1.0, 2.0], [4, 8] if cuda else [1],
-                                                          [2, 4] if cuda else [1]):
-                cand = base._replace(num_warps=warps, num_stages=stages)
-
-                def scaled(k, n, cand=cand, scale=scale):
-                    tiles = -(-n // cand.block_n)
-                    split = int(max(1, quant_gemm.TARGET_PROGRAMS // tiles) * scale)
-                    return cand._replace(split_k=max(1, min(split, -(-k // cand.block_k))))
-                t = layer_time(layout, scaled, 1)
-                print(f"{layout} M=1 {cand} split x{scale}: layer {t * 1e6:.1f} us", flush=True)
-                if t < best_t:
-                    best_t, best, best_split = t, cand, scale
-        stage_name[0] = "batch"
-        per_m = {}
-        for m in args.m:
-            bm = max(16, 1 << (m - 1).bit_length())
-            cfg_m = best._replace(block_m=bm)
-
-            def fused(k, n, cfg_m=cfg_m, m=m):
-                tiles = -(-n // cfg_m.block_n) * -(-m // cfg_m.block_m)
-                split = int(max(1, quant_gemm.TARGET_PROGRAMS // tiles) * best_split)
-                return cfg_m._replace(split_k=max(1, min(split, -(-k // cfg_m.block_k))))
-            tf = layer_time(layout, fused, m)
-            td = layer_time(layout, None, m, dequant=True)
-            per_m[m] = {"fused_us": tf * 1e6, "dequant_us": td * 1e6}
-            print(f"{layout} M={m}: fused {tf * 1e6:.1f} us, dequant+cuBLAS {td * 1e6:.1f} us, "
-                  f"bf16 {summary['bf16_layer_us'][m]:.1f} us", flush=True)
-        summary[layout] = {"best_m1_config": best._asdict(), "split_scale": best_split,
-                           "m1_layer_us": best_t * 1e6,
-                           "m1_speedup_vs_bf16": summary["bf16_layer_us"][1] / (best_t * 1e6),
-                           "batch": per_m}
-        print(f"{layout}: best M=1 {best} split x{best_split}: {best_t * 1e6:.1f} us/layer, "
-              f"{summary[layout]['m1_speedup_vs_bf16']:.2f}x bf16", flush=True)
+                def fused(k, n, m=m):
+                    cfg = best._replace(block_m=quant_gemm.pick_config(m, k, n, layout, group).block_m)
+                    return quant_gemm.with_split(cfg, m, k, n, int(quant_gemm.TARGET_PROGRAMS * best_split))
+                tf = layer_time(layout, fused, m)
+                td = layer_time(layout, None, m, dequant=True)
+                per_m[m] = {"fused_us": tf * 1e6, "dequant_us": td * 1e6}
+                print(f"{layout} M={m}: fused {tf * 1e6:.1f} us, dequant+cuBLAS {td * 1e6:.1f} us, "
+                      f"bf16 {summary['bf16_layer_us'].get(m, float('nan')):.1f} us", flush=True)
+            summary[layout]["batch"] = per_m
     result["rows"] = rows
     result["summary"] = summary
     return result
@@ -166,7 +195,8 @@ def run(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64],
-                   help="batch sizes for stage 3")
+                   help="batch sizes for the batch stage")
+    p.add_argument("--stages", default="grid,refine,gemv,batch")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--min-calls", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")

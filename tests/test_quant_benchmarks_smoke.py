@@ -73,10 +73,15 @@ def test_smoke_modes_write_complete_results(tmp_path):
     fixed = [c for c in t["comparison"] if c["workload"] in ("1000x1000", "128x128")]
     assert fixed and all(c["trtllm_fp8_h100_output_tok_per_s"] for c in fixed)
 
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import record
+
     u = results["w4a16_tune"]
     assert BASE_FIELDS <= u.keys() and u["benchmark"] == "w4a16_tune"
     for layout in ("gptq", "awq"):
         best = u["summary"][layout]
         assert best["m1_layer_us"] > 0 and {"block_n", "block_k", "split_k", "expand"} <= best["best_m1_config"].keys()
         assert all(v["fused_us"] > 0 and v["dequant_us"] > 0 for v in best["batch"].values())
-    assert {r["stage"] for r in u["rows"]} == {"bf16", "grid", "refine", "batch"}
+        assert best["gemv"]["best_config"]["gemv"] and set(best["gemv"]["small_m"]) == {"2", "4"}
+    assert {r["stage"] for r in u["rows"]} == {"bf16", "grid", "refine", "gemv", "batch"}
+    assert "GEMV block_n" in record.row(u)

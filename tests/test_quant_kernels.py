@@ -159,15 +159,15 @@ def test_w4a16_awq(m, group_size):
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("expand", [False, True])
+@pytest.mark.parametrize("variant", ["tile", "expand", "gemv"])
 @pytest.mark.parametrize("layout,bits,group_size,act_order", [
     ("gptq", 4, 32, False), ("gptq", 8, 32, False), ("gptq", 4, 16, True), ("awq", 4, 32, False)])
-def test_w4a16_split_k_and_expand(layout, bits, group_size, act_order, expand, split_k):
+def test_w4a16_launch_variants(layout, bits, group_size, act_order, variant, split_k):
     # The decode configurations: K split across programs (partial sums added in a second
-    # kernel, bias there too) and packed words unpacked in registers. N = 72 leaves a
-    # partial last N tile; K = 144 (group 16) a partial last K tile; 3 splits of 5 K
-    # tiles leave the last split shorter.
-    gen = torch.Generator().manual_seed(bits * 10 + group_size + expand + split_k)
+    # kernel, bias there too), packed words unpacked in registers, one row per program on
+    # the CUDA cores. N = 72 leaves a partial last N tile; K = 144 (group 16) a partial
+    # last K tile; 3 splits of 5 K tiles leave the last split shorter.
+    gen = torch.Generator().manual_seed(bits * 10 + group_size + len(variant) + split_k)
     k, n = (144 if group_size == 16 else 160), 72
     q, z, s, g_idx, w = random_quantized(k, n, bits, group_size, act_order, False, gen)
     if layout == "gptq":
@@ -178,10 +178,29 @@ def test_w4a16_split_k_and_expand(layout, bits, group_size, act_order, expand, s
     bias = torch.randn(n, generator=gen).to(DEVICE, DTYPE)
     args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
     g = g_idx.to(DEVICE) if act_order else None
-    cfg = W4Config(16, 32, 32, split_k, expand, 1, 1)
+    cfg = W4Config(16, 32, 32, split_k, variant != "tile", 1, 1, gemv=variant == "gemv")
     out = w4a16_gemm(x, *args, g, group_size, layout, bits, bias=bias, config=cfg)
     ref = w4a16_gemm_ref(x, *args, g, group_size, layout, bits, bias=bias)
     torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("layout,bits,group_size,act_order", [
+    ("gptq", 4, 32, True), ("gptq", 8, -1, False), ("awq", 4, 32, False)])
+def test_w4a16_dequantize_then_matmul(layout, bits, group_size, act_order):
+    # From dequant_min_m rows the whole weight is dequantized (words unpacked in
+    # registers), then multiplied densely.
+    gen = torch.Generator().manual_seed(bits + group_size)
+    k, n = 128, 72
+    q, z, s, g_idx, w = random_quantized(k, n, bits, group_size, act_order, False, gen)
+    if layout == "gptq":
+        qweight, qzeros = pack_along_rows(q, bits), pack_along_cols(z, bits)
+    else:
+        qweight, qzeros = pack_along_cols(q, 4, AWQ_PACK_ORDER), pack_along_cols(z, 4, AWQ_PACK_ORDER)
+    x = torch.randn(6, k, generator=gen).to(DEVICE, DTYPE)
+    args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
+    g = g_idx.to(DEVICE) if act_order else None
+    out = w4a16_gemm(x, *args, g, group_size, layout, bits, dequant_min_m=4)
+    torch.testing.assert_close(out, w4a16_gemm_ref(x, *args, g, group_size, layout, bits), **TOL)
 
 
 def test_w4a16_pick_config(monkeypatch):
@@ -189,15 +208,17 @@ def test_w4a16_pick_config(monkeypatch):
     from raylm.kernels import quant_gemm
 
     for layout in ("gptq", "awq"):
-        for k, n in [(4096, 4096), (4096, 28672), (14336, 4096), (64, 64)]:
-            cfg = pick_config(1, k, n, layout)
-            tiles = -(-n // cfg.block_n)
-            assert 1 <= cfg.split_k <= -(-k // cfg.block_k)
-            assert cfg.split_k == 1 or tiles * cfg.split_k <= quant_gemm.TARGET_PROGRAMS
-    assert pick_config(17, 4096, 4096, "gptq") == quant_gemm.PREFILL_CONFIG
-    # small groups: one group per K tile; scattered groups: a shallow pipeline
+        for m in (1, 7, 16, 40, 200):
+            for k, n in [(4096, 4096), (4096, 28672), (14336, 4096), (64, 64)]:
+                cfg = pick_config(m, k, n, layout)
+                assert 16 <= cfg.block_m <= quant_gemm.MAX_BLOCK_M and cfg.block_m >= min(m, 64)
+                tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+                assert 1 <= cfg.split_k <= -(-k // cfg.block_k)
+                assert cfg.split_k == 1 or tiles * cfg.split_k <= quant_gemm.TARGET_PROGRAMS
+    # small groups: one group per K tile; scattered groups: narrow tiles, a shallow pipeline
     assert pick_config(1, 4096, 4096, "gptq", group_size=32).block_k == 32
-    assert pick_config(1, 4096, 4096, "gptq", has_g_idx=True).num_stages <= 2
+    scattered = pick_config(1, 4096, 4096, "gptq", has_g_idx=True)
+    assert scattered.num_stages <= 2 and scattered.block_n <= 64
     assert pick_config(20, 4096, 4096, "gptq", group_size=96).num_stages <= 2
     with pytest.raises(ValueError, match="config.block_k is 24"):
         w4a16_gemm(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.int32), torch.ones(2, 32),

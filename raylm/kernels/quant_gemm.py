@@ -118,7 +118,9 @@ class W4Config(NamedTuple):
     """One launch configuration of the fused W4A16 kernel. split_k > 1 splits K across
     programs, each writing a float32 partial sum that a second kernel adds up in a fixed
     order (so results don't depend on timing); expand loads each packed word once and
-    unpacks it in registers instead of loading it once per value it holds."""
+    unpacks it in registers instead of loading it once per value it holds; gemv gives
+    each program one row of x and multiplies on the CUDA cores (a broadcast product summed
+    over K) instead of padding the rows to a tensor-core tile (block_m is then unused)."""
     block_m: int
     block_n: int
     block_k: int
@@ -126,25 +128,26 @@ class W4Config(NamedTuple):
     expand: bool
     num_warps: int
     num_stages: int
+    gemv: bool = False
 
 
-# Fixed launch configurations, so CUDA graphs can capture. The fused kernel is meant for
-# M <= 16 rows (decode), where it streams the packed weight once: with few output tiles
-# the weight is split along K so the GPU has enough programs to keep HBM busy.
-DECODE_CONFIG = {"gptq": W4Config(16, 64, 128, 1, True, 4, 4),
-                 "awq": W4Config(16, 128, 128, 1, True, 4, 4)}
-PREFILL_CONFIG = W4Config(32, 64, 64, 1, False, 4, 3)  # DECODE_MAX_M < M < DEQUANT_MIN_M
+# Fixed launch configurations, so CUDA graphs can capture. Below DEQUANT_MIN_M rows the
+# fused kernel streams the packed weight once per block_m rows; with few output tiles the
+# weight is split along K so the GPU has enough programs to keep HBM busy. Chosen by
+# benchmarks/w4a16_tune.py on the H100 (2026-11-27, Llama-3.1-8B's four GEMMs at M=1:
+# GPTQ 129.7 us per layer, AWQ 148.7, bf16 cuBLAS 161.8; at M=16/32/64 GPTQ 134/149/170 us
+# against bf16's 164/166/169 and dequantize-then-cuBLAS's 375).
+DECODE_CONFIG = {"gptq": W4Config(16, 256, 64, 1, True, 4, 4),
+                 "awq": W4Config(16, 256, 64, 1, True, 8, 4)}
 INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
-DECODE_MAX_M = 16
-# Programs to aim for when choosing split_k: a few per SM (132 on an H100).
-TARGET_PROGRAMS = 4 * 132
-# From this many rows, dequantize the weight once and use a dense matmul. On the H100
-# (2026-11-27, quant_gemm, one Llama-3.1-8B layer) the fused kernel took 0.68 ms at M=64 and
-# 18.4 ms at M=4096, against bf16 cuBLAS's 0.17 and 2.4 ms. Writing the bf16 weight once
-# costs about as much as one bf16 read of it. This threshold is an estimate from those
-# figures and has not been measured; quant_gemm measures both sides of it.
-DEQUANT_MIN_M = 32
-DEQUANT_CONFIG = (64, 128)  # (BLOCK_K, BLOCK_N)
+MAX_BLOCK_M = 64
+# Programs to aim for when choosing split_k (the tune's best: two per SM of an H100).
+TARGET_PROGRAMS = 2 * 132
+# From this many rows, dequantize the weight once and use a dense matmul (cuBLAS). At 64
+# rows the fused kernel still beat that path 2.2x (GPTQ) and 5x (AWQ); the crossover
+# between 64 and 512 rows is an estimate: quant_gemm / w4a16_tune measure both sides.
+DEQUANT_MIN_M = 256
+DEQUANT_CONFIG = (64, 256)  # (BLOCK_K, BLOCK_N), words unpacked in registers
 
 
 @triton.jit
@@ -208,31 +211,43 @@ def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split, group_size, zero_offset, stride_xm, stride_om,
     AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr,
+    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr, GEMV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, n] (or, with K split across program_id(2), that split's float32 partial sum
-    at out + split * M * N) for one [BLOCK_M, BLOCK_N] tile."""
+    at out + split * M * N) for one [BLOCK_M, BLOCK_N] tile (GEMV: one row, BLOCK_N)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if GEMV:
+        offs_m = pid_m + tl.arange(0, 1)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # M * K can pass 2**31 in long prefills
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GEMV:
+        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, pid_n * BLOCK_N, offs_k, offs_n, mask_k, mask_n, N, K,
                           group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP,
                           EXPAND, BLOCK_K, BLOCK_N)
-        acc += tl.dot(x, w.to(x.dtype))
+        if GEMV:
+            x = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k, mask=mask_k, other=0.0)
+            # the tile rounded to x's dtype, as the tensor-core path does
+            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.sum(x.to(tl.float32)[:, None] * w, axis=0)[None, :]
+        else:
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptr += pid_s.to(tl.int64) * M * N
@@ -292,24 +307,31 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
 def pick_config(m: int, k: int, n: int, layout: str, group_size: int = 128,
                 has_g_idx: bool = False) -> W4Config:
     """The fused kernel's launch configuration for an [m, k] @ [k, n] product: the
-    decode tiles for m <= DECODE_MAX_M, split along K until there are about
-    TARGET_PROGRAMS programs (never splitting a K tile). A K tile stays within one group
-    where it can (block_k shrinks to a smaller power-of-two group size): then each tile
-    loads one row of scales and zeros. Where rows of a tile fall in different groups
-    (g_idx, odd group sizes) each weight value loads its own scale and zero, and the
-    deeper pipelines would run out of shared memory: two stages."""
+    layout's decode tiles with block_m the power of two >= m (16 to MAX_BLOCK_M), split
+    along K until there are about TARGET_PROGRAMS programs (never splitting a K tile).
+    A K tile stays within one group where it can (block_k shrinks to a smaller
+    power-of-two group size): then each tile loads one row of scales and zeros. Where
+    rows of a tile fall in different groups (g_idx, odd group sizes) each weight value
+    loads its own scale and zero, and wide tiles with deep pipelines would run out of
+    shared memory: at most 64 columns, two stages."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_CONFIG
-    cfg = PREFILL_CONFIG if m > DECODE_MAX_M else DECODE_CONFIG[layout]
+    cfg = DECODE_CONFIG[layout]
+    cfg = cfg._replace(block_m=min(MAX_BLOCK_M, max(16, 1 << (m - 1).bit_length())))
     gs = k if group_size == -1 else group_size
     if not has_g_idx and gs < cfg.block_k and gs >= 16 and gs & (gs - 1) == 0:
         cfg = cfg._replace(block_k=gs)
     if has_g_idx or gs % cfg.block_k:
-        cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
-    if m > DECODE_MAX_M:
-        return cfg
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    split = max(1, min(TARGET_PROGRAMS // tiles, triton.cdiv(k, cfg.block_k)))
+        cfg = cfg._replace(block_n=min(cfg.block_n, 64), num_stages=min(cfg.num_stages, 2))
+    return with_split(cfg, m, k, n)
+
+
+def with_split(cfg: W4Config, m: int, k: int, n: int, target: int = 0) -> W4Config:
+    """cfg with split_k raised until the grid has about `target` (default
+    TARGET_PROGRAMS) programs, at most one K tile per split."""
+    rows = m if cfg.gemv else triton.cdiv(m, cfg.block_m)
+    tiles = triton.cdiv(n, cfg.block_n) * rows
+    split = max(1, min((target or TARGET_PROGRAMS) // tiles, triton.cdiv(k, cfg.block_k)))
     return cfg._replace(split_k=split)
 
 
@@ -377,7 +399,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         w = torch.empty(k, n, dtype=x.dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             qweight, scales, qz, gi, w, n, k, gs, zero_offset, **flags,
-            TILE_GROUP=g_idx is None and (num_groups == 1 or gs % block_k == 0), EXPAND=False,
+            TILE_GROUP=g_idx is None and (num_groups == 1 or gs % block_k == 0), EXPAND=True,
             BLOCK_N=block_n, BLOCK_K=block_k)
         out = torch.matmul(x2, w) if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.view(*x.shape[:-1], n)
@@ -388,12 +410,12 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     k_per_split = triton.cdiv(k_tiles, split) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # no split left empty
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    grid = (triton.cdiv(n, cfg.block_n), m if cfg.gemv else triton.cdiv(m, cfg.block_m), split)
     _w4a16_kernel[grid](
         x2, qweight, scales, qz, gi, bias if bias is not None else scales, target,
         m, n, k, k_per_split, gs, zero_offset, x2.stride(0), n, **flags,
         TILE_GROUP=g_idx is None and (num_groups == 1 or gs % cfg.block_k == 0),
-        HAS_BIAS=bias is not None and split == 1, EXPAND=cfg.expand,
+        HAS_BIAS=bias is not None and split == 1, EXPAND=cfg.expand, GEMV=cfg.gemv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -19,7 +19,7 @@ from raylm.kernels.quant_gemm import (  # noqa: E402
 
 # (K, N): qkv_proj, o_proj, gate_up_proj (one half), down_proj
 LLAMA_8B = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]
-BATCHES = [1, 7, 16, 24, 100, 512]  # fused decode, fused (17-31), dequantize + cuBLAS
+BATCHES = [1, 7, 16, 24, 100, 300, 512]  # fused below quant_gemm.DEQUANT_MIN_M, then dequantize + cuBLAS
 HAS_FP8 = torch.cuda.get_device_capability() >= (8, 9)
 
 
@@ -61,24 +61,39 @@ def test_w4a16_gemm(layout, bits, act_order, k, n, dtype):
         assert_close_rel(out, ref, 1e-2)
 
 
-@pytest.mark.parametrize("expand", [False, True])
-@pytest.mark.parametrize("layout,group_size", [("gptq", 128), ("gptq", 32), ("awq", 128)])
-def test_w4a16_gemm_launch_configs(layout, group_size, expand):
+@pytest.mark.parametrize("variant", ["tile", "expand", "gemv"])
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_w4a16_gemm_launch_configs(layout, variant):
     # What benchmarks/w4a16_tune.py sweeps must compile and compute the same product:
-    # tile shapes, K split across programs, packed words unpacked in registers.
-    gen = torch.Generator(device="cuda").manual_seed(group_size + expand)
+    # tile shapes that fit in shared memory (from the 2026-11-27 sweep), K split across
+    # programs, packed words unpacked in registers, one row per program.
+    gen = torch.Generator(device="cuda").manual_seed(len(variant))
     k, n = 4096, 4096
-    qweight, scales, qzeros, _ = random_packed(k, n, 4, group_size, layout, False, gen)
+    qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, layout, False, gen)
     zero_offset = 1 if layout == "gptq" else 0
-    configs = [(16, 64, 128, 1), (16, 128, 64, 4), (16, 256, 128, 8), (16, 32, 256, 3), (32, 64, 64, 2)]
+    configs = [(16, 64, 128, 1), (16, 128, 64, 4), (16, 256, 64, 8), (16, 32, 128, 3), (32, 64, 64, 2)]
     for bm, bn, bk, split in configs:
-        cfg = W4Config(bm, bn, bk, split, expand, 4, 3)
-        for m in (1, 9, 32):
+        cfg = W4Config(bm, bn, bk, split, variant != "tile", 4, 2, gemv=variant == "gemv")
+        for m in (1, 3, 32):
             x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
-            out = w4a16_gemm(x, qweight, scales, qzeros, None, group_size, layout, zero_offset=zero_offset,
+            out = w4a16_gemm(x, qweight, scales, qzeros, None, 128, layout, zero_offset=zero_offset,
                              config=cfg)
-            ref = w4a16_gemm_ref(x, qweight, scales, qzeros, None, group_size, layout, zero_offset=zero_offset)
+            ref = w4a16_gemm_ref(x, qweight, scales, qzeros, None, 128, layout, zero_offset=zero_offset)
             assert_close_rel(out, ref, 1e-2)
+
+
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (64, True), (128, True)])
+def test_w4a16_gemm_chosen_configs_small_and_scattered_groups(group_size, act_order):
+    # The production choice (pick_config) where groups are smaller than a K tile or
+    # scattered by g_idx, across the fused range of rows.
+    gen = torch.Generator(device="cuda").manual_seed(group_size)
+    k, n = 4096, 6144
+    qweight, scales, qzeros, g_idx = random_packed(k, n, 4, group_size, "gptq", act_order, gen)
+    for m in (1, 16, 40, 130):
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        out = w4a16_gemm(x, qweight, scales, qzeros, g_idx, group_size, "gptq", zero_offset=1)
+        ref = w4a16_gemm_ref(x, qweight, scales, qzeros, g_idx, group_size, "gptq", zero_offset=1)
+        assert_close_rel(out, ref, 1e-2)
 
 
 def test_w4a16_gemm_one_group_and_bias():
