@@ -9,6 +9,8 @@
 #                               # the fixes; bf16 agreement with HF's own bf16 control (Qwen3-0.6B)
 #   bash benchmarks/h100.sh e   # the tuned W4A16 kernel: its GPU tests, the GEMV sweep and the
 #                               # fused/dequantize crossover, the GEMMs, W4A16/int8 throughput
+#   bash benchmarks/h100.sh f   # one-sequence prefill graphs: GPU engine tests and batch-1
+#                               # latency (TTFT); W4A16 tiles for large M
 #
 # The device needs pytest carried (.gpu-test wheels, see the device notes) for part a.
 # Result JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-h100).
@@ -48,10 +50,17 @@ d)
   ;;
 e)
   step pytest 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py
-  step tune 100 python3 $B/w4a16_tune.py --stages gemv,batch --m 16,64,128,256,512
+  step tune 100 python3 $B/w4a16_tune.py --stages batch --m 16,64,128,256,512
   step gemm 90 python3 $B/quant_gemm.py --reps 10 --formats bf16,w4a16-gptq-no-gidx,w4a16-awq,w8a8-int8
   step qthr 270 python3 $B/quant_throughput.py --formats w4a16-gptq,int8 --kv-cache-dtypes auto \
     --workloads random --no-bf16 --tag w4-int8
+  ;;
+f)
+  step pytest 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_engine_gpu.py \
+    tests/gpu/test_quant_kernels_gpu.py -k "engine or graphs or async or w4a16"
+  step lat-qwen 70 python3 $B/latency.py --model qwen3-0.6b --peer none
+  step lat-llama 90 python3 $B/latency.py --model llama-3.1-8b --peer none
+  step tune 150 python3 $B/w4a16_tune.py --stages large --large-m 256,512
   ;;
 esac
 exit 0

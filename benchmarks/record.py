@@ -70,12 +70,12 @@ def row(r: dict) -> str:
                 bits.append(f"best tile config at M=1 block_n {c['block_n']} block_k {c['block_k']} expand "
                             f"{c['expand']} warps {c['num_warps']} stages {c['num_stages']} split x{b['split_scale']}: "
                             f"{b['m1_layer_us']:.1f} us/layer ({b['m1_speedup_vs_bf16']:.2f}x bf16)")
-            if "gemv" in b:
-                g, c = b["gemv"], b["gemv"]["best_config"]
-                bits.append(f"GEMV block_n {c['block_n']} block_k {c['block_k']}: {g['m1_layer_us']:.1f} us/layer at "
-                            f"M=1 (tile kernel {g['tile_m1_layer_us']:.1f}, {g['m1_speedup_vs_bf16']:.2f}x bf16), "
-                            + ", ".join(f"M={m} {v['gemv_us']:.0f} vs {v['tile_us']:.0f} us"
-                                        for m, v in g["small_m"].items()))
+            if "large" in b:
+                bits.append(", ".join(
+                    f"M={m} best fused (block_m {v['best_config']['block_m']} block_n {v['best_config']['block_n']} "
+                    f"block_k {v['best_config']['block_k']} warps {v['best_config']['num_warps']}) {v['fused_us']:.0f} "
+                    f"/ dequant+cuBLAS {v['dequant_us']:.0f} / bf16 {s['bf16_layer_us'][str(m)]:.0f} us"
+                    for m, v in b["large"].items()))
             if "batch" in b:
                 bits.append(", ".join(f"M={m} fused {v['fused_us']:.0f} / dequant+cuBLAS {v['dequant_us']:.0f} / "
                                       f"bf16 {s['bf16_layer_us'][str(m)]:.0f} us" for m, v in b["batch"].items()))

@@ -6,8 +6,8 @@ For each layout (GPTQ without g_idx, AWQ), group 128:
    choose it, 4 warps, 3 stages;
 2. around the best two of those per layout (summed over the four shapes): split_k at 1/2,
    1 and 2x that choice, 4 or 8 warps, 2 or 4 stages;
-3. gemv: one row per program on the CUDA cores, every (block_n, block_k), at M=1 (and
-   M=2, 4 for the best of them) against the tile kernel's production choice;
+3. large: at each --large-m (prefill and large decode batches), every (block_m, block_n,
+   block_k, num_warps) with unpacked words and 3 stages, against dequantize-then-cuBLAS;
 4. batch: with the best decode tiles (from stage 2, or the production DECODE_CONFIG when
    stage 2 is not run), at each --m: the fused kernel (pick_config's block_m and split)
    against dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows).
@@ -18,7 +18,7 @@ that they come from HBM, replayed between CUDA events, median. The summary gives
 layout, the best configuration and one decoder layer's four GEMMs against bf16.
 
     python benchmarks/w4a16_tune.py            # H100: about 2.5 minutes
-    python benchmarks/w4a16_tune.py --stages gemv,batch --m 16,64,128,256
+    python benchmarks/w4a16_tune.py --stages large --large-m 256,512
     python benchmarks/w4a16_tune.py --smoke    # CPU, interpreter, tiny shapes: checks it runs
 
 Writes benchmarks/results/w4a16_tune.json (or under $OUT).
@@ -86,7 +86,7 @@ def run(args) -> dict:
     weights, group = _setup(shapes, dtype, device, args.smoke)
     gen = torch.Generator(device=device).manual_seed(1)
     xs = {(k, m): torch.randn(m, k, generator=gen, device=device, dtype=dtype)
-          for _, k, _ in shapes for m in sorted({1, 2, 4, *args.m})}
+          for _, k, _ in shapes for m in sorted({1, *args.m, *args.large_m})}
     result = common.base_result("w4a16_tune", "llama-3.1-8b shapes" if cuda else "smoke shapes")
     result.update({"group_size": group, "shapes": [{"name": s, "k": k, "n": n} for s, k, n in shapes]})
     rows = []
@@ -96,7 +96,7 @@ def run(args) -> dict:
                      "path": path, "config": cfg._asdict() if cfg else None, "time_us": seconds * 1e6})
 
     bf16 = {}
-    for (name, k, n), m in itertools.product(shapes, sorted({1, 2, 4, *args.m})):
+    for (name, k, n), m in itertools.product(shapes, sorted({1, *args.m, *args.large_m})):
         x = xs[k, m]
         bf16[name, m] = _time(lambda w: (lambda: torch.matmul(x, w["w"].t())), weights[name, "bf16"], args, cuda)
         record("bf16", "bf16", name, k, n, m, None, bf16[name, m], "cublas")
@@ -113,7 +113,7 @@ def run(args) -> dict:
     stage_name = ["bf16"]
     blocks_n = [32, 64, 128, 256] if cuda else [32]
     blocks_k = [64, 128, 256] if cuda else [32]
-    summary = {"bf16_layer_us": {m: sum(bf16[s, m] for s, _, _ in shapes) * 1e6 for m in sorted({1, 2, 4, *args.m})}}
+    summary = {"bf16_layer_us": {m: sum(bf16[s, m] for s, _, _ in shapes) * 1e6 for m in sorted({1, *args.m, *args.large_m})}}
     stages = set(args.stages.split(","))
     for layout in LAYOUTS:
         best = quant_gemm.DECODE_CONFIG[layout]
@@ -145,31 +145,27 @@ def run(args) -> dict:
                                     "m1_speedup_vs_bf16": summary["bf16_layer_us"][1] / (best_t * 1e6)})
             print(f"{layout}: best M=1 {best} split x{best_split}: {best_t * 1e6:.1f} us/layer, "
                   f"{summary[layout]['m1_speedup_vs_bf16']:.2f}x bf16", flush=True)
-        if "gemv" in stages:
-            stage_name[0] = "gemv"
-            prod = layer_time(layout, lambda k, n: quant_gemm.pick_config(1, k, n, layout, group), 1)
-            scored = []
-            for bn, bk in itertools.product(blocks_n, [32, 64, 128] if cuda else [32]):
-                cand = quant_gemm.W4Config(16, bn, bk, 1, True, 4 if cuda else 1, 3 if cuda else 1, gemv=True)
-                t = layer_time(layout, lambda k, n, c=cand: quant_gemm.with_split(c, 1, k, n), 1)
-                scored.append((t, cand))
-                print(f"{layout} gemv M=1 bn={bn} bk={bk}: layer {t * 1e6:.1f} us (tile kernel "
-                      f"{prod * 1e6:.1f})", flush=True)
-            scored.sort(key=lambda p: p[0])
-            g_t, g_best = scored[0]
-            small = {}
-            for m in (2, 4):
+        if "large" in stages:
+            stage_name[0] = "large"
+            large = {}
+            for m in args.large_m:
                 if (shapes[0][1], m) not in xs:
                     for _, k, _ in shapes:
                         xs[k, m] = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
-                tg = layer_time(layout, lambda k, n, m=m: quant_gemm.with_split(g_best, m, k, n), m)
-                tt = layer_time(layout, lambda k, n, m=m: quant_gemm.pick_config(m, k, n, layout, group), m)
-                small[m] = {"gemv_us": tg * 1e6, "tile_us": tt * 1e6}
-                print(f"{layout} M={m}: gemv {tg * 1e6:.1f} us, tile kernel {tt * 1e6:.1f} us", flush=True)
-            summary[layout]["gemv"] = {"best_config": g_best._asdict(), "m1_layer_us": g_t * 1e6,
-                                       "tile_m1_layer_us": prod * 1e6,
-                                       "m1_speedup_vs_bf16": summary["bf16_layer_us"][1] / (g_t * 1e6),
-                                       "small_m": small}
+                td = layer_time(layout, None, m, dequant=True)
+                scored = []
+                for bm, bn, bk, warps in itertools.product([64, 128] if cuda else [16], [64, 128, 256] if cuda else [32],
+                                                           [32, 64] if cuda else [32], [4, 8] if cuda else [1]):
+                    cand = quant_gemm.W4Config(bm, bn, bk, 1, True, warps, 3 if cuda else 1)
+                    t = layer_time(layout, lambda k, n, c=cand, m=m: quant_gemm.with_split(c, m, k, n), m)
+                    scored.append((t, cand))
+                    print(f"{layout} M={m} {cand}: layer {t * 1e6:.1f} us (dequant+cuBLAS {td * 1e6:.1f})", flush=True)
+                scored.sort(key=lambda p: p[0])
+                large[m] = {"best_config": scored[0][1]._asdict(), "fused_us": scored[0][0] * 1e6,
+                            "dequant_us": td * 1e6}
+                print(f"{layout} M={m}: best fused {scored[0][1]} {scored[0][0] * 1e6:.1f} us, dequant+cuBLAS "
+                      f"{td * 1e6:.1f} us, bf16 {summary['bf16_layer_us'][m]:.1f} us", flush=True)
+            summary[layout]["large"] = large
         if "batch" in stages:
             stage_name[0] = "batch"
             per_m = {}
@@ -196,7 +192,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64],
                    help="batch sizes for the batch stage")
-    p.add_argument("--stages", default="grid,refine,gemv,batch")
+    p.add_argument("--large-m", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512],
+                   help="batch sizes for the large stage")
+    p.add_argument("--stages", default="grid,refine,large,batch")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--min-calls", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
@@ -205,7 +203,7 @@ def main() -> None:
         from raylm.kernels.interpret import use_interpreter
 
         use_interpreter()
-        args.reps, args.min_calls, args.m = 1, 1, [17]
+        args.reps, args.min_calls, args.m, args.large_m = 1, 1, [17], [40]
     elif not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU; --smoke runs tiny shapes on CPU")
     result = run(args)

@@ -82,6 +82,6 @@ def test_smoke_modes_write_complete_results(tmp_path):
         best = u["summary"][layout]
         assert best["m1_layer_us"] > 0 and {"block_n", "block_k", "split_k", "expand"} <= best["best_m1_config"].keys()
         assert all(v["fused_us"] > 0 and v["dequant_us"] > 0 for v in best["batch"].values())
-        assert best["gemv"]["best_config"]["gemv"] and set(best["gemv"]["small_m"]) == {"2", "4"}
-    assert {r["stage"] for r in u["rows"]} == {"bf16", "grid", "refine", "gemv", "batch"}
-    assert "GEMV block_n" in record.row(u)
+        assert set(best["large"]) == {"40"} and best["large"]["40"]["fused_us"] > 0
+    assert {r["stage"] for r in u["rows"]} == {"bf16", "grid", "refine", "large", "batch"}
+    assert "M=40 best fused" in record.row(u)

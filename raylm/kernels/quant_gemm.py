@@ -118,9 +118,9 @@ class W4Config(NamedTuple):
     """One launch configuration of the fused W4A16 kernel. split_k > 1 splits K across
     programs, each writing a float32 partial sum that a second kernel adds up in a fixed
     order (so results don't depend on timing); expand loads each packed word once and
-    unpacks it in registers instead of loading it once per value it holds; gemv gives
-    each program one row of x and multiplies on the CUDA cores (a broadcast product summed
-    over K) instead of padding the rows to a tensor-core tile (block_m is then unused)."""
+    unpacks it in registers instead of loading it once per value it holds. (A CUDA-core
+    GEMV variant, one row per program, measured 1.07-3.8x slower than these tiles at
+    M=1 on the H100, 2026-11-27, and was dropped.)"""
     block_m: int
     block_n: int
     block_k: int
@@ -128,7 +128,6 @@ class W4Config(NamedTuple):
     expand: bool
     num_warps: int
     num_stages: int
-    gemv: bool = False
 
 
 # Fixed launch configurations, so CUDA graphs can capture. Below DEQUANT_MIN_M rows the
@@ -143,11 +142,14 @@ INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
 MAX_BLOCK_M = 64
 # Programs to aim for when choosing split_k (the tune's best: two per SM of an H100).
 TARGET_PROGRAMS = 2 * 132
-# From this many rows, dequantize the weight once and use a dense matmul (cuBLAS). At 64
-# rows the fused kernel still beat that path 2.2x (GPTQ) and 5x (AWQ); the crossover
-# between 64 and 512 rows is an estimate: quant_gemm / w4a16_tune measure both sides.
-DEQUANT_MIN_M = 256
-DEQUANT_CONFIG = (64, 256)  # (BLOCK_K, BLOCK_N), words unpacked in registers
+# From this many rows, dequantize the weight once and use a dense matmul (cuBLAS). One
+# Llama-3.1-8B layer on the H100 (2026-11-27): GPTQ fused 288 us against 443 at M=128,
+# 555 against 473 at M=256; AWQ fused 402 against 378 at M=128.
+DEQUANT_MIN_M = {"gptq": 256, "awq": 128}
+# (BLOCK_K, BLOCK_N, expand) of the dequantizing kernel: AWQ's 32-byte rows of words need
+# the wide, unpacked-in-registers tiles (1169 -> 359 us per layer); GPTQ measured 375 us
+# with (64, 128) as loaded and 425 with (64, 256) unpacked.
+DEQUANT_CONFIG = {"gptq": (64, 128, False), "awq": (64, 256, True)}
 
 
 @triton.jit
@@ -211,26 +213,20 @@ def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split, group_size, zero_offset, stride_xm, stride_om,
     AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr, GEMV: tl.constexpr,
+    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, n] (or, with K split across program_id(2), that split's float32 partial sum
-    at out + split * M * N) for one [BLOCK_M, BLOCK_N] tile (GEMV: one row, BLOCK_N)."""
+    at out + split * M * N) for one [BLOCK_M, BLOCK_N] tile."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
-    if GEMV:
-        offs_m = pid_m + tl.arange(0, 1)
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # M * K can pass 2**31 in long prefills
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if GEMV:
-        acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -239,15 +235,9 @@ def _w4a16_kernel(
         w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, pid_n * BLOCK_N, offs_k, offs_n, mask_k, mask_n, N, K,
                           group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP,
                           EXPAND, BLOCK_K, BLOCK_N)
-        if GEMV:
-            x = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k, mask=mask_k, other=0.0)
-            # the tile rounded to x's dtype, as the tensor-core path does
-            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(x.to(tl.float32)[:, None] * w, axis=0)[None, :]
-        else:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            acc += tl.dot(x, w.to(x.dtype))
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptr += pid_s.to(tl.int64) * M * N
@@ -329,8 +319,7 @@ def pick_config(m: int, k: int, n: int, layout: str, group_size: int = 128,
 def with_split(cfg: W4Config, m: int, k: int, n: int, target: int = 0) -> W4Config:
     """cfg with split_k raised until the grid has about `target` (default
     TARGET_PROGRAMS) programs, at most one K tile per split."""
-    rows = m if cfg.gemv else triton.cdiv(m, cfg.block_m)
-    tiles = triton.cdiv(n, cfg.block_n) * rows
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = max(1, min((target or TARGET_PROGRAMS) // tiles, triton.cdiv(k, cfg.block_k)))
     return cfg._replace(split_k=split)
 
@@ -355,7 +344,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """x [..., K] (fp16/bf16; float32 in the interpreter) @ a GPTQ- or AWQ-packed weight
     (see the module docstring) -> [..., N] in x's dtype, accumulated in float32.
     The dequantized tile is rounded to x's dtype before the dot (tensor cores). From
-    `dequant_min_m` rows (default DEQUANT_MIN_M) the weight is dequantized whole into x's
+    `dequant_min_m` rows (default DEQUANT_MIN_M[layout]) the weight is dequantized whole into x's
     dtype and multiplied densely instead. `config` overrides the fused kernel's launch
     configuration (`pick_config`), for tuning."""
     _check_layout(layout)
@@ -393,13 +382,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     flags = dict(AWQ=layout == "awq", BITS=bits, HAS_ZEROS=qzeros is not None, HAS_G_IDX=g_idx is not None)
     qz = qzeros if qzeros is not None else qweight
     gi = g_idx if g_idx is not None else qweight
-    if config is None and m >= (DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m):
+    if config is None and m >= (DEQUANT_MIN_M[layout] if dequant_min_m is None else dequant_min_m):
         # Many rows: dequantize the weight once, then a dense matmul (cuBLAS on a GPU).
-        block_k, block_n = DEQUANT_CONFIG
+        block_k, block_n, expand = DEQUANT_CONFIG[layout]
         w = torch.empty(k, n, dtype=x.dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             qweight, scales, qz, gi, w, n, k, gs, zero_offset, **flags,
-            TILE_GROUP=g_idx is None and (num_groups == 1 or gs % block_k == 0), EXPAND=True,
+            TILE_GROUP=g_idx is None and (num_groups == 1 or gs % block_k == 0), EXPAND=expand,
             BLOCK_N=block_n, BLOCK_K=block_k)
         out = torch.matmul(x2, w) if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.view(*x.shape[:-1], n)
@@ -410,12 +399,12 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     k_per_split = triton.cdiv(k_tiles, split) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # no split left empty
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), m if cfg.gemv else triton.cdiv(m, cfg.block_m), split)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _w4a16_kernel[grid](
         x2, qweight, scales, qz, gi, bias if bias is not None else scales, target,
         m, n, k, k_per_split, gs, zero_offset, x2.stride(0), n, **flags,
         TILE_GROUP=g_idx is None and (num_groups == 1 or gs % cfg.block_k == 0),
-        HAS_BIAS=bias is not None and split == 1, EXPAND=cfg.expand, GEMV=cfg.gemv,
+        HAS_BIAS=bias is not None and split == 1, EXPAND=cfg.expand,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

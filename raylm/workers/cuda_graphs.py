@@ -1,10 +1,18 @@
-"""CUDA graphs (HIP graphs on ROCm, same PyTorch API) for decode steps.
+"""CUDA graphs (HIP graphs on ROCm, same PyTorch API) for decode steps and for short
+prefills of one sequence.
 
 A decode step (one new token per sequence) is captured once per padded batch size.
 Inputs live in static buffers; a step copies its rows in, pads the rest (slot -1 writes
 nothing, sequence length 0 reads nothing) and replays the graph of the smallest size that
 fits. The graph covers the model's forward pass; the LM head runs outside it on the real
 rows only, so no padded logits are kept per size.
+
+A step that prefills one sequence (a new prompt, or a chunk of one after a prefix-cache
+hit) with at most PREFILL_GRAPH_MAX_TOKENS tokens replays a graph captured per padded
+token count T: the n real tokens, then T - n padding rows that write nothing (slot -1)
+and come after every real query, so causal attention never shows them to a real row.
+Eagerly such a step is bound by kernel launches (a few hundred for a 0.6B model), which
+is most of the time to first token at batch 1.
 """
 from __future__ import annotations
 
@@ -88,6 +96,7 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
         self.capture_bytes = 0
+        self.pool = None  # the memory pool the graphs share (PrefillGraphs joins it)
 
     def _meta(self, b: int) -> AttentionMetadata:
         # The decode kernels read only these tensors; the *_cpu fields are placeholders.
@@ -116,6 +125,7 @@ class DecodeGraphs:
                     self.outputs[b] = self._forward(b)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[b] = graph
+        self.pool = pool
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t
@@ -150,3 +160,104 @@ class DecodeGraphs:
             self.seq_lens[n:b].zero_()
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+PREFILL_GRAPH_MAX_TOKENS = 512
+
+
+def prefill_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts captured for one-sequence prefills: powers of two from 16 up to
+    min(max_tokens, PREFILL_GRAPH_MAX_TOKENS), and that bound itself."""
+    top = min(max_tokens, PREFILL_GRAPH_MAX_TOKENS)
+    sizes = [t for t in (16, 32, 64, 128, 256, 512) if t <= top]
+    if top >= 2 and (not sizes or sizes[-1] < top):
+        sizes.append(top)
+    return sizes
+
+
+class PrefillGraphs:
+    """Captured forward passes of one sequence's prefill (chunk) at padded token counts,
+    sharing the decode graphs' memory pool. Query row j of a T-row graph sits at position
+    seq_len - T + j, so with seq_len = start + T the n real rows keep their positions and
+    the padding follows them."""
+
+    def __init__(self, model, backend, device: torch.device, max_tokens: int, max_blocks: int,
+                 block_size: int):
+        self.model = model
+        self.backend = backend
+        self.sizes = prefill_graph_sizes(max_tokens)
+        t = self.sizes[-1] if self.sizes else 0
+        self.max_tokens = t
+        self.max_blocks = max_blocks
+        self.block_size = block_size
+        self.input_ids = torch.zeros(t, dtype=torch.long, device=device)
+        self.positions = torch.zeros(t, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((t,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(1, max_blocks, dtype=torch.int32, device=device)
+        self.query_start = {n: torch.tensor([0, n], dtype=torch.int32, device=device) for n in self.sizes}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_s = 0.0
+
+    def _forward(self, t: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:t], query_start_loc=self.query_start[t],
+            seq_lens=self.seq_lens, block_tables=self.block_tables,
+            query_lens_cpu=[t], seq_lens_cpu=[t], max_query_len=t,
+            max_seq_len=self.max_blocks * self.block_size)
+        return self.model(self.input_ids[:t], self.positions[:t], meta, self.backend)
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.seq_lens.fill_(self.max_tokens)  # reads block 0 while capturing: harmless
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for t in reversed(self.sizes):
+                self._forward(t)  # compile outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[t] = self._forward(t)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[t] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+        logger.info("captured %d one-sequence prefill CUDA graphs (%s tokens) in %.1f s",
+                    len(self.graphs), "/".join(map(str, self.sizes)), self.capture_s)
+
+    def size_for(self, num_tokens: int, start_pos: int) -> int:
+        """The graph's token count for a prefill of num_tokens tokens after start_pos
+        cached ones, or 0 when none fits (too many tokens, too long a block table)."""
+        if num_tokens < 2 or num_tokens > self.max_tokens:
+            return 0
+        t = next(s for s in self.sizes if s >= num_tokens)
+        return t if -(-(start_pos + t) // self.block_size) <= self.max_blocks else 0
+
+    def run(self, t: int, input_ids: list[int], start_pos: int, slots: list[int], block_table: list[int],
+            placeholders=None) -> torch.Tensor:
+        """Hidden states [n, hidden] of the prefill of input_ids at positions start_pos..,
+        writing the KV cache at `slots`, in the graph of `t` (size_for) tokens. Nothing here
+        waits for the GPU."""
+        n = len(input_ids)
+        dev = self.input_ids.device
+        positions = list(range(start_pos, start_pos + n)) + [0] * (t - n)  # padding: any valid position
+        cols = to_device([input_ids + [0] * (t - n), positions, slots + [-1] * (t - n)], torch.long, dev)
+        self.input_ids[:t].copy_(cols[0])
+        if placeholders is not None:
+            self.input_ids.index_copy_(0, *placeholders)
+        self.positions[:t].copy_(cols[1])
+        self.slot_mapping[:t].copy_(cols[2])
+        width = len(block_table)
+        table = to_device([[start_pos + t] + block_table], torch.int32, dev)[0]
+        self.seq_lens.copy_(table[:1])
+        self.block_tables[0, :width].copy_(table[1:])
+        graph = self.graphs.get(t)
+        if graph is None:  # not captured (the CPU tests): the same padded pass, eagerly
+            self.outputs[t] = self._forward(t)
+        else:
+            graph.replay()
+        return self.outputs[t][:n]

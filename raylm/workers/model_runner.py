@@ -14,7 +14,7 @@ import torch
 
 from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
 from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
-from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables
+from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables, PrefillGraphs
 from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult
 from raylm.workers.pending_step import PendingStep, collect_step
 from raylm.scheduler.request import PLACEHOLDER_TOKEN
@@ -69,6 +69,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len or hf_config.max_position_embeddings
         self.graphs = None
+        self.prefill_graphs = None
         self.host_tables = None
         cls = get_model_class(hf_config)
         quant_config = get_quant_config(hf_config, quantization)
@@ -160,9 +161,10 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         """Allocate the paged KV cache (in kv_cache_dtype); on CUDA then capture the decode
-        graphs (unless enforce_eager)."""
+        graphs and the one-sequence prefill graphs (unless enforce_eager)."""
         heads, dim = self.kv_shape_per_layer
         self.graphs = None
+        self.prefill_graphs = None
         self.host_tables = None
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, heads, dim,
                                       dtype=self.kv_cache_dtype, device=self.device)
@@ -174,9 +176,13 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.max_num_seqs, max_blocks)
             self.graphs.capture()
             self.host_tables = HostBlockTables(self.max_num_seqs, max_blocks)
+            self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.device, self.max_model_len,
+                                                max_blocks, self.block_size)
+            self.prefill_graphs.capture(self.graphs.pool)
 
     def release_kv_cache(self) -> None:
         self.graphs = None
+        self.prefill_graphs = None
         self.host_tables = None
         for layer in self.attn_layers:
             layer.kv_cache = None
@@ -242,8 +248,18 @@ class ModelRunner:
 
     def _forward(self, plan: StepPlan):
         """Hidden states of every scheduled token, and each sequence's first row. Decode
-        steps replay a CUDA graph when one fits."""
+        steps, and short prefills of a single sequence, replay a CUDA graph when one fits."""
         graphs = self.graphs
+        if self.prefill_graphs is not None and len(plan.seqs) == 1 and len(plan.seqs[0].token_ids) > 1:
+            s = plan.seqs[0]
+            t = self.prefill_graphs.size_for(len(s.token_ids), s.start_pos)
+            if t:
+                bs, n = self.block_size, len(s.token_ids)
+                slots = [s.block_table[p // bs] * bs + p % bs for p in range(s.start_pos, s.start_pos + n)]
+                query_start = [0, n]
+                hidden = self.prefill_graphs.run(t, list(s.token_ids), s.start_pos, slots, list(s.block_table),
+                                                 self._placeholders(plan, query_start))
+                return hidden, query_start
         if (graphs is not None and all(len(s.token_ids) == 1 for s in plan.seqs)
                 and graphs.fits(len(plan.seqs), max(len(s.block_table) for s in plan.seqs))):
             bs = self.block_size

@@ -113,3 +113,53 @@ def test_async_scheduling_matches_sync_and_never_waits(tmp_path):
         assert ca.token_ids == cb.token_ids
         assert max(abs(ca.logprobs[i][t].logprob - cb.logprobs[i][t].logprob)
                    for i, t in enumerate(ca.token_ids)) < 1e-3
+
+
+def test_prefill_graphs_match_eager(tmp_path):
+    """One-sequence prefills up to 512 tokens replay a CUDA graph at a padded token count:
+    a fresh prompt, a prefix-cache hit (the chunk starts after cached blocks) and chunked
+    prefill (64-token chunks) give eager's greedy tokens, and every prompt position's
+    logprob within bf16 tolerance (so no padding row leaks into a real one)."""
+    from raylm import LLM, SamplingParams
+
+    cfg_dir = _small_config_dir(tmp_path, "llama-3.1-8b")
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 1000, (300,), generator=gen).tolist()
+    prompts = [base[:5], base[:130], base, base[:200] + [7, 8, 9]]  # the last hits the prefix cache
+    with_prompt_lp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)  # may use the cache
+    params = [with_prompt_lp] * 2 + [plain] * 2  # plain requests fill and use the prefix cache
+    results, used = {}, {}
+    for eager, chunk in ((True, None), (False, None), (False, 64)):
+        llm = LLM(cfg_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, enforce_eager=eager,
+                  max_num_batched_tokens=chunk)
+        runner = llm.llm_engine.executor.runner
+        assert (runner.prefill_graphs is None) == eager
+        calls = []
+        if not eager:
+            run = runner.prefill_graphs.run
+            runner.prefill_graphs.run = lambda t, ids, start, *a, **k: calls.append((t, len(ids), start)) or run(
+                t, ids, start, *a, **k)
+        # One request at a time, so every prefill step holds a single sequence.
+        results[eager, chunk] = [llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0]
+                                 for p, sp in zip(prompts, params)]
+        used[eager, chunk] = calls
+        llm.shutdown()
+    assert {(t, n) for t, n, _ in used[False, None]} >= {(16, 5), (128, 130), (512, 300)}
+    assert any(start > 0 for _, _, start in used[False, None])  # the prefix hit ran in a graph
+    assert any(start > 0 and n == 64 for _, n, start in used[False, 64])  # a later chunk did
+    ref = results[True, None]
+    for key in ((False, None), (False, 64)):
+        # The same kernels at padded shapes: the same greedy tokens, allowing one sequence
+        # to part on a near-tie.
+        same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ref, results[key]))
+        assert same >= len(prompts) - 1, key
+        for a, b in zip(ref, results[key]):
+            tok = a.outputs[0].token_ids[0]
+            assert abs(a.outputs[0].logprobs[0][tok].logprob - b.outputs[0].logprobs[0][tok].logprob) < 0.1
+            if a.prompt_logprobs is None:
+                continue
+            pa = [d[t].logprob for d, t in zip(a.prompt_logprobs[1:], a.prompt_token_ids[1:])]
+            pb = [d[t].logprob for d, t in zip(b.prompt_logprobs[1:], b.prompt_token_ids[1:])]
+            assert max(abs(x - y) for x, y in zip(pa, pb)) < 0.1, key

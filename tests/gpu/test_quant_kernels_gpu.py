@@ -61,20 +61,21 @@ def test_w4a16_gemm(layout, bits, act_order, k, n, dtype):
         assert_close_rel(out, ref, 1e-2)
 
 
-@pytest.mark.parametrize("variant", ["tile", "expand", "gemv"])
+@pytest.mark.parametrize("expand", [False, True])
 @pytest.mark.parametrize("layout", ["gptq", "awq"])
-def test_w4a16_gemm_launch_configs(layout, variant):
+def test_w4a16_gemm_launch_configs(layout, expand):
     # What benchmarks/w4a16_tune.py sweeps must compile and compute the same product:
     # tile shapes that fit in shared memory (from the 2026-11-27 sweep), K split across
-    # programs, packed words unpacked in registers, one row per program.
-    gen = torch.Generator(device="cuda").manual_seed(len(variant))
+    # programs, packed words unpacked in registers.
+    gen = torch.Generator(device="cuda").manual_seed(expand)
     k, n = 4096, 4096
     qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, layout, False, gen)
     zero_offset = 1 if layout == "gptq" else 0
-    configs = [(16, 64, 128, 1), (16, 128, 64, 4), (16, 256, 64, 8), (16, 32, 128, 3), (32, 64, 64, 2)]
-    for bm, bn, bk, split in configs:
-        cfg = W4Config(bm, bn, bk, split, variant != "tile", 4, 2, gemv=variant == "gemv")
-        for m in (1, 3, 32):
+    configs = [(16, 64, 128, 1, 4, 2), (16, 128, 64, 4, 4, 2), (16, 256, 64, 8, 4, 2), (16, 32, 128, 3, 4, 2),
+               (32, 64, 64, 2, 4, 2), (128, 128, 64, 1, 8, 3), (128, 256, 32, 1, 8, 3)]  # ... warps, stages
+    for bm, bn, bk, split, warps, stages in configs:
+        cfg = W4Config(bm, bn, bk, split, expand, warps, stages)
+        for m in (1, 3, 32, 200):
             x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
             out = w4a16_gemm(x, qweight, scales, qzeros, None, 128, layout, zero_offset=zero_offset,
                              config=cfg)
