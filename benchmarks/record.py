@@ -86,8 +86,9 @@ def row(r: dict) -> str:
         parts = []
         for run in r["runs"]:
             for w, x in (run.get("workloads") or {}).items():
+                vs_bf16 = "" if x.get("speedup_vs_bf16") is None else f"{x['speedup_vs_bf16']:.2f}x bf16, "
                 parts.append(f"{run['format']} kv={run['kv_cache_dtype']} {w}: {x['output_tok_per_s']:.0f} tok/s "
-                             f"({x['speedup_vs_bf16']:.2f}x bf16, {x['fraction_of_roofline']:.2f} of roofline"
+                             f"({vs_bf16}{x['fraction_of_roofline']:.2f} of roofline"
                              + (f", {x['ratio_vs_trtllm_fp8']:.2f}x TRT-LLM fp8" if x.get("ratio_vs_trtllm_fp8") else "")
                              + ")")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {'; '.join(parts)} |"

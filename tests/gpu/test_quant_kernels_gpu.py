@@ -67,7 +67,7 @@ def test_w4a16_gemm_launch_configs(layout, expand):
     # What benchmarks/w4a16_tune.py sweeps must compile and compute the same product:
     # tile shapes that fit in shared memory (from the 2026-11-27 sweep), K split across
     # programs, packed words unpacked in registers.
-    gen = torch.Generator(device="cuda").manual_seed(expand)
+    gen = torch.Generator(device="cuda").manual_seed(int(expand))
     k, n = 4096, 4096
     qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, layout, False, gen)
     zero_offset = 1 if layout == "gptq" else 0
