@@ -86,7 +86,7 @@ def run(args) -> dict:
     weights, group = _setup(shapes, dtype, device, args.smoke)
     gen = torch.Generator(device=device).manual_seed(1)
     xs = {(k, m): torch.randn(m, k, generator=gen, device=device, dtype=dtype)
-          for _, k, _ in shapes for m in sorted({1, *args.m, *args.large_m})}
+          for _, k, _ in shapes for m in sorted({1, *args.m, *args.large_m})}  # every M a stage uses
     result = common.base_result("w4a16_tune", "llama-3.1-8b shapes" if cuda else "smoke shapes")
     result.update({"group_size": group, "shapes": [{"name": s, "k": k, "n": n} for s, k, n in shapes]})
     rows = []
@@ -149,9 +149,6 @@ def run(args) -> dict:
             stage_name[0] = "large"
             large = {}
             for m in args.large_m:
-                if (shapes[0][1], m) not in xs:
-                    for _, k, _ in shapes:
-                        xs[k, m] = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
                 td = layer_time(layout, None, m, dequant=True)
                 scored = []
                 for bm, bn, bk, warps in itertools.product([64, 128] if cuda else [16], [64, 128, 256] if cuda else [32],
@@ -170,9 +167,6 @@ def run(args) -> dict:
             stage_name[0] = "batch"
             per_m = {}
             for m in args.m:
-                if (shapes[0][1], m) not in xs:
-                    for _, k, _ in shapes:
-                        xs[k, m] = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
 
                 def fused(k, n, m=m):
                     cfg = best._replace(block_m=quant_gemm.pick_config(m, k, n, layout, group).block_m)

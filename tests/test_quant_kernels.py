@@ -54,6 +54,13 @@ def pack_along_cols(q: torch.Tensor, bits: int, order=None) -> torch.Tensor:
 AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map when packing
 
 
+def pack_layout(layout: str, q: torch.Tensor, z: torch.Tensor, bits: int):
+    """(qweight, qzeros) of integer weight q and zeros z, packed as `layout` stores them."""
+    if layout == "gptq":
+        return pack_along_rows(q, bits), pack_along_cols(z, bits)
+    return pack_along_cols(q, 4, AWQ_PACK_ORDER), pack_along_cols(z, 4, AWQ_PACK_ORDER)
+
+
 def random_quantized(k, n, bits, group_size, act_order, sym, gen):
     """Integer weight, zeros, scales and g_idx, plus the float weight they stand for."""
     num_groups = 1 if group_size == -1 else k // group_size
@@ -164,15 +171,13 @@ def test_w4a16_awq(m, group_size):
     ("gptq", 4, 32, False), ("gptq", 8, 32, False), ("gptq", 4, 16, True), ("awq", 4, 32, False)])
 def test_w4a16_launch_variants(layout, bits, group_size, act_order, expand, split_k):
     # The decode configurations: K split across programs (partial sums added in a second
-    # kernel, bias there too), packed words unpacked in registers. N = 72 leaves a partial last N tile; K = 144 (group 16) a partial
-    # last K tile; 3 splits of 5 K tiles leave the last split shorter.
+    # kernel, bias there too), packed words unpacked in registers. N = 72 leaves a partial
+    # last N tile; K = 144 (group 16) a partial last K tile; 3 splits of 5 K tiles leave
+    # the last split shorter.
     gen = torch.Generator().manual_seed(bits * 10 + group_size + expand + split_k)
     k, n = (144 if group_size == 16 else 160), 72
     q, z, s, g_idx, w = random_quantized(k, n, bits, group_size, act_order, False, gen)
-    if layout == "gptq":
-        qweight, qzeros = pack_along_rows(q, bits), pack_along_cols(z, bits)
-    else:
-        qweight, qzeros = pack_along_cols(q, 4, AWQ_PACK_ORDER), pack_along_cols(z, 4, AWQ_PACK_ORDER)
+    qweight, qzeros = pack_layout(layout, q, z, bits)
     x = torch.randn(5, k, generator=gen).to(DEVICE, DTYPE)
     bias = torch.randn(n, generator=gen).to(DEVICE, DTYPE)
     args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
@@ -186,15 +191,12 @@ def test_w4a16_launch_variants(layout, bits, group_size, act_order, expand, spli
 @pytest.mark.parametrize("layout,bits,group_size,act_order", [
     ("gptq", 4, 32, True), ("gptq", 8, -1, False), ("awq", 4, 32, False)])
 def test_w4a16_dequantize_then_matmul(layout, bits, group_size, act_order):
-    # From dequant_min_m rows the whole weight is dequantized (words unpacked in
+    # From dequant_min_m rows the whole weight is dequantized (AWQ's words unpacked in
     # registers), then multiplied densely.
     gen = torch.Generator().manual_seed(bits + group_size)
     k, n = 128, 72
     q, z, s, g_idx, w = random_quantized(k, n, bits, group_size, act_order, False, gen)
-    if layout == "gptq":
-        qweight, qzeros = pack_along_rows(q, bits), pack_along_cols(z, bits)
-    else:
-        qweight, qzeros = pack_along_cols(q, 4, AWQ_PACK_ORDER), pack_along_cols(z, 4, AWQ_PACK_ORDER)
+    qweight, qzeros = pack_layout(layout, q, z, bits)
     x = torch.randn(6, k, generator=gen).to(DEVICE, DTYPE)
     args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
     g = g_idx.to(DEVICE) if act_order else None
