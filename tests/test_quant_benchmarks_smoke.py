@@ -1,6 +1,6 @@
 """The quantization benchmarks' --smoke modes (CPU: tiny shapes under Triton's interpreter,
 a tiny random model) run to the end and write result files with the fields
-benchmarks/record.py and a reader of RESULTS.md rely on. All three run at once in
+benchmarks/record.py and a reader of RESULTS.md rely on. All four run at once in
 subprocesses (about 10 s)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ BASE_FIELDS = {"benchmark", "model", "device", "date", "command", "torch"}
 def _run_both(out_dir) -> dict:
     env = dict(os.environ, OUT=str(out_dir), CUDA_VISIBLE_DEVICES="")
     scripts = {"quant_gemm": "quant_gemm-smoke", "quant_throughput": "quant_throughput-smoke",
-               "w4a16_tune": "w4a16_tune-smoke"}
+               "w4a16_tune": "w4a16_tune-smoke", "int8_tune": "int8_tune-smoke"}
     procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--smoke"],
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name in scripts}
@@ -85,3 +85,12 @@ def test_smoke_modes_write_complete_results(tmp_path):
         assert set(best["large"]) == {"40"} and best["large"]["40"]["fused_us"] > 0
     assert {r["stage"] for r in u["rows"]} == {"bf16", "grid", "refine", "large", "batch"}
     assert "M=40 best fused" in record.row(u)
+
+    v = results["int8_tune"]
+    assert BASE_FIELDS <= v.keys() and v["benchmark"] == "int8_tune"
+    assert set(v["summary"]) == {"1", "17"}
+    for m, best in v["summary"].items():
+        assert best["best_us"] > 0 and best["bf16_us"] > 0 and best["act_quant_us"] > 0
+        assert {"block_m", "block_n", "block_k", "split_k", "group_m"} <= best["best_config"].keys()
+    assert {r["path"] for r in v["rows"]} == {"bf16", "act_quant", "current", "triton"}
+    assert "M=17 best" in record.row(v)

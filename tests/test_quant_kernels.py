@@ -18,7 +18,7 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
     dequantize_awq, dequantize_gptq, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
-    W4Config, pick_config, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    I8Config, W4Config, pick_config, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -327,6 +327,34 @@ def test_w8a8_int8_gemm():
     expected = (x_q.double() * x_scale.double()) @ (w.double() * w_scale.double()[:, None]).t()
     torch.testing.assert_close(ref.cpu().double(), expected + bias.double(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [None, I8Config(16, 16, 32, 3, 2, 1, 1), I8Config(32, 32, 16, 1, 4, 1, 1)],
+                         ids=["default", "split-k", "grouped"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (37, 96, 40), (3, 200, 24)])
+def test_w8a8_int8_kernel_exact(m, k, n, config):
+    """The Triton kernel (interpreter) accumulates in int32 and applies the scales in the
+    reference's order: equal to the reference's float32 result, split or not, over
+    masked tails in M, N and K; per-tensor weight scale and no bias too."""
+    gen = torch.Generator().manual_seed(m + k + n)
+    x_q = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    x_scale = torch.rand(m, 1, generator=gen)
+    for w_scale, bias in ((torch.rand(n, generator=gen), torch.randn(n, generator=gen)),
+                          (torch.rand((), generator=gen), None)):
+        out = w8a8_int8_gemm(x_q, x_scale, w, w_scale, bias, torch.float32, config=config)
+        ref = w8a8_int8_gemm_ref(x_q, x_scale, w, w_scale, bias, torch.float32)
+        torch.testing.assert_close(out, ref, atol=0, rtol=2e-7)
+
+
+def test_w8a8_int8_gemm_checks_shapes():
+    x_q = torch.zeros(2, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"w_q has shape \(8, 16\); expected \(8, 32\)"):
+        w8a8_int8_gemm(x_q, torch.ones(2, 1), torch.zeros(8, 16, dtype=torch.int8), torch.ones(8))
+    with pytest.raises(ValueError, match="w_scale has 3 values; expected 8"):
+        w8a8_int8_gemm(x_q, torch.ones(2, 1), torch.zeros(8, 32, dtype=torch.int8), torch.ones(3))
+    assert w8a8_int8_gemm(x_q[:0], torch.ones(0, 1), torch.zeros(8, 32, dtype=torch.int8),
+                          torch.ones(8)).shape == (0, 8)
 
 
 @pytest.mark.parametrize("per_tensor_w", [False, True])

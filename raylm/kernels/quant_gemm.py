@@ -1,7 +1,7 @@
 """Quantized linear layers' matmuls: weight-only 4/8-bit (GPTQ and AWQ packing) as a
-Triton kernel that dequantizes tiles on the fly, and W8A8 int8 / fp8 through
-torch._int_mm / torch._scaled_mm, each with a plain PyTorch reference (dequantize, then
-matmul), which is also the path for CPU.
+Triton kernel that dequantizes tiles on the fly, W8A8 int8 as a Triton kernel with the
+scales in its epilogue, and fp8 through torch._scaled_mm, each with a plain PyTorch
+reference (dequantize, then matmul), which is also the path for CPU.
 
 Packing, as the checkpoints store it (int32 words, value j of a word at bits
 j*bits .. j*bits+bits-1):
@@ -431,25 +431,156 @@ def w8a8_int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bf
     return _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype)
 
 
+class I8Config(NamedTuple):
+    """Launch configuration of the W8A8 int8 kernel: output tile BLOCK_M x BLOCK_N, K
+    tile, K split over `split_k` programs (int32 partial sums, added exactly), tiles
+    grouped `group_m` rows of tiles at a time so neighbouring programs share weight
+    tiles in L2, Triton warps and software-pipeline stages."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# (largest M, config) in increasing M; the last entry serves every larger M. Fixed per
+# M bucket so CUDA graphs capture one kernel per padded batch size.
+INT8_CONFIGS = (
+    (16, I8Config(16, 64, 256, 1, 1, 4, 4)),
+    (32, I8Config(32, 64, 256, 1, 1, 4, 4)),
+    (64, I8Config(64, 64, 256, 1, 1, 4, 4)),
+    (128, I8Config(64, 128, 128, 1, 8, 4, 4)),
+    (256, I8Config(128, 128, 128, 1, 8, 8, 3)),
+    (None, I8Config(128, 256, 128, 1, 8, 8, 3)),
+)
+INT8_INTERPRET_CONFIG = I8Config(16, 32, 32, 1, 1, 1, 1)
+
+
+@triton.jit
+def _w8a8_int8_kernel(
+    a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
+    stride_am, stride_bn, stride_om, w_scale_stride, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of (a @ b.T) * a_scale * b_scale (+ bias), with a int8
+    [M, K], b int8 [N, K], int32 accumulation; or, with PARTIAL, that K split's int32
+    sum at out + split * M * N."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        b = tl.load(b_ptr + cols[None, :] * stride_bn + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if PARTIAL:
+        out_ptr += pid_s.to(tl.int64) * M * N
+        tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=mask)
+    else:
+        a_s = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
+        b_s = tl.load(bs_ptr + offs_n * w_scale_stride, mask=mask_n, other=0.0)
+        out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _int8_split_sum_kernel(part_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, numel, N, w_scale_stride,
+                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = (sum over s of the int32 part[s]) * a_scale * b_scale (+ bias): the same
+    arithmetic as the unsplit kernel's epilogue, so splitting changes no bit."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0)
+    col = offs % N
+    out = (acc.to(tl.float32) * tl.load(as_ptr + offs // N, mask=mask, other=0.0)
+           * tl.load(bs_ptr + col * w_scale_stride, mask=mask, other=0.0))
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pick_int8_config(m: int, k: int, n: int) -> I8Config:
+    """The int8 kernel's tile for m rows (INT8_CONFIGS), with K split until the grid has
+    about TARGET_PROGRAMS programs when the tiles alone leave SMs idle."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return INT8_INTERPRET_CONFIG
+    cfg = next(c for limit, c in INT8_CONFIGS if limit is None or m <= limit)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if tiles >= TARGET_PROGRAMS // 2:
+        return cfg
+    return cfg._replace(split_k=max(1, min(TARGET_PROGRAMS // tiles, k // cfg.block_k)))
+
+
 def w8a8_int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
                    w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.bfloat16,
+                   config: Optional[I8Config] = None) -> torch.Tensor:
     """x_q int8 [M, K] with per-token x_scale [M, 1]; w_q int8 [N, K] (nn.Linear's layout,
     as compressed-tensors stores it) with per-channel w_scale [N] (or [N, 1], or one
-    value) -> (x_q @ w_q.T) * x_scale * w_scale + bias, [M, N] in out_dtype.
-    torch._int_mm (int32 accumulation) where it applies: on CUDA it needs K and N
-    multiples of 8 and M > 16, so smaller batches are padded to 32 rows."""
+    value) -> (x_q @ w_q.T) * x_scale * w_scale + bias, [M, N] in out_dtype, accumulated
+    exactly in int32, the scales applied in float32 in the kernel's epilogue. CUDA (and
+    the Triton interpreter) run the Triton kernel (`config` overrides
+    `pick_int8_config`, for tuning); plain CPU uses torch._int_mm and the reference's
+    epilogue."""
     m, k = x_q.shape
     n = w_q.shape[0]
     _check_shape("w_q", w_q, (n, k))
-    if x_q.is_cuda and k % 8 == 0 and n % 8 == 0:
-        a = F.pad(x_q, (0, 0, 0, 32 - m)) if m <= 16 else x_q
-        acc = torch._int_mm(a, w_q.t())[:m]
-    elif x_q.device.type == "cpu":
-        acc = torch._int_mm(x_q, w_q.t())
-    else:
-        return w8a8_int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    return _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype)
+    if x_q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return _scale_epilogue(torch._int_mm(x_q, w_q.t()), x_scale, w_scale, bias, out_dtype)
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    if m == 0:
+        return out
+    a = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
+    w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    a_s = x_scale.reshape(-1).float().expand(m).contiguous()
+    b_s = w_scale.reshape(-1).float()
+    if b_s.numel() not in (1, n):
+        raise ValueError(f"w_scale has {b_s.numel()} values; expected {n} (per channel) or 1")
+    cfg = config if config is not None else pick_int8_config(m, k, n)
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = max(1, min(cfg.split_k, k_tiles))
+    k_per_split = triton.cdiv(k_tiles, split) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32, device=x_q.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    w_scale_stride = 1 if b_s.numel() == n else 0
+    _w8a8_int8_kernel[grid](
+        a, w, a_s, b_s, bias if bias is not None else b_s, target, m, n, k, k_per_split,
+        a.stride(0), w.stride(0), n, w_scale_stride, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        block = 1024
+        _int8_split_sum_kernel[(triton.cdiv(m * n, block),)](
+            target, a_s, b_s, bias if bias is not None else b_s, out, m * n, n, w_scale_stride,
+            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
+    return out
 
 
 def fp8_gemm_ref(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):

@@ -15,7 +15,7 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
-    W4Config, fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    I8Config, INT8_CONFIGS, W4Config, fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 # (K, N): qkv_proj, o_proj, gate_up_proj (one half), down_proj
 LLAMA_8B = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]
@@ -161,6 +161,22 @@ def test_w8a8_int8_gemm(k, n, out_dtype):
         out = w8a8_int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
         ref = w8a8_int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype)
         assert_close_rel(out, ref, 1e-2)
+
+
+@pytest.mark.parametrize("config", [c for _, c in INT8_CONFIGS] + [I8Config(64, 128, 128, 4, 8, 4, 3)])
+def test_w8a8_int8_kernel_configs(config):
+    """Every shipped tile (and a K split) compiles at a real shape and gives the
+    reference's float32 result: int32 sums are exact, the epilogue is float32."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k, n = 4096, 6144
+    w_q = torch.randint(-128, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    for m in (1, 77, 300):
+        x_q = torch.randint(-128, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+        x_scale = torch.rand(m, 1, generator=gen, device="cuda")
+        for w_scale in (torch.rand(n, generator=gen, device="cuda"), torch.rand((), device="cuda")):
+            out = w8a8_int8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float32, config=config)
+            ref = w8a8_int8_gemm_ref(x_q, x_scale, w_q, w_scale, None, torch.float32)
+            torch.testing.assert_close(out, ref, atol=0, rtol=1e-6)
 
 
 @pytest.mark.skipif(not HAS_FP8, reason="fp8 needs sm89+")

@@ -1,0 +1,173 @@
+"""Tune the W8A8 int8 Triton kernel's launch configuration (quant_gemm.I8Config) at
+Llama-3.1-8B's linear shapes, against bf16 cuBLAS and torch._int_mm in the same run.
+
+At each --m, for every tile in the grid (block_m the power of two >= M up to 64, else 64
+or 128; block_n 64/128/256; block_k 64/128/256; 4 or 8 warps; 3 or 4 stages; K split as
+quant_gemm.pick_int8_config would split it), one decoder layer's four GEMMs are timed;
+the best tile per M (summed over the four shapes, since production picks by M only) is
+reported beside bf16 cuBLAS, torch._int_mm followed by the scales in PyTorch (the
+kernel this one replaced) and the current INT8_CONFIGS choice. The activation
+quantization is timed separately (quant_act.per_token_quant_int8, four calls per layer:
+qkv, o, gate_up and down each quantize their input).
+
+Timing as in quant_gemm.py: a CUDA graph of calls cycling through enough weight copies
+that they come from HBM, replayed between CUDA events, median.
+
+    python benchmarks/int8_tune.py                    # H100
+    python benchmarks/int8_tune.py --m 1,64,512       # fewer batch sizes
+    python benchmarks/int8_tune.py --smoke            # CPU, interpreter, tiny shapes
+
+Writes benchmarks/results/int8_tune.json (or under $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import common, quant_gemm as qg  # noqa: E402
+
+DEFAULT_M = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
+
+
+def _time(fn_of_w, ws, args, cuda) -> float:
+    calls = [fn_of_w(w) for w in ws]
+    calls = calls * max(1, -(-args.min_calls // len(calls)))
+    try:
+        seconds, _ = qg.time_calls(calls, args.reps, cuda)
+    except Exception as e:  # noqa: BLE001 - a configuration that does not compile: skip it, say so
+        print(f"    failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        return float("inf")
+    return seconds
+
+
+def _int_mm(x_q, x_s, w):
+    """The replaced path: torch._int_mm (M padded to 32 when <= 16), scales in PyTorch."""
+    from raylm.kernels import quant_gemm
+
+    m = x_q.shape[0]
+    a = F.pad(x_q, (0, 0, 0, 32 - m)) if m <= 16 else x_q
+    return quant_gemm._scale_epilogue(torch._int_mm(a, w["w_q"].t())[:m], x_s, w["w_scale"], None, torch.bfloat16)
+
+
+def candidates(m: int, cuda: bool) -> list:
+    from raylm.kernels import quant_gemm
+
+    if not cuda:
+        return [quant_gemm.I8Config(16, 32, 32, 1, 1, 1, 1), quant_gemm.I8Config(32, 16, 64, 1, 1, 1, 1)]
+    pow2 = max(16, 1 << (m - 1).bit_length())
+    blocks_m = [pow2] if pow2 <= 64 else [64, 128]
+    return [quant_gemm.I8Config(bm, bn, bk, 1, 1 if bm == pow2 and pow2 <= 64 else 8, w, s)
+            for bm, bn, bk, w, s in itertools.product(blocks_m, [64, 128, 256], [64, 128, 256], [4, 8], [3, 4])]
+
+
+def with_split(cfg, m, k, n):
+    """cfg with pick_int8_config's K split rule."""
+    from raylm.kernels import quant_gemm
+
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    if tiles >= quant_gemm.TARGET_PROGRAMS // 2:
+        return cfg
+    return cfg._replace(split_k=max(1, min(quant_gemm.TARGET_PROGRAMS // tiles, k // cfg.block_k)))
+
+
+def run(args) -> dict:
+    from raylm.kernels import quant_act, quant_gemm
+
+    cuda = not args.smoke
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = qg.SMOKE_SHAPES if args.smoke else qg.LLAMA_8B_SHAPES
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = {}
+    for name, k, n in shapes:
+        for fmt in ("bf16", "w8a8-int8"):
+            one = qg.make_weights(fmt, k, n, dtype, gen, device, qg.GROUP_SIZE)
+            copies = 1 if args.smoke else max(1, min(64, -(-qg.L2_FLUSH_BYTES // qg.weight_bytes(one))))
+            weights[name, fmt] = [one] + [qg.make_weights(fmt, k, n, dtype, gen, device, qg.GROUP_SIZE)
+                                          for _ in range(copies - 1)]
+    result = common.base_result("int8_tune", "llama-3.1-8b shapes" if cuda else "smoke shapes")
+    result.update({"m": args.m, "shapes": [{"name": s, "k": k, "n": n} for s, k, n in shapes]})
+    rows, summary = [], {}
+
+    def record(path, shape, k, n, m, cfg, seconds):
+        rows.append({"path": path, "shape": shape, "k": k, "n": n, "m": m,
+                     "config": cfg._asdict() if cfg else None, "time_us": seconds * 1e6})
+
+    for m in args.m:
+        xs = {k: torch.randn(m, k, generator=gen, device=device, dtype=dtype) for _, k, _ in shapes}
+        qs = {k: quant_act.per_token_quant_int8(x, "vllm") for k, x in xs.items()}
+        layer = {"bf16": 0.0, "int_mm": 0.0, "act_quant": 0.0, "current": 0.0}
+        for name, k, n in shapes:
+            x, (x_q, x_s) = xs[k], qs[k]
+            t = _time(lambda w: (lambda: torch.matmul(x, w["w"].t())), weights[name, "bf16"], args, cuda)
+            record("bf16", name, k, n, m, None, t)
+            layer["bf16"] += t
+            if cuda:
+                t = _time(lambda w: (lambda: _int_mm(x_q, x_s, w)), weights[name, "w8a8-int8"], args, cuda)
+                record("int_mm", name, k, n, m, None, t)
+                layer["int_mm"] += t
+            t = _time(lambda w: (lambda: quant_act.per_token_quant_int8(x, "vllm")), [None], args, cuda)
+            record("act_quant", name, k, n, m, None, t)
+            layer["act_quant"] += t
+            cfg = quant_gemm.pick_int8_config(m, k, n)
+            t = _time(lambda w: (lambda: quant_gemm.w8a8_int8_gemm(x_q, x_s, w["w_q"], w["w_scale"], config=cfg)),
+                      weights[name, "w8a8-int8"], args, cuda)
+            record("current", name, k, n, m, cfg, t)
+            layer["current"] += t
+        scored = []
+        for base in candidates(m, cuda):
+            total = 0.0
+            for name, k, n in shapes:
+                cfg = with_split(base, m, k, n)
+                x_q, x_s = qs[k]
+                t = _time(lambda w: (lambda: quant_gemm.w8a8_int8_gemm(x_q, x_s, w["w_q"], w["w_scale"], config=cfg)),
+                          weights[name, "w8a8-int8"], args, cuda)
+                record("triton", name, k, n, m, cfg, t)
+                total += t
+            scored.append((total, base))
+        scored.sort(key=lambda p: p[0])
+        best_t, best = scored[0]
+        summary[m] = {"best_config": best._asdict(), "best_us": best_t * 1e6,
+                      **{f"{p}_us": v * 1e6 for p, v in layer.items()},
+                      "best_speedup_vs_bf16": layer["bf16"] / best_t,
+                      "best_with_act_quant_speedup_vs_bf16": layer["bf16"] / (best_t + layer["act_quant"]),
+                      "current_with_act_quant_speedup_vs_bf16": layer["bf16"] / (layer["current"] + layer["act_quant"]),
+                      "top5": [{"config": c._asdict(), "us": t * 1e6} for t, c in scored[:5]]}
+        print(f"M={m}: best {best} {best_t * 1e6:.1f} us/layer; current {layer['current'] * 1e6:.1f}; "
+              f"bf16 {layer['bf16'] * 1e6:.1f}; int_mm {layer['int_mm'] * 1e6:.1f}; act quant "
+              f"{layer['act_quant'] * 1e6:.1f}; best+quant {summary[m]['best_with_act_quant_speedup_vs_bf16']:.2f}x bf16",
+              flush=True)
+        del xs, qs
+    result["rows"] = rows
+    result["summary"] = summary
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=DEFAULT_M,
+                   help="comma-separated batch sizes (tokens)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--min-calls", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    args = p.parse_args()
+    if args.smoke:
+        from raylm.kernels.interpret import use_interpreter
+
+        use_interpreter()
+        args.reps, args.min_calls, args.m = 1, 1, [1, 17]
+    elif not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU; --smoke runs tiny shapes on CPU")
+    result = run(args)
+    common.save_result(result, "int8_tune-smoke" if args.smoke else "int8_tune")
+
+
+if __name__ == "__main__":
+    main()
