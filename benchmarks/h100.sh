@@ -11,6 +11,7 @@
 #                               # fused/dequantize crossover, the GEMMs, W4A16/int8 throughput
 #   bash benchmarks/h100.sh f   # one-sequence prefill graphs: GPU engine tests and batch-1
 #                               # latency (TTFT); W4A16 tiles for large M
+#   bash benchmarks/h100.sh g   # the W8A8 int8 Triton kernel: its GPU tests and the tile sweep
 #
 # The device needs pytest carried (.gpu-test wheels, see the device notes) for part a.
 # Result JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-h100).
@@ -61,6 +62,10 @@ f)
   step lat-qwen 70 python3 $B/latency.py --model qwen3-0.6b --peer none
   step lat-llama 90 python3 $B/latency.py --model llama-3.1-8b --peer none
   step tune 150 python3 $B/w4a16_tune.py --stages large --large-m 256,512
+  ;;
+g)
+  step pytest 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py -k int8
+  step int8tune 420 python3 $B/int8_tune.py --m 1,16,32,64,128,256,512,4096
   ;;
 esac
 exit 0

@@ -77,7 +77,7 @@ def with_split(cfg, m, k, n):
     return cfg._replace(split_k=max(1, min(quant_gemm.TARGET_PROGRAMS // tiles, k // cfg.block_k)))
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
     from raylm.kernels import quant_act, quant_gemm
 
     cuda = not args.smoke
@@ -145,8 +145,8 @@ def run(args) -> dict:
               f"{layer['act_quant'] * 1e6:.1f}; best+quant {summary[m]['best_with_act_quant_speedup_vs_bf16']:.2f}x bf16",
               flush=True)
         del xs, qs
-    result["rows"] = rows
-    result["summary"] = summary
+        result["rows"], result["summary"] = rows, summary
+        save(result)  # after every M: a run cut off by a time limit keeps what finished
     return result
 
 
@@ -165,8 +165,7 @@ def main() -> None:
         args.reps, args.min_calls, args.m = 1, 1, [1, 17]
     elif not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU; --smoke runs tiny shapes on CPU")
-    result = run(args)
-    common.save_result(result, "int8_tune-smoke" if args.smoke else "int8_tune")
+    run(args, lambda result: common.save_result(result, "int8_tune-smoke" if args.smoke else "int8_tune"))
 
 
 if __name__ == "__main__":
