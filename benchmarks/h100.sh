@@ -12,6 +12,10 @@
 #   bash benchmarks/h100.sh f   # one-sequence prefill graphs: GPU engine tests and batch-1
 #                               # latency (TTFT); W4A16 tiles for large M
 #   bash benchmarks/h100.sh g   # the W8A8 int8 Triton kernel: its GPU tests and the tile sweep
+#   bash benchmarks/h100.sh h   # W4A16 after the conversion-free unpacking and with swap: GPU
+#                               # tests, large-M and batch sweeps; the GEMMs with the tuned int8 tiles
+#   bash benchmarks/h100.sh i   # end-to-end int8 and fp8 beside bf16: random and 1000x1000
+#   bash benchmarks/h100.sh j   # the fp8 KV cache end to end: bf16, fp8 and W4A16 weights
 #
 # The device needs pytest carried (.gpu-test wheels, see the device notes) for part a.
 # Result JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-h100).
@@ -66,6 +70,20 @@ f)
 g)
   step pytest 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py -k int8
   step int8tune 420 python3 $B/int8_tune.py --m 1,16,32,64,128,256,512,4096
+  ;;
+h)
+  step pytest 110 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py -k "w4a16 or int8"
+  step tune 250 python3 $B/w4a16_tune.py --stages large,batch --large-m 256,512 --m 1,64,128
+  step gemm 150 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,512,4096 \
+    --formats bf16,w4a16-gptq-no-gidx,w4a16-awq,w8a8-int8
+  ;;
+i)
+  step qthr 580 python3 $B/quant_throughput.py --formats int8,fp8 --kv-cache-dtypes auto \
+    --workloads random,1000x1000 --tag int8-fp8
+  ;;
+j)
+  step qthr 580 python3 $B/quant_throughput.py --formats fp8,w4a16-gptq --kv-cache-dtypes fp8 \
+    --workloads random,1000x1000 --tag fp8kv
   ;;
 esac
 exit 0
