@@ -14,8 +14,9 @@
 #   bash benchmarks/h100.sh g   # the W8A8 int8 Triton kernel: its GPU tests and the tile sweep
 #   bash benchmarks/h100.sh h   # W4A16 after the conversion-free unpacking and with swap: GPU
 #                               # tests, large-M and batch sweeps; the GEMMs with the tuned int8 tiles
-#   bash benchmarks/h100.sh i   # end-to-end int8 and fp8 beside bf16: random and 1000x1000
-#   bash benchmarks/h100.sh j   # the fp8 KV cache end to end: bf16, fp8 and W4A16 weights
+#   bash benchmarks/h100.sh i   # GPU engine tests of the quantized formats; end to end beside bf16
+#                               # (random and 1000x1000): int8, fp8, fp8 with the fp8 KV cache
+#   bash benchmarks/h100.sh j   # end to end beside bf16: W4A16, and both with the fp8 KV cache
 #
 # The device needs pytest carried (.gpu-test wheels, see the device notes) for part a.
 # Result JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-h100).
@@ -78,12 +79,13 @@ h)
     --formats bf16,w4a16-gptq-no-gidx,w4a16-awq,w8a8-int8
   ;;
 i)
-  step qthr 580 python3 $B/quant_throughput.py --formats int8,fp8 --kv-cache-dtypes auto \
+  step pytest 100 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_engine_gpu.py
+  step qthr 460 python3 $B/quant_throughput.py --runs bf16:auto,int8:auto,fp8:auto,fp8:fp8 \
     --workloads random,1000x1000 --tag int8-fp8
   ;;
 j)
-  step qthr 580 python3 $B/quant_throughput.py --formats fp8,w4a16-gptq --kv-cache-dtypes fp8 \
-    --workloads random,1000x1000 --tag fp8kv
+  step qthr 560 python3 $B/quant_throughput.py --runs bf16:auto,w4a16-gptq:auto,bf16:fp8,w4a16-gptq:fp8 \
+    --workloads random,1000x1000 --tag w4-fp8kv
   ;;
 esac
 exit 0

@@ -23,6 +23,7 @@ grid across commands under a 10-minute limit, e.g.
     python benchmarks/quant_throughput.py --formats fp8,int8 --kv-cache-dtypes auto --tag online
     python benchmarks/quant_throughput.py --formats w4a16-gptq --kv-cache-dtypes auto --tag gptq
     python benchmarks/quant_throughput.py --formats fp8,w4a16-gptq --kv-cache-dtypes fp8 --tag fp8kv
+    python benchmarks/quant_throughput.py --runs bf16:auto,fp8:auto,fp8:fp8   # chosen pairs
     python benchmarks/quant_throughput.py --smoke          # CPU, tiny model
 
 Writes benchmarks/results/quant_throughput[-TAG].json (or under $OUT).
@@ -209,22 +210,30 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 baseline")
+    p.add_argument("--runs", default="", help="FORMAT:KV pairs in order (e.g. bf16:auto,fp8:fp8), "
+                   "instead of the grid of --formats (after bf16) x --kv-cache-dtypes")
     p.add_argument("--tag", default="", help="suffix of the result file")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny random model, a few requests")
     args = p.parse_args()
 
     from transformers import AutoConfig
 
-    formats = (["bf16"] if not args.no_bf16 else []) + [f for f in args.formats.split(",") if f and f != "bf16"]
-    for f in formats:
+    if args.runs:
+        pairs = [tuple(p.split(":")) if ":" in p else (p, "auto") for p in args.runs.split(",") if p]
+        formats = list(dict.fromkeys(f for f, _ in pairs))
+    else:
+        formats = (["bf16"] if not args.no_bf16 else []) + [f for f in args.formats.split(",") if f and f != "bf16"]
+        pairs = [(f, kv) for kv in args.kv_cache_dtypes.split(",") if kv for f in formats]
+    for f, kv in pairs:
         if f not in FORMATS:
-            raise SystemExit(f"--formats: {f!r} is not one of {FORMATS}")
+            raise SystemExit(f"--formats/--runs: {f!r} is not one of {FORMATS}")
+        if kv not in ("auto", "fp8"):
+            raise SystemExit(f"--kv-cache-dtypes/--runs: {kv!r} is not one of ('auto', 'fp8')")
     specs = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     names = [w for w in args.workloads.split(",") if w]
     for w in names:
         if w not in specs:
             raise SystemExit(f"--workloads: {w!r} is not one of {list(specs)}")
-    kv_dtypes = [k for k in args.kv_cache_dtypes.split(",") if k]
     if args.smoke:
         args.device, args.dtype, args.max_model_len, model_name = "cpu", "float32", 128, "smoke-llama"
         cfg_dir = smoke_dir()
@@ -264,21 +273,20 @@ def main() -> None:
     result["runs"] = []
     stem = "quant_throughput" + ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else "")
     gptq = gptq_dir(cfg_dir)
-    for kv in kv_dtypes:
-        for fmt in formats:
-            if kv != "auto" and not kv_ok:
-                result["runs"].append({"format": fmt, "kv_cache_dtype": kv, "error": None,
-                                       "skipped": "EngineArgs has no kv_cache_dtype field", "workloads": {}})
-                continue
-            model_dir = gptq if fmt == "w4a16-gptq" else cfg_dir
-            try:
-                run = run_engine(args, model_dir, fmt, kv, workloads, cfg, bandwidth, peaks[fmt])
-            except Exception as e:  # noqa: BLE001 - record and go on to the other formats
-                traceback.print_exc()
-                run = {"format": fmt, "kv_cache_dtype": kv, "error": f"{type(e).__name__}: {e}", "workloads": {}}
-            result["runs"].append(run)
-            compare(result)
-            _save_quietly(result, stem)  # what finished survives a time limit
+    for fmt, kv in pairs:
+        if kv != "auto" and not kv_ok:
+            result["runs"].append({"format": fmt, "kv_cache_dtype": kv, "error": None,
+                                   "skipped": "EngineArgs has no kv_cache_dtype field", "workloads": {}})
+            continue
+        model_dir = gptq if fmt == "w4a16-gptq" else cfg_dir
+        try:
+            run = run_engine(args, model_dir, fmt, kv, workloads, cfg, bandwidth, peaks[fmt])
+        except Exception as e:  # noqa: BLE001 - record and go on to the other formats
+            traceback.print_exc()
+            run = {"format": fmt, "kv_cache_dtype": kv, "error": f"{type(e).__name__}: {e}", "workloads": {}}
+        result["runs"].append(run)
+        compare(result)
+        _save_quietly(result, stem)  # what finished survives a time limit
     compare(result)
     common.save_result(result, stem)
 

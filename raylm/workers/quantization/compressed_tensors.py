@@ -43,7 +43,7 @@ column layers and along K (weights, packed words, group scales, zero-point group
 layers; per-tensor scales are replicated.
 
 CPU path: dequantize the weight and quantize-dequantize the activations in float32,
-then matmul in the model's dtype. CUDA: torch._int_mm / torch._scaled_mm W8A8 GEMMs
+then matmul in the model's dtype. CUDA: the Triton int8 GEMM / torch._scaled_mm W8A8 GEMMs
 (raylm.kernels.quant_gemm) and the W4A16 Triton kernel; weight-only 8-bit schemes
 dequantize on the fly.
 """
