@@ -73,8 +73,7 @@ def row(r: dict) -> str:
             if "large" in b:
                 bits.append(", ".join(
                     f"M={m} best fused (block_m {v['best_config']['block_m']} block_n {v['best_config']['block_n']} "
-                    f"block_k {v['best_config']['block_k']} warps {v['best_config']['num_warps']}"
-                    f"{' swap' if v['best_config'].get('swap') else ''}) {v['fused_us']:.0f} "
+                    f"block_k {v['best_config']['block_k']} warps {v['best_config']['num_warps']}) {v['fused_us']:.0f} "
                     f"/ dequant+cuBLAS {v['dequant_us']:.0f} / bf16 {s['bf16_layer_us'][str(m)]:.0f} us"
                     for m, v in b["large"].items()))
             if "batch" in b:

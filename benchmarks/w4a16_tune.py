@@ -7,8 +7,7 @@ For each layout (GPTQ without g_idx, AWQ), group 128:
 2. around the best two of those per layout (summed over the four shapes): split_k at 1/2,
    1 and 2x that choice, 4 or 8 warps, 2 or 4 stages;
 3. large: at each --large-m (prefill and large decode batches), every (block_m, block_n,
-   block_k, num_warps, swap) with unpacked words and 3 stages, against
-   dequantize-then-cuBLAS;
+   block_k, num_warps) with unpacked words and 3 stages, against dequantize-then-cuBLAS;
 4. batch: with the best decode tiles (from stage 2, or the production DECODE_CONFIG when
    stage 2 is not run), at each --m: the fused kernel (pick_config's block_m and split)
    against dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows).
@@ -152,10 +151,9 @@ def run(args) -> dict:
             for m in args.large_m:
                 td = layer_time(layout, None, m, dequant=True)
                 scored = []
-                for bm, bn, bk, warps, swap in itertools.product(
-                        [64, 128] if cuda else [16], [128, 256] if cuda else [32], [32, 64] if cuda else [32],
-                        [4, 8] if cuda else [1], [False, True]):
-                    cand = quant_gemm.W4Config(bm, bn, bk, 1, True, warps, 3 if cuda else 1, swap)
+                for bm, bn, bk, warps in itertools.product([64, 128] if cuda else [16], [64, 128, 256] if cuda else [32],
+                                                           [32, 64] if cuda else [32], [4, 8] if cuda else [1]):
+                    cand = quant_gemm.W4Config(bm, bn, bk, 1, True, warps, 3 if cuda else 1)
                     t = layer_time(layout, lambda k, n, c=cand, m=m: quant_gemm.with_split(c, m, k, n), m)
                     scored.append((t, cand))
                     print(f"{layout} M={m} {cand}: layer {t * 1e6:.1f} us (dequant+cuBLAS {td * 1e6:.1f})", flush=True)

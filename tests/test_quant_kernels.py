@@ -169,13 +169,11 @@ def test_w4a16_awq(m, group_size):
 @pytest.mark.parametrize("expand", [False, True])
 @pytest.mark.parametrize("layout,bits,group_size,act_order", [
     ("gptq", 4, 32, False), ("gptq", 8, 32, False), ("gptq", 4, 16, True), ("awq", 4, 32, False)])
-@pytest.mark.parametrize("swap", [False, True])
-def test_w4a16_launch_variants(layout, bits, group_size, act_order, expand, split_k, swap):
+def test_w4a16_launch_variants(layout, bits, group_size, act_order, expand, split_k):
     # The decode configurations: K split across programs (partial sums added in a second
     # kernel, bias there too), packed words unpacked in registers. N = 72 leaves a partial
     # last N tile; K = 144 (group 16) a partial last K tile; 3 splits of 5 K tiles leave
     # the last split shorter.
-    # swap computes the transposed product (the weight tile as the dot's left operand).
     gen = torch.Generator().manual_seed(bits * 10 + group_size + expand + split_k)
     k, n = (144 if group_size == 16 else 160), 72
     q, z, s, g_idx, w = random_quantized(k, n, bits, group_size, act_order, False, gen)
@@ -184,7 +182,7 @@ def test_w4a16_launch_variants(layout, bits, group_size, act_order, expand, spli
     bias = torch.randn(n, generator=gen).to(DEVICE, DTYPE)
     args = [t.to(DEVICE) for t in (qweight, s.to(DTYPE), qzeros)]
     g = g_idx.to(DEVICE) if act_order else None
-    cfg = W4Config(16, 32, 32, split_k, expand, 1, 1, swap)
+    cfg = W4Config(16, 32, 32, split_k, expand, 1, 1)
     out = w4a16_gemm(x, *args, g, group_size, layout, bits, bias=bias, config=cfg)
     ref = w4a16_gemm_ref(x, *args, g, group_size, layout, bits, bias=bias)
     torch.testing.assert_close(out, ref, **TOL)

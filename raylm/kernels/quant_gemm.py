@@ -128,7 +128,6 @@ class W4Config(NamedTuple):
     expand: bool
     num_warps: int
     num_stages: int
-    swap: bool = False  # compute out.T = w.T @ x.T: the dequantized tile is the dot's left operand
 
 
 # Fixed launch configurations, so CUDA graphs can capture. Below DEQUANT_MIN_M rows the
@@ -203,12 +202,10 @@ def _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n0, offs_k, offs_n, mask_k, 
         if HAS_ZEROS:
             zw = tl.load(qz_ptr + g[:, None] * n_words + col_word[None, :], mask=mask_kn, other=0)
     if HAS_ZEROS:
-        z = (((zw >> col_shift[None, :]) & MASK) + zero_offset).to(tl.float32)
+        z = ((zw >> col_shift[None, :]) & MASK) + zero_offset
     else:
-        z = float(1 << (BITS - 1))
-    # q - z in float32 without an int-to-float conversion per value (a quarter-rate
-    # instruction): the bits 0x4B000000 | q read as a float32 are exactly 2**23 + q.
-    return ((q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)) * s.to(tl.float32)
+        z = 1 << (BITS - 1)
+    return (q - z).to(tl.float32) * s.to(tl.float32)
 
 
 @triton.jit
@@ -216,7 +213,7 @@ def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split, group_size, zero_offset, stride_xm, stride_om,
     AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr, SWAP: tl.constexpr,
+    TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, n] (or, with K split across program_id(2), that split's float32 partial sum
@@ -229,10 +226,7 @@ def _w4a16_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if SWAP:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -241,16 +235,9 @@ def _w4a16_kernel(
         w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, pid_n * BLOCK_N, offs_k, offs_n, mask_k, mask_n, N, K,
                           group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP,
                           EXPAND, BLOCK_K, BLOCK_N)
-        if SWAP:  # the weight tile as the left operand, the activations loaded [BLOCK_K, BLOCK_M]
-            x_t = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None],
-                          mask=mask_m[None, :] & mask_k[:, None], other=0.0)
-            acc_t += tl.dot(tl.trans(w.to(x_t.dtype)), x_t)
-        else:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            acc += tl.dot(x, w.to(x.dtype))
-    if SWAP:
-        acc = tl.trans(acc_t)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptr += pid_s.to(tl.int64) * M * N
@@ -417,7 +404,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x2, qweight, scales, qz, gi, bias if bias is not None else scales, target,
         m, n, k, k_per_split, gs, zero_offset, x2.stride(0), n, **flags,
         TILE_GROUP=g_idx is None and (num_groups == 1 or gs % cfg.block_k == 0),
-        HAS_BIAS=bias is not None and split == 1, EXPAND=cfg.expand, SWAP=cfg.swap,
+        HAS_BIAS=bias is not None and split == 1, EXPAND=cfg.expand,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
