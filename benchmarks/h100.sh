@@ -81,11 +81,11 @@ h)
 i)
   step pytest 100 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_engine_gpu.py
   step qthr 460 python3 $B/quant_throughput.py --runs bf16:auto,int8:auto,fp8:auto,fp8:fp8 \
-    --workloads random,1000x1000 --tag int8-fp8
+    --workloads batch1,random,1000x1000 --tag int8-fp8
   ;;
 j)
   step qthr 560 python3 $B/quant_throughput.py --runs bf16:auto,w4a16-gptq:auto,bf16:fp8,w4a16-gptq:fp8 \
-    --workloads random,1000x1000 --tag w4-fp8kv
+    --workloads batch1,random,1000x1000 --tag w4-fp8kv
   ;;
 esac
 exit 0

@@ -10,7 +10,8 @@ workloads of TensorRT-LLM's published FP8 H100 figures:
   runs are recorded as skipped when EngineArgs has no such field);
 - workloads: "random" (throughput.py's: 256 requests, prompt and output lengths uniform in
   100-1024), "1000x1000" (512 requests, 1000 prompt / 1000 output tokens), "128x128"
-  (2048 requests, 128 / 128); random token ids, ignore_eos, temperature 0.6.
+  (2048 requests, 128 / 128); "batch1" (one request, 128 / 512: decode speed at batch
+  size 1, where weight bytes decide); random token ids, ignore_eos, temperature 0.6.
 
 Each format x KV dtype is one engine, started once and run on every workload. The
 roofline of each run counts that format's weight bytes (1 byte per weight for fp8/int8,
@@ -50,9 +51,10 @@ GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act":
 # name: (num_requests, (min, max) prompt length, (min, max) output length)
 WORKLOADS = {"random": (256, (100, 1024), (100, 1024)),
              "1000x1000": (512, (1000, 1000), (1000, 1000)),
-             "128x128": (2048, (128, 128), (128, 128))}
+             "128x128": (2048, (128, 128), (128, 128)),
+             "batch1": (1, (128, 128), (512, 512))}
 SMOKE_WORKLOADS = {"random": (4, (8, 24), (4, 12)), "1000x1000": (3, (20, 20), (10, 10)),
-                   "128x128": (6, (8, 8), (8, 8))}
+                   "128x128": (6, (8, 8), (8, 8)), "batch1": (1, (8, 8), (12, 12))}
 # Published, not measured here: TensorRT-LLM's performance overview, Llama-3.1-8B FP8 on
 # one H100 (max-throughput settings), output tokens/s.
 TRTLLM_FP8_H100 = {"source": "TensorRT-LLM performance overview (published; Llama-3.1-8B, FP8, 1x H100)",

@@ -56,7 +56,7 @@ def test_smoke_modes_write_complete_results(tmp_path):
     assert BASE_FIELDS <= t.keys() and t["benchmark"] == "quant_throughput"
     assert t["published"]["trtllm_fp8_h100_output_tok_per_s"]["1000x1000"] == 15220
     assert t["published"]["trtllm_fp8_h100_output_tok_per_s"]["128x128"] == 28312
-    assert set(t["workloads"]) == {"random", "1000x1000", "128x128"}
+    assert set(t["workloads"]) == {"random", "1000x1000", "128x128", "batch1"}
     runs = {(r["format"], r["kv_cache_dtype"]): r for r in t["runs"]}
     for fmt in ("bf16", "fp8", "int8", "w4a16-gptq"):
         r = runs[(fmt, "auto")]
