@@ -16,7 +16,8 @@
 #                               # tests, large-M and batch sweeps; the GEMMs with the tuned int8 tiles
 #   bash benchmarks/h100.sh i   # GPU engine tests of the quantized formats; end to end beside bf16
 #                               # (random and 1000x1000): int8, fp8, fp8 with the fp8 KV cache
-#   bash benchmarks/h100.sh j   # end to end beside bf16: W4A16, and both with the fp8 KV cache
+#   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
+#                               # int8 and W4A16 with the fp8 KV cache
 #
 # The device needs pytest carried (.gpu-test wheels, see the device notes) for part a.
 # Result JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-h100).
@@ -84,8 +85,8 @@ i)
     --workloads batch1,random,1000x1000 --tag int8-fp8
   ;;
 j)
-  step qthr 560 python3 $B/quant_throughput.py --runs bf16:auto,w4a16-gptq:auto,bf16:fp8,w4a16-gptq:fp8 \
-    --workloads batch1,random,1000x1000 --tag w4-fp8kv
+  step qthr 500 python3 $B/quant_throughput.py \
+    --runs bf16:auto,bf16:fp8,int8:fp8,w4a16-gptq:auto,w4a16-gptq:fp8 --workloads batch1,random --tag w4-fp8kv
   ;;
 esac
 exit 0
