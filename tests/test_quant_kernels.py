@@ -18,7 +18,7 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
     dequantize_awq, dequantize_gptq, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
-    I8Config, W4Config, pick_config, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    FP8_TRITON_MAX_M, I8Config, W4Config, pick_config, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -347,6 +347,19 @@ def test_w8a8_int8_kernel_exact(m, k, n, config):
         torch.testing.assert_close(out, ref, atol=0, rtol=2e-7)
 
 
+def test_w8a8_kernel_strided_operands():
+    # HF fp8 block checkpoints call it on column slices of x, w and the block scales.
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randint(-128, 128, (5, 96), generator=gen, dtype=torch.int8)
+    w = torch.randint(-128, 128, (24, 96), generator=gen, dtype=torch.int8)
+    xs, ws = torch.rand(5, 3, generator=gen), torch.rand(24, 3, generator=gen)
+    cols = slice(32, 64)
+    out = w8a8_int8_gemm(x[:, cols], xs[:, 1:2], w[:, cols], ws[:, 1], out_dtype=torch.float32)
+    ref = w8a8_int8_gemm_ref(x[:, cols].contiguous(), xs[:, 1:2].contiguous(), w[:, cols].contiguous(),
+                             ws[:, 1].contiguous(), out_dtype=torch.float32)
+    torch.testing.assert_close(out, ref, atol=0, rtol=2e-7)
+
+
 def test_w8a8_int8_gemm_checks_shapes():
     x_q = torch.zeros(2, 32, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"w_q has shape \(8, 16\); expected \(8, 32\)"):
@@ -357,22 +370,32 @@ def test_w8a8_int8_gemm_checks_shapes():
                           torch.ones(8)).shape == (0, 8)
 
 
+@pytest.mark.parametrize("m,config", [(5, None), (5, I8Config(16, 16, 32, 2, 1, 1, 1)), (70, None)],
+                         ids=["triton", "triton-split-k", "scaled-mm"])
 @pytest.mark.parametrize("per_tensor_w", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_fp8_gemm(per_tensor_w, out_dtype):
+def test_fp8_gemm(per_tensor_w, out_dtype, m, config):
+    # Up to FP8_TRITON_MAX_M rows (or with a config) the Triton W8A8 kernel in float32
+    # accumulation, above it torch._scaled_mm; both against the float32 reference.
     gen = torch.Generator().manual_seed(3)
-    m, k, n = 5, 64, 32
+    k, n = 64, 32
     x = torch.randn(m, k, generator=gen)
     w = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen).to(out_dtype)
     w_scale = w.abs().amax() / 448 if per_tensor_w else w.abs().amax(-1) / 448
     w_q = (w / w_scale.reshape(-1, 1)).to(torch.float8_e4m3fn)
     x_q, x_scale = per_token_quant_fp8_ref(x)
-    args = [t.to(DEVICE) for t in (x_q, x_scale, w_q, w_scale)]
+    args = [t.to(DEVICE) for t in (x_q, x_scale, w_q, w_scale, bias)]
     ref = fp8_gemm_ref(*args, out_dtype=out_dtype)
-    exact = x @ w.t()
+    exact = x @ w.t() + bias.float()
     assert (ref.float().cpu() - exact).norm() / exact.norm() < 0.05  # fp8's own error
-    try:
-        out = fp8_gemm(*args, out_dtype=out_dtype)
-    except RuntimeError as e:  # a torch without _scaled_mm for this device
-        pytest.skip(f"torch._scaled_mm unavailable here: {e}")
+    if m > FP8_TRITON_MAX_M and config is None:
+        try:
+            out = fp8_gemm(*args, out_dtype=out_dtype)
+        except RuntimeError as e:  # a torch without _scaled_mm for this device
+            pytest.skip(f"torch._scaled_mm unavailable here: {e}")
+    else:
+        out = fp8_gemm(*args, out_dtype=out_dtype, config=config)
+        if out_dtype == torch.float32:  # exact products, float32 sums: rounding only
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)

@@ -1,7 +1,8 @@
 """Quantized linear layers' matmuls: weight-only 4/8-bit (GPTQ and AWQ packing) as a
-Triton kernel that dequantizes tiles on the fly, W8A8 int8 as a Triton kernel with the
-scales in its epilogue, and fp8 through torch._scaled_mm, each with a plain PyTorch
-reference (dequantize, then matmul), which is also the path for CPU.
+Triton kernel that dequantizes tiles on the fly, W8A8 int8 (and fp8 at small M) as a
+Triton kernel with the scales in its epilogue, fp8 at larger M through
+torch._scaled_mm, each with a plain PyTorch reference (dequantize, then matmul), which
+is also the path for CPU.
 
 Packing, as the checkpoints store it (int32 words, value j of a word at bits
 j*bits .. j*bits+bits-1):
@@ -463,14 +464,15 @@ INT8_INTERPRET_CONFIG = I8Config(16, 32, 32, 1, 1, 1, 1)
 
 
 @triton.jit
-def _w8a8_int8_kernel(
+def _w8a8_kernel(
     a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
     stride_am, stride_bn, stride_om, w_scale_stride, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of (a @ b.T) * a_scale * b_scale (+ bias), with a int8
-    [M, K], b int8 [N, K], int32 accumulation; or, with PARTIAL, that K split's int32
-    sum at out + split * M * N."""
+    """One [BLOCK_M, BLOCK_N] tile of (a @ b.T) * a_scale * b_scale (+ bias), with a
+    [M, K] and b [N, K] both int8 (INT8: exact int32 accumulation) or both fp8 e4m3
+    (float32 accumulation); or, with PARTIAL, that K split's sum at out + split * M * N."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -486,17 +488,18 @@ def _w8a8_int8_kernel(
     cols = offs_n.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    ACC: tl.constexpr = tl.int32 if INT8 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + cols[None, :] * stride_bn + offs_k[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, out_dtype=ACC)
     mask = mask_m[:, None] & mask_n[None, :]
     if PARTIAL:
         out_ptr += pid_s.to(tl.int64) * M * N
@@ -512,13 +515,14 @@ def _w8a8_int8_kernel(
 
 
 @triton.jit
-def _int8_split_sum_kernel(part_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, numel, N, w_scale_stride,
+def _w8a8_split_sum_kernel(part_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, numel, N, w_scale_stride,
                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = (sum over s of the int32 part[s]) * a_scale * b_scale (+ bias): the same
-    arithmetic as the unsplit kernel's epilogue, so splitting changes no bit."""
+    """out = (sum over s of part[s], in order, in part's dtype: int32 or float32) *
+    a_scale * b_scale (+ bias): the unsplit kernel's epilogue, so for int8 splitting
+    changes no bit."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
     for s in range(SPLIT_K):
         acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0)
     col = offs % N
@@ -557,31 +561,40 @@ def w8a8_int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     _check_shape("w_q", w_q, (n, k))
     if x_q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return _scale_epilogue(torch._int_mm(x_q, w_q.t()), x_scale, w_scale, bias, out_dtype)
+    return _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype,
+                        config if config is not None else pick_int8_config(m, k, n))
+
+
+def _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg: I8Config) -> torch.Tensor:
+    """The Triton W8A8 kernel on int8 or fp8 operands (see w8a8_int8_gemm / fp8_gemm)."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    int8 = x_q.dtype == torch.int8
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
     a = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     a_s = x_scale.reshape(-1).float().expand(m).contiguous()
-    b_s = w_scale.reshape(-1).float()
+    b_s = w_scale.reshape(-1).float().contiguous()  # a strided column of block scales, too
     if b_s.numel() not in (1, n):
         raise ValueError(f"w_scale has {b_s.numel()} values; expected {n} (per channel) or 1")
-    cfg = config if config is not None else pick_int8_config(m, k, n)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = max(1, min(cfg.split_k, k_tiles))
     k_per_split = triton.cdiv(k_tiles, split) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32, device=x_q.device)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32 if int8 else torch.float32,
+                                                device=x_q.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     w_scale_stride = 1 if b_s.numel() == n else 0
-    _w8a8_int8_kernel[grid](
+    _w8a8_kernel[grid](
         a, w, a_s, b_s, bias if bias is not None else b_s, target, m, n, k, k_per_split,
         a.stride(0), w.stride(0), n, w_scale_stride, HAS_BIAS=bias is not None, PARTIAL=split > 1,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INT8=int8, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
-        _int8_split_sum_kernel[(triton.cdiv(m * n, block),)](
+        _w8a8_split_sum_kernel[(triton.cdiv(m * n, block),)](
             target, a_s, b_s, bias if bias is not None else b_s, out, m * n, n, w_scale_stride,
             SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
     return out
@@ -607,17 +620,29 @@ def _scaled_mm_ok(x_q: torch.Tensor, n: int, k: int) -> bool:
     return _capability(x_q) >= (8, 9)
 
 
+# Up to this many rows fp8 runs the Triton W8A8 kernel (float32 accumulation) with
+# pick_int8_config's tiles (the same operand bytes); above, torch._scaled_mm (cuBLASLt).
+# H100, one Llama-3.1-8B layer at M=1: the int8 Triton kernel 1.60x bf16, _scaled_mm 1.12x.
+FP8_TRITON_MAX_M = 64
+
+
 def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
              w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+             out_dtype: torch.dtype = torch.bfloat16, config: Optional[I8Config] = None) -> torch.Tensor:
     """x_q float8_e4m3fn [M, K] with per-token x_scale [M, 1] (or one value); w_q
     float8_e4m3fn [N, K] with per-channel w_scale [N] / [N, 1] or a per-tensor one ->
-    (x_q * x_scale) @ (w_q * w_scale).T + bias, [M, N] in out_dtype. torch._scaled_mm
-    (sm89+ or CPU) with row-wise scales for bf16 output on sm90+; otherwise unit scales,
-    a float32 result and the scales afterwards. The reference where shapes don't fit."""
+    (x_q * x_scale) @ (w_q * w_scale).T + bias, [M, N] in out_dtype. Up to
+    FP8_TRITON_MAX_M rows on sm89+ (and in the Triton interpreter), or whenever `config`
+    is given, the Triton W8A8 kernel; otherwise torch._scaled_mm (sm89+ or CPU) with
+    row-wise scales for bf16 output on sm90+, else unit scales, a float32 result and the
+    scales afterwards. The reference where shapes don't fit."""
     m, k = x_q.shape
     n = w_q.shape[0]
     _check_shape("w_q", w_q, (n, k))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and x_q.device.type == "cpu"
+    if config is not None or (m <= FP8_TRITON_MAX_M and (interpret or (x_q.is_cuda and _capability(x_q) >= (8, 9)))):
+        return _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype,
+                            config if config is not None else pick_int8_config(m, k, n))
     if not _scaled_mm_ok(x_q, n, k):
         return fp8_gemm_ref(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     if out_dtype == torch.bfloat16 and _capability(x_q) >= (9, 0):  # row-wise: sm90+
