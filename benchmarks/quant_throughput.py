@@ -17,9 +17,9 @@ Each format x KV dtype is one engine, started once and run on every workload. Th
 roofline of each run counts that format's weight bytes (1 byte per weight for fp8/int8,
 0.5 + 2.5 / 128 for W4A16 g128) and KV bytes (halved for an fp8 cache), and the GEMM peak
 measured for that format (bf16's for W4A16). Results are saved after every run, so a run
-cut off by a time limit keeps what finished. On an H100 each engine should take about 2 minutes
-for all three workloads (an estimate from throughput.py's bf16 figures; not yet run); split the
-grid across commands under a 10-minute limit, e.g.
+cut off by a time limit keeps what finished. On an H100 (2026-11-27, Llama-3.1-8B) one engine
+took 4-15 s to start, then about 3 s for batch1, 15-22 s for random, 15-18 s for 128x128 and
+53-71 s for 1000x1000; split the grid across commands under a 10-minute limit, e.g.
 
     python benchmarks/quant_throughput.py --formats fp8,int8 --kv-cache-dtypes auto --tag online
     python benchmarks/quant_throughput.py --formats w4a16-gptq --kv-cache-dtypes auto --tag gptq
