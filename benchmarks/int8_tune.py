@@ -3,7 +3,7 @@ Llama-3.1-8B's linear shapes, against bf16 cuBLAS and torch._int_mm in the same 
 
 At each --m, for every tile in the grid (block_m the power of two >= M up to 64, else 64
 or 128; block_n 64/128/256; block_k 64/128/256; 4 or 8 warps; 3 or 4 stages; K split as
-quant_gemm.pick_int8_config would split it), one decoder layer's four GEMMs are timed;
+quant_gemm.int8_with_split splits it), one decoder layer's four GEMMs are timed;
 the best tile per M (summed over the four shapes, since production picks by M only) is
 reported beside bf16 cuBLAS, torch._int_mm followed by the scales in PyTorch (the
 kernel this one replaced) and the current INT8_CONFIGS choice. The activation
@@ -37,14 +37,7 @@ DEFAULT_M = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
 def _time(fn_of_w, ws, args, cuda) -> float:
-    calls = [fn_of_w(w) for w in ws]
-    calls = calls * max(1, -(-args.min_calls // len(calls)))
-    try:
-        seconds, _ = qg.time_calls(calls, args.reps, cuda)
-    except Exception as e:  # noqa: BLE001 - a configuration that does not compile: skip it, say so
-        print(f"    failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-        return float("inf")
-    return seconds
+    return qg.time_over_weights(fn_of_w, ws, args.reps, args.min_calls, cuda)
 
 
 def _int_mm(x_q, x_s, w):
@@ -65,16 +58,6 @@ def candidates(m: int, cuda: bool) -> list:
     blocks_m = [pow2] if pow2 <= 64 else [64, 128]
     return [quant_gemm.I8Config(bm, bn, bk, 1, 1 if bm == pow2 and pow2 <= 64 else 8, w, s)
             for bm, bn, bk, w, s in itertools.product(blocks_m, [64, 128, 256], [64, 128, 256], [4, 8], [3, 4])]
-
-
-def with_split(cfg, m, k, n):
-    """cfg with pick_int8_config's K split rule."""
-    from raylm.kernels import quant_gemm
-
-    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    if tiles >= quant_gemm.TARGET_PROGRAMS // 2:
-        return cfg
-    return cfg._replace(split_k=max(1, min(quant_gemm.TARGET_PROGRAMS // tiles, k // cfg.block_k)))
 
 
 def run(args, save) -> dict:
@@ -125,7 +108,7 @@ def run(args, save) -> dict:
         for base in candidates(m, cuda):
             total = 0.0
             for name, k, n in shapes:
-                cfg = with_split(base, m, k, n)
+                cfg = quant_gemm.int8_with_split(base, m, k, n)
                 x_q, x_s = qs[k]
                 t = _time(lambda w: (lambda: quant_gemm.w8a8_int8_gemm(x_q, x_s, w["w_q"], w["w_scale"], config=cfg)),
                           weights[name, "w8a8-int8"], args, cuda)

@@ -151,6 +151,20 @@ def time_calls(calls: list, reps: int, cuda: bool) -> tuple[float, str]:
     return statistics.median(times), mode
 
 
+def time_over_weights(fn_of_w, weights: list, reps: int, min_calls: int, cuda: bool) -> float:
+    """time_calls of fn_of_w(w) for every weight copy w, repeated to at least min_calls
+    calls; a configuration that fails (e.g. does not compile) prints why and times as
+    inf, so a tuning sweep skips it."""
+    calls = [fn_of_w(w) for w in weights]
+    calls = calls * max(1, -(-min_calls // len(calls)))
+    try:
+        seconds, _ = time_calls(calls, reps, cuda)
+    except Exception as e:  # noqa: BLE001 - skip the configuration, say so
+        print(f"    failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        return float("inf")
+    return seconds
+
+
 def measure_format_peak(fmt: str, n: int = 8192, reps: int = 10) -> float:
     """FLOP/s of the format's own GEMM at n x n x n (bf16 for bf16 and W4A16, whose
     dequantized tiles run on the bf16 tensor cores)."""

@@ -54,14 +54,7 @@ def _setup(shapes, dtype, device, smoke):
 
 
 def _time(fn_of_w, ws, args, cuda) -> float:
-    calls = [fn_of_w(w) for w in ws]
-    calls = calls * max(1, -(-args.min_calls // len(calls)))
-    try:
-        seconds, _ = qg.time_calls(calls, args.reps, cuda)
-    except Exception as e:  # noqa: BLE001 - a configuration that does not compile: skip it, say so
-        print(f"    failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-        return float("inf")
-    return seconds
+    return qg.time_over_weights(fn_of_w, ws, args.reps, args.min_calls, cuda)
 
 
 def _w4(layout, x, group, cfg=None, dequant=False):

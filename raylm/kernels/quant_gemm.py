@@ -538,7 +538,12 @@ def pick_int8_config(m: int, k: int, n: int) -> I8Config:
     about TARGET_PROGRAMS programs when the tiles alone leave SMs idle."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INT8_INTERPRET_CONFIG
-    cfg = next(c for limit, c in INT8_CONFIGS if limit is None or m <= limit)
+    return int8_with_split(next(c for limit, c in INT8_CONFIGS if limit is None or m <= limit), m, k, n)
+
+
+def int8_with_split(cfg: I8Config, m: int, k: int, n: int) -> I8Config:
+    """cfg with K split into up to TARGET_PROGRAMS // tiles parts when its output tiles
+    alone would fill fewer than half of TARGET_PROGRAMS."""
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if tiles >= TARGET_PROGRAMS // 2:
         return cfg
