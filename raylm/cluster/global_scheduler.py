@@ -56,9 +56,23 @@ class _GroupState:
     # sharing a prefix follows the first one before its KV is cached.
     inflight_hashes: Counter = field(default_factory=Counter)
     steps: int = 0
-    busy_s: float = 0.0  # time with a step on the workers
-    busy_since: Optional[float] = None  # asynchronous scheduling: steps in flight since
+    busy_s: float = 0.0  # time with a step on the workers, up to busy_since
+    busy_since: Optional[float] = None  # a step has been on the workers since then
     requests: int = 0  # routed here
+
+    def mark_busy(self) -> None:
+        """A step goes to the workers (a no-op while one already is)."""
+        if self.busy_since is None:
+            self.busy_since = time.perf_counter()
+
+    def mark_idle(self) -> None:
+        """No step is on the workers any more: add the span to busy_s."""
+        if self.busy_since is not None:
+            self.busy_s += time.perf_counter() - self.busy_since
+            self.busy_since = None
+
+    def busy_seconds(self) -> float:
+        return self.busy_s + (time.perf_counter() - self.busy_since if self.busy_since is not None else 0.0)
 
 
 class GlobalScheduler:
@@ -241,13 +255,13 @@ class GlobalScheduler:
                 if not self.overlap and pending is not None:
                     self._deliver(engine.emit_step(pending))
                     pending = None
-                t_launch = time.perf_counter()
+                group.mark_busy()
                 running = asyncio.ensure_future(engine.executor.execute_async(plan))
                 if pending is not None:  # overlap: emit step N while step N+1 computes
                     self._deliver(engine.emit_step(pending))
                     pending = None
                 result = await running
-                group.busy_s += time.perf_counter() - t_launch
+                group.mark_idle()
                 group.steps += 1
                 pending = engine.record_step(sched_out, result)
         except asyncio.CancelledError:
@@ -290,16 +304,14 @@ class GlobalScheduler:
                     step, inflight = inflight, None
                     await complete(step)
                     continue
-                if group.busy_since is not None:
-                    group.busy_s += time.perf_counter() - group.busy_since
-                    group.busy_since = None
+                group.mark_idle()
                 await self._wait_for_work(group)
                 continue
             sched_out, plan = planned
             if inflight is not None and engine.needs_current_outputs(sched_out):
                 step, inflight = inflight, None
                 await complete(step)
-            group.busy_since = group.busy_since or time.perf_counter()
+            group.mark_busy()
             handle = engine.executor.launch(plan)
             engine.mark_launched(sched_out)
             if inflight is not None:
@@ -308,9 +320,8 @@ class GlobalScheduler:
 
     # ---- introspection -------------------------------------------------------------
     def group_stats(self) -> list[dict]:
-        now = time.perf_counter()
         return [dict(g.engine.stats(), steps=g.steps, requests_routed=g.requests, alive=g.error is None,
-                     busy_s=g.busy_s + (now - g.busy_since if g.busy_since is not None else 0.0))
+                     busy_s=g.busy_seconds())
                 for g in self.groups]
 
     def stats(self) -> dict:
