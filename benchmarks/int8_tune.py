@@ -137,17 +137,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=DEFAULT_M,
                    help="comma-separated batch sizes (tokens)")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--min-calls", type=int, default=8)
-    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
-    args = p.parse_args()
+    qg.add_timing_args(p)
+    args = qg.parse_timing_args(p)
     if args.smoke:
-        from raylm.kernels.interpret import use_interpreter
-
-        use_interpreter()
-        args.reps, args.min_calls, args.m = 1, 1, [1, 17]
-    elif not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU; --smoke runs tiny shapes on CPU")
+        args.m = [1, 17]
     run(args, lambda result: common.save_result(result, "int8_tune-smoke" if args.smoke else "int8_tune"))
 
 

@@ -292,14 +292,16 @@ def _summary(rows: list, formats: list) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=DECODE_M + PREFILL_M,
-                   help="comma-separated batch sizes (tokens)")
+def add_timing_args(p) -> None:
+    """--reps, --min-calls and --smoke, as the GEMM benchmarks and tuners share them."""
     p.add_argument("--reps", type=int, default=20, help="graph replays; the median is reported")
     p.add_argument("--min-calls", type=int, default=8, help="at least this many calls per graph")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+
+
+def parse_timing_args(p):
+    """p's arguments; with --smoke the kernels switch to Triton's interpreter and each
+    point is timed once, otherwise a CUDA GPU is required."""
     args = p.parse_args()
     if args.smoke:
         from raylm.kernels.interpret import use_interpreter
@@ -308,6 +310,16 @@ def main() -> None:
         args.reps, args.min_calls = 1, 1
     elif not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU; --smoke runs tiny shapes on CPU")
+    return args
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=DECODE_M + PREFILL_M,
+                   help="comma-separated batch sizes (tokens)")
+    add_timing_args(p)
+    args = parse_timing_args(p)
     result = run(args)
     common.save_result(result, "quant_gemm-smoke" if args.smoke else "quant_gemm")
 

@@ -182,17 +182,10 @@ def main() -> None:
     p.add_argument("--large-m", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512],
                    help="batch sizes for the large stage")
     p.add_argument("--stages", default="grid,refine,large,batch")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--min-calls", type=int, default=8)
-    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
-    args = p.parse_args()
+    qg.add_timing_args(p)
+    args = qg.parse_timing_args(p)
     if args.smoke:
-        from raylm.kernels.interpret import use_interpreter
-
-        use_interpreter()
-        args.reps, args.min_calls, args.m, args.large_m = 1, 1, [17], [40]
-    elif not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU; --smoke runs tiny shapes on CPU")
+        args.m, args.large_m = [17], [40]
     result = run(args)
     common.save_result(result, "w4a16_tune-smoke" if args.smoke else "w4a16_tune")
 

@@ -24,7 +24,6 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -325,6 +324,14 @@ def with_split(cfg: W4Config, m: int, k: int, n: int, target: int = 0) -> W4Conf
     return cfg._replace(split_k=split)
 
 
+def _k_splits(k: int, block_k: int, split_k: int) -> tuple:
+    """(splits, K per split) for split_k requested parts of K: whole K tiles per split,
+    at most one split per tile, and no split left empty."""
+    k_tiles = triton.cdiv(k, block_k)
+    k_per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles))) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
 def _check_config(cfg: W4Config, bits: int) -> None:
     pack = 32 // bits
     for name in ("block_m", "block_n", "block_k"):
@@ -395,10 +402,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return out.view(*x.shape[:-1], n)
     cfg = config if config is not None else pick_config(m, k, n, layout, group_size, g_idx is not None)
     _check_config(cfg, bits)
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    split = min(cfg.split_k, k_tiles)
-    k_per_split = triton.cdiv(k_tiles, split) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)  # no split left empty
+    split, k_per_split = _k_splits(k, cfg.block_k, cfg.split_k)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _w4a16_kernel[grid](
@@ -584,10 +588,7 @@ def _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg: I8Config) -> 
     b_s = w_scale.reshape(-1).float().contiguous()  # a strided column of block scales, too
     if b_s.numel() not in (1, n):
         raise ValueError(f"w_scale has {b_s.numel()} values; expected {n} (per channel) or 1")
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    split = max(1, min(cfg.split_k, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, split) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
+    split, k_per_split = _k_splits(k, cfg.block_k, cfg.split_k)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32 if int8 else torch.float32,
                                                 device=x_q.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
