@@ -7,6 +7,8 @@
 #   bash benchmarks/multi_gpu.sh c   # throughput and latency TP=1/2/4, 2 groups, Serve app 2 groups, Qwen3-8B TP correctness
 #   bash benchmarks/multi_gpu.sh d   # what c could not finish on 2026-11-27: the Serve app (2 groups, then 1),
 #                                    # TP correctness with the near-tie analysis, scaling re-measured
+#   bash benchmarks/multi_gpu.sh e   # d's first half in one call: the Serve app (2 groups, then 1)
+#                                    # and TP correctness of both models
 #
 # Each step has a time limit, so a hang shows as rc=124 instead of eating the call; result
 # JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-multi). NVLink multicast stays off.
@@ -73,6 +75,12 @@ d)
   step thr-tp1 60 $B/throughput.py --model llama-3.1-8b --peer none
   step thr-tp2 90 $B/throughput.py --model llama-3.1-8b --peer none --tensor-parallel-size 2
   step thr-2groups 100 $B/throughput.py --model llama-3.1-8b --peer none --num-groups 2
+  ;;
+e)
+  step serve-2groups 130 $B/serving.py --model llama-3.1-8b --num-groups 2 --num-requests 128 --max-len 512
+  step serve-1group 110 $B/serving.py --model llama-3.1-8b --num-groups 1 --num-requests 128 --max-len 512 --port 8001
+  step tpc-qwen 140 $B/tp_correctness.py --model qwen3-8b --tp-sizes 1,2,4 --num-prompts 8
+  step tpc-llama 130 $B/tp_correctness.py --model llama-3.1-8b --tp-sizes 1,2,4 --num-prompts 8
   ;;
 esac
 exit 0
