@@ -18,6 +18,8 @@
 #                               # (random and 1000x1000): int8, fp8, fp8 with the fp8 KV cache
 #   bash benchmarks/h100.sh k   # fp8 at small M on the Triton W8A8 kernel: GPU kernel and engine
 #                               # tests, the GEMMs, batch-1 and random end to end beside bf16
+#   bash benchmarks/h100.sh l   # fp8 activation quantization with the hardware cast and the
+#                               # block-scaled fp8 kernel: GPU kernel and engine tests, the GEMMs
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
 #
@@ -95,6 +97,11 @@ k)
     tests/gpu/test_quant_kernels_gpu.py -k "fp8 or int8 or checkpoint or online or graph"
   step gemm 50 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,512 --formats bf16,fp8
   step qthr 130 python3 $B/quant_throughput.py --runs bf16:auto,fp8:auto --workloads batch1,random --tag fp8-triton
+  ;;
+l)
+  step pytest 170 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_engine_gpu.py \
+    tests/gpu/test_quant_kernels_gpu.py -k "fp8 or checkpoint"
+  step gemm 120 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,512,4096 --formats bf16,fp8,fp8-block
   ;;
 esac
 exit 0

@@ -8,7 +8,10 @@ prefill M in {512, 4096}, on random packed weights built here:
   kernel then loads one row of scales per K tile);
 - w4a16-awq: quant_gemm.w4a16_gemm, AWQ layout, group 128;
 - w8a8-int8: quant_gemm.w8a8_int8_gemm, with and without quant_act.per_token_quant_int8;
-- fp8: quant_gemm.fp8_gemm, with and without quant_act.per_token_quant_fp8.
+- fp8: quant_gemm.fp8_gemm, with and without quant_act.per_token_quant_fp8;
+- fp8-block: quant_gemm.fp8_block_gemm, HF fp8 checkpoints' 128x128 weight blocks with
+  activations quantized per 128 channels (per_token_quant_fp8(x, 128)), with and without
+  that quantization.
 
 Each point is a CUDA graph of back-to-back calls replayed N times and timed with CUDA
 events (median), so Python launch overhead is not counted; the calls cycle through
@@ -42,7 +45,8 @@ PREFILL_M = [512, 4096]
 SMOKE_SHAPES = [("qkv", 64, 96), ("down", 128, 64)]
 SMOKE_M = [1, 17]
 GROUP_SIZE = 128
-FORMATS = ("bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w8a8-int8", "fp8")
+FORMATS = ("bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w8a8-int8", "fp8", "fp8-block")
+ACT_QUANT_FORMATS = ("w8a8-int8", "fp8", "fp8-block")
 L2_FLUSH_BYTES = 256 << 20  # > 5x H100's L2
 
 
@@ -68,6 +72,9 @@ def make_weights(fmt: str, k: int, n: int, dtype: torch.dtype, gen, device: str,
         return {"qweight": _rand_int32((k // 8, n), gen, device), "scales": scales,
                 "qzeros": _rand_int32((groups, n // 8), gen, device), "g_idx": g_idx}
     w_scale = torch.rand(n, generator=gen, device=device) * 1e-3 + 1e-4
+    if fmt == "fp8-block":  # one scale per 128x128 block, expanded over rows as FP8BlockLinearMethod keeps it
+        w_scale = torch.rand(-(-n // group_size), k // group_size, generator=gen, device=device) * 1e-3 + 1e-4
+        w_scale = w_scale.repeat_interleave(group_size, 0)[:n].contiguous()
     if fmt == "w8a8-int8":
         w_q = torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8)
     else:
@@ -94,6 +101,9 @@ def make_call(fmt: str, w: dict, x: torch.Tensor, group_size: int, act_quant: bo
                                              group_size, layout, zero_offset=zero_offset)
     if fmt == "w8a8-int8":
         quant, gemm = (lambda t: quant_act.per_token_quant_int8(t, "vllm")), quant_gemm.w8a8_int8_gemm
+    elif fmt == "fp8-block":
+        quant = lambda t: quant_act.per_token_quant_fp8(t, group_size)  # noqa: E731
+        gemm = lambda *a, **kw: quant_gemm.fp8_block_gemm(*a[:4], group_size, **kw)  # noqa: E731
     else:
         quant, gemm = quant_act.per_token_quant_fp8, quant_gemm.fp8_gemm
     if act_quant:
@@ -199,9 +209,10 @@ def run(args) -> dict:
     for f in formats:
         if f not in FORMATS:
             raise SystemExit(f"--formats: {f!r} is not one of {FORMATS}")
-    if cuda and torch.cuda.get_device_capability() < (8, 9) and "fp8" in formats:
-        formats.remove("fp8")
-        print("fp8 needs sm89+: skipped", flush=True)
+    if cuda and torch.cuda.get_device_capability() < (8, 9):
+        for f in [f for f in formats if f.startswith("fp8")]:
+            formats.remove(f)
+            print(f"{f} needs sm89+: skipped", flush=True)
 
     result = common.base_result("quant_gemm", "llama-3.1-8b shapes" if cuda else "smoke shapes")
     result.update({"group_size": group_size, "reps": args.reps, "dtype": str(dtype).replace("torch.", ""),
@@ -228,7 +239,7 @@ def run(args) -> dict:
             weights = [one] + [make_weights(fmt, k, n, dtype, gen, device, group_size) for _ in range(copies - 1)]
             for m in ms:
                 x = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
-                variants = [False, True] if fmt in ("w8a8-int8", "fp8") else [False]
+                variants = [False, True] if fmt in ACT_QUANT_FORMATS else [False]
                 for act_quant in variants:
                     calls = [make_call(fmt, w, x, group_size, act_quant) for w in weights]
                     calls = calls * max(1, -(-args.min_calls // len(calls)))
@@ -282,7 +293,7 @@ def _summary(rows: list, formats: list) -> dict:
     for fmt in formats:
         for m in sorted({r["m"] for r in rows}):
             sel = [r for r in rows if r["format"] == fmt and r["m"] == m
-                   and r["act_quant_included"] == (fmt in ("w8a8-int8", "fp8"))]
+                   and r["act_quant_included"] == (fmt in ACT_QUANT_FORMATS)]
             base = [r for r in rows if r["format"] == "bf16" and r["m"] == m]
             if not sel:
                 continue

@@ -17,7 +17,7 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
-    dequantize_awq, dequantize_gptq, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
+    dequantize_awq, dequantize_gptq, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
     FP8_TRITON_MAX_M, I8Config, W4Config, pick_config, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -399,3 +399,46 @@ def test_fp8_gemm(per_tensor_w, out_dtype, m, config):
         if out_dtype == torch.float32:  # exact products, float32 sums: rounding only
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
+
+
+def _block_operands(m, k, n, group_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    w_scale = w.unflatten(1, (-1, group_k)).abs().amax(-1) / 448  # [N, K / group_k]
+    w_q = (w / w_scale.repeat_interleave(group_k, 1)).to(torch.float8_e4m3fn)
+    x_q, x_scale = per_token_quant_fp8_ref(x, group_k)
+    return x, w, x_q, x_scale, w_q, w_scale, torch.randn(n, generator=gen)
+
+
+@pytest.mark.parametrize("config", [None, I8Config(16, 16, 32, 3, 1, 1, 1), I8Config(32, 16, 16, 1, 2, 1, 1)],
+                         ids=["default", "split-k", "block-k-below-group"])
+@pytest.mark.parametrize("m,k,n,group_k", [(1, 64, 48, 32), (37, 128, 40, 64), (5, 96, 24, 32)])
+def test_fp8_block_gemm(m, k, n, group_k, config):
+    """Block-scaled fp8 (HF fp8 checkpoints): one kernel, each group's partial product
+    scaled as it is added; against the float32 dequantize-then-matmul reference to
+    float32 rounding, split or not, over masked M and N tails, with and without bias."""
+    x, w, x_q, x_scale, w_q, w_scale, bias = _block_operands(m, k, n, group_k, m + k + n)
+    ref = fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k, bias, torch.float32)
+    exact = x @ w.t() + bias
+    assert (ref - exact).norm() / exact.norm() < 0.05  # fp8's own error
+    for b in (bias, None):
+        out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, group_k, b, torch.float32, config=config)
+        expected = ref if b is not None else fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k,
+                                                                 out_dtype=torch.float32)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+    out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, group_k, bias, torch.bfloat16, config=config)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_fp8_block_gemm_checks():
+    x_q = torch.zeros(2, 64, dtype=torch.float8_e4m3fn)
+    w_q = torch.zeros(8, 64, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"x_scale has shape \(2, 1\); expected \(2, 2\)"):
+        fp8_block_gemm(x_q, torch.ones(2, 1), w_q, torch.ones(8, 2), 32)
+    with pytest.raises(ValueError, match=r"w_scale has shape \(8, 1\); expected \(8, 2\)"):
+        fp8_block_gemm(x_q, torch.ones(2, 2), w_q, torch.ones(8, 1), 32)
+    with pytest.raises(ValueError, match="K is 64; fp8_block_gemm needs a multiple of group_k 48"):
+        fp8_block_gemm(x_q, torch.ones(2, 1), w_q, torch.ones(8, 1), 48)
+    with pytest.raises(ValueError, match="config.block_k 32 does not divide group_k 16"):
+        fp8_block_gemm(x_q, torch.ones(2, 4), w_q, torch.ones(8, 4), 16, config=I8Config(16, 16, 32, 1, 1, 1, 1))

@@ -15,7 +15,9 @@ int8 conventions (both symmetric, no zero point, float32 math here):
   step where x / scale lands near a .5 boundary.
 
 fp8 follows vLLM's per_token_group_quant_fp8: scale = max(amax, 1e-10) / 448,
-q = clamp(x / scale, -448, 448) cast to float8_e4m3fn (round to nearest even).
+q = clamp(x / scale, -448, 448) cast to float8_e4m3fn (round to nearest even). On the
+GPU the cast is the hardware's (cvt.rn.satfinite); Triton's interpreter rounds that cast
+wrongly, so there the kernel first rounds to an e4m3 value in float32 (_round_to_e4m3).
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def _per_token_quant_int8_kernel(
 @triton.jit
 def _per_token_quant_fp8_kernel(
     x_ptr, q_ptr, scale_ptr, stride_x, stride_q, group_size, num_groups, eps,
-    FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
+    FP8_MAX: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -87,7 +89,9 @@ def _per_token_quant_fp8_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), eps), FP8_MAX)
     v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * stride_q + cols, _round_to_e4m3(v).to(q_ptr.dtype.element_ty), mask=mask)
+    if SOFT_ROUND:
+        v = _round_to_e4m3(v)
+    tl.store(q_ptr + row * stride_q + cols, v.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row * num_groups + group, scale)
 
 
@@ -157,7 +161,8 @@ def per_token_quant_fp8(x: torch.Tensor, group_size: Optional[int] = None):
         block = triton.next_power_of_2(group_size)
         _per_token_quant_fp8_kernel[(x2.shape[0], num_groups)](
             x2, q, scale, x2.stride(0), q.stride(0), group_size, num_groups, FP8_EPS,
-            FP8_MAX=FP8_MAX, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+            FP8_MAX=FP8_MAX, SOFT_ROUND=not x.is_cuda,
+            BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return q.view(x.shape), scale.view(*x.shape[:-1], num_groups)
 
 

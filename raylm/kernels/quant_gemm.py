@@ -470,13 +470,17 @@ INT8_INTERPRET_CONFIG = I8Config(16, 32, 32, 1, 1, 1, 1)
 @triton.jit
 def _w8a8_kernel(
     a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
-    stride_am, stride_bn, stride_om, w_scale_stride, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-    INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    stride_am, stride_bn, stride_om, w_scale_stride, a_scale_stride, HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of (a @ b.T) * a_scale * b_scale (+ bias), with a
     [M, K] and b [N, K] both int8 (INT8: exact int32 accumulation) or both fp8 e4m3
-    (float32 accumulation); or, with PARTIAL, that K split's sum at out + split * M * N."""
+    (float32 accumulation); or, with PARTIAL, that K split's sum at out + split * M * N.
+    GROUP_K > 0 (fp8, block-scaled): one scale per row of a and per row of b for each
+    GROUP_K-wide slice of K (a_scale [M, K / GROUP_K] with row stride a_scale_stride,
+    b_scale [N, K / GROUP_K] with row stride w_scale_stride); each BLOCK_K step (BLOCK_K
+    divides GROUP_K) is scaled as it is added, and PARTIAL sums are already scaled."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -503,15 +507,24 @@ def _w8a8_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + cols[None, :] * stride_bn + offs_k[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, out_dtype=ACC)
+        if GROUP_K > 0:
+            g = k0 // GROUP_K
+            a_s = tl.load(as_ptr + rows * a_scale_stride + g, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_ptr + cols * w_scale_stride + g, mask=mask_n, other=0.0)
+            acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=ACC)
     mask = mask_m[:, None] & mask_n[None, :]
     if PARTIAL:
         out_ptr += pid_s.to(tl.int64) * M * N
         tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=mask)
     else:
-        a_s = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
-        b_s = tl.load(bs_ptr + offs_n * w_scale_stride, mask=mask_n, other=0.0)
-        out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+        if GROUP_K > 0:
+            out = acc
+        else:
+            a_s = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_ptr + offs_n * w_scale_stride, mask=mask_n, other=0.0)
+            out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :],
@@ -520,18 +533,21 @@ def _w8a8_kernel(
 
 @triton.jit
 def _w8a8_split_sum_kernel(part_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, numel, N, w_scale_stride,
-                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr,
+                           BLOCK: tl.constexpr):
     """out = (sum over s of part[s], in order, in part's dtype: int32 or float32) *
     a_scale * b_scale (+ bias): the unsplit kernel's epilogue, so for int8 splitting
-    changes no bit."""
+    changes no bit. SCALED: the parts carry their scales already (block-scaled fp8)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
     for s in range(SPLIT_K):
         acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0)
     col = offs % N
-    out = (acc.to(tl.float32) * tl.load(as_ptr + offs // N, mask=mask, other=0.0)
-           * tl.load(bs_ptr + col * w_scale_stride, mask=mask, other=0.0))
+    out = acc.to(tl.float32)
+    if not SCALED:
+        out = (out * tl.load(as_ptr + offs // N, mask=mask, other=0.0)
+               * tl.load(bs_ptr + col * w_scale_stride, mask=mask, other=0.0))
     if HAS_BIAS:
         out += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -574,8 +590,9 @@ def w8a8_int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
                         config if config is not None else pick_int8_config(m, k, n))
 
 
-def _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg: I8Config) -> torch.Tensor:
-    """The Triton W8A8 kernel on int8 or fp8 operands (see w8a8_int8_gemm / fp8_gemm)."""
+def _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg: I8Config, group_k: int = 0) -> torch.Tensor:
+    """The Triton W8A8 kernel on int8 or fp8 operands (see w8a8_int8_gemm / fp8_gemm), or
+    with group_k > 0 block-scaled fp8 (fp8_block_gemm: cfg.block_k divides group_k)."""
     m, k = x_q.shape
     n = w_q.shape[0]
     int8 = x_q.dtype == torch.int8
@@ -584,25 +601,29 @@ def _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg: I8Config) -> 
         return out
     a = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
-    a_s = x_scale.reshape(-1).float().expand(m).contiguous()
-    b_s = w_scale.reshape(-1).float().contiguous()  # a strided column of block scales, too
-    if b_s.numel() not in (1, n):
-        raise ValueError(f"w_scale has {b_s.numel()} values; expected {n} (per channel) or 1")
+    if group_k:
+        a_s, b_s = x_scale.float().contiguous(), w_scale.float().contiguous()
+        a_scale_stride, w_scale_stride = a_s.stride(0), b_s.stride(0)
+    else:
+        a_s = x_scale.reshape(-1).float().expand(m).contiguous()
+        b_s = w_scale.reshape(-1).float().contiguous()  # a strided column of block scales, too
+        if b_s.numel() not in (1, n):
+            raise ValueError(f"w_scale has {b_s.numel()} values; expected {n} (per channel) or 1")
+        a_scale_stride, w_scale_stride = 1, 1 if b_s.numel() == n else 0
     split, k_per_split = _k_splits(k, cfg.block_k, cfg.split_k)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32 if int8 else torch.float32,
                                                 device=x_q.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    w_scale_stride = 1 if b_s.numel() == n else 0
     _w8a8_kernel[grid](
         a, w, a_s, b_s, bias if bias is not None else b_s, target, m, n, k, k_per_split,
-        a.stride(0), w.stride(0), n, w_scale_stride, HAS_BIAS=bias is not None, PARTIAL=split > 1,
-        INT8=int8, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        a.stride(0), w.stride(0), n, w_scale_stride, a_scale_stride, HAS_BIAS=bias is not None,
+        PARTIAL=split > 1, INT8=int8, GROUP_K=group_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _w8a8_split_sum_kernel[(triton.cdiv(m * n, block),)](
             target, a_s, b_s, bias if bias is not None else b_s, out, m * n, n, w_scale_stride,
-            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
+            SPLIT_K=split, HAS_BIAS=bias is not None, SCALED=group_k > 0, BLOCK=block)
     return out
 
 
@@ -659,3 +680,51 @@ def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     one = torch.ones((), dtype=torch.float32, device=x_q.device)
     acc = torch._scaled_mm(x_q, w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     return _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype)
+
+
+def fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k: int, bias=None, out_dtype=torch.bfloat16):
+    """Plain PyTorch: both operands dequantized to float32 with their per-group scales
+    (x_scale [M, K / group_k], w_scale [N, K / group_k]), matmul in float32."""
+    x = x_q.float() * x_scale.float().repeat_interleave(group_k, dim=1)
+    w = w_q.float() * w_scale.float().repeat_interleave(group_k, dim=1)
+    out = x @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def fp8_block_config(m: int, k: int, n: int, group_k: int) -> I8Config:
+    """pick_int8_config's tile with BLOCK_K cut to divide group_k (each K step has one
+    scale per row)."""
+    cfg = pick_int8_config(m, k, n)
+    block_k = min(cfg.block_k, group_k & -group_k)  # the largest power of two dividing group_k
+    if block_k < 16:
+        raise ValueError(f"group_k is {group_k}; the block-scaled fp8 kernel needs a multiple of 16")
+    if block_k == cfg.block_k:
+        return cfg
+    return int8_with_split(cfg._replace(block_k=block_k, split_k=1), m, k, n)
+
+
+def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
+                   w_scale: torch.Tensor, group_k: int, bias: Optional[torch.Tensor] = None,
+                   out_dtype: torch.dtype = torch.bfloat16, config: Optional[I8Config] = None) -> torch.Tensor:
+    """Block-scaled fp8 (HF fp8 / DeepSeek-V3 checkpoints): x_q float8_e4m3fn [M, K] with
+    one scale per token per group_k channels, x_scale [M, K / group_k]; w_q [N, K] with
+    w_scale [N, K / group_k] (the block scales expanded over rows) -> sum over groups g of
+    (x_q[:, g] @ w_q[:, g].T) * x_scale[:, g] * w_scale[:, g] (+ bias), [M, N], float32
+    accumulation. One Triton kernel (CUDA sm89+ or the interpreter), K a multiple of
+    group_k; the reference elsewhere."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    _check_shape("w_q", w_q, (n, k))
+    if k % group_k:
+        raise ValueError(f"K is {k}; fp8_block_gemm needs a multiple of group_k {group_k}")
+    _check_shape("x_scale", x_scale, (m, k // group_k))
+    _check_shape("w_scale", w_scale, (n, k // group_k))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and x_q.device.type == "cpu"
+    if not (interpret or (x_q.is_cuda and _capability(x_q) >= (8, 9))):
+        return fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k, bias, out_dtype)
+    cfg = config if config is not None else fp8_block_config(m, k, n, group_k)
+    if group_k % cfg.block_k:
+        raise ValueError(f"config.block_k {cfg.block_k} does not divide group_k {group_k}")
+    return _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg, group_k=group_k)

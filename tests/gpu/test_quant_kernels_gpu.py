@@ -15,7 +15,7 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
-    I8Config, INT8_CONFIGS, W4Config, fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    I8Config, INT8_CONFIGS, W4Config, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 # (K, N): qkv_proj, o_proj, gate_up_proj (one half), down_proj
 LLAMA_8B = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]
@@ -195,3 +195,25 @@ def test_fp8_gemm(k, n, per_tensor_w, out_dtype):
         ref = fp8_gemm_ref(x_q, x_scale, w_q, w_scale, None, out_dtype)
         assert out.dtype == out_dtype
         assert_close_rel(out, ref, 1e-2)
+
+
+@pytest.mark.skipif(not HAS_FP8, reason="fp8 needs sm89+")
+@pytest.mark.parametrize("k,n", LLAMA_8B)
+def test_fp8_block_gemm(k, n):
+    """HF fp8 block checkpoints' GEMM (128x128 weight blocks, activations per 128
+    channels) at every batch size and a K split, against the float32 reference."""
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    w = torch.randn(n, k, generator=gen, device="cuda")
+    w_scale = w.unflatten(1, (-1, 128)).abs().amax(-1) / 448
+    w_scale = w_scale.unflatten(0, (-1, 128)).amax(1).repeat_interleave(128, 0)  # 128x128 blocks
+    w_q = (w / w_scale.repeat_interleave(128, 1)).to(torch.float8_e4m3fn)
+    for m in BATCHES + [17]:
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        x_q, x_scale = per_token_quant_fp8(x, 128)
+        ref = fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, 128, None, torch.float32)
+        out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, 128, None, torch.bfloat16)
+        assert out.dtype == torch.bfloat16
+        assert_close_rel(out, ref, 1e-2)
+        out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, 128, None, torch.float32,
+                             config=I8Config(64, 128, 128, 4, 8, 4, 3))
+        torch.testing.assert_close(out, ref, atol=1e-3 * ref.abs().max().item(), rtol=1e-4)
