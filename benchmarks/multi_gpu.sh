@@ -9,6 +9,8 @@
 #                                    # TP correctness with the near-tie analysis, scaling re-measured
 #   bash benchmarks/multi_gpu.sh e   # d's first half in one call: the Serve app (2 groups, then 1)
 #                                    # and TP correctness of both models
+#   bash benchmarks/multi_gpu.sh f   # after the multiplexed output stream: the Serve app (2 groups,
+#                                    # then 1); 1024 requests on TP=1 and on 2 groups x TP=1
 #
 # Each step has a time limit, so a hang shows as rc=124 instead of eating the call; result
 # JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-multi). NVLink multicast stays off.
@@ -81,6 +83,12 @@ e)
   step serve-1group 110 $B/serving.py --model llama-3.1-8b --num-groups 1 --num-requests 128 --max-len 512 --port 8001
   step tpc-qwen 140 $B/tp_correctness.py --model qwen3-8b --tp-sizes 1,2,4 --num-prompts 8
   step tpc-llama 130 $B/tp_correctness.py --model llama-3.1-8b --tp-sizes 1,2,4 --num-prompts 8
+  ;;
+f)
+  step serve-2groups 120 $B/serving.py --model llama-3.1-8b --num-groups 2 --num-requests 256 --max-len 512
+  step serve-1group 100 $B/serving.py --model llama-3.1-8b --num-groups 1 --num-requests 256 --max-len 512 --port 8001
+  step thr-2groups-1024 130 $B/throughput.py --model llama-3.1-8b --peer none --num-groups 2 --num-requests 1024
+  step thr-tp1-1024 150 $B/throughput.py --model llama-3.1-8b --peer none --num-requests 1024
   ;;
 esac
 exit 0

@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from raylm.cluster.backend import PromptType, final_output
 from raylm.cluster.grpc_service import GrpcGenerateMixin
+from raylm.cluster.multiplex import Demux, Mailbox, detached, next_item
 from raylm.engine.config import EngineArgs
 from raylm.engine.outputs import RequestOutput
 from raylm.engine.sampling_params import SamplingParams
@@ -64,7 +65,35 @@ class SchedulerDeployment:
         kwargs["device"] = _resolve_cluster_device(kwargs.get("device", "auto"))
         kwargs["distributed_executor_backend"] = "ray"  # the model runs in worker actors
         self.scheduler = GlobalScheduler(EngineArgs(**kwargs), num_groups, served_model_name)
+        self.mailboxes: dict[str, Mailbox] = {}
 
+    # ---- the ingress's path: requests submitted, outputs multiplexed per subscriber ----
+    def _mailbox(self, subscriber: str) -> Mailbox:
+        box = self.mailboxes.get(subscriber)
+        if box is None:
+            box = self.mailboxes[subscriber] = Mailbox()
+        return box
+
+    async def submit(self, prompt: PromptType, params: SamplingParams, request_id: str,
+                     subscriber: str) -> None:
+        """Add a request; its outputs go to `subscriber`'s stream. ValueError on bad input."""
+        box = self._mailbox(subscriber)
+        self.scheduler.submit(prompt, params, request_id, box.put)
+        box.live.add(request_id)
+
+    async def subscribe(self, subscriber: str) -> AsyncIterator[list]:
+        """The outputs of every request `subscriber` submitted, in batches (multiplex.py).
+        If the subscriber goes away, its unfinished requests are aborted."""
+        box = self._mailbox(subscriber)
+        try:
+            while True:
+                yield await box.take()
+        finally:
+            for rid in list(box.live):
+                await self.scheduler.abort(rid)
+            self.mailboxes.pop(subscriber, None)
+
+    # ---- one stream per request (Python handles calling this deployment directly) ----
     async def generate_stream(self, prompt: PromptType, params: SamplingParams,
                               request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         async for out in self.scheduler.generate_stream(prompt, params, request_id):
@@ -91,7 +120,8 @@ class SchedulerDeployment:
 
 
 class HandleBackend:
-    """The Backend protocol over the scheduler deployment's handle."""
+    """The Backend protocol over the scheduler deployment's handle: requests are
+    submitted one by one, their outputs arrive on one subscription stream (multiplex.py)."""
 
     def __init__(self, handle: DeploymentHandle, model_name: str, max_model_len: int,
                  tokenizer: Any, max_logprobs: int):
@@ -100,22 +130,30 @@ class HandleBackend:
         self.max_model_len = max_model_len
         self.tokenizer = tokenizer
         self.max_logprobs = max_logprobs
+        self.demux = Demux(lambda sub: handle.options(stream=True).subscribe.remote(sub))
 
     async def generate_stream(self, prompt: PromptType, params: SamplingParams,
                               request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         rid = request_id or uuid.uuid4().hex
-        gen = self.handle.options(stream=True).generate_stream.remote(prompt, params, rid)
+        queue = self.demux.open(rid)
         finished = False
         try:
-            async for out in gen:
+            try:
+                await self.handle.submit.remote(prompt, params, rid, self.demux.subscriber)
+            except Exception as exc:
+                finished = True  # not added (bad input) or the scheduler is gone
+                raise _unwrap(exc) from None
+            while not finished:
+                out = await next_item(queue)
+                if isinstance(out, BaseException):
+                    finished = True  # the scheduler side has ended it
+                    raise out
                 finished = out.finished
                 yield out
-        except Exception as exc:
-            raise _unwrap(exc) from None
         finally:
+            self.demux.close(rid)
             if not finished:  # client gone: stop the request now and free its blocks
-                gen.cancel()
-                self.handle.abort.remote(rid)
+                detached(self.abort(rid))
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: Optional[str] = None) -> RequestOutput:
@@ -157,6 +195,12 @@ class Ingress(GrpcGenerateMixin):
         self.backend = HandleBackend(scheduler, name, max_model_len, tokenizer, args.max_logprobs)
         self.api_key = api_key
         self.max_n = max_n
+
+    def __del__(self):
+        """Serve calls this at shutdown: end the subscription stream."""
+        backend = getattr(self, "backend", None)  # None if __init__ failed
+        if backend is not None:
+            backend.demux.shutdown()
 
     def __serve_build_asgi_app__(self):
         from raylm.cluster.openai_api import create_openai_app

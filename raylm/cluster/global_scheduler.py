@@ -18,10 +18,11 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from raylm.cluster.backend import final_output
 from raylm.cluster.metrics import EngineMetrics
+from raylm.cluster.multiplex import next_item
 from raylm.engine.config import EngineArgs
 from raylm.engine.llm_engine import LLMEngine, PromptType
 from raylm.engine.outputs import RequestOutput
@@ -38,10 +39,13 @@ AFFINITY_LOAD_SLACK = 0.5
 
 @dataclass(eq=False)
 class _Stream:
+    """One request's outputs go to its queue (generate_stream) or to sink(request_id,
+    output or exception) (submit)."""
     group: int
-    queue: asyncio.Queue
+    queue: Optional[asyncio.Queue]
     arrival: float
     hashes: list[int]
+    sink: Optional[Callable] = None
     last_time: Optional[float] = None
     finished: bool = False
 
@@ -157,12 +161,10 @@ class GlobalScheduler:
         return best
 
     # ---- requests (the Backend protocol) -------------------------------------------
-    async def generate_stream(self, prompt: PromptType, params: SamplingParams,
-                              request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs as the request progresses; the last has finished=True.
-        Closing the iterator early aborts the request and frees its blocks."""
+    def _add(self, prompt: PromptType, params: SamplingParams, rid: str,
+             sink: Optional[Callable]) -> _Stream:
+        """Validate (ValueError on bad input), route and add one request."""
         self._ensure_started()
-        rid = request_id or uuid.uuid4().hex
         if rid in self.streams:
             raise ValueError(f"request_id {rid!r} is already in use")
         engine = self.groups[0].engine
@@ -171,20 +173,31 @@ class GlobalScheduler:
         gi = self._route(hashes)
         group = self.groups[gi]
         group.requests += 1
-        stream = _Stream(gi, asyncio.Queue(), time.monotonic(), hashes)
+        stream = _Stream(gi, None if sink else asyncio.Queue(), time.monotonic(), hashes, sink)
         group.engine.add_request(rid, prompt, params, validated=(text, ids))
         self.streams[rid] = stream
         group.inflight_hashes.update(hashes)
         group.wake.set()
+        return stream
+
+    def submit(self, prompt: PromptType, params: SamplingParams, request_id: str,
+               sink: Callable) -> None:
+        """Add a request whose outputs are handed to sink(request_id, item) as they come:
+        cumulative RequestOutputs, the last finished, or an exception if its worker group
+        fails. Bad input raises ValueError here. The Serve app's path (multiplex.py):
+        one subscriber's requests share one stream; `abort` stops one."""
+        self._add(prompt, params, request_id, sink)
+
+    async def generate_stream(self, prompt: PromptType, params: SamplingParams,
+                              request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs as the request progresses; the last has finished=True.
+        Closing the iterator early aborts the request and frees its blocks."""
+        rid = request_id or uuid.uuid4().hex
+        stream = self._add(prompt, params, rid, None)
         try:
             while True:
-                item = await stream.queue.get()
-                # Outputs are cumulative: when the consumer fell behind (a slow client, or
-                # Serve's per-item streaming cost under load), send only the newest. An
-                # error or the final output always gets through.
-                while (not isinstance(item, BaseException) and not item.finished
-                       and not stream.queue.empty()):
-                    item = stream.queue.get_nowait()
+                # Outputs are cumulative: when the consumer fell behind, send only the newest.
+                item = await next_item(stream.queue)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -232,7 +245,15 @@ class GlobalScheduler:
                 reasons = [c.finish_reason for c in out.outputs]
                 reason = "abort" if "abort" in reasons else reasons[0] or "abort"
                 self.metrics.observe_finished(reason, now - stream.arrival)
-            stream.queue.put_nowait(out)
+            self._emit(out.request_id, stream, out)
+
+    def _emit(self, rid: str, stream: _Stream, item) -> None:
+        if stream.sink is None:
+            stream.queue.put_nowait(item)
+            return
+        stream.sink(rid, item)
+        if stream.finished:  # no iterator here to clean up after it
+            self._forget(rid)
 
     # ---- the step loop of one group ------------------------------------------------
     async def _run_group(self, gi: int) -> None:
@@ -272,7 +293,7 @@ class GlobalScheduler:
             for rid, stream in list(self.streams.items()):
                 if stream.group == gi and not stream.finished:
                     stream.finished = True
-                    stream.queue.put_nowait(RuntimeError(f"worker group {gi} failed: {exc!r}"))
+                    self._emit(rid, stream, RuntimeError(f"worker group {gi} failed: {exc!r}"))
 
     @staticmethod
     async def _wait_for_work(group: _GroupState) -> None:
