@@ -20,6 +20,8 @@
 #                               # tests, the GEMMs, batch-1 and random end to end beside bf16
 #   bash benchmarks/h100.sh l   # fp8 activation quantization with the hardware cast and the
 #                               # block-scaled fp8 kernel: GPU kernel and engine tests, the GEMMs
+#   bash benchmarks/h100.sh m   # the block-scaled fp8 kernel with group-major scales: its GPU
+#                               # tests, the fp8 engine tests, the GEMMs
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
 #
@@ -102,6 +104,11 @@ l)
   step pytest 170 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_engine_gpu.py \
     tests/gpu/test_quant_kernels_gpu.py -k "fp8 or checkpoint"
   step gemm 120 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,512,4096 --formats bf16,fp8,fp8-block
+  ;;
+m)
+  step pytest 130 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_engine_gpu.py \
+    tests/gpu/test_quant_kernels_gpu.py -k "fp8_block or per_token_quant_fp8 or checkpoint"
+  step gemm 90 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,512,4096 --formats bf16,fp8,fp8-block
   ;;
 esac
 exit 0

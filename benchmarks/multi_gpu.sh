@@ -11,6 +11,7 @@
 #                                    # and TP correctness of both models
 #   bash benchmarks/multi_gpu.sh f   # after the multiplexed output stream: the Serve app (2 groups,
 #                                    # then 1); 1024 requests on TP=1 and on 2 groups x TP=1
+#   bash benchmarks/multi_gpu.sh g   # f's Serve app runs again (2 groups ran out of time in f)
 #
 # Each step has a time limit, so a hang shows as rc=124 instead of eating the call; result
 # JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-multi). NVLink multicast stays off.
@@ -89,6 +90,10 @@ f)
   step serve-1group 100 $B/serving.py --model llama-3.1-8b --num-groups 1 --num-requests 256 --max-len 512 --port 8001
   step thr-2groups-1024 130 $B/throughput.py --model llama-3.1-8b --peer none --num-groups 2 --num-requests 1024
   step thr-tp1-1024 150 $B/throughput.py --model llama-3.1-8b --peer none --num-requests 1024
+  ;;
+g)
+  step serve-2groups 170 $B/serving.py --model llama-3.1-8b --num-groups 2 --num-requests 256 --max-len 512
+  step serve-1group 120 $B/serving.py --model llama-3.1-8b --num-groups 1 --num-requests 256 --max-len 512 --port 8001
   ;;
 esac
 exit 0

@@ -74,7 +74,7 @@ def make_weights(fmt: str, k: int, n: int, dtype: torch.dtype, gen, device: str,
     w_scale = torch.rand(n, generator=gen, device=device) * 1e-3 + 1e-4
     if fmt == "fp8-block":  # one scale per 128x128 block, expanded over rows as FP8BlockLinearMethod keeps it
         w_scale = torch.rand(-(-n // group_size), k // group_size, generator=gen, device=device) * 1e-3 + 1e-4
-        w_scale = w_scale.repeat_interleave(group_size, 0)[:n].contiguous()
+        w_scale = w_scale.repeat_interleave(group_size, 0)[:n].t().contiguous().t()  # group-major
     if fmt == "w8a8-int8":
         w_q = torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8)
     else:
@@ -102,7 +102,7 @@ def make_call(fmt: str, w: dict, x: torch.Tensor, group_size: int, act_quant: bo
     if fmt == "w8a8-int8":
         quant, gemm = (lambda t: quant_act.per_token_quant_int8(t, "vllm")), quant_gemm.w8a8_int8_gemm
     elif fmt == "fp8-block":
-        quant = lambda t: quant_act.per_token_quant_fp8(t, group_size)  # noqa: E731
+        quant = lambda t: quant_act.per_token_quant_fp8(t, group_size, group_major=True)  # noqa: E731
         gemm = lambda *a, **kw: quant_gemm.fp8_block_gemm(*a[:4], group_size, **kw)  # noqa: E731
     else:
         quant, gemm = quant_act.per_token_quant_fp8, quant_gemm.fp8_gemm

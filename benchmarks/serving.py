@@ -109,8 +109,6 @@ def main() -> None:
     rows, elapsed = asyncio.run(drive(f"http://127.0.0.1:{args.port}", "bench", prompts, outputs,
                                       args.temperature, args.max_concurrency))
     after = scheduler.stats.remote().result()["groups"]
-    serve.shutdown()
-    ray.shutdown()
 
     tokens = sum(r["tokens"] for r in rows)
     assert tokens == sum(outputs), (tokens, sum(outputs))
@@ -135,6 +133,8 @@ def main() -> None:
     })
     print(f"{tokens / elapsed:.0f} output tok/s over HTTP; groups: {groups}", flush=True)
     common.save_result(result, f"serving-{os.path.basename(args.model.rstrip('/'))}-{args.num_groups}groups")
+    serve.shutdown()  # after the result is saved: a slow shutdown cannot lose it
+    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -294,6 +294,17 @@ def test_per_token_quant_int8_edge_cases():
         assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
+def test_per_token_quant_fp8_group_major():
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 96, generator=gen) * 3).to(DEVICE, DTYPE)
+    q, scale = per_token_quant_fp8(x, 32, group_major=True)
+    q_ref, scale_ref = per_token_quant_fp8_ref(x, 32)
+    assert scale.shape == (5, 3) and scale.stride() == (1, 5)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    with pytest.raises(ValueError, match=r"group_major needs a 2-D x; got shape \(1, 5, 96\)"):
+        per_token_quant_fp8(x[None], 32, group_major=True)
+
+
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_per_token_quant_fp8(group_size):
     gen = torch.Generator().manual_seed(1)
@@ -422,9 +433,11 @@ def test_fp8_block_gemm(m, k, n, group_k, config):
     ref = fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k, bias, torch.float32)
     exact = x @ w.t() + bias
     assert (ref - exact).norm() / exact.norm() < 0.05  # fp8's own error
-    for b in (bias, None):
-        out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, group_k, b, torch.float32, config=config)
-        expected = ref if b is not None else fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k,
+    # group-major scales (FP8BlockLinearMethod's layout): same values, other strides
+    xs_gm, ws_gm = x_scale.t().contiguous().t(), w_scale.t().contiguous().t()
+    for b, xs, ws in ((bias, x_scale, w_scale), (None, x_scale, w_scale), (bias, xs_gm, ws_gm)):
+        out = fp8_block_gemm(x_q, xs, w_q, ws, group_k, b, torch.float32, config=config)
+        expected = ref if b is not None else fp8_block_gemm_ref(x_q, xs, w_q, ws, group_k,
                                                                  out_dtype=torch.float32)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
     out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, group_k, bias, torch.bfloat16, config=config)

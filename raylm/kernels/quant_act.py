@@ -79,7 +79,7 @@ def _per_token_quant_int8_kernel(
 
 @triton.jit
 def _per_token_quant_fp8_kernel(
-    x_ptr, q_ptr, scale_ptr, stride_x, stride_q, group_size, num_groups, eps,
+    x_ptr, q_ptr, scale_ptr, stride_x, stride_q, stride_s_row, stride_s_group, group_size, eps,
     FP8_MAX: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -92,7 +92,7 @@ def _per_token_quant_fp8_kernel(
     if SOFT_ROUND:
         v = _round_to_e4m3(v)
     tl.store(q_ptr + row * stride_q + cols, v.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row * num_groups + group, scale)
+    tl.store(scale_ptr + row * stride_s_row + group * stride_s_group, scale)
 
 
 def _div(a: torch.Tensor, b: float) -> torch.Tensor:
@@ -149,20 +149,29 @@ def _fp8_groups(k: int, group_size: Optional[int]) -> int:
     return group_size
 
 
-def per_token_quant_fp8(x: torch.Tensor, group_size: Optional[int] = None):
+def per_token_quant_fp8(x: torch.Tensor, group_size: Optional[int] = None, group_major: bool = False):
     """x [..., K] -> (q float8_e4m3fn [..., K], scale float32 [..., K // group_size]),
-    one scale per token (group_size None) or per `group_size` consecutive channels."""
+    one scale per token (group_size None) or per `group_size` consecutive channels.
+    group_major (x 2-D): the scales are stored group by group (a [G, M] buffer, returned
+    as its [M, G] transposed view), as the block-scaled GEMM reads them fastest."""
     group_size = _fp8_groups(x.shape[-1], group_size)
+    if group_major and x.dim() != 2:
+        raise ValueError(f"group_major needs a 2-D x; got shape {tuple(x.shape)}")
     x2 = _rows(x)
     num_groups = x2.shape[1] // group_size
     q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(x2.shape[0], num_groups, dtype=torch.float32, device=x.device)
+    if group_major:
+        scale = torch.empty(num_groups, x2.shape[0], dtype=torch.float32, device=x.device).t()
+    else:
+        scale = torch.empty(x2.shape[0], num_groups, dtype=torch.float32, device=x.device)
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(group_size)
         _per_token_quant_fp8_kernel[(x2.shape[0], num_groups)](
-            x2, q, scale, x2.stride(0), q.stride(0), group_size, num_groups, FP8_EPS,
+            x2, q, scale, x2.stride(0), q.stride(0), scale.stride(0), scale.stride(1), group_size, FP8_EPS,
             FP8_MAX=FP8_MAX, SOFT_ROUND=not x.is_cuda,
             BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    if group_major:
+        return q, scale
     return q.view(x.shape), scale.view(*x.shape[:-1], num_groups)
 
 

@@ -470,7 +470,8 @@ INT8_INTERPRET_CONFIG = I8Config(16, 32, 32, 1, 1, 1, 1)
 @triton.jit
 def _w8a8_kernel(
     a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
-    stride_am, stride_bn, stride_om, w_scale_stride, a_scale_stride, HAS_BIAS: tl.constexpr,
+    stride_am, stride_bn, stride_om, w_scale_stride, a_scale_stride, w_group_stride, a_group_stride,
+    HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -478,9 +479,11 @@ def _w8a8_kernel(
     [M, K] and b [N, K] both int8 (INT8: exact int32 accumulation) or both fp8 e4m3
     (float32 accumulation); or, with PARTIAL, that K split's sum at out + split * M * N.
     GROUP_K > 0 (fp8, block-scaled): one scale per row of a and per row of b for each
-    GROUP_K-wide slice of K (a_scale [M, K / GROUP_K] with row stride a_scale_stride,
-    b_scale [N, K / GROUP_K] with row stride w_scale_stride); each BLOCK_K step (BLOCK_K
-    divides GROUP_K) is scaled as it is added, and PARTIAL sums are already scaled."""
+    GROUP_K-wide slice of K (a_scale [M, K / GROUP_K] with strides (a_scale_stride,
+    a_group_stride), b_scale [N, K / GROUP_K] with (w_scale_stride, w_group_stride)):
+    each BLOCK_K step (BLOCK_K divides GROUP_K) is scaled as it is added, and PARTIAL
+    sums are already scaled. Group-major scales (row stride 1) make each step's two
+    scale loads coalesced."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -509,8 +512,8 @@ def _w8a8_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if GROUP_K > 0:
             g = k0 // GROUP_K
-            a_s = tl.load(as_ptr + rows * a_scale_stride + g, mask=mask_m, other=0.0)
-            b_s = tl.load(bs_ptr + cols * w_scale_stride + g, mask=mask_n, other=0.0)
+            a_s = tl.load(as_ptr + rows * a_scale_stride + g * a_group_stride, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_ptr + cols * w_scale_stride + g * w_group_stride, mask=mask_n, other=0.0)
             acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
         else:
             acc = tl.dot(a, b, acc, out_dtype=ACC)
@@ -601,10 +604,12 @@ def _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg: I8Config, gro
         return out
     a = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
-    if group_k:
-        a_s, b_s = x_scale.float().contiguous(), w_scale.float().contiguous()
-        a_scale_stride, w_scale_stride = a_s.stride(0), b_s.stride(0)
+    if group_k:  # any strides: group-major (row stride 1) loads fastest
+        a_s, b_s = x_scale.float(), w_scale.float()
+        a_scale_stride, a_group_stride = a_s.stride()
+        w_scale_stride, w_group_stride = b_s.stride()
     else:
+        a_group_stride = w_group_stride = 0
         a_s = x_scale.reshape(-1).float().expand(m).contiguous()
         b_s = w_scale.reshape(-1).float().contiguous()  # a strided column of block scales, too
         if b_s.numel() not in (1, n):
@@ -616,7 +621,8 @@ def _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg: I8Config, gro
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     _w8a8_kernel[grid](
         a, w, a_s, b_s, bias if bias is not None else b_s, target, m, n, k, k_per_split,
-        a.stride(0), w.stride(0), n, w_scale_stride, a_scale_stride, HAS_BIAS=bias is not None,
+        a.stride(0), w.stride(0), n, w_scale_stride, a_scale_stride, w_group_stride, a_group_stride,
+        HAS_BIAS=bias is not None,
         PARTIAL=split > 1, INT8=int8, GROUP_K=group_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
@@ -713,7 +719,9 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     w_scale [N, K / group_k] (the block scales expanded over rows) -> sum over groups g of
     (x_q[:, g] @ w_q[:, g].T) * x_scale[:, g] * w_scale[:, g] (+ bias), [M, N], float32
     accumulation. One Triton kernel (CUDA sm89+ or the interpreter), K a multiple of
-    group_k; the reference elsewhere."""
+    group_k; the reference elsewhere. The scales may have any strides; group-major ones
+    (`per_token_quant_fp8(..., group_major=True)`, a [G, N] buffer viewed as [N, G]) are
+    read coalesced."""
     m, k = x_q.shape
     n = w_q.shape[0]
     _check_shape("w_q", w_q, (n, k))

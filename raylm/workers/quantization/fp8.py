@@ -13,7 +13,8 @@ Activations (activation_scheme "dynamic"), as vLLM's per_token_group_quant_fp8: 
 token's channels in groups of bk, scale = max(amax, 1e-10) / 448 (raylm.kernels.quant_act).
 
 The layer keeps the block scales expanded over rows, `weight_scale_inv` [N, ceil(K / bk)]
-float32 (one row per output channel; 4 / bk bytes per weight byte): then a tensor-parallel
+float32 (one row per output channel; 4 / bk bytes per weight byte; stored group-major
+after loading, see process_weights_after_loading): then a tensor-parallel
 or fused (qkv, gate_up) output split at any row, partial blocks included, is the same row
 split as the weight's. Input splits (row-parallel layers) must fall on block boundaries.
 """
@@ -107,7 +108,10 @@ class FP8BlockLinearMethod:
         return load
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        pass
+        # Group-major scales (same [N, G] shape, row stride 1): the block-scaled GEMM then
+        # reads each K step's scales for a tile's rows in one coalesced load.
+        scale = layer.weight_scale_inv.data
+        layer.weight_scale_inv.data = scale.t().contiguous().t()
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         bk = self.config.block_k
@@ -131,6 +135,6 @@ def _apply_cuda(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
     w = layer.weight
     if pad:  # a last partial block (rare: K is a multiple of 128 in real models)
         x2, w = F.pad(x2, (0, pad)), F.pad(w.view(torch.uint8), (0, pad)).view(w.dtype)
-    xq, xs = quant_act.per_token_quant_fp8(x2, bk)
+    xq, xs = quant_act.per_token_quant_fp8(x2, bk, group_major=True)
     y = quant_gemm.fp8_block_gemm(xq, xs, w, layer.weight_scale_inv, bk, bias, out_dtype=x.dtype)
     return y.reshape(*shape[:-1], -1)
