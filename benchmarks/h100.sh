@@ -22,6 +22,7 @@
 #                               # block-scaled fp8 kernel: GPU kernel and engine tests, the GEMMs
 #   bash benchmarks/h100.sh m   # the block-scaled fp8 kernel with group-major scales: its GPU
 #                               # tests, the fp8 engine tests, the GEMMs
+#   bash benchmarks/h100.sh n   # the block-scaled fp8 tile sweep (int8_tune.py --format fp8-block)
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
 #
@@ -109,6 +110,9 @@ m)
   step pytest 130 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_engine_gpu.py \
     tests/gpu/test_quant_kernels_gpu.py -k "fp8_block or per_token_quant_fp8 or checkpoint"
   step gemm 90 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,512,4096 --formats bf16,fp8,fp8-block
+  ;;
+n)
+  step tune 420 python3 $B/int8_tune.py --format fp8-block --m 64,512,4096 --reps 10
   ;;
 esac
 exit 0

@@ -1,5 +1,8 @@
 """Tune the W8A8 int8 Triton kernel's launch configuration (quant_gemm.I8Config) at
-Llama-3.1-8B's linear shapes, against bf16 cuBLAS and torch._int_mm in the same run.
+Llama-3.1-8B's linear shapes, against bf16 cuBLAS and torch._int_mm in the same run;
+with --format fp8-block, the same kernel's block-scaled fp8 mode (HF fp8 checkpoints:
+128x128 weight blocks, group-major scales) against bf16 and per-channel fp8
+(quant_gemm.fp8_gemm) instead, over tiles whose block_k divides 128.
 
 At each --m, for every tile in the grid (block_m the power of two >= M up to 64, else 64
 or 128; block_n 64/128/256; block_k 64/128/256; 4 or 8 warps; 3 or 4 stages; K split as
@@ -15,9 +18,10 @@ that they come from HBM, replayed between CUDA events, median.
 
     python benchmarks/int8_tune.py                    # H100
     python benchmarks/int8_tune.py --m 1,64,512       # fewer batch sizes
+    python benchmarks/int8_tune.py --format fp8-block --m 64,512,4096
     python benchmarks/int8_tune.py --smoke            # CPU, interpreter, tiny shapes
 
-Writes benchmarks/results/int8_tune.json (or under $OUT).
+Writes benchmarks/results/int8_tune.json (int8_tune-fp8-block.json; or under $OUT).
 """
 from __future__ import annotations
 
@@ -49,34 +53,64 @@ def _int_mm(x_q, x_s, w):
     return quant_gemm._scale_epilogue(torch._int_mm(a, w["w_q"].t())[:m], x_s, w["w_scale"], None, torch.bfloat16)
 
 
-def candidates(m: int, cuda: bool) -> list:
+def candidates(m: int, cuda: bool, block_scaled: bool = False) -> list:
     from raylm.kernels import quant_gemm
 
     if not cuda:
-        return [quant_gemm.I8Config(16, 32, 32, 1, 1, 1, 1), quant_gemm.I8Config(32, 16, 64, 1, 1, 1, 1)]
+        return [quant_gemm.I8Config(16, 32, 32, 1, 1, 1, 1),
+                quant_gemm.I8Config(32, 16, 16 if block_scaled else 64, 1, 1, 1, 1)]
     pow2 = max(16, 1 << (m - 1).bit_length())
     blocks_m = [pow2] if pow2 <= 64 else [64, 128]
+    blocks_k = [64, 128] if block_scaled else [64, 128, 256]
     return [quant_gemm.I8Config(bm, bn, bk, 1, 1 if bm == pow2 and pow2 <= 64 else 8, w, s)
-            for bm, bn, bk, w, s in itertools.product(blocks_m, [64, 128, 256], [64, 128, 256], [4, 8], [3, 4])]
+            for bm, bn, bk, w, s in itertools.product(blocks_m, [64, 128, 256], blocks_k, [4, 8], [3, 4])]
+
+
+class _Format:
+    """What the sweep times for one --format: the activation quantization, the kernel at
+    a tile, the tile production picks, and the path it is compared with."""
+
+    def __init__(self, name: str, group_size: int):
+        from raylm.kernels import quant_act, quant_gemm
+
+        self.name, gs = name, group_size
+        if name == "int8":
+            self.weight_fmt, self.baseline, self.baseline_fmt = "w8a8-int8", "int_mm", "w8a8-int8"
+            self.quant = lambda x: quant_act.per_token_quant_int8(x, "vllm")
+            self.gemm = lambda q, s, w, cfg: quant_gemm.w8a8_int8_gemm(q, s, w["w_q"], w["w_scale"], config=cfg)
+            self.current = quant_gemm.pick_int8_config
+            self.base_call = lambda q, s, w: _int_mm(q, s, w)
+            self.base_quant = self.quant
+        else:
+            self.weight_fmt, self.baseline, self.baseline_fmt = "fp8-block", "fp8_per_channel", "fp8"
+            self.quant = lambda x: quant_act.per_token_quant_fp8(x, gs, group_major=True)
+            self.gemm = lambda q, s, w, cfg: quant_gemm.fp8_block_gemm(q, s, w["w_q"], w["w_scale"], gs, config=cfg)
+            self.current = lambda m, k, n: quant_gemm.fp8_block_config(m, k, n, gs)
+            self.base_call = lambda q, s, w: quant_gemm.fp8_gemm(q, s, w["w_q"], w["w_scale"])
+            self.base_quant = quant_act.per_token_quant_fp8
 
 
 def run(args, save) -> dict:
-    from raylm.kernels import quant_act, quant_gemm
+    from raylm.kernels import quant_gemm
 
     cuda = not args.smoke
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     shapes = qg.SMOKE_SHAPES if args.smoke else qg.LLAMA_8B_SHAPES
+    group_size = 32 if args.smoke else qg.GROUP_SIZE
+    fmt = _Format(args.format, group_size)
     gen = torch.Generator(device=device).manual_seed(0)
     weights = {}
     for name, k, n in shapes:
-        for fmt in ("bf16", "w8a8-int8"):
-            one = qg.make_weights(fmt, k, n, dtype, gen, device, qg.GROUP_SIZE)
+        for wf in {"bf16", fmt.weight_fmt, fmt.baseline_fmt}:
+            one = qg.make_weights(wf, k, n, dtype, gen, device, group_size)
             copies = 1 if args.smoke else max(1, min(64, -(-qg.L2_FLUSH_BYTES // qg.weight_bytes(one))))
-            weights[name, fmt] = [one] + [qg.make_weights(fmt, k, n, dtype, gen, device, qg.GROUP_SIZE)
-                                          for _ in range(copies - 1)]
-    result = common.base_result("int8_tune", "llama-3.1-8b shapes" if cuda else "smoke shapes")
-    result.update({"m": args.m, "shapes": [{"name": s, "k": k, "n": n} for s, k, n in shapes]})
+            weights[name, wf] = [one] + [qg.make_weights(wf, k, n, dtype, gen, device, group_size)
+                                         for _ in range(copies - 1)]
+    result = common.base_result("int8_tune" if args.format == "int8" else f"int8_tune-{args.format}",
+                                "llama-3.1-8b shapes" if cuda else "smoke shapes")
+    result.update({"m": args.m, "format": args.format, "baseline": fmt.baseline,
+                   "shapes": [{"name": s, "k": k, "n": n} for s, k, n in shapes]})
     rows, summary = [], {}
 
     def record(path, shape, k, n, m, cfg, seconds):
@@ -85,33 +119,33 @@ def run(args, save) -> dict:
 
     for m in args.m:
         xs = {k: torch.randn(m, k, generator=gen, device=device, dtype=dtype) for _, k, _ in shapes}
-        qs = {k: quant_act.per_token_quant_int8(x, "vllm") for k, x in xs.items()}
-        layer = {"bf16": 0.0, "int_mm": 0.0, "act_quant": 0.0, "current": 0.0}
+        qs = {k: fmt.quant(x) for k, x in xs.items()}
+        base_qs = {k: fmt.base_quant(x) for k, x in xs.items()}
+        layer = {"bf16": 0.0, fmt.baseline: 0.0, "act_quant": 0.0, "current": 0.0}
         for name, k, n in shapes:
             x, (x_q, x_s) = xs[k], qs[k]
             t = _time(lambda w: (lambda: torch.matmul(x, w["w"].t())), weights[name, "bf16"], args, cuda)
             record("bf16", name, k, n, m, None, t)
             layer["bf16"] += t
             if cuda:
-                t = _time(lambda w: (lambda: _int_mm(x_q, x_s, w)), weights[name, "w8a8-int8"], args, cuda)
-                record("int_mm", name, k, n, m, None, t)
-                layer["int_mm"] += t
-            t = _time(lambda w: (lambda: quant_act.per_token_quant_int8(x, "vllm")), [None], args, cuda)
+                bq, bs = base_qs[k]
+                t = _time(lambda w: (lambda: fmt.base_call(bq, bs, w)), weights[name, fmt.baseline_fmt], args, cuda)
+                record(fmt.baseline, name, k, n, m, None, t)
+                layer[fmt.baseline] += t
+            t = _time(lambda w: (lambda: fmt.quant(x)), [None], args, cuda)
             record("act_quant", name, k, n, m, None, t)
             layer["act_quant"] += t
-            cfg = quant_gemm.pick_int8_config(m, k, n)
-            t = _time(lambda w: (lambda: quant_gemm.w8a8_int8_gemm(x_q, x_s, w["w_q"], w["w_scale"], config=cfg)),
-                      weights[name, "w8a8-int8"], args, cuda)
+            cfg = fmt.current(m, k, n)
+            t = _time(lambda w: (lambda: fmt.gemm(x_q, x_s, w, cfg)), weights[name, fmt.weight_fmt], args, cuda)
             record("current", name, k, n, m, cfg, t)
             layer["current"] += t
         scored = []
-        for base in candidates(m, cuda):
+        for base in candidates(m, cuda, block_scaled=args.format != "int8"):
             total = 0.0
             for name, k, n in shapes:
                 cfg = quant_gemm.int8_with_split(base, m, k, n)
                 x_q, x_s = qs[k]
-                t = _time(lambda w: (lambda: quant_gemm.w8a8_int8_gemm(x_q, x_s, w["w_q"], w["w_scale"], config=cfg)),
-                          weights[name, "w8a8-int8"], args, cuda)
+                t = _time(lambda w: (lambda: fmt.gemm(x_q, x_s, w, cfg)), weights[name, fmt.weight_fmt], args, cuda)
                 record("triton", name, k, n, m, cfg, t)
                 total += t
             scored.append((total, base))
@@ -124,10 +158,10 @@ def run(args, save) -> dict:
                       "current_with_act_quant_speedup_vs_bf16": layer["bf16"] / (layer["current"] + layer["act_quant"]),
                       "top5": [{"config": c._asdict(), "us": t * 1e6} for t, c in scored[:5]]}
         print(f"M={m}: best {best} {best_t * 1e6:.1f} us/layer; current {layer['current'] * 1e6:.1f}; "
-              f"bf16 {layer['bf16'] * 1e6:.1f}; int_mm {layer['int_mm'] * 1e6:.1f}; act quant "
+              f"bf16 {layer['bf16'] * 1e6:.1f}; {fmt.baseline} {layer[fmt.baseline] * 1e6:.1f}; act quant "
               f"{layer['act_quant'] * 1e6:.1f}; best+quant {summary[m]['best_with_act_quant_speedup_vs_bf16']:.2f}x bf16",
               flush=True)
-        del xs, qs
+        del xs, qs, base_qs
         result["rows"], result["summary"] = rows, summary
         save(result)  # after every M: a run cut off by a time limit keeps what finished
     return result
@@ -137,11 +171,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=DEFAULT_M,
                    help="comma-separated batch sizes (tokens)")
+    p.add_argument("--format", choices=["int8", "fp8-block"], default="int8")
     qg.add_timing_args(p)
     args = qg.parse_timing_args(p)
     if args.smoke:
         args.m = [1, 17]
-    run(args, lambda result: common.save_result(result, "int8_tune-smoke" if args.smoke else "int8_tune"))
+    name = "int8_tune" if args.format == "int8" else f"int8_tune-{args.format}"
+    run(args, lambda result: common.save_result(result, f"{name}-smoke" if args.smoke else name))
 
 
 if __name__ == "__main__":

@@ -82,16 +82,19 @@ def row(r: dict) -> str:
             parts.append(f"{layout}: " + "; ".join(bits))
         numbers = "one Llama-3.1-8B layer's four GEMMs: " + " | ".join(parts)
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
-    if r["benchmark"] == "int8_tune":
+    if r["benchmark"] in ("int8_tune", "int8_tune-fp8-block"):
         parts = []
+        base = r.get("baseline", "int_mm")
+        base_name = {"int_mm": "torch._int_mm", "fp8_per_channel": "per-channel fp8"}.get(base, base)
         for m, v in r["summary"].items():
             c = v["best_config"]
-            int_mm = f", torch._int_mm {v['int_mm_us']:.0f}" if v.get("int_mm_us") else ""
+            int_mm = f", {base_name} {v[base + '_us']:.0f}" if v.get(base + "_us") else ""
             parts.append(f"M={m} best (block_m {c['block_m']} block_n {c['block_n']} block_k {c['block_k']} "
                          f"warps {c['num_warps']} stages {c['num_stages']}) {v['best_us']:.0f} us / shipped "
                          f"{v['current_us']:.0f}{int_mm} / bf16 {v['bf16_us']:.0f} us, + act quant "
                          f"{v['act_quant_us']:.0f} us: {v['best_with_act_quant_speedup_vs_bf16']:.2f}x bf16")
-        numbers = "one Llama-3.1-8B layer's four int8 GEMMs: " + "; ".join(parts)
+        what = "int8" if r["benchmark"] == "int8_tune" else "block-scaled fp8"
+        numbers = f"one Llama-3.1-8B layer's four {what} GEMMs: " + "; ".join(parts)
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "quant_throughput":
         parts = []

@@ -16,8 +16,10 @@ BASE_FIELDS = {"benchmark", "model", "device", "date", "command", "torch"}
 def _run_both(out_dir) -> dict:
     env = dict(os.environ, OUT=str(out_dir), CUDA_VISIBLE_DEVICES="")
     scripts = {"quant_gemm": "quant_gemm-smoke", "quant_throughput": "quant_throughput-smoke",
-               "w4a16_tune": "w4a16_tune-smoke", "int8_tune": "int8_tune-smoke"}
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--smoke"],
+               "w4a16_tune": "w4a16_tune-smoke", "int8_tune": "int8_tune-smoke",
+               "int8_tune --format fp8-block": "int8_tune-fp8-block-smoke"}
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", f"{name.split()[0]}.py"),
+                                     "--smoke", *name.split()[1:]],
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name in scripts}
     results = {}
@@ -94,3 +96,7 @@ def test_smoke_modes_write_complete_results(tmp_path):
         assert {"block_m", "block_n", "block_k", "split_k", "group_m"} <= best["best_config"].keys()
     assert {r["path"] for r in v["rows"]} == {"bf16", "act_quant", "current", "triton"}
     assert "M=17 best" in record.row(v)
+    b = results["int8_tune --format fp8-block"]
+    assert b["benchmark"] == "int8_tune-fp8-block" and b["format"] == "fp8-block"
+    assert set(b["summary"]) == {"1", "17"} and {r["path"] for r in b["rows"]} == {"bf16", "act_quant", "current", "triton"}
+    assert all(r["config"]["block_k"] in (16, 32) for r in b["rows"] if r["path"] == "triton")
