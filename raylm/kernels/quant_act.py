@@ -30,6 +30,10 @@ import triton.language as tl
 INT8_CONVENTIONS = ("vllm", "compressed-tensors")
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 FP8_EPS = 1e-10  # floor on amax, as vLLM's per-token-group fp8 quantization
+# Elements per program of the fp8 kernel when groups are small. With one program per
+# 128-wide group, quantizing one Llama-3.1-8B layer's activations for block-scaled fp8
+# took 505-557 us at M=4096 on an H200 (2026-11-27), against 319 us per token.
+FP8_TILE = 4096
 
 
 @triton.jit
@@ -79,20 +83,23 @@ def _per_token_quant_int8_kernel(
 
 @triton.jit
 def _per_token_quant_fp8_kernel(
-    x_ptr, q_ptr, scale_ptr, stride_x, stride_q, stride_s_row, stride_s_group, group_size, eps,
-    FP8_MAX: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, q_ptr, scale_ptr, stride_x, stride_q, stride_s_row, stride_s_group, group_size, num_groups, eps,
+    FP8_MAX: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # One row's BLOCK_G consecutive groups of group_size channels per program, as a
+    # [BLOCK_G, BLOCK] tile (one scale per tile row): small groups share a program.
     row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    cols = group * group_size + tl.arange(0, BLOCK)
-    mask = tl.arange(0, BLOCK) < group_size
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK)
+    cols = groups[:, None] * group_size + j[None, :]
+    mask = (groups < num_groups)[:, None] & (j < group_size)[None, :]
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), eps), FP8_MAX)
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 1), eps), FP8_MAX)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX), FP8_MAX)
     if SOFT_ROUND:
         v = _round_to_e4m3(v)
     tl.store(q_ptr + row * stride_q + cols, v.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row * stride_s_row + group * stride_s_group, scale)
+    tl.store(scale_ptr + row * stride_s_row + groups * stride_s_group, scale, mask=groups < num_groups)
 
 
 def _div(a: torch.Tensor, b: float) -> torch.Tensor:
@@ -166,10 +173,11 @@ def per_token_quant_fp8(x: torch.Tensor, group_size: Optional[int] = None, group
         scale = torch.empty(x2.shape[0], num_groups, dtype=torch.float32, device=x.device)
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(group_size)
-        _per_token_quant_fp8_kernel[(x2.shape[0], num_groups)](
-            x2, q, scale, x2.stride(0), q.stride(0), scale.stride(0), scale.stride(1), group_size, FP8_EPS,
-            FP8_MAX=FP8_MAX, SOFT_ROUND=not x.is_cuda,
-            BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        block_g = max(1, min(triton.next_power_of_2(num_groups), FP8_TILE // block))
+        _per_token_quant_fp8_kernel[(x2.shape[0], triton.cdiv(num_groups, block_g))](
+            x2, q, scale, x2.stride(0), q.stride(0), scale.stride(0), scale.stride(1), group_size, num_groups,
+            FP8_EPS, FP8_MAX=FP8_MAX, SOFT_ROUND=not x.is_cuda, BLOCK_G=block_g, BLOCK=block,
+            num_warps=min(16, max(1, block_g * block // 256)))
     if group_major:
         return q, scale
     return q.view(x.shape), scale.view(*x.shape[:-1], num_groups)
