@@ -23,8 +23,6 @@
 #   bash benchmarks/h100.sh m   # the block-scaled fp8 kernel with group-major scales: its GPU
 #                               # tests, the fp8 engine tests, the GEMMs
 #   bash benchmarks/h100.sh n   # the block-scaled fp8 tile sweep (int8_tune.py --format fp8-block)
-#   bash benchmarks/h100.sh o   # W4A16 dequantizing in the GEMM's 16-bit type against float32
-#                               # (DEQUANT_IN_INPUT_DTYPE off) in one call; GPU W4A16 tests
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
 #
@@ -115,17 +113,6 @@ m)
   ;;
 n)
   step tune 420 python3 $B/int8_tune.py --format fp8-block --m 64,512,4096 --reps 10
-  ;;
-o)
-  step pytest 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py \
-    tests/gpu/test_quant_engine_gpu.py -k "(test_w4a16_gemm and not launch_configs) or checkpoint or graph"
-  W4="--reps 10 --m 1,16,64,128,256,512 --formats bf16,w4a16-gptq-no-gidx,w4a16-awq"
-  mkdir -p "$res/f32"
-  step gemm-f32 100 python3 -c "import sys, runpy; sys.argv = ['benchmarks/quant_gemm.py'] + '$W4'.split()
-import raylm.kernels.quant_gemm as q; q.DEQUANT_IN_INPUT_DTYPE = False
-runpy.run_path('benchmarks/quant_gemm.py', run_name='__main__')"
-  mv "$res/quant_gemm.json" "$res/f32/quant_gemm.json" 2>/dev/null
-  step gemm-16bit 100 python3 $B/quant_gemm.py $W4
   ;;
 esac
 exit 0

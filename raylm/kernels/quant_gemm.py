@@ -146,11 +146,6 @@ TARGET_PROGRAMS = 2 * 132
 # Llama-3.1-8B layer on the H100 (2026-11-27): GPTQ fused 288 us against 443 at M=128,
 # 555 against 473 at M=256; AWQ fused 402 against 378 at M=128.
 DEQUANT_MIN_M = {"gptq": 256, "awq": 128}
-# Dequantize in the GEMM's own dtype ((q - z) * s as packed 16-bit arithmetic, one
-# rounding fewer to convert) instead of float32. For fp16 the weights are identical; for
-# bf16 the fp16 scale is rounded to bf16 first (within one bf16 step of float32's).
-DEQUANT_IN_INPUT_DTYPE = True
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 # (BLOCK_K, BLOCK_N, expand) of the dequantizing kernel: AWQ's 32-byte rows of words need
 # the wide, unpacked-in-registers tiles (1169 -> 359 us per layer); GPTQ measured 375 us
 # with (64, 128) as loaded and 425 with (64, 256) unpacked.
@@ -161,10 +156,9 @@ DEQUANT_CONFIG = {"gptq": (64, 128, False), "awq": (64, 256, True)}
 def _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n0, offs_k, offs_n, mask_k, mask_n, N, K, group_size,
                   zero_offset, AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                   HAS_G_IDX: tl.constexpr, TILE_GROUP: tl.constexpr, EXPAND: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] weight tile at rows offs_k = k0 + arange(BLOCK_K), columns
-    offs_n = n0 + arange(BLOCK_N) (k0, n0 multiples of BLOCK_K, BLOCK_N), (q - z) * s
-    computed in DT (float32, or the GEMM's 16-bit type: q - z is exact there)."""
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] float32 weight tile at rows offs_k = k0 + arange(BLOCK_K),
+    columns offs_n = n0 + arange(BLOCK_N) (k0, n0 multiples of BLOCK_K, BLOCK_N)."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     n_words = N // PACK
@@ -211,7 +205,7 @@ def _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, n0, offs_k, offs_n, mask_k, 
         z = ((zw >> col_shift[None, :]) & MASK) + zero_offset
     else:
         z = 1 << (BITS - 1)
-    return (q - z).to(DT) * s.to(DT)
+    return (q - z).to(tl.float32) * s.to(tl.float32)
 
 
 @triton.jit
@@ -220,7 +214,7 @@ def _w4a16_kernel(
     M, N, K, k_per_split, group_size, zero_offset, stride_xm, stride_om,
     AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     TILE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, n] (or, with K split across program_id(2), that split's float32 partial sum
     at out + split * M * N) for one [BLOCK_M, BLOCK_N] tile."""
@@ -240,7 +234,7 @@ def _w4a16_kernel(
         mask_k = offs_k < K
         w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, pid_n * BLOCK_N, offs_k, offs_n, mask_k, mask_n, N, K,
                           group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP,
-                          EXPAND, BLOCK_K, BLOCK_N, DT)
+                          EXPAND, BLOCK_K, BLOCK_N)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(x, w.to(x.dtype))
@@ -270,7 +264,6 @@ def _dequant_kernel(
     qw_ptr, s_ptr, qz_ptr, g_ptr, out_ptr, N, K, group_size, zero_offset,
     AWQ: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
     TILE_GROUP: tl.constexpr, EXPAND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DT: tl.constexpr,
 ):
     """The whole weight, dequantized into out [K, N] (for a dense matmul at large M)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -280,7 +273,7 @@ def _dequant_kernel(
     mask_n = offs_n < N
     w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, g_ptr, k0, tl.program_id(0) * BLOCK_N, offs_k, offs_n, mask_k, mask_n, N, K,
                       group_size, zero_offset, AWQ, BITS, HAS_ZEROS, HAS_G_IDX, TILE_GROUP,
-                      EXPAND, BLOCK_K, BLOCK_N, DT)
+                      EXPAND, BLOCK_K, BLOCK_N)
     tl.store(out_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
              w.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
@@ -394,8 +387,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m == 0:
         return out.view(*x.shape[:-1], n)
     gs = k if group_size == -1 else group_size
-    flags = dict(AWQ=layout == "awq", BITS=bits, HAS_ZEROS=qzeros is not None, HAS_G_IDX=g_idx is not None,
-                 DT=_TL_DTYPES.get(x.dtype, tl.float32) if DEQUANT_IN_INPUT_DTYPE else tl.float32)
+    flags = dict(AWQ=layout == "awq", BITS=bits, HAS_ZEROS=qzeros is not None, HAS_G_IDX=g_idx is not None)
     qz = qzeros if qzeros is not None else qweight
     gi = g_idx if g_idx is not None else qweight
     if config is None and m >= (DEQUANT_MIN_M[layout] if dequant_min_m is None else dequant_min_m):
