@@ -23,6 +23,8 @@
 #   bash benchmarks/h100.sh m   # the block-scaled fp8 kernel with group-major scales: its GPU
 #                               # tests, the fp8 engine tests, the GEMMs
 #   bash benchmarks/h100.sh n   # the block-scaled fp8 tile sweep (int8_tune.py --format fp8-block)
+#   bash benchmarks/h100.sh p   # fp8 + fp8 KV on TensorRT-LLM's 128x128 and 1000x1000 with
+#                               # max_num_seqs 512 beside 256, in one call
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
 #
@@ -113,6 +115,12 @@ m)
   ;;
 n)
   step tune 420 python3 $B/int8_tune.py --format fp8-block --m 64,512,4096 --reps 10
+  ;;
+p)
+  step qthr-512 200 python3 $B/quant_throughput.py --runs fp8:fp8 --workloads 128x128,1000x1000 \
+    --max-num-seqs 512 --tag fp8-seqs512
+  step qthr-256 200 python3 $B/quant_throughput.py --runs fp8:fp8 --workloads 128x128,1000x1000 \
+    --max-num-seqs 256 --tag fp8-seqs256
   ;;
 esac
 exit 0
