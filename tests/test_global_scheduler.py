@@ -190,3 +190,47 @@ def test_a_slow_stream_gets_the_newest_output_and_loses_nothing(llama_dir):
         assert slow[-1].finished and slow[-1].outputs[0].text == fast[-1].outputs[0].text
         assert slow[-1].outputs[0].token_ids == fast[-1].outputs[0].token_ids
     run(main())
+
+
+def test_ray_groups_start_at_once_and_a_failed_start_shuts_the_others(monkeypatch, llama_dir):
+    """Groups on Ray actors are built concurrently (each waits on a barrier only both can
+    pass); when one fails to start, the ones that started are shut down and its error is
+    raised. In-process groups are built one at a time."""
+    import threading
+
+    from raylm.cluster import global_scheduler as gs
+
+    barrier = threading.Barrier(2, timeout=10)
+    made, shut = [], []
+
+    class FakeEngine:
+        def __init__(self, args, fail=False):
+            self.fail = fail
+            barrier.wait()
+            made.append(self)
+            if fail:
+                raise RuntimeError("group could not be placed")
+
+        def shutdown(self):
+            shut.append(self)
+
+    ray_args = EngineArgs(model=llama_dir, distributed_executor_backend="ray")
+    monkeypatch.setattr(gs, "LLMEngine", FakeEngine)
+    assert len(gs._build_engines(ray_args, 2)) == 2  # sequential building would break the barrier
+
+    calls = iter([False, True])
+    monkeypatch.setattr(gs, "LLMEngine", lambda args: FakeEngine(args, fail=next(calls)))
+    made.clear()
+    with pytest.raises(RuntimeError, match="group could not be placed"):
+        gs._build_engines(ray_args, 2)
+    assert len(made) == 2 and shut == [e for e in made if not e.fail]  # the one that started
+
+    order = []
+
+    class Sequential:
+        def __init__(self, args):
+            order.append(threading.current_thread().name)
+
+    monkeypatch.setattr(gs, "LLMEngine", Sequential)
+    assert len(gs._build_engines(EngineArgs(model=llama_dir), 3)) == 3
+    assert order == [threading.current_thread().name] * 3

@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
@@ -79,6 +80,36 @@ class _GroupState:
         return self.busy_s + (time.perf_counter() - self.busy_since if self.busy_since is not None else 0.0)
 
 
+def _build_engines(args: EngineArgs, num_groups: int) -> list[LLMEngine]:
+    """One engine per group. Groups on Ray actors (tensor_parallel_size > 1 or
+    distributed_executor_backend="ray") start at once, each in a thread, since each
+    mostly waits for its own actors to load and warm up (2 groups of Llama-3.1-8B on an
+    H200 host took 63-72 s one after the other, against 35 s for one). In-process
+    groups are built one by one: they share this process's RNG and CPU. If any fails,
+    the others are shut down and the first error is raised."""
+    on_ray = args.tensor_parallel_size > 1 or args.distributed_executor_backend == "ray"
+    engines, errors = [], []
+    if on_ray and num_groups > 1:
+        with ThreadPoolExecutor(num_groups, thread_name_prefix="raylm-group") as pool:
+            for future in [pool.submit(LLMEngine, args) for _ in range(num_groups)]:
+                try:
+                    engines.append(future.result())
+                except BaseException as exc:
+                    errors.append(exc)
+    else:
+        for _ in range(num_groups):
+            try:
+                engines.append(LLMEngine(args))
+            except BaseException as exc:
+                errors.append(exc)
+                break
+    if errors:
+        for engine in engines:
+            engine.shutdown()
+        raise errors[0]
+    return engines
+
+
 class GlobalScheduler:
     """Routes requests to worker groups and streams their outputs (see module doc).
 
@@ -90,14 +121,7 @@ class GlobalScheduler:
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
         self.engine_args = engine_args
-        self.groups: list[_GroupState] = []
-        try:
-            for _ in range(num_groups):
-                self.groups.append(_GroupState(LLMEngine(engine_args)))
-        except BaseException:
-            for g in self.groups:
-                g.engine.shutdown()
-            raise
+        self.groups = [_GroupState(e) for e in _build_engines(engine_args, num_groups)]
         first = self.groups[0].engine
         self.tokenizer = first.tokenizer
         self.max_model_len = first.max_model_len
