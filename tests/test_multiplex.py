@@ -174,3 +174,19 @@ def test_submit_delivers_what_generate_stream_yields(llama_dir):
         finally:
             await sched.shutdown()
     asyncio.run(main())
+
+
+def test_detached_tasks_do_not_see_the_callers_context():
+    import contextvars
+
+    from raylm.cluster.multiplex import detached
+
+    var = contextvars.ContextVar("request", default=None)
+
+    async def main():
+        var.set("request-1")
+
+        async def look():
+            return var.get()
+        return await detached(look()), await asyncio.ensure_future(look())
+    assert asyncio.run(main()) == (None, "request-1")

@@ -160,7 +160,8 @@ def detached(coro) -> asyncio.Task:
     calls a request makes through a handle when that request is cancelled (a client
     disconnect); the shared subscription and the abort sent for a vanished client
     must outlive it."""
-    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+    loop = asyncio.get_running_loop()
+    return contextvars.Context().run(loop.create_task, coro)  # the task copies this empty context
 
 
 class Demux:
