@@ -106,6 +106,10 @@ def row(r: dict) -> str:
                              + (f", {x['ratio_vs_trtllm_fp8']:.2f}x TRT-LLM fp8" if x.get("ratio_vs_trtllm_fp8") else "")
                              + ")")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {'; '.join(parts)} |"
+    if r["benchmark"] == "host_step":
+        numbers = "; ".join(f"{x['running']} sequences{' + msgpack plan and result' if x['wire'] else ''}: "
+                            f"{x['host_ms_per_step']:.2f} ms host per decode step" for x in r["rows"])
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "latency":
         parts = [f"{x['prompt_len']}: TTFT {x['raylm_ttft_ms']:.1f} ms, TPOT {x['raylm_tpot_ms']:.2f} ms"
                  + (f" (HF {x['peer_ttft_ms']:.1f} / {x['peer_tpot_ms']:.2f})" if "peer_tpot_ms" in x else "")

@@ -48,3 +48,15 @@ def test_tp_correctness_script_on_cpu(llama_dir, tmp_path):
     c = r["vs_reference"]["2"]
     assert c["max_abs_logprob_diff_before_divergence"] < 0.05  # bfloat16 on both sides
     assert "TP=2 vs TP=1: 3/3 prompts agree" in record.row(r)
+
+
+def test_host_step_measures_both_paths(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_step.py"), "--batch", "8",
+                        "--steps", "5", "--vocab-size", "500"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.load(open(tmp_path / "host_step.json"))
+    assert r["benchmark"] == "host_step" and [x["wire"] for x in r["rows"]] == [False, True]
+    assert all(x["running"] == 8 and x["host_ms_per_step"] > 0 for x in r["rows"])
