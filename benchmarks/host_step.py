@@ -1,7 +1,8 @@
 """The host's share of a decode step: an LLMEngine whose executor is replaced by a
 stand-in that returns a sampled token for every sequence at once, so each step measures
 only what the engine process does (schedule, plan, record, detokenize, build outputs),
-optionally with the plan and the result through msgpack as the Ray path sends them.
+and again with the plan and the result through msgpack as the Ray path sends them
+(StepPlan.to_wire / from_wire: every sequence's whole block table each step).
 
 It bounds what one engine process (and the global scheduler, which runs every group's
 engine in one process) can sustain: a GPU step shorter than this leaves the GPU waiting.
@@ -34,14 +35,15 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
         "bos_token_id": 1, "eos_token_id": 2}
 
 
-def measure(batch: int, steps: int, wire: bool, vocab: int, seed: int = 0) -> dict:
+def measure(batch: int, steps: int, wire: str, vocab: int, seed: int = 0) -> dict:
+    """wire: "none", or "whole" (the Ray path's msgpack round trip of plan and result)."""
     import msgpack
     from transformers import AutoConfig
 
     from raylm.engine.config import EngineArgs
     from raylm.engine.llm_engine import LLMEngine
     from raylm.engine.sampling_params import SamplingParams
-    from raylm.workers.messages import StepResult
+    from raylm.workers.messages import StepPlan, StepResult
 
     d = tempfile.mkdtemp(prefix="raylm-host-step-")
     with open(os.path.join(d, "config.json"), "w") as f:
@@ -52,11 +54,11 @@ def measure(batch: int, steps: int, wire: bool, vocab: int, seed: int = 0) -> di
     rng = random.Random(seed)
 
     def stand_in(plan):
-        if wire:
-            msgpack.unpackb(msgpack.packb(plan.to_wire()))
+        if wire == "whole":
+            plan = StepPlan.from_wire(msgpack.unpackb(msgpack.packb(plan.to_wire())))
         result = StepResult(sampled={s.request_id: rng.randrange(3, vocab) for s in plan.seqs if s.sample})
-        if wire:
-            msgpack.unpackb(msgpack.packb(result.to_wire()))
+        if wire != "none":
+            result = StepResult.from_wire(msgpack.unpackb(msgpack.packb(result.to_wire())))
         return result
 
     engine.executor.execute = stand_in
@@ -82,10 +84,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--vocab-size", type=int, default=128256, help="the word tokenizer's size (Llama 3's)")
     args = p.parse_args()
-    rows = [measure(args.batch, args.steps, wire, args.vocab_size) for wire in (False, True)]
+    rows = [measure(args.batch, args.steps, wire, args.vocab_size) for wire in ("none", "whole")]
     for r in rows:
-        print(f"{r['running']} sequences{' + msgpack' if r['wire'] else ''}: {r['host_ms_per_step']:.2f} ms "
-              f"host per decode step ({r['host_us_per_sequence']:.1f} us per sequence)", flush=True)
+        print(f"{r['running']} sequences, wire {r['wire']}: {r['host_ms_per_step']:.2f} ms host per decode "
+              f"step ({r['host_us_per_sequence']:.1f} us per sequence)", flush=True)
     result = common.base_result("host_step", "tiny llama, stand-in executor")
     result.update({"rows": rows, "peer": None, "peer_output_tok_per_s": None, "roofline_output_tok_per_s": None})
     common.save_result(result, "host_step")

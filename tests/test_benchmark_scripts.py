@@ -58,5 +58,5 @@ def test_host_step_measures_both_paths(tmp_path):
                        text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.load(open(tmp_path / "host_step.json"))
-    assert r["benchmark"] == "host_step" and [x["wire"] for x in r["rows"]] == [False, True]
+    assert r["benchmark"] == "host_step" and [x["wire"] for x in r["rows"]] == ["none", "whole"]
     assert all(x["running"] == 8 and x["host_ms_per_step"] > 0 for x in r["rows"])
