@@ -71,23 +71,20 @@ class _Format:
     a tile, the tile production picks, and the path it is compared with."""
 
     def __init__(self, name: str, group_size: int):
-        from raylm.kernels import quant_act, quant_gemm
+        from raylm.kernels import quant_gemm
 
-        self.name, gs = name, group_size
+        self.name = name
         if name == "int8":
             self.weight_fmt, self.baseline, self.baseline_fmt = "w8a8-int8", "int_mm", "w8a8-int8"
-            self.quant = lambda x: quant_act.per_token_quant_int8(x, "vllm")
-            self.gemm = lambda q, s, w, cfg: quant_gemm.w8a8_int8_gemm(q, s, w["w_q"], w["w_scale"], config=cfg)
             self.current = quant_gemm.pick_int8_config
             self.base_call = lambda q, s, w: _int_mm(q, s, w)
-            self.base_quant = self.quant
         else:
             self.weight_fmt, self.baseline, self.baseline_fmt = "fp8-block", "fp8_per_channel", "fp8"
-            self.quant = lambda x: quant_act.per_token_quant_fp8(x, gs, group_major=True)
-            self.gemm = lambda q, s, w, cfg: quant_gemm.fp8_block_gemm(q, s, w["w_q"], w["w_scale"], gs, config=cfg)
-            self.current = lambda m, k, n: quant_gemm.fp8_block_config(m, k, n, gs)
+            self.current = lambda m, k, n: quant_gemm.fp8_block_config(m, k, n, group_size)
             self.base_call = lambda q, s, w: quant_gemm.fp8_gemm(q, s, w["w_q"], w["w_scale"])
-            self.base_quant = quant_act.per_token_quant_fp8
+        self.quant, gemm = qg.quant_and_gemm(self.weight_fmt, group_size)
+        self.gemm = lambda q, s, w, cfg: gemm(q, s, w["w_q"], w["w_scale"], config=cfg)
+        self.base_quant = qg.quant_and_gemm(self.baseline_fmt, group_size)[0]
 
 
 def run(args, save) -> dict:

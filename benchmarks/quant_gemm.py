@@ -86,10 +86,23 @@ def weight_bytes(w: dict) -> int:
     return sum(t.numel() * t.element_size() for t in w.values() if t is not None)
 
 
+def quant_and_gemm(fmt: str, group_size: int):
+    """(activation quantization x -> (x_q, x_scale), GEMM (x_q, x_scale, w_q, w_scale,
+    **kw)) of an 8-bit format, as its linear layers call them."""
+    from raylm.kernels import quant_act, quant_gemm
+
+    if fmt == "w8a8-int8":
+        return (lambda t: quant_act.per_token_quant_int8(t, "vllm")), quant_gemm.w8a8_int8_gemm
+    if fmt == "fp8-block":
+        return (lambda t: quant_act.per_token_quant_fp8(t, group_size, group_major=True),
+                lambda x_q, x_s, w_q, w_s, **kw: quant_gemm.fp8_block_gemm(x_q, x_s, w_q, w_s, group_size, **kw))
+    return quant_act.per_token_quant_fp8, quant_gemm.fp8_gemm
+
+
 def make_call(fmt: str, w: dict, x: torch.Tensor, group_size: int, act_quant: bool):
     """A no-argument function running one GEMM of `fmt` on x (and, for the 8-bit formats
     with act_quant, the per-token activation quantization before it)."""
-    from raylm.kernels import quant_act, quant_gemm
+    from raylm.kernels import quant_gemm
 
     if fmt == "bf16":
         wt = w["w"].t()  # [K, N] view of nn.Linear's [N, K]: cuBLAS reads it transposed
@@ -99,13 +112,7 @@ def make_call(fmt: str, w: dict, x: torch.Tensor, group_size: int, act_quant: bo
         zero_offset = 1 if layout == "gptq" else 0  # GPTQ v1 checkpoints store zero - 1
         return lambda: quant_gemm.w4a16_gemm(x, w["qweight"], w["scales"], w["qzeros"], w["g_idx"],
                                              group_size, layout, zero_offset=zero_offset)
-    if fmt == "w8a8-int8":
-        quant, gemm = (lambda t: quant_act.per_token_quant_int8(t, "vllm")), quant_gemm.w8a8_int8_gemm
-    elif fmt == "fp8-block":
-        quant = lambda t: quant_act.per_token_quant_fp8(t, group_size, group_major=True)  # noqa: E731
-        gemm = lambda *a, **kw: quant_gemm.fp8_block_gemm(*a[:4], group_size, **kw)  # noqa: E731
-    else:
-        quant, gemm = quant_act.per_token_quant_fp8, quant_gemm.fp8_gemm
+    quant, gemm = quant_and_gemm(fmt, group_size)
     if act_quant:
         def call():
             x_q, x_s = quant(x)

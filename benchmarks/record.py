@@ -107,7 +107,7 @@ def row(r: dict) -> str:
                              + ")")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {'; '.join(parts)} |"
     if r["benchmark"] == "host_step":
-        wires = {"none": "", "whole": " + msgpack plan and result", True: " + msgpack plan and result", False: ""}
+        wires = {"none": "", "whole": " + msgpack plan and result"}
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
                             f"{x['host_ms_per_step']:.2f} ms host per decode step" for x in r["rows"])
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"

@@ -647,6 +647,13 @@ def _capability(t: torch.Tensor) -> tuple:
     return torch.cuda.get_device_capability(t.device) if t.is_cuda else (99, 0)  # CPU: any
 
 
+def _fp8_triton_ok(x_q: torch.Tensor) -> bool:
+    """The Triton kernel can take fp8 operands here: sm89+, or the interpreter on CPU."""
+    if x_q.device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return x_q.is_cuda and _capability(x_q) >= (8, 9)
+
+
 def _scaled_mm_ok(x_q: torch.Tensor, n: int, k: int) -> bool:
     if k % 16 or n % 16 or x_q.device.type not in ("cuda", "cpu"):
         return False
@@ -672,8 +679,7 @@ def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     m, k = x_q.shape
     n = w_q.shape[0]
     _check_shape("w_q", w_q, (n, k))
-    interpret = os.environ.get("TRITON_INTERPRET") == "1" and x_q.device.type == "cpu"
-    if config is not None or (m <= FP8_TRITON_MAX_M and (interpret or (x_q.is_cuda and _capability(x_q) >= (8, 9)))):
+    if config is not None or (m <= FP8_TRITON_MAX_M and _fp8_triton_ok(x_q)):
         return _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype,
                             config if config is not None else pick_int8_config(m, k, n))
     if not _scaled_mm_ok(x_q, n, k):
@@ -688,12 +694,16 @@ def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     return _scale_epilogue(acc, x_scale, w_scale, bias, out_dtype)
 
 
+def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """q [..., K] with one scale per `group` consecutive channels, scales [..., ceil(K /
+    group)] (a last partial group has its own) -> float32 [..., K]."""
+    return q.float() * scales.float().repeat_interleave(group, dim=-1)[..., :q.shape[-1]]
+
+
 def fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k: int, bias=None, out_dtype=torch.bfloat16):
     """Plain PyTorch: both operands dequantized to float32 with their per-group scales
     (x_scale [M, K / group_k], w_scale [N, K / group_k]), matmul in float32."""
-    x = x_q.float() * x_scale.float().repeat_interleave(group_k, dim=1)
-    w = w_q.float() * w_scale.float().repeat_interleave(group_k, dim=1)
-    out = x @ w.t()
+    out = dequantize_groups(x_q, x_scale, group_k) @ dequantize_groups(w_q, w_scale, group_k).t()
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -746,8 +756,7 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
         raise ValueError(f"K is {k}; fp8_block_gemm needs a multiple of group_k {group_k}")
     _check_shape("x_scale", x_scale, (m, k // group_k))
     _check_shape("w_scale", w_scale, (n, k // group_k))
-    interpret = os.environ.get("TRITON_INTERPRET") == "1" and x_q.device.type == "cpu"
-    if not (interpret or (x_q.is_cuda and _capability(x_q) >= (8, 9))):
+    if not _fp8_triton_ok(x_q):
         return fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, group_k, bias, out_dtype)
     cfg = config if config is not None else fp8_block_config(m, k, n, group_k)
     if group_k % cfg.block_k:

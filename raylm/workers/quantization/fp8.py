@@ -58,23 +58,16 @@ class FP8Config(QuantConfig):
         return None if self.is_skipped(prefix) else FP8BlockLinearMethod(self)
 
 
-def dequantize_fp8_block(weight: torch.Tensor, row_scales: torch.Tensor, block_k: int) -> torch.Tensor:
-    """fp8 [N, K] with row-expanded block scales [N, ceil(K / block_k)] -> float32 [N, K]."""
-    k = weight.shape[1]
-    return weight.float() * row_scales.float().repeat_interleave(block_k, dim=1)[:, :k]
-
-
 def quant_dequant_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [..., K] through dynamic per-token-group fp8 (scale = max(amax, 1e-10) / 448 per
     `group_size` channels, a last partial group on its own) and back, in float32."""
-    from raylm.kernels import quant_act
+    from raylm.kernels import quant_act, quant_gemm
 
     k = x.shape[-1]
     pad = -k % group_size
     xp = F.pad(x.float(), (0, pad)) if pad else x.float()  # zeros leave each amax unchanged
     q, scale = quant_act.per_token_quant_fp8_ref(xp, group_size)
-    out = (q.float().unflatten(-1, (-1, group_size)) * scale.unsqueeze(-1)).flatten(-2)
-    return out[..., :k]
+    return quant_gemm.dequantize_groups(q, scale, group_size)[..., :k]
 
 
 class FP8BlockLinearMethod:
@@ -118,7 +111,10 @@ class FP8BlockLinearMethod:
         if x.is_cuda and bk % 16 == 0:  # the kernel's K steps are multiples of 16
             return _apply_cuda(layer, x, bias, bk)
         # CPU: block-dequantize the weight and quantize-dequantize the activations in float32.
-        w = dequantize_fp8_block(layer.weight, layer.weight_scale_inv, bk)
+        from raylm.kernels import quant_gemm
+
+        # row-expanded block scales [N, ceil(K / bk)]: one scale per bk channels of a row
+        w = quant_gemm.dequantize_groups(layer.weight, layer.weight_scale_inv, bk)
         y = F.linear(quant_dequant_groups(x, bk), w, None if bias is None else bias.float())
         return y.to(x.dtype)
 
