@@ -25,6 +25,10 @@
 #   bash benchmarks/h100.sh n   # the block-scaled fp8 tile sweep (int8_tune.py --format fp8-block)
 #   bash benchmarks/h100.sh p   # fp8 + fp8 KV on TensorRT-LLM's 128x128 and 1000x1000 with
 #                               # max_num_seqs 512 beside 256, in one call
+#   bash benchmarks/h100.sh q   # W4A16 repacked (w4r, integer-mask dequantization, wgmma): its GPU
+#                               # tests, the GEMMs beside bf16 and the GPTQ-layout kernel, the tile sweep
+#   bash benchmarks/h100.sh r   # W4A16 (w4r) engine tests of the 4-bit checkpoints; end to end
+#                               # beside bf16 (batch 1 and random)
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
 #
@@ -121,6 +125,17 @@ p)
     --max-num-seqs 512 --tag fp8-seqs512
   step qthr-256 200 python3 $B/quant_throughput.py --runs fp8:fp8 --workloads 128x128,1000x1000 \
     --max-num-seqs 256 --tag fp8-seqs256
+  ;;
+q)
+  step pytest 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py \
+    tests/test_quant_kernels.py -k "w4r or w4a16"
+  step gemm 120 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,128,256,512 \
+    --formats bf16,w4a16-gptq-no-gidx,w4a16-w4r
+  step tune 300 python3 $B/w4a16_tune.py --stages w4r --m 1,16,64,128 --large-m 256,512
+  ;;
+r)
+  step pytest 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_engine_gpu.py
+  step qthr 380 python3 $B/quant_throughput.py --runs bf16:auto,w4a16-gptq:auto --workloads batch1,random --tag w4r
   ;;
 esac
 exit 0

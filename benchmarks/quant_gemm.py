@@ -7,6 +7,8 @@ prefill M in {512, 4096}, on random packed weights built here:
   g_idx, as GPTQLinearMethod calls it; w4a16-gptq-no-gidx: the same without g_idx (the
   kernel then loads one row of scales per K tile);
 - w4a16-awq: quant_gemm.w4a16_gemm, AWQ layout, group 128;
+- w4a16-w4r: quant_gemm.w4r_gemm, the layout every 4-bit layer (GPTQ, AWQ,
+  compressed-tensors) is repacked into on the GPU, group 128, with zero points;
 - w8a8-int8: quant_gemm.w8a8_int8_gemm, with and without quant_act.per_token_quant_int8;
 - fp8: quant_gemm.fp8_gemm, with and without quant_act.per_token_quant_fp8;
 - fp8-block: quant_gemm.fp8_block_gemm, HF fp8 checkpoints' 128x128 weight blocks with
@@ -45,7 +47,7 @@ PREFILL_M = [512, 4096]
 SMOKE_SHAPES = [("qkv", 64, 96), ("down", 128, 64)]
 SMOKE_M = [1, 17]
 GROUP_SIZE = 128
-FORMATS = ("bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w8a8-int8", "fp8", "fp8-block")
+FORMATS = ("bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w4a16-w4r", "w8a8-int8", "fp8", "fp8-block")
 ACT_QUANT_FORMATS = ("w8a8-int8", "fp8", "fp8-block")
 L2_FLUSH_BYTES = 256 << 20  # > 5x H100's L2
 
@@ -63,6 +65,9 @@ def make_weights(fmt: str, k: int, n: int, dtype: torch.dtype, gen, device: str,
     if fmt.startswith("w4a16"):
         groups = k // group_size
         scales = (torch.rand(groups, n, generator=gen, device=device) * 0.01 + 1e-3).half()
+        if fmt == "w4a16-w4r":  # zb: 128 + the zero point, in the activation dtype
+            zb = (128 + torch.randint(0, 16, (groups, n), generator=gen, device=device)).to(dtype)
+            return {"qweight": _rand_int32((k // 8, n), gen, device), "scales": scales.to(dtype), "zb": zb}
         if fmt == "w4a16-awq":
             return {"qweight": _rand_int32((k, n // 8), gen, device), "scales": scales,
                     "qzeros": _rand_int32((groups, n // 8), gen, device), "g_idx": None}
@@ -107,6 +112,8 @@ def make_call(fmt: str, w: dict, x: torch.Tensor, group_size: int, act_quant: bo
     if fmt == "bf16":
         wt = w["w"].t()  # [K, N] view of nn.Linear's [N, K]: cuBLAS reads it transposed
         return lambda: torch.matmul(x, wt)
+    if fmt == "w4a16-w4r":
+        return lambda: quant_gemm.w4r_gemm(x, w["qweight"], w["scales"], w["zb"], group_size)
     if fmt.startswith("w4a16"):
         layout = "awq" if fmt == "w4a16-awq" else "gptq"
         zero_offset = 1 if layout == "gptq" else 0  # GPTQ v1 checkpoints store zero - 1

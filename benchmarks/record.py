@@ -63,7 +63,7 @@ def row(r: dict) -> str:
     if r["benchmark"] == "w4a16_tune":
         s = r["summary"]
         parts = []
-        for layout in ("gptq", "awq"):
+        for layout in [name for name in ("gptq", "awq") if name in s]:
             b, bits = s[layout], []
             if "best_m1_config" in b:
                 c = b["best_m1_config"]
@@ -80,6 +80,13 @@ def row(r: dict) -> str:
                 bits.append(", ".join(f"M={m} fused {v['fused_us']:.0f} / dequant+cuBLAS {v['dequant_us']:.0f} / "
                                       f"bf16 {s['bf16_layer_us'][str(m)]:.0f} us" for m, v in b["batch"].items()))
             parts.append(f"{layout}: " + "; ".join(bits))
+        if "w4r" in s:
+            parts.append("w4r: " + ", ".join(
+                f"M={m} best (block_m {v['best_config']['block_m']} block_n {v['best_config']['block_n']} block_k "
+                f"{v['best_config']['block_k']} warps {v['best_config']['num_warps']} stages "
+                f"{v['best_config']['num_stages']} split x{v['split_scale']}) {v['best_us']:.0f} / shipped "
+                f"{v['chosen_us']:.0f} / dequant+cuBLAS {v['dequant_us']:.0f} / bf16 {v['bf16_us']:.0f} us"
+                for m, v in s["w4r"].items()))
         numbers = "one Llama-3.1-8B layer's four GEMMs: " + " | ".join(parts)
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] in ("int8_tune", "int8_tune-fp8-block"):

@@ -10,8 +10,12 @@ For each layout (GPTQ without g_idx, AWQ), group 128:
    block_k, num_warps) with unpacked words and 3 stages, against dequantize-then-cuBLAS;
 4. batch: with the best decode tiles (from stage 2, or the production DECODE_CONFIG when
    stage 2 is not run), at each --m: the fused kernel (pick_config's block_m and split)
-   against dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows).
---stages picks which run (default all).
+   against dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows);
+5. w4r: the repacked layout's kernel (quant_gemm.w4r_gemm) at each --m and --large-m:
+   every (block_n, block_k, num_warps) with block_m the power of two >= M (16 to 128) and
+   3 stages, then 4 stages and K split at 0.5x/2x around the best three, against the
+   production choice (pick_w4r_config) and its dequantize-then-cuBLAS path.
+--stages picks which run (default the first four).
 
 Timing as in quant_gemm.py: a CUDA graph of calls cycling through enough weight copies
 that they come from HBM, replayed between CUDA events, median. The summary gives, per
@@ -21,7 +25,7 @@ layout, the best configuration and one decoder layer's four GEMMs against bf16.
     python benchmarks/w4a16_tune.py --stages large --large-m 256,512
     python benchmarks/w4a16_tune.py --smoke    # CPU, interpreter, tiny shapes: checks it runs
 
-Writes benchmarks/results/w4a16_tune.json (or under $OUT).
+Writes benchmarks/results/w4a16_tune.json (w4a16_tune-w4r.json for --stages w4r; or under $OUT).
 """
 from __future__ import annotations
 
@@ -39,13 +43,13 @@ from benchmarks import common, quant_gemm as qg  # noqa: E402
 LAYOUTS = {"gptq": "w4a16-gptq-no-gidx", "awq": "w4a16-awq"}
 
 
-def _setup(shapes, dtype, device, smoke):
-    """Per shape: bf16 weights and both layouts' packed weights, each in enough copies."""
+def _setup(shapes, dtype, device, smoke, formats):
+    """Per shape: bf16 weights and the formats' packed weights, each in enough copies."""
     gen = torch.Generator(device=device).manual_seed(0)
     group = 32 if smoke else qg.GROUP_SIZE
     weights = {}
     for name, k, n in shapes:
-        for fmt in ["bf16", *LAYOUTS.values()]:
+        for fmt in ["bf16", *formats]:
             one = qg.make_weights(fmt, k, n, dtype, gen, device, group)
             copies = 1 if smoke else max(1, min(64, -(-qg.L2_FLUSH_BYTES // qg.weight_bytes(one))))
             weights[name, fmt] = [one] + [qg.make_weights(fmt, k, n, dtype, gen, device, group)
@@ -76,7 +80,9 @@ def run(args) -> dict:
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     shapes = qg.SMOKE_SHAPES if args.smoke else qg.LLAMA_8B_SHAPES
-    weights, group = _setup(shapes, dtype, device, args.smoke)
+    stages = set(args.stages.split(","))
+    formats = [f for layout, f in LAYOUTS.items() if stages - {"w4r"}] + (["w4a16-w4r"] if "w4r" in stages else [])
+    weights, group = _setup(shapes, dtype, device, args.smoke, formats)
     gen = torch.Generator(device=device).manual_seed(1)
     xs = {(k, m): torch.randn(m, k, generator=gen, device=device, dtype=dtype)
           for _, k, _ in shapes for m in sorted({1, *args.m, *args.large_m})}  # every M a stage uses
@@ -107,8 +113,7 @@ def run(args) -> dict:
     blocks_n = [32, 64, 128, 256] if cuda else [32]
     blocks_k = [64, 128, 256] if cuda else [32]
     summary = {"bf16_layer_us": {m: sum(bf16[s, m] for s, _, _ in shapes) * 1e6 for m in sorted({1, *args.m, *args.large_m})}}
-    stages = set(args.stages.split(","))
-    for layout in LAYOUTS:
+    for layout in (LAYOUTS if stages - {"w4r"} else []):
         best = quant_gemm.DECODE_CONFIG[layout]
         best_t, best_split = float("inf"), 1.0
         summary[layout] = {}
@@ -170,9 +175,58 @@ def run(args) -> dict:
                 print(f"{layout} M={m}: fused {tf * 1e6:.1f} us, dequant+cuBLAS {td * 1e6:.1f} us, "
                       f"bf16 {summary['bf16_layer_us'].get(m, float('nan')):.1f} us", flush=True)
             summary[layout]["batch"] = per_m
+    if "w4r" in stages:
+        stage_name[0] = "w4r"
+        summary["w4r"] = _tune_w4r(args, shapes, weights, xs, group, cuda, summary["bf16_layer_us"], record)
     result["rows"] = rows
     result["summary"] = summary
     return result
+
+
+def _tune_w4r(args, shapes, weights, xs, group, cuda, bf16_us, record) -> dict:
+    from raylm.kernels import quant_gemm
+
+    def layer_time(m, cfg_for_shape, dequant=False):
+        total = 0.0
+        for name, k, n in shapes:
+            cfg = cfg_for_shape(k, n) if cfg_for_shape else None
+            x = xs[k, m]
+
+            def make(w, x=x, cfg=cfg):
+                return lambda: quant_gemm.w4r_gemm(x, w["qweight"], w["scales"], w["zb"], group, config=cfg,
+                                                   dequant_min_m=1 if dequant else None)
+            t = _time(make, weights[name, "w4a16-w4r"], args, cuda)
+            record("w4r", "w4r", name, k, n, m, cfg, t, "dequant+cublas" if dequant else ("fused" if cfg else "chosen"))
+            total += t
+        return total
+
+    out = {}
+    for m in sorted({*args.m, *args.large_m}):
+        bm = min(128, max(16, 1 << (m - 1).bit_length())) if cuda else 16
+        scored = []
+        for bn, bk, warps in itertools.product([64, 128, 256] if cuda else [32], [64, 128] if cuda else [32],
+                                               [4, 8] if cuda else [1]):
+            cand = quant_gemm.W4Config(bm, bn, bk, 1, False, warps, 3 if cuda else 1)
+            t = layer_time(m, lambda k, n, c=cand: quant_gemm.with_split(c, m, k, n))
+            scored.append((t, cand, 1.0))
+            print(f"w4r M={m} {cand}: layer {t * 1e6:.1f} us", flush=True)
+        scored.sort(key=lambda p: p[0])
+        for _, base, _ in scored[:3] if cuda else []:
+            for n_stages, scale in [(4, 1.0), (3, 0.5), (3, 2.0)]:
+                cand = base._replace(num_stages=n_stages)
+                target = int(quant_gemm.TARGET_PROGRAMS * scale)
+                t = layer_time(m, lambda k, n, c=cand, t=target: quant_gemm.with_split(c, m, k, n, t))
+                scored.append((t, cand, scale))
+                print(f"w4r M={m} {cand} split x{scale}: layer {t * 1e6:.1f} us", flush=True)
+        scored.sort(key=lambda p: p[0])
+        chosen = layer_time(m, None)
+        dequant = layer_time(m, None, dequant=True)
+        best_t, best, best_scale = scored[0]
+        out[m] = {"best_config": best._asdict(), "split_scale": best_scale, "best_us": best_t * 1e6,
+                  "chosen_us": chosen * 1e6, "dequant_us": dequant * 1e6, "bf16_us": bf16_us[m]}
+        print(f"w4r M={m}: best {best} split x{best_scale} {best_t * 1e6:.1f} us, chosen {chosen * 1e6:.1f} us, "
+              f"dequant+cuBLAS {dequant * 1e6:.1f} us, bf16 {bf16_us[m]:.1f} us", flush=True)
+    return out
 
 
 def main() -> None:
@@ -181,13 +235,14 @@ def main() -> None:
                    help="batch sizes for the batch stage")
     p.add_argument("--large-m", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512],
                    help="batch sizes for the large stage")
-    p.add_argument("--stages", default="grid,refine,large,batch")
+    p.add_argument("--stages", default="grid,refine,large,batch", help="any of grid,refine,large,batch,w4r")
     qg.add_timing_args(p)
     args = qg.parse_timing_args(p)
     if args.smoke:
         args.m, args.large_m = [17], [40]
     result = run(args)
-    common.save_result(result, "w4a16_tune-smoke" if args.smoke else "w4a16_tune")
+    name = "w4a16_tune-w4r" if args.stages == "w4r" else "w4a16_tune"
+    common.save_result(result, name + "-smoke" if args.smoke else name)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ BASE_FIELDS = {"benchmark", "model", "device", "date", "command", "torch"}
 def _run_both(out_dir) -> dict:
     env = dict(os.environ, OUT=str(out_dir), CUDA_VISIBLE_DEVICES="")
     scripts = {"quant_gemm": "quant_gemm-smoke", "quant_throughput": "quant_throughput-smoke",
-               "w4a16_tune": "w4a16_tune-smoke", "int8_tune": "int8_tune-smoke",
+               "w4a16_tune": "w4a16_tune-smoke", "w4a16_tune --stages w4r": "w4a16_tune-w4r-smoke",
+               "int8_tune": "int8_tune-smoke",
                "int8_tune --format fp8-block": "int8_tune-fp8-block-smoke"}
     procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", f"{name.split()[0]}.py"),
                                      "--smoke", *name.split()[1:]],
@@ -36,7 +37,7 @@ def test_smoke_modes_write_complete_results(tmp_path):
     g = results["quant_gemm"]
     assert BASE_FIELDS <= g.keys() and g["benchmark"] == "quant_gemm" and g["device"] == "cpu"
     assert {"measured_bandwidth_Bps", "measured_peak_flops", "rows", "summary", "shapes", "m"} <= g.keys()
-    formats = {"bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w8a8-int8", "fp8", "fp8-block"}
+    formats = {"bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w4a16-w4r", "w8a8-int8", "fp8", "fp8-block"}
     assert set(g["formats"]) == formats
     seen = {(r["format"], r["shape"], r["m"], r["act_quant_included"]) for r in g["rows"]}
     for s in g["shapes"]:
@@ -87,6 +88,12 @@ def test_smoke_modes_write_complete_results(tmp_path):
         assert set(best["large"]) == {"40"} and best["large"]["40"]["fused_us"] > 0
     assert {r["stage"] for r in u["rows"]} == {"bf16", "grid", "refine", "large", "batch"}
     assert "M=40 best fused" in record.row(u)
+    w = results["w4a16_tune --stages w4r"]
+    assert set(w["summary"]["w4r"]) == {"17", "40"} and "gptq" not in w["summary"]
+    for v in w["summary"]["w4r"].values():
+        assert v["best_us"] > 0 and v["chosen_us"] > 0 and v["dequant_us"] > 0 and v["bf16_us"] > 0
+    assert {r["path"] for r in w["rows"] if r["stage"] == "w4r"} == {"fused", "chosen", "dequant+cublas"}
+    assert "w4r: M=17 best" in record.row(w)
 
     v = results["int8_tune"]
     assert BASE_FIELDS <= v.keys() and v["benchmark"] == "int8_tune"

@@ -18,7 +18,8 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
     dequantize_awq, dequantize_gptq, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
-    FP8_TRITON_MAX_M, I8Config, W4Config, pick_config, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    FP8_TRITON_MAX_M, W4R_SLOT, I8Config, W4Config, dequantize_w4r, pick_config, pick_w4r_config, repack_w4,
+    w4a16_gemm, w4a16_gemm_ref, w4r_gemm, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -255,6 +256,97 @@ def test_w4a16_rejects_bad_shapes():
         w4a16_gemm(x, torch.zeros(8, 32, dtype=torch.int32), torch.ones(2, 32), None, None, 32, "exl2")
     with pytest.raises(ValueError, match="bits is 8; awq"):
         w4a16_gemm(x, torch.zeros(64, 8, dtype=torch.int32), torch.ones(2, 32), None, None, 32, "awq", 8)
+
+
+# ---------------------------------------------------------------- w4r: the GPU's repacked 4-bit layout
+
+W4R_DTYPES = [DTYPE, torch.bfloat16] if DEVICE == "cuda" else [DTYPE]
+
+
+def test_w4r_slot_order_matches_the_kernels_pairs():
+    # (word >> 4 i) & 0x000F000F holds slots i and i + 4; the kernel's joins put the pair's
+    # high lane (slot i + 4) first, pairs i = d1 + 2 d2 at positions 4 d1 + 2 d2: W4R_SLOT.
+    slots = [None] * 8
+    for d1 in range(2):
+        for d2 in range(2):
+            for e in range(2):
+                slots[4 * d1 + 2 * d2 + e] = d1 + 2 * d2 + 4 * (1 - e)
+    assert slots == W4R_SLOT
+    q = torch.arange(8, dtype=torch.int32).reshape(8, 1) * 2 % 16  # row r holds 2 r
+    qweight, _, _ = repack_w4(q, None, torch.ones(1, 1), torch.float32)
+    word = int(qweight[0, 0]) & 0xFFFFFFFF
+    assert [(word >> (4 * W4R_SLOT[p])) & 15 for p in range(8)] == [2 * p for p in range(8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout,group_size,sym", [("gptq", 32, False), ("gptq", -1, True), ("awq", 32, False)])
+def test_w4r_repack_keeps_the_function(layout, group_size, sym, dtype):
+    # The repacked layout dequantizes to the original format's weights (exactly in float32;
+    # in 16 bits the scales are rounded once to the activation dtype).
+    gen = torch.Generator().manual_seed(group_size % 7 + sym)
+    q, z, s, _, w = random_quantized(128, 64, 4, group_size, False, sym, gen)
+    offset = 1 if layout == "gptq" else 0  # as a GPTQ v1 checkpoint: stored zero - 1
+    z = z.clamp(min=offset)
+    qweight, qzeros = pack_layout(layout, q, z - offset, 4)
+    unpack = unpack_gptq if layout == "gptq" else unpack_awq
+    uq, uz = unpack(qweight, qzeros, 4)
+    rq, rs, zb = repack_w4(uq, None if sym else uz, s, dtype, zero_offset=offset)
+    assert rq.dtype == torch.int32 and rq.shape == (16, 64) and rs.dtype == zb.dtype == dtype
+    expected = (q - z[torch.arange(128) // (128 if group_size == -1 else group_size)]).float() \
+        * s.to(dtype).float()[torch.arange(128) // (128 if group_size == -1 else group_size)]
+    torch.testing.assert_close(dequantize_w4r(rq, rs, zb, group_size), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", W4R_DTYPES)
+@pytest.mark.parametrize("m,group_size,split_k,dequant", [
+    (3, 32, 1, False), (40, 32, 3, False), (5, -1, 2, False), (17, 64, 1, False), (6, 32, 1, True), (9, -1, 1, True)])
+def test_w4r_gemm(m, group_size, split_k, dequant, dtype):
+    # Fused (K split or not) and dequantize-then-matmul, bias or none, against the
+    # float32 product of the dequantized weight. N = 72 leaves a partial N tile, K = 136
+    # (one group) a partial K tile.
+    gen = torch.Generator().manual_seed(m + split_k + dequant)
+    k, n = (136 if group_size == -1 else 128), 72
+    q, z, s, _, w = random_quantized(k, n, 4, group_size, False, False, gen)
+    qweight, scales, zb = (t.to(DEVICE) for t in repack_w4(q, z, s, dtype))
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=gen).to(DEVICE, dtype) if m % 2 else None
+    cfg = None if dequant else W4Config(16, 32 if DEVICE == "cpu" else 64, 32, split_k, False, 4 if DEVICE == "cuda" else 1, 1)
+    out = w4r_gemm(x, qweight, scales, zb, group_size, bias=bias, dequant_min_m=1 if dequant else None, config=cfg)
+    ref = x.float() @ dequantize_w4r(qweight, scales, zb, group_size)
+    if bias is not None:
+        ref = ref + bias.float()
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = TOL if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_w4r_gemm_checks():
+    q = torch.zeros(64, 32, dtype=torch.int32)
+    qweight, s, zb = repack_w4(q, None, torch.ones(2, 32), torch.float32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="scales has 2 groups; K=64 and group_size=16 give 4"):
+        w4r_gemm(x, qweight, s, zb, 16)
+    with pytest.raises(ValueError, match="dtypes torch.float32, torch.float32, torch.float16"):
+        w4r_gemm(x, qweight, s, zb.half(), 32)
+    with pytest.raises(ValueError, match="qweight has shape"):
+        w4r_gemm(x, qweight[:4], s, zb, 32)
+    with pytest.raises(ValueError, match="K is 60; the w4r layout packs 8 rows"):
+        repack_w4(torch.zeros(60, 32, dtype=torch.int32), None, torch.ones(1, 32), torch.float32)
+    with pytest.raises(ValueError, match="config.block_k 64 does not divide group_size 32"):
+        w4r_gemm(x, qweight, s, zb, 32, config=W4Config(16, 32, 64, 1, False, 1, 1))
+
+
+def test_w4r_pick_config(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's choice, made on CPU
+    from raylm.kernels import quant_gemm
+
+    for m in (1, 16, 33, 100, 255):
+        for k, n in [(4096, 6144), (4096, 28672), (14336, 4096)]:
+            cfg = pick_w4r_config(m, k, n, 128)
+            assert 128 % cfg.block_k == 0 and cfg.block_m >= min(m, 128)
+            tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+            assert cfg.split_k == 1 or tiles * cfg.split_k <= quant_gemm.TARGET_PROGRAMS
+    assert pick_w4r_config(1, 4096, 4096, 32).block_k == 32
 
 
 # ---------------------------------------------------------------- activation quantization

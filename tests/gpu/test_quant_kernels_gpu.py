@@ -15,7 +15,8 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
-    I8Config, INT8_CONFIGS, W4Config, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, w4a16_gemm, w4a16_gemm_ref, w8a8_int8_gemm, w8a8_int8_gemm_ref)
+    I8Config, INT8_CONFIGS, W4Config, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, repack_w4, unpack_awq, unpack_gptq,
+    w4a16_gemm, w4a16_gemm_ref, w4r_gemm, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 # (K, N): qkv_proj, o_proj, gate_up_proj (one half), down_proj
 LLAMA_8B = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]
@@ -122,6 +123,81 @@ def test_w4a16_gemm_cuda_graph():
     graph.replay()
     assert_close_rel(out, w4a16_gemm_ref(x, qweight, scales, qzeros, None, 128, "awq"), 1e-2)
 
+
+# ---------------------------------------------------------------- w4r (the layout 4-bit layers use on the GPU)
+
+W4R_TUNE_CONFIGS = [(16, 64, 64, 1, 4, 3), (16, 128, 64, 2, 4, 4), (16, 256, 64, 4, 4, 4), (16, 128, 128, 1, 4, 3),
+                    (32, 128, 64, 1, 4, 3), (64, 128, 64, 1, 4, 3), (64, 256, 64, 1, 8, 3), (128, 128, 64, 1, 4, 3),
+                    (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (256, 128, 64, 1, 8, 3)]
+
+
+def _to_w4r(layout, qweight, scales, qzeros, dtype):
+    zero_offset = 1 if layout == "gptq" else 0
+    q, z = (unpack_gptq if layout == "gptq" else unpack_awq)(qweight, qzeros)
+    return repack_w4(q, z, scales, dtype, zero_offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n", LLAMA_8B)
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_w4r_gemm_matches_the_original_layout(layout, k, n, dtype):
+    # The repacked weight computes the checkpoint layout's function (its float32
+    # reference) at every batch size: fused (K split at small M), then dequantize + cuBLAS.
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, layout, False, gen)
+    zero_offset = 1 if layout == "gptq" else 0
+    rq, rs, zb = _to_w4r(layout, qweight, scales, qzeros, dtype)
+    for m in BATCHES:
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=dtype)
+        out = w4r_gemm(x, rq, rs, zb, 128)
+        ref = w4a16_gemm_ref(x, qweight, scales, qzeros, None, 128, layout, 4, zero_offset)
+        assert out.dtype == dtype
+        assert_close_rel(out, ref, 1e-2)
+
+
+def test_w4r_gemm_launch_configs():
+    # What benchmarks/w4a16_tune.py sweeps (stage w4r) compiles and computes the same product.
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    k, n = 4096, 4096
+    qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, "gptq", False, gen)
+    rq, rs, zb = _to_w4r("gptq", qweight, scales, qzeros, torch.bfloat16)
+    for bm, bn, bk, split, warps, stages in W4R_TUNE_CONFIGS:
+        cfg = W4Config(bm, bn, bk, split, False, warps, stages)
+        for m in (1, 3, 32, 200):
+            x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+            out = w4r_gemm(x, rq, rs, zb, 128, config=cfg)
+            ref = w4a16_gemm_ref(x, qweight, scales, qzeros, None, 128, "gptq", zero_offset=1)
+            assert_close_rel(out, ref, 1e-2)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+def test_w4r_gemm_group_sizes_symmetric_and_bias(group_size):
+    gen = torch.Generator(device="cuda").manual_seed(group_size % 97)
+    k, n = 4096, 6144
+    qweight, scales, _, _ = random_packed(k, n, 4, k if group_size == -1 else group_size, "gptq", False, gen)
+    q, _ = unpack_gptq(qweight, None)
+    rq, rs, zb = repack_w4(q, None, scales, torch.bfloat16)  # symmetric: zero 8
+    bias = torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)
+    for m in (1, 16, 40, 130, 300):
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        out = w4r_gemm(x, rq, rs, zb, group_size, bias=bias)
+        ref = w4a16_gemm_ref(x, qweight, scales, None, None, group_size, "gptq", bias=bias)
+        assert_close_rel(out, ref, 1e-2)
+
+
+def test_w4r_gemm_cuda_graph():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    k, n = 4096, 14336
+    qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, "awq", False, gen)
+    rq, rs, zb = _to_w4r("awq", qweight, scales, qzeros, torch.bfloat16)
+    x = torch.randn(8, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+    w4r_gemm(x, rq, rs, zb, 128)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4r_gemm(x, rq, rs, zb, 128)
+    x.copy_(torch.randn(8, k, generator=gen, device="cuda", dtype=torch.bfloat16))
+    graph.replay()
+    assert_close_rel(out, w4a16_gemm_ref(x, qweight, scales, qzeros, None, 128, "awq"), 1e-2)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("convention", ["vllm", "compressed-tensors"])

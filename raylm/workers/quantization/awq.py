@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from raylm.workers.layers.linear import set_dims
-from raylm.workers.quantization.base import QuantConfig, check_int, num_groups, scale_dtype
+from raylm.workers.quantization.base import (QuantConfig, apply_w4r, check_int, num_groups, scale_dtype,
+                                             to_w4r, use_w4r)
 
 
 class AWQConfig(QuantConfig):
@@ -56,14 +57,25 @@ class AWQLinearMethod:
         layer.qweight = param(torch.zeros(input_size, output_size // 8, dtype=torch.int32), 1, 0, 1)
         layer.qzeros = param(torch.zeros(groups, output_size // 8, dtype=torch.int32), 1, 0, 1)
         layer.scales = param(torch.zeros(groups, output_size, dtype=scale_dtype(dtype)), 1, 0)
+        layer.act_dtype = dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        pass
+        if use_w4r(layer, 4, self.config.group_size, False):
+            self.repack_w4r(layer)
+
+    def repack_w4r(self, layer: nn.Module) -> None:
+        """Move the layer to quant_gemm's w4r layout (base.to_w4r), as on the GPU."""
+        from raylm.kernels.quant_gemm import unpack_awq
+
+        q, z = unpack_awq(layer.qweight.data, layer.qzeros.data)
+        to_w4r(layer, q, z, self.config.group_size)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         from raylm.kernels import quant_gemm
 
         c = self.config
+        if getattr(layer, "zb", None) is not None:
+            return apply_w4r(layer, x, bias)
         if x.is_cuda:
             shape = x.shape
             y = quant_gemm.w4a16_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros,

@@ -50,3 +50,36 @@ def num_groups(input_size: int, group_size: int, what: str) -> int:
 def scale_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
     """Scales keep float16 (their checkpoint dtype) unless the model computes in float32."""
     return torch.float32 if dtype in (None, torch.float32) else torch.float16
+
+
+def use_w4r(layer, bits: int, group_size: int, has_g_idx: bool) -> bool:
+    """Whether a 4-bit weight-only layer moves to quant_gemm's w4r layout (repack_w4): on
+    the GPU, with bf16/fp16 activations (layer.act_dtype, set by create_weights), groups
+    of whole 16-row K tiles, and no act-order gather left."""
+    return (layer.qweight.is_cuda and bits == 4 and not has_g_idx
+            and getattr(layer, "act_dtype", None) in (torch.bfloat16, torch.float16)
+            and (group_size == -1 or group_size % 16 == 0))
+
+
+def to_w4r(layer, q: torch.Tensor, z: Optional[torch.Tensor], group_size: int, zero_offset: int = 0) -> None:
+    """Replace the layer's packed weight, scales and zero points by the w4r layout of the
+    unpacked values q [K, N] and zero points z [groups, N] (None: symmetric). The packed
+    weight keeps its int32 [K // 8, N] size; apply() then calls quant_gemm.w4r_gemm."""
+    from torch import nn
+
+    from raylm.kernels.quant_gemm import repack_w4
+
+    qweight, scales, zb = repack_w4(q, z, layer.scales.data, layer.act_dtype, zero_offset)
+    layer.qweight.data = qweight
+    layer.scales = nn.Parameter(scales, requires_grad=False)
+    layer.zb = nn.Parameter(zb, requires_grad=False)
+    layer.qzeros = None
+    layer.w4r_group_size = group_size
+
+
+def apply_w4r(layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from raylm.kernels.quant_gemm import w4r_gemm
+
+    shape = x.shape
+    y = w4r_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.zb, layer.w4r_group_size, bias=bias)
+    return y.reshape(*shape[:-1], -1)

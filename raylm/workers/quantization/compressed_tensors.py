@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylm.workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, set_dims
-from raylm.workers.quantization.base import QuantConfig, num_groups
+from raylm.workers.quantization.base import QuantConfig, apply_w4r, num_groups, to_w4r, use_w4r
 
 FORMATS = ("int-quantized", "naive-quantized", "float-quantized", "pack-quantized")
 FP8_MAX = 448.0
@@ -322,6 +322,7 @@ class CompressedTensorsWNA16:
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
                        dtype: Optional[torch.dtype]) -> None:
         s, pack = self.scheme, self.pack
+        layer.act_dtype = dtype
         if input_size % pack:
             raise ValueError(f"{layer.prefix}: input size {input_size} (per tensor-parallel rank) "
                              f"is not a multiple of {pack} ({s.bits}-bit values per int32)")
@@ -367,11 +368,22 @@ class CompressedTensorsWNA16:
         else:
             layer.qzeros = None
         delattr(layer, "weight_shape")
+        if use_w4r(layer, self.scheme.bits, self.scheme.group_size, False):
+            self.repack_w4r(layer)
+
+    def repack_w4r(self, layer: nn.Module) -> None:
+        """Move the layer to quant_gemm's w4r layout (base.to_w4r), as on the GPU."""
+        from raylm.kernels.quant_gemm import unpack_gptq
+
+        q, z = unpack_gptq(layer.qweight.data, None if layer.qzeros is None else layer.qzeros.data, 4)
+        to_w4r(layer, q, z, self.scheme.group_size)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         from raylm.kernels import quant_gemm
 
         s = self.scheme
+        if getattr(layer, "zb", None) is not None:
+            return apply_w4r(layer, x, bias)
         if x.is_cuda:
             shape = x.shape
             y = quant_gemm.w4a16_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales,

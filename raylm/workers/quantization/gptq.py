@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from raylm.workers.layers.linear import set_dims
-from raylm.workers.quantization.base import QuantConfig, check_int, num_groups, scale_dtype
+from raylm.workers.quantization.base import (QuantConfig, apply_w4r, check_int, num_groups, scale_dtype,
+                                             to_w4r, use_w4r)
 
 
 class GPTQConfig(QuantConfig):
@@ -85,6 +86,7 @@ class GPTQLinearMethod:
         layer.act_perm, layer.kernel_g_idx = None, layer.g_idx  # see _order_groups
         layer.group_dim = group_dim
         layer.num_groups = groups
+        layer.act_dtype = dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if layer.group_dim == 0 and layer.input_size_per_partition != layer.input_size:
@@ -93,6 +95,18 @@ class GPTQLinearMethod:
         if int(layer.g_idx.min()) < 0 or int(layer.g_idx.max()) >= layer.num_groups:
             raise ValueError(f"{layer.prefix}.g_idx points outside its {layer.num_groups} groups")
         self._order_groups(layer)
+        c = self.config
+        if use_w4r(layer, c.bits, c.group_size, layer.kernel_g_idx is not None):
+            self.repack_w4r(layer)
+
+    def repack_w4r(self, layer: nn.Module) -> None:
+        """Move the layer to quant_gemm's w4r layout (base.to_w4r); process_weights_after_loading
+        does so on the GPU where use_w4r allows."""
+        from raylm.kernels.quant_gemm import unpack_gptq
+
+        c = self.config
+        q, z = unpack_gptq(layer.qweight.data, layer.qzeros.data, c.bits)
+        to_w4r(layer, q, z, c.group_size, c.zero_offset)
 
     def _order_groups(self, layer: nn.Module) -> None:
         """Give the kernel contiguous groups where the function allows it.
@@ -129,6 +143,8 @@ class GPTQLinearMethod:
         c = self.config
         if layer.act_perm is not None:  # rows were sorted by group (see _order_groups)
             x = x.index_select(-1, layer.act_perm)
+        if getattr(layer, "zb", None) is not None:
+            return apply_w4r(layer, x, bias)
         if x.is_cuda:
             shape = x.shape
             y = quant_gemm.w4a16_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros,
