@@ -322,12 +322,12 @@ def test_w4r_gemm(m, group_size, split_k, dequant, dtype):
 
 def test_w4r_gemm_checks():
     q = torch.zeros(64, 32, dtype=torch.int32)
-    qweight, s, zb = repack_w4(q, None, torch.ones(2, 32), torch.float32)
-    x = torch.randn(2, 64)
+    qweight, s, zb = (t.to(DEVICE) for t in repack_w4(q, None, torch.ones(2, 32), DTYPE))
+    x = torch.randn(2, 64).to(DEVICE, DTYPE)
     with pytest.raises(ValueError, match="scales has 2 groups; K=64 and group_size=16 give 4"):
         w4r_gemm(x, qweight, s, zb, 16)
-    with pytest.raises(ValueError, match="dtypes torch.float32, torch.float32, torch.float16"):
-        w4r_gemm(x, qweight, s, zb.half(), 32)
+    with pytest.raises(ValueError, match=f"dtypes {DTYPE}, {DTYPE}, torch.bfloat16"):
+        w4r_gemm(x, qweight, s, zb.bfloat16(), 32)
     with pytest.raises(ValueError, match="qweight has shape"):
         w4r_gemm(x, qweight[:4], s, zb, 32)
     with pytest.raises(ValueError, match="K is 60; the w4r layout packs 8 rows"):
@@ -345,7 +345,8 @@ def test_w4r_pick_config(monkeypatch):
             cfg = pick_w4r_config(m, k, n, 128)
             assert 128 % cfg.block_k == 0 and cfg.block_m >= min(m, 128)
             tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-            assert cfg.split_k == 1 or tiles * cfg.split_k <= quant_gemm.TARGET_PROGRAMS
+            target = quant_gemm.W4R_SPLIT_TARGET.get(cfg.block_m, quant_gemm.TARGET_PROGRAMS)
+            assert cfg.split_k == 1 or tiles * cfg.split_k <= target
     assert pick_w4r_config(1, 4096, 4096, 32).block_k == 32
 
 

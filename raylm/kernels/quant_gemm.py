@@ -478,15 +478,20 @@ def dequantize_w4r(qweight: torch.Tensor, scales: torch.Tensor, zb: torch.Tensor
 
 
 # Decode and small batches: (largest M, config); the last entry serves up to W4R_DEQUANT_MIN_M.
-# block_m is the wgmma's N (the activation rows), block_n its M (output features).
+# block_m is the wgmma's N (the activation rows), block_n its M (output features). Chosen by
+# benchmarks/w4a16_tune.py --stages w4r on one H200 (2026-11-27, Llama-3.1-8B's four GEMMs):
+# 104 / 105 / 132 / 180 us per layer at M = 1 / 16 / 64 / 128, against bf16 cuBLAS's
+# 117 / 118 / 127 / 136 and the GPTQ-layout kernel's 138 / 138 / 177 / 289 in the same call.
+# Small M splits K for twice TARGET_PROGRAMS programs.
 W4R_CONFIGS = (
-    (16, W4Config(16, 128, 64, 1, False, 4, 4)),
-    (32, W4Config(32, 128, 64, 1, False, 4, 4)),
-    (64, W4Config(64, 128, 64, 1, False, 4, 4)),
-    (None, W4Config(128, 128, 64, 1, False, 4, 3)),
+    (32, W4Config(16, 64, 128, 1, False, 4, 3)),
+    (64, W4Config(64, 128, 128, 1, False, 8, 3)),
+    (None, W4Config(128, 64, 128, 1, False, 4, 3)),
 )
+W4R_SPLIT_TARGET = {16: 2 * TARGET_PROGRAMS}  # block_m -> programs to aim for
 W4R_INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
-# From this many rows the weight is dequantized whole and multiplied by cuBLAS.
+# From this many rows the weight is dequantized whole and multiplied by cuBLAS: at M=256
+# 343 us against the fused kernel's best 333, at 512 486 against 589 (bf16: 180, 300).
 W4R_DEQUANT_MIN_M = 256
 W4R_DEQUANT_TILE = (128, 64)  # (BLOCK_N, BLOCK_K) of the dequantizing kernel
 
@@ -587,7 +592,7 @@ def pick_w4r_config(m: int, k: int, n: int, group_size: int) -> W4Config:
     gs = k if group_size == -1 else group_size
     while gs % cfg.block_k and cfg.block_k > 16:
         cfg = cfg._replace(block_k=cfg.block_k // 2)
-    return with_split(cfg, m, k, n)
+    return with_split(cfg, m, k, n, W4R_SPLIT_TARGET.get(cfg.block_m, 0))
 
 
 def w4r_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zb: torch.Tensor, group_size: int,
