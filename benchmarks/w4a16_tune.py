@@ -13,7 +13,7 @@ For each layout (GPTQ without g_idx, AWQ), group 128:
    against dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows);
 5. w4r: the repacked layout's kernel (quant_gemm.w4r_gemm) at each --m and --large-m:
    every (block_n, block_k, num_warps) with block_m the power of two >= M (16 to 128) and
-   3 stages, then 4 stages and K split at 0.5x/2x around the best three, against the
+   3 stages (from M=128 also with the weight tile through shared memory, shared_w), then 4 stages and K split at 0.5x/2x around the best three, against the
    production choice (pick_w4r_config) and its dequantize-then-cuBLAS path.
 --stages picks which run (default the first four).
 
@@ -204,9 +204,10 @@ def _tune_w4r(args, shapes, weights, xs, group, cuda, bf16_us, record) -> dict:
     for m in sorted({*args.m, *args.large_m}):
         bm = min(128, max(16, 1 << (m - 1).bit_length())) if cuda else 16
         scored = []
-        for bn, bk, warps in itertools.product([64, 128, 256] if cuda else [32], [64, 128] if cuda else [32],
-                                               [4, 8] if cuda else [1]):
-            cand = quant_gemm.W4Config(bm, bn, bk, 1, False, warps, 3 if cuda else 1)
+        shared = [False, True] if m >= 128 or not cuda else [False]
+        for bn, bk, warps, shared_w in itertools.product([64, 128, 256] if cuda else [32], [64, 128] if cuda else [32],
+                                                         [4, 8] if cuda else [1], shared):
+            cand = quant_gemm.W4Config(bm, bn, bk, 1, False, warps, 3 if cuda else 1, shared_w)
             t = layer_time(m, lambda k, n, c=cand: quant_gemm.with_split(c, m, k, n))
             scored.append((t, cand, 1.0))
             print(f"w4r M={m} {cand}: layer {t * 1e6:.1f} us", flush=True)

@@ -128,6 +128,7 @@ class W4Config(NamedTuple):
     expand: bool
     num_warps: int
     num_stages: int
+    shared_w: bool = False  # w4r only: the weight tile reaches the dot through shared memory
 
 
 # Fixed launch configurations, so CUDA graphs can capture. Below DEQUANT_MIN_M rows the
@@ -522,10 +523,11 @@ def _w4r_tile(words, s, zb, MAGIC: tl.constexpr, BASE: tl.constexpr, BLOCK_N: tl
 @triton.jit
 def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_om,
                 GROUP: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHARED_W: tl.constexpr):
     """out[m, n] for one [BLOCK_M, BLOCK_N] tile (or, K split across program_id(2), that
-    split's float32 partial at out + split * M * N), computed transposed. GROUP: rows per
-    group (a multiple of BLOCK_K), 0 for one group."""
+    split's float32 partial at out + split * M * N). GROUP: rows per group (a multiple of
+    BLOCK_K), 0 for one group. Computed transposed (the dequantized tile is the dot's left
+    operand, from registers) unless SHARED_W (x @ tile.T, the tile through shared memory)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -534,7 +536,10 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if SHARED_W:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -548,15 +553,26 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
         zb = tl.load(zb_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None],
-                     mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
         w = _w4r_tile(words, s, zb, MAGIC, BASE, BLOCK_N, BLOCK_K)
-        acc += tl.dot(w.to(xt.dtype), xt)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        if SHARED_W:
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        else:
+            xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None],
+                         mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
+            acc += tl.dot(w.to(xt.dtype), xt)
     out_ptr += pid_s.to(tl.int64) * M * N
-    tl.store(out_ptr + rows[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[None, :] & mask_n[:, None])
+    if SHARED_W:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rows[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[None, :] & mask_n[:, None])
 
 
 @triton.jit
@@ -650,7 +666,8 @@ def w4r_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zb: t
     _w4r_kernel[grid](x2, qweight, scales, zb, bias if bias is not None else scales, target,
                       m, n, k, k_per_split, x2.stride(0), n, GROUP=0 if one_group else group_size, MAGIC=magic, BASE=base,
                       HAS_BIAS=bias is not None and split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      BLOCK_K=cfg.block_k, SHARED_W=cfg.shared_w, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
