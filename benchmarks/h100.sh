@@ -29,9 +29,8 @@
 #                               # tests, the GEMMs beside bf16 and the GPTQ-layout kernel, the tile sweep
 #   bash benchmarks/h100.sh r   # W4A16 (w4r) with the tuned tiles: engine tests of the quantized
 #                               # checkpoints, the GEMMs beside bf16
-#   bash benchmarks/h100.sh t   # w4r with the weight tile through shared memory (shared_w): its GPU
-#                               # tests and the large-M tile sweep
-#   bash benchmarks/h100.sh u   # w4r: the wider sweep (block_k 256, block_m 256, shared_w at every M)
+#   bash benchmarks/h100.sh v   # w4r with block_m 256 up to 256 rows: GPU tests; K split up to 4x at
+#                               # small M; the fused/dequantize crossover past 256 rows
 #   bash benchmarks/h100.sh s   # W4A16 (w4r) end to end beside bf16 (batch 1 and random)
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
@@ -142,13 +141,10 @@ r)
     tests/test_quant_kernels.py -k "w4r or gptq or awq or w4a16 or ct"
   step gemm 120 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,128,256,512 --formats bf16,w4a16-w4r
   ;;
-t)
+v)
   step pytest 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py \
     tests/test_quant_kernels.py -k w4r
-  step tune 300 python3 $B/w4a16_tune.py --stages w4r --m 128 --large-m 256,512
-  ;;
-u)
-  step tune 560 python3 $B/w4a16_tune.py --stages w4r --shared-w --m 1,16,64 --large-m 256
+  step tune 400 python3 $B/w4a16_tune.py --stages w4r --m 1,16 --large-m 384,512
   ;;
 s)
   step qthr 560 python3 $B/quant_throughput.py --runs bf16:auto,w4a16-gptq:auto --workloads batch1,random --tag w4r

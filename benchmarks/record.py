@@ -84,8 +84,7 @@ def row(r: dict) -> str:
             parts.append("w4r: " + ", ".join(
                 f"M={m} best (block_m {v['best_config']['block_m']} block_n {v['best_config']['block_n']} block_k "
                 f"{v['best_config']['block_k']} warps {v['best_config']['num_warps']} stages "
-                f"{v['best_config']['num_stages']}{' shared_w' if v['best_config'].get('shared_w') else ''} split "
-                f"x{v['split_scale']}) {v['best_us']:.0f} / shipped "
+                f"{v['best_config']['num_stages']} split x{v['split_scale']}) {v['best_us']:.0f} / shipped "
                 f"{v['chosen_us']:.0f} / dequant+cuBLAS {v['dequant_us']:.0f} / bf16 {v['bf16_us']:.0f} us"
                 for m, v in s["w4r"].items()))
         numbers = "one Llama-3.1-8B layer's four GEMMs: " + " | ".join(parts)

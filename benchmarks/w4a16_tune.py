@@ -13,9 +13,9 @@ For each layout (GPTQ without g_idx, AWQ), group 128:
    against dequantize-then-cuBLAS (quant_gemm's path from DEQUANT_MIN_M rows);
 5. w4r: the repacked layout's kernel (quant_gemm.w4r_gemm) at each --m and --large-m:
    every (block_n, block_k, num_warps) with block_m the power of two >= M (16 to 128; from
-   M=256 also 256) and 3 stages (with --shared-w also with the weight tile through shared
-   memory), then 4 stages and K split at 0.5x/2x around the best three, against the
-   production choice (pick_w4r_config) and its dequantize-then-cuBLAS path.
+   M=256 also 256) and 3 stages, then 4 stages and K split at 0.5x/2x/4x around the best
+   three, against the production choice (pick_w4r_config) and its dequantize-then-cuBLAS
+   path.
 --stages picks which run (default the first four).
 
 Timing as in quant_gemm.py: a CUDA graph of calls cycling through enough weight copies
@@ -205,18 +205,17 @@ def _tune_w4r(args, shapes, weights, xs, group, cuda, bf16_us, record) -> dict:
     for m in sorted({*args.m, *args.large_m}):
         bms = [min(128, max(16, 1 << (m - 1).bit_length()))] + ([256] if m >= 256 else []) if cuda else [16]
         scored = []
-        for bm, bn, bk, warps, shared_w in itertools.product(
-                bms, [64, 128, 256] if cuda else [32], [64, 128, 256] if cuda else [32], [4, 8] if cuda else [1],
-                [False, True] if args.shared_w else [False]):
+        for bm, bn, bk, warps in itertools.product(bms, [64, 128, 256] if cuda else [32], [64, 128] if cuda else [32],
+                                                   [4, 8] if cuda else [1]):
             if cuda and bm * bn > 128 * 128 and warps == 4:
                 continue  # the float32 accumulator alone would take 128+ registers a thread
-            cand = quant_gemm.W4Config(bm, bn, bk, 1, False, warps, 3 if cuda else 1, shared_w)
+            cand = quant_gemm.W4Config(bm, bn, bk, 1, False, warps, 3 if cuda else 1)
             t = layer_time(m, lambda k, n, c=cand: quant_gemm.with_split(c, m, k, n))
             scored.append((t, cand, 1.0))
             print(f"w4r M={m} {cand}: layer {t * 1e6:.1f} us", flush=True)
         scored.sort(key=lambda p: p[0])
         for _, base, _ in scored[:3] if cuda else []:
-            for n_stages, scale in [(4, 1.0), (3, 0.5), (3, 2.0)]:
+            for n_stages, scale in [(4, 1.0), (3, 0.5), (3, 2.0), (3, 4.0), (4, 2.0), (4, 4.0)]:
                 cand = base._replace(num_stages=n_stages)
                 target = int(quant_gemm.TARGET_PROGRAMS * scale)
                 t = layer_time(m, lambda k, n, c=cand, t=target: quant_gemm.with_split(c, m, k, n, t))
@@ -240,7 +239,6 @@ def main() -> None:
     p.add_argument("--large-m", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512],
                    help="batch sizes for the large stage")
     p.add_argument("--stages", default="grid,refine,large,batch", help="any of grid,refine,large,batch,w4r")
-    p.add_argument("--shared-w", action="store_true", help="w4r: also sweep shared_w tiles")
     qg.add_timing_args(p)
     args = qg.parse_timing_args(p)
     if args.smoke:

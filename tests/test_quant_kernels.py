@@ -310,8 +310,7 @@ def test_w4r_gemm(m, group_size, split_k, dequant, dtype):
     qweight, scales, zb = (t.to(DEVICE) for t in repack_w4(q, z, s, dtype))
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
     bias = torch.randn(n, generator=gen).to(DEVICE, dtype) if m % 2 else None
-    cfg = None if dequant else W4Config(16, 32 if DEVICE == "cpu" else 64, 32, split_k, False,
-                                        4 if DEVICE == "cuda" else 1, 1, shared_w=m % 3 == 2)
+    cfg = None if dequant else W4Config(16, 32 if DEVICE == "cpu" else 64, 32, split_k, False, 4 if DEVICE == "cuda" else 1, 1)
     out = w4r_gemm(x, qweight, scales, zb, group_size, bias=bias, dequant_min_m=1 if dequant else None, config=cfg)
     ref = x.float() @ dequantize_w4r(qweight, scales, zb, group_size)
     if bias is not None:
@@ -344,7 +343,7 @@ def test_w4r_pick_config(monkeypatch):
     for m in (1, 16, 33, 100, 255):
         for k, n in [(4096, 6144), (4096, 28672), (14336, 4096)]:
             cfg = pick_w4r_config(m, k, n, 128)
-            assert 128 % cfg.block_k == 0 and cfg.block_m >= min(m, 128)
+            assert 128 % cfg.block_k == 0 and cfg.block_m >= min(m, 256)
             tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
             target = quant_gemm.W4R_SPLIT_TARGET.get(cfg.block_m, quant_gemm.TARGET_PROGRAMS)
             assert cfg.split_k == 1 or tiles * cfg.split_k <= target

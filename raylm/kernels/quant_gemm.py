@@ -128,7 +128,6 @@ class W4Config(NamedTuple):
     expand: bool
     num_warps: int
     num_stages: int
-    shared_w: bool = False  # w4r only: the weight tile reaches the dot through shared memory
 
 
 # Fixed launch configurations, so CUDA graphs can capture. Below DEQUANT_MIN_M rows the
@@ -481,19 +480,20 @@ def dequantize_w4r(qweight: torch.Tensor, scales: torch.Tensor, zb: torch.Tensor
 # Decode and small batches: (largest M, config); the last entry serves up to W4R_DEQUANT_MIN_M.
 # block_m is the wgmma's N (the activation rows), block_n its M (output features). Chosen by
 # benchmarks/w4a16_tune.py --stages w4r on one H200 (2026-11-27, Llama-3.1-8B's four GEMMs):
-# 104 / 105 / 132 / 180 us per layer at M = 1 / 16 / 64 / 128, against bf16 cuBLAS's
-# 117 / 118 / 127 / 136 and the GPTQ-layout kernel's 138 / 138 / 177 / 289 in the same call.
-# Small M splits K for twice TARGET_PROGRAMS programs.
+# 104 / 106 / 132 / 180 / 283 us per layer at M = 1 / 16 / 64 / 128 / 256, against bf16
+# cuBLAS's 117 / 118 / 126 / 135 / 181 and, at M <= 128, the GPTQ-layout kernel's
+# 138 / 138 / 177 / 289. Small M splits K for twice TARGET_PROGRAMS programs.
 W4R_CONFIGS = (
     (32, W4Config(16, 64, 128, 1, False, 4, 3)),
     (64, W4Config(64, 128, 128, 1, False, 8, 3)),
-    (None, W4Config(128, 64, 128, 1, False, 4, 3)),
+    (128, W4Config(128, 64, 128, 1, False, 4, 3)),
+    (None, W4Config(256, 128, 64, 1, False, 8, 3)),
 )
 W4R_SPLIT_TARGET = {16: 2 * TARGET_PROGRAMS}  # block_m -> programs to aim for
 W4R_INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
-# From this many rows the weight is dequantized whole and multiplied by cuBLAS: at M=256
-# 343 us against the fused kernel's best 333, at 512 486 against 589 (bf16: 180, 300).
-W4R_DEQUANT_MIN_M = 256
+# From this many rows the weight is dequantized whole and multiplied by cuBLAS (at M=256:
+# 342 us against the fused kernel's 283).
+W4R_DEQUANT_MIN_M = 257
 W4R_DEQUANT_TILE = (128, 64)  # (BLOCK_N, BLOCK_K) of the dequantizing kernel
 
 
@@ -523,11 +523,10 @@ def _w4r_tile(words, s, zb, MAGIC: tl.constexpr, BASE: tl.constexpr, BLOCK_N: tl
 @triton.jit
 def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_om,
                 GROUP: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHARED_W: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, n] for one [BLOCK_M, BLOCK_N] tile (or, K split across program_id(2), that
-    split's float32 partial at out + split * M * N). GROUP: rows per group (a multiple of
-    BLOCK_K), 0 for one group. Computed transposed (the dequantized tile is the dot's left
-    operand, from registers) unless SHARED_W (x @ tile.T, the tile through shared memory)."""
+    split's float32 partial at out + split * M * N), computed transposed. GROUP: rows per
+    group (a multiple of BLOCK_K), 0 for one group."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -536,10 +535,7 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if SHARED_W:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -553,26 +549,15 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
         zb = tl.load(zb_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None],
+                     mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
         w = _w4r_tile(words, s, zb, MAGIC, BASE, BLOCK_N, BLOCK_K)
-        if SHARED_W:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        else:
-            xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None],
-                         mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
-            acc += tl.dot(w.to(xt.dtype), xt)
+        acc += tl.dot(w.to(xt.dtype), xt)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     out_ptr += pid_s.to(tl.int64) * M * N
-    if SHARED_W:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + rows[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[None, :] & mask_n[:, None])
+    tl.store(out_ptr + rows[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[None, :] & mask_n[:, None])
 
 
 @triton.jit
@@ -666,8 +651,7 @@ def w4r_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zb: t
     _w4r_kernel[grid](x2, qweight, scales, zb, bias if bias is not None else scales, target,
                       m, n, k, k_per_split, x2.stride(0), n, GROUP=0 if one_group else group_size, MAGIC=magic, BASE=base,
                       HAS_BIAS=bias is not None and split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, SHARED_W=cfg.shared_w, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages)
+                      BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](

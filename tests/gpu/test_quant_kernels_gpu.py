@@ -3,7 +3,6 @@ shapes (hidden 4096, intermediate 14336, qkv 6144) in bf16/fp16, decode and pref
 batch sizes, plus a CUDA-graph capture of the decode path. Skipped without a GPU."""
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
@@ -162,8 +161,8 @@ def test_w4r_gemm_launch_configs():
     k, n = 4096, 4096
     qweight, scales, qzeros, _ = random_packed(k, n, 4, 128, "gptq", False, gen)
     rq, rs, zb = _to_w4r("gptq", qweight, scales, qzeros, torch.bfloat16)
-    for (bm, bn, bk, split, warps, stages), shared_w in itertools.product(W4R_TUNE_CONFIGS, [False, True]):
-        cfg = W4Config(bm, bn, bk, split, False, warps, stages, shared_w)
+    for bm, bn, bk, split, warps, stages in W4R_TUNE_CONFIGS:
+        cfg = W4Config(bm, bn, bk, split, False, warps, stages)
         for m in (1, 3, 32, 200):
             x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
             out = w4r_gemm(x, rq, rs, zb, 128, config=cfg)
