@@ -31,7 +31,8 @@
 #                               # checkpoints, the GEMMs beside bf16
 #   bash benchmarks/h100.sh v   # w4r with block_m 256 up to 256 rows: GPU tests; K split up to 4x at
 #                               # small M; the fused/dequantize crossover past 256 rows
-#   bash benchmarks/h100.sh s   # W4A16 (w4r) end to end beside bf16 (batch 1 and random)
+#   bash benchmarks/h100.sh s   # W4A16 (w4r) final tiles: the GEMMs beside bf16 and the checkpoint-layout
+#                               # kernel, end to end beside bf16 (batch 1 and random)
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
 #                               # int8 and W4A16 with the fp8 KV cache
 #
@@ -147,7 +148,9 @@ v)
   step tune 400 python3 $B/w4a16_tune.py --stages w4r --m 1,16 --large-m 384,512
   ;;
 s)
-  step qthr 560 python3 $B/quant_throughput.py --runs bf16:auto,w4a16-gptq:auto --workloads batch1,random --tag w4r
+  step gemm 100 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,128,256,512 \
+    --formats bf16,w4a16-gptq-no-gidx,w4a16-awq,w4a16-w4r
+  step qthr 450 python3 $B/quant_throughput.py --runs bf16:auto,w4a16-gptq:auto --workloads batch1,random --tag w4r
   ;;
 esac
 exit 0

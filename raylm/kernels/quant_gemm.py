@@ -480,19 +480,20 @@ def dequantize_w4r(qweight: torch.Tensor, scales: torch.Tensor, zb: torch.Tensor
 # Decode and small batches: (largest M, config); the last entry serves up to W4R_DEQUANT_MIN_M.
 # block_m is the wgmma's N (the activation rows), block_n its M (output features). Chosen by
 # benchmarks/w4a16_tune.py --stages w4r on one H200 (2026-11-27, Llama-3.1-8B's four GEMMs):
-# 104 / 106 / 132 / 180 / 283 us per layer at M = 1 / 16 / 64 / 128 / 256, against bf16
-# cuBLAS's 117 / 118 / 126 / 135 / 181 and, at M <= 128, the GPTQ-layout kernel's
-# 138 / 138 / 177 / 289. Small M splits K for twice TARGET_PROGRAMS programs.
+# 94 / 96 / 132 / 180 / 283 us per layer at M = 1 / 16 / 64 / 128 / 256, against bf16
+# cuBLAS's 116 / 116 / 126 / 135 / 181 and, at M <= 128, the GPTQ-layout kernel's
+# 138 / 138 / 177 / 289. Small M splits K for four times TARGET_PROGRAMS programs (enough
+# resident warps to cover the loads: 104 us at 2x, 111 at 1x).
 W4R_CONFIGS = (
     (32, W4Config(16, 64, 128, 1, False, 4, 3)),
     (64, W4Config(64, 128, 128, 1, False, 8, 3)),
     (128, W4Config(128, 64, 128, 1, False, 4, 3)),
     (None, W4Config(256, 128, 64, 1, False, 8, 3)),
 )
-W4R_SPLIT_TARGET = {16: 2 * TARGET_PROGRAMS}  # block_m -> programs to aim for
+W4R_SPLIT_TARGET = {16: 4 * TARGET_PROGRAMS}  # block_m -> programs to aim for
 W4R_INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
-# From this many rows the weight is dequantized whole and multiplied by cuBLAS (at M=256:
-# 342 us against the fused kernel's 283).
+# From this many rows the weight is dequantized whole and multiplied by cuBLAS: at M=256
+# 342 us against the fused kernel's 283, at 384 411 against 510 (best tile).
 W4R_DEQUANT_MIN_M = 257
 W4R_DEQUANT_TILE = (128, 64)  # (BLOCK_N, BLOCK_K) of the dequantizing kernel
 
