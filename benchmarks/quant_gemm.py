@@ -13,7 +13,8 @@ prefill M in {512, 4096}, on random packed weights built here:
 - fp8: quant_gemm.fp8_gemm, with and without quant_act.per_token_quant_fp8;
 - fp8-block: quant_gemm.fp8_block_gemm, HF fp8 checkpoints' 128x128 weight blocks with
   activations quantized per 128 channels (per_token_quant_fp8(x, 128)), with and without
-  that quantization.
+  that quantization; fp8-block-cublas: the same product through cuBLAS's block scaling
+  (quant_gemm.fp8_block_scaled_mm, torch._scaled_mm; Hopper, CUDA 12.9+).
 
 Each point is a CUDA graph of back-to-back calls replayed N times and timed with CUDA
 events (median), so Python launch overhead is not counted; the calls cycle through
@@ -44,11 +45,12 @@ from benchmarks import common  # noqa: E402
 LLAMA_8B_SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
 DECODE_M = [1, 16, 64]
 PREFILL_M = [512, 4096]
-SMOKE_SHAPES = [("qkv", 64, 96), ("down", 128, 64)]
+SMOKE_SHAPES = [("qkv", 128, 128), ("down", 256, 128)]  # fp8-block-cublas: multiples of 128
 SMOKE_M = [1, 17]
 GROUP_SIZE = 128
-FORMATS = ("bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w4a16-w4r", "w8a8-int8", "fp8", "fp8-block")
-ACT_QUANT_FORMATS = ("w8a8-int8", "fp8", "fp8-block")
+FORMATS = ("bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w4a16-w4r", "w8a8-int8", "fp8", "fp8-block",
+           "fp8-block-cublas")
+ACT_QUANT_FORMATS = ("w8a8-int8", "fp8", "fp8-block", "fp8-block-cublas")
 L2_FLUSH_BYTES = 256 << 20  # > 5x H100's L2
 
 
@@ -80,6 +82,11 @@ def make_weights(fmt: str, k: int, n: int, dtype: torch.dtype, gen, device: str,
     if fmt == "fp8-block":  # one scale per 128x128 block, expanded over rows as FP8BlockLinearMethod keeps it
         w_scale = torch.rand(-(-n // group_size), k // group_size, generator=gen, device=device) * 1e-3 + 1e-4
         w_scale = w_scale.repeat_interleave(group_size, 0)[:n].t().contiguous().t()  # group-major
+    if fmt == "fp8-block-cublas":  # the same blocks, laid out for torch._scaled_mm
+        from raylm.kernels import quant_gemm
+
+        blocks = torch.rand(n // 128, k // 128, generator=gen, device=device) * 1e-3 + 1e-4  # always 128x128
+        w_scale = quant_gemm.block_scales_for_cublas(blocks.repeat_interleave(128, 0))
     if fmt == "w8a8-int8":
         w_q = torch.randint(-127, 128, (n, k), generator=gen, device=device, dtype=torch.int8)
     else:
@@ -101,6 +108,9 @@ def quant_and_gemm(fmt: str, group_size: int):
     if fmt == "fp8-block":
         return (lambda t: quant_act.per_token_quant_fp8(t, group_size, group_major=True),
                 lambda x_q, x_s, w_q, w_s, **kw: quant_gemm.fp8_block_gemm(x_q, x_s, w_q, w_s, group_size, **kw))
+    if fmt == "fp8-block-cublas":  # 128-channel groups whatever group_size says
+        return (lambda t: quant_act.per_token_quant_fp8(t, 128, group_major=True),
+                quant_gemm.fp8_block_scaled_mm)
     return quant_act.per_token_quant_fp8, quant_gemm.fp8_gemm
 
 

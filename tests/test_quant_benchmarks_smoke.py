@@ -37,14 +37,15 @@ def test_smoke_modes_write_complete_results(tmp_path):
     g = results["quant_gemm"]
     assert BASE_FIELDS <= g.keys() and g["benchmark"] == "quant_gemm" and g["device"] == "cpu"
     assert {"measured_bandwidth_Bps", "measured_peak_flops", "rows", "summary", "shapes", "m"} <= g.keys()
-    formats = {"bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w4a16-w4r", "w8a8-int8", "fp8", "fp8-block"}
+    formats = {"bf16", "w4a16-gptq", "w4a16-gptq-no-gidx", "w4a16-awq", "w4a16-w4r", "w8a8-int8", "fp8", "fp8-block",
+               "fp8-block-cublas"}
     assert set(g["formats"]) == formats
     seen = {(r["format"], r["shape"], r["m"], r["act_quant_included"]) for r in g["rows"]}
     for s in g["shapes"]:
         for m in g["m"]:
             for f in formats:
                 assert (f, s["name"], m, False) in seen
-            for f in ("w8a8-int8", "fp8", "fp8-block"):
+            for f in ("w8a8-int8", "fp8", "fp8-block", "fp8-block-cublas"):
                 assert (f, s["name"], m, True) in seen
     for r in g["rows"]:
         assert r["time_us"] > 0 and r["flops"] == 2 * r["m"] * r["k"] * r["n"] and r["bytes"] > 0

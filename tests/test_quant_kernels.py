@@ -17,7 +17,8 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
-    dequantize_awq, dequantize_gptq, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
+    block_scales_for_cublas, dequantize_awq, dequantize_gptq, fp8_block_gemm, fp8_block_gemm_ref,
+    fp8_block_scaled_mm, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
     FP8_TRITON_MAX_M, W4R_SLOT, I8Config, W4Config, dequantize_w4r, pick_config, pick_w4r_config, repack_w4,
     w4a16_gemm, w4a16_gemm_ref, w4r_gemm, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
@@ -535,6 +536,26 @@ def test_fp8_block_gemm(m, k, n, group_k, config):
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
     out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, group_k, bias, torch.bfloat16, config=config)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_fp8_block_scaled_mm_layout_and_fallback():
+    # cuBLAS's weight-scale layout: one row of blocks per 128 output rows, groups padded to
+    # a multiple of 4, viewed transposed; where cuBLAS cannot run (here: no GPU) the blocks
+    # expand back over rows for the Triton kernel, which then computes the same product.
+    n, k = 256, 384
+    x, w, x_q, x_scale, w_q, w_scale, bias = _block_operands(5, k, n, 128, 7)
+    w_scale = w_scale.unflatten(0, (-1, 128))[:, :1].expand(-1, 128, -1).reshape(n, -1)  # 128x128 blocks
+    blocks = block_scales_for_cublas(w_scale)
+    assert blocks.shape == (4, 2) and blocks.stride() == (1, 4)
+    torch.testing.assert_close(blocks[:3].t(), w_scale[::128].float())
+    assert (blocks[3] == 0).all()
+    out = fp8_block_scaled_mm(x_q, x_scale, w_q, blocks, bias, torch.float32)
+    ref = fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, 128, bias, torch.float32)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="N is 200 with 128-row blocks"):
+        block_scales_for_cublas(torch.ones(200, 3))
+    with pytest.raises(ValueError, match="w_blocks has shape"):
+        fp8_block_scaled_mm(x_q, x_scale, w_q, blocks[:, :1], None)
 
 
 def test_fp8_block_gemm_checks():

@@ -980,7 +980,8 @@ def fp8_block_config(m: int, k: int, n: int, group_k: int) -> I8Config:
 
 def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
                    w_scale: torch.Tensor, group_k: int, bias: Optional[torch.Tensor] = None,
-                   out_dtype: torch.dtype = torch.bfloat16, config: Optional[I8Config] = None) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.bfloat16, config: Optional[I8Config] = None,
+                   w_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Block-scaled fp8 (HF fp8 / DeepSeek-V3 checkpoints): x_q float8_e4m3fn [M, K] with
     one scale per token per group_k channels, x_scale [M, K / group_k]; w_q [N, K] with
     w_scale [N, K / group_k] (the block scales expanded over rows) -> sum over groups g of
@@ -988,9 +989,14 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     accumulation. One Triton kernel (CUDA sm89+ or the interpreter), K a multiple of
     group_k; the reference elsewhere. The scales may have any strides; group-major ones
     (`per_token_quant_fp8(..., group_major=True)`, a [G, N] buffer viewed as [N, G]) are
-    read coalesced."""
+    read coalesced. With `w_blocks` (block_scales_for_cublas of the same scales), from
+    FP8_BLOCK_CUBLAS_MIN_M rows the product runs through cuBLAS (fp8_block_scaled_mm)
+    where it can."""
     m, k = x_q.shape
     n = w_q.shape[0]
+    if (w_blocks is not None and config is None and m >= FP8_BLOCK_CUBLAS_MIN_M
+            and block_scaled_mm_ok(x_q, k, n, group_k)):
+        return fp8_block_scaled_mm(x_q, x_scale, w_q, w_blocks, bias, out_dtype)
     _check_shape("w_q", w_q, (n, k))
     if k % group_k:
         raise ValueError(f"K is {k}; fp8_block_gemm needs a multiple of group_k {group_k}")
@@ -1002,3 +1008,72 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     if group_k % cfg.block_k:
         raise ValueError(f"config.block_k {cfg.block_k} does not divide group_k {group_k}")
     return _w8a8_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype, cfg, group_k=group_k)
+
+
+# ---------------------------------------------------------------- block-scaled fp8 through cuBLAS
+
+# From this many rows HF fp8 block checkpoints run cuBLAS's block-scaled GEMM instead of
+# fp8_block_gemm's Triton kernel (provisional: not yet measured).
+FP8_BLOCK_CUBLAS_MIN_M = 256
+
+def block_scales_for_cublas(w_scale_rows: torch.Tensor, group_n: int = 128) -> torch.Tensor:
+    """The [N, G] row-expanded block scales (fp8_block_gemm's w_scale) -> the [G4, N / 128]
+    view cuBLAS's 128x128 weight scaling reads (torch._scaled_mm): one row of blocks per 128
+    output rows, G padded to G4, a multiple of 4, stored block-row-major and viewed
+    transposed (as PyTorch's own block-wise tests lay it out)."""
+    n, g = w_scale_rows.shape
+    if group_n != 128 or n % 128:
+        raise ValueError(f"N is {n} with {group_n}-row blocks; cuBLAS's block scaling needs 128-row blocks "
+                         f"and N a multiple of 128")
+    blocks = w_scale_rows[::128].float()
+    compact = torch.zeros(n // 128, -(-g // 4) * 4, dtype=torch.float32, device=blocks.device)
+    compact[:, :g] = blocks
+    return compact.t()
+
+
+_BLOCK_SCALED_MM = {}
+
+
+def block_scaled_mm_ok(x_q: torch.Tensor, k: int, n: int, group_k: int) -> bool:
+    """Whether torch._scaled_mm runs the DeepSeek recipe (1x128 activation and 128x128
+    weight scales) here: CUDA sm90 (cuBLAS 12.9+), 128-wide groups, K and N multiples of
+    128. Probed once per device with a tiny product."""
+    if x_q.device.type != "cuda" or group_k != 128 or k % 128 or n % 128 or _capability(x_q) != (9, 0):
+        return False
+    key = x_q.device.index
+    if key not in _BLOCK_SCALED_MM:
+        try:
+            a = torch.zeros(4, 128, device=x_q.device).to(torch.float8_e4m3fn)
+            a_s = torch.ones(1, 4, device=x_q.device).t()
+            b = torch.zeros(128, 128, device=x_q.device).to(torch.float8_e4m3fn)
+            b_s = block_scales_for_cublas(torch.ones(128, 1, device=x_q.device))
+            torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s, out_dtype=torch.bfloat16)
+            _BLOCK_SCALED_MM[key] = True
+        except (RuntimeError, NotImplementedError, ValueError):
+            _BLOCK_SCALED_MM[key] = False
+    return _BLOCK_SCALED_MM[key]
+
+
+def fp8_block_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_blocks: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """fp8_block_gemm's product through cuBLAS (torch._scaled_mm, 1x128 x 128x128 scaling):
+    x_q [M, K] with x_scale [M, K / 128] group-major (per_token_quant_fp8(..., 128,
+    group_major=True)), w_q [N, K], w_blocks from block_scales_for_cublas. M is padded to a
+    multiple of 4 (cuBLASLt) when it is not one. Where cuBLAS cannot (block_scaled_mm_ok),
+    the blocks are expanded back over rows for fp8_block_gemm."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    g = k // 128
+    _check_shape("w_blocks", w_blocks, (-(-g // 4) * 4, n // 128))
+    if not block_scaled_mm_ok(x_q, k, n, 128):
+        rows = w_blocks[:g].t().repeat_interleave(128, 0)
+        return fp8_block_gemm(x_q, x_scale, w_q, rows, 128, bias, out_dtype)
+    pad = -m % 4
+    if pad:
+        x_q = torch.cat([x_q, x_q.new_zeros(pad, k)])
+        x_scale = torch.cat([x_scale.t(), x_scale.new_ones(x_scale.shape[1], pad)], dim=1).t()
+    elif x_scale.stride(0) != 1:
+        x_scale = x_scale.t().contiguous().t()
+    out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_blocks, out_dtype=out_dtype)
+    out = out[:m] if pad else out
+    return out if bias is None else out + bias.to(out_dtype)

@@ -15,7 +15,8 @@ from raylm.kernels.quant_act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
 from raylm.kernels.quant_gemm import (  # noqa: E402
-    I8Config, INT8_CONFIGS, W4Config, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, repack_w4, unpack_awq, unpack_gptq,
+    I8Config, INT8_CONFIGS, W4Config, block_scaled_mm_ok, block_scales_for_cublas, fp8_block_gemm,
+    fp8_block_gemm_ref, fp8_block_scaled_mm, fp8_gemm, fp8_gemm_ref, repack_w4, unpack_awq, unpack_gptq,
     w4a16_gemm, w4a16_gemm_ref, w4r_gemm, w8a8_int8_gemm, w8a8_int8_gemm_ref)
 
 # (K, N): qkv_proj, o_proj, gate_up_proj (one half), down_proj
@@ -294,3 +295,26 @@ def test_fp8_block_gemm(k, n):
         out = fp8_block_gemm(x_q, x_scale, w_q, w_scale, 128, None, torch.float32,
                              config=I8Config(64, 128, 128, 4, 8, 4, 3))
         torch.testing.assert_close(out, ref, atol=1e-3 * ref.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0), reason="cuBLAS block scaling: sm90")
+@pytest.mark.parametrize("k,n", LLAMA_8B)
+def test_fp8_block_scaled_mm(k, n):
+    """The same product through cuBLAS's 1x128 x 128x128 block scaling, every batch size
+    (M not a multiple of 4 padded), bias or none, against the float32 reference."""
+    assert block_scaled_mm_ok(torch.empty(1, device="cuda"), k, n, 128)
+    gen = torch.Generator(device="cuda").manual_seed(k + n + 1)
+    w = torch.randn(n, k, generator=gen, device="cuda")
+    w_scale = w.unflatten(1, (-1, 128)).abs().amax(-1) / 448
+    w_scale = w_scale.unflatten(0, (-1, 128)).amax(1).repeat_interleave(128, 0)
+    w_q = (w / w_scale.repeat_interleave(128, 1)).to(torch.float8_e4m3fn)
+    blocks = block_scales_for_cublas(w_scale)
+    bias = torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)
+    for m in BATCHES + [17]:
+        x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        x_q, x_scale = per_token_quant_fp8(x, 128, group_major=True)
+        b = bias if m % 2 else None
+        ref = fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, 128, b, torch.float32)
+        out = fp8_block_scaled_mm(x_q, x_scale, w_q, blocks, b, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        assert_close_rel(out, ref, 1e-2)

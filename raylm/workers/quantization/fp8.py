@@ -105,6 +105,14 @@ class FP8BlockLinearMethod:
         # reads each K step's scales for a tile's rows in one coalesced load.
         scale = layer.weight_scale_inv.data
         layer.weight_scale_inv.data = scale.t().contiguous().t()
+        # cuBLAS's layout of the same 128x128 blocks, for large batches (quant_gemm.fp8_block_gemm)
+        layer.weight_blocks = None
+        c = self.config
+        n, k = layer.weight.shape
+        if scale.is_cuda and (c.block_n, c.block_k) == (128, 128) and n % 128 == 0 and k % 128 == 0:
+            from raylm.kernels.quant_gemm import block_scales_for_cublas
+
+            layer.weight_blocks = block_scales_for_cublas(scale)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         bk = self.config.block_k
@@ -132,5 +140,6 @@ def _apply_cuda(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
     if pad:  # a last partial block (rare: K is a multiple of 128 in real models)
         x2, w = F.pad(x2, (0, pad)), F.pad(w.view(torch.uint8), (0, pad)).view(w.dtype)
     xq, xs = quant_act.per_token_quant_fp8(x2, bk, group_major=True)
-    y = quant_gemm.fp8_block_gemm(xq, xs, w, layer.weight_scale_inv, bk, bias, out_dtype=x.dtype)
+    y = quant_gemm.fp8_block_gemm(xq, xs, w, layer.weight_scale_inv, bk, bias, out_dtype=x.dtype,
+                                  w_blocks=None if pad else layer.weight_blocks)
     return y.reshape(*shape[:-1], -1)
