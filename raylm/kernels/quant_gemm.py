@@ -1017,10 +1017,11 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
 FP8_BLOCK_CUBLAS_MIN_M = 256
 
 def block_scales_for_cublas(w_scale_rows: torch.Tensor, group_n: int = 128) -> torch.Tensor:
-    """The [N, G] row-expanded block scales (fp8_block_gemm's w_scale) -> the [G4, N / 128]
+    """The [N, G] row-expanded block scales (fp8_block_gemm's w_scale) -> the [G, N / 128]
     view cuBLAS's 128x128 weight scaling reads (torch._scaled_mm): one row of blocks per 128
-    output rows, G padded to G4, a multiple of 4, stored block-row-major and viewed
-    transposed (as PyTorch's own block-wise tests lay it out)."""
+    output rows, stored block-row-major with rows padded to a multiple of 4 and viewed
+    transposed (PyTorch's own block-wise tests lay it out so; torch 2.11 refuses the padded
+    shape and, on the H200, a [2, 2] view with stride (1, 2) gave wrong products)."""
     n, g = w_scale_rows.shape
     if group_n != 128 or n % 128:
         raise ValueError(f"N is {n} with {group_n}-row blocks; cuBLAS's block scaling needs 128-row blocks "
@@ -1028,7 +1029,7 @@ def block_scales_for_cublas(w_scale_rows: torch.Tensor, group_n: int = 128) -> t
     blocks = w_scale_rows[::128].float()
     compact = torch.zeros(n // 128, -(-g // 4) * 4, dtype=torch.float32, device=blocks.device)
     compact[:, :g] = blocks
-    return compact.t()
+    return compact.t()[:g]
 
 
 _BLOCK_SCALED_MM = {}
@@ -1036,17 +1037,18 @@ _BLOCK_SCALED_MM = {}
 
 def block_scaled_mm_ok(x_q: torch.Tensor, k: int, n: int, group_k: int) -> bool:
     """Whether torch._scaled_mm runs the DeepSeek recipe (1x128 activation and 128x128
-    weight scales) here: CUDA sm90 (cuBLAS 12.9+), 128-wide groups, K and N multiples of
-    128. Probed once per device with a tiny product."""
-    if x_q.device.type != "cuda" or group_k != 128 or k % 128 or n % 128 or _capability(x_q) != (9, 0):
+    weight scales) here: CUDA sm90 (cuBLAS 12.9+), 128-wide groups, N a multiple of 128 and
+    K of 512 (whole groups of 4 blocks: the only case checked on a GPU). Probed once per
+    device with a small product."""
+    if x_q.device.type != "cuda" or group_k != 128 or k % 512 or n % 128 or _capability(x_q) != (9, 0):
         return False
     key = x_q.device.index
     if key not in _BLOCK_SCALED_MM:
         try:
-            a = torch.zeros(4, 128, device=x_q.device).to(torch.float8_e4m3fn)
-            a_s = torch.ones(1, 4, device=x_q.device).t()
-            b = torch.zeros(128, 128, device=x_q.device).to(torch.float8_e4m3fn)
-            b_s = block_scales_for_cublas(torch.ones(128, 1, device=x_q.device))
+            a = torch.zeros(4, 512, device=x_q.device).to(torch.float8_e4m3fn)
+            a_s = torch.ones(4, 4, device=x_q.device).t()
+            b = torch.zeros(128, 512, device=x_q.device).to(torch.float8_e4m3fn)
+            b_s = block_scales_for_cublas(torch.ones(128, 4, device=x_q.device))
             torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s, out_dtype=torch.bfloat16)
             _BLOCK_SCALED_MM[key] = True
         except (RuntimeError, NotImplementedError, ValueError):
@@ -1064,9 +1066,9 @@ def fp8_block_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Ten
     m, k = x_q.shape
     n = w_q.shape[0]
     g = k // 128
-    _check_shape("w_blocks", w_blocks, (-(-g // 4) * 4, n // 128))
+    _check_shape("w_blocks", w_blocks, (g, n // 128))
     if not block_scaled_mm_ok(x_q, k, n, 128):
-        rows = w_blocks[:g].t().repeat_interleave(128, 0)
+        rows = w_blocks.t().repeat_interleave(128, 0)
         return fp8_block_gemm(x_q, x_scale, w_q, rows, 128, bias, out_dtype)
     pad = -m % 4
     if pad:
