@@ -178,7 +178,6 @@ def test_random_workload_never_leaks():
 
     rng = random.Random(0)
     sched, bm = make(num_blocks=20, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
-    live = 0
     for step in range(400):
         if rng.random() < 0.3:
             n = rng.randint(1, 30)

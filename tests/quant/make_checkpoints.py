@@ -254,8 +254,6 @@ def last_logprobs(model, ps):
 
 def write_reference(path: str, name: str, model, tool: str, tool_version: str | None, loader: str,
                     note: str | None = None, extra: dict | None = None) -> None:
-    import torch
-
     cfg = json.load(open(os.path.join(path, "config.json")))
     vocab = cfg["vocab_size"]
     ps = prompts(vocab)
