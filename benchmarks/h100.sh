@@ -34,8 +34,6 @@
 #   bash benchmarks/h100.sh w   # block-scaled fp8 through cuBLAS (torch._scaled_mm 1x128 x 128x128):
 #                               # GPU kernel and fp8 engine tests, the GEMMs beside bf16, per-channel
 #                               # fp8 and the Triton block kernel
-#   bash benchmarks/h100.sh x   # w4r dequantizing in L2-sized column chunks: GPU tests, the
-#                               # fused/dequantize crossover from 128 to 1024 rows
 #   bash benchmarks/h100.sh s   # W4A16 (w4r) final tiles: the GEMMs beside bf16 and the checkpoint-layout
 #                               # kernel, end to end beside bf16 (batch 1 and random)
 #   bash benchmarks/h100.sh j   # end to end beside bf16 (batch 1 and random): W4A16, and bf16,
@@ -157,11 +155,6 @@ w)
     tests/gpu/test_quant_engine_gpu.py -k "fp8"
   step gemm 200 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,128,256,512,1024,4096 \
     --formats bf16,fp8,fp8-block,fp8-block-cublas
-  ;;
-x)
-  step pytest 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_quant_kernels_gpu.py \
-    tests/test_quant_kernels.py -k w4r
-  step tune 300 python3 $B/w4a16_tune.py --stages w4r --m 128 --large-m 256,512,1024
   ;;
 s)
   step gemm 100 python3 $B/quant_gemm.py --reps 10 --m 1,16,64,128,256,512 \

@@ -321,24 +321,6 @@ def test_w4r_gemm(m, group_size, split_k, dequant, dtype):
     torch.testing.assert_close(out.float(), ref, **tol)
 
 
-def test_w4r_dequantize_in_column_chunks(monkeypatch):
-    # Many rows: the weight is dequantized a chunk of columns at a time (here 128 of 296,
-    # the last chunk partial) into one reused buffer, each chunk multiplied into its slice.
-    from raylm.kernels import quant_gemm
-
-    monkeypatch.setattr(quant_gemm, "W4R_CHUNK_BYTES", 128 * 128 * 4)
-    gen = torch.Generator().manual_seed(11)
-    k, n = 128, 296
-    q, z, s, _, w = random_quantized(k, n, 4, 32, False, False, gen)
-    qweight, scales, zb = (t.to(DEVICE) for t in repack_w4(q, z, s, DTYPE))
-    x = torch.randn(7, k, generator=gen).to(DEVICE, DTYPE)
-    bias = torch.randn(n, generator=gen).to(DEVICE, DTYPE)
-    out = w4r_gemm(x, qweight, scales, zb, 32, bias=bias, dequant_min_m=1)
-    ref = x.float() @ dequantize_w4r(qweight, scales, zb, 32) + bias.float()
-    tol = TOL if DTYPE == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(out.float(), ref, **tol)
-
-
 def test_w4r_gemm_checks():
     q = torch.zeros(64, 32, dtype=torch.int32)
     qweight, s, zb = (t.to(DEVICE) for t in repack_w4(q, None, torch.ones(2, 32), DTYPE))

@@ -496,7 +496,6 @@ W4R_INTERPRET_CONFIG = W4Config(16, 32, 32, 1, False, 1, 1)
 # 342 us against the fused kernel's 283, at 384 411 against 510 (best tile).
 W4R_DEQUANT_MIN_M = 257
 W4R_DEQUANT_TILE = (128, 64)  # (BLOCK_N, BLOCK_K) of the dequantizing kernel
-W4R_CHUNK_BYTES = 16 << 20  # dequantized columns per dense product (a third of an H100's L2)
 
 
 @triton.jit
@@ -563,22 +562,22 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
 
 
 @triton.jit
-def _w4r_dequant_kernel(qw_ptr, s_ptr, zb_ptr, out_ptr, N, K, stride_row, GROUP: tl.constexpr,
-                        MAGIC: tl.constexpr, BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """N columns of the weight (row stride stride_row in qweight, scales and zb),
-    dequantized into out [N, K] (nn.Linear's layout)."""
+def _w4r_dequant_kernel(qw_ptr, s_ptr, zb_ptr, out_ptr, N, K, GROUP: tl.constexpr, MAGIC: tl.constexpr,
+                        BASE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The whole weight, dequantized into out [N, K] (nn.Linear's layout)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     words_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     mask_n = offs_n < N
-    words = tl.load(qw_ptr + words_k[None, :] * stride_row + offs_n[:, None],
+    words = tl.load(qw_ptr + words_k[None, :] * N + offs_n[:, None],
                     mask=mask_n[:, None] & (words_k < K // 8)[None, :], other=0)
     if GROUP:
         g = k0 // GROUP
     else:
         g = 0
-    s = tl.load(s_ptr + g * stride_row + offs_n, mask=mask_n, other=0.0)[:, None]
-    zb = tl.load(zb_ptr + g * stride_row + offs_n, mask=mask_n, other=0.0)[:, None]
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
+    zb = tl.load(zb_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
     w = _w4r_tile(words, s, zb, MAGIC, BASE, BLOCK_N, BLOCK_K)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
@@ -634,22 +633,14 @@ def w4r_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zb: t
         return out.view(*x.shape[:-1], n)
     one_group = group_size == -1 or num_groups == 1
     if config is None and m >= (W4R_DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m):
-        # Many rows: dequantize W4R_CHUNK_BYTES of columns at a time into one scratch buffer
-        # and multiply each chunk densely; the buffer is rewritten in place, so it can stay
-        # in L2 instead of being written to and read back from HBM.
         block_n, block_k = W4R_DEQUANT_TILE
         while not one_group and group_size % block_k and block_k > 16:
             block_k //= 2
-        chunk = min(n, max(block_n, W4R_CHUNK_BYTES // (k * x.element_size()) // block_n * block_n))
-        w = torch.empty(chunk, k, dtype=x.dtype, device=x.device)
-        for n0 in range(0, n, chunk):
-            cn = min(chunk, n - n0)
-            _w4r_dequant_kernel[(triton.cdiv(cn, block_n), triton.cdiv(k, block_k))](
-                qweight[:, n0:], scales[:, n0:], zb[:, n0:], w, cn, k, n, GROUP=0 if one_group else group_size,
-                MAGIC=magic, BASE=base, BLOCK_N=block_n, BLOCK_K=block_k)
-            torch.mm(x2, w[:cn].t(), out=out[:, n0:n0 + cn])
-        if bias is not None:
-            out += bias.to(x.dtype)
+        w = torch.empty(n, k, dtype=x.dtype, device=x.device)
+        _w4r_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+            qweight, scales, zb, w, n, k, GROUP=0 if one_group else group_size, MAGIC=magic, BASE=base,
+            BLOCK_N=block_n, BLOCK_K=block_k)
+        out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
         return out.view(*x.shape[:-1], n)
     cfg = config if config is not None else pick_w4r_config(m, k, n, group_size)
     _check_config(cfg, 4)
