@@ -557,6 +557,44 @@ def test_fp8_block_scaled_mm_layout_and_fallback():
         fp8_block_scaled_mm(x_q, x_scale, w_q, blocks[:, :1], None)
 
 
+def test_fp8_block_gemm_routes_large_batches_to_cublas(monkeypatch):
+    # From FP8_BLOCK_CUBLAS_MIN_M rows with cuBLAS's layout of the blocks, fp8_block_gemm
+    # hands the product to torch._scaled_mm. A stand-in checks the operands as cuBLAS's
+    # block scaling takes them (M a multiple of 4, activation scales outer-dim-major,
+    # weight scales [K/128, N/128] with a row stride padded to 4) and computes the product.
+    from raylm.kernels import quant_gemm
+
+    calls = []
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        m4, k = a.shape
+        assert m4 % 4 == 0 and b.shape == (k, scale_b.shape[1] * 128) and b.stride(0) == 1
+        assert scale_a.shape == (m4, k // 128) and scale_a.stride() == (1, m4)
+        assert scale_b.shape == (k // 128, b.shape[1] // 128) and scale_b.stride(0) == 1
+        assert scale_b.stride(1) % 4 == 0 and scale_b.stride(1) >= k // 128
+        calls.append(m4)
+        xa = a.float() * scale_a.repeat_interleave(128, 1)
+        wb = b.float() * scale_b.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return (xa @ wb).to(out_dtype)
+
+    monkeypatch.setattr(quant_gemm, "block_scaled_mm_ok", lambda x_q, k, n, group_k: True)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    k, n = 512, 256
+    for m in (quant_gemm.FP8_BLOCK_CUBLAS_MIN_M, quant_gemm.FP8_BLOCK_CUBLAS_MIN_M + 2):
+        x, w, x_q, x_scale, w_q, w_scale, bias = _block_operands(m, k, n, 128, m)
+        w_scale = w_scale.unflatten(0, (-1, 128))[:, :1].expand(-1, 128, -1).reshape(n, -1)  # 128x128 blocks
+        x_scale_gm = x_scale.t().contiguous().t()
+        out = quant_gemm.fp8_block_gemm(x_q, x_scale_gm, w_q, w_scale, 128, bias, torch.float32,
+                                        w_blocks=block_scales_for_cublas(w_scale))
+        ref = fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, 128, bias, torch.float32)
+        assert out.shape == (m, n) and calls[-1] == -(-m // 4) * 4
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+    calls.clear()  # fewer rows stay on the Triton kernel
+    x, w, x_q, x_scale, w_q, w_scale, bias = _block_operands(5, k, n, 128, 5)
+    quant_gemm.fp8_block_gemm(x_q, x_scale, w_q, w_scale, 128, w_blocks=block_scales_for_cublas(w_scale))
+    assert calls == []
+
+
 def test_fp8_block_gemm_checks():
     x_q = torch.zeros(2, 64, dtype=torch.float8_e4m3fn)
     w_q = torch.zeros(8, 64, dtype=torch.float8_e4m3fn)
