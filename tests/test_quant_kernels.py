@@ -311,7 +311,8 @@ def test_w4r_gemm(m, group_size, split_k, dequant, dtype):
     qweight, scales, zb = (t.to(DEVICE) for t in repack_w4(q, z, s, dtype))
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
     bias = torch.randn(n, generator=gen).to(DEVICE, dtype) if m % 2 else None
-    cfg = None if dequant else W4Config(16, 32 if DEVICE == "cpu" else 64, 32, split_k, False, 4 if DEVICE == "cuda" else 1, 1)
+    cfg = None if dequant else W4Config(16, 32 if DEVICE == "cpu" else 64, 32, split_k, False,
+                                        4 if DEVICE == "cuda" else 1, 1)
     out = w4r_gemm(x, qweight, scales, zb, group_size, bias=bias, dequant_min_m=1 if dequant else None, config=cfg)
     ref = x.float() @ dequantize_w4r(qweight, scales, zb, group_size)
     if bias is not None:

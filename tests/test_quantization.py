@@ -241,3 +241,33 @@ def test_bad_quantization_config_names_the_key(tmp_path):
     Cfg.quantization_config = {"quant_method": "auto-round", "packing_format": "auto_round:marlin", "bits": 4}
     with pytest.raises(ValueError, match="packing_format"):
         get_quant_config(Cfg())
+
+
+@pytest.mark.parametrize("name", ["gptqmodel-w4g32-descact", "autoround-gptq-w4g32-asym", "autoround-awq-w4g32-asym",
+                                  "autoround-ct-w4a16-g32-sym"])
+def test_gpu_repacking_keeps_each_layers_function(name):
+    """On the GPU every 4-bit layer is repacked at load into quant_gemm's w4r layout
+    (GPTQ v1 zero offsets, AWQ's column order, compressed-tensors' symmetric zeros, act-order
+    rows already sorted). Here each layer of a tool-made checkpoint is repacked the same way
+    on CPU, in float32, and its w4r kernel (Triton's interpreter) must give what the layer
+    gave before, to float32 rounding; the packed weight keeps its int32 size."""
+    if not torch.cuda.is_available():
+        from raylm.kernels.interpret import use_interpreter
+
+        use_interpreter()
+    llm = LLM(os.path.join(CKPT, name), dtype="float32", max_model_len=64)
+    try:
+        layers = [m for m in llm.llm_engine.executor.runner.model.modules()
+                  if hasattr(getattr(m, "quant_method", None), "repack_w4r")]
+        assert layers
+        gen = torch.Generator().manual_seed(0)
+        for layer in layers:
+            x = torch.randn(3, layer.input_size_per_partition, generator=gen)
+            before = layer.quant_method.apply(layer, x)
+            size = layer.qweight.numel()
+            layer.quant_method.repack_w4r(layer)
+            assert layer.qweight.dtype == torch.int32 and layer.qweight.numel() == size and layer.qzeros is None
+            after = layer.quant_method.apply(layer, x)
+            torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    finally:
+        llm.shutdown()

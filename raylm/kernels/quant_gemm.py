@@ -563,8 +563,7 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
 
 @triton.jit
 def _w4r_dequant_kernel(qw_ptr, s_ptr, zb_ptr, out_ptr, N, K, GROUP: tl.constexpr, MAGIC: tl.constexpr,
-                        BASE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole weight, dequantized into out [N, K] (nn.Linear's layout)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -650,9 +649,10 @@ def w4r_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zb: t
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
     _w4r_kernel[grid](x2, qweight, scales, zb, bias if bias is not None else scales, target,
-                      m, n, k, k_per_split, x2.stride(0), n, GROUP=0 if one_group else group_size, MAGIC=magic, BASE=base,
-                      HAS_BIAS=bias is not None and split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      m, n, k, k_per_split, x2.stride(0), n, GROUP=0 if one_group else group_size,
+                      MAGIC=magic, BASE=base, HAS_BIAS=bias is not None and split == 1, BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
@@ -1017,6 +1017,7 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
 # cuBLAS 118 / 119 / 144 / 211 / 1769 us at M = 64 / 128 / 256 / 512 / 4096, the Triton
 # kernel 102 / 137 / 218 / 376 / 2910, bf16 cuBLAS 132 / 141 / 182 / 300 / 2584.
 FP8_BLOCK_CUBLAS_MIN_M = 128
+
 
 def block_scales_for_cublas(w_scale_rows: torch.Tensor, group_n: int = 128) -> torch.Tensor:
     """The [N, G] row-expanded block scales (fp8_block_gemm's w_scale) -> the [G, N / 128]
