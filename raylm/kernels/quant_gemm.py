@@ -499,11 +499,20 @@ W4R_DEQUANT_TILE = (128, 64)  # (BLOCK_N, BLOCK_K) of the dequantizing kernel
 
 
 @triton.jit
-def _w4r_tile(words, s, zb, MAGIC: tl.constexpr, BASE: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-    """words [BLOCK_N, BLOCK_K // 8] int32 (w4r), s and zb [BLOCK_N, 1] -> the weight
-    tile transposed, [BLOCK_N, BLOCK_K], in s's dtype (float32 without MAGIC, where zb is
-    BASE + z)."""
+def _w4r_tile(qw_ptr, s_ptr, zb_ptr, k0, offs_n, mask_n, N, K, GROUP: tl.constexpr, MAGIC: tl.constexpr,
+              BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight tile at rows k0 .. k0 + BLOCK_K, columns offs_n, transposed:
+    [BLOCK_N, BLOCK_K] in the scales' dtype (float32 without MAGIC, where zb is BASE + z).
+    GROUP: rows per group (a multiple of BLOCK_K), 0 for one group."""
+    words_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(qw_ptr + words_k[None, :] * N + offs_n[:, None],
+                    mask=mask_n[:, None] & (words_k < K // 8)[None, :], other=0)
+    if GROUP:
+        g = k0 // GROUP
+    else:
+        g = 0
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
+    zb = tl.load(zb_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
     if MAGIC:
         t0 = (words & 0x000F000F) | MAGIC
         t1 = ((words >> 4) & 0x000F000F) | MAGIC
@@ -526,8 +535,8 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
                 GROUP: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, n] for one [BLOCK_M, BLOCK_N] tile (or, K split across program_id(2), that
-    split's float32 partial at out + split * M * N), computed transposed. GROUP: rows per
-    group (a multiple of BLOCK_K), 0 for one group."""
+    split's float32 partial at out + split * M * N), computed transposed. GROUP as in
+    _w4r_tile."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -540,19 +549,10 @@ def _w4r_kernel(x_ptr, qw_ptr, s_ptr, zb_ptr, bias_ptr, out_ptr, M, N, K, k_per_
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        words_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(qw_ptr + words_k[None, :] * N + offs_n[:, None],
-                        mask=mask_n[:, None] & (words_k < K // 8)[None, :], other=0)
-        if GROUP:
-            g = k0 // GROUP
-        else:
-            g = 0
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
-        zb = tl.load(zb_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
+        w = _w4r_tile(qw_ptr, s_ptr, zb_ptr, k0, offs_n, mask_n, N, K, GROUP, MAGIC, BASE, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None],
                      mask=mask_m[None, :] & (offs_k < K)[:, None], other=0.0)
-        w = _w4r_tile(words, s, zb, MAGIC, BASE, BLOCK_N, BLOCK_K)
         acc += tl.dot(w.to(xt.dtype), xt)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -567,17 +567,8 @@ def _w4r_dequant_kernel(qw_ptr, s_ptr, zb_ptr, out_ptr, N, K, GROUP: tl.constexp
     """The whole weight, dequantized into out [N, K] (nn.Linear's layout)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    words_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     mask_n = offs_n < N
-    words = tl.load(qw_ptr + words_k[None, :] * N + offs_n[:, None],
-                    mask=mask_n[:, None] & (words_k < K // 8)[None, :], other=0)
-    if GROUP:
-        g = k0 // GROUP
-    else:
-        g = 0
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
-    zb = tl.load(zb_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
-    w = _w4r_tile(words, s, zb, MAGIC, BASE, BLOCK_N, BLOCK_K)
+    w = _w4r_tile(qw_ptr, s_ptr, zb_ptr, k0, offs_n, mask_n, N, K, GROUP, MAGIC, BASE, BLOCK_N, BLOCK_K)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=mask_n[:, None] & (offs_k < K)[None, :])
@@ -617,11 +608,11 @@ def w4r_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zb: t
     if not (x.dtype == scales.dtype == zb.dtype) or x.dtype not in W4R_BASE:
         raise ValueError(f"x, scales and zb have dtypes {x.dtype}, {scales.dtype}, {zb.dtype}; one of "
                          f"{list(W4R_BASE)} is needed")
-    magic = W4R_MAGIC.get(x.dtype, 0)
-    if not magic and os.environ.get("TRITON_INTERPRET") != "1":
+    # The interpreter has no 16-bit bit patterns: there the kernel's float32 path, same values.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    magic = 0 if interpreted else W4R_MAGIC.get(x.dtype, 0)
+    if not magic and not interpreted:
         raise ValueError(f"x has dtype {x.dtype}; the w4r kernel takes {list(W4R_MAGIC)} on the GPU")
-    if magic and os.environ.get("TRITON_INTERPRET") == "1":
-        magic = 0  # the interpreter has no 16-bit bit patterns: its float32 path, same values
     base = W4R_BASE[x.dtype]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
