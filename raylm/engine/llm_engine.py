@@ -19,6 +19,7 @@ from raylm.engine.sampling_params import SamplingParams
 from raylm.scheduler.block_manager import BlockManager
 from raylm.scheduler.request import Request, RequestStatus
 from raylm.scheduler.scheduler import Scheduler, SchedulerConfig
+from raylm.engine.planner import StepPlanner, worker_sampling
 from raylm.workers.messages import NewRequest, StepPlan
 
 logger = logging.getLogger("raylm")
@@ -77,8 +78,7 @@ class LLMEngine(OutputProcessor):
             long_prefill_token_threshold=args.long_prefill_token_threshold), self.block_manager)
         self.groups: dict[str, RequestGroup] = {}
         self.completions: dict[str, CompletionState] = {}  # scheduler request id -> completion
-        self._worker_known: set[str] = set()
-        self._worker_finished: list[str] = []
+        self.planner = StepPlanner(self._new_request)
         self._counter = 0
         self.reset_timing()
         # Offline generate() needs only finished requests; skip building the others.
@@ -223,20 +223,12 @@ class LLMEngine(OutputProcessor):
 
     # ---- one step ------------------------------------------------------------------
     def _plan(self, sched_out) -> StepPlan:
-        plan = StepPlan(finished_ids=self._worker_finished,
-                        preempted_ids=list(sched_out.preempted_ids) if sched_out else [])
-        self._worker_finished = []
-        for s in sched_out.seqs:
-            plan.seqs.append(s)
-            if s.request_id not in self._worker_known:
-                comp = self.completions[s.request_id]
-                sampling = comp.params.to_dict()
-                sampling["eos_token_ids"] = self.eos_token_ids
-                if comp.index > 0:
-                    sampling["prompt_logprobs"] = None
-                plan.new_requests.append(NewRequest(s.request_id, comp.request.prompt_token_ids, sampling))
-                self._worker_known.add(s.request_id)
-        return plan
+        return self.planner.plan(sched_out)
+
+    def _new_request(self, request_id: str) -> NewRequest:
+        comp = self.completions[request_id]
+        return NewRequest(request_id, comp.request.prompt_token_ids,
+                          worker_sampling(comp.params, self.eos_token_ids, comp.index))
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of requests that progressed (finished ones
@@ -336,7 +328,7 @@ class LLMEngine(OutputProcessor):
         """Schedule one step: (scheduler output, step plan), or None when there is nothing
         to send. A plan may carry only finished ids (worker state to drop)."""
         sched_out = self.scheduler.schedule()
-        if not sched_out and not self._worker_finished:
+        if not sched_out and not self.planner.has_finished:
             return None
         return sched_out, self._plan(sched_out)
 

@@ -4,7 +4,7 @@ apply stop strings and build the RequestOutputs (vLLM's output processor).
 
 A mixin of `LLMEngine`, whose state it reads: scheduler, completions (scheduler request id
 -> CompletionState), groups (request id -> RequestGroup), counters, tokenizer,
-eos_token_ids, max_model_len and the worker bookkeeping (_worker_known, _worker_finished)."""
+eos_token_ids, max_model_len and the step planner."""
 from __future__ import annotations
 
 import time
@@ -26,9 +26,7 @@ class OutputProcessor:
         comp.finish_reason = status.value
         comp.stop_reason = stop_reason
         self.completions.pop(rid, None)
-        if rid in self._worker_known:
-            self._worker_known.discard(rid)
-            self._worker_finished.append(rid)
+        self.planner.finished(rid)
 
     def _decode_one(self, token_id: int) -> Optional[str]:
         return None if self.tokenizer is None else decode_single_token(self.tokenizer, token_id)
