@@ -59,6 +59,9 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
+        # When a list: (1, hash) as a block is cached, (0, hash) as it is evicted, so a
+        # router can follow what this pool caches without asking for all of it.
+        self.hash_events: Optional[list[tuple[int, int]]] = None
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -148,6 +151,8 @@ class BlockManager:
             block = self.blocks[block_id]
             if self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
+                if self.hash_events is not None:
+                    self.hash_events.append((0, block.block_hash))
             block.block_hash = None
             block.tokens = None
         self.blocks[block_id].ref_count = 1
@@ -169,6 +174,8 @@ class BlockManager:
                 block.block_hash = h
                 block.tokens = tokens
                 self.hash_to_block[h] = block.block_id
+                if self.hash_events is not None:
+                    self.hash_events.append((1, h))
             request.block_hashes.append(h)
             parent = h
 
@@ -192,7 +199,8 @@ class BlockManager:
         """Forget every cached-but-free block (blocks in use keep their hashes)."""
         for block_id in list(self.free_cached):
             block = self.blocks[block_id]
-            self.hash_to_block.pop(block.block_hash, None)
+            if self.hash_to_block.pop(block.block_hash, None) is not None and self.hash_events is not None:
+                self.hash_events.append((0, block.block_hash))
             block.block_hash = None
             block.tokens = None
             self.free_uncached.append(block_id)

@@ -1,0 +1,155 @@
+"""The cluster in one process: engine cores in threads of this process, the router and
+the frontend beside them. The same code as the Serve application minus the process
+boundaries: tests, benchmarks and embedding use it (`LocalCluster`), and it is a `Backend`
+the HTTP and gRPC fronts can serve directly.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from raylm.cluster.frontend import Frontend
+from raylm.cluster.router import Router
+from raylm.engine.config import EngineArgs
+from raylm.engine.core import EngineCore, EngineCoreRequest
+from raylm.engine.core_loop import CoreLoop
+from raylm.engine.metrics import render_metrics
+from raylm.engine.model_config import ModelConfig
+
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+# Waiting sequences the router admits beyond what every group runs at once (SGLang's
+# --max-queued-requests); past it a request gets 429 with Retry-After.
+DEFAULT_MAX_QUEUED_REQUESTS = 4096
+
+
+class LocalCoreClient:
+    """An engine core running in a thread of this process (a `CoreClient`)."""
+
+    def __init__(self, core: EngineCore, name: str = "raylm-core"):
+        self.core = core
+        self.loop = CoreLoop(core, self._deliver, name).start()
+        self._aio: Optional[asyncio.AbstractEventLoop] = None
+        self._subs: dict = {}
+
+    def _deliver(self, batches: dict) -> None:  # on the core's thread
+        if self._aio is not None:
+            self._aio.call_soon_threadsafe(self._dispatch, batches)
+
+    def _dispatch(self, batches: dict) -> None:
+        for sub, outs in batches.items():
+            entry = self._subs.get(sub)
+            if entry is not None:
+                entry[0](outs)
+
+    async def add(self, requests: list[EngineCoreRequest]) -> None:
+        self.loop.add(requests)
+
+    def abort(self, request_ids: list[str], reason: str = "abort") -> None:
+        if self.loop.alive:
+            self.loop.abort(request_ids, reason)
+
+    def subscribe(self, subscriber: str, on_batch, on_error) -> None:
+        self._aio = asyncio.get_running_loop()
+        self._subs[subscriber] = (on_batch, on_error)
+
+    def unsubscribe(self, subscriber: str) -> None:
+        self._subs.pop(subscriber, None)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self.core.shutdown()
+
+
+class LocalRouterClient:
+    """The router in this process, refreshed from the cores' snapshots as it routes."""
+
+    def __init__(self, router: Router, clients: list[LocalCoreClient], model_name: str):
+        self.router = router
+        self.clients = clients
+        self.model_name = model_name
+
+    def refresh(self) -> None:
+        for i, c in enumerate(self.clients):
+            self.router.update(i, c.loop.snapshot(self.router.groups[i].seq))
+
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int) -> int:
+        self.refresh()
+        return self.router.assign(request_id, hashes, num_seqs)
+
+    def release(self, request_ids: list[str]) -> None:
+        self.router.release(request_ids)
+
+    async def metrics_text(self) -> bytes:
+        snaps = [c.loop.snapshot(-1) for c in self.clients]
+        return render_metrics(self.model_name, [s["stats"] for s in snaps], [s["metrics"] for s in snaps])
+
+    async def check_health(self) -> None:
+        self.refresh()
+        failed = [i for i, g in enumerate(self.router.groups) if not g.alive]
+        if failed:
+            raise RuntimeError(f"worker group(s) {failed} failed")
+
+
+def build_cores(args: EngineArgs, num_groups: int, model: ModelConfig) -> list[EngineCore]:
+    """One engine core per group. Cores whose ranks run in Ray actors start at once, one
+    thread each (each mostly waits for its actors); in-process ones one by one, as they
+    share this process's CPU. If any fails, the started ones are shut down and its
+    error is raised."""
+    on_ray = args.tensor_parallel_size > 1 or args.distributed_executor_backend == "ray"
+    cores, errors = [], []
+    if on_ray and num_groups > 1:
+        with ThreadPoolExecutor(num_groups, thread_name_prefix="raylm-group") as pool:
+            for future in [pool.submit(EngineCore, args, model) for _ in range(num_groups)]:
+                try:
+                    cores.append(future.result())
+                except BaseException as exc:
+                    errors.append(exc)
+    else:
+        for _ in range(num_groups):
+            try:
+                cores.append(EngineCore(args, model))
+            except BaseException as exc:
+                errors.append(exc)
+                break
+    if errors:
+        for core in cores:
+            core.shutdown()
+        raise errors[0]
+    return cores
+
+
+class LocalCluster(Frontend):
+    """`num_groups` engine cores in this process behind a router and a frontend."""
+
+    def __init__(self, engine_args: EngineArgs, num_groups: int = 1,
+                 served_model_name: Optional[str] = None,
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS):
+        if not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
+        self.engine_args = engine_args
+        model = ModelConfig.from_args(engine_args)
+        self.model = model
+        self.cores = build_cores(engine_args, num_groups, model)
+        self.clients = [LocalCoreClient(c, f"raylm-core-{i}") for i, c in enumerate(self.cores)]
+        name = served_model_name or engine_args.model or DEFAULT_SERVED_NAME
+        self.ledger = Router(num_groups, engine_args.max_num_seqs, max_queued_requests)
+        self.router_client = LocalRouterClient(self.ledger, self.clients, name)
+        super().__init__(self.router_client, self.clients,
+                         model.load_tokenizer(), name, model.max_model_len, model.vocab_size,
+                         engine_args.max_logprobs, engine_args.block_size,
+                         engine_args.enable_prefix_caching)
+
+    def stats(self) -> dict:
+        self.router_client.refresh()
+        return self.ledger.stats()
+
+    async def shutdown(self) -> None:
+        self.unsubscribe_all()
+        for c in self.clients:
+            c.shutdown()
+
+    def info(self) -> dict:
+        return {"model_name": self.model_name, "max_model_len": self.max_model_len,
+                "model_dir": self.model.model_dir, "max_logprobs": self.max_logprobs,
+                "num_groups": len(self.cores)}

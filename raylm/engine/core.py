@@ -1,0 +1,459 @@
+"""The engine core: one worker group's continuous-batching loop, in token ids.
+
+`EngineCore.step()` schedules one iteration, runs it on the executor and returns, per
+request that progressed, the token ids it gained, their log-probabilities and, when it
+ended, why (EOS, a stop token, its length). It knows no text: tokenizing, detokenizing,
+stop strings and response shaping happen at the edge (`raylm.engine.output_processor`),
+which sends an abort back when a stop string ends a request. The offline `LLM` drives a
+core in-process; the cluster runs one per worker group in its own process
+(`raylm.engine.core_loop`, `raylm.cluster.core_actor`).
+
+Each user request with `n` completions arrives as n core requests that share a
+`prefix_group` (the user request id), so only one of them prefills and the others find
+the prompt in the prefix cache.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from raylm.engine.config import CPU_KV_CACHE_CAP_BYTES, EngineArgs, resolve_device, resolve_dtype
+from raylm.engine.metrics import CoreMetrics
+from raylm.engine.model_config import ModelConfig
+from raylm.engine.planner import StepPlanner, worker_sampling
+from raylm.engine.sampling_params import SamplingParams
+from raylm.scheduler.block_manager import BlockManager
+from raylm.scheduler.request import Request, RequestStatus
+from raylm.scheduler.scheduler import Scheduler, SchedulerConfig
+from raylm.workers.messages import NewRequest, StepResult, TokenLogprobs
+
+logger = logging.getLogger("raylm")
+
+
+@dataclass
+class EngineCoreRequest:
+    """One completion to generate: the prompt's token ids and its own sampling
+    parameters (max_tokens resolved, the per-completion seed set)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    index: int = 0  # which of the user request's n completions
+    prefix_group: Optional[str] = None  # the user request id when n > 1
+    arrival_time: float = 0.0
+    priority: int = 0
+    subscriber: Optional[str] = None  # where its outputs go (the cluster's ingress replica)
+
+    @property
+    def group_id(self) -> str:
+        return self.prefix_group or self.request_id
+
+    def to_wire(self) -> tuple:
+        return (self.request_id, self.prompt_token_ids, self.params.to_dict(), self.index,
+                self.prefix_group, self.arrival_time, self.priority, self.subscriber)
+
+    @classmethod
+    def from_wire(cls, row) -> "EngineCoreRequest":
+        rid, ids, params, index, group, arrival, priority, subscriber = row
+        return cls(rid, list(ids), SamplingParams.from_dict(params), index, group, arrival,
+                   priority, subscriber)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one core request gained in one step. Log-probability rows are the workers'
+    (`TokenLogprobs`); `error` is set when the request failed with its worker group."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: Optional[list[TokenLogprobs]] = None
+    prompt_logprobs: Optional[list[TokenLogprobs]] = None
+    finish_reason: Optional[str] = None  # "stop", "length", "abort"
+    stop_reason: Optional[int] = None  # the stop token id that ended it
+    num_cached_tokens: int = 0
+    error: Optional[str] = None
+    # Where the output goes (in the core's process only; not on the wire).
+    subscriber: Optional[str] = field(default=None, repr=False, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def to_wire(self) -> tuple:
+        return (self.request_id, self.new_token_ids,
+                None if self.new_logprobs is None else [_lp_row(x) for x in self.new_logprobs],
+                None if self.prompt_logprobs is None else [_lp_row(x) for x in self.prompt_logprobs],
+                self.finish_reason, self.stop_reason, self.num_cached_tokens, self.error)
+
+    @classmethod
+    def from_wire(cls, row) -> "EngineCoreOutput":
+        rid, ids, lps, plps, finish, stop, cached, error = row
+        return cls(rid, list(ids), None if lps is None else [TokenLogprobs(*x) for x in lps],
+                   None if plps is None else [TokenLogprobs(*x) for x in plps],
+                   finish, stop, cached, error)
+
+
+def needs_output_history(p: SamplingParams) -> bool:
+    """Its sampling reads the tokens sampled so far (penalties, min_tokens), so under
+    asynchronous scheduling the previous step must be recorded before the next launch."""
+    return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0 or (p.min_tokens or 0) > 0)
+
+
+def _lp_row(t: TokenLogprobs) -> tuple:
+    return (t.top_ids, t.top_logprobs, t.token_id, t.logprob, t.rank)
+
+
+@dataclass(eq=False)
+class _CoreRequest:
+    request: Request
+    params: SamplingParams
+    index: int
+    subscriber: Optional[str]
+    out: Optional[EngineCoreOutput] = None  # this step's output, while it is built
+
+
+@dataclass(eq=False)
+class _UserRequest:
+    """Per user request (all n completions): what its latency metrics need."""
+
+    arrival: float
+    remaining: int
+    first_token: Optional[float] = None
+    last_token: Optional[float] = None
+    reasons: list = field(default_factory=list)
+
+
+class EngineCore:
+    """Scheduler, block manager and executor of one worker group (see module doc)."""
+
+    def __init__(self, args: EngineArgs, model: Optional[ModelConfig] = None):
+        from raylm.engine.executor import make_executor
+
+        self.args = args
+        self.model = model or ModelConfig.from_args(args)
+        self.model_dir, self.hf_config = self.model.model_dir, self.model.hf_config
+        self.vocab_size, self.max_model_len = self.model.vocab_size, self.model.max_model_len
+        self.eos_token_ids = self.model.eos_token_ids
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.hf_config, self.device)
+        self.max_num_batched_tokens = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
+        t0 = time.perf_counter()
+        self.executor = make_executor(args, self.model_dir, self.hf_config, self.dtype, self.device,
+                                      self.max_model_len)
+        try:
+            t1 = time.perf_counter()
+            self.num_blocks = self._size_kv_cache()
+            t2 = time.perf_counter()
+            self.executor.allocate_kv_cache(self.num_blocks)
+        except BaseException:
+            self.shutdown()
+            raise
+        supports_async = getattr(self.executor, "supports_async", False)
+        if args.async_scheduling and not supports_async:
+            raise ValueError(f"async_scheduling=True is not supported by {type(self.executor).__name__}")
+        self.async_scheduling = (supports_async and self.device.startswith("cuda")
+                                 if args.async_scheduling is None else bool(args.async_scheduling))
+        self._inflight = None  # asynchronous scheduling: (scheduler output, launched step)
+        self.startup_timing = {"load_s": t1 - t0, "profile_s": t2 - t1,
+                               "kv_cache_and_graphs_s": time.perf_counter() - t2}
+        logger.info("raylm start-up: load %.1f s, memory profile %.1f s, KV cache and graphs %.1f s",
+                    *self.startup_timing.values())
+        self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            long_prefill_token_threshold=args.long_prefill_token_threshold), self.block_manager)
+        self.requests: dict[str, _CoreRequest] = {}
+        self.users: dict[str, _UserRequest] = {}
+        self.planner = StepPlanner(self._new_request)
+        self.metrics = CoreMetrics()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self.reset_timing()
+        logger.info("raylm engine core: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
+                    "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
+                    self.dtype, self.device, self.num_blocks, args.block_size,
+                    self.num_blocks * args.block_size,
+                    self.num_blocks / self.block_manager.blocks_needed(self.max_model_len),
+                    self.max_model_len)
+
+    def _size_kv_cache(self) -> int:
+        args = self.args
+        per_block = self.executor.kv_bytes_per_block()
+        need = -(-self.max_model_len // args.block_size)
+        if args.kv_cache_memory_bytes is not None:
+            budget, source = args.kv_cache_memory_bytes, "kv_cache_memory_bytes"
+        elif self.device == "cpu":
+            budget = min(args.max_num_seqs * need * per_block, CPU_KV_CACHE_CAP_BYTES)
+            source = "the CPU default (max_num_seqs full sequences, capped at 1 GiB)"
+        else:
+            budget = self.executor.available_kv_memory(args.gpu_memory_utilization,
+                                                       self.max_num_batched_tokens)
+            source = f"gpu_memory_utilization={args.gpu_memory_utilization}"
+        num_blocks = max(0, budget) // per_block
+        if num_blocks < need:
+            raise ValueError(
+                f"KV cache of {max(0, budget)} bytes ({source}) holds {num_blocks} blocks of "
+                f"{args.block_size} tokens ({per_block} bytes each); one max_model_len="
+                f"{self.max_model_len} sequence needs {need} blocks ({need * per_block} bytes): "
+                f"raise the KV cache memory or lower max_model_len")
+        return num_blocks
+
+    # ---- requests ------------------------------------------------------------------
+    def add_requests(self, reqs: list[EngineCoreRequest]) -> None:
+        """Queue core requests (the n completions of one user request come together).
+        Raises ValueError, queuing none of them, on an id in use or a prompt too long."""
+        for r in reqs:
+            if r.request_id in self.requests:
+                raise ValueError(f"request_id {r.request_id!r} is already in use")
+            if len(r.prompt_token_ids) > self.max_model_len:
+                raise ValueError(f"prompt has {len(r.prompt_token_ids)} tokens; "
+                                 f"max_model_len is {self.max_model_len}")
+        now = time.monotonic()
+        for r in reqs:
+            p = r.params
+            max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len - len(r.prompt_token_ids)
+            req = Request(r.request_id, r.prompt_token_ids, priority=r.priority,
+                          arrival_time=r.arrival_time or now,
+                          use_prefix_cache=p.prompt_logprobs is None or r.index > 0,
+                          prefix_group=r.prefix_group, max_output_tokens=max(1, max_tokens))
+            self.scheduler.add_request(req)
+            self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber)
+            user = self.users.get(r.group_id)
+            if user is None:
+                user = self.users[r.group_id] = _UserRequest(now, 0)
+                self.counters["prompt_tokens"] += len(r.prompt_token_ids)
+            user.remaining += 1
+
+    def abort(self, request_ids, reason: str = "abort") -> list[str]:
+        """Stop core requests at once and free their KV blocks; unknown ids are ignored.
+        `reason` is what the metrics count ("stop" when the edge matched a stop string).
+        Returns the ids it stopped."""
+        status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_ABORTED
+        done = []
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            state = self.requests.get(rid)
+            if state is not None:
+                self._finish(state, status)
+                done.append(rid)
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or self._inflight is not None or self.planner.has_finished
+
+    @property
+    def step_in_flight(self) -> bool:
+        return self._inflight is not None
+
+    @property
+    def subscribers(self) -> dict[str, Optional[str]]:
+        return {rid: s.subscriber for rid, s in self.requests.items()}
+
+    def _new_request(self, request_id: str) -> NewRequest:
+        state = self.requests[request_id]
+        return NewRequest(request_id, state.request.prompt_token_ids,
+                          worker_sampling(state.params, self.eos_token_ids, state.index))
+
+    def _finish(self, state: _CoreRequest, status: RequestStatus, stop_reason=None) -> None:
+        rid = state.request.request_id
+        self.scheduler.finish_request(rid, status)
+        self.requests.pop(rid, None)
+        self.planner.finished(rid)
+        if state.out is not None:
+            state.out.finish_reason = status.value
+            state.out.stop_reason = stop_reason
+        user_id = state.request.prefix_group or rid
+        user = self.users.get(user_id)
+        if user is not None:
+            user.remaining -= 1
+            user.reasons.append(status.value)
+            if user.remaining <= 0:
+                del self.users[user_id]
+                self.counters["requests_finished"] += 1
+                reason = "abort" if "abort" in user.reasons else user.reasons[0]
+                self.metrics.observe_finished(reason, time.monotonic() - user.arrival)
+
+    # ---- one step ------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """Run one iteration; return the outputs of the requests that progressed. With
+        asynchronous scheduling these are the previous iteration's, whose tokens arrive
+        while this one runs."""
+        if self.async_scheduling:
+            return self._step_async()
+        t0 = time.perf_counter()
+        sched_out = self.scheduler.schedule()
+        if not sched_out and not self.planner.has_finished:
+            return []
+        plan = self.planner.plan(sched_out)
+        t1 = time.perf_counter()
+        result = self.executor.execute(plan)
+        t2 = time.perf_counter()
+        outputs = self._record(sched_out, result)
+        tm = self.timing
+        tm["steps"] += 1
+        tm["schedule_s"] += t1 - t0
+        tm["execute_s"] += t2 - t1
+        tm["process_s"] += time.perf_counter() - t2
+        return outputs
+
+    def _step_async(self) -> list[EngineCoreOutput]:
+        """Schedule step N+1 (with placeholders for step N's tokens), launch it, then
+        collect and record step N while the device runs N+1."""
+        t0 = time.perf_counter()
+        sched_out = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        outputs: list[EngineCoreOutput] = []
+        if not sched_out and not self.planner.has_finished:
+            if self._inflight is not None:
+                outputs = self._complete_inflight(t1)
+            return outputs
+        if self._inflight is not None and self._needs_current_outputs(sched_out):
+            outputs += self._complete_inflight(t1)  # penalties need step N's tokens first
+            t1 = time.perf_counter()
+        launched = self.executor.launch(self.planner.plan(sched_out))
+        self._mark_launched(sched_out)
+        t2 = time.perf_counter()
+        tm = self.timing
+        tm["schedule_s"] += t1 - t0
+        tm["execute_s"] += t2 - t1
+        if self._inflight is not None:
+            outputs += self._complete_inflight(t2)
+        self._inflight = (sched_out, launched)
+        return outputs
+
+    def _needs_current_outputs(self, sched_out) -> bool:
+        """True when a request of this step samples from the tokens so far (penalties,
+        min_tokens): the step in flight must be recorded before this one is launched."""
+        for s in sched_out.seqs:
+            state = self.requests.get(s.request_id)
+            if state is not None and needs_output_history(state.params):
+                return True
+        return False
+
+    def _mark_launched(self, sched_out) -> None:
+        """The step is on the device: count its tokens computed and give each request it
+        samples a placeholder for its token."""
+        if not sched_out:
+            return
+        self.scheduler.update_after_step(sched_out)
+        for s in sched_out.seqs:
+            state = self.requests.get(s.request_id)
+            if s.sample and state is not None:
+                state.request.append_placeholder()
+
+    def _complete_inflight(self, t0: float) -> list[EngineCoreOutput]:
+        sched_out, launched = self._inflight
+        self._inflight = None
+        result = self.executor.collect(launched)
+        t1 = time.perf_counter()
+        outputs = self._record(sched_out, result, launched=True)
+        tm = self.timing
+        tm["steps"] += 1
+        tm["execute_s"] += t1 - t0
+        tm["process_s"] += time.perf_counter() - t1
+        return outputs
+
+    def _output(self, state: _CoreRequest, outputs: list) -> EngineCoreOutput:
+        if state.out is None:
+            req = state.request
+            state.out = EngineCoreOutput(req.request_id, num_cached_tokens=max(0, req.num_cached_tokens),
+                                         subscriber=state.subscriber)
+            outputs.append((state, state.out))
+        return state.out
+
+    def _record(self, sched_out, result: StepResult, launched: bool = False) -> list[EngineCoreOutput]:
+        """Apply a step's sampled tokens and finish the requests that hit EOS, a stop
+        token or their length. `launched`: asynchronous scheduling already marked the
+        step computed and gave each sampling request a placeholder."""
+        if not sched_out:
+            return []
+        if not launched:
+            self.scheduler.update_after_step(sched_out)
+        now = time.monotonic()
+        built: list[tuple[_CoreRequest, EngineCoreOutput]] = []
+        for rid, lps in result.prompt_logprobs.items():
+            state = self.requests.get(rid)
+            if state is not None:
+                out = self._output(state, built)
+                out.prompt_logprobs = (out.prompt_logprobs or []) + list(lps)
+        for rid, token in result.sampled.items():
+            state = self.requests.get(rid)
+            if state is None:
+                continue  # finished or aborted after this step was sent
+            req = state.request
+            if launched:
+                req.resolve_placeholder(token)
+            else:
+                req.append_output_token(token)
+            self.counters["generation_tokens"] += 1
+            out = self._output(state, built)
+            out.new_token_ids.append(token)
+            lp = result.logprobs.get(rid)
+            if lp is not None and state.params.logprobs is not None:
+                out.new_logprobs = (out.new_logprobs or []) + [lp]
+            self._observe_token(req.prefix_group or rid, now)
+            self._check_stop(state, token)
+        outs = []
+        for state, out in built:
+            state.out = None
+            outs.append(out)
+        return outs
+
+    def _observe_token(self, user_id: str, now: float) -> None:
+        user = self.users.get(user_id)
+        if user is None:
+            return
+        if user.first_token is None:
+            user.first_token = now
+            self.metrics.observe_first_token(now - user.arrival)
+        elif user.last_token != now:  # siblings sampled in one step count once
+            self.metrics.observe_inter_token(now - user.last_token)
+        user.last_token = now
+
+    def _check_stop(self, state: _CoreRequest, token: int) -> None:
+        p, req = state.params, state.request
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self._finish(state, RequestStatus.FINISHED_STOPPED)
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return self._finish(state, RequestStatus.FINISHED_STOPPED, token)
+        if n_out >= req.max_output_tokens or req.num_tokens - req.num_pending >= self.max_model_len:
+            self._finish(state, RequestStatus.FINISHED_LENGTH)
+
+    # ---- introspection -------------------------------------------------------------
+    def reset_timing(self) -> None:
+        self.timing = {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0}
+
+    def timing_summary(self) -> dict:
+        """Per-step wall time of the step loop: scheduling and output processing (host)
+        against the executor call (input preparation, the model, sampling)."""
+        tm = self.timing
+        n = max(1, tm["steps"])
+        return {"steps": tm["steps"], "schedule_ms_per_step": 1e3 * tm["schedule_s"] / n,
+                "execute_ms_per_step": 1e3 * tm["execute_s"] / n,
+                "process_ms_per_step": 1e3 * tm["process_s"] / n}
+
+    def stats(self) -> dict[str, Any]:
+        bm, sch = self.block_manager, self.scheduler
+        return {
+            "num_requests_running": sch.num_running,
+            "num_requests_waiting": sch.num_waiting,
+            "num_blocks": bm.num_blocks,
+            "blocks_in_use": bm.num_used_blocks,
+            "kv_cache_usage_perc": bm.usage,
+            "prefix_cache_queries": bm.prefix_query_tokens,
+            "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
+            "num_preemptions": sch.num_preemptions,
+            "num_mixed_steps": sch.num_mixed_steps,
+            "num_steps": sch.num_steps,
+            "max_num_seqs": self.args.max_num_seqs,
+            **self.counters,
+        }
+
+    def shutdown(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+            self.executor = None
