@@ -1,15 +1,21 @@
-"""The Ray Serve application: an OpenAI/gRPC ingress in front of the global scheduler.
+"""The Ray Serve application.
 
-    Ingress (FastAPI via @serve.ingress, gRPC methods, handle methods; scales out)
-      -> Scheduler (one replica: the GlobalScheduler, owning every request)
-           -> worker groups (one Ray actor per TP rank, in a STRICT_PACK placement group)
+    Ingress replicas (FastAPI via @serve.ingress, gRPC, handle methods; scale out with
+    num_replicas / autoscaling_config, `raylm serve --api-server-count N`): tokenize,
+    detokenize, stop strings, OpenAI shapes; one output subscription per engine core
+      -> Router (one replica): the request ledger; routes each request (prefix affinity
+         from the block hashes each core publishes, load), admits or refuses (429),
+         sees every group's stats; two messages per request, none per token
+      -> engine cores, one Ray actor per worker group (`core_actor.py`), each running
+         its group's continuous-batching loop in its own process
 
 `build_app(args)` is the `import_path` target of `deploy/serve.yaml` and of `raylm serve`.
-Both deployments reserve a fraction of a CPU (Serve's default is a whole one), so the
-ingress, the scheduler and two TP ranks fit on a 2-core machine.
+The Serve deployments reserve a fraction of a CPU (Serve's default is a whole one), so
+the ingress, the router and two small groups fit on a 2-core machine.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -18,25 +24,34 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raylm.cluster.backend import PromptType, final_output
+from raylm.cluster.backend import PromptType
+from raylm.cluster.core_actor import EngineCoreActor, RayCoreClient, detached
+from raylm.cluster.frontend import Frontend
 from raylm.cluster.grpc_service import GrpcGenerateMixin
-from raylm.cluster.multiplex import Demux, Mailbox, detached, next_item
+from raylm.cluster.local import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_SERVED_NAME
+from raylm.cluster.router import NoGroupAvailable, Overloaded, Router
 from raylm.engine.config import EngineArgs
+from raylm.engine.metrics import render_metrics
+from raylm.engine.model_config import ModelConfig
 from raylm.engine.outputs import RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("raylm")
 
 APP_NAME = "raylm"
-APP_ARGS = ("num_groups", "served_model_name", "api_key", "max_n")
+APP_ARGS = ("num_groups", "served_model_name", "api_key", "max_n", "max_queued_requests",
+            "api_server_count", "autoscaling_config")
 # Concurrent requests a replica accepts (Serve's default of 5 would serialise a server).
 MAX_ONGOING_REQUESTS = 4096
 INGRESS_NUM_CPUS = 0.1
-SCHEDULER_NUM_CPUS = 0.1
+ROUTER_NUM_CPUS = 0.1
+# How often the router reads each core's snapshot (stats, prefix-cache changes).
+POLL_S = 0.05
+CORE_START_TIMEOUT_S = 600
 
 
 def _resolve_cluster_device(device: str) -> str:
-    """The scheduler replica sees no GPU itself; 'auto' follows the cluster's resources."""
+    """The router replica sees no GPU itself; 'auto' follows the cluster's resources."""
     if device != "auto":
         return device
     import ray
@@ -44,123 +59,152 @@ def _resolve_cluster_device(device: str) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """Errors raised in the scheduler replica arrive wrapped; surface a ValueError as is,
-    so the fronts can answer 400 with its message."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, ValueError):
-        return ValueError(str(cause))
-    return exc
+def start_cores(args: EngineArgs, num_groups: int) -> list:
+    """One engine core actor per group, started at once; a core's actor holds its GPU
+    share (num_gpus_per_worker) at TP=1. If any fails, all are killed and its error
+    raised."""
+    import ray
+
+    on_gpu = args.device.startswith("cuda")
+    tp1 = args.tensor_parallel_size == 1
+    cls = ray.remote(EngineCoreActor)
+    actors = [cls.options(
+        name=f"raylm-core-{uuid.uuid4().hex[:8]}-{i}", max_concurrency=1000,
+        num_cpus=args.num_cpus_per_worker if tp1 else 0,
+        num_gpus=args.num_gpus_per_worker if on_gpu and tp1 else 0,
+        max_restarts=0).remote(_engine_dict(args), i) for i in range(num_groups)]
+    try:
+        ray.get([a.ready.remote() for a in actors], timeout=CORE_START_TIMEOUT_S)
+    except BaseException:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        raise
+    return actors
 
 
-@serve.deployment(name="Scheduler", ray_actor_options={"num_cpus": SCHEDULER_NUM_CPUS},
+def _engine_dict(args: EngineArgs) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(args)
+
+
+@serve.deployment(name="Router", ray_actor_options={"num_cpus": ROUTER_NUM_CPUS},
                   max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
-class SchedulerDeployment:
-    """Hosts the one GlobalScheduler of the application."""
+class RouterDeployment:
+    """Starts the engine cores and routes requests to them (see module doc)."""
 
-    def __init__(self, engine_args: dict, num_groups: int = 1, served_model_name: Optional[str] = None):
-        from raylm.cluster.global_scheduler import GlobalScheduler
-
+    def __init__(self, engine_args: dict, num_groups: int = 1, served_model_name: Optional[str] = None,
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS):
         kwargs = dict(engine_args)
         kwargs["device"] = _resolve_cluster_device(kwargs.get("device", "auto"))
-        kwargs["distributed_executor_backend"] = "ray"  # the model runs in worker actors
-        self.scheduler = GlobalScheduler(EngineArgs(**kwargs), num_groups, served_model_name)
-        self.mailboxes: dict[str, Mailbox] = {}
+        self.args = EngineArgs(**kwargs)
+        self.model = ModelConfig.from_args(self.args)
+        self.model_name = served_model_name or self.args.model or DEFAULT_SERVED_NAME
+        self.router = Router(num_groups, self.args.max_num_seqs, max_queued_requests)
+        self.actors = start_cores(self.args, num_groups)
+        self._poller: Optional[asyncio.Task] = None
 
-    # ---- the ingress's path: requests submitted, outputs multiplexed per subscriber ----
-    def _mailbox(self, subscriber: str) -> Mailbox:
-        box = self.mailboxes.get(subscriber)
-        if box is None:
-            box = self.mailboxes[subscriber] = Mailbox()
-        return box
+    def __del__(self):
+        import ray
 
-    async def submit(self, prompt: PromptType, params: SamplingParams, request_id: str,
-                     subscriber: str) -> None:
-        """Add a request; its outputs go to `subscriber`'s stream. ValueError on bad input."""
-        box = self._mailbox(subscriber)
-        self.scheduler.submit(prompt, params, request_id, box.put)
-        box.live.add(request_id)
+        for a in getattr(self, "actors", []):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
 
-    async def subscribe(self, subscriber: str) -> AsyncIterator[list]:
-        """The outputs of every request `subscriber` submitted, in batches (multiplex.py).
-        If the subscriber goes away, its unfinished requests are aborted."""
-        box = self._mailbox(subscriber)
+    # ---- snapshots -----------------------------------------------------------------
+    def _ensure_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = detached(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await self._refresh()
+            await asyncio.sleep(POLL_S)
+
+    async def _refresh(self, hashes: bool = True) -> list:
+        groups = self.router.groups
+        refs = [a.snapshot.remote(groups[i].seq, hashes) for i, a in enumerate(self.actors)]
+        snaps = []
+        for i, ref in enumerate(refs):
+            try:
+                snap = await ref
+            except Exception as exc:  # the actor died
+                if groups[i].alive:
+                    logger.error("worker group %d failed: %s", i, type(exc).__name__)
+                self.router.mark_dead(i, f"the engine core process is gone ({type(exc).__name__})")
+                snaps.append(None)
+                continue
+            if hashes:
+                self.router.update(i, snap)
+            snaps.append(snap)
+        return snaps
+
+    # ---- per request ---------------------------------------------------------------
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1) -> tuple:
+        """("ok", group) or ("overloaded", message, retry_after) or ("unavailable",
+        message) or ("invalid", message)."""
+        self._ensure_polling()
         try:
-            while True:
-                yield await box.take()
-        finally:
-            for rid in list(box.live):
-                await self.scheduler.abort(rid)
-            self.mailboxes.pop(subscriber, None)
+            return ("ok", self.router.assign(request_id, hashes, num_seqs))
+        except Overloaded as exc:
+            return ("overloaded", str(exc), exc.retry_after)
+        except NoGroupAvailable as exc:
+            return ("unavailable", str(exc))
+        except ValueError as exc:
+            return ("invalid", str(exc))
 
-    # ---- one stream per request (Python handles calling this deployment directly) ----
-    async def generate_stream(self, prompt: PromptType, params: SamplingParams,
-                              request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        async for out in self.scheduler.generate_stream(prompt, params, request_id):
-            yield out
+    async def release(self, request_ids: list[str]) -> None:
+        self.router.release(request_ids)
 
-    async def generate(self, prompt: PromptType, params: SamplingParams,
-                       request_id: Optional[str] = None) -> RequestOutput:
-        return await self.scheduler.generate(prompt, params, request_id)
+    async def cores(self) -> list:
+        """The engine core actors, by group."""
+        self._ensure_polling()
+        return list(self.actors)
 
-    async def abort(self, request_id: str) -> None:
-        await self.scheduler.abort(request_id)
-
+    # ---- whole-server views --------------------------------------------------------
     async def metrics_text(self) -> bytes:
-        return await self.scheduler.metrics_text()
+        snaps = await self._refresh(hashes=False)
+        live = [(s["stats"], s["metrics"]) for s in snaps if s is not None]
+        return render_metrics(self.model_name, [s for s, _ in live], [m for _, m in live])
 
     async def check_health(self) -> None:
-        await self.scheduler.check_health()
+        await self._refresh(hashes=False)
+        failed = [i for i, g in enumerate(self.router.groups) if not g.alive]
+        if failed:
+            raise RuntimeError(f"worker group(s) {failed} failed")
 
-    def stats(self) -> dict:
-        return self.scheduler.stats()
+    async def stats(self) -> dict:
+        await self._refresh()
+        return self.router.stats()
 
     def info(self) -> dict:
-        return self.scheduler.info()
+        return {"model_name": self.model_name, "max_model_len": self.model.max_model_len,
+                "num_groups": len(self.actors)}
 
 
-class HandleBackend:
-    """The Backend protocol over the scheduler deployment's handle: requests are
-    submitted one by one, their outputs arrive on one subscription stream (multiplex.py)."""
+class ServeRouterClient:
+    """The router deployment as the frontend sees it (a `RouterClient`)."""
 
-    def __init__(self, handle: DeploymentHandle, model_name: str, max_model_len: int,
-                 tokenizer: Any, max_logprobs: int):
+    def __init__(self, handle: DeploymentHandle):
         self.handle = handle
-        self.model_name = model_name
-        self.max_model_len = max_model_len
-        self.tokenizer = tokenizer
-        self.max_logprobs = max_logprobs
-        self.demux = Demux(lambda sub: handle.options(stream=True).subscribe.remote(sub))
 
-    async def generate_stream(self, prompt: PromptType, params: SamplingParams,
-                              request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        rid = request_id or uuid.uuid4().hex
-        queue = self.demux.open(rid)
-        finished = False
-        try:
-            try:
-                await self.handle.submit.remote(prompt, params, rid, self.demux.subscriber)
-            except Exception as exc:
-                finished = True  # not added (bad input) or the scheduler is gone
-                raise _unwrap(exc) from None
-            while not finished:
-                out = await next_item(queue)
-                if isinstance(out, BaseException):
-                    finished = True  # the scheduler side has ended it
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
-            self.demux.close(rid)
-            if not finished:  # client gone: stop the request now and free its blocks
-                detached(self.abort(rid))
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int) -> int:
+        answer = await self.handle.assign.remote(request_id, hashes, num_seqs)
+        if answer[0] == "ok":
+            return answer[1]
+        if answer[0] == "overloaded":
+            raise Overloaded(answer[1], answer[2])
+        if answer[0] == "unavailable":
+            raise NoGroupAvailable(answer[1])
+        raise ValueError(answer[1])
 
-    async def generate(self, prompt: PromptType, params: SamplingParams,
-                       request_id: Optional[str] = None) -> RequestOutput:
-        return await final_output(self.generate_stream(prompt, params, request_id))
+    def release(self, request_ids: list[str]) -> None:
+        detached(self._release(request_ids))
 
-    async def abort(self, request_id: str) -> None:
-        await self.handle.abort.remote(request_id)
+    async def _release(self, request_ids: list[str]) -> None:
+        await self.handle.release.remote(request_ids)
 
     async def metrics_text(self) -> bytes:
         return await self.handle.metrics_text.remote()
@@ -169,7 +213,33 @@ class HandleBackend:
         try:
             await self.handle.check_health.remote()
         except Exception as exc:
-            raise RuntimeError(str(_unwrap(exc))) from None
+            cause = getattr(exc, "cause", None)
+            raise RuntimeError(str(cause) if cause is not None else "the router cannot be reached") from None
+
+
+class ClusterFrontend(Frontend):
+    """The frontend of an ingress replica: it learns the core actors from the router on
+    first use."""
+
+    def __init__(self, router: DeploymentHandle, *args, **kwargs):
+        super().__init__(ServeRouterClient(router), [], *args, **kwargs)
+        self._router_handle = router
+        self._started: Optional[asyncio.Future] = None
+
+    async def _ensure_started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            try:
+                actors = await self._router_handle.cores.remote()
+                self.cores = [RayCoreClient(a, i) for i, a in enumerate(actors)]
+                self._ensure_subscribed()
+                self._started.set_result(True)
+            except BaseException as exc:
+                self._started.set_exception(exc)
+                self._started = None
+                raise
+        else:
+            await self._started
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
@@ -178,29 +248,23 @@ class HandleBackend:
 class Ingress(GrpcGenerateMixin):
     """HTTP (OpenAI API), gRPC (`Generate` service) and Python-handle entry points."""
 
-    def __init__(self, scheduler: DeploymentHandle, engine_args: dict,
+    def __init__(self, router: DeploymentHandle, engine_args: dict,
                  served_model_name: Optional[str] = None, api_key: Optional[str] = None,
                  max_n: int = 16):
-        from transformers import AutoTokenizer
-
-        from raylm.cluster.global_scheduler import DEFAULT_SERVED_NAME
-        from raylm.engine.config import resolve_max_model_len
-        from raylm.workers.loader import load_config, resolve_model_path
-
         args = EngineArgs(**engine_args)
-        model_dir = resolve_model_path(args.model)
-        max_model_len = resolve_max_model_len(args, load_config(model_dir))
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
+        model = ModelConfig.from_args(args, check_support=False)
         name = served_model_name or args.model or DEFAULT_SERVED_NAME
-        self.backend = HandleBackend(scheduler, name, max_model_len, tokenizer, args.max_logprobs)
+        self.backend = ClusterFrontend(router, model.load_tokenizer(), name, model.max_model_len,
+                                       model.vocab_size, args.max_logprobs, args.block_size,
+                                       args.enable_prefix_caching)
         self.api_key = api_key
         self.max_n = max_n
 
     def __del__(self):
-        """Serve calls this at shutdown: end the subscription stream."""
+        """Serve calls this at shutdown: end the subscriptions."""
         backend = getattr(self, "backend", None)  # None if __init__ failed
         if backend is not None:
-            backend.demux.shutdown()
+            backend.unsubscribe_all()
 
     def __serve_build_asgi_app__(self):
         from raylm.cluster.openai_api import create_openai_app
@@ -220,11 +284,20 @@ class Ingress(GrpcGenerateMixin):
             yield out
 
 
+def _positive_int(app_args: dict, name: str, default: int, minimum: int = 1) -> int:
+    value = app_args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def build_app(args: Optional[dict] = None):
     """The application for `serve run`/`serve deploy` (`args` from the YAML) and `raylm serve`.
 
     `args`: engine arguments by their EngineArgs (vLLM) names, plus num_groups,
-    served_model_name, api_key (or $RAYLM_API_KEY) and max_n (the largest `n` allowed)."""
+    served_model_name, api_key (or $RAYLM_API_KEY), max_n (the largest `n` allowed),
+    max_queued_requests (waiting requests past which a request gets 429),
+    api_server_count (ingress replicas) or autoscaling_config (Serve's, for the ingress)."""
     args = dict(args or {})
     app_args = {k: args.pop(k) for k in APP_ARGS if k in args}
     unknown = sorted(set(args) - set(EngineArgs.field_names()))
@@ -232,13 +305,18 @@ def build_app(args: Optional[dict] = None):
         raise ValueError(f"unknown raylm argument(s) {unknown}; known: engine arguments "
                          f"{EngineArgs.field_names()} and {list(APP_ARGS)}")
     EngineArgs(**args)  # bad values fail here, before anything is deployed
-    num_groups = int(app_args.get("num_groups", 1))
-    if num_groups < 1:
-        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
-    max_n = int(app_args.get("max_n", 16))
-    if max_n < 1:
-        raise ValueError(f"max_n must be >= 1, got {max_n}")
+    num_groups = _positive_int(app_args, "num_groups", 1)
+    max_n = _positive_int(app_args, "max_n", 16)
+    max_queued = _positive_int(app_args, "max_queued_requests", DEFAULT_MAX_QUEUED_REQUESTS, 0)
+    replicas = _positive_int(app_args, "api_server_count", 1)
+    autoscaling: Any = app_args.get("autoscaling_config")
+    if autoscaling is not None and not isinstance(autoscaling, dict):
+        raise ValueError(f"autoscaling_config must be a mapping, got {autoscaling!r}")
+    if autoscaling is not None and "api_server_count" in app_args:
+        raise ValueError("set api_server_count or autoscaling_config, not both")
     served = app_args.get("served_model_name")
     api_key = app_args.get("api_key") or os.environ.get("RAYLM_API_KEY") or None
-    scheduler = SchedulerDeployment.bind(args, num_groups, served)
-    return Ingress.bind(scheduler, args, served, api_key, max_n)
+    router = RouterDeployment.bind(args, num_groups, served, max_queued)
+    ingress = (Ingress.options(autoscaling_config=autoscaling) if autoscaling is not None
+               else Ingress.options(num_replicas=replicas))
+    return ingress.bind(router, args, served, api_key, max_n)

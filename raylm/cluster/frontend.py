@@ -90,6 +90,10 @@ class Frontend:
         self._release_handle = None
 
     # ---- subscriptions -------------------------------------------------------------
+    async def _ensure_started(self) -> None:
+        """Before the first request: subscribe to every core's outputs."""
+        self._ensure_subscribed()
+
     def _ensure_subscribed(self) -> None:
         if self._subscribed:
             return
@@ -145,7 +149,7 @@ class Frontend:
             raise ValueError(f"request_id {rid!r} is already in use")
         text, ids = self.inputs.validate(prompt, params)
         hashes = prefix_block_hashes(ids, self.block_size) if self.enable_prefix_caching else []
-        self._ensure_subscribed()
+        await self._ensure_started()
         gi = await self.router.assign(rid, hashes, params.n)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = (gi, queue)

@@ -22,6 +22,7 @@ import grpc
 
 from raylm.cluster import raylm_pb2 as pb
 from raylm.cluster.backend import Backend, PromptType
+from raylm.cluster.router import NoGroupAvailable, Overloaded
 from raylm.engine.outputs import CompletionOutput, RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 from raylm.engine.stop_checker import stream_holdback
@@ -135,12 +136,21 @@ class StreamDeltas:
                                    usage=_usage(out))
 
 
-async def _reject(grpc_context: Any, exc: ValueError) -> None:
-    """Record INVALID_ARGUMENT with the message on the call (see the module doc).
-    Returns only under Serve; raises `exc` when there is no gRPC context at all."""
+# What a refused request is told: bad input, a full queue, no worker group left.
+_REFUSED = (ValueError, Overloaded, NoGroupAvailable)
+
+
+async def _reject(grpc_context: Any, exc: Exception) -> None:
+    """Record the status of a refused request (INVALID_ARGUMENT for bad input,
+    RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE with no worker group) with the
+    message on the call (see the module doc). Returns only under Serve; raises `exc`
+    when there is no gRPC context at all."""
     if grpc_context is None:  # called through a Python handle, not over gRPC
         raise exc
-    code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Overloaded) else
+            grpc.StatusCode.UNAVAILABLE if isinstance(exc, NoGroupAvailable) else
+            grpc.StatusCode.INVALID_ARGUMENT)
+    details = str(exc)
     abort = getattr(grpc_context, "abort", None)
     if abort is not None:  # a grpc.aio ServicerContext: raises
         await abort(code, details)
@@ -170,7 +180,7 @@ class GrpcGenerateMixin:
         try:
             prompt, params = self._inputs(request)
             out = await self.backend.generate(prompt, params, request_id=rid)
-        except ValueError as exc:
+        except _REFUSED as exc:
             await _reject(grpc_context, exc)
             return pb.GenerateResponse()
         except asyncio.CancelledError:  # the client went away
@@ -195,7 +205,7 @@ class GrpcGenerateMixin:
                     out = await stream.__anext__()
                 except StopAsyncIteration:
                     return
-                except ValueError as exc:
+                except _REFUSED as exc:
                     if started:  # a bad request fails before its first output
                         raise
                     await _reject(grpc_context, exc)

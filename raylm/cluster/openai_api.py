@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
+from raylm.cluster.router import NoGroupAvailable, Overloaded
 from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
                                      completion_response, response_head)
 from raylm.engine.outputs import RequestOutput
@@ -330,6 +331,14 @@ class _OpenAIServer:
         except ValueError as exc:
             await streams.close()
             return _error(400, str(exc), _param_of(str(exc), type(body).model_fields, renames))
+        except Overloaded as exc:
+            await streams.close()
+            response = _error(429, str(exc))
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
+        except NoGroupAvailable as exc:
+            await streams.close()
+            return _error(503, str(exc))
         except BaseException:
             await streams.close()
             raise

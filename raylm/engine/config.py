@@ -51,6 +51,10 @@ class EngineArgs:
     distributed_executor_backend: Optional[str] = None
     # CPUs each Ray worker actor reserves; fractional so a 2-core box fits TP=2 plus Serve.
     num_cpus_per_worker: float = 0.5
+    # GPUs each worker actor reserves: a fraction lets several worker groups share one GPU
+    # (at tensor_parallel_size=1), each sizing its KV cache from its share of
+    # gpu_memory_utilization.
+    num_gpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         def check(name, ok, limit):
@@ -76,6 +80,13 @@ class EngineArgs:
         check("distributed_executor_backend", self.distributed_executor_backend in (None, "ray", "uni"),
               "None, 'ray' or 'uni'")
         check("num_cpus_per_worker", self.num_cpus_per_worker >= 0, ">= 0")
+        check("num_gpus_per_worker", 0 < self.num_gpus_per_worker <= 1
+              or (self.num_gpus_per_worker > 1 and float(self.num_gpus_per_worker).is_integer()),
+              "in (0, 1] or a whole number")
+        if self.num_gpus_per_worker < 1 and self.tensor_parallel_size > 1:
+            raise ValueError(f"num_gpus_per_worker {self.num_gpus_per_worker} < 1 needs "
+                             f"tensor_parallel_size 1 (ranks of one group cannot share a GPU), "
+                             f"got tensor_parallel_size {self.tensor_parallel_size}")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -38,8 +38,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class HostBlockTables:
     """Each running request's block table kept in a row of a pinned host tensor, updated
-    with only the blocks a step adds, so a decode step gathers its rows in one call
-    instead of rebuilding [batch, blocks] from Python lists."""
+    with only the blocks added since the last gather, so a decode step gathers its rows in
+    one call instead of rebuilding [batch, blocks] from Python lists."""
 
     def __init__(self, rows: int, max_blocks: int):
         self.table = torch.zeros(rows, max_blocks, dtype=torch.int32).pin_memory()
@@ -47,29 +47,30 @@ class HostBlockTables:
         self.free_rows = list(range(rows - 1, -1, -1))
 
     def drop(self, request_ids) -> None:
+        """Forget these requests (finished, or preempted: their tables start over)."""
         for rid in request_ids:
             entry = self.known.pop(rid, None)
             if entry is not None:
                 self.free_rows.append(entry[0])
 
-    def gather(self, seqs) -> tuple[torch.Tensor, int]:
-        """Pinned [len(seqs), width] int32 block tables of `seqs` (plan rows), and width.
+    def gather(self, request_ids: list[str], tables: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Pinned [len(request_ids), width] int32 block tables of these requests, given
+        their full tables (the worker's, which only grow until a drop), and width.
         A new pinned buffer each call (PyTorch's pinned-memory cache recycles it once its
         copy has run): the previous step's copy may still be queued behind the GPU."""
         rows = []
-        for s in seqs:
-            entry = self.known.get(s.request_id)
+        for rid, table in zip(request_ids, tables):
+            entry = self.known.get(rid)
             if entry is None:
                 if not self.free_rows:
                     raise RuntimeError("more running requests than max_num_seqs")
-                entry = self.known[s.request_id] = [self.free_rows.pop(), 0]
+                entry = self.known[rid] = [self.free_rows.pop(), 0]
             row, n = entry
-            table = s.block_table
             if len(table) > n:
                 self.table[row, n:len(table)] = torch.tensor(table[n:], dtype=torch.int32)
                 entry[1] = len(table)
             rows.append(row)
-        width = max(len(s.block_table) for s in seqs)
+        width = max(len(t) for t in tables)
         idx = torch.tensor(rows, dtype=torch.long)
         out = torch.empty((len(rows), self.table.shape[1]), dtype=torch.int32, pin_memory=True)
         torch.index_select(self.table, 0, idx, out=out)

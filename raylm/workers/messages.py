@@ -1,15 +1,53 @@
-"""The step plan sent to workers and the result they send back: plain data that
-msgpack can carry (see `to_wire` / `from_wire`). The wire form is built by hand as
-positional rows: `dataclasses.asdict` deep-copies recursively and took 13 ms for a
-256-sequence decode plan on the 2-core CPU, more than a GPU step."""
+"""The contract between the engine and the workers: the step plan sent to them and the
+result they send back, plain data that msgpack can carry (see `to_wire` / `from_wire`).
+
+As vLLM V1's SchedulerOutput, a plan is per-step diffs: a request's prompt and sampling
+options cross once (`NewRequest`), and each row carries only the block ids appended to
+the request's block table since the last plan that scheduled it (`new_block_ids`); the
+workers keep the tables. This module imports nothing of the engine or the scheduler.
+
+The wire form is built by hand as positional rows: `dataclasses.asdict` deep-copies
+recursively and took 13 ms for a 256-sequence decode plan on the 2-core CPU, more than a
+GPU step."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
-# A row of the plan is the scheduler's own record: compute `token_ids` of a request at
-# positions start_pos..; sample after it if `sample`.
-from raylm.scheduler.scheduler import ScheduledSeq as SeqChunk
+# Stands in for an input token that the previous launched step is still sampling
+# (asynchronous scheduling): the worker reads it from that step's tokens on the device.
+PLACEHOLDER_TOKEN = -1
+
+
+@dataclass
+class SamplingOptions:
+    """What the worker's sampler needs of a request (vLLM's SamplingParams names); the
+    defaults disable each option."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # stop and EOS tokens are banned until this many are sampled
+    stop_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None  # top-k log-probabilities of each sampled token
+    prompt_logprobs: Optional[int] = None  # ... and of each prompt token
+
+    def to_wire(self) -> tuple:
+        return tuple(getattr(self, name) for name in _OPTION_FIELDS)
+
+    @classmethod
+    def from_wire(cls, row) -> "SamplingOptions":
+        return cls(*row)
+
+
+_OPTION_FIELDS = tuple(f.name for f in fields(SamplingOptions))
 
 
 @dataclass
@@ -18,28 +56,47 @@ class NewRequest:
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict
+    sampling: SamplingOptions
+
+
+@dataclass
+class SeqChunk:
+    """One row of a plan: compute `token_ids` of the request at positions start_pos..,
+    then sample a token if `sample`. `new_block_ids` extend the request's block table:
+    all of it the first time it is scheduled (and again after a preemption), afterwards
+    only the blocks added since (usually none)."""
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    new_block_ids: list[int]
+    sample: bool
 
 
 @dataclass
 class StepPlan:
     seqs: list[SeqChunk] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
+    # The workers drop these requests' state (sampling state, block table).
     finished_ids: list[str] = field(default_factory=list)
-    # Requests whose blocks were taken back this step: their block tables start over.
+    # Requests whose blocks were taken back: the workers drop their block tables (before
+    # reading this plan's rows), and a later row sends the whole new table.
     preempted_ids: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict:
-        return {"seqs": [(s.request_id, s.token_ids, s.start_pos, s.block_table, s.sample) for s in self.seqs],
-                "new_requests": [(r.request_id, r.prompt_token_ids, r.sampling) for r in self.new_requests],
+        return {"seqs": [(s.request_id, s.token_ids, s.start_pos, s.new_block_ids, s.sample)
+                         for s in self.seqs],
+                "new_requests": [(r.request_id, r.prompt_token_ids, r.sampling.to_wire())
+                                 for r in self.new_requests],
                 "finished_ids": self.finished_ids, "preempted_ids": self.preempted_ids}
 
     @classmethod
     def from_wire(cls, d: dict) -> "StepPlan":
         return cls(seqs=[SeqChunk(*s) for s in d["seqs"]],
-                   new_requests=[NewRequest(*r) for r in d["new_requests"]],
+                   new_requests=[NewRequest(r[0], r[1], SamplingOptions.from_wire(r[2]))
+                                 for r in d["new_requests"]],
                    finished_ids=list(d["finished_ids"]),
-                   preempted_ids=list(d.get("preempted_ids", ())))
+                   preempted_ids=list(d["preempted_ids"]))
 
 
 @dataclass

@@ -15,9 +15,9 @@ import torch
 from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
 from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
 from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables, PrefillGraphs
-from raylm.workers.messages import NewRequest, SeqChunk, StepPlan, StepResult
+from raylm.workers.messages import (PLACEHOLDER_TOKEN, NewRequest, SamplingOptions, SeqChunk,
+                                    StepPlan, StepResult)
 from raylm.workers.pending_step import PendingStep, collect_step
-from raylm.scheduler.request import PLACEHOLDER_TOKEN
 from raylm.workers.models.llama import get_model_class
 from raylm.workers.parallel_state import all_reduce, broadcast_from_first, get_tp_rank, get_tp_size
 from raylm.workers.quantization import get_quant_config
@@ -41,7 +41,8 @@ def _row_index(rows: list[int], device: torch.device):
 
 class ModelRunner:
     """Holds the model weights (this rank's shard), the paged KV cache (this rank's kv
-    heads) and per-request sampling state."""
+    heads) and per-request state: sampling state and block table, kept from the plans'
+    per-step diffs (every rank keeps the same)."""
 
     def __init__(self, model_dir: str, hf_config, dtype: torch.dtype, device: str,
                  block_size: int, attention_backend: Optional[str] = None, load_format: str = "auto",
@@ -86,6 +87,8 @@ class ModelRunner:
         self.attn_layers = self.model.attention_layers()
         self.kv_caches: list[torch.Tensor] = []
         self.states: dict[str, SamplingState] = {}
+        # Each scheduled request's block table, grown by the plans' new_block_ids.
+        self.block_tables: dict[str, list[int]] = {}
         self.prompt_logprobs_done: dict[str, int] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(seed)
         # The last launched step's sampled tokens (on the device) and each request's row
@@ -146,7 +149,7 @@ class ModelRunner:
             block += len(table)
             plan.seqs.append(SeqChunk(rid, [(7 * i + j) % vocab for j in range(n)], 0, table, True))
             plan.new_requests.append(NewRequest(rid, plan.seqs[-1].token_ids,
-                                                {"temperature": 1.0, "top_p": 0.9, "top_k": 50}))
+                                                SamplingOptions(temperature=1.0, top_p=0.9, top_k=50)))
         self.execute(plan)
         self.execute(StepPlan(finished_ids=[s.request_id for s in plan.seqs]))
         torch.cuda.synchronize(self.device)
@@ -222,6 +225,7 @@ class ModelRunner:
     def shutdown(self) -> None:
         self.release_kv_cache()
         self.states.clear()
+        self.block_tables.clear()
         self.model = None
         self.attn_layers = []
         gc.collect()
@@ -230,46 +234,56 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------
     def _update_states(self, plan: StepPlan) -> None:
+        """Apply a plan's per-request diffs before running it: drop the block tables of
+        preempted and finished requests (and the sampling state of finished ones), add the
+        new requests, then grow block tables by the rows' new_block_ids."""
         if self.host_tables is not None:
             self.host_tables.drop(plan.finished_ids)
             self.host_tables.drop(plan.preempted_ids)
+        for rid in plan.preempted_ids:
+            self.block_tables.pop(rid, None)
         for rid in plan.finished_ids:
+            self.block_tables.pop(rid, None)
             self.states.pop(rid, None)
             self.prompt_logprobs_done.pop(rid, None)
         for new in plan.new_requests:
-            seed = new.sampling.get("seed")
+            options = new.sampling
             gen = None
-            if seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(int(seed))
-            self.states[new.request_id] = SamplingState(list(new.prompt_token_ids), new.sampling,
+            if options.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(int(options.seed))
+            self.states[new.request_id] = SamplingState(list(new.prompt_token_ids), options,
                                                         generator=gen)
-            if new.sampling.get("prompt_logprobs") is not None:
+            if options.prompt_logprobs is not None:
                 self.prompt_logprobs_done[new.request_id] = 0
+        tables = self.block_tables
+        for s in plan.seqs:
+            if s.new_block_ids:
+                tables.setdefault(s.request_id, []).extend(s.new_block_ids)
 
     def _forward(self, plan: StepPlan):
         """Hidden states of every scheduled token, and each sequence's first row. Decode
         steps, and short prefills of a single sequence, replay a CUDA graph when one fits."""
-        graphs = self.graphs
+        graphs, bs = self.graphs, self.block_size
         if self.prefill_graphs is not None and len(plan.seqs) == 1 and len(plan.seqs[0].token_ids) > 1:
             s = plan.seqs[0]
             t = self.prefill_graphs.size_for(len(s.token_ids), s.start_pos)
             if t:
-                bs, n = self.block_size, len(s.token_ids)
-                slots = [s.block_table[p // bs] * bs + p % bs for p in range(s.start_pos, s.start_pos + n)]
+                table, n = self.block_tables[s.request_id], len(s.token_ids)
+                slots = [table[p // bs] * bs + p % bs for p in range(s.start_pos, s.start_pos + n)]
                 query_start = [0, n]
-                hidden = self.prefill_graphs.run(t, list(s.token_ids), s.start_pos, slots, list(s.block_table),
+                hidden = self.prefill_graphs.run(t, list(s.token_ids), s.start_pos, slots, table,
                                                  self._placeholders(plan, query_start))
                 return hidden, query_start
-        if (graphs is not None and all(len(s.token_ids) == 1 for s in plan.seqs)
-                and graphs.fits(len(plan.seqs), max(len(s.block_table) for s in plan.seqs))):
-            bs = self.block_size
-            positions = [s.start_pos for s in plan.seqs]
-            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(plan.seqs, positions)]
-            query_start = list(range(len(plan.seqs) + 1))
-            hidden = graphs.run([s.token_ids[0] for s in plan.seqs], positions, slots,
-                                [p + 1 for p in positions], self.host_tables.gather(plan.seqs),
-                                self._placeholders(plan, query_start))
-            return hidden, query_start
+        if graphs is not None and all(len(s.token_ids) == 1 for s in plan.seqs):
+            tables = [self.block_tables[s.request_id] for s in plan.seqs]
+            if graphs.fits(len(plan.seqs), max(len(t) for t in tables)):
+                positions = [s.start_pos for s in plan.seqs]
+                slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+                query_start = list(range(len(plan.seqs) + 1))
+                rows = self.host_tables.gather([s.request_id for s in plan.seqs], tables)
+                hidden = graphs.run([s.token_ids[0] for s in plan.seqs], positions, slots,
+                                    [p + 1 for p in positions], rows, self._placeholders(plan, query_start))
+                return hidden, query_start
         input_ids, positions, meta, query_start = self._prepare(plan)
         fill = self._placeholders(plan, query_start)
         if fill is not None:
@@ -301,14 +315,14 @@ class ModelRunner:
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
-        max_blocks = max(len(s.block_table) for s in plan.seqs)
+        seq_tables = [self.block_tables[s.request_id] for s in plan.seqs]
+        max_blocks = max(len(t) for t in seq_tables)
         tables = []
-        for s in plan.seqs:
+        for s, table in zip(plan.seqs, seq_tables):
             n = len(s.token_ids)
             input_ids.extend(s.token_ids)
             pos = range(s.start_pos, s.start_pos + n)
             positions.extend(pos)
-            table = s.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             query_start.append(query_start[-1] + n)
             seq_lens.append(s.start_pos + n)
@@ -379,19 +393,19 @@ class ModelRunner:
             self._last_tokens = tokens
             self._last_rows = {rid: i for i, rid in enumerate(sample_ids)}
             pending.sample_ids, pending.states, pending.tokens = sample_ids, states, to_host(tokens)
-            want = [i for i, st in enumerate(states) if st.params.get("logprobs") is not None]
+            want = [i for i, st in enumerate(states) if st.options.logprobs is not None]
             if want:
                 idx = _row_index(want, dev)
                 lp = torch.log_softmax(sample_logits[idx], dim=-1)
-                k = max(int(states[i].params["logprobs"]) for i in want)
+                k = max(states[i].options.logprobs for i in want)
                 pending.want = want
                 pending.logprobs = tuple(to_host(t) for t in topk_logprobs(lp, tokens[idx], k))
         if prompt_rows:
             lp = torch.log_softmax(logits[len(sample_ids):], dim=-1)
             targets = to_device([t for _, _, t in prompt_rows], torch.long, dev)
-            k = max(int(self.states[rid].params["prompt_logprobs"]) for rid, _, _ in prompt_rows)
+            k = max(self.states[rid].options.prompt_logprobs for rid, _, _ in prompt_rows)
             # (request id, target, k): the request's state may be gone by collect time.
-            pending.prompt_rows = [(rid, tgt, int(self.states[rid].params["prompt_logprobs"]))
+            pending.prompt_rows = [(rid, tgt, self.states[rid].options.prompt_logprobs)
                                    for rid, _, tgt in prompt_rows]
             pending.prompt_logprobs = tuple(to_host(t) for t in topk_logprobs(lp, targets, k))
         if dev.type == "cuda":

@@ -38,7 +38,7 @@ def collect_step(pending: PendingStep) -> StepResult:
         if pending.logprobs is not None:
             ids, lps, chosen, ranks = (t.tolist() for t in pending.logprobs)
             for j, i in enumerate(pending.want):
-                ki = int(pending.states[i].params["logprobs"])
+                ki = pending.states[i].options.logprobs
                 result.logprobs[pending.sample_ids[i]] = TokenLogprobs(
                     ids[j][:ki], lps[j][:ki], tokens[i], chosen[j], ranks[j])
         for rid, st, tok in zip(pending.sample_ids, pending.states, tokens):

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from raylm.workers.messages import SamplingOptions
 from raylm.workers.transfer import to_device
 
 
@@ -20,22 +21,15 @@ class SamplingState:
     """What the worker keeps per request between steps."""
 
     prompt_token_ids: list[int]
-    params: dict  # SamplingParams.to_dict() plus "eos_token_ids"
+    options: SamplingOptions
     output_token_ids: list[int] = field(default_factory=list)
     generator: Optional[torch.Generator] = None
 
     def __post_init__(self) -> None:
-        # Read once: the sampler looks at these for every row of every step.
-        p = self.params
-        self.temperature = float(p.get("temperature", 1.0))
-        self.is_greedy = self.temperature < 1e-5
-        self.top_k = int(p.get("top_k", 0) or 0)
-        self.top_p = float(p.get("top_p", 1.0))
-        self.min_p = float(p.get("min_p", 0.0))
-        self.has_penalties = (float(p.get("repetition_penalty", 1.0)) != 1.0
-                              or float(p.get("presence_penalty", 0.0)) != 0.0
-                              or float(p.get("frequency_penalty", 0.0)) != 0.0
-                              or int(p.get("min_tokens", 0) or 0) > 0)
+        o = self.options
+        self.is_greedy = o.temperature < 1e-5
+        self.has_penalties = (o.repetition_penalty != 1.0 or o.presence_penalty != 0.0
+                              or o.frequency_penalty != 0.0 or o.min_tokens > 0)
 
 
 def topk_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int):
@@ -55,10 +49,8 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
     for i, st in enumerate(states):
         if not st.has_penalties:
             continue
-        p = st.params
-        rep = float(p.get("repetition_penalty", 1.0))
-        pres = float(p.get("presence_penalty", 0.0))
-        freq = float(p.get("frequency_penalty", 0.0))
+        o = st.options
+        rep, pres, freq = o.repetition_penalty, o.presence_penalty, o.frequency_penalty
         row = logits[i]
         if rep != 1.0:
             seen = to_device(sorted(set(st.prompt_token_ids) | set(st.output_token_ids)),
@@ -69,11 +61,10 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
             out = to_device(st.output_token_ids, torch.long, logits.device)
             counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
             row -= freq * counts + pres * (counts > 0).to(row.dtype)
-        min_tokens = int(p.get("min_tokens", 0))
-        if min_tokens and len(st.output_token_ids) < min_tokens:
-            banned = list(p.get("stop_token_ids") or [])
-            if not p.get("ignore_eos", False):
-                banned += list(p.get("eos_token_ids") or [])
+        if o.min_tokens and len(st.output_token_ids) < o.min_tokens:
+            banned = list(o.stop_token_ids)
+            if not o.ignore_eos:
+                banned += o.eos_token_ids
             banned = [t for t in banned if 0 <= t < row.shape[0]]
             if banned:
                 row[banned] = float("-inf")
@@ -82,19 +73,19 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
 
 def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p masks (each a no-op at its default)."""
-    temps = [max(st.temperature, 1e-5) for st in states]
+    temps = [max(st.options.temperature, 1e-5) for st in states]
     if all(t == temps[0] for t in temps):
         logits = logits / temps[0]
     else:
         logits = logits / to_device(temps, logits.dtype, logits.device).unsqueeze(1)
     vocab = logits.shape[1]
-    top_k = [st.top_k for st in states]
+    top_k = [st.options.top_k for st in states]
     if any(0 < k < vocab for k in top_k):
         ks = to_device([k if 0 < k < vocab else vocab for k in top_k], torch.long, logits.device)
         sorted_logits = logits.sort(dim=1, descending=True).values
         kth = sorted_logits.gather(1, (ks - 1).view(-1, 1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = [st.top_p for st in states]
+    top_p = [st.options.top_p for st in states]
     if any(p < 1.0 for p in top_p):
         ps = to_device(top_p, logits.dtype, logits.device)
         probs_sorted, idx = logits.softmax(dim=1).sort(dim=1, descending=True)
@@ -102,7 +93,7 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         remove_sorted = (cum - probs_sorted) >= ps.unsqueeze(1)  # keep the smallest set reaching p
         remove = torch.zeros_like(remove_sorted).scatter(1, idx, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
-    min_p = [st.min_p for st in states]
+    min_p = [st.options.min_p for st in states]
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=1)
         thresh = to_device(min_p, probs.dtype, probs.device).unsqueeze(1) \

@@ -1,0 +1,181 @@
+"""One worker group's engine core in its own process: a Ray actor.
+
+The actor holds the core (scheduler, block manager, sampling, stop tokens) and, at
+tensor_parallel_size=1, the model itself (the GPU is the actor's); larger groups keep
+their ranks in Ray actors of their own placement group. The busy loop runs in a thread
+of the actor (`CoreLoop`); the actor's event loop only takes requests in and hands each
+step's outputs to the subscribed ingress replicas, one msgpack batch per replica per
+step (`subscribe`, a Ray streaming generator).
+
+`RayCoreClient` is the ingress replica's view of one such actor (a `CoreClient`).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from typing import Optional
+
+import msgpack
+
+from raylm.engine.core import EngineCoreOutput, EngineCoreRequest
+
+logger = logging.getLogger("raylm")
+
+
+def detached(coro) -> asyncio.Task:
+    """Run coro as a task outside the current request's context. Serve cancels the
+    calls a request makes when that request is cancelled (a client disconnect); the
+    shared subscriptions and the aborts sent for a vanished client must outlive it."""
+    loop = asyncio.get_running_loop()
+    return contextvars.Context().run(loop.create_task, coro)  # the task copies this empty context
+
+
+class _Outbox:
+    """The outputs waiting for one subscriber (in the actor's event loop)."""
+
+    def __init__(self):
+        self.pending: list[EngineCoreOutput] = []
+        self.event = asyncio.Event()
+        self.closed = False
+
+
+class EngineCoreActor:
+    """A Ray actor class (wrapped with ray.remote by the router): see module doc."""
+
+    def __init__(self, engine_args: dict, index: int = 0):
+        import os
+
+        from raylm.engine.config import EngineArgs
+        from raylm.engine.core import EngineCore
+        from raylm.engine.core_loop import CoreLoop
+
+        logging.basicConfig(level=logging.INFO)
+        kwargs = dict(engine_args)
+        if kwargs.get("tensor_parallel_size", 1) == 1:
+            kwargs["distributed_executor_backend"] = "uni"  # the model lives in this actor
+        else:
+            kwargs["distributed_executor_backend"] = "ray"
+        self.index = index
+        self.pid = os.getpid()
+        self.core = EngineCore(EngineArgs(**kwargs))
+        self.loop = CoreLoop(self.core, self._deliver, f"raylm-core-{index}")
+        self._aio: Optional[asyncio.AbstractEventLoop] = None
+        self._outboxes: dict[Optional[str], _Outbox] = {}
+
+    async def ready(self) -> dict:
+        """Starts the loop (from the actor's event loop); what the router needs to know."""
+        if self._aio is None:
+            self._aio = asyncio.get_running_loop()
+            self.loop.start()
+        return {"index": self.index, "pid": self.pid, "num_blocks": self.core.num_blocks,
+                "max_num_seqs": self.core.args.max_num_seqs,
+                "startup_timing": self.core.startup_timing}
+
+    # ---- outputs -------------------------------------------------------------------
+    def _deliver(self, batches: dict) -> None:  # on the core's thread
+        self._aio.call_soon_threadsafe(self._push, batches)
+
+    def _outbox(self, subscriber) -> _Outbox:
+        box = self._outboxes.get(subscriber)
+        if box is None:
+            box = self._outboxes[subscriber] = _Outbox()
+        return box
+
+    def _push(self, batches: dict) -> None:
+        for sub, outs in batches.items():
+            box = self._outbox(sub)
+            if not box.closed:
+                box.pending.extend(outs)
+                box.event.set()
+
+    async def subscribe(self, subscriber: str):
+        """Every output of `subscriber`'s requests: one msgpack-encoded list of
+        EngineCoreOutput rows per yield (all that arrived since the previous one). When
+        the stream ends, the subscriber's unfinished requests are aborted."""
+        box = self._outbox(subscriber)
+        try:
+            while not box.closed:
+                await box.event.wait()
+                box.event.clear()
+                outs, box.pending = box.pending, []
+                if outs:
+                    yield msgpack.packb([o.to_wire() for o in outs])
+        finally:
+            self._drop(subscriber)
+
+    async def unsubscribe(self, subscriber: str) -> None:
+        box = self._outboxes.get(subscriber)
+        if box is not None:
+            box.closed = True
+            box.event.set()
+        self._drop(subscriber)
+
+    def _drop(self, subscriber: str) -> None:
+        self._outboxes.pop(subscriber, None)
+        if self.loop.alive:
+            self.loop.call(lambda core: core.abort(
+                [rid for rid, sub in core.subscribers.items() if sub == subscriber]))
+
+    # ---- requests ------------------------------------------------------------------
+    async def add_requests(self, wire: bytes) -> None:
+        """Queue msgpack-encoded EngineCoreRequest rows (a refusal arrives on the
+        subscriber's stream as an error output)."""
+        self.loop.add([EngineCoreRequest.from_wire(r) for r in msgpack.unpackb(wire)])
+
+    async def abort(self, request_ids: list[str], reason: str = "abort") -> None:
+        if self.loop.alive:
+            self.loop.abort(request_ids, reason)
+
+    # ---- introspection -------------------------------------------------------------
+    async def snapshot(self, since: int = -1, hashes: bool = True) -> dict:
+        """CoreLoop.snapshot; hashes=False leaves the prefix-cache part out."""
+        snap = self.loop.snapshot(since if hashes else 1 << 62)
+        if not hashes:
+            snap.pop("events", None)
+            snap.pop("hashes", None)
+        return snap
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
+        self.core.shutdown()
+
+
+class RayCoreClient:
+    """An ingress replica's view of one engine core actor (a `CoreClient`)."""
+
+    def __init__(self, actor, index: int):
+        self.actor = actor
+        self.index = index
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def add(self, requests: list[EngineCoreRequest]) -> None:
+        await self.actor.add_requests.remote(msgpack.packb([r.to_wire() for r in requests]))
+
+    def abort(self, request_ids: list[str], reason: str = "abort") -> None:
+        self.actor.abort.remote(list(request_ids), reason)  # fire and forget
+
+    def subscribe(self, subscriber: str, on_batch, on_error) -> None:
+        self._tasks[subscriber] = detached(self._read(subscriber, on_batch, on_error))
+
+    async def _read(self, subscriber: str, on_batch, on_error) -> None:
+        try:
+            stream = self.actor.subscribe.options(num_returns="streaming").remote(subscriber)
+            async for ref in stream:
+                rows = msgpack.unpackb(await ref)
+                on_batch([EngineCoreOutput.from_wire(r) for r in rows])
+            raise RuntimeError("the engine core's output stream ended")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the core actor is gone
+            logger.warning("engine core %d: output stream failed: %s", self.index, exc)
+            on_error(exc)
+
+    def unsubscribe(self, subscriber: str) -> None:
+        task = self._tasks.pop(subscriber, None)
+        if task is not None:
+            task.cancel()
+        try:
+            self.actor.unsubscribe.remote(subscriber)
+        except Exception:  # Ray is shutting down
+            pass
