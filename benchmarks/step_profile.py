@@ -54,8 +54,8 @@ def main() -> None:
     loop = engine.timing_summary()
 
     # GPU time of the pieces, with CUDA events around each (inputs of a real step).
-    planned = engine.begin_step()
-    sched_out, plan = planned
+    sched_out = engine.scheduler.schedule()
+    plan = engine.core.planner.plan(sched_out)
     runner._update_states(plan)
     seqs = plan.seqs
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(8)]

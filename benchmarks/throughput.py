@@ -156,25 +156,25 @@ def all_reduce_profile(executor, step_s: float) -> dict:
 
 
 def run_groups(engine_kwargs: dict, num_groups: int, prompts, sps) -> dict:
-    """The workload through the global scheduler over `num_groups` Ray worker groups, all
-    requests submitted at once."""
+    """The workload through the in-process cluster (router and frontend) over
+    `num_groups` worker groups whose ranks are Ray actors, all requests submitted at once."""
     import asyncio
 
-    from raylm.cluster.global_scheduler import GlobalScheduler
+    from raylm.cluster.local import LocalCluster
     from raylm.engine.config import EngineArgs
 
     async def go() -> dict:
         t = time.perf_counter()
-        gs = GlobalScheduler(EngineArgs(**engine_kwargs, distributed_executor_backend="ray"), num_groups)
+        gs = LocalCluster(EngineArgs(**engine_kwargs, distributed_executor_backend="ray"), num_groups)
         startup_s = time.perf_counter() - t
         from raylm import SamplingParams
 
         await gs.generate({"prompt_token_ids": prompts[0][:64]}, SamplingParams(max_tokens=8, ignore_eos=True))
-        before = gs.group_stats()
+        before = gs.stats()["groups"]
         t = time.perf_counter()
         outs = await asyncio.gather(*(gs.generate({"prompt_token_ids": p}, sp) for p, sp in zip(prompts, sps)))
         elapsed = time.perf_counter() - t
-        after = gs.group_stats()
+        after = gs.stats()["groups"]
         per_group = [{"steps": a["steps"] - b["steps"], "busy_fraction": (a["busy_s"] - b["busy_s"]) / elapsed,
                       "num_blocks": a["num_blocks"]} for a, b in zip(after, before)]
         await gs.shutdown()

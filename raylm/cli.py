@@ -8,6 +8,9 @@ from typing import Optional, Sequence
 
 from raylm.engine.config import EngineArgs
 
+# raylm.cluster.local's default, repeated so `raylm --help` does not import the cluster.
+DEFAULT_MAX_QUEUED_REQUESTS = 4096
+
 
 def _bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
@@ -76,7 +79,8 @@ def _serve(ns: argparse.Namespace) -> int:
     args = dataclasses.asdict(engine_args_from(ns))
     args["model"] = ns.model_tag or ns.model
     app_args = dict(args, num_groups=ns.groups, served_model_name=ns.served_model_name,
-                    api_key=ns.api_key, max_n=ns.max_n)
+                    api_key=ns.api_key, max_n=ns.max_n, max_queued_requests=ns.max_queued_requests,
+                    api_server_count=ns.api_server_count)
     from raylm.cluster.app import APP_NAME, build_app
 
     app = build_app(app_args)  # argument errors surface before Ray starts
@@ -142,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None)
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     srv.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
+    srv.add_argument("--api-server-count", type=int, default=1,
+                     help="ingress replicas (tokenize, detokenize, HTTP and gRPC); each reads "
+                          "every worker group's output stream")
+    srv.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                     help="requests that may wait for a slot; past it a request gets 429 "
+                          "with Retry-After")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
     return parser
