@@ -11,7 +11,8 @@ import yaml
 from raylm.engine.config import EngineArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-APP_ARGS = {"num_groups", "served_model_name", "api_key", "max_n"}
+APP_ARGS = {"num_groups", "served_model_name", "api_key", "max_n", "max_queued_requests",
+            "api_server_count", "autoscaling_config"}
 SERVICER = "raylm.cluster.raylm_pb2_grpc.add_GenerateServicer_to_server"
 
 

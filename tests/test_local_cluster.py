@@ -1,5 +1,6 @@
-"""The global scheduler: prefix-affinity routing, load spreading, streaming, aborts that
-free blocks, metrics, and two Ray worker groups serving concurrent requests."""
+"""The cluster in one process (engine cores in threads, the router, the frontend):
+prefix-affinity routing, load spreading, streaming, aborts that free blocks, metrics,
+failed groups, and two groups whose ranks are Ray actors serving concurrent requests."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from raylm import LLM, SamplingParams
-from raylm.cluster.global_scheduler import GlobalScheduler
+from raylm.cluster.local import LocalCluster
 from raylm.engine.config import EngineArgs
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
@@ -27,6 +28,21 @@ def _samples(text: bytes) -> dict:
     return out
 
 
+def wait_until(cond, timeout=30.0):
+    """Poll cond() (another thread acts on it) until true; generous for loaded machines."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+async def await_until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def _metric(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, lbl), v in samples.items()
                if n == name and all(dict(lbl).get(k) == str(x) for k, x in labels.items()))
@@ -34,23 +50,23 @@ def _metric(samples: dict, name: str, **labels) -> float:
 
 def test_prefix_affinity_and_load_spreading(llama_dir):
     async def main():
-        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=256, block_size=4), num_groups=2)
+        sched = LocalCluster(EngineArgs(model=llama_dir, max_model_len=256, block_size=4), num_groups=2)
         try:
             tok = sched.tokenizer
             shared = list(range(10, 10 + 40))  # 10 full blocks of 4 tokens
             first = await sched.generate(shared + [7, 8], GREEDY)
             assert first.finished
-            owner = next(i for i, g in enumerate(sched.groups) if g.engine.block_manager.hash_to_block)
+            owner = next(i for i, c in enumerate(sched.cores) if c.block_manager.hash_to_block)
             # Later requests sharing the long prefix go to the group that caches it ...
             outs = await asyncio.gather(*[sched.generate(shared + [20 + i], GREEDY) for i in range(4)])
             assert all(o.num_cached_tokens >= 36 for o in outs)
-            assert all(sched.groups[1 - owner].engine.block_manager.prefix_hit_tokens == 0 for _ in outs)
-            assert sched.groups[owner].engine.scheduler.num_steps > 0
+            assert sched.cores[1 - owner].block_manager.prefix_hit_tokens == 0
+            assert sched.cores[owner].scheduler.num_steps > 0
             # ... while requests with different prefixes spread over both groups.
-            before = [g.engine.counters["prompt_tokens"] for g in sched.groups]
+            before = [c.counters["prompt_tokens"] for c in sched.cores]
             prompts = [[(31 * i + j) % 300 + 5 for j in range(12)] for i in range(8)]
             await asyncio.gather(*[sched.generate(p, GREEDY) for p in prompts])
-            after = [g.engine.counters["prompt_tokens"] for g in sched.groups]
+            after = [c.counters["prompt_tokens"] for c in sched.cores]
             got = [a - b for a, b in zip(after, before)]
             assert got[0] > 0 and got[1] > 0, got
             assert tok is not None
@@ -67,10 +83,10 @@ def test_streaming_matches_offline_and_abort_frees_blocks(llama_dir, async_sched
     offline.shutdown()
 
     async def main():
-        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=256,
+        sched = LocalCluster(EngineArgs(model=llama_dir, max_model_len=256,
                                            async_scheduling=async_scheduling), num_groups=1)
-        assert sched.groups[0].engine.async_scheduling is async_scheduling
-        bm = sched.groups[0].engine.block_manager
+        assert sched.cores[0].async_scheduling is async_scheduling
+        bm = sched.cores[0].block_manager
         try:
             async def stream_text(p):
                 text, last = "", None
@@ -92,9 +108,8 @@ def test_streaming_matches_offline_and_abort_frees_blocks(llama_dir, async_sched
                     break
                 await agen.aclose()
             await asyncio.gather(*[one_chunk(i) for i in range(50)])
-            await asyncio.sleep(0.05)
-            assert bm.num_free_blocks == free_before
-            assert not sched.streams and not sched.groups[0].engine.groups
+            await await_until(lambda: bm.num_free_blocks == free_before and not sched.cores[0].requests)
+            assert not sched._queues and not sched.outputs.requests
             m = _samples(await sched.metrics_text())
             assert _metric(m, "raylm:request_success_total", finished_reason="abort") == 50
             assert _metric(m, "raylm:request_success_total", finished_reason="length") == 3
@@ -124,12 +139,12 @@ def test_two_ray_groups_serve_32_concurrent_requests(llama_dir, ray_session, asy
     async def main():
         args = EngineArgs(model=llama_dir, max_model_len=128, distributed_executor_backend="ray",
                           async_scheduling=async_scheduling)
-        sched = GlobalScheduler(args, num_groups=2)
+        sched = LocalCluster(args, num_groups=2)
         try:
             t0 = time.perf_counter()
             outs = await asyncio.gather(*[sched.generate(p, GREEDY) for p in prompts])
             assert [o.outputs[0].text for o in outs] == expected
-            stats = sched.group_stats()
+            stats = sched.stats()["groups"]
             elapsed = time.perf_counter() - t0
             steps = [s["steps"] for s in stats]
             assert all(s > 0 for s in steps), steps
@@ -145,18 +160,17 @@ def test_two_ray_groups_serve_32_concurrent_requests(llama_dir, ray_session, asy
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_failed_group_fails_its_requests_and_the_rest_keep_serving(llama_dir, async_scheduling):
     async def main():
-        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=128,
+        sched = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128,
                                            async_scheduling=async_scheduling), num_groups=2)
         try:
-            async def broken(arg):
+            def broken(arg):
                 raise RuntimeError("worker died")
-            # The step call each mode awaits: the whole step, or a launched step's result.
-            setattr(sched.groups[0].engine.executor, "collect_async" if async_scheduling else "execute_async",
-                    broken)
+            # The step call each mode makes: the whole step, or a launched step's result.
+            setattr(sched.cores[0].executor, "collect" if async_scheduling else "execute", broken)
             results = await asyncio.gather(*[sched.generate(f"prompt {i}", GREEDY) for i in range(4)],
                                            return_exceptions=True)
             failed = [r for r in results if isinstance(r, Exception)]
-            assert failed and all("worker group 0 failed" in str(e) for e in failed)
+            assert failed and all("worker group" in str(e) and "worker died" in str(e) for e in failed)
             assert any(not isinstance(r, Exception) and r.finished for r in results)
             with pytest.raises(RuntimeError, match="group"):
                 await sched.check_health()
@@ -174,7 +188,7 @@ def test_a_slow_stream_gets_the_newest_output_and_loses_nothing(llama_dir):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
     async def main():
-        sched = GlobalScheduler(EngineArgs(model=llama_dir, max_model_len=128), num_groups=1)
+        sched = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128), num_groups=1)
         try:
             async def consume(delay):
                 items = []
@@ -198,13 +212,13 @@ def test_ray_groups_start_at_once_and_a_failed_start_shuts_the_others(monkeypatc
     raised. In-process groups are built one at a time."""
     import threading
 
-    from raylm.cluster import global_scheduler as gs
+    from raylm.cluster import local as gs
 
     barrier = threading.Barrier(2, timeout=10)
     made, shut = [], []
 
     class FakeEngine:
-        def __init__(self, args, fail=False):
+        def __init__(self, args, model=None, fail=False):
             self.fail = fail
             barrier.wait()
             made.append(self)
@@ -215,22 +229,23 @@ def test_ray_groups_start_at_once_and_a_failed_start_shuts_the_others(monkeypatc
             shut.append(self)
 
     ray_args = EngineArgs(model=llama_dir, distributed_executor_backend="ray")
-    monkeypatch.setattr(gs, "LLMEngine", FakeEngine)
-    assert len(gs._build_engines(ray_args, 2)) == 2  # sequential building would break the barrier
+    model = object()
+    monkeypatch.setattr(gs, "EngineCore", FakeEngine)
+    assert len(gs.build_cores(ray_args, 2, model)) == 2  # sequential building would break the barrier
 
     calls = iter([False, True])
-    monkeypatch.setattr(gs, "LLMEngine", lambda args: FakeEngine(args, fail=next(calls)))
+    monkeypatch.setattr(gs, "EngineCore", lambda args, model: FakeEngine(args, fail=next(calls)))
     made.clear()
     with pytest.raises(RuntimeError, match="group could not be placed"):
-        gs._build_engines(ray_args, 2)
+        gs.build_cores(ray_args, 2, model)
     assert len(made) == 2 and shut == [e for e in made if not e.fail]  # the one that started
 
     order = []
 
     class Sequential:
-        def __init__(self, args):
+        def __init__(self, args, model):
             order.append(threading.current_thread().name)
 
-    monkeypatch.setattr(gs, "LLMEngine", Sequential)
-    assert len(gs._build_engines(EngineArgs(model=llama_dir), 3)) == 3
+    monkeypatch.setattr(gs, "EngineCore", Sequential)
+    assert len(gs.build_cores(EngineArgs(model=llama_dir), 3, model)) == 3
     assert order == [threading.current_thread().name] * 3

@@ -1,9 +1,10 @@
-"""The OpenAI-compatible HTTP API over an in-process GlobalScheduler: both generation
+"""The OpenAI-compatible HTTP API over the in-process cluster (LocalCluster): both generation
 routes (JSON and SSE), logprobs in both formats, every bad input with its status and
 OpenAI error body, bearer auth, the side routes, and client disconnects that abort."""
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from raylm import SamplingParams
-from raylm.cluster.global_scheduler import GlobalScheduler
+from raylm.cluster.local import LocalCluster
 from raylm.cluster.openai_api import create_openai_app
 from raylm.cluster.protocol import ChatCompletionRequest, CompletionRequest
 from raylm.engine.config import EngineArgs
@@ -31,12 +32,19 @@ def anyio_backend():
 
 @pytest.fixture(scope="module")
 async def sched(llama_dir):
-    s = GlobalScheduler(EngineArgs(model=llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN,
+    s = LocalCluster(EngineArgs(model=llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN,
                                    block_size=8, max_num_seqs=16, max_logprobs=5),
                         served_model_name=NAME)
-    await s.start()
     yield s
     await s.shutdown()
+
+
+async def await_until(cond, timeout=30.0):
+    """Poll cond() until true (the cores act in their own threads); generous deadline."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
 
 
 def _client(app) -> httpx.AsyncClient:
@@ -353,7 +361,8 @@ async def test_bad_requests_do_not_disturb_good_ones(client, sched):
     assert [r.status_code for r in results] == [200, 400, 400, 400, 200, 200]
     assert results[0].json()["choices"][0]["text"] == alone == results[5].json()["choices"][0]["text"]
     assert streamed_texts(events(results[4]), "text") == {0: alone}
-    assert not sched.streams and sched.stats()["blocks_in_use"] == 0
+    assert not sched.open_request_ids
+    await await_until(lambda: sched.stats()["blocks_in_use"] == 0)
 
 
 class _BrokenBackend:
@@ -473,12 +482,19 @@ async def test_client_disconnect_aborts_and_frees_blocks(sched, stream):
             while not any(m["type"] == "http.response.body" and m.get("body") for m in sent):
                 await asyncio.sleep(0.001)
         else:  # as soon as the backend runs the request
-            while not sched.streams:
+            while not sched.open_request_ids:
                 await asyncio.sleep(0.001)
         gone.set()
 
     await asyncio.gather(_asgi_request(app, "/v1/completions", body, gone, sent), leave())
-    assert not sched.streams
+    assert not sched.open_request_ids
+
+    # The abort reaches the core's thread asynchronously: wait for it to be counted.
+    deadline = time.monotonic() + 30
+    while metric((await sched.metrics_text()).decode(), "raylm:request_success_total",
+                 finished_reason="abort") < before + 1:
+        assert time.monotonic() < deadline, "the abort was never counted"
+        await asyncio.sleep(0.01)
     stats = sched.stats()
     assert stats["num_requests_running"] == stats["num_requests_waiting"] == stats["blocks_in_use"] == 0
     after = metric((await sched.metrics_text()).decode(), "raylm:request_success_total", finished_reason="abort")
@@ -491,8 +507,7 @@ async def test_client_disconnect_aborts_and_frees_blocks(sched, stream):
 # ---- the real model, through the openai client ------------------------------------------------------
 @pytest.fixture(scope="module")
 async def smol():
-    s = GlobalScheduler(EngineArgs(model=None, dtype="float32", max_model_len=256, max_num_seqs=4))
-    await s.start()
+    s = LocalCluster(EngineArgs(model=None, dtype="float32", max_model_len=256, max_num_seqs=4))
     yield s
     await s.shutdown()
 

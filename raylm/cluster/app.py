@@ -160,16 +160,19 @@ class RouterDeployment:
 
     async def cores(self) -> list:
         """The engine core actors, by group."""
+        self.router.calls["cores"] += 1
         self._ensure_polling()
         return list(self.actors)
 
     # ---- whole-server views --------------------------------------------------------
     async def metrics_text(self) -> bytes:
+        self.router.calls["metrics_text"] += 1
         snaps = await self._refresh(hashes=False)
         live = [(s["stats"], s["metrics"]) for s in snaps if s is not None]
         return render_metrics(self.model_name, [s for s, _ in live], [m for _, m in live])
 
     async def check_health(self) -> None:
+        self.router.calls["check_health"] += 1
         await self._refresh(hashes=False)
         failed = [i for i, g in enumerate(self.router.groups) if not g.alive]
         if failed:
@@ -231,7 +234,7 @@ class ClusterFrontend(Frontend):
             self._started = asyncio.get_running_loop().create_future()
             try:
                 actors = await self._router_handle.cores.remote()
-                self.cores = [RayCoreClient(a, i) for i, a in enumerate(actors)]
+                self.core_clients = [RayCoreClient(a, i) for i, a in enumerate(actors)]
                 self._ensure_subscribed()
                 self._started.set_result(True)
             except BaseException as exc:

@@ -74,7 +74,7 @@ class Frontend:
                  max_model_len: int, vocab_size: int, max_logprobs: int, block_size: int,
                  enable_prefix_caching: bool):
         self.router = router
-        self.cores = cores
+        self.core_clients = cores
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -98,7 +98,7 @@ class Frontend:
         if self._subscribed:
             return
         self._subscribed = True
-        for gi, core in enumerate(self.cores):
+        for gi, core in enumerate(self.core_clients):
             core.subscribe(self.subscriber,
                            lambda batch, gi=gi: self._on_batch(gi, batch),
                            lambda exc, gi=gi: self._on_error(gi, exc))
@@ -106,7 +106,7 @@ class Frontend:
     def _on_batch(self, gi: int, batch: list[EngineCoreOutput]) -> None:
         results, stops = self.outputs.process(batch)
         if stops:
-            self.cores[gi].abort(stops, "stop")
+            self.core_clients[gi].abort(stops, "stop")
         for rid, item in results:
             entry = self._queues.get(rid)
             if entry is not None:
@@ -122,7 +122,7 @@ class Frontend:
 
     def unsubscribe_all(self) -> None:
         if self._subscribed:
-            for core in self.cores:
+            for core in self.core_clients:
                 core.unsubscribe(self.subscriber)
             self._subscribed = False
 
@@ -137,6 +137,11 @@ class Frontend:
         batch, self._to_release = self._to_release, []
         if batch:
             self.router.release(batch)
+
+    @property
+    def open_request_ids(self) -> list[str]:
+        """Requests this frontend is streaming now."""
+        return list(self._queues)
 
     # ---- the Backend protocol ------------------------------------------------------
     async def generate_stream(self, prompt: PromptType, params: SamplingParams,
@@ -157,7 +162,7 @@ class Frontend:
         try:
             reqs = self.outputs.add_request(rid, text, ids, params, subscriber=self.subscriber)
             try:
-                await self.cores[gi].add(reqs)
+                await self.core_clients[gi].add(reqs)
             except BaseException:
                 finished = True
                 self.outputs.fail(rid)
@@ -176,7 +181,7 @@ class Frontend:
             if not finished:  # client gone: stop the request now and free its blocks
                 _, running = self.outputs.abort(rid)
                 if running:
-                    self.cores[gi].abort(running)
+                    self.core_clients[gi].abort(running)
             self._release(rid)
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
@@ -189,7 +194,7 @@ class Frontend:
             return
         out, running = self.outputs.abort(request_id)
         if running:
-            self.cores[entry[0]].abort(running)
+            self.core_clients[entry[0]].abort(running)
         if out is not None:
             entry[1].put_nowait(out)
 

@@ -171,7 +171,17 @@ class Router:
         g.cached = set()
 
     def stats(self) -> dict:
-        return {"requests_in_flight": len(self.ledger), "requests_rejected": self.num_rejected,
-                "calls": dict(self.calls),
-                "groups": [dict(g.stats, alive=g.alive, requests_routed=g.requests_routed,
-                                inflight_seqs=g.inflight_seqs) for g in self.groups]}
+        """Every group's latest stats summed (KV usage over all blocks), with the
+        router's own counts and each group's stats under "groups"."""
+        groups = [dict(g.stats, alive=g.alive, requests_routed=g.requests_routed,
+                       inflight_seqs=g.inflight_seqs) for g in self.groups]
+        total: dict = {}
+        for st in groups:
+            for k, v in st.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
+        blocks = total.get("num_blocks", 0)
+        total["kv_cache_usage_perc"] = total.get("blocks_in_use", 0) / blocks if blocks else 0.0
+        total.update(requests_in_flight=len(self.ledger), requests_rejected=self.num_rejected,
+                     calls=dict(self.calls), groups=groups)
+        return total

@@ -1,0 +1,229 @@
+"""The serving path's parts: the core's token-id messages on the wire, the core loop's
+one batch per subscriber per step, the router (ledger, affinity from published block
+hashes, load, admission), and, through the in-process cluster, stop strings matched at
+the edge stopping the core's request and the router seeing no per-token message."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import msgpack
+import pytest
+
+from raylm import LLM, SamplingParams
+from raylm.cluster.frontend import next_item
+from raylm.cluster.local import LocalCluster
+from raylm.cluster.router import NoGroupAvailable, Overloaded, Router
+from raylm.engine.config import EngineArgs
+from raylm.engine.core import EngineCore, EngineCoreOutput, EngineCoreRequest
+from raylm.engine.core_loop import CoreLoop
+from raylm.engine.outputs import CompletionOutput, RequestOutput
+from raylm.scheduler.block_manager import prefix_block_hashes
+from raylm.workers.messages import TokenLogprobs
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+
+
+def wait_until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+# ---- the wire ---------------------------------------------------------------------
+def test_core_messages_round_trip_through_msgpack():
+    req = EngineCoreRequest("r1", [1, 2, 3], SamplingParams(temperature=0.5, seed=3, stop=["x"]),
+                            index=1, prefix_group="g", arrival_time=2.5, priority=1, subscriber="s")
+    again = EngineCoreRequest.from_wire(msgpack.unpackb(msgpack.packb(req.to_wire())))
+    assert again == req
+    lp = TokenLogprobs([5, 6], [-0.1, -2.0], 6, -2.0, 2)
+    out = EngineCoreOutput("r1", [6], [lp], [lp], "length", None, 16, None, subscriber="s")
+    back = EngineCoreOutput.from_wire(msgpack.unpackb(msgpack.packb(out.to_wire())))
+    assert back == out and back.subscriber is None  # where it goes is not on the wire
+    assert EngineCoreOutput.from_wire(msgpack.unpackb(msgpack.packb(EngineCoreOutput("e", error="x").to_wire()))).finished
+
+
+def _out(rid, text, finished=False):
+    return RequestOutput(rid, None, [1], None, [CompletionOutput(0, text, [1], None, None)], finished)
+
+
+def test_next_item_coalesces_up_to_a_final_or_an_error():
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        for item in (_out("a", "1"), _out("a", "12"), _out("a", "123", finished=True)):
+            q.put_nowait(item)
+        assert (await next_item(q)).finished
+        q.put_nowait(_out("a", "1"))
+        q.put_nowait(ValueError("bad"))
+        q.put_nowait(_out("a", "12"))
+        assert isinstance(await next_item(q), ValueError)
+    asyncio.run(main())
+
+
+def test_detached_tasks_do_not_see_the_callers_context():
+    import contextvars
+
+    from raylm.cluster.core_actor import detached
+
+    var = contextvars.ContextVar("request", default=None)
+
+    async def main():
+        var.set("request-1")
+
+        async def look():
+            return var.get()
+        return await detached(look()), await asyncio.ensure_future(look())
+    assert asyncio.run(main()) == (None, "request-1")
+
+
+# ---- the router -------------------------------------------------------------------
+def _snapshot(seq, events=None, hashes=None, **stats):
+    snap = {"stats": stats, "metrics": None, "seq": seq, "alive": True}
+    if hashes is not None:
+        snap["hashes"] = hashes
+    else:
+        snap["events"] = events or []
+    return snap
+
+
+def test_router_follows_published_hashes_and_load():
+    r = Router(num_groups=2, max_num_seqs=4, max_queued_requests=8)
+    prefix = prefix_block_hashes(list(range(40)), 4)  # 9 full blocks
+    r.update(1, _snapshot(3, hashes=prefix[:5]))
+    assert r.assign("a", prefix, 1) == 1  # group 1 caches the prefix
+    r.update(1, _snapshot(5, events=[(0, prefix[0])]))  # evicted: nothing leads any more
+    assert r.groups[1].seq == 5 and prefix[0] not in r.groups[1].cached
+    assert r.assign("b", [123], 1) == 0  # no prefix: the less loaded group
+    # A burst sharing a prefix follows the first request before its KV is cached...
+    assert r.assign("c", prefix_block_hashes([7] * 40, 4), 1) == 0
+    assert r.assign("d", prefix_block_hashes([7] * 40, 4), 1) == 0
+    # ... unless that group is clearly busier.
+    r.update(0, _snapshot(1, kv_cache_usage_perc=0.9))
+    assert r.assign("e", prefix_block_hashes([7] * 40, 4), 1) == 1
+    r.release(["a", "b", "c", "d", "e", "unknown"])
+    assert not r.ledger and all(g.inflight_seqs == 0 and not g.inflight_hashes for g in r.groups)
+    with pytest.raises(ValueError, match="already in use"):
+        r.assign("x", [], 1)
+        r.assign("x", [], 1)
+
+
+def test_router_admission_and_dead_groups():
+    r = Router(num_groups=2, max_num_seqs=2, max_queued_requests=3)
+    for i in range(7):  # 4 run at once, 3 wait
+        r.assign(f"r{i}", [], 1)
+    with pytest.raises(Overloaded, match="max_queued_requests is 3") as info:
+        r.assign("r7", [], 1)
+    assert info.value.retry_after >= 1 and r.num_rejected == 1
+    r.release(["r0"])
+    r.assign("r7", [], 1)  # room again
+    r.mark_dead(0, "gone")
+    assert all(r.assign(f"s{i}", [], 1) == 1 for i in range(0))
+    r.release([f"r{i}" for i in range(8)])
+    assert r.assign("s", [], 1) == 1  # the dead group gets nothing
+    r.mark_dead(1, "gone too")
+    with pytest.raises(NoGroupAvailable, match="every worker group has failed"):
+        r.assign("t", [], 1)
+
+
+# ---- the core loop ----------------------------------------------------------------
+def test_core_loop_sends_one_batch_per_subscriber_per_step(llama_dir):
+    core = EngineCore(EngineArgs(model=llama_dir, max_model_len=128))
+    delivered, done = [], threading.Event()
+
+    def deliver(batches):
+        delivered.append({sub: [o.request_id for o in outs] for sub, outs in batches.items()})
+        if sum(o.finished for outs in batches.values() for o in outs):
+            finished.extend(o.request_id for outs in batches.values() for o in outs if o.finished)
+        if len(finished) == 4:
+            done.set()
+    finished: list = []
+    loop = CoreLoop(core, deliver).start()
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        loop.add([EngineCoreRequest(f"{s}{i}", [5 + i, 6, 7], params.clone(), subscriber=s)
+                  for s in ("A", "B") for i in range(2)])
+        assert done.wait(60)
+        decode_steps = [d for d in delivered if len(d.get("A", [])) == 2 and len(d.get("B", [])) == 2]
+        assert len(decode_steps) >= 4  # each step: one batch for A, one for B, both requests in it
+        snap = loop.snapshot(-1)
+        assert snap["stats"]["requests_finished"] == 4 and snap["alive"]
+        assert sorted(snap["hashes"]) == sorted(core.block_manager.hash_to_block)
+        assert loop.snapshot(snap["seq"])["events"] == []
+    finally:
+        loop.stop()
+        core.shutdown()
+
+
+# ---- through the in-process cluster ------------------------------------------------
+def test_stop_string_at_the_edge_stops_the_core_request(llama_dir):
+    llm = LLM(llama_dir, max_model_len=128)
+    free = llm.generate("the stop test", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    llm.shutdown()
+    stop = free.text[10:13]
+    assert len(stop) == 3
+
+    async def main():
+        cluster = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128))
+        try:
+            params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, stop=[stop])
+            out = await cluster.generate("the stop test", params)
+            comp = out.outputs[0]
+            assert comp.finish_reason == "stop" and comp.stop_reason == stop
+            assert comp.text == free.text[:free.text.index(stop)]
+            core = cluster.cores[0]
+            wait_until(lambda: not core.requests)  # the abort reached the core
+            stats = cluster.stats()
+            assert stats["generation_tokens"] < 100  # stopped early, not run to max_tokens
+            assert stats["groups"][0]["blocks_in_use"] == 0
+            text = (await cluster.metrics_text()).decode()
+            assert 'raylm:request_success_total{finished_reason="stop",model_name=' in text
+        finally:
+            await cluster.shutdown()
+    asyncio.run(main())
+
+
+def test_router_sees_two_messages_per_request_and_none_per_token(llama_dir):
+    async def main():
+        cluster = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128), num_groups=2)
+        try:
+            params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+            outs = await asyncio.gather(*[cluster.generate(f"request {i}", params) for i in range(20)])
+            assert sum(len(o.outputs[0].token_ids) for o in outs) == 320
+            await asyncio.sleep(0.1)  # the batched release
+            calls = cluster.ledger.calls
+            assert calls["assign"] == 20 and 1 <= calls["release"] <= 20, calls
+            assert set(calls) == {"assign", "release"}
+            assert not cluster.ledger.ledger
+        finally:
+            await cluster.shutdown()
+    asyncio.run(main())
+
+
+def test_admission_past_the_queue_bound_and_serving_goes_on(llama_dir):
+    import httpx
+
+    from raylm.cluster.openai_api import create_openai_app
+
+    async def main():
+        cluster = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128, max_num_seqs=2),
+                               max_queued_requests=2)
+        app = create_openai_app(cluster)
+        body = {"prompt": "long one", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                         timeout=120) as client:
+                rs = await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(8)])
+                codes = sorted(r.status_code for r in rs)
+                assert codes.count(200) >= 4 and 429 in codes, codes  # 2 run + 2 wait, the rest refused
+                refused = next(r for r in rs if r.status_code == 429)
+                assert refused.headers["retry-after"] == "1"
+                assert "max_queued_requests is 2" in refused.json()["error"]["message"]
+                assert refused.json()["error"]["code"] == 429
+                again = await client.post("/v1/completions", json=dict(body, max_tokens=4))
+                assert again.status_code == 200
+        finally:
+            await cluster.shutdown()
+    asyncio.run(main())
