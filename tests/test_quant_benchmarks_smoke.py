@@ -1,16 +1,20 @@
 """The quantization benchmarks' --smoke modes (CPU: tiny shapes under Triton's interpreter,
 a tiny random model) run to the end and write result files with the fields
-benchmarks/record.py and a reader of RESULTS.md rely on. All four run at once in
-subprocesses (about 10 s)."""
+benchmarks/record.py and a reader of RESULTS.md rely on. All six run at once in
+subprocesses: about 60 s on a 2-core machine (each alone takes 5-22 s)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_FIELDS = {"benchmark", "model", "device", "date", "command", "torch"}
+# Only a guard against a hang, over ten times the 63 s the six took together on the 2-core
+# machine with no other test running (others' load about 2.5): 180 s failed on a loaded one.
+DEADLINE_S = 900
 
 
 def _run_both(out_dir) -> dict:
@@ -24,8 +28,14 @@ def _run_both(out_dir) -> dict:
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name in scripts}
     results = {}
+    deadline = time.monotonic() + DEADLINE_S
     for name, p in procs.items():
-        log, _ = p.communicate(timeout=180)
+        try:
+            log, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise AssertionError(f"{name} --smoke still running after {DEADLINE_S} s")
         assert p.returncode == 0, log[-4000:]
         results[name] = json.load(open(os.path.join(out_dir, f"{scripts[name]}.json")))
     return results
