@@ -1,83 +1,56 @@
-"""Online serving: the Ray Serve application (OpenAI HTTP ingress -> global scheduler ->
-worker groups) under concurrent streaming completions, on random bf16 weights.
+"""Online serving: the Ray Serve application (ingress replicas -> router -> one engine
+core process per worker group) under streaming completions, on random bf16 weights.
 
-    python benchmarks/serving.py --model llama-3.1-8b --num-groups 2
-    python benchmarks/serving.py --model llama-3.1-8b --num-groups 1   # the one-group baseline
+    python benchmarks/serving.py --model qwen3-0.6b --num-groups 1
+    python benchmarks/serving.py --model qwen3-0.6b --num-groups 2 --num-gpus-per-worker 0.5
 
-Every request is a token-id prompt (lengths uniform in --min-len..--max-len, as the
-throughput benchmark) streamed back with `ignore_eos`; at most --max-concurrency are in
-flight. Reports output tok/s, TTFT and time per output token (mean, p50, p99), and per
-worker group the requests routed to it, its steps and the fraction of the run it had a
-step on its GPUs. The model gets a word-per-id tokenizer (benchmarks.common), so any id
-decodes. Writes benchmarks/results/serving-<model>-<G>groups.json (or under $OUT).
+The workload of vLLM's figures: token-id prompts and output lengths uniform in
+--min-len..--max-len (seed 0), temperature 0.6, `ignore_eos`, streamed with
+`stream_options.include_usage`; --num-requests requests closed-loop at --max-concurrency,
+then (unless --open-loop-fraction 0) the same requests open-loop, Poisson arrivals at that
+fraction of the closed-loop request rate. Clients run in --client-procs processes
+(benchmarks/loadgen.py). Reports output tok/s and mean/p50/p99 of TTFT, TPOT,
+inter-token latency and end-to-end latency, per group the requests routed and the
+fraction of the run it spent in steps, and the process start to the first served
+request. vLLM 0.26.0's figures on one H200 (same workload) stand beside ours. Writes
+benchmarks/results/serving-<model>-<G>groups[-<tag>].json (or under $OUT).
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+from benchmarks.loadgen import run_load, summarize  # noqa: E402
 
-
-async def one_request(client, url: str, body: dict) -> dict:
-    t0 = time.perf_counter()
-    first = last = None
-    tokens = 0
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                first = first or now
-                last = now
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens,
-            "e2e": last - t0}
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-async def drive(base: str, model: str, prompts, outputs, temperature: float, concurrency: int):
-    """Send every request (at most `concurrency` at once); (per-request rows, wall time)."""
-    import httpx
-
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def go(p, o):
-            async with sem:
-                return await one_request(client, f"{base}/v1/completions", {
-                    "model": model, "prompt": p, "max_tokens": o, "temperature": temperature,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
-
-        t = time.perf_counter()
-        rows = await asyncio.gather(*(go(p, o) for p, o in zip(prompts, outputs)))
-        return rows, time.perf_counter() - t
+# vLLM 0.26.0 over HTTP on one H200, this workload (512 requests at concurrency 256).
+VLLM_H200 = {"qwen3-0.6b": {"output_tok_per_s": 10394},
+             "llama-3.1-8b": {"output_tok_per_s": 9403, "tpot_p50_ms": 21.8, "itl_p99_ms": 74,
+                              "ttft_p50_ms": 3550}}
+PEER = "vllm-0.26.0"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--num-groups", type=int, default=2)
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--num-groups", type=int, default=1)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--num-gpus-per-worker", type=float, default=1.0)
+    p.add_argument("--api-server-count", type=int, default=2)
     common.add_workload_args(p)
+    p.set_defaults(num_requests=512)
     p.add_argument("--max-concurrency", type=int, default=256)
+    p.add_argument("--open-loop-fraction", type=float, default=0.8)
+    p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tag", default="")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra engine argument (repeatable), e.g. max_num_seqs=512")
     args = p.parse_args()
 
     from transformers import AutoConfig
@@ -94,45 +67,74 @@ def main() -> None:
 
     ray.init()
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    extra = {}
+    for kv in args.engine_arg:  # values as JSON (512, true, "x"), else as strings
+        k, v = kv.split("=", 1)
+        try:
+            extra[k] = json.loads(v)
+        except ValueError:
+            extra[k] = v
     t = time.perf_counter()
     serve.run(build_app({"model": cfg_dir, "load_format": "dummy", "dtype": "bfloat16",
                          "max_model_len": args.max_model_len, "seed": 0,
                          "gpu_memory_utilization": args.gpu_memory_utilization,
                          "tensor_parallel_size": args.tensor_parallel_size,
-                         "num_groups": args.num_groups, "served_model_name": "bench"}),
+                         "num_gpus_per_worker": args.num_gpus_per_worker,
+                         "num_groups": args.num_groups, "served_model_name": "bench",
+                         "api_server_count": args.api_server_count, **extra}),
               name=APP_NAME, route_prefix="/")
-    startup_s = time.perf_counter() - t
-    print(f"app up in {startup_s:.0f} s", flush=True)
-    scheduler = serve.get_deployment_handle("Scheduler", app_name=APP_NAME)
-    asyncio.run(drive(f"http://127.0.0.1:{args.port}", "bench", [prompts[0][:32]], [4], 0.0, 1))  # warm-up
-    before = scheduler.stats.remote().result()["groups"]
-    rows, elapsed = asyncio.run(drive(f"http://127.0.0.1:{args.port}", "bench", prompts, outputs,
-                                      args.temperature, args.max_concurrency))
-    after = scheduler.stats.remote().result()["groups"]
+    url = f"http://127.0.0.1:{args.port}/v1/completions"
 
-    tokens = sum(r["tokens"] for r in rows)
-    assert tokens == sum(outputs), (tokens, sum(outputs))
-    groups = [{"requests_routed": a["requests_routed"] - b["requests_routed"],
-               "steps": a["steps"] - b["steps"],
-               "busy_fraction": (a["busy_s"] - b["busy_s"]) / elapsed} for a, b in zip(after, before)]
-    ttft = [1e3 * r["ttft"] for r in rows]
-    tpot = [1e3 * r["tpot"] for r in rows]
-    result = common.base_result("serving", args.model)
-    result.update({
-        "num_groups": args.num_groups, "tensor_parallel_size": args.tensor_parallel_size,
-        "num_gpus": args.num_groups * args.tensor_parallel_size,
-        "num_requests": args.num_requests, "max_concurrency": args.max_concurrency,
-        "output_tokens": tokens, "time_s": elapsed, "startup_s": startup_s,
-        "raylm_output_tok_per_s": tokens / elapsed, "requests_per_s": len(rows) / elapsed,
-        "ttft_ms": {"mean": statistics.mean(ttft), "p50": pct(ttft, 0.5), "p99": pct(ttft, 0.99)},
-        "tpot_ms": {"mean": statistics.mean(tpot), "p50": pct(tpot, 0.5), "p99": pct(tpot, 0.99)},
-        "groups": groups,
-        # Compare with the one-group run of this script and with benchmarks/throughput.py
-        # (offline, no HTTP) on the same workload.
-        "peer": None, "peer_output_tok_per_s": None, "roofline_output_tok_per_s": None,
-    })
-    print(f"{tokens / elapsed:.0f} output tok/s over HTTP; groups: {groups}", flush=True)
-    common.save_result(result, f"serving-{os.path.basename(args.model.rstrip('/'))}-{args.num_groups}groups")
+    def body(prompt, n):
+        return {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": args.temperature,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+    warm, _ = run_load(url, [body(prompts[0][:32], 4)] * 4, 4, procs=1)  # warm-up
+    assert all(r.get("error") is None for r in warm), warm
+    startup_s = common.process_age_s()
+    app_s = time.perf_counter() - t
+    print(f"app up in {app_s:.0f} s; process start to first served request {startup_s:.0f} s", flush=True)
+    router = serve.get_deployment_handle("Router", app_name=APP_NAME)
+    bodies = [body(pr, o) for pr, o in zip(prompts, outputs)]
+    records = []
+    peer = VLLM_H200.get(args.model, {})
+    for mode in ("closed-loop", "open-loop"):
+        if mode == "open-loop" and args.open_loop_fraction <= 0:
+            break
+        rate = None if mode == "closed-loop" else args.open_loop_fraction * records[0]["requests_per_s"]
+        before = router.stats.remote().result()
+        rows, elapsed = run_load(url, bodies, args.max_concurrency if rate is None else 1 << 20,
+                                 procs=args.client_procs, rate=rate)
+        after = router.stats.remote().result()
+        s = summarize(rows, elapsed)
+        assert s["failed"] == 0, s["errors"]
+        assert s["output_tokens"] == sum(outputs), (s["output_tokens"], sum(outputs))
+        groups = [{"requests_routed": a["requests_routed"] - b["requests_routed"],
+                   "steps": a.get("steps", 0) - b.get("steps", 0),
+                   "busy_fraction": (a.get("busy_s", 0) - b.get("busy_s", 0)) / elapsed}
+                  for a, b in zip(after["groups"], before["groups"])]
+        rec = common.base_result("serving", os.path.basename(args.model.rstrip("/")))
+        rec.update({
+            "mode": mode, "request_rate": rate, "num_requests": args.num_requests,
+            "max_concurrency": args.max_concurrency if rate is None else None,
+            "min_len": args.min_len, "max_len": args.max_len, "temperature": args.temperature,
+            "num_groups": args.num_groups, "tensor_parallel_size": args.tensor_parallel_size,
+            "num_gpus_per_worker": args.num_gpus_per_worker, "api_server_count": args.api_server_count,
+            "num_gpus": args.num_groups * args.tensor_parallel_size * args.num_gpus_per_worker,
+            **s, "startup_s": startup_s, "groups": groups,
+            "router_calls": {k: after["calls"].get(k, 0) - before["calls"].get(k, 0) for k in after["calls"]},
+            "peer": PEER if peer and rate is None else None,
+            "peer_output_tok_per_s": peer.get("output_tok_per_s") if rate is None else None,
+            "peer_latency_ms": {k: v for k, v in peer.items() if k != "output_tok_per_s"} if rate is None else None,
+        })
+        if rec["peer_output_tok_per_s"]:
+            rec["ratio_to_peer"] = rec["raylm_output_tok_per_s"] / rec["peer_output_tok_per_s"]
+        records.append(rec)
+        print(f"{mode}: {s['raylm_output_tok_per_s']:.0f} output tok/s; TTFT p50 {s['ttft_ms']['p50']:.0f} ms, "
+              f"TPOT p50 {s['tpot_ms']['p50']:.1f} ms, ITL p99 {s['itl_ms']['p99']:.0f} ms; groups {groups}",
+              flush=True)
+    stem = f"serving-{os.path.basename(args.model.rstrip('/'))}-{args.num_groups}groups"
+    common.save_result(records, stem + (f"-{args.tag}" if args.tag else ""))
     serve.shutdown()  # after the result is saved: a slow shutdown cannot lose it
     ray.shutdown()
 

@@ -107,6 +107,10 @@ class RouterDeployment:
     def __del__(self):
         import ray
 
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
+        self._closing = True
         for a in getattr(self, "actors", []):
             try:
                 ray.kill(a, no_restart=True)
@@ -131,7 +135,7 @@ class RouterDeployment:
             try:
                 snap = await ref
             except Exception as exc:  # the actor died
-                if groups[i].alive:
+                if groups[i].alive and not getattr(self, "_closing", False):
                     logger.error("worker group %d failed: %s", i, type(exc).__name__)
                 self.router.mark_dead(i, f"the engine core process is gone ({type(exc).__name__})")
                 snaps.append(None)

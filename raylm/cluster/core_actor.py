@@ -52,10 +52,9 @@ class EngineCoreActor:
 
         logging.basicConfig(level=logging.INFO)
         kwargs = dict(engine_args)
-        if kwargs.get("tensor_parallel_size", 1) == 1:
-            kwargs["distributed_executor_backend"] = "uni"  # the model lives in this actor
-        else:
-            kwargs["distributed_executor_backend"] = "ray"
+        if ":" not in str(kwargs.get("distributed_executor_backend")):  # not a stand-in
+            # At TP=1 the model lives in this actor; larger groups' ranks in their own.
+            kwargs["distributed_executor_backend"] = "uni" if kwargs.get("tensor_parallel_size", 1) == 1 else "ray"
         self.index = index
         self.pid = os.getpid()
         self.core = EngineCore(EngineArgs(**kwargs))

@@ -67,6 +67,13 @@ class UniProcExecutor:
 def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model_len: int):
     """The executor the engine arguments ask for. The attention backend defaults to the
     device's (Triton on CUDA, the PyTorch reference on CPU)."""
+    backend = args.distributed_executor_backend
+    if backend is not None and ":" in backend:  # "module:Class", e.g. the stand-in executor
+        import importlib
+
+        module, name = backend.split(":", 1)
+        return getattr(importlib.import_module(module), name)(args, model_dir, hf_config, dtype, device,
+                                                              max_model_len)
     options = {"enforce_eager": args.enforce_eager, "max_num_seqs": args.max_num_seqs,
                "max_model_len": max_model_len, "quantization": args.quantization,
                "kv_cache_dtype": args.kv_cache_dtype}
