@@ -15,6 +15,12 @@
 #
 # Each step has a time limit, so a hang shows as rc=124 instead of eating the call; result
 # JSONs and logs go to $RESULTS_OUT (default /tmp/raylm-multi). NVLink multicast stays off.
+# The results kept under benchmarks/results/, all on 4x H200 on 2026-11-27:
+#   multi_gpu-4xh200-sync-loop/                  part a, before asynchronous scheduling
+#   multi_gpu-4xh200-async-scheduling/           part c's throughput and latency
+#   multi_gpu-4xh200-tp-correctness-and-serving-128-streams/           part e
+#   multi_gpu-4xh200-offline-1024-requests-and-serving-256-streams/    part f
+#   multi_gpu-4xh200-serving-256-streams/        part g
 set -u
 part=${1:-a}
 res=${RESULTS_OUT:-/tmp/raylm-multi}
