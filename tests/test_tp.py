@@ -11,8 +11,7 @@ import pytest
 
 from raylm import LLM, SamplingParams
 from raylm.engine import ray_executor
-from raylm.scheduler.scheduler import ScheduledSeq
-from raylm.workers.messages import NewRequest, StepPlan
+from raylm.workers.messages import NewRequest, SamplingOptions, SeqChunk, StepPlan
 from tests.helpers import hf_greedy, hf_prompt_logprobs, make_checkpoint
 
 MAX_TOKENS = 6
@@ -102,10 +101,9 @@ def test_single_kv_head_is_replicated(tmp_path, ray_session):
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
 
     # The async path the global scheduler uses: one prefill step straight to the ranks.
-    sampling = {**SamplingParams(temperature=0.0).to_dict(), "eos_token_ids": []}
     prompt = prompts[1]
-    plan = StepPlan(seqs=[ScheduledSeq("direct", prompt, 0, [0, 1], True)],
-                    new_requests=[NewRequest("direct", prompt, sampling)])
+    plan = StepPlan(seqs=[SeqChunk("direct", prompt, 0, [0, 1], True)],
+                    new_requests=[NewRequest("direct", prompt, SamplingOptions(temperature=0.0))])
     result = asyncio.run(llm.llm_engine.executor.execute_async(plan))
     assert result.sampled == {"direct": hf_greedy(d, prompt, 1)[0][0]}
     asyncio.run(llm.llm_engine.executor.execute_async(StepPlan(finished_ids=["direct"])))
