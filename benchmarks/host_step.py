@@ -2,7 +2,7 @@
 stand-in that returns a sampled token for every sequence at once, so each step measures
 only what the engine process does (schedule, plan, record, detokenize, build outputs),
 and again with the plan and the result through msgpack as the Ray path sends them
-(StepPlan.to_wire / from_wire: every sequence's whole block table each step).
+(StepPlan.to_wire / from_wire: per-step diffs, a row carries only its new block ids).
 
 It bounds what one engine process (and the global scheduler, which runs every group's
 engine in one process) can sustain: a GPU step shorter than this leaves the GPU waiting.

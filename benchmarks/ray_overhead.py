@@ -34,9 +34,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from raylm.engine.ray_executor import RayExecutor  # noqa: E402
-from raylm.scheduler.scheduler import ScheduledSeq  # noqa: E402
 from raylm.workers.loader import load_config  # noqa: E402
-from raylm.workers.messages import NewRequest, StepPlan, StepResult  # noqa: E402
+from raylm.workers.messages import NewRequest, SamplingOptions, SeqChunk, StepPlan, StepResult  # noqa: E402
 from raylm.workers.model_runner import ModelRunner  # noqa: E402
 from tests.helpers import make_checkpoint  # noqa: E402
 
@@ -45,16 +44,16 @@ PROMPT_LEN = 32
 
 
 def plans(batch: int) -> tuple[StepPlan, StepPlan]:
-    """A prefill of `batch` prompts, then the decode step that is timed (one token each)."""
+    """A prefill of `batch` prompts, then the decode step that is timed (one token each,
+    no new blocks: the workers hold the tables from the prefill)."""
     blocks = -(-(PROMPT_LEN + 1) // BLOCK_SIZE)
     tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch)]
-    sampling = {"temperature": 0.0, "eos_token_ids": [1]}
+    sampling = SamplingOptions(temperature=0.0, eos_token_ids=[1])
     prompt = [5 + (i % 200) for i in range(PROMPT_LEN)]
     prefill = StepPlan(
-        seqs=[ScheduledSeq(f"r{i}", prompt, 0, tables[i], True) for i in range(batch)],
+        seqs=[SeqChunk(f"r{i}", prompt, 0, tables[i], True) for i in range(batch)],
         new_requests=[NewRequest(f"r{i}", prompt, sampling) for i in range(batch)])
-    decode = StepPlan(seqs=[ScheduledSeq(f"r{i}", [7], PROMPT_LEN, tables[i], True)
-                            for i in range(batch)])
+    decode = StepPlan(seqs=[SeqChunk(f"r{i}", [7], PROMPT_LEN, [], True) for i in range(batch)])
     return prefill, decode
 
 
