@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single-GPU runs still owed (see the closing notes and benchmarks/RESULTS.md), in parts
+# The single-GPU runs behind benchmarks/RESULTS.md (their JSON is under benchmarks/results/), in parts
 # that each fit one 10-minute device call on `nvidia-h100-x1`:
 #
 #   bash benchmarks/h100.sh a   # GPU tests, bf16 agreement (16 tokens vs HF and CPU float32), step profile

@@ -1,15 +1,38 @@
-"""Turn benchmark result files into dated rows of benchmarks/RESULTS.md and a PNG plot.
+"""Benchmark result files -> the current-state tables that open benchmarks/RESULTS.md.
 
-    python benchmarks/record.py benchmarks/results/throughput-qwen3-0.6b.json ...
+    python benchmarks/record.py --write        # regenerate the block between the markers
+    python benchmarks/record.py --check        # exit 1 when the block is not what the JSON gives
+    python benchmarks/record.py                # print the block
+    python benchmarks/record.py FILE.json ...  # one summary line per record (changes no file)
+    python benchmarks/record.py --plot PNG     # raylm beside its peer, offline and over HTTP
+
+Every JSON file under benchmarks/results/ (subfolders included) holds one record or a list
+of records. Each benchmark has a table with one row per configuration (model, device, TP,
+groups, format, workload...): the row of the newest record by date. A record stays out when
+it has "superseded_by" (what replaced it, for a rerun the same day) or "dropped" (why it was
+dropped), or was a --smoke run; one of its rows stays out when "superseded_rows" names it
+({row id: what replaced it}; the ids are in the sections below). Two records of one date
+for the same configuration are an error: mark the older one.
 """
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import os
 import sys
+from typing import Callable, NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+RESULTS_DIR = os.path.join(HERE, "results")
+BEGIN = "<!-- current-state:begin -->"
+END = "<!-- current-state:end -->"
+PEERS = {"vllm-0.26.0": "vLLM 0.26.0", "hf": "HF transformers"}
+
+
+def _peer_name(peer: str | None) -> str:
+    return PEERS.get(peer, peer or "-")
 
 
 def _fmt(x, spec=".0f"):
@@ -49,9 +72,13 @@ def row(r: dict) -> str:
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "serving":
         numbers = (f"{r['num_groups']} group(s) x TP={r['tensor_parallel_size']}: {r['raylm_output_tok_per_s']:.0f} "
-                   f"out tok/s over HTTP, TTFT p50 {r['ttft_ms']['p50']:.0f} ms, TPOT p50 {r['tpot_ms']['p50']:.1f} ms; "
-                   f"groups " + ", ".join(f"{g['requests_routed']} req / {g['busy_fraction']:.2f} busy"
-                                          for g in r["groups"]))
+                   f"out tok/s over HTTP, TTFT p50 {_fmt((r.get('ttft_ms') or {}).get('p50'))} ms, TPOT p50 "
+                   f"{_fmt((r.get('tpot_ms') or {}).get('p50'), '.1f')} ms")
+        if r.get("groups"):
+            numbers += "; groups " + ", ".join(f"{g['requests_routed']} req / {g['busy_fraction']:.2f} busy"
+                                               for g in r["groups"])
+        if r.get("peer_output_tok_per_s"):
+            numbers += f"; {_peer_name(r['peer'])} {r['peer_output_tok_per_s']:.0f} out tok/s"
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "quant_gemm":
         summ = r["summary"]
@@ -113,6 +140,10 @@ def row(r: dict) -> str:
                              + (f", {x['ratio_vs_trtllm_fp8']:.2f}x TRT-LLM fp8" if x.get("ratio_vs_trtllm_fp8") else "")
                              + ")")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {'; '.join(parts)} |"
+    if r["benchmark"] == "ray_overhead":
+        numbers = f"median one-token decode step, batch {r['config']['batch']}, ms: " + ", ".join(
+            f"{k} {v['median_ms']}" for k, v in r["results"].items() if "median_ms" in v)
+        return f"| {r['date']} | {r['benchmark']} | - | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "host_step":
         wires = {"none": "", "whole": " + msgpack plan and result"}
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
@@ -120,16 +151,20 @@ def row(r: dict) -> str:
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "latency":
         parts = [f"{x['prompt_len']}: TTFT {x['raylm_ttft_ms']:.1f} ms, TPOT {x['raylm_tpot_ms']:.2f} ms"
-                 + (f" (HF {x['peer_ttft_ms']:.1f} / {x['peer_tpot_ms']:.2f})" if "peer_tpot_ms" in x else "")
+                 + (f" ({_peer_name(r.get('peer') or 'hf')} {x['peer_ttft_ms']:.1f} / {x['peer_tpot_ms']:.2f})"
+                    if "peer_tpot_ms" in x else "")
                  for x in r["rows"]]
-        numbers = ("; ".join(parts) + f"; floor TPOT {r['bandwidth_floor_tpot_ms']:.2f} ms, "
-                   f"{r['fraction_of_roofline']:.2f} of it at 128")
+        numbers = "; ".join(parts)
+        if r.get("bandwidth_floor_tpot_ms"):
+            numbers += (f"; floor TPOT {r['bandwidth_floor_tpot_ms']:.2f} ms, "
+                        f"{r['fraction_of_roofline']:.2f} of it at 128")
         if r.get("tensor_parallel_size", 1) > 1:
             numbers = f"TP={r['tensor_parallel_size']}: " + numbers
     else:
-        numbers = (f"raylm {_fmt(r['raylm_output_tok_per_s'])} out tok/s; HF {_fmt(r.get('peer_output_tok_per_s'))}"
-                   f" ({_fmt(r.get('ratio_vs_peer'), '.1f')}x); roofline {_fmt(r['roofline_output_tok_per_s'])}"
-                   f" ({r['fraction_of_roofline']:.2f}); startup {r['raylm_startup_s']:.0f} s")
+        ours, peer = r["raylm_output_tok_per_s"], r.get("peer_output_tok_per_s")
+        numbers = (f"raylm {_fmt(ours)} out tok/s; {_peer_name(r.get('peer') or 'hf')} {_fmt(peer)} "
+                   f"({_ratio(ours, peer)}); roofline {_fmt(r.get('roofline_output_tok_per_s'))} "
+                   f"({_fmt(r.get('fraction_of_roofline'), '.2f')}); startup {_fmt(r.get('raylm_startup_s'))} s")
         if "num_gpus" in r:
             numbers = (f"TP={r['tensor_parallel_size']} x {r['num_groups']} group(s), async_scheduling="
                        f"{r.get('async_scheduling', 'auto')}: ") + numbers
@@ -148,41 +183,443 @@ def row(r: dict) -> str:
     return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
 
 
-def plot(results: list[dict], path: str) -> None:
+# ---- the current state --------------------------------------------------------------------------
+def load_records(results_dir: str = RESULTS_DIR) -> list[dict]:
+    """Every record under results_dir, each with "_path" (its file, relative to results_dir)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "*.json"), recursive=True)):
+        with open(path) as f:
+            data = json.load(f)
+        rel = os.path.relpath(path, results_dir).replace(os.sep, "/")
+        out += [dict(r, _path=rel) for r in (data if isinstance(data, list) else [data])
+                if isinstance(r, dict) and "benchmark" in r]
+    return out
+
+
+def _left_out(r: dict) -> bool:
+    return bool(r.get("superseded_by") or r.get("dropped")) or "--smoke" in r.get("command", "")
+
+
+def _n(x, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _ms(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def _tp_groups(r: dict) -> tuple[int, int]:
+    return r.get("tensor_parallel_size") or 1, r.get("num_groups") or 1
+
+
+class Row(NamedTuple):
+    key: tuple      # the configuration: the table keeps the newest record's row per key
+    id: str         # the row's name in a record's "superseded_rows"
+    cells: list     # one per column; a dict spreads over the columns its keys name
+    note: str = ""
+
+
+class Section(NamedTuple):
+    title: str
+    intro: str
+    benchmarks: tuple[str, ...]
+    columns: list[str]          # "{}" in one of them: that column repeats per key of the dict cell
+    rows: Callable[[dict], list[Row]]
+
+
+def _throughput(r: dict) -> list[Row]:
+    tp, g = _tp_groups(r)
+    off = r.get("async_scheduling") == "off"
+    requests = r.get("num_requests") or 256
+    ours, peer = r.get("raylm_output_tok_per_s"), r.get("peer_output_tok_per_s")
+    startup = _n(r.get("raylm_startup_s"))
+    if r.get("process_start_to_first_token_s") is not None:
+        startup += f" ({r['process_start_to_first_token_s']:.0f} from process start)"
+    return [Row((r["model"], r["device"], tp, g, requests, off), "",
+                [r["model"], r["device"], f"{tp} x {g}", requests, _n(ours),
+                 _peer_name(r.get("peer")) if peer else "-", _n(peer), _ratio(ours, peer),
+                 _n(r.get("fraction_of_roofline"), 2), startup],
+                "asynchronous scheduling off" if off else "")]
+
+
+def _latency_cell(stats: dict | None, q: str, peer=None, peer_name: str = "") -> str:
+    s = _ms((stats or {}).get(q))
+    return s + (f" ({peer_name} {_ms(peer)})" if peer is not None else "")
+
+
+def _serving(r: dict) -> list[Row]:
+    tp, g = _tp_groups(r)
+    mode = r.get("mode") or "closed-loop"
+    conc = r.get("max_concurrency")
+    load = (f"{r['num_requests']} at concurrency {conc}" if mode == "closed-loop"
+            else f"{r['num_requests']}, Poisson arrivals at {r['request_rate']:.1f} req/s")
+    ours, peer = r.get("raylm_output_tok_per_s"), r.get("peer_output_tok_per_s")
+    pl, pn = r.get("peer_latency_ms") or {}, _peer_name(r.get("peer")).split()[0]
+    if r.get("startup_s_range"):
+        lo, hi = r["startup_s_range"]
+        startup = f"{lo}-{hi}"
+        if r.get("peer_startup_s_range"):
+            startup += f" ({pn} {r['peer_startup_s_range'][0]}-{r['peer_startup_s_range'][1]})"
+    else:
+        startup = _n(r.get("startup_s"))
+    busy = ", ".join(f"{x['busy_fraction']:.2f}" for x in r.get("groups") or [])
+    return [Row((r["model"], r["device"], tp, g, r["num_requests"], conc, r.get("min_len"), r.get("max_len"), mode),
+                mode,
+                [r["model"], r["device"], f"{tp} x {g}", load, f"{r.get('min_len', '-')}-{r.get('max_len', '-')}",
+                 _n(ours), _peer_name(r.get("peer")) if peer else "-", _n(peer), _ratio(ours, peer),
+                 _latency_cell(r.get("ttft_ms"), "p50", pl.get("ttft_p50_ms"), pn),
+                 _latency_cell(r.get("tpot_ms"), "p50", pl.get("tpot_p50_ms"), pn),
+                 _latency_cell(r.get("itl_ms"), "p99", pl.get("itl_p99_ms"), pn), startup],
+                f"groups busy {busy}" if busy else "")]
+
+
+def _latency(r: dict) -> list[Row]:
+    tp = r.get("tensor_parallel_size") or 1
+    rows = []
+    for x in r["rows"]:
+        peer = (f"{_peer_name(r.get('peer') or 'hf')}: {_ms(x['peer_ttft_ms'])} / {_ms(x['peer_tpot_ms'])}"
+                if x.get("peer_tpot_ms") is not None else "-")
+        rows.append(Row((r["model"], r["device"], tp, x["prompt_len"]), str(x["prompt_len"]),
+                        [r["model"], r["device"], tp, x["prompt_len"], _ms(x["raylm_ttft_ms"]),
+                         _ms(x["raylm_tpot_ms"]), peer, _ms(x.get("floor_tpot_ms"))]))
+    return rows
+
+
+def _quant_throughput(r: dict) -> list[Row]:
+    bf16 = next((run["workloads"] for run in r["runs"]
+                 if (run["format"], run["kv_cache_dtype"]) == ("bf16", "auto") and run.get("workloads")), {})
+    trt = (r.get("published") or {}).get("trtllm_fp8_h100_output_tok_per_s") or {}
+    rows = []
+    for run in r["runs"]:
+        fmt, kv = run["format"], run["kv_cache_dtype"]
+        if (fmt, kv) == ("bf16", "auto") or not run.get("workloads"):
+            continue
+        for w, x in run["workloads"].items():
+            ours, base = x["output_tok_per_s"], (bf16.get(w) or {}).get("output_tok_per_s")
+            peer = f"{trt[w]:,.0f} ({ours / trt[w]:.2f}x)" if trt.get(w) else "-"
+            rows.append(Row((r["model"], r["device"], fmt, kv, w, r.get("max_num_seqs")), f"{fmt}:{kv} {w}",
+                            [r["model"], r["device"], fmt, kv, w, r.get("max_num_seqs"), _n(ours), _n(base),
+                             _ratio(ours, base), peer, x.get("preemptions", "-")]))
+    return rows
+
+
+def _quant_gemm(r: dict) -> list[Row]:
+    s = r["summary"]
+    return [Row((r["device"], f), f,
+                [r["device"], f, {m: (f"{s[f'{f}@M={m}']['speedup_vs_bf16']:.2f}x" if f"{f}@M={m}" in s else "-")
+                                  for m in r["m"]}])
+            for f in r["formats"] if f != "bf16"]
+
+
+def _int8_tune(r: dict) -> list[Row]:
+    what = "int8 (W8A8)" if r["benchmark"] == "int8_tune" else "block-scaled fp8"
+    base = r.get("baseline", "int_mm")
+    base_name = {"int_mm": "torch._int_mm", "fp8_per_channel": "per-channel fp8"}.get(base, base)
+    rows = []
+    for m, v in r["summary"].items():
+        c = v["best_config"]
+        tile = f"{c['block_m']}x{c['block_n']}x{c['block_k']}, {c['num_warps']} warps, {c['num_stages']} stages"
+        other = f"{base_name} {_n(v.get(base + '_us'))}" if v.get(base + "_us") else "-"
+        rows.append(Row((r["device"], what, int(m)), f"M={m}",
+                        [r["device"], what, int(m), tile, _n(v["best_us"]), _n(v["bf16_us"]), other,
+                         _n(v["act_quant_us"]), f"{v['best_with_act_quant_speedup_vs_bf16']:.2f}x"]))
+    return rows
+
+
+def _w4a16_tune(r: dict) -> list[Row]:
+    s, rows = r["summary"], []
+
+    def add(layout, m, fused, dequant, bf16, tile=""):
+        rows.append(Row((r["device"], layout, int(m)), f"{layout} M={m}",
+                        [r["device"], layout, int(m), tile, _n(fused), _n(dequant), _n(bf16), _ratio(bf16, fused)]))
+    for m, v in (s.get("w4r") or {}).items():
+        c = v["best_config"]
+        add("w4r", m, v["best_us"], v["dequant_us"], v["bf16_us"],
+            f"{c['block_m']}x{c['block_n']}x{c['block_k']}, {c['num_warps']} warps, split x{v['split_scale']}")
+    for layout in ("gptq", "awq"):
+        b = s.get(layout) or {}
+        if "m1_layer_us" in b:
+            add(layout, 1, b["m1_layer_us"], None, s["bf16_layer_us"]["1"])
+        for m, v in {**(b.get("batch") or {}), **(b.get("large") or {})}.items():
+            add(layout, m, v["fused_us"], v["dequant_us"], s["bf16_layer_us"].get(str(m)))
+    return rows
+
+
+def _tp_correctness(r: dict) -> list[Row]:
+    rows = []
+    for tp, c in r["vs_reference"].items():
+        near = (f"{c['divergences_at_near_ties']} of {len(c['divergence_gaps_nats'])}"
+                if "divergences_at_near_ties" in c else "-")
+        rows.append(Row((r["model"], r["device"], int(tp)), f"TP={tp}",
+                        [r["model"], r["device"], f"TP={tp} vs TP={r['reference_tp']}",
+                         f"{c['prompts_agreeing_on_first_tokens']}/{c['prompts']} (first {c['first_tokens_compared']})",
+                         f"{c['max_abs_logprob_diff_before_divergence']:.3f}", near,
+                         _n(r["startup_s"].get(tp)), _n(r["shutdown_s"].get(tp), 1)]))
+    return rows
+
+
+def _agreement_cell(c: dict | None) -> str:
+    if not c:
+        return "-"
+    agree, n = c["prompts_agreeing_on_first_tokens"], c["prompts"]
+    return (f"{agree}/{n} agree on {c['first_tokens_compared']} tokens; max diff "
+            f"{c['max_abs_logprob_diff_before_divergence']:.3f}; {c['divergences_at_near_ties']} of {n - agree} "
+            f"divergences at near-ties")
+
+
+def _agreement(r: dict) -> list[Row]:
+    return [Row((r["model"], r["device"], r["layers"], r.get("logit_scale") or 1.0), "",
+                [r["model"], r["device"], f"{r['layers']} layers, {r['dtype']}", _agreement_cell(r["raylm_vs_hf"]),
+                 _agreement_cell(r["raylm_vs_cpu_float32"]), _agreement_cell(r.get("hf_vs_cpu_float32")),
+                 _n(r.get("median_top2_gap_nats"), 3)])]
+
+
+def _step_profile(r: dict) -> list[Row]:
+    lp = r["loop"]
+    return [Row((r["model"], r["device"], r["batch"]), "",
+                [r["model"], r["device"], r["batch"], f"{r['mean_context']:.0f}", f"{r['wall_ms_per_step']:.2f}",
+                 f"{r['forward_graph_ms']:.2f}", f"{r['bandwidth_floor_ms']:.2f}",
+                 f"{r['lm_head_ms']:.2f} / {r['sample_ms']:.2f}",
+                 f"{lp['schedule_ms_per_step']:.2f} / {lp['process_ms_per_step']:.2f} / {r['graph_inputs_ms']:.2f}"])]
+
+
+def _host_step(r: dict) -> list[Row]:
+    wires = {"none": "no (in process)", "whole": "yes (as the Ray path sends them)"}
+    return [Row((r["device"], x["running"], x["wire"]), x["wire"],
+                [r["model"], r["device"], x["running"], wires.get(x["wire"], x["wire"]),
+                 f"{x['host_ms_per_step']:.2f}", f"{x['host_us_per_sequence']:.1f}"]) for x in r["rows"]]
+
+
+def _ray_overhead(r: dict) -> list[Row]:
+    return [Row((r["device"], name), name,
+                [name.split("_", 1)[1].replace("_", " "), r["device"], r["config"]["batch"],
+                 f"{v['median_ms']:.3f}", f"{v['p10_ms']:.3f}", f"{v['p90_ms']:.3f}"])
+            for name, v in r["results"].items() if "median_ms" in v]
+
+
+SECTIONS = [
+    Section("Offline throughput",
+            "Output tokens per second of the `LLM` API on random bf16 weights. The workload: token-id prompts "
+            "and output lengths uniform in 100-1024 (seed 0), temperature 0.6, `ignore_eos`, "
+            "`max_model_len` 4096. Roofline: the time the GPU needs for the run's bytes and FLOPs. Start-up: "
+            "building `LLM(...)`, in seconds.",
+            ("throughput",),
+            ["Model", "Device", "TP x groups", "Requests", "raylm out tok/s", "Peer", "Peer out tok/s",
+             "raylm / peer", "Of roofline", "Start-up s"], _throughput),
+    Section("Serving over HTTP",
+            "The Ray Serve application under streaming completions on random bf16 weights (the offline "
+            "workload's prompts and lengths, streamed with usage). Latencies in ms; the peer's in parentheses. "
+            "Start-up: process start to the first served request, in seconds.",
+            ("serving",),
+            ["Model", "Device", "TP x groups", "Requests", "Lengths", "raylm out tok/s", "Peer", "Peer out tok/s",
+             "raylm / peer", "TTFT p50", "TPOT p50", "ITL p99", "Start-up s"], _serving),
+    Section("Batch-1 latency",
+            "One request at a time: time to first token and time per output token (ms) for a prompt of the "
+            "given length. TPOT floor: the time to read the weights and KV cache once at the measured bandwidth.",
+            ("latency",),
+            ["Model", "Device", "TP", "Prompt tokens", "TTFT", "TPOT", "Peer TTFT / TPOT", "TPOT floor"], _latency),
+    Section("Quantized models end to end",
+            "Llama-3.1-8B-shaped random weights, output tok/s. bf16 ran in the same call. Workloads: batch1 = one "
+            "128-token prompt, 512 output tokens; random = the offline workload above; 1000x1000 (512 requests) "
+            "and 128x128 (2,048 requests) = TensorRT-LLM's, whose published fp8 figures on one H100 stand beside "
+            "ours. W4A16 checkpoints run the repacked w4r layout on the GPU.",
+            ("quant_throughput",),
+            ["Model", "Device", "Weights", "KV cache", "Workload", "max_num_seqs", "out tok/s", "bf16 out tok/s",
+             "vs bf16", "TensorRT-LLM fp8, H100 (published)", "Preemptions"], _quant_throughput),
+    Section("Quantized GEMMs",
+            "One Llama-3.1-8B layer's four GEMMs (qkv, o, gate_up, down) at M rows, speed against bf16 cuBLAS "
+            "in the same call, activation quantization included. w4a16-w4r: the 4-bit layout every GPTQ, AWQ and "
+            "compressed-tensors checkpoint is repacked into at load; w4a16-gptq-no-gidx and w4a16-awq: kernels "
+            "on the checkpoints' own layouts; w8a8-int8 and fp8: per-channel weights, per-token activations; "
+            "fp8-block: HF's 128x128 block-scaled fp8 on our Triton kernel, fp8-block-cublas: the same through "
+            "cuBLAS (used from 128 rows).",
+            ("quant_gemm",),
+            ["Device", "Format", "M={}"], _quant_gemm),
+    Section("Tensor-parallel agreement",
+            "Greedy decoding on random bf16 weights at TP=2 and 4 against TP=1 (NCCL, CUDA graphs): prompts "
+            "whose first tokens all agree, the largest log-probability difference before the first divergence "
+            "(nats), and how many divergences fall where TP=1's top two tokens are within 0.1 nats.",
+            ("tp_correctness",),
+            ["Model", "Device", "Compared", "Prompts agreeing", "Max logprob diff", "Divergences at near-ties",
+             "Start-up s", "Shutdown s"], _tp_correctness),
+    Section("bf16 agreement with transformers",
+            "raylm's bf16 greedy tokens against HF transformers' bf16 and against float32 on the CPU, on the "
+            "same random weights; HF's own bf16 against float32 is the control.",
+            ("agreement",),
+            ["Model", "Device", "Layers", "raylm vs HF bf16", "raylm vs CPU float32",
+             "HF bf16 vs CPU float32 (control)", "Median top-2 gap (nats)"], _agreement),
+    Section("Decode step profile",
+            "Where one decode step's time goes (ms) at a full batch, with asynchronous scheduling.",
+            ("step_profile",),
+            ["Model", "Device", "Batch", "Mean context", "Step loop", "GPU forward (graph)", "Bandwidth floor",
+             "LM head / sampling (GPU)", "Host: schedule / outputs / inputs"], _step_profile),
+    Section("Host work per decode step",
+            "What the engine process does per decode step (schedule, record, detokenize, build outputs) with "
+            "a stand-in executor that returns tokens at once, so no GPU time is included.",
+            ("host_step",),
+            ["Model", "Device", "Sequences", "Plan and result through msgpack", "Host ms per step",
+             "us per sequence"], _host_step),
+    Section("Ray overhead",
+            "Median one-token decode step (ms) of a tiny model on the CPU, in process and through Ray.",
+            ("ray_overhead",),
+            ["Path", "Device", "Batch", "Median ms", "p10 ms", "p90 ms"], _ray_overhead),
+    Section("Kernel tile sweeps: int8 and block-scaled fp8",
+            "Best Triton tile per M for one Llama-3.1-8B layer's four GEMMs (us), without and with the "
+            "activation quantization.",
+            ("int8_tune", "int8_tune-fp8-block"),
+            ["Device", "Format", "M", "Best tile", "Best us", "bf16 us", "Baseline us", "Act quant us",
+             "With act quant vs bf16"], _int8_tune),
+    Section("Kernel tile sweeps: W4A16",
+            "Best fused tile per M for one Llama-3.1-8B layer's four GEMMs (us) against dequantizing the whole "
+            "weight and calling cuBLAS, and bf16 cuBLAS.",
+            ("w4a16_tune",),
+            ["Device", "Layout", "M", "Best tile", "Fused us", "Dequantize + cuBLAS us", "bf16 us",
+             "Fused vs bf16"], _w4a16_tune),
+]
+
+
+def _sort_key(key: tuple) -> tuple:
+    return tuple((0, x, "") if isinstance(x, (int, float)) and not isinstance(x, bool)
+                 else (1, 0, "" if x is None else str(x)) for x in key)
+
+
+def choose(records: list[dict], section: Section) -> list[tuple[dict, Row]]:
+    """The newest record's row for each configuration, in configuration order."""
+    best: dict[tuple, tuple[dict, Row, list[str]]] = {}
+    for r in records:
+        if r["benchmark"] not in section.benchmarks or _left_out(r):
+            continue
+        skip = r.get("superseded_rows") or {}
+        for row in section.rows(r):
+            if row.id and row.id in skip:
+                continue
+            cur = best.get(row.key)
+            if cur is None or r["date"] > cur[0]["date"]:
+                best[row.key] = (r, row, [])
+            elif r["date"] == cur[0]["date"]:
+                cur[2].append(r["_path"])
+    ties = [f"{section.title} {k}: {v[0]['_path']} and {', '.join(v[2])} ({v[0]['date']})"
+            for k, v in best.items() if v[2]]
+    if ties:
+        raise ValueError("two records of one date for one configuration; give the older one "
+                         "\"superseded_by\" (or \"superseded_rows\"):\n  " + "\n  ".join(ties))
+    return [(r, row) for k, (r, row, _) in sorted(best.items(), key=lambda kv: _sort_key(kv[0]))]
+
+
+def _cell(x) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(section: Section, chosen: list[tuple[dict, Row]]) -> str:
+    spread = sorted({k for _, row in chosen for c in row.cells if isinstance(c, dict) for k in c})
+    header = []
+    for c in section.columns:
+        header += [c.format(k) for k in spread] if "{}" in c else [c]
+    notes = ["; ".join(x for x in (row.note, r.get("label")) if x) for r, row in chosen]
+    header += (["Note"] if any(notes) else []) + ["Date", "Command", "Result file"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (r, row), note in zip(chosen, notes):
+        cells = []
+        for c in row.cells:
+            cells += [c.get(k, "-") for k in spread] if isinstance(c, dict) else [c]
+        cells += ([note or "-"] if any(notes) else []) + [r["date"], f"`{r['command']}`",
+                                                          f"[{r['_path']}](results/{r['_path']})"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def current_state(records: list[dict]) -> str:
+    """The generated block, markers included."""
+    parts = [BEGIN, "<!-- Generated by `python benchmarks/record.py --write` from benchmarks/results/**/*.json: "
+                    "edit those, not this block. -->"]
+    for section in SECTIONS:
+        chosen = choose(records, section)
+        if chosen:
+            parts += [f"### {section.title}", section.intro, render_table(section, chosen)]
+    parts.append(END)
+    return "\n\n".join(parts)
+
+
+def replace_block(text: str, block: str) -> str:
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"no {BEGIN} ... {END} block")
+    return text[:i] + block + text[j + len(END):]
+
+
+def current_block(text: str) -> str:
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"no {BEGIN} ... {END} block")
+    return text[i:j + len(END)]
+
+
+def plot(records: list[dict], path: str) -> None:
+    """raylm beside its peer for the current offline and HTTP rows that have one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tp = [r for r in results if r["benchmark"] == "throughput"]
-    if not tp:
+    pairs = [(r, kind) for kind, section in (("offline", SECTIONS[0]), ("HTTP", SECTIONS[1]))
+             for r, _ in choose(records, section) if r.get("peer_output_tok_per_s")]
+    if not pairs:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [r["model"] for r in tp]
-    xs = range(len(tp))
-    w = 0.27
-    ax.bar([x - w for x in xs], [r.get("peer_output_tok_per_s") or 0 for r in tp], w, label="HF transformers")
-    ax.bar(list(xs), [r["raylm_output_tok_per_s"] for r in tp], w, label="raylm")
-    ax.bar([x + w for x in xs], [r["roofline_output_tok_per_s"] for r in tp], w, label="roofline")
-    ax.set_xticks(list(xs), names)
+    fig, ax = plt.subplots(figsize=(1.6 * len(pairs) + 2, 4))
+    xs = range(len(pairs))
+    ax.bar([x - 0.2 for x in xs], [r["raylm_output_tok_per_s"] for r, _ in pairs], 0.4, label="raylm")
+    ax.bar([x + 0.2 for x in xs], [r["peer_output_tok_per_s"] for r, _ in pairs], 0.4,
+           label=" / ".join(sorted({_peer_name(r["peer"]) for r, _ in pairs})))
+    ax.set_xticks(list(xs), [f"{r['model']}\n{kind}\n{r['device']}" for r, kind in pairs], fontsize=8)
     ax.set_ylabel("output tokens / s")
-    ax.set_title(f"Offline throughput, {tp[0]['device']}, {tp[0]['date']}")
+    ax.set_title("Output throughput, " + ", ".join(sorted({r["date"] for r, _ in pairs})))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main(paths: list[str]) -> None:
-    results = [json.load(open(p)) for p in paths]
-    if not os.path.exists(RESULTS_MD):
-        with open(RESULTS_MD, "w") as f:
-            f.write("# Benchmark results\n\nMeasured figures only; each row names the device and command.\n\n")
-    with open(RESULTS_MD, "a") as f:
-        f.write("\n| date | benchmark | model | device | command | numbers |\n|---|---|---|---|---|---|\n")
-        for r in results:
-            f.write(row(r) + "\n")
-    plot(results, os.path.join(HERE, "results", "throughput.png"))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="*", help="print one summary line per record of these files")
+    p.add_argument("--write", action="store_true", help="regenerate the block in RESULTS.md")
+    p.add_argument("--check", action="store_true", help="exit 1 when the block in RESULTS.md is stale")
+    p.add_argument("--plot", metavar="PNG")
+    p.add_argument("--results-dir", default=RESULTS_DIR)
+    p.add_argument("--md", default=RESULTS_MD)
+    args = p.parse_args(argv)
+    if args.files:
+        for path in args.files:
+            with open(path) as f:
+                data = json.load(f)
+            for r in data if isinstance(data, list) else [data]:
+                print(row(r))
+        return 0
+    records = load_records(args.results_dir)
+    block = current_state(records)
+    if args.plot:
+        plot(records, args.plot)
+    if args.check or args.write:
+        with open(args.md) as f:
+            text = f.read()
+        if args.check:
+            if current_block(text) != block:
+                print(f"{args.md}: the current-state block is stale; run python benchmarks/record.py --write",
+                      file=sys.stderr)
+                return 1
+            return 0
+        with open(args.md, "w") as f:
+            f.write(replace_block(text, block))
+        return 0
+    if not args.plot:
+        print(block)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())
