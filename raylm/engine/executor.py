@@ -76,7 +76,8 @@ def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model
                                                               max_model_len)
     options = {"enforce_eager": args.enforce_eager, "max_num_seqs": args.max_num_seqs,
                "max_model_len": max_model_len, "quantization": args.quantization,
-               "kv_cache_dtype": args.kv_cache_dtype}
+               "kv_cache_dtype": args.kv_cache_dtype,
+               "gpu_memory_share": min(1.0, args.num_gpus_per_worker)}
     if args.tensor_parallel_size > 1 or args.distributed_executor_backend == "ray":
         from raylm.engine.ray_executor import RayExecutor
 

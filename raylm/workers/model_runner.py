@@ -28,6 +28,9 @@ logger = logging.getLogger("raylm")
 # Held back from the KV pool for the decode graphs' memory pool (their activations at
 # batch <= 512 need far less; capture logs what they took).
 GRAPH_MEMORY_RESERVE = 512 << 20
+# What a process's CUDA context and libraries take on the device beyond its allocator
+# (counted when groups share a GPU and the device-wide figure includes the others).
+CUDA_CONTEXT_BYTES = 1 << 30
 # kv_cache_dtype (vLLM's engine argument) -> the cache's torch dtype; "auto" is the model's.
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
@@ -48,7 +51,7 @@ class ModelRunner:
                  block_size: int, attention_backend: Optional[str] = None, load_format: str = "auto",
                  seed: int = 0, enforce_eager: bool = True, max_num_seqs: int = 256,
                  max_model_len: Optional[int] = None, quantization: Optional[str] = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", gpu_memory_share: float = 1.0):
         self.hf_config = hf_config
         self.dtype = dtype
         if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -67,6 +70,9 @@ class ModelRunner:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs the 'torch' or 'triton' "
                              f"attention backend; attention_backend is {attention_backend!r}")
         self.enforce_eager = enforce_eager
+        # The fraction of the GPU this runner's worker group holds (several groups may
+        # share one GPU): its KV budget is that share of gpu_memory_utilization.
+        self.gpu_memory_share = gpu_memory_share
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len or hf_config.max_position_embeddings
         self.graphs = None
@@ -115,8 +121,12 @@ class ModelRunner:
         peak = self.profile_run(max_num_batched_tokens)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
+        if self.gpu_memory_share < 1.0:
+            # Other groups share the device and may be allocating right now: count only
+            # this process (its allocator plus a CUDA context) against its share.
+            used = torch.cuda.memory_reserved(self.device) + CUDA_CONTEXT_BYTES
         graphs = 0 if self._graphs_wanted() is False else GRAPH_MEMORY_RESERVE
-        budget = int(total * gpu_memory_utilization - used - peak - graphs)
+        budget = int(total * gpu_memory_utilization * self.gpu_memory_share - used - peak - graphs)
         logger.info("memory profile: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak "
                     "activations at %d tokens, %.2f GiB for CUDA graphs -> %.2f GiB for the KV cache",
                     total / 2**30, used / 2**30, peak / 2**30, max_num_batched_tokens,
