@@ -60,14 +60,16 @@ def main() -> None:
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": {
         "RAYLM_STANDIN_STEP_MS": str(args.step_ms), "RAYLM_STANDIN_TOKEN_US": str(args.token_us)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    # Clients reach the ingress replicas directly on --port (http_port); Serve's proxy sits
+    # on the next port, unused here.
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port + 1})
     url = f"http://127.0.0.1:{args.port}/v1/completions"
     runs = []
     for g in [int(x) for x in args.groups.split(",")]:
         serve.run(build_app({"model": cfg_dir, "device": "cpu", "distributed_executor_backend": STANDIN,
                              "max_model_len": 4096, "max_num_seqs": max(256, args.concurrency_per_group),
                              "num_groups": g, "served_model_name": "bench", "num_cpus_per_worker": 0.1,
-                             "api_server_count": args.api_server_count}),
+                             "api_server_count": args.api_server_count, "http_port": args.port}),
                   name=APP_NAME, route_prefix="/")
         n = args.requests_per_group * g
         bodies = [{"model": "bench", "prompt": [(7 * i + j) % 1000 + 10 for j in range(args.prompt_len)],

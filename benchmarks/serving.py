@@ -66,7 +66,9 @@ def main() -> None:
     from raylm.cluster.app import APP_NAME, build_app
 
     ray.init()
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    # Clients reach the ingress replicas directly on --port (http_port); Serve's proxy sits
+    # on the next port, unused here.
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port + 1})
     extra = {}
     for kv in args.engine_arg:  # values as JSON (512, true, "x"), else as strings
         k, v = kv.split("=", 1)
@@ -81,7 +83,7 @@ def main() -> None:
                          "tensor_parallel_size": args.tensor_parallel_size,
                          "num_gpus_per_worker": args.num_gpus_per_worker,
                          "num_groups": args.num_groups, "served_model_name": "bench",
-                         "api_server_count": args.api_server_count, **extra}),
+                         "api_server_count": args.api_server_count, "http_port": args.port, **extra}),
               name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{args.port}/v1/completions"
 

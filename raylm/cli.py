@@ -80,7 +80,7 @@ def _serve(ns: argparse.Namespace) -> int:
     args["model"] = ns.model_tag or ns.model
     app_args = dict(args, num_groups=ns.groups, served_model_name=ns.served_model_name,
                     api_key=ns.api_key, max_n=ns.max_n, max_queued_requests=ns.max_queued_requests,
-                    api_server_count=ns.api_server_count)
+                    api_server_count=ns.api_server_count, http_host=ns.host, http_port=ns.port)
     from raylm.cluster.app import APP_NAME, build_app
 
     app = build_app(app_args)  # argument errors surface before Ray starts
@@ -96,12 +96,14 @@ def _serve(ns: argparse.Namespace) -> int:
         stop["now"] = True
 
     try:
-        serve.start(http_options={"host": ns.host, "port": ns.port},
+        serve_port = ns.serve_http_port or _free_port(ns.host)
+        serve.start(http_options={"host": ns.host, "port": serve_port},
                     grpc_options={"port": ns.grpc_port, "grpc_servicer_functions": [
                         "raylm.cluster.raylm_pb2_grpc.add_GenerateServicer_to_server"]})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         print(f"raylm: serving {app_args['model'] or 'SmolLM2-135M-Instruct (embedded)'} on "
-              f"http://{ns.host}:{ns.port}/v1 (gRPC {ns.host}:{ns.grpc_port}); Ctrl-C to stop",
+              f"http://{ns.host}:{ns.port}/v1 (gRPC {ns.host}:{ns.grpc_port}; Ray Serve's HTTP proxy "
+              f"{ns.host}:{serve_port}); Ctrl-C to stop",
               flush=True)
         signal.signal(signal.SIGTERM, _on_signal)
         while not stop["now"]:
@@ -115,6 +117,14 @@ def _serve(ns: argparse.Namespace) -> int:
         finally:
             ray.shutdown()
     return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--serve-http-port", type=int, default=None,
+                     help="port of Ray Serve's HTTP proxy (default: a free one); --port is served "
+                          "by the ingress replicas themselves")
     srv.add_argument("--groups", "--num-groups", dest="groups", type=int, default=1,
                      help="worker groups (data-parallel replicas of the model)")
     srv.add_argument("--served-model-name", default=None)

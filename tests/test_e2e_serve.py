@@ -62,7 +62,8 @@ def raylm_server(tmp_path_factory):
     port, grpc_port = free_port(), free_port()
     log = str(tmp_path_factory.mktemp("serve") / "raylm-serve.log")
     cmd = [sys.executable, "-m", "raylm", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--max-num-seqs", "16"]
+           "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--max-num-seqs", "16",
+           "--api-server-count", "2"]
     proc = _start(cmd, f"http://127.0.0.1:{port}", log)
     yield f"http://127.0.0.1:{port}", proc, log
     if proc.poll() is None:

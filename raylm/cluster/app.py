@@ -40,7 +40,7 @@ logger = logging.getLogger("raylm")
 
 APP_NAME = "raylm"
 APP_ARGS = ("num_groups", "served_model_name", "api_key", "max_n", "max_queued_requests",
-            "api_server_count", "autoscaling_config")
+            "api_server_count", "autoscaling_config", "http_host", "http_port")
 # Concurrent requests a replica accepts (Serve's default of 5 would serialise a server).
 MAX_ONGOING_REQUESTS = 4096
 INGRESS_NUM_CPUS = 0.1
@@ -88,8 +88,13 @@ def _engine_dict(args: EngineArgs) -> dict:
     return dataclasses.asdict(args)
 
 
+# Serve logs every call at INFO; per request that is a log line per hop.
+_QUIET = {"enable_access_log": False}
+
+
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": ROUTER_NUM_CPUS},
-                  max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
+                  max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10,
+                  logging_config=_QUIET)
 class RouterDeployment:
     """Starts the engine cores and routes requests to them (see module doc)."""
 
@@ -249,15 +254,38 @@ class ClusterFrontend(Frontend):
             await self._started
 
 
+def serve_directly(app, host: str, port: int):
+    """Serve `app` on host:port from this process with uvicorn, on the running event
+    loop, through a socket bound with SO_REUSEPORT: every ingress replica on a node
+    binds the same port and the kernel spreads connections over them. HTTP then goes
+    from the client to the replica that holds the tokenizer and the cores' streams, with
+    no proxy process carrying each token. Returns the uvicorn server."""
+    import socket
+
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
+                                           timeout_keep_alive=60))
+    asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    return server
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
-                  max_ongoing_requests=MAX_ONGOING_REQUESTS)
+                  max_ongoing_requests=MAX_ONGOING_REQUESTS, logging_config=_QUIET)
 @serve.ingress()
 class Ingress(GrpcGenerateMixin):
     """HTTP (OpenAI API), gRPC (`Generate` service) and Python-handle entry points."""
 
     def __init__(self, router: DeploymentHandle, engine_args: dict,
                  served_model_name: Optional[str] = None, api_key: Optional[str] = None,
-                 max_n: int = 16):
+                 max_n: int = 16, http_host: str = "127.0.0.1", http_port: Optional[int] = None):
         args = EngineArgs(**engine_args)
         model = ModelConfig.from_args(args, check_support=False)
         name = served_model_name or args.model or DEFAULT_SERVED_NAME
@@ -266,9 +294,17 @@ class Ingress(GrpcGenerateMixin):
                                        args.enable_prefix_caching)
         self.api_key = api_key
         self.max_n = max_n
+        self.direct = None
+        if http_port is not None:  # HTTP straight into this replica as well (see serve_directly)
+            from raylm.cluster.openai_api import create_openai_app
+
+            self.direct = serve_directly(create_openai_app(self.backend, api_key=api_key, max_n=max_n),
+                                         http_host, http_port)
 
     def __del__(self):
-        """Serve calls this at shutdown: end the subscriptions."""
+        """Serve calls this at shutdown: stop the direct listener, end the subscriptions."""
+        if getattr(self, "direct", None) is not None:
+            self.direct.should_exit = True
         backend = getattr(self, "backend", None)  # None if __init__ failed
         if backend is not None:
             backend.unsubscribe_all()
@@ -304,7 +340,9 @@ def build_app(args: Optional[dict] = None):
     `args`: engine arguments by their EngineArgs (vLLM) names, plus num_groups,
     served_model_name, api_key (or $RAYLM_API_KEY), max_n (the largest `n` allowed),
     max_queued_requests (waiting requests past which a request gets 429),
-    api_server_count (ingress replicas) or autoscaling_config (Serve's, for the ingress)."""
+    api_server_count (ingress replicas) or autoscaling_config (Serve's, for the ingress),
+    http_port (and http_host, default 127.0.0.1): every ingress replica also serves the
+    OpenAI API itself on that port (SO_REUSEPORT), bypassing Serve's HTTP proxy."""
     args = dict(args or {})
     app_args = {k: args.pop(k) for k in APP_ARGS if k in args}
     unknown = sorted(set(args) - set(EngineArgs.field_names()))
@@ -323,7 +361,11 @@ def build_app(args: Optional[dict] = None):
         raise ValueError("set api_server_count or autoscaling_config, not both")
     served = app_args.get("served_model_name")
     api_key = app_args.get("api_key") or os.environ.get("RAYLM_API_KEY") or None
+    http_host = app_args.get("http_host") or "127.0.0.1"
+    http_port = app_args.get("http_port")
+    if http_port is not None and (not isinstance(http_port, int) or not 0 < http_port < 65536):
+        raise ValueError(f"http_port must be a port number in 1..65535, got {http_port!r}")
     router = RouterDeployment.bind(args, num_groups, served, max_queued)
     ingress = (Ingress.options(autoscaling_config=autoscaling) if autoscaling is not None
                else Ingress.options(num_replicas=replicas))
-    return ingress.bind(router, args, served, api_key, max_n)
+    return ingress.bind(router, args, served, api_key, max_n, http_host, http_port)

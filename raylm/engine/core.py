@@ -284,7 +284,7 @@ class EngineCore:
             return self._step_async()
         t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
-        if not sched_out and not self.planner.has_finished:
+        if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:
             return []
         plan = self.planner.plan(sched_out)
         t1 = time.perf_counter()
@@ -305,7 +305,7 @@ class EngineCore:
         sched_out = self.scheduler.schedule()
         t1 = time.perf_counter()
         outputs: list[EngineCoreOutput] = []
-        if not sched_out and not self.planner.has_finished:
+        if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:
             if self._inflight is not None:
                 outputs = self._complete_inflight(t1)
             return outputs

@@ -98,7 +98,8 @@ def test_async_scheduling_matches_sync_and_never_waits(tmp_path):
                 engine.add_request(f"probe{i}", {"prompt_token_ids": p}, probe)
             engine.step()  # launches the prefill
             engine.step()  # launches the first decode (placeholders), collects the prefill
-            sched_out, plan = engine.begin_step()
+            core = engine.core
+            plan = core.planner.plan(core.scheduler.schedule())
             assert all(s.token_ids == [-1] for s in plan.seqs)
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
