@@ -68,6 +68,7 @@ def main() -> None:
     for g in [int(x) for x in args.groups.split(",")]:
         serve.run(build_app({"model": cfg_dir, "device": "cpu", "distributed_executor_backend": STANDIN,
                              "max_model_len": 4096, "max_num_seqs": max(256, args.concurrency_per_group),
+                             "async_scheduling": True,  # as on a GPU: plan while a step runs
                              "num_groups": g, "served_model_name": "bench", "num_cpus_per_worker": 0.1,
                              "api_server_count": args.api_server_count, "http_port": args.port}),
                   name=APP_NAME, route_prefix="/")

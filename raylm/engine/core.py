@@ -61,7 +61,7 @@ class EngineCoreRequest:
                    priority, subscriber)
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     """What one core request gained in one step. Log-probability rows are the workers'
     (`TokenLogprobs`); `error` is set when the request failed with its worker group."""

@@ -200,7 +200,7 @@ class Scheduler:
                 request_id=request.request_id,
                 token_ids=request.token_ids[start:start + n],
                 start_pos=start,
-                block_table=list(request.block_ids),
+                block_table=request.block_ids,  # read at once by the planner: no copy
                 sample=start + n == request.num_tokens,
             ))
         if out.seqs:
