@@ -40,6 +40,11 @@ def _fmt(x, spec=".0f"):
 
 
 def row(r: dict) -> str:
+    if r["benchmark"] == "host_scaling":
+        runs = "; ".join(f"G={x['num_groups']}: {x['raylm_output_tok_per_s']:.0f} tok/s "
+                         f"({x['ratio_to_linear']:.2f} of linear)" for x in r["runs"])
+        return (f"| {r['date']} | host_scaling | stand-in, {r['step_ms']:g} ms steps | {r['device']} | "
+                f"`{r['command']}` | {runs} |")
     if r["benchmark"] == "step_profile":
         lp = r["loop"]
         numbers = (f"batch {r['batch']}, mean context {r['mean_context']:.0f}: GPU forward (graph) "
@@ -269,14 +274,25 @@ def _serving(r: dict) -> list[Row]:
     else:
         startup = _n(r.get("startup_s"))
     busy = ", ".join(f"{x['busy_fraction']:.2f}" for x in r.get("groups") or [])
-    return [Row((r["model"], r["device"], tp, g, r["num_requests"], conc, r.get("min_len"), r.get("max_len"), mode),
+    share = r.get("num_gpus_per_worker") or 1
+    note = (f"{g} groups sharing one GPU; " if share < 1 else "") + (f"cores in steps {busy}" if busy else "")
+    return [Row((r["model"], r["device"], tp, g, share, r["num_requests"], conc, r.get("min_len"), r.get("max_len"),
+                 mode),
                 mode,
                 [r["model"], r["device"], f"{tp} x {g}", load, f"{r.get('min_len', '-')}-{r.get('max_len', '-')}",
                  _n(ours), _peer_name(r.get("peer")) if peer else "-", _n(peer), _ratio(ours, peer),
                  _latency_cell(r.get("ttft_ms"), "p50", pl.get("ttft_p50_ms"), pn),
                  _latency_cell(r.get("tpot_ms"), "p50", pl.get("tpot_p50_ms"), pn),
                  _latency_cell(r.get("itl_ms"), "p99", pl.get("itl_p99_ms"), pn), startup],
-                f"groups busy {busy}" if busy else "")]
+                note)]
+
+
+def _host_scaling(r: dict) -> list[Row]:
+    return [Row((r["device"], x["num_groups"]), str(x["num_groups"]),
+                [r["device"], f"{r['step_ms']:g} ms", x["num_groups"], x["max_concurrency"],
+                 _n(x["raylm_output_tok_per_s"]), f"{x['ratio_to_linear']:.2f}",
+                 _ms(x["tpot_ms"]["p50"]), _ms(x["itl_ms"]["p99"]),
+                 ", ".join(f"{b:.2f}" for b in x["core_busy_fraction"])]) for x in r["runs"]]
 
 
 def _latency(r: dict) -> list[Row]:
@@ -419,6 +435,13 @@ SECTIONS = [
             ("serving",),
             ["Model", "Device", "TP x groups", "Requests", "Lengths", "raylm out tok/s", "Peer", "Peer out tok/s",
              "raylm / peer", "TTFT p50", "TPOT p50", "ITL p99", "Start-up s"], _serving),
+    Section("Host scaling (no GPU)",
+            "The whole serving path (ingress replicas serving HTTP, router, one engine core process per group, "
+            "clients in their own processes) in front of a stand-in model that sleeps each step's device time "
+            "(`benchmarks/host_scaling.py`). Linear: G times one group's tok/s. Latencies in ms.",
+            ("host_scaling",),
+            ["Machine", "Stand-in step", "Groups", "Streams", "out tok/s", "Of linear", "TPOT p50", "ITL p99",
+             "Cores in steps"], _host_scaling),
     Section("Batch-1 latency",
             "One request at a time: time to first token and time per output token (ms) for a prompt of the "
             "given length. TPOT floor: the time to read the weights and KV cache once at the measured bandwidth.",
