@@ -60,6 +60,8 @@ def test_worker_sampling_defaults_and_prompt_logprobs():
     first = worker_sampling(sp, [2, 3], 0)
     assert first == SamplingOptions(0.7, 0.8, 0, 0.1, 5, 1.1, 0.2, 0.3, 2, [7], [2, 3], True, 3, 1)
     assert worker_sampling(sp, [2, 3], 1).prompt_logprobs is None
+    redispatched = worker_sampling(sp, [2, 3], 0, output_offset=4)
+    assert redispatched.output_offset == 4 and redispatched.min_tokens == 2  # the original min_tokens
     first.stop_token_ids.append(8)
     assert sp.stop_token_ids == [7]  # no list shared with the user's params
 

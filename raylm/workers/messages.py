@@ -32,12 +32,17 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    min_tokens: int = 0  # stop and EOS tokens are banned until this many are sampled
+    min_tokens: int = 0  # stop and EOS tokens are banned until this many outputs (offset included)
     stop_token_ids: list[int] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # top-k log-probabilities of each sampled token
     prompt_logprobs: Optional[int] = None  # ... and of each prompt token
+    # The last `output_offset` tokens of the request's prompt (NewRequest.prompt_token_ids)
+    # are outputs another worker group generated before it failed (re-dispatch by
+    # recompute): penalties and min_tokens count them as outputs, and a seeded request
+    # continues with the draws of output position `output_offset` onwards.
+    output_offset: int = 0
 
     def to_wire(self) -> tuple:
         return tuple(getattr(self, name) for name in _OPTION_FIELDS)

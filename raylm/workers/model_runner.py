@@ -258,11 +258,8 @@ class ModelRunner:
             self.prompt_logprobs_done.pop(rid, None)
         for new in plan.new_requests:
             options = new.sampling
-            gen = None
-            if options.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(int(options.seed))
-            self.states[new.request_id] = SamplingState(list(new.prompt_token_ids), options,
-                                                        generator=gen)
+            self.states[new.request_id] = SamplingState.of_request(new.prompt_token_ids, options,
+                                                                   self.device)
             if options.prompt_logprobs is not None:
                 self.prompt_logprobs_done[new.request_id] = 0
         tables = self.block_tables
@@ -400,6 +397,8 @@ class ModelRunner:
             states = [self.states[rid] for rid in sample_ids]
             sample_logits = logits[:len(sample_ids)]
             tokens = broadcast_from_first(sample(sample_logits, states, self.default_generator).contiguous())
+            for st in states:  # the next draw is for the next output position, even while
+                st.num_sampled += 1  # this token is still on its way (async scheduling)
             self._last_tokens = tokens
             self._last_rows = {rid: i for i, rid in enumerate(sample_ids)}
             pending.sample_ids, pending.states, pending.tokens = sample_ids, states, to_host(tokens)

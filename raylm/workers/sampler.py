@@ -2,8 +2,11 @@
 seeded sampling, and the raw log-probabilities users ask for.
 
 Reported log-probabilities are the model's raw log-softmax, before temperature or
-penalties (as vLLM reports them). Each seeded request draws from its own generator, so
-its tokens do not depend on what else shares the batch.
+penalties (as vLLM reports them). A seeded request's draw for its token at output
+position p depends only on (seed, p): its generator is re-seeded with a mix of the two
+before each draw, so its tokens depend neither on what else shares the batch, nor on
+asynchronous scheduling, nor on which worker group sampled its earlier tokens (a request
+re-dispatched by recompute after its group failed continues exactly as it would have).
 """
 from __future__ import annotations
 
@@ -15,21 +18,51 @@ import torch
 from raylm.workers.messages import SamplingOptions
 from raylm.workers.transfer import to_device
 
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed of a seeded request's draw at output `position`: output
+    position+1 of splitmix64 seeded with `seed`. Two (seed, position) pairs that collide
+    (likelier on the CPU, whose generator keeps 32 bits of a seed) merely reuse a draw:
+    harmless for sampling."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
 
 @dataclass
 class SamplingState:
-    """What the worker keeps per request between steps."""
+    """What the worker keeps per request between steps. `output_token_ids` are the
+    outputs so far, as collected (`collect_step` appends each step's token); `num_sampled`
+    also counts the tokens of launched steps not yet collected (`ModelRunner.launch`
+    counts each row it samples): it is the output position of the next token drawn."""
 
     prompt_token_ids: list[int]
     options: SamplingOptions
     output_token_ids: list[int] = field(default_factory=list)
-    generator: Optional[torch.Generator] = None
+    generator: Optional[torch.Generator] = None  # seeded requests: re-seeded per draw
 
     def __post_init__(self) -> None:
         o = self.options
         self.is_greedy = o.temperature < 1e-5
         self.has_penalties = (o.repetition_penalty != 1.0 or o.presence_penalty != 0.0
                               or o.frequency_penalty != 0.0 or o.min_tokens > 0)
+        self.num_sampled = len(self.output_token_ids)
+
+    @classmethod
+    def of_request(cls, token_ids: list[int], options: SamplingOptions,
+                   device: torch.device) -> "SamplingState":
+        """A new request's state: the last `options.output_offset` of its `token_ids` are
+        outputs generated earlier (elsewhere), the rest its prompt."""
+        k = options.output_offset
+        if not 0 <= k <= len(token_ids):
+            raise ValueError(f"output_offset is {k}; the request has {len(token_ids)} tokens "
+                             f"(prompt and earlier outputs), so it must be in [0, {len(token_ids)}]")
+        split = len(token_ids) - k
+        gen = torch.Generator(device=device) if options.seed is not None else None
+        return cls(list(token_ids[:split]), options, list(token_ids[split:]), gen)
 
 
 def topk_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int):
@@ -61,7 +94,7 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
             out = to_device(st.output_token_ids, torch.long, logits.device)
             counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
             row -= freq * counts + pres * (counts > 0).to(row.dtype)
-        if o.min_tokens and len(st.output_token_ids) < o.min_tokens:
+        if o.min_tokens and st.num_sampled < o.min_tokens:
             banned = list(o.stop_token_ids)
             if not o.ignore_eos:
                 banned += o.eos_token_ids
@@ -90,7 +123,9 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         ps = to_device(top_p, logits.dtype, logits.device)
         probs_sorted, idx = logits.softmax(dim=1).sort(dim=1, descending=True)
         cum = probs_sorted.cumsum(dim=1)
-        remove_sorted = (cum - probs_sorted) >= ps.unsqueeze(1)  # keep the smallest set reaching p
+        # Keep the smallest set reaching p; rows at p = 1 keep all (the sum may round to 1
+        # before the tail, and a row's tokens must not depend on its neighbours' top_p).
+        remove_sorted = ((cum - probs_sorted) >= ps.unsqueeze(1)) & (ps < 1.0).unsqueeze(1)
         remove = torch.zeros_like(remove_sorted).scatter(1, idx, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     min_p = [st.options.min_p for st in states]
@@ -104,19 +139,25 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, states: list[SamplingState],
            default_generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One token per row of `logits` (float32, [B, V])."""
+    """One token per row of `logits` (float32, [B, V]). A seeded row draws for output
+    position `num_sampled`; the caller counts the row as sampled afterwards."""
     if any(st.has_penalties for st in states):
         logits = _apply_penalties(logits.clone(), states)
     if all(st.is_greedy for st in states):
         return logits.argmax(dim=1)
     scaled = _filter(logits, states)
     # Exponential race: argmax p/q with q ~ Exp(1) draws from p = softmax(scaled); in logs,
-    # argmax(scaled - log q), which needs no softmax. One generator per seeded request
-    # keeps its draws independent of the batch; unseeded rows share one batched draw.
-    q = torch.empty_like(scaled).exponential_(generator=default_generator)
-    for i, st in enumerate(states):
-        if st.generator is not None and not st.is_greedy:
-            q[i].exponential_(generator=st.generator)
+    # argmax(scaled - log q), which needs no softmax. Unseeded rows share one batched draw;
+    # a seeded row draws its own q from its generator re-seeded for (seed, position).
+    seeded = [i for i, st in enumerate(states) if st.generator is not None and not st.is_greedy]
+    if len(seeded) < sum(not st.is_greedy for st in states):
+        q = torch.empty_like(scaled).exponential_(generator=default_generator)
+    else:
+        q = torch.empty_like(scaled)  # every sampling row seeded; greedy rows ignore q
+    for i in seeded:
+        st = states[i]
+        st.generator.manual_seed(draw_seed(st.options.seed, st.num_sampled))
+        q[i].exponential_(generator=st.generator)
     sampled = (scaled - q.log_()).argmax(dim=1)
     if not any(st.is_greedy for st in states):
         return sampled
