@@ -109,7 +109,7 @@ def test_streaming_matches_offline_and_abort_frees_blocks(llama_dir, async_sched
                 await agen.aclose()
             await asyncio.gather(*[one_chunk(i) for i in range(50)])
             await await_until(lambda: bm.num_free_blocks == free_before and not sched.cores[0].requests)
-            assert not sched._queues and not sched.outputs.requests
+            assert not sched.open_request_ids and not sched.outputs.requests
             m = _samples(await sched.metrics_text())
             assert _metric(m, "raylm:request_success_total", finished_reason="abort") == 50
             assert _metric(m, "raylm:request_success_total", finished_reason="length") == 3
@@ -158,25 +158,94 @@ def test_two_ray_groups_serve_32_concurrent_requests(llama_dir, ray_session, asy
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_failed_group_fails_its_requests_and_the_rest_keep_serving(llama_dir, async_scheduling):
+def test_a_failed_group_s_requests_move_and_finish_as_undisturbed(llama_dir, async_scheduling):
+    """Group 0's worker dies mid-generation: its requests continue on group 1 by
+    recompute, greedy and seeded ones exactly as an undisturbed run; the group restarts
+    and serves again; health and metrics tell what happened."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    prompts = [f"prompt number {i}" for i in range(8)]
+    params = [greedy if i % 2 == 0 else SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=14,
+                                                       ignore_eos=True, presence_penalty=0.5, logprobs=1)
+              for i in range(8)]
+    offline = LLM(llama_dir, max_model_len=128, async_scheduling=async_scheduling)
+    expected = offline.generate(prompts, params, use_tqdm=False)
+    offline.shutdown()
+
     async def main():
-        sched = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128,
-                                           async_scheduling=async_scheduling), num_groups=2)
+        sched = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128, async_scheduling=async_scheduling),
+                             num_groups=2)
         try:
-            def broken(arg):
-                raise RuntimeError("worker died")
-            # The step call each mode makes: the whole step, or a launched step's result.
-            setattr(sched.cores[0].executor, "collect" if async_scheduling else "execute", broken)
-            results = await asyncio.gather(*[sched.generate(f"prompt {i}", GREEDY) for i in range(4)],
-                                           return_exceptions=True)
-            failed = [r for r in results if isinstance(r, Exception)]
-            assert failed and all("worker group" in str(e) and "worker died" in str(e) for e in failed)
-            assert any(not isinstance(r, Exception) and r.finished for r in results)
-            with pytest.raises(RuntimeError, match="group"):
-                await sched.check_health()
-            # New requests avoid the dead group.
-            outs = await asyncio.gather(*[sched.generate(f"later {i}", GREEDY) for i in range(3)])
-            assert all(o.finished for o in outs)
+            executor = sched.cores[0].executor
+            method = "collect" if async_scheduling else "execute"
+            real, calls = getattr(executor, method), []
+
+            def dies_at_step_5(arg):
+                calls.append(1)
+                if len(calls) >= 5:
+                    raise RuntimeError("worker died")
+                return real(arg)
+            setattr(executor, method, dies_at_step_5)
+            outs = await asyncio.gather(*[sched.generate(p, sp) for p, sp in zip(prompts, params)])
+            for got, want in zip(outs, expected):
+                assert got.outputs[0].token_ids == want.outputs[0].token_ids
+                assert got.outputs[0].text == want.outputs[0].text
+                assert got.outputs[0].finish_reason == "length"
+                if want.outputs[0].logprobs is not None:
+                    assert len(got.outputs[0].logprobs) == 14
+                    for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+                        tok = next(iter(b))
+                        assert abs(a[tok].logprob - b[tok].logprob) < 1e-4
+            stats = sched.stats()
+            assert stats["requests_redispatched"] > 0
+            # The group comes back with a new core and serves again.
+            await await_until(lambda: sched.ledger.groups[0].state == "serving"
+                              and sched.ledger.groups[0].restarts == 1, timeout=120)
+            health = await sched.health()
+            assert health["status"] == "ok" and [g["state"] for g in health["groups"]] == ["serving"] * 2
+            text = (await sched.metrics_text()).decode()
+            assert "raylm:requests_redispatched_total" in text and "raylm:group_restarts_total" in text
+            more = await asyncio.gather(*[sched.generate(f"after {i}", greedy) for i in range(6)])
+            assert all(o.finished for o in more)
+            assert sched.cores[0].scheduler.num_steps > 0  # the new core took requests
+            for core in sched.cores:
+                await await_until(lambda: core.block_manager.num_used_blocks == 0)
+        finally:
+            await sched.shutdown()
+    run(main())
+
+
+def test_no_serving_group_waits_queue_timeout_then_503(llama_dir):
+    """Every group dead: a request waits for one up to queue_timeout, then gets a 503 with
+    Retry-After; /health says 503 with each group's state."""
+    import httpx
+
+    from raylm.cluster.openai_api import create_openai_app
+
+    async def main():
+        sched = LocalCluster(EngineArgs(model=llama_dir, max_model_len=128), queue_timeout=0.5)
+        sched._schedule_restart = lambda gi: None  # keep it down
+        sched.router_client.restart = None
+        sched.ledger.mark_dead(0, "gone")
+        app = create_openai_app(sched)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                t0 = time.monotonic()
+                r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+                assert r.status_code == 503 and time.monotonic() - t0 >= 0.4
+                assert r.headers["retry-after"] and r.json()["error"]["code"] == 503
+                h = await c.get("/health")
+                assert h.status_code == 503
+                assert h.json() == {"status": "unavailable",
+                                    "groups": [{"id": 0, "state": "dead",
+                                                "last_step_age_s": h.json()["groups"][0]["last_step_age_s"]}]}
+                # A group that returns within the timeout serves the waiting request.
+                sched.queue_timeout = 30
+                waiting = asyncio.ensure_future(c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}))
+                await asyncio.sleep(0.3)
+                sched.ledger.groups[0].state = "serving"
+                r = await waiting
+                assert r.status_code == 200
+                assert (await c.get("/health")).status_code == 200
         finally:
             await sched.shutdown()
     run(main())

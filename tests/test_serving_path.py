@@ -65,7 +65,7 @@ def test_next_item_coalesces_up_to_a_final_or_an_error():
 def test_detached_tasks_do_not_see_the_callers_context():
     import contextvars
 
-    from raylm.cluster.core_actor import detached
+    from raylm.cluster.frontend import detached
 
     var = contextvars.ContextVar("request", default=None)
 
@@ -119,11 +119,10 @@ def test_router_admission_and_dead_groups():
     r.release(["r0"])
     r.assign("r7", [], 1)  # room again
     r.mark_dead(0, "gone")
-    assert all(r.assign(f"s{i}", [], 1) == 1 for i in range(0))
     r.release([f"r{i}" for i in range(8)])
     assert r.assign("s", [], 1) == 1  # the dead group gets nothing
     r.mark_dead(1, "gone too")
-    with pytest.raises(NoGroupAvailable, match="every worker group has failed"):
+    with pytest.raises(NoGroupAvailable, match="no worker group is serving"):
         r.assign("t", [], 1)
 
 

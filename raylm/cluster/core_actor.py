@@ -12,23 +12,15 @@ step (`subscribe`, a Ray streaming generator).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from typing import Optional
 
 import msgpack
 
+from raylm.cluster.frontend import detached
 from raylm.engine.core import EngineCoreOutput, EngineCoreRequest
 
 logger = logging.getLogger("raylm")
-
-
-def detached(coro) -> asyncio.Task:
-    """Run coro as a task outside the current request's context. Serve cancels the
-    calls a request makes when that request is cancelled (a client disconnect); the
-    shared subscriptions and the aborts sent for a vanished client must outlive it."""
-    loop = asyncio.get_running_loop()
-    return contextvars.Context().run(loop.create_task, coro)  # the task copies this empty context
 
 
 class _Outbox:
@@ -52,9 +44,14 @@ class EngineCoreActor:
 
         logging.basicConfig(level=logging.INFO)
         kwargs = dict(engine_args)
-        if ":" not in str(kwargs.get("distributed_executor_backend")):  # not a stand-in
-            # At TP=1 the model lives in this actor; larger groups' ranks in their own.
-            kwargs["distributed_executor_backend"] = "uni" if kwargs.get("tensor_parallel_size", 1) == 1 else "ray"
+        backend = kwargs.get("distributed_executor_backend")
+        if ":" not in str(backend):  # not a stand-in
+            # At TP=1 the model lives in this actor; larger groups keep rank 0 here and
+            # ranks 1.. in actors of this actor's placement group, fed by broadcast (start_cores),
+            # unless "ray" asks for every rank in an actor of its own.
+            tp = kwargs.get("tensor_parallel_size", 1)
+            kwargs["distributed_executor_backend"] = ("uni" if tp == 1 else "ray" if backend == "ray"
+                                                      else "ray_broadcast")
         self.index = index
         self.pid = os.getpid()
         self.core = EngineCore(EngineArgs(**kwargs))

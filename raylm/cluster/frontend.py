@@ -16,14 +16,18 @@ request ends it tells the router (batched).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Protocol
 
 from raylm.cluster.backend import PromptType, final_output
 from raylm.engine.core import EngineCoreOutput, EngineCoreRequest
 from raylm.engine.input_processor import InputProcessor
-from raylm.engine.output_processor import OutputProcessor
+from raylm.cluster.router import NoGroupAvailable
+from raylm.engine.output_processor import GroupFailure, OutputProcessor
 from raylm.engine.outputs import RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 from raylm.scheduler.block_manager import prefix_block_hashes
@@ -32,6 +36,18 @@ logger = logging.getLogger("raylm")
 
 # Ended requests are reported to the router in batches, at most this late.
 RELEASE_DELAY_S = 0.01
+# A request waits this long for a serving group before a 503 (vLLM has no such knob).
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
+# A request whose group fails is moved at most this many times.
+DEFAULT_MAX_REDISPATCHES = 2
+
+
+def detached(coro) -> asyncio.Task:
+    """Run coro as a task outside the current request's context. Serve cancels the
+    calls a request makes when that request is cancelled (a client disconnect); the
+    shared subscriptions, aborts and re-dispatches must outlive it."""
+    loop = asyncio.get_running_loop()
+    return contextvars.Context().run(loop.create_task, coro)  # the task copies this empty context
 
 
 class CoreClient(Protocol):
@@ -49,7 +65,11 @@ class CoreClient(Protocol):
 
 
 class RouterClient(Protocol):
-    async def assign(self, request_id: str, hashes: list[int], num_seqs: int) -> int: ...
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int,
+                     redispatch: bool = False) -> tuple[int, int]:
+        """(group, its core's generation)."""
+
+    async def health(self) -> dict: ...
 
     def release(self, request_ids: list[str]) -> None: ...
 
@@ -67,12 +87,31 @@ async def next_item(queue: asyncio.Queue) -> Any:
     return item
 
 
+@dataclass(eq=False)
+class _Open:
+    """A request this frontend streams."""
+
+    group: int
+    queue: asyncio.Queue
+    hashes: list
+    redispatches: int = 0
+    moving: bool = False  # being re-dispatched
+
+
 class Frontend:
-    """Backend over a router and the engine cores (see module doc)."""
+    """Backend over a router and the engine cores (see module doc).
+
+    When a core fails (its stream breaks, or it reports its group failed), each request
+    it held is re-dispatched to a serving group as prompt + tokens so far; the client's
+    stream goes on (`OutputProcessor.redispatch`). With no group serving, a request
+    waits up to `queue_timeout` seconds for one, then fails with NoGroupAvailable (503);
+    one that has been re-dispatched `max_redispatches` times and fails again gets an
+    error."""
 
     def __init__(self, router: RouterClient, cores: list[CoreClient], tokenizer, model_name: str,
                  max_model_len: int, vocab_size: int, max_logprobs: int, block_size: int,
-                 enable_prefix_caching: bool):
+                 enable_prefix_caching: bool, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
+                 max_redispatches: int = DEFAULT_MAX_REDISPATCHES):
         self.router = router
         self.core_clients = cores
         self.tokenizer = tokenizer
@@ -81,10 +120,13 @@ class Frontend:
         self.max_logprobs = max_logprobs
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.queue_timeout = queue_timeout
+        self.max_redispatches = max_redispatches
         self.inputs = InputProcessor(tokenizer, max_model_len, vocab_size, max_logprobs)
         self.outputs = OutputProcessor(tokenizer, max_model_len)
         self.subscriber = uuid.uuid4().hex
-        self._queues: dict[str, tuple[int, asyncio.Queue]] = {}
+        self._open: dict[str, _Open] = {}
+        self._generations: dict[int, int] = {}  # the core generation each client talks to
         self._subscribed = False
         self._to_release: list[str] = []
         self._release_handle = None
@@ -98,33 +140,100 @@ class Frontend:
         if self._subscribed:
             return
         self._subscribed = True
-        for gi, core in enumerate(self.core_clients):
-            core.subscribe(self.subscriber,
-                           lambda batch, gi=gi: self._on_batch(gi, batch),
-                           lambda exc, gi=gi: self._on_error(gi, exc))
+        for gi in range(len(self.core_clients)):
+            self._subscribe_core(gi)
+
+    def _subscribe_core(self, gi: int) -> None:
+        self.core_clients[gi].subscribe(self.subscriber,
+                                        lambda batch, gi=gi: self._on_batch(gi, batch),
+                                        lambda exc, gi=gi: self._on_error(gi, exc))
+
+    async def _use_generation(self, gi: int, generation: int) -> None:
+        """The router names group gi's core generation: after a restart, switch to the
+        new core (subclasses fetch its handle first)."""
+        known = self._generations.setdefault(gi, generation)
+        if generation != known:
+            self._generations[gi] = generation
+            await self._refresh_core(gi)
+
+    async def _refresh_core(self, gi: int) -> None:
+        self._subscribe_core(gi)
 
     def _on_batch(self, gi: int, batch: list[EngineCoreOutput]) -> None:
         results, stops = self.outputs.process(batch)
         if stops:
             self.core_clients[gi].abort(stops, "stop")
         for rid, item in results:
-            entry = self._queues.get(rid)
-            if entry is not None:
-                entry[1].put_nowait(item)
+            entry = self._open.get(rid)
+            if entry is None:
+                continue
+            if isinstance(item, GroupFailure):
+                self._start_redispatch(rid, gi, str(item))
+            else:
+                entry.queue.put_nowait(item)
 
     def _on_error(self, gi: int, exc: BaseException) -> None:
-        """Core gi's stream broke: fail its open requests."""
-        error = RuntimeError(f"worker group {gi} failed: {exc}")
-        for rid, (g, queue) in list(self._queues.items()):
-            if g == gi:
-                self.outputs.fail(rid)
-                queue.put_nowait(error)
+        """Core gi's stream broke (the process is gone): move its open requests."""
+        for rid, entry in list(self._open.items()):
+            if entry.group == gi:
+                self._start_redispatch(rid, gi, f"worker group {gi} failed: {type(exc).__name__}")
 
     def unsubscribe_all(self) -> None:
         if self._subscribed:
             for core in self.core_clients:
                 core.unsubscribe(self.subscriber)
             self._subscribed = False
+
+    # ---- re-dispatch ---------------------------------------------------------------
+    def _start_redispatch(self, rid: str, gi: int, reason: str) -> None:
+        entry = self._open.get(rid)
+        if entry is None or entry.moving or entry.group != gi:
+            return
+        entry.moving = True
+        detached(self._redispatch(rid, entry, reason))
+
+    async def _redispatch(self, rid: str, entry: _Open, reason: str) -> None:
+        try:
+            entry.redispatches += 1
+            if entry.redispatches > self.max_redispatches:
+                raise RuntimeError(f"request {rid} failed in {entry.redispatches} worker groups "
+                                   f"(max_redispatches is {self.max_redispatches}); last: {reason}")
+            logger.warning("re-dispatching request %s (%s)", rid, reason)
+            reqs = self.outputs.redispatch(rid, entry.redispatches)
+            if not reqs:  # nothing left to generate: its last output ends it
+                state = self.outputs.requests.get(rid)
+                if state is not None and state.finished:
+                    self.outputs.requests.pop(rid, None)
+                    entry.queue.put_nowait(state.to_output())
+                return
+            for r in reqs:
+                r.subscriber = self.subscriber
+            gi = await self._assign(rid, entry.hashes, len(reqs), redispatch=True)
+            entry.group = gi
+            await self.core_clients[gi].add(reqs)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.outputs.fail(rid)
+            entry.queue.put_nowait(exc)
+        finally:
+            entry.moving = False
+
+    async def _assign(self, rid: str, hashes: list, num_seqs: int, redispatch: bool = False) -> int:
+        """The router's group for a request, waiting up to queue_timeout for one to serve."""
+        deadline = time.monotonic() + self.queue_timeout
+        delay = 0.05
+        while True:
+            try:
+                gi, generation = await self.router.assign(rid, hashes, num_seqs, redispatch)
+                await self._use_generation(gi, generation)
+                return gi
+            except NoGroupAvailable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(delay, left))
+                delay = min(1.0, 2 * delay)
 
     # ---- the router ----------------------------------------------------------------
     def _release(self, request_id: str) -> None:
@@ -141,23 +250,23 @@ class Frontend:
     @property
     def open_request_ids(self) -> list[str]:
         """Requests this frontend is streaming now."""
-        return list(self._queues)
+        return list(self._open)
 
     # ---- the Backend protocol ------------------------------------------------------
     async def generate_stream(self, prompt: PromptType, params: SamplingParams,
                               request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs as the request progresses; the last has finished=True.
         Bad input raises ValueError before anything is yielded; a full queue raises
-        `Overloaded`. Closing the iterator early aborts the request and frees its blocks."""
+        `Overloaded`, no serving group within queue_timeout `NoGroupAvailable`. Closing
+        the iterator early aborts the request and frees its blocks."""
         rid = request_id or uuid.uuid4().hex
-        if rid in self._queues:
+        if rid in self._open:
             raise ValueError(f"request_id {rid!r} is already in use")
         text, ids = self.inputs.validate(prompt, params)
         hashes = prefix_block_hashes(ids, self.block_size) if self.enable_prefix_caching else []
         await self._ensure_started()
-        gi = await self.router.assign(rid, hashes, params.n)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = (gi, queue)
+        gi = await self._assign(rid, hashes, params.n)
+        entry = self._open[rid] = _Open(gi, asyncio.Queue(), hashes)
         finished = False
         try:
             reqs = self.outputs.add_request(rid, text, ids, params, subscriber=self.subscriber)
@@ -168,7 +277,7 @@ class Frontend:
                 self.outputs.fail(rid)
                 raise
             while True:
-                item = await next_item(queue)
+                item = await next_item(entry.queue)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -177,11 +286,11 @@ class Frontend:
                 if finished:
                     return
         finally:
-            self._queues.pop(rid, None)
+            self._open.pop(rid, None)
             if not finished:  # client gone: stop the request now and free its blocks
                 _, running = self.outputs.abort(rid)
                 if running:
-                    self.core_clients[gi].abort(running)
+                    self.core_clients[entry.group].abort(running)
             self._release(rid)
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
@@ -189,17 +298,21 @@ class Frontend:
         return await final_output(self.generate_stream(prompt, params, request_id))
 
     async def abort(self, request_id: str) -> None:
-        entry = self._queues.get(request_id)
+        entry = self._open.get(request_id)
         if entry is None:
             return
         out, running = self.outputs.abort(request_id)
         if running:
-            self.core_clients[entry[0]].abort(running)
+            self.core_clients[entry.group].abort(running)
         if out is not None:
-            entry[1].put_nowait(out)
+            entry.queue.put_nowait(out)
 
     async def metrics_text(self) -> bytes:
         return await self.router.metrics_text()
 
     async def check_health(self) -> None:
         await self.router.check_health()
+
+    async def health(self) -> dict:
+        """{"status", "groups": [{"id", "state", "last_step_age_s"}]} (see Router.health)."""
+        return await self.router.health()

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
-from raylm.cluster.router import NoGroupAvailable, Overloaded
+from raylm.cluster.router import RETRY_AFTER_S, NoGroupAvailable, Overloaded
 from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
                                      completion_response, response_head)
 from raylm.engine.outputs import RequestOutput
@@ -63,6 +63,14 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16) -
 
     @app.get("/health")
     async def health() -> Response:
+        """200 while a worker group serves, else 503; with the cluster's backends the
+        body is {"status", "groups": [{"id", "state", "last_step_age_s"}]}."""
+        if hasattr(backend, "health"):
+            try:
+                body = await backend.health()
+            except Exception:  # the router cannot be reached: say so, and nothing more
+                return JSONResponse({"status": "unavailable", "groups": []}, status_code=503)
+            return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
         try:
             await backend.check_health()
         except Exception as exc:
@@ -338,7 +346,9 @@ class _OpenAIServer:
             return response
         except NoGroupAvailable as exc:
             await streams.close()
-            return _error(503, str(exc))
+            response = _error(503, str(exc))
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
         except BaseException:
             await streams.close()
             raise

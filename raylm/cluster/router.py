@@ -6,6 +6,12 @@ request it handles two messages and no tokens: `assign` (route, or refuse when t
 waiting queue is full) and `release` (the request ended). A request goes to the group
 caching the longest part of its prefix (or with requests in flight sharing it), unless
 that group is clearly busier; otherwise to the least-loaded group.
+
+Each group is `starting`, `serving`, `restarting` (its core died and a new one is being
+started) or `dead` (not restarted, or between restarts). A serving group that holds work
+and whose step counter has not moved for `step_timeout` seconds is hung: `watch` marks it
+dead like a crashed one. Requests of a dead group are re-dispatched by the frontends
+(`assign(..., redispatch=True)`), which counts them.
 """
 from __future__ import annotations
 
@@ -33,13 +39,22 @@ class NoGroupAvailable(Exception):
     """Every worker group has failed: answer 503."""
 
 
+# Seconds between a group's death and its restart attempts: doubling up to the last.
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
 @dataclass(eq=False)
 class GroupView:
     """What the router knows of one worker group."""
 
     max_num_seqs: int
-    alive: bool = True
+    state: str = "serving"
     error: Optional[str] = None
+    generation: int = 0  # bumped at each restart: the frontends then fetch the new core
+    restarts: int = 0
+    failures: int = 0  # deaths since it last served (for the restart back-off)
+    last_steps: int = -1
+    last_progress: float = field(default_factory=time.monotonic)  # steps advanced, or idle
     seq: int = -1  # the last prefix-cache event applied
     cached: set = field(default_factory=set)  # block hashes its pool caches
     inflight_hashes: Counter = field(default_factory=Counter)  # of requests routed, unfinished
@@ -47,6 +62,15 @@ class GroupView:
     stats: dict = field(default_factory=dict)
     metrics: Optional[dict] = None
     requests_routed: int = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.state == "serving"
+
+    @property
+    def holds_work(self) -> bool:
+        return (self.inflight_seqs > 0 or self.stats.get("num_requests_running", 0) > 0
+                or self.stats.get("num_requests_waiting", 0) > 0)
 
     @property
     def kv_usage(self) -> float:
@@ -86,29 +110,40 @@ class _Entry:
 class Router:
     """The ledger of requests in flight and the routing policy (see module doc)."""
 
-    def __init__(self, num_groups: int, max_num_seqs: int, max_queued_requests: int):
+    def __init__(self, num_groups: int, max_num_seqs: int, max_queued_requests: int,
+                 step_timeout: float = 60.0):
         if max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
+        if step_timeout <= 0:
+            raise ValueError(f"step_timeout must be > 0 seconds, got {step_timeout}")
         self.groups = [GroupView(max_num_seqs) for _ in range(num_groups)]
         self.max_queued_requests = max_queued_requests
+        self.step_timeout = step_timeout
         self.ledger: dict[str, _Entry] = {}
         self.calls = Counter()  # messages received, by kind: for tests and stats
         self.num_rejected = 0
+        self.num_redispatched = 0
 
     # ---- per request ---------------------------------------------------------------
-    def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1) -> int:
-        """Choose the group for a new request (n = num_seqs completions) and record it.
-        Raises Overloaded past the queue bound, NoGroupAvailable with no live group,
-        ValueError for an id already in flight."""
+    def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1,
+               redispatch: bool = False) -> int:
+        """Choose the group for a request (n = num_seqs completions) and record it.
+        `redispatch`: the request's group died and it moves with its tokens so far (it
+        replaces its own ledger entry, and the queue bound does not refuse it).
+        Raises Overloaded past the queue bound, NoGroupAvailable with no serving group,
+        ValueError for a new id already in flight."""
         self.calls["assign"] += 1
-        if request_id in self.ledger:
+        if redispatch:
+            self.release([request_id], count=False)
+            self.num_redispatched += 1
+        elif request_id in self.ledger:
             raise ValueError(f"request_id {request_id!r} is already in use")
         alive = [i for i, g in enumerate(self.groups) if g.alive]
         if not alive:
-            errors = "; ".join(f"group {i}: {g.error}" for i, g in enumerate(self.groups))
-            raise NoGroupAvailable(f"every worker group has failed ({errors})")
+            states = ", ".join(f"group {i} {g.state}" for i, g in enumerate(self.groups))
+            raise NoGroupAvailable(f"no worker group is serving ({states}); retry later")
         queued = sum(self.groups[i].queued for i in alive)
-        if queued + num_seqs > self.max_queued_requests + sum(
+        if not redispatch and queued + num_seqs > self.max_queued_requests + sum(
                 max(0, self.groups[i].max_num_seqs - self.groups[i].inflight_seqs) for i in alive):
             self.num_rejected += 1
             raise Overloaded(f"the server is at capacity: {queued} requests are waiting "
@@ -132,9 +167,10 @@ class Router:
                     best, best_hit = i, hit
         return best
 
-    def release(self, request_ids: list[str]) -> None:
+    def release(self, request_ids: list[str], count: bool = True) -> None:
         """These requests ended (finished, aborted or failed): forget them."""
-        self.calls["release"] += 1
+        if count:
+            self.calls["release"] += 1
         for rid in request_ids:
             entry = self.ledger.pop(rid, None)
             if entry is None:
@@ -149,10 +185,14 @@ class Router:
         return None if entry is None else entry.group
 
     # ---- per group -----------------------------------------------------------------
-    def update(self, gi: int, snapshot: dict) -> None:
+    def update(self, gi: int, snapshot: dict, now: Optional[float] = None) -> None:
         """Apply a core's snapshot (`CoreLoop.snapshot(since=groups[gi].seq)`)."""
         g = self.groups[gi]
+        now = time.monotonic() if now is None else now
         g.stats, g.metrics = snapshot["stats"], snapshot.get("metrics")
+        steps = g.stats.get("steps", 0)
+        if steps != g.last_steps or not g.holds_work:
+            g.last_steps, g.last_progress = steps, now
         if "hashes" in snapshot:
             g.cached = set(snapshot["hashes"])
         else:
@@ -165,16 +205,60 @@ class Router:
         if not snapshot.get("alive", True):
             self.mark_dead(gi, snapshot.get("error") or "the engine core stopped")
 
+    def watch(self, now: Optional[float] = None) -> list[int]:
+        """Mark hung groups dead: serving, holding work, no step for step_timeout
+        seconds. Returns the groups it marked."""
+        now = time.monotonic() if now is None else now
+        hung = [i for i, g in enumerate(self.groups)
+                if g.alive and g.holds_work and now - g.last_progress > self.step_timeout]
+        for i in hung:
+            self.mark_dead(i, f"no step for {now - self.groups[i].last_progress:.0f} s "
+                              f"(step_timeout is {self.step_timeout:g} s)")
+        return hung
+
     def mark_dead(self, gi: int, error: str) -> None:
+        """The group's core is gone (or hung): route nothing to it; its requests are
+        re-dispatched by the frontends, which release them here."""
         g = self.groups[gi]
-        g.alive, g.error = False, error
+        if g.state == "dead":
+            return
+        g.state, g.error = "dead", error
+        g.failures += 1
         g.cached = set()
+        g.seq = -1
+
+    def restarting(self, gi: int) -> float:
+        """A restart of the group begins; returns the back-off to wait first."""
+        g = self.groups[gi]
+        g.state = "restarting"
+        return RESTART_BACKOFF_S[min(g.failures, len(RESTART_BACKOFF_S)) - 1] if g.failures else 0.0
+
+    def restarted(self, gi: int) -> None:
+        """Its new core is up: it serves again, with a new generation."""
+        g = self.groups[gi]
+        g.state, g.error = "serving", None
+        g.generation += 1
+        g.restarts += 1
+        g.failures = 0
+        g.stats, g.seq, g.last_steps, g.last_progress = {}, -1, -1, time.monotonic()
+
+    def metrics_view(self) -> dict:
+        """What `render_metrics` needs of the router."""
+        return {"groups": [{"state": g.state, "restarts": g.restarts} for g in self.groups],
+                "redispatched": self.num_redispatched}
+
+    def health(self, now: Optional[float] = None) -> dict:
+        """{"status": "ok" or "unavailable", "groups": [{"id", "state", "last_step_age_s"}]}."""
+        now = time.monotonic() if now is None else now
+        groups = [{"id": i, "state": g.state, "last_step_age_s": round(now - g.last_progress, 3)}
+                  for i, g in enumerate(self.groups)]
+        return {"status": "ok" if any(g.alive for g in self.groups) else "unavailable", "groups": groups}
 
     def stats(self) -> dict:
         """Every group's latest stats summed (KV usage over all blocks), with the
         router's own counts and each group's stats under "groups"."""
-        groups = [dict(g.stats, alive=g.alive, requests_routed=g.requests_routed,
-                       inflight_seqs=g.inflight_seqs) for g in self.groups]
+        groups = [dict(g.stats, alive=g.alive, state=g.state, restarts=g.restarts,
+                       requests_routed=g.requests_routed, inflight_seqs=g.inflight_seqs) for g in self.groups]
         total: dict = {}
         for st in groups:
             for k, v in st.items():
@@ -183,5 +267,5 @@ class Router:
         blocks = total.get("num_blocks", 0)
         total["kv_cache_usage_perc"] = total.get("blocks_in_use", 0) / blocks if blocks else 0.0
         total.update(requests_in_flight=len(self.ledger), requests_rejected=self.num_rejected,
-                     calls=dict(self.calls), groups=groups)
+                     requests_redispatched=self.num_redispatched, calls=dict(self.calls), groups=groups)
         return total

@@ -45,6 +45,9 @@ class EngineCoreRequest:
     arrival_time: float = 0.0
     priority: int = 0
     subscriber: Optional[str] = None  # where its outputs go (the cluster's ingress replica)
+    # Re-dispatched after its group failed: the last output_offset prompt tokens are output
+    # tokens generated before (params.max_tokens counts only the tokens still to come).
+    output_offset: int = 0
 
     @property
     def group_id(self) -> str:
@@ -52,13 +55,13 @@ class EngineCoreRequest:
 
     def to_wire(self) -> tuple:
         return (self.request_id, self.prompt_token_ids, self.params.to_dict(), self.index,
-                self.prefix_group, self.arrival_time, self.priority, self.subscriber)
+                self.prefix_group, self.arrival_time, self.priority, self.subscriber, self.output_offset)
 
     @classmethod
     def from_wire(cls, row) -> "EngineCoreRequest":
-        rid, ids, params, index, group, arrival, priority, subscriber = row
+        rid, ids, params, index, group, arrival, priority, subscriber, offset = row
         return cls(rid, list(ids), SamplingParams.from_dict(params), index, group, arrival,
-                   priority, subscriber)
+                   priority, subscriber, offset)
 
 
 @dataclass(slots=True)
@@ -112,6 +115,7 @@ class _CoreRequest:
     params: SamplingParams
     index: int
     subscriber: Optional[str]
+    output_offset: int = 0  # output tokens generated before a re-dispatch (in the prompt)
     out: Optional[EngineCoreOutput] = None  # this step's output, while it is built
 
 
@@ -220,7 +224,7 @@ class EngineCore:
                           use_prefix_cache=p.prompt_logprobs is None or r.index > 0,
                           prefix_group=r.prefix_group, max_output_tokens=max(1, max_tokens))
             self.scheduler.add_request(req)
-            self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber)
+            self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber, r.output_offset)
             user = self.users.get(r.group_id)
             if user is None:
                 user = self.users[r.group_id] = _UserRequest(now, 0)
@@ -253,8 +257,9 @@ class EngineCore:
 
     def _new_request(self, request_id: str) -> NewRequest:
         state = self.requests[request_id]
+        extra = {"output_offset": state.output_offset} if state.output_offset else {}
         return NewRequest(request_id, state.request.prompt_token_ids,
-                          worker_sampling(state.params, self.eos_token_ids, state.index))
+                          worker_sampling(state.params, self.eos_token_ids, state.index, **extra))
 
     def _finish(self, state: _CoreRequest, status: RequestStatus, stop_reason=None) -> None:
         rid = state.request.request_id
@@ -311,6 +316,8 @@ class EngineCore:
             return outputs
         if self._inflight is not None and self._needs_current_outputs(sched_out):
             outputs += self._complete_inflight(t1)  # penalties need step N's tokens first
+            # Requests that step N ended (a stop token, EOS) leave this step's rows.
+            sched_out.seqs = [s for s in sched_out.seqs if s.request_id in self.requests]
             t1 = time.perf_counter()
         launched = self.executor.launch(self.planner.plan(sched_out))
         self._mark_launched(sched_out)
@@ -415,7 +422,7 @@ class EngineCore:
     def _check_stop(self, state: _CoreRequest, token: int) -> None:
         p, req = state.params, state.request
         n_out = req.num_output_tokens
-        if n_out >= p.min_tokens:
+        if n_out + state.output_offset >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return self._finish(state, RequestStatus.FINISHED_STOPPED)
             if p.stop_token_ids and token in p.stop_token_ids:

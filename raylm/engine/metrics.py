@@ -9,7 +9,7 @@ histograms and request counts summed over the cores.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Sequence
+from typing import Optional, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -93,10 +93,28 @@ class _Collector:
         return iter(self.families)
 
 
-def render_metrics(model_name: str, stats: Sequence[dict], snapshots: Sequence[dict]) -> bytes:
+GROUP_STATES = ("dead", "serving", "starting", "restarting")  # raylm:group_state's values
+
+
+def render_metrics(model_name: str, stats: Sequence[dict], snapshots: Sequence[dict],
+                   groups: Optional[Sequence[dict]] = None, redispatched: int = 0) -> bytes:
     """Prometheus exposition text of every core: `stats[i]` and `snapshots[i]` are core
-    i's `EngineCore.stats()` and `CoreMetrics.snapshot()`."""
+    i's `EngineCore.stats()` and `CoreMetrics.snapshot()`; `groups` the router's view of
+    each group ({"state", "restarts"}), `redispatched` the requests moved off failed ones."""
     families = []
+    if groups is not None:
+        state = GaugeMetricFamily("raylm:group_state", "Worker group state: " + ", ".join(
+            f"{i} {name}" for i, name in enumerate(GROUP_STATES)) + ".", labels=["model_name", "group"])
+        restarts = CounterMetricFamily("raylm:group_restarts", "Restarts of each worker group.",
+                                       labels=["model_name", "group"])
+        for i, g in enumerate(groups):
+            state.add_metric([model_name, str(i)], float(GROUP_STATES.index(g["state"])))
+            restarts.add_metric([model_name, str(i)], float(g["restarts"]))
+        moved = CounterMetricFamily("raylm:requests_redispatched",
+                                    "Requests moved to another worker group after theirs failed.",
+                                    labels=["model_name"])
+        moved.add_metric([model_name], float(redispatched))
+        families += [state, restarts, moved]
     labels = ["model_name", "engine"]
     for name, doc in _GAUGES.items():
         fam = GaugeMetricFamily(f"raylm:{name}", doc, labels=labels)

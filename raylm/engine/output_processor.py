@@ -78,12 +78,17 @@ class RequestState:
             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time})
 
 
+class GroupFailure(RuntimeError):
+    """The worker group serving a request failed (its state here is kept: the cluster's
+    frontend re-dispatches it to another group)."""
+
+
 def error_from(message: str) -> Exception:
     """A core's error message as an exception: the core refusing a request's input
-    ("ValueError: ...") is the client's error, anything else the server's."""
+    ("ValueError: ...") is the client's error, anything else its group's failure."""
     if message.startswith("ValueError: "):
         return ValueError(message[len("ValueError: "):])
-    return RuntimeError(message)
+    return GroupFailure(message)
 
 
 def core_request_ids(request_id: str, n: int) -> list[str]:
@@ -154,6 +159,37 @@ class OutputProcessor:
                 running.append(comp.core_id)
         return state.to_output(), running
 
+    def redispatch(self, request_id: str, attempt: int) -> list[EngineCoreRequest]:
+        """Core requests that continue a user request's unfinished completions elsewhere,
+        by recompute: each prompt is the original prompt plus the tokens generated so far
+        (output_offset of them), max_tokens what is left; text, logprobs and usage go on
+        from where they were. The old core ids are forgotten (late outputs are dropped)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return []
+        reqs = []
+        redo_prompt_logprobs = (state.prompt_logprobs is not None
+                                and len(state.prompt_logprobs) < len(state.prompt_token_ids))
+        if redo_prompt_logprobs:
+            state.prompt_logprobs = [None]
+        for comp in state.completions:
+            self._by_core.pop(comp.core_id, None)
+            if comp.finish_reason is not None:
+                continue
+            done = len(comp.token_ids)
+            params = comp.params.clone()
+            params.max_tokens = comp.params.max_tokens - done
+            if params.max_tokens < 1:  # its last token was in flight: it has all it needs
+                comp.finish_reason = "length"
+                continue
+            if not (redo_prompt_logprobs and comp.index == 0):
+                params.prompt_logprobs = None
+            comp.core_id = f"{comp.core_id.split('@')[0]}@{attempt}"
+            self._by_core[comp.core_id] = (state, comp)
+            reqs.append(EngineCoreRequest(comp.core_id, state.prompt_token_ids + comp.token_ids, params,
+                                          comp.index, None, time.monotonic(), 0, None, output_offset=done))
+        return reqs
+
     def fail(self, request_id: str) -> list[str]:
         """Forget a user request that failed; return its core ids."""
         state = self.requests.pop(request_id, None)
@@ -180,8 +216,12 @@ class OutputProcessor:
             if out.error is not None:
                 failed[state.request_id] = error_from(out.error)
                 continue
+            if out.prompt_logprobs and state.prompt_logprobs is not None \
+                    and len(state.prompt_logprobs) >= len(state.prompt_token_ids):
+                out.prompt_logprobs = None  # re-dispatched: positions past the prompt
             if out.prompt_logprobs:
                 state.prompt_logprobs.extend(self._logprob_dict(x) for x in out.prompt_logprobs)
+                del state.prompt_logprobs[len(state.prompt_token_ids):]  # a re-dispatch's extra positions
             comp.num_cached_tokens = out.num_cached_tokens
             if out.new_token_ids:
                 state.first_token_time = state.first_token_time or now
@@ -202,7 +242,8 @@ class OutputProcessor:
             touched[state.request_id] = state
         results: list = []
         for rid, exc in failed.items():
-            self.fail(rid)
+            if not isinstance(exc, GroupFailure):  # bad input: it ends here
+                self.fail(rid)
             touched.pop(rid, None)
             results.append((rid, exc))
         for state in touched.values():
