@@ -2,13 +2,21 @@
 model's own work is small: median wall time of a one-token decode step for a batch of
 requests run (a) in-process, (b) through RayExecutor at TP=1 and (c) at TP=2, next to
 (d) a bare actor round trip carrying the same msgpack bytes to a no-op method,
-(e) the same no-op through a Ray compiled graph and (f) the real Worker.execute driven
-by a compiled graph instead of one actor task per rank per step.
+(e) the same no-op through a Ray compiled graph, (f) the real Worker.execute driven
+by a compiled graph instead of one actor task per rank per step, (g) BroadcastExecutor
+at TP=2 (rank 0 in this process, rank 1 an actor fed by a gloo broadcast: no Ray task
+per step), synchronous and as launch + collect, timed in turn with RayExecutor at TP=2
+(one step of each per iteration, so a shared box's load weighs on both alike), and
+(h) the broadcast alone: this
+process sends the plan to an actor over gloo, which answers with a one-byte broadcast
+(a round trip), for three ways of sending bytes: a fixed 4 KiB head holding the length
+and the message (what the executor uses), a length then the payload, and
+broadcast_object_list.
 
     .venv/bin/python benchmarks/ray_overhead.py [--batch 8] [--iters 200]
 
-Prints a table, writes benchmarks/results/ray_overhead.json and appends a row to
-benchmarks/RESULTS.md."""
+Prints a table and writes benchmarks/results/ray_overhead.json; `python
+benchmarks/record.py --write` then regenerates the tables in benchmarks/RESULTS.md."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -33,7 +42,10 @@ import msgpack  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from raylm.engine.broadcast_executor import BroadcastExecutor  # noqa: E402
 from raylm.engine.ray_executor import RayExecutor  # noqa: E402
+from raylm.workers import parallel_state  # noqa: E402
+from raylm.workers.worker import Worker  # noqa: E402
 from raylm.workers.loader import load_config  # noqa: E402
 from raylm.workers.messages import NewRequest, SamplingOptions, SeqChunk, StepPlan, StepResult  # noqa: E402
 from raylm.workers.model_runner import ModelRunner  # noqa: E402
@@ -60,21 +72,32 @@ def plans(batch: int) -> tuple[StepPlan, StepPlan]:
 def timed(fn, iters: int, warmup: int = 10) -> dict:
     """Median/p10/p90 wall time of fn(); where fn returns a StepResult, also the median
     time the runner itself reported (execute_time_s: inside the worker, rank 0)."""
+    return timed_in_turn({"fn": fn}, iters, warmup)["fn"]
+
+
+def timed_in_turn(fns: dict, iters: int, warmup: int = 10) -> dict:
+    """`timed` for several functions called in turn, one of each per iteration, so that
+    others' load on a shared box weighs on each alike."""
     for _ in range(warmup):
-        fn()
-    times, inside = [], []
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    inside = {k: [] for k in fns}
     for _ in range(iters):
-        t = time.perf_counter()
-        out = fn()
-        times.append((time.perf_counter() - t) * 1e3)
-        if isinstance(out, StepResult) and out.execute_time_s is not None:
-            inside.append(out.execute_time_s * 1e3)
-    times.sort()
-    stats = {"median_ms": round(statistics.median(times), 3),
-             "p10_ms": round(times[len(times) // 10], 3),
-             "p90_ms": round(times[len(times) * 9 // 10], 3)}
-    if inside:
-        stats["in_runner_median_ms"] = round(statistics.median(inside), 3)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            out = fn()
+            times[k].append((time.perf_counter() - t) * 1e3)
+            if isinstance(out, StepResult) and out.execute_time_s is not None:
+                inside[k].append(out.execute_time_s * 1e3)
+    stats = {}
+    for k, ts in times.items():
+        ts.sort()
+        stats[k] = {"median_ms": round(statistics.median(ts), 3),
+                    "p10_ms": round(ts[len(ts) // 10], 3),
+                    "p90_ms": round(ts[len(ts) * 9 // 10], 3)}
+        if inside[k]:
+            stats[k]["in_runner_median_ms"] = round(statistics.median(inside[k]), 3)
     return stats
 
 
@@ -116,6 +139,73 @@ def compiled_execute(ex: RayExecutor, wire: bytes, iters: int) -> dict:
         cdag.teardown()
 
 
+CHANNELS = ("head_4k", "length_then_payload", "broadcast_object_list")
+
+
+def channel_send(how: str, message: Optional[bytes]) -> Optional[bytes]:
+    """Rank 0 passes the message, rank 1 None and gets it back, the `how` way."""
+    import torch.distributed as dist
+
+    group = parallel_state._CPU_GROUP
+    if how == "head_4k":
+        return parallel_state.broadcast_bytes(message)
+    if how == "broadcast_object_list":
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+    length = torch.tensor([len(message) if message is not None else 0], dtype=torch.int64)
+    dist.broadcast(length, src=0, group=group)
+    payload = (torch.frombuffer(bytearray(message), dtype=torch.uint8) if message is not None
+               else torch.empty(int(length), dtype=torch.uint8))
+    dist.broadcast(payload, src=0, group=group)
+    return bytes(payload.numpy())
+
+
+def channel_ack() -> None:
+    import torch.distributed as dist
+
+    dist.broadcast(torch.zeros(1, dtype=torch.uint8), src=1, group=parallel_state._CPU_GROUP)
+
+
+@ray.remote(num_cpus=0.5)
+class ChannelPeer:
+    """Rank 1 of a two-rank gloo group: receives messages, answers each with one byte."""
+
+    def join(self, init_method: str) -> None:
+        torch.set_num_threads(1)
+        parallel_state.init_tensor_parallel(1, 2, init_method, "cpu", cpu_group_timeout_s=60)
+
+    def echo(self, how: str, n: int) -> int:
+        size = 0
+        for _ in range(n):
+            size = len(channel_send(how, None))
+            channel_ack()
+        return size
+
+
+def broadcast_channels(wire: bytes, iters: int, warmup: int = 10) -> dict:
+    """(h): each way of sending the plan, one round trip (plan out, one byte back) per step."""
+    peer = ChannelPeer.remote()
+    init_method = f"tcp://127.0.0.1:{Worker.free_port()}"
+    joined = peer.join.remote(init_method)
+    parallel_state.init_tensor_parallel(0, 2, init_method, "cpu", cpu_group_timeout_s=60)
+    ray.get(joined)
+    out = {}
+    try:
+        for how in CHANNELS:
+            echoed = peer.echo.remote(how, warmup + iters)
+
+            def round_trip():
+                channel_send(how, wire)
+                channel_ack()
+            out[f"h_broadcast_channel_{how}"] = timed(round_trip, iters, warmup)
+            assert ray.get(echoed) == len(wire)
+    finally:
+        parallel_state.destroy_tensor_parallel()
+        ray.kill(peer)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -154,6 +244,32 @@ def main() -> None:
         results[f"f_compiled_graph_worker_tp{tp}"] = compiled_execute(ex, wire, args.iters)
         ex.shutdown()
         free_cpus_wait()
+
+    # (g) BroadcastExecutor: rank 0 here, rank 1 an actor reading gloo broadcasts; timed
+    # in turn with a RayExecutor at TP=2 (the same minutes' load on both).
+    threads = torch.get_num_threads()
+    ray_ex = RayExecutor(model_dir, cfg, torch.float32, "cpu", BLOCK_SIZE, "torch", "auto", 0,
+                         tensor_parallel_size=2)
+    ex = BroadcastExecutor(model_dir, cfg, torch.float32, "cpu", BLOCK_SIZE, "torch", "auto", 0,
+                           tensor_parallel_size=2)
+    for e in (ray_ex, ex):
+        e.allocate_kv_cache(num_blocks)
+        e.execute(prefill)
+    results.update(timed_in_turn({
+        "g_broadcast_executor_tp2": lambda: ex.execute(decode),
+        "g_broadcast_executor_tp2_launch_collect": lambda: ex.collect(ex.launch(decode)),
+        "g_ray_executor_tp2_in_turn": lambda: ray_ex.execute(decode)}, args.iters))
+    for key, e in (("g_broadcast_executor_tp2", ex), ("g_broadcast_executor_tp2_launch_collect", ex),
+                   ("g_ray_executor_tp2_in_turn", ray_ex)):
+        results[key]["torch_threads_per_rank"] = e.worker_info()[0]["num_threads"]
+    ex.shutdown()
+    ray_ex.shutdown()
+    torch.set_num_threads(threads)
+    free_cpus_wait()
+
+    # (h) the broadcast alone, three ways of sending the plan's bytes.
+    results.update(broadcast_channels(wire, args.iters))
+    free_cpus_wait()
 
     # (d) bare actor round trips with the same bytes: to one actor, and the TP=2 pattern
     # (two actors, wait for both, fetch the first) with the bytes inline or ray.put once.
@@ -209,6 +325,17 @@ def main() -> None:
         derived["compiled_graph_vs_actor_call_ms"] = round(cg - med["d_actor_noop_inline"], 3)
         derived["cheaper_noop_round_trip"] = ("compiled graph" if cg < med["d_actor_noop_inline"]
                                               else "actor call")
+    # What a step costs beyond rank 0's runner (its model, sampling): the transport.
+    for key, name in (("g_ray_executor_tp2_in_turn", "ray_tp2"),
+                      ("g_broadcast_executor_tp2", "broadcast_tp2")):
+        derived[f"{name}_outside_runner_ms"] = round(
+            med[key] - results[key]["in_runner_median_ms"], 3)
+    # Ray's TP=2 step timed in turn with the broadcast one: the fair comparison.
+    ray_tp2 = med["g_ray_executor_tp2_in_turn"]
+    derived["broadcast_tp2_minus_ray_tp2_ms"] = round(med["g_broadcast_executor_tp2"] - ray_tp2, 3)
+    derived["cheaper_tp2_executor"] = "broadcast" if med["g_broadcast_executor_tp2"] < ray_tp2 else "ray"
+    channels = {how: med[f"h_broadcast_channel_{how}"] for how in CHANNELS}
+    derived["cheapest_broadcast_channel"] = min(channels, key=channels.get)
     print("\n" + json.dumps(derived))
 
     if args.no_write:
@@ -222,20 +349,11 @@ def main() -> None:
                          # Others' work on a shared box shows up here and in the p90s.
                          "loadavg_1m_at_start": load_at_start},
               "results": results, "derived": derived}
+    record["config"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     out_dir = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "ray_overhead.json"), "w") as f:
         json.dump(record, f, indent=2)
-    md = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-    if not os.path.exists(md):
-        with open(md, "w") as f:
-            f.write("# Benchmark results\n\nOne row per run; the JSON under benchmarks/results/ "
-                    "holds the full numbers.\n\n| date | benchmark | device | command | result |\n"
-                    "| --- | --- | --- | --- | --- |\n")
-    summary = ", ".join(f"{k} {v['median_ms']}" for k, v in results.items() if "median_ms" in v)
-    with open(md, "a") as f:
-        f.write(f"| {record['date']} | ray_overhead (median one-token decode step, batch "
-                f"{args.batch}, ms) | {record['device']} | `{record['command']}` | {summary} |\n")
 
 
 if __name__ == "__main__":

@@ -60,24 +60,53 @@ def _resolve_cluster_device(device: str) -> str:
 
 
 def start_cores(args: EngineArgs, num_groups: int) -> list:
-    """One engine core actor per group, started at once; a core's actor holds its GPU
-    share (num_gpus_per_worker) at TP=1. If any fails, all are killed and its error
-    raised."""
+    """One engine core actor per group, started at once. At TP=1 a core's actor holds its
+    GPU share (num_gpus_per_worker). A larger group gets a STRICT_PACK placement group,
+    one bundle per rank: its core actor sits in bundle 0 and holds rank 0 (and its GPU),
+    its executor puts ranks 1.. in the other bundles; the group is removed with the core
+    when this process (its creator) ends. If any fails, all are killed, the placement
+    groups removed and its error raised."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raylm.engine.broadcast_executor import rank_bundles
+    from raylm.engine.ray_executor import PLACEMENT_TIMEOUT_S
 
     on_gpu = args.device.startswith("cuda")
-    tp1 = args.tensor_parallel_size == 1
+    tp = args.tensor_parallel_size
+    backend = str(args.distributed_executor_backend)
+    rank0_in_core = tp > 1 and backend != "ray" and ":" not in backend  # see EngineCoreActor
     cls = ray.remote(EngineCoreActor)
-    actors = [cls.options(
-        name=f"raylm-core-{uuid.uuid4().hex[:8]}-{i}", max_concurrency=1000,
-        num_cpus=args.num_cpus_per_worker if tp1 else 0,
-        num_gpus=args.num_gpus_per_worker if on_gpu and tp1 else 0,
-        max_restarts=0).remote(_engine_dict(args), i) for i in range(num_groups)]
+    actors, groups = [], []
     try:
+        for i in range(num_groups):
+            name = f"raylm-core-{uuid.uuid4().hex[:8]}-{i}"
+            options = dict(name=name, max_concurrency=1000, max_restarts=0,
+                           num_cpus=args.num_cpus_per_worker if tp == 1 else 0,
+                           num_gpus=args.num_gpus_per_worker if on_gpu and tp == 1 else 0)
+            if rank0_in_core:
+                bundles = rank_bundles(tp, args.num_cpus_per_worker, on_gpu)
+                groups.append(placement_group(bundles, strategy="STRICT_PACK", name=f"{name}-ranks"))
+                options.update(num_cpus=bundles[0].get("CPU", 0), num_gpus=bundles[0].get("GPU", 0),
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                   groups[-1], placement_group_bundle_index=0))
+            actors.append(cls.options(**options).remote(_engine_dict(args), i))
+        if groups:
+            ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups),
+                                timeout=PLACEMENT_TIMEOUT_S)
+            if len(ready) < len(groups):
+                raise RuntimeError(
+                    f"could not place {len(groups) - len(ready)} of {num_groups} worker group(s) of "
+                    f"{tp} x {bundles[0]} on one node each within {PLACEMENT_TIMEOUT_S:.0f} s "
+                    f"(tensor_parallel_size={tp}, num_cpus_per_worker={args.num_cpus_per_worker}); "
+                    f"the cluster has {ray.available_resources()} available")
         ray.get([a.ready.remote() for a in actors], timeout=CORE_START_TIMEOUT_S)
     except BaseException:
         for a in actors:
             ray.kill(a, no_restart=True)
+        for g in groups:
+            remove_placement_group(g)
         raise
     return actors
 

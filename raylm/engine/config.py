@@ -46,8 +46,10 @@ class EngineArgs:
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
     long_prefill_token_threshold: int = 0
-    # "ray": run the model in Ray actors even at tensor_parallel_size=1; "uni": in-process;
-    # None: in-process at TP=1, Ray above; "module:Class": that executor (the stand-in).
+    # "ray": run the model in Ray actors even at tensor_parallel_size=1, one Ray task per
+    # rank per step; "ray_broadcast": rank 0 in this process, ranks 1.. in Ray actors fed
+    # by a gloo broadcast of each step (one group per process); "uni": in-process; None:
+    # in-process at TP=1, "ray" above; "module:Class": that executor (the stand-in).
     distributed_executor_backend: Optional[str] = None
     # CPUs each Ray worker actor reserves; fractional so a 2-core box fits TP=2 plus Serve.
     num_cpus_per_worker: float = 0.5
@@ -77,9 +79,10 @@ class EngineArgs:
               isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, ">= 1")
         check("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES, f"one of {KV_CACHE_DTYPES}")
         check("max_logprobs", self.max_logprobs >= 0, ">= 0")
-        check("distributed_executor_backend", self.distributed_executor_backend in (None, "ray", "uni")
+        check("distributed_executor_backend",
+              self.distributed_executor_backend in (None, "ray", "ray_broadcast", "uni")
               or ":" in str(self.distributed_executor_backend),
-              "None, 'ray', 'uni' or an executor class as 'module:Class'")
+              "None, 'ray', 'ray_broadcast', 'uni' or an executor class as 'module:Class'")
         check("num_cpus_per_worker", self.num_cpus_per_worker >= 0, ">= 0")
         check("num_gpus_per_worker", 0 < self.num_gpus_per_worker <= 1
               or (self.num_gpus_per_worker > 1 and float(self.num_gpus_per_worker).is_integer()),

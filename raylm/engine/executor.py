@@ -1,6 +1,8 @@
 """Executors run step plans on the workers. With tensor_parallel_size=1 the model runs
 in this process (no Ray); TP > 1 (or distributed_executor_backend="ray") runs one Ray
-actor per rank (`raylm.engine.ray_executor`).
+actor per rank (`raylm.engine.ray_executor`); "ray_broadcast" at TP > 1 keeps rank 0 in
+this process and feeds the other ranks' actors by gloo broadcast, no Ray task per step
+(`raylm.engine.broadcast_executor`; at TP=1 it is the in-process executor).
 
 Every executor offers: kv_bytes_per_block(), available_kv_memory(util, tokens),
 allocate_kv_cache(n), execute(plan) -> StepResult, async execute_async(plan),
@@ -78,7 +80,13 @@ def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model
                "max_model_len": max_model_len, "quantization": args.quantization,
                "kv_cache_dtype": args.kv_cache_dtype,
                "gpu_memory_share": min(1.0, args.num_gpus_per_worker)}
-    if args.tensor_parallel_size > 1 or args.distributed_executor_backend == "ray":
+    if backend == "ray_broadcast" and args.tensor_parallel_size > 1:
+        from raylm.engine.broadcast_executor import BroadcastExecutor
+
+        return BroadcastExecutor(model_dir, hf_config, dtype, device, args.block_size,
+                                 args.attention_backend, args.load_format, args.seed,
+                                 args.tensor_parallel_size, args.num_cpus_per_worker, options)
+    if args.tensor_parallel_size > 1 or backend == "ray":
         from raylm.engine.ray_executor import RayExecutor
 
         return RayExecutor(model_dir, hf_config, dtype, device, args.block_size,

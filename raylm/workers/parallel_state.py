@@ -1,11 +1,13 @@
 """Tensor-parallel rank, world size and process group of this process (rank 0 of 1
-without TP), and the three collectives the layers use.
+without TP), the collectives the layers use, and (when asked for) a CPU gloo group
+beside the TP group on which rank 0 broadcasts byte messages (step plans) to the others.
 
 `init_tensor_parallel` joins a torch.distributed group (gloo on CPU, nccl on CUDA);
 layers read the rank and size when they are constructed, so call it before building
 the model."""
 from __future__ import annotations
 
+import struct
 from datetime import timedelta
 from typing import Optional
 
@@ -15,6 +17,10 @@ import torch.distributed as dist
 _TP_RANK = 0
 _TP_SIZE = 1
 _TP_GROUP = None
+_CPU_GROUP = None  # gloo, for broadcast_bytes
+# broadcast_bytes sends a fixed head of this many bytes (an 8-byte length, then the
+# message); a longer message sends the rest in a second broadcast.
+MESSAGE_HEAD_BYTES = 4096
 
 
 def set_tensor_parallel(rank: int, size: int, group=None) -> None:
@@ -35,22 +41,52 @@ def get_tp_group():
 
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device_type: str,
-                         timeout_s: float = 600.0) -> None:
+                         timeout_s: float = 600.0, cpu_group_timeout_s: Optional[float] = None) -> None:
     """Join the process group at `init_method` (e.g. tcp://127.0.0.1:29500) and make all
-    of its ranks this process's tensor-parallel group."""
+    of its ranks this process's tensor-parallel group; its collectives fail after
+    `timeout_s`. With `cpu_group_timeout_s` every rank must pass one: a gloo group
+    beside it carries `broadcast_bytes`, each rank waiting at most its own timeout."""
+    global _CPU_GROUP
     backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timeout)
     # Its own group rather than WORLD, so a later pipeline-parallel split only changes this.
-    group = dist.new_group(list(range(world_size)))
+    group = dist.new_group(list(range(world_size)), timeout=timeout)
+    if cpu_group_timeout_s is not None:
+        _CPU_GROUP = dist.new_group(list(range(world_size)), backend="gloo",
+                                    timeout=timedelta(seconds=cpu_group_timeout_s))
     set_tensor_parallel(rank, world_size, group)
 
 
 def destroy_tensor_parallel() -> None:
     """Leave the process group (if any) and go back to rank 0 of 1."""
+    global _CPU_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CPU_GROUP = None
     set_tensor_parallel(0, 1, None)
+
+
+def broadcast_bytes(message: Optional[bytes] = None) -> bytes:
+    """Rank 0 passes `message`, the other ranks nothing; every rank returns rank 0's
+    message. One gloo broadcast of MESSAGE_HEAD_BYTES when it fits, two otherwise.
+    Raises if a rank is gone (its connection closed) or past the group's timeout."""
+    if _CPU_GROUP is None:
+        raise RuntimeError("no message group: init_tensor_parallel(..., cpu_group_timeout_s=...) makes one")
+    head = bytearray(MESSAGE_HEAD_BYTES)
+    room = MESSAGE_HEAD_BYTES - 8
+    if _TP_RANK == 0:
+        struct.pack_into("<q", head, 0, len(message))
+        head[8:8 + min(room, len(message))] = message[:room]
+    src = dist.get_global_rank(_CPU_GROUP, 0)
+    dist.broadcast(torch.frombuffer(head, dtype=torch.uint8), src=src, group=_CPU_GROUP)
+    (length,) = struct.unpack_from("<q", head, 0)
+    if length <= room:
+        return message if _TP_RANK == 0 else bytes(head[8:8 + length])
+    rest = bytearray(message[room:]) if _TP_RANK == 0 else bytearray(length - room)
+    dist.broadcast(torch.frombuffer(rest, dtype=torch.uint8), src=src, group=_CPU_GROUP)
+    return message if _TP_RANK == 0 else bytes(head[8:]) + bytes(rest)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

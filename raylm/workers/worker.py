@@ -1,6 +1,7 @@
 """One tensor-parallel rank: joins the process group, builds this rank's ModelRunner and
 runs msgpack-encoded step plans. A plain class: `raylm.engine.ray_executor` wraps it in
-a Ray actor, one per rank."""
+a Ray actor, one per rank; `raylm.engine.broadcast_executor` keeps rank 0 in its own
+process and the others in Ray actors looping on rank 0's broadcasts (`serve_plans`)."""
 from __future__ import annotations
 
 import socket
@@ -19,19 +20,24 @@ class Worker:
     def __init__(self, rank: int, world_size: int, dist_init_method: str, model_dir: str,
                  hf_config, dtype: torch.dtype, device: str, block_size: int,
                  attention_backend: Optional[str] = None, load_format: str = "auto", seed: int = 0,
-                 num_threads: Optional[int] = None, runner_options: Optional[dict] = None):
+                 num_threads: Optional[int] = None, runner_options: Optional[dict] = None,
+                 message_timeout_s: Optional[float] = None):
+        """`message_timeout_s`: also join the gloo group that carries broadcast messages
+        (every rank of the group must), waiting at most that long for one."""
         self.rank, self.world_size = rank, world_size
         self.pending = None  # execute_pipelined's step in flight
         dev = torch.device(device)
         if dev.type == "cuda":
-            # Ray gives each actor one visible GPU; without Ray, rank i takes GPU i.
-            count = torch.cuda.device_count()
-            dev = torch.device("cuda", 0 if count == 1 else rank % count)
+            if dev.index is None:
+                # Ray gives each actor one visible GPU; without Ray, rank i takes GPU i.
+                count = torch.cuda.device_count()
+                dev = torch.device("cuda", 0 if count == 1 else rank % count)
             torch.cuda.set_device(dev)
         if num_threads:
             # Ranks share the node's cores: oversubscribed OpenMP pools stall collectives.
             torch.set_num_threads(num_threads)
-        parallel_state.init_tensor_parallel(rank, world_size, dist_init_method, dev.type)
+        parallel_state.init_tensor_parallel(rank, world_size, dist_init_method, dev.type,
+                                            cpu_group_timeout_s=message_timeout_s)
         from raylm.workers.model_runner import ModelRunner
 
         self.runner = ModelRunner(model_dir, hf_config, dtype, str(dev), block_size,
@@ -78,6 +84,24 @@ class Worker:
         previous, self.pending = self.pending, None
         return self._result_of(previous)
 
+    def serve_plans(self) -> int:
+        """Ranks > 0 of a broadcast executor, once the KV cache is allocated: run every
+        message rank 0 broadcasts (`broadcast_message`) until "stop"; returns how many
+        steps ran. Rank 0 alone samples and reports, so the steps' results are dropped
+        here (the sampled tokens still reach this rank, on the device, for placeholders)."""
+        steps = 0
+        while True:
+            op, arg = msgpack.unpackb(parallel_state.broadcast_bytes())
+            if op == "step":
+                self.runner.launch(StepPlan.from_wire(arg))
+                steps += 1
+            elif op == "profile_all_reduce":
+                self.runner.profile_all_reduce(*arg)
+            elif op == "stop":
+                return steps
+            else:
+                raise ValueError(f"unknown broadcast message {op!r}")
+
     def _result_of(self, pending) -> Optional[bytes]:
         if pending is None:
             return None
@@ -85,6 +109,11 @@ class Worker:
 
     def _encode(self, result) -> Optional[bytes]:
         return msgpack.packb(result.to_wire()) if self.rank == 0 else None
+
+    def broadcast_message(self, op: str, arg=None) -> None:
+        """Rank 0: send ("step", plan wire) / ("profile_all_reduce", [tokens, iters]) /
+        ("stop", None) to the ranks in `serve_plans`."""
+        parallel_state.broadcast_bytes(msgpack.packb([op, arg]))
 
     def info(self) -> dict:
         """What this rank holds: parameter bytes, local head counts, threads."""
