@@ -80,7 +80,8 @@ def _serve(ns: argparse.Namespace) -> int:
     args["model"] = ns.model_tag or ns.model
     app_args = dict(args, num_groups=ns.groups, served_model_name=ns.served_model_name,
                     api_key=ns.api_key, max_n=ns.max_n, max_queued_requests=ns.max_queued_requests,
-                    api_server_count=ns.api_server_count, http_host=ns.host, http_port=ns.port)
+                    api_server_count=ns.api_server_count, http_host=ns.host, http_port=ns.port,
+                    step_timeout=ns.step_timeout, queue_timeout=ns.queue_timeout)
     from raylm.cluster.app import APP_NAME, build_app
 
     app = build_app(app_args)  # argument errors surface before Ray starts
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-server-count", type=int, default=1,
                      help="ingress replicas (tokenize, detokenize, HTTP and gRPC); each reads "
                           "every worker group's output stream")
+    srv.add_argument("--step-timeout", type=float, default=60.0,
+                     help="seconds without a step, while holding work, after which a worker group "
+                          "counts as hung: it is restarted and its requests move to another group")
+    srv.add_argument("--queue-timeout", type=float, default=60.0,
+                     help="seconds a request waits for a serving worker group before a 503")
     srv.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                      help="requests that may wait for a slot; past it a request gets 429 "
                           "with Retry-After")

@@ -12,7 +12,8 @@ from raylm.engine.config import EngineArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP_ARGS = {"num_groups", "served_model_name", "api_key", "max_n", "max_queued_requests",
-            "api_server_count", "autoscaling_config"}
+            "api_server_count", "autoscaling_config", "http_host", "http_port", "step_timeout",
+            "queue_timeout", "max_redispatches"}
 SERVICER = "raylm.cluster.raylm_pb2_grpc.add_GenerateServicer_to_server"
 
 

@@ -182,7 +182,7 @@ def test_two_core_processes_serve_64_streams_as_offline(served, llama_dir):
     assert sum(routed) == 64 and all(r > 0 for r in routed), routed
     # Each group's loop runs in its own process.
     actors = _router().cores.remote().result()
-    pids = {ray.get(a.ready.remote())["pid"] for a in actors}
+    pids = {ray.get(a.ready.remote())["pid"] for _, a in actors}
     assert len(pids) == 2
     # The router saw O(1) messages per request: one assign each, releases batched; no
     # message per token (64 x 12 tokens were streamed).

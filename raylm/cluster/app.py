@@ -25,8 +25,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raylm.cluster.backend import PromptType
-from raylm.cluster.core_actor import EngineCoreActor, RayCoreClient, detached
-from raylm.cluster.frontend import Frontend
+from raylm.cluster.core_actor import EngineCoreActor, RayCoreClient
+from raylm.cluster.frontend import DEFAULT_MAX_REDISPATCHES, DEFAULT_QUEUE_TIMEOUT_S, Frontend, detached
 from raylm.cluster.grpc_service import GrpcGenerateMixin
 from raylm.cluster.local import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_SERVED_NAME
 from raylm.cluster.router import NoGroupAvailable, Overloaded, Router
@@ -40,7 +40,8 @@ logger = logging.getLogger("raylm")
 
 APP_NAME = "raylm"
 APP_ARGS = ("num_groups", "served_model_name", "api_key", "max_n", "max_queued_requests",
-            "api_server_count", "autoscaling_config", "http_host", "http_port")
+            "api_server_count", "autoscaling_config", "http_host", "http_port", "step_timeout",
+            "queue_timeout", "max_redispatches")
 # Concurrent requests a replica accepts (Serve's default of 5 would serialise a server).
 MAX_ONGOING_REQUESTS = 4096
 INGRESS_NUM_CPUS = 0.1
@@ -48,6 +49,8 @@ ROUTER_NUM_CPUS = 0.1
 # How often the router reads each core's snapshot (stats, prefix-cache changes).
 POLL_S = 0.05
 CORE_START_TIMEOUT_S = 600
+# A group holding work whose step counter has not moved this long is hung (vLLM has no such knob).
+DEFAULT_STEP_TIMEOUT_S = 60.0
 
 
 def _resolve_cluster_device(device: str) -> str:
@@ -92,6 +95,7 @@ def start_cores(args: EngineArgs, num_groups: int) -> list:
                                scheduling_strategy=PlacementGroupSchedulingStrategy(
                                    groups[-1], placement_group_bundle_index=0))
             actors.append(cls.options(**options).remote(_engine_dict(args), i))
+            actors[-1]._raylm_name = name  # to remove its placement group after a restart
         if groups:
             ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups),
                                 timeout=PLACEMENT_TIMEOUT_S)
@@ -128,15 +132,17 @@ class RouterDeployment:
     """Starts the engine cores and routes requests to them (see module doc)."""
 
     def __init__(self, engine_args: dict, num_groups: int = 1, served_model_name: Optional[str] = None,
-                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS):
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+                 step_timeout: float = DEFAULT_STEP_TIMEOUT_S):
         kwargs = dict(engine_args)
         kwargs["device"] = _resolve_cluster_device(kwargs.get("device", "auto"))
         self.args = EngineArgs(**kwargs)
         self.model = ModelConfig.from_args(self.args)
         self.model_name = served_model_name or self.args.model or DEFAULT_SERVED_NAME
-        self.router = Router(num_groups, self.args.max_num_seqs, max_queued_requests)
+        self.router = Router(num_groups, self.args.max_num_seqs, max_queued_requests, step_timeout)
         self.actors = start_cores(self.args, num_groups)
         self._poller: Optional[asyncio.Task] = None
+        self._restarts: dict[int, asyncio.Task] = {}
 
     def __del__(self):
         import ray
@@ -163,29 +169,90 @@ class RouterDeployment:
 
     async def _refresh(self, hashes: bool = True) -> list:
         groups = self.router.groups
-        refs = [a.snapshot.remote(groups[i].seq, hashes) for i, a in enumerate(self.actors)]
+        # Each answer counts only for the core generation it was asked of: a restart may
+        # replace a group's core while the question is out.
+        asked = [(g.generation, a.snapshot.remote(g.seq, hashes)) for g, a in zip(groups, self.actors)]
         snaps = []
-        for i, ref in enumerate(refs):
+        for i, (generation, ref) in enumerate(asked):
             try:
                 snap = await ref
             except Exception as exc:  # the actor died
+                if generation != groups[i].generation:
+                    snaps.append(None)
+                    continue
                 if groups[i].alive and not getattr(self, "_closing", False):
                     logger.error("worker group %d failed: %s", i, type(exc).__name__)
-                self.router.mark_dead(i, f"the engine core process is gone ({type(exc).__name__})")
+                    self.router.mark_dead(i, f"the engine core process is gone ({type(exc).__name__})")
+                    self._schedule_restart(i)
                 snaps.append(None)
                 continue
-            if hashes:
+            if generation != groups[i].generation:
+                snaps.append(None)
+                continue
+            if hashes and groups[i].alive:
                 self.router.update(i, snap)
+                if not groups[i].alive:  # its loop failed: a worker died
+                    logger.error("worker group %d failed: %s", i, groups[i].error)
+                    self._schedule_restart(i)
             snaps.append(snap)
+        for i in self.router.watch():
+            logger.error("worker group %d hung: %s", i, groups[i].error)
+            self._schedule_restart(i)
         return snaps
 
+    # ---- restarts ------------------------------------------------------------------
+    def _schedule_restart(self, gi: int) -> None:
+        if getattr(self, "_closing", False):
+            return
+        task = self._restarts.get(gi)
+        if task is None or task.done():
+            self._restarts[gi] = detached(self._restart(gi))
+
+    async def _restart(self, gi: int) -> None:
+        """A new core for group gi (the same engine arguments), after the router's
+        back-off; retried until one starts. The old actor is killed first, so its GPU is
+        free for the new one."""
+        import ray
+
+        while not getattr(self, "_closing", False):
+            await asyncio.sleep(self.router.restarting(gi))
+            old = self.actors[gi]
+            try:
+                ray.kill(old, no_restart=True)
+            except Exception:
+                pass
+            name = getattr(old, "_raylm_name", None)
+            if name is not None and self.args.tensor_parallel_size > 1:
+                try:  # its ranks' placement group (start_cores names it)
+                    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+                    remove_placement_group(get_placement_group(f"{name}-ranks"))
+                except Exception:
+                    pass
+            try:
+                (new,) = await asyncio.to_thread(start_cores, self.args, 1)
+            except Exception as exc:
+                logger.error("worker group %d: restart failed: %s", gi, type(exc).__name__)
+                self.router.mark_dead(gi, f"restart failed ({type(exc).__name__})")
+                continue
+            self.actors[gi] = new
+            self.router.restarted(gi)
+            logger.warning("worker group %d restarted", gi)
+            return
+
     # ---- per request ---------------------------------------------------------------
-    async def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1) -> tuple:
-        """("ok", group) or ("overloaded", message, retry_after) or ("unavailable",
-        message) or ("invalid", message)."""
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1,
+                     redispatch: bool = False, failed_group: Optional[tuple] = None) -> tuple:
+        """("ok", group, its core's generation) or ("overloaded", message, retry_after)
+        or ("unavailable", message) or ("invalid", message). failed_group: (group,
+        generation) the caller saw die (marked dead now and restarted)."""
         self._ensure_polling()
+        if failed_group is not None and self.router.report_failure(tuple(failed_group)):
+            logger.error("worker group %d failed (seen by an ingress replica)", failed_group[0])
+            self._schedule_restart(failed_group[0])
         try:
-            return ("ok", self.router.assign(request_id, hashes, num_seqs))
+            gi = self.router.assign(request_id, hashes, num_seqs, redispatch)
+            return ("ok", gi, self.router.groups[gi].generation)
         except Overloaded as exc:
             return ("overloaded", str(exc), exc.retry_after)
         except NoGroupAvailable as exc:
@@ -197,24 +264,32 @@ class RouterDeployment:
         self.router.release(request_ids)
 
     async def cores(self) -> list:
-        """The engine core actors, by group."""
+        """(generation, engine core actor) of each group."""
         self.router.calls["cores"] += 1
         self._ensure_polling()
-        return list(self.actors)
+        return [(g.generation, a) for g, a in zip(self.router.groups, self.actors)]
 
     # ---- whole-server views --------------------------------------------------------
     async def metrics_text(self) -> bytes:
         self.router.calls["metrics_text"] += 1
         snaps = await self._refresh(hashes=False)
         live = [(s["stats"], s["metrics"]) for s in snaps if s is not None]
-        return render_metrics(self.model_name, [s for s, _ in live], [m for _, m in live])
+        return render_metrics(self.model_name, [s for s, _ in live], [m for _, m in live],
+                              **self.router.metrics_view())
 
-    async def check_health(self) -> None:
-        self.router.calls["check_health"] += 1
+    async def groups_serving(self) -> None:
+        """Raise unless every group serves. (Not named check_health: Serve calls that as
+        the replica's own health check and would restart the router, with every core.)"""
+        self.router.calls["groups_serving"] += 1
         await self._refresh(hashes=False)
         failed = [i for i, g in enumerate(self.router.groups) if not g.alive]
         if failed:
             raise RuntimeError(f"worker group(s) {failed} failed")
+
+    async def health(self) -> dict:
+        """Router.health: 'ok' while a group serves, each group's state."""
+        self._ensure_polling()
+        return self.router.health()
 
     async def stats(self) -> dict:
         await self._refresh()
@@ -231,10 +306,11 @@ class ServeRouterClient:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    async def assign(self, request_id: str, hashes: list[int], num_seqs: int) -> int:
-        answer = await self.handle.assign.remote(request_id, hashes, num_seqs)
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int,
+                     redispatch: bool = False, failed_group: Optional[tuple] = None) -> tuple[int, int]:
+        answer = await self.handle.assign.remote(request_id, hashes, num_seqs, redispatch, failed_group)
         if answer[0] == "ok":
-            return answer[1]
+            return answer[1], answer[2]
         if answer[0] == "overloaded":
             raise Overloaded(answer[1], answer[2])
         if answer[0] == "unavailable":
@@ -250,9 +326,12 @@ class ServeRouterClient:
     async def metrics_text(self) -> bytes:
         return await self.handle.metrics_text.remote()
 
+    async def health(self) -> dict:
+        return await self.handle.health.remote()
+
     async def check_health(self) -> None:
         try:
-            await self.handle.check_health.remote()
+            await self.handle.groups_serving.remote()
         except Exception as exc:
             cause = getattr(exc, "cause", None)
             raise RuntimeError(str(cause) if cause is not None else "the router cannot be reached") from None
@@ -271,8 +350,9 @@ class ClusterFrontend(Frontend):
         if self._started is None:
             self._started = asyncio.get_running_loop().create_future()
             try:
-                actors = await self._router_handle.cores.remote()
-                self.core_clients = [RayCoreClient(a, i) for i, a in enumerate(actors)]
+                cores = await self._router_handle.cores.remote()
+                self.core_clients = [RayCoreClient(a, i, gen) for i, (gen, a) in enumerate(cores)]
+                self._generations = {i: gen for i, (gen, _) in enumerate(cores)}
                 self._ensure_subscribed()
                 self._started.set_result(True)
             except BaseException as exc:
@@ -281,6 +361,13 @@ class ClusterFrontend(Frontend):
                 raise
         else:
             await self._started
+
+    async def _refresh_core(self, gi: int) -> None:
+        """Group gi was restarted: talk to its new core actor."""
+        cores = await self._router_handle.cores.remote()
+        self.core_clients[gi].unsubscribe(self.subscriber)
+        self.core_clients[gi] = RayCoreClient(cores[gi][1], gi, cores[gi][0])
+        self._subscribe_core(gi)
 
 
 def serve_directly(app, host: str, port: int):
@@ -314,13 +401,15 @@ class Ingress(GrpcGenerateMixin):
 
     def __init__(self, router: DeploymentHandle, engine_args: dict,
                  served_model_name: Optional[str] = None, api_key: Optional[str] = None,
-                 max_n: int = 16, http_host: str = "127.0.0.1", http_port: Optional[int] = None):
+                 max_n: int = 16, http_host: str = "127.0.0.1", http_port: Optional[int] = None,
+                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
+                 max_redispatches: int = DEFAULT_MAX_REDISPATCHES):
         args = EngineArgs(**engine_args)
         model = ModelConfig.from_args(args, check_support=False)
         name = served_model_name or args.model or DEFAULT_SERVED_NAME
         self.backend = ClusterFrontend(router, model.load_tokenizer(), name, model.max_model_len,
                                        model.vocab_size, args.max_logprobs, args.block_size,
-                                       args.enable_prefix_caching)
+                                       args.enable_prefix_caching, queue_timeout, max_redispatches)
         self.api_key = api_key
         self.max_n = max_n
         self.direct = None
@@ -371,7 +460,10 @@ def build_app(args: Optional[dict] = None):
     max_queued_requests (waiting requests past which a request gets 429),
     api_server_count (ingress replicas) or autoscaling_config (Serve's, for the ingress),
     http_port (and http_host, default 127.0.0.1): every ingress replica also serves the
-    OpenAI API itself on that port (SO_REUSEPORT), bypassing Serve's HTTP proxy."""
+    OpenAI API itself on that port (SO_REUSEPORT), bypassing Serve's HTTP proxy;
+    step_timeout (a group holding work with no step for that long is hung: restarted, its
+    requests moved), queue_timeout (how long a request waits for a serving group before a
+    503), max_redispatches (how often one request may be moved)."""
     args = dict(args or {})
     app_args = {k: args.pop(k) for k in APP_ARGS if k in args}
     unknown = sorted(set(args) - set(EngineArgs.field_names()))
@@ -394,7 +486,15 @@ def build_app(args: Optional[dict] = None):
     http_port = app_args.get("http_port")
     if http_port is not None and (not isinstance(http_port, int) or not 0 < http_port < 65536):
         raise ValueError(f"http_port must be a port number in 1..65535, got {http_port!r}")
-    router = RouterDeployment.bind(args, num_groups, served, max_queued)
+    timeouts = {}
+    for name, default in (("step_timeout", DEFAULT_STEP_TIMEOUT_S), ("queue_timeout", DEFAULT_QUEUE_TIMEOUT_S)):
+        value = app_args.get(name, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        timeouts[name] = float(value)
+    max_redispatches = _positive_int(app_args, "max_redispatches", DEFAULT_MAX_REDISPATCHES, 0)
+    router = RouterDeployment.bind(args, num_groups, served, max_queued, timeouts["step_timeout"])
     ingress = (Ingress.options(autoscaling_config=autoscaling) if autoscaling is not None
                else Ingress.options(num_replicas=replicas))
-    return ingress.bind(router, args, served, api_key, max_n, http_host, http_port)
+    return ingress.bind(router, args, served, api_key, max_n, http_host, http_port,
+                        timeouts["queue_timeout"], max_redispatches)

@@ -23,6 +23,21 @@ from raylm.engine.core import EngineCoreOutput, EngineCoreRequest
 logger = logging.getLogger("raylm")
 
 
+# How often a core checks that each subscribing ingress replica is alive.
+OWNER_CHECK_S = 2.0
+OWNER_CHECK_TIMEOUT_S = 10.0
+
+
+def _current_actor():
+    """This process's actor handle (an ingress replica), or None outside an actor."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().current_actor
+    except Exception:
+        return None
+
+
 class _Outbox:
     """The outputs waiting for one subscriber (in the actor's event loop)."""
 
@@ -30,6 +45,7 @@ class _Outbox:
         self.pending: list[EngineCoreOutput] = []
         self.event = asyncio.Event()
         self.closed = False
+        self.watcher: Optional[asyncio.Task] = None
 
 
 class EngineCoreActor:
@@ -85,11 +101,14 @@ class EngineCoreActor:
                 box.pending.extend(outs)
                 box.event.set()
 
-    async def subscribe(self, subscriber: str):
+    async def subscribe(self, subscriber: str, owner=None):
         """Every output of `subscriber`'s requests: one msgpack-encoded list of
         EngineCoreOutput rows per yield (all that arrived since the previous one). When
-        the stream ends, the subscriber's unfinished requests are aborted."""
+        the stream ends, or `owner` (the subscribing actor) dies, the subscriber's
+        unfinished requests are aborted and their blocks freed."""
         box = self._outbox(subscriber)
+        if owner is not None:
+            box.watcher = detached(self._watch_owner(subscriber, owner))
         try:
             while not box.closed:
                 await box.event.wait()
@@ -107,8 +126,25 @@ class EngineCoreActor:
             box.event.set()
         self._drop(subscriber)
 
+    async def _watch_owner(self, subscriber: str, owner) -> None:
+        """Ping the subscribing actor; when it is gone, drop its requests (an ingress
+        replica that died leaves no stream to notice it otherwise)."""
+        while subscriber in self._outboxes:
+            await asyncio.sleep(OWNER_CHECK_S)
+            try:
+                await asyncio.wait_for(owner.__ray_ready__.remote(), OWNER_CHECK_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                continue  # busy, not gone
+            except Exception:  # RayActorError: the replica died
+                logger.warning("engine core %d: subscriber %s is gone; aborting its requests",
+                               self.index, subscriber)
+                await self.unsubscribe(subscriber)
+                return
+
     def _drop(self, subscriber: str) -> None:
-        self._outboxes.pop(subscriber, None)
+        box = self._outboxes.pop(subscriber, None)
+        if box is not None and box.watcher is not None:
+            box.watcher.cancel()
         if self.loop.alive:
             self.loop.call(lambda core: core.abort(
                 [rid for rid, sub in core.subscribers.items() if sub == subscriber]))
@@ -132,6 +168,12 @@ class EngineCoreActor:
             snap.pop("hashes", None)
         return snap
 
+    async def hang_for_test(self, seconds: float) -> None:
+        """Test hook: the loop sleeps `seconds` between two steps, as a hung step would."""
+        import time
+
+        self.loop.call(lambda core: time.sleep(seconds))
+
     async def shutdown(self) -> None:
         self.loop.stop()
         self.core.shutdown()
@@ -140,9 +182,10 @@ class EngineCoreActor:
 class RayCoreClient:
     """An ingress replica's view of one engine core actor (a `CoreClient`)."""
 
-    def __init__(self, actor, index: int):
+    def __init__(self, actor, index: int, generation: int = 0):
         self.actor = actor
         self.index = index
+        self.generation = generation  # of its group's core (bumped at each restart)
         self._tasks: dict[str, asyncio.Task] = {}
 
     async def add(self, requests: list[EngineCoreRequest]) -> None:
@@ -156,7 +199,7 @@ class RayCoreClient:
 
     async def _read(self, subscriber: str, on_batch, on_error) -> None:
         try:
-            stream = self.actor.subscribe.options(num_returns="streaming").remote(subscriber)
+            stream = self.actor.subscribe.options(num_returns="streaming").remote(subscriber, _current_actor())
             async for ref in stream:
                 rows = msgpack.unpackb(await ref)
                 on_batch([EngineCoreOutput.from_wire(r) for r in rows])

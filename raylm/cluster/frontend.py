@@ -66,8 +66,9 @@ class CoreClient(Protocol):
 
 class RouterClient(Protocol):
     async def assign(self, request_id: str, hashes: list[int], num_seqs: int,
-                     redispatch: bool = False) -> tuple[int, int]:
-        """(group, its core's generation)."""
+                     redispatch: bool = False, failed_group: Optional[tuple[int, int]] = None
+                     ) -> tuple[int, int]:
+        """(group, its core's generation); failed_group: (group, generation) seen to die."""
 
     async def health(self) -> dict: ...
 
@@ -94,6 +95,7 @@ class _Open:
     group: int
     queue: asyncio.Queue
     hashes: list
+    generation: int = 0  # of the group's core it was sent to
     redispatches: int = 0
     moving: bool = False  # being re-dispatched
 
@@ -127,6 +129,7 @@ class Frontend:
         self.subscriber = uuid.uuid4().hex
         self._open: dict[str, _Open] = {}
         self._generations: dict[int, int] = {}  # the core generation each client talks to
+        self._refreshing: dict[int, asyncio.Future] = {}  # groups whose client is being replaced
         self._subscribed = False
         self._to_release: list[str] = []
         self._release_handle = None
@@ -144,22 +147,32 @@ class Frontend:
             self._subscribe_core(gi)
 
     def _subscribe_core(self, gi: int) -> None:
-        self.core_clients[gi].subscribe(self.subscriber,
-                                        lambda batch, gi=gi: self._on_batch(gi, batch),
-                                        lambda exc, gi=gi: self._on_error(gi, exc))
+        client = self.core_clients[gi]
+        gen = getattr(client, "generation", 0)  # failures it reports are that core's
+        client.subscribe(self.subscriber,
+                         lambda batch, gi=gi, gen=gen: self._on_batch(gi, gen, batch),
+                         lambda exc, gi=gi, gen=gen: self._on_error(gi, gen, exc))
 
     async def _use_generation(self, gi: int, generation: int) -> None:
         """The router names group gi's core generation: after a restart, switch to the
-        new core (subclasses fetch its handle first)."""
-        known = self._generations.setdefault(gi, generation)
-        if generation != known:
-            self._generations[gi] = generation
+        new core (subclasses fetch its handle first). Concurrent callers wait for one
+        switch: none may send to the old core meanwhile."""
+        while gi in self._refreshing:
+            await asyncio.shield(self._refreshing[gi])
+        if generation <= self._generations.setdefault(gi, generation):
+            return
+        done = self._refreshing[gi] = asyncio.get_running_loop().create_future()
+        try:
             await self._refresh_core(gi)
+            self._generations[gi] = generation
+        finally:
+            del self._refreshing[gi]
+            done.set_result(None)
 
     async def _refresh_core(self, gi: int) -> None:
         self._subscribe_core(gi)
 
-    def _on_batch(self, gi: int, batch: list[EngineCoreOutput]) -> None:
+    def _on_batch(self, gi: int, gen: int, batch: list[EngineCoreOutput]) -> None:
         results, stops = self.outputs.process(batch)
         if stops:
             self.core_clients[gi].abort(stops, "stop")
@@ -168,15 +181,14 @@ class Frontend:
             if entry is None:
                 continue
             if isinstance(item, GroupFailure):
-                self._start_redispatch(rid, gi, str(item))
+                self._start_redispatch(rid, gi, gen, str(item))
             else:
                 entry.queue.put_nowait(item)
 
-    def _on_error(self, gi: int, exc: BaseException) -> None:
+    def _on_error(self, gi: int, gen: int, exc: BaseException) -> None:
         """Core gi's stream broke (the process is gone): move its open requests."""
-        for rid, entry in list(self._open.items()):
-            if entry.group == gi:
-                self._start_redispatch(rid, gi, f"worker group {gi} failed: {type(exc).__name__}")
+        for rid in list(self._open):
+            self._start_redispatch(rid, gi, gen, f"worker group {gi} failed: {type(exc).__name__}")
 
     def unsubscribe_all(self) -> None:
         if self._subscribed:
@@ -185,32 +197,40 @@ class Frontend:
             self._subscribed = False
 
     # ---- re-dispatch ---------------------------------------------------------------
-    def _start_redispatch(self, rid: str, gi: int, reason: str) -> None:
+    def _start_redispatch(self, rid: str, gi: int, gen: int, reason: str) -> None:
+        """Move a request off core (gi, gen), unless it is no longer there."""
         entry = self._open.get(rid)
-        if entry is None or entry.moving or entry.group != gi:
+        if entry is None or entry.moving or entry.group != gi or entry.generation != gen:
             return
         entry.moving = True
-        detached(self._redispatch(rid, entry, reason))
+        detached(self._redispatch(rid, entry, reason, (gi, gen)))
 
-    async def _redispatch(self, rid: str, entry: _Open, reason: str) -> None:
+    async def _redispatch(self, rid: str, entry: _Open, reason: str, failed: tuple) -> None:
         try:
-            entry.redispatches += 1
-            if entry.redispatches > self.max_redispatches:
-                raise RuntimeError(f"request {rid} failed in {entry.redispatches} worker groups "
-                                   f"(max_redispatches is {self.max_redispatches}); last: {reason}")
-            logger.warning("re-dispatching request %s (%s)", rid, reason)
-            reqs = self.outputs.redispatch(rid, entry.redispatches)
-            if not reqs:  # nothing left to generate: its last output ends it
-                state = self.outputs.requests.get(rid)
-                if state is not None and state.finished:
-                    self.outputs.requests.pop(rid, None)
-                    entry.queue.put_nowait(state.to_output())
-                return
-            for r in reqs:
-                r.subscriber = self.subscriber
-            gi = await self._assign(rid, entry.hashes, len(reqs), redispatch=True)
-            entry.group = gi
-            await self.core_clients[gi].add(reqs)
+            while True:
+                entry.redispatches += 1
+                if entry.redispatches > self.max_redispatches:
+                    raise RuntimeError(f"request {rid} failed in {entry.redispatches} worker groups "
+                                       f"(max_redispatches is {self.max_redispatches}); last: {reason}")
+                logger.warning("re-dispatching request %s (%s)", rid, reason)
+                reqs = self.outputs.redispatch(rid, entry.redispatches)
+                if not reqs:  # nothing left to generate: its last output ends it
+                    state = self.outputs.requests.pop(rid, None)
+                    if state is not None:
+                        entry.queue.put_nowait(state.to_output())
+                    return
+                for r in reqs:
+                    r.subscriber = self.subscriber
+                gi = await self._assign(rid, entry.hashes, len(reqs), redispatch=True, failed_group=failed)
+                entry.group, entry.generation = gi, self._generations[gi]
+                try:
+                    await self.core_clients[gi].add(reqs)
+                    return
+                except ValueError:
+                    raise
+                except Exception as exc:  # that core died too: try the next
+                    reason = f"worker group {gi} failed: {type(exc).__name__}"
+                    failed = (gi, entry.generation)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -219,13 +239,15 @@ class Frontend:
         finally:
             entry.moving = False
 
-    async def _assign(self, rid: str, hashes: list, num_seqs: int, redispatch: bool = False) -> int:
+    async def _assign(self, rid: str, hashes: list, num_seqs: int, redispatch: bool = False,
+                      failed_group: Optional[tuple[int, int]] = None) -> int:
         """The router's group for a request, waiting up to queue_timeout for one to serve."""
         deadline = time.monotonic() + self.queue_timeout
         delay = 0.05
         while True:
             try:
-                gi, generation = await self.router.assign(rid, hashes, num_seqs, redispatch)
+                gi, generation = await self.router.assign(rid, hashes, num_seqs, redispatch, failed_group)
+                failed_group = None
                 await self._use_generation(gi, generation)
                 return gi
             except NoGroupAvailable:
@@ -266,16 +288,18 @@ class Frontend:
         hashes = prefix_block_hashes(ids, self.block_size) if self.enable_prefix_caching else []
         await self._ensure_started()
         gi = await self._assign(rid, hashes, params.n)
-        entry = self._open[rid] = _Open(gi, asyncio.Queue(), hashes)
+        entry = self._open[rid] = _Open(gi, asyncio.Queue(), hashes, self._generations[gi])
         finished = False
         try:
             reqs = self.outputs.add_request(rid, text, ids, params, subscriber=self.subscriber)
             try:
                 await self.core_clients[gi].add(reqs)
-            except BaseException:
+            except (ValueError, asyncio.CancelledError):
                 finished = True
                 self.outputs.fail(rid)
                 raise
+            except Exception as exc:  # the core is gone: move the request
+                self._start_redispatch(rid, gi, entry.generation, f"worker group {gi} failed: {type(exc).__name__}")
             while True:
                 item = await next_item(entry.queue)
                 if isinstance(item, BaseException):

@@ -31,6 +31,7 @@ class LocalCoreClient:
 
     def __init__(self, core: EngineCore, name: str = "raylm-core"):
         self.core = core
+        self.generation = 0  # of its group's core (bumped at each restart)
         self.loop = CoreLoop(core, self._deliver, name).start()
         self._aio: Optional[asyncio.AbstractEventLoop] = None
         self._subs: dict = {}
@@ -97,8 +98,11 @@ class LocalRouterClient:
                 self.restart(i)
 
     async def assign(self, request_id: str, hashes: list[int], num_seqs: int,
-                     redispatch: bool = False) -> tuple[int, int]:
+                     redispatch: bool = False, failed_group: Optional[tuple[int, int]] = None
+                     ) -> tuple[int, int]:
         self.refresh()
+        if self.router.report_failure(failed_group) and self.restart is not None:
+            self.restart(failed_group[0])
         gi = self.router.assign(request_id, hashes, num_seqs, redispatch)
         return gi, self.router.groups[gi].generation
 
@@ -194,8 +198,10 @@ class LocalCluster(Frontend):
                 self.ledger.mark_dead(gi, f"restart failed: {type(exc).__name__}")
                 continue
             self.cores[gi] = core
-            self.clients[gi] = LocalCoreClient(core, f"raylm-core-{gi}")
             self.ledger.restarted(gi)
+            client = LocalCoreClient(core, f"raylm-core-{gi}")
+            client.generation = self.ledger.groups[gi].generation
+            self.clients[gi] = client
             logger.warning("worker group %d restarted", gi)
             return
 

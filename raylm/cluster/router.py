@@ -126,13 +126,15 @@ class Router:
 
     # ---- per request ---------------------------------------------------------------
     def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1,
-               redispatch: bool = False) -> int:
+               redispatch: bool = False, failed_group: Optional[tuple[int, int]] = None) -> int:
         """Choose the group for a request (n = num_seqs completions) and record it.
         `redispatch`: the request's group died and it moves with its tokens so far (it
-        replaces its own ledger entry, and the queue bound does not refuse it).
+        replaces its own ledger entry, and the queue bound does not refuse it);
+        `failed_group`: (group, generation) the caller saw die (see report_failure).
         Raises Overloaded past the queue bound, NoGroupAvailable with no serving group,
         ValueError for a new id already in flight."""
         self.calls["assign"] += 1
+        self.report_failure(failed_group)
         if redispatch:
             self.release([request_id], count=False)
             self.num_redispatched += 1
@@ -204,6 +206,19 @@ class Router:
         g.seq = snapshot["seq"]
         if not snapshot.get("alive", True):
             self.mark_dead(gi, snapshot.get("error") or "the engine core stopped")
+
+    def report_failure(self, failed: Optional[tuple[int, int]]) -> bool:
+        """A frontend saw (group, generation)'s core die: mark it dead now, before the
+        next snapshot would tell, unless the group has moved on to a newer core since.
+        Returns whether it marked it."""
+        if failed is None:
+            return False
+        gi, generation = failed
+        g = self.groups[gi]
+        if not g.alive or g.generation != generation:
+            return False
+        self.mark_dead(gi, "its engine core failed (seen by an ingress)")
+        return True
 
     def watch(self, now: Optional[float] = None) -> list[int]:
         """Mark hung groups dead: serving, holding work, no step for step_timeout
