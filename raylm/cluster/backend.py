@@ -1,7 +1,8 @@
 """What the HTTP and gRPC fronts need from the engine side: the `Backend` protocol.
 
-`GlobalScheduler` (in-process, tests) and the Serve ingress's adapter over the scheduler
-deployment's handle both provide it, so `openai_api` and `grpc_service` are written once.
+`raylm.cluster.frontend.Frontend` provides it, in the Serve ingress replicas
+(`ClusterFrontend`) and in-process (`LocalCluster`), so `openai_api` and `grpc_service`
+are written once.
 """
 from __future__ import annotations
 
