@@ -45,6 +45,13 @@ def row(r: dict) -> str:
                          f"({x['ratio_to_linear']:.2f} of linear)" for x in r["runs"])
         return (f"| {r['date']} | host_scaling | stand-in, {r['step_ms']:g} ms steps | {r['device']} | "
                 f"`{r['command']}` | {runs} |")
+    if r["benchmark"] == "fault":
+        numbers = (f"{r['num_groups']} groups, {r['concurrency']} streams, group 0's core SIGKILLed at "
+                   f"{r['kill_at_s']:.0f} s: {r['pre_kill_mean_tok_per_s']:.0f} out tok/s before, dip "
+                   f"{r['dip_tok_per_s']:.0f}, back to >= 90 % in {_fmt(r['recovery_s'], '.1f')} s; restart "
+                   f"{_fmt(r['restart_s'], '.1f')} s; {r['requests_completed']} requests completed, "
+                   f"{r['requests_failed']} failed, {r['requests_redispatched']:.0f} re-dispatched")
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "step_profile":
         lp = r["loop"]
         numbers = (f"batch {r['batch']}, mean context {r['mean_context']:.0f}: GPU forward (graph) "
@@ -295,6 +302,15 @@ def _host_scaling(r: dict) -> list[Row]:
                  ", ".join(f"{b:.2f}" for b in x["core_busy_fraction"])]) for x in r["runs"]]
 
 
+def _fault(r: dict) -> list[Row]:
+    step = f"{r['step_ms']:g} ms" if r.get("standin") else "-"
+    return [Row((r["model"], r["device"], step, r["num_groups"], r["concurrency"]), "",
+                [r["model"], r["device"], step, r["num_groups"], r["concurrency"], _n(r["pre_kill_mean_tok_per_s"]),
+                 f"{_n(r['dip_tok_per_s'])} ({r['dip_tok_per_s'] / r['pre_kill_mean_tok_per_s']:.2f})",
+                 _n(r["recovery_s"], 1), _n(r["restart_s"], 1), r["requests_completed"], r["requests_failed"],
+                 _n(r["requests_redispatched"])])]
+
+
 def _latency(r: dict) -> list[Row]:
     tp = r.get("tensor_parallel_size") or 1
     rows = []
@@ -442,6 +458,15 @@ SECTIONS = [
             ("host_scaling",),
             ["Machine", "Stand-in step", "Groups", "Streams", "out tok/s", "Of linear", "TPOT p50", "ITL p99",
              "Cores in steps"], _host_scaling),
+    Section("Recovery from a killed group",
+            "Closed-loop streaming on the Serve application while group 0's engine core process is SIGKILLed "
+            "mid-run (`benchmarks/fault.py`): its requests move to another group by recompute and the router "
+            "restarts it. Output tok/s in 1 s buckets: the mean from 2 s to the kill, the lowest bucket after it "
+            "(as a fraction of that mean), the recovery (seconds from the kill until every 3 s average stays "
+            ">= 90 % of that mean) and the restart (the group not serving -> serving per /health).",
+            ("fault",),
+            ["Model", "Device", "Stand-in step", "Groups", "Streams", "Pre-kill out tok/s", "Dip out tok/s", "Recovery s",
+             "Restart s", "Requests completed", "Failed", "Re-dispatched"], _fault),
     Section("Batch-1 latency",
             "One request at a time: time to first token and time per output token (ms) for a prompt of the "
             "given length. TPOT floor: the time to read the weights and KV cache once at the measured bandwidth.",

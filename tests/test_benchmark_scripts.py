@@ -60,3 +60,37 @@ def test_host_step_measures_both_paths(tmp_path):
     r = json.load(open(tmp_path / "host_step.json"))
     assert r["benchmark"] == "host_step" and [x["wire"] for x in r["rows"]] == ["none", "whole"]
     assert all(x["running"] == 8 and x["host_ms_per_step"] > 0 for x in r["rows"])
+
+
+def test_fault_script_figures_from_a_made_up_run():
+    """benchmarks/fault.py's analysis, without the app (a run takes minutes on 2 cores):
+    1 s buckets, the pre-kill mean, the dip, the recovery by a 3 s moving average, the
+    restart from /health samples, and failed requests."""
+    import fault
+    import record
+
+    start = 1000.0
+    per_s = [50, 100, 100, 100, 100, 40, 60, 80, 95, 100, 100, 100]
+    rows = [{"times": [start + i + 0.5], "counts": [n], "max_tokens": n, "usage": n, "error": None}
+            for i, n in enumerate(per_s)]
+    series = fault.bucket_series(rows, start, len(per_s))
+    assert series == per_s
+    rec = fault.recovery(series, kill_at=5.0, warmup=1)
+    assert rec["pre_kill_mean_tok_per_s"] == 100 and rec["dip_tok_per_s"] == 40 and rec["dip_at_s"] == 5
+    # [7, 10) averages 91.7 >= 90; [6, 9) averages 78.3.
+    assert rec["recovered_at_s"] == 7 and rec["recovery_s"] == 2.0
+    assert fault.recovery([100] * 3 + [10] * 6, kill_at=3.0, warmup=0)["recovery_s"] is None
+    samples = [{"t": start + t, "status": 200, "states": [s, "serving"], "latency_s": 0.01}
+               for t, s in ((4.9, "serving"), (5.2, "restarting"), (7.0, "restarting"), (8.4, "serving"))]
+    h = fault.restart_times(samples, t_kill=start + 5.0, start_at=start)
+    assert abs(h["restart_s"] - 3.2) < 1e-9 and abs(h["detect_s"] - 0.2) < 1e-9
+    assert [x["state"] for x in h["health_transitions"]] == ["serving", "restarting", "serving"]
+    short = dict(rows[0], usage=10, counts=[10], max_tokens=50)
+    counts = fault.request_counts(rows + [short, dict(rows[0], error="HTTP 503: x")])
+    assert counts["requests_completed"] == len(rows) and counts["requests_failed"] == 2
+    r = {"benchmark": "fault", "model": "m", "device": "cpu", "date": "2026-12-04", "command": "python x",
+         "num_groups": 2, "concurrency": 8, "kill_at_s": 5.0, "standin": True, "step_ms": 30.0,
+         "pre_kill_mean_tok_per_s": 100.0, "dip_tok_per_s": 40, "recovery_s": 2.0, "restart_s": 3.2,
+         "requests_completed": 12, "requests_failed": 0, "requests_redispatched": 4.0}
+    assert "back to >= 90 % in 2.0 s; restart 3.2 s" in record.row(r)
+    assert record.row(r).startswith("| 2026-12-04 | fault |")
