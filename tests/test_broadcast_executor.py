@@ -14,7 +14,8 @@ from raylm import LLM, SamplingParams
 from raylm.engine.broadcast_executor import BroadcastExecutor
 from raylm.engine.config import EngineArgs
 from raylm.workers import parallel_state
-from tests.test_tp import COMMON, GREEDY, check_hf, generate, prompts_of, wait_for_free_cpus
+from tests.test_tp import (COMMON, GREEDY, assert_same_tokens_and_logprobs, check_hf, generate, prompts_of,
+                           wait_for_free_cpus)
 
 BACKEND = dict(tensor_parallel_size=2, distributed_executor_backend="ray_broadcast")
 TEXT = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -56,12 +57,7 @@ def test_tp2_matches_tp1_and_hf(arch, extra, checkpoint_dirs, ray_session):
     assert engine.async_scheduling is extra["async_scheduling"]
     outs = generate(llm, prompts)
     check_hf(d, outs, prompts)
-    for a, b in zip(outs, ref):
-        ca, cb = a.outputs[0], b.outputs[0]
-        assert ca.token_ids == cb.token_ids
-        for la, lb in zip(ca.logprobs, cb.logprobs):
-            assert la.keys() == lb.keys()
-            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+    assert_same_tokens_and_logprobs(outs, ref)
 
     info = engine.executor.worker_info()
     assert [i["rank"] for i in info] == [0, 1]

@@ -28,6 +28,16 @@ def generate(llm, prompts, params=GREEDY):
     return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
 
+def assert_same_tokens_and_logprobs(outs, ref) -> None:
+    """Each first completion has the reference's tokens and log-probabilities (1e-4)."""
+    for a, b in zip(outs, ref):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids
+        for la, lb in zip(ca.logprobs, cb.logprobs):
+            assert la.keys() == lb.keys()
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+
+
 def check_hf(model_dir, outs, prompts):
     for out, prompt in zip(outs, prompts):
         ref, ref_lps = hf_greedy(model_dir, prompt, MAX_TOKENS)
@@ -63,12 +73,7 @@ def test_tp2_matches_tp1_and_hf(arch, extra, checkpoint_dirs, ray_session):
     tp2 = LLM(d, tensor_parallel_size=2, **COMMON, **extra)
     outs = generate(tp2, prompts)
     check_hf(d, outs, prompts)
-    for a, b in zip(outs, ref):
-        ca, cb = a.outputs[0], b.outputs[0]
-        assert ca.token_ids == cb.token_ids
-        for la, lb in zip(ca.logprobs, cb.logprobs):
-            assert la.keys() == lb.keys()
-            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+    assert_same_tokens_and_logprobs(outs, ref)
     if extra:
         assert tp2.stats()["num_mixed_steps"] > 0
 
