@@ -117,9 +117,7 @@ class LocalRouterClient:
 
     async def check_health(self) -> None:
         self.refresh()
-        failed = [i for i, g in enumerate(self.router.groups) if not g.alive]
-        if failed:
-            raise RuntimeError(f"worker group(s) {failed} failed")
+        self.router.check_all_serving()
 
     async def health(self) -> dict:
         self.refresh()

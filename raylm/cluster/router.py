@@ -257,6 +257,12 @@ class Router:
         g.failures = 0
         g.stats, g.seq, g.last_steps, g.last_progress = {}, -1, -1, time.monotonic()
 
+    def check_all_serving(self) -> None:
+        """Raise unless every group serves."""
+        failed = [i for i, g in enumerate(self.groups) if not g.alive]
+        if failed:
+            raise RuntimeError(f"worker group(s) {failed} failed")
+
     def metrics_view(self) -> dict:
         """What `render_metrics` needs of the router."""
         return {"groups": [{"state": g.state, "restarts": g.restarts} for g in self.groups],

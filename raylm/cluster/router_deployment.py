@@ -1,0 +1,315 @@
+"""The router deployment: it starts one engine core actor per worker group, polls their
+snapshots, routes and admits requests (`raylm.cluster.router.Router`), notices dead or
+hung groups and restarts them. `ServeRouterClient` is the ingress replicas' view of it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Optional
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from raylm.cluster.core_actor import EngineCoreActor
+from raylm.cluster.frontend import detached
+from raylm.cluster.local import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_SERVED_NAME
+from raylm.cluster.router import NoGroupAvailable, Overloaded, Router
+from raylm.engine.config import EngineArgs
+from raylm.engine.metrics import render_metrics
+from raylm.engine.model_config import ModelConfig
+
+logger = logging.getLogger("raylm")
+
+# Concurrent requests a replica accepts (Serve's default of 5 would serialise a server).
+MAX_ONGOING_REQUESTS = 4096
+INGRESS_NUM_CPUS = 0.1
+ROUTER_NUM_CPUS = 0.1
+# How often the router reads each core's snapshot (stats, prefix-cache changes).
+POLL_S = 0.05
+CORE_START_TIMEOUT_S = 600
+# A group holding work whose step counter has not moved this long is hung (vLLM has no such knob).
+DEFAULT_STEP_TIMEOUT_S = 60.0
+
+
+def _resolve_cluster_device(device: str) -> str:
+    """The router replica sees no GPU itself; 'auto' follows the cluster's resources."""
+    if device != "auto":
+        return device
+    import ray
+
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def start_cores(args: EngineArgs, num_groups: int) -> list:
+    """One engine core actor per group, started at once. At TP=1 a core's actor holds its
+    GPU share (num_gpus_per_worker). A larger group gets a STRICT_PACK placement group,
+    one bundle per rank: its core actor sits in bundle 0 and holds rank 0 (and its GPU),
+    its executor puts ranks 1.. in the other bundles; the group is removed with the core
+    when this process (its creator) ends. If any fails, all are killed, the placement
+    groups removed and its error raised."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raylm.engine.broadcast_executor import rank_bundles
+    from raylm.engine.ray_executor import PLACEMENT_TIMEOUT_S
+
+    on_gpu = args.device.startswith("cuda")
+    tp = args.tensor_parallel_size
+    backend = str(args.distributed_executor_backend)
+    rank0_in_core = tp > 1 and backend != "ray" and ":" not in backend  # see EngineCoreActor
+    cls = ray.remote(EngineCoreActor)
+    actors, groups = [], []
+    try:
+        for i in range(num_groups):
+            name = f"raylm-core-{uuid.uuid4().hex[:8]}-{i}"
+            options = dict(name=name, max_concurrency=1000, max_restarts=0,
+                           num_cpus=args.num_cpus_per_worker if tp == 1 else 0,
+                           num_gpus=args.num_gpus_per_worker if on_gpu and tp == 1 else 0)
+            if rank0_in_core:
+                bundles = rank_bundles(tp, args.num_cpus_per_worker, on_gpu)
+                groups.append(placement_group(bundles, strategy="STRICT_PACK", name=f"{name}-ranks"))
+                options.update(num_cpus=bundles[0].get("CPU", 0), num_gpus=bundles[0].get("GPU", 0),
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                   groups[-1], placement_group_bundle_index=0))
+            actors.append(cls.options(**options).remote(_engine_dict(args), i))
+            actors[-1]._raylm_name = name  # to remove its placement group after a restart
+        if groups:
+            ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups),
+                                timeout=PLACEMENT_TIMEOUT_S)
+            if len(ready) < len(groups):
+                raise RuntimeError(
+                    f"could not place {len(groups) - len(ready)} of {num_groups} worker group(s) of "
+                    f"{tp} x {bundles[0]} on one node each within {PLACEMENT_TIMEOUT_S:.0f} s "
+                    f"(tensor_parallel_size={tp}, num_cpus_per_worker={args.num_cpus_per_worker}); "
+                    f"the cluster has {ray.available_resources()} available")
+        ray.get([a.ready.remote() for a in actors], timeout=CORE_START_TIMEOUT_S)
+    except BaseException:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        for g in groups:
+            remove_placement_group(g)
+        raise
+    return actors
+
+
+def _engine_dict(args: EngineArgs) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(args)
+
+
+# Serve logs every call at INFO; per request that is a log line per hop.
+_QUIET = {"enable_access_log": False}
+
+
+@serve.deployment(name="Router", ray_actor_options={"num_cpus": ROUTER_NUM_CPUS},
+                  max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10,
+                  logging_config=_QUIET)
+class RouterDeployment:
+    """Starts the engine cores and routes requests to them (see module doc)."""
+
+    def __init__(self, engine_args: dict, num_groups: int = 1, served_model_name: Optional[str] = None,
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+                 step_timeout: float = DEFAULT_STEP_TIMEOUT_S):
+        kwargs = dict(engine_args)
+        kwargs["device"] = _resolve_cluster_device(kwargs.get("device", "auto"))
+        self.args = EngineArgs(**kwargs)
+        self.model = ModelConfig.from_args(self.args)
+        self.model_name = served_model_name or self.args.model or DEFAULT_SERVED_NAME
+        self.router = Router(num_groups, self.args.max_num_seqs, max_queued_requests, step_timeout)
+        self.actors = start_cores(self.args, num_groups)
+        self._poller: Optional[asyncio.Task] = None
+        self._restarts: dict[int, asyncio.Task] = {}
+
+    def __del__(self):
+        import ray
+
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
+        self._closing = True
+        for a in getattr(self, "actors", []):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+
+    # ---- snapshots -----------------------------------------------------------------
+    def _ensure_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = detached(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await self._refresh()
+            await asyncio.sleep(POLL_S)
+
+    async def _refresh(self, hashes: bool = True) -> list:
+        groups = self.router.groups
+        # Each answer counts only for the core generation it was asked of: a restart may
+        # replace a group's core while the question is out.
+        asked = [(g.generation, a.snapshot.remote(g.seq, hashes)) for g, a in zip(groups, self.actors)]
+        snaps = []
+        for i, (generation, ref) in enumerate(asked):
+            try:
+                snap = await ref
+            except Exception as exc:  # the actor died
+                if generation != groups[i].generation:
+                    snaps.append(None)
+                    continue
+                if groups[i].alive and not getattr(self, "_closing", False):
+                    logger.error("worker group %d failed: %s", i, type(exc).__name__)
+                    self.router.mark_dead(i, f"the engine core process is gone ({type(exc).__name__})")
+                    self._schedule_restart(i)
+                snaps.append(None)
+                continue
+            if generation != groups[i].generation:
+                snaps.append(None)
+                continue
+            if hashes and groups[i].alive:
+                self.router.update(i, snap)
+                if not groups[i].alive:  # its loop failed: a worker died
+                    logger.error("worker group %d failed: %s", i, groups[i].error)
+                    self._schedule_restart(i)
+            snaps.append(snap)
+        for i in self.router.watch():
+            logger.error("worker group %d hung: %s", i, groups[i].error)
+            self._schedule_restart(i)
+        return snaps
+
+    # ---- restarts ------------------------------------------------------------------
+    def _schedule_restart(self, gi: int) -> None:
+        if getattr(self, "_closing", False):
+            return
+        task = self._restarts.get(gi)
+        if task is None or task.done():
+            self._restarts[gi] = detached(self._restart(gi))
+
+    async def _restart(self, gi: int) -> None:
+        """A new core for group gi (the same engine arguments), after the router's
+        back-off; retried until one starts. The old actor is killed first, so its GPU is
+        free for the new one."""
+        import ray
+
+        while not getattr(self, "_closing", False):
+            await asyncio.sleep(self.router.restarting(gi))
+            old = self.actors[gi]
+            try:
+                ray.kill(old, no_restart=True)
+            except Exception:
+                pass
+            name = getattr(old, "_raylm_name", None)
+            if name is not None and self.args.tensor_parallel_size > 1:
+                try:  # its ranks' placement group (start_cores names it)
+                    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+                    remove_placement_group(get_placement_group(f"{name}-ranks"))
+                except Exception:
+                    pass
+            try:
+                (new,) = await asyncio.to_thread(start_cores, self.args, 1)
+            except Exception as exc:
+                logger.error("worker group %d: restart failed: %s", gi, type(exc).__name__)
+                self.router.mark_dead(gi, f"restart failed ({type(exc).__name__})")
+                continue
+            self.actors[gi] = new
+            self.router.restarted(gi)
+            logger.warning("worker group %d restarted", gi)
+            return
+
+    # ---- per request ---------------------------------------------------------------
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1,
+                     redispatch: bool = False, failed_group: Optional[tuple] = None) -> tuple:
+        """("ok", group, its core's generation) or ("overloaded", message, retry_after)
+        or ("unavailable", message) or ("invalid", message). failed_group: (group,
+        generation) the caller saw die (marked dead now and restarted)."""
+        self._ensure_polling()
+        if failed_group is not None and self.router.report_failure(tuple(failed_group)):
+            logger.error("worker group %d failed (seen by an ingress replica)", failed_group[0])
+            self._schedule_restart(failed_group[0])
+        try:
+            gi = self.router.assign(request_id, hashes, num_seqs, redispatch)
+            return ("ok", gi, self.router.groups[gi].generation)
+        except Overloaded as exc:
+            return ("overloaded", str(exc), exc.retry_after)
+        except NoGroupAvailable as exc:
+            return ("unavailable", str(exc))
+        except ValueError as exc:
+            return ("invalid", str(exc))
+
+    async def release(self, request_ids: list[str]) -> None:
+        self.router.release(request_ids)
+
+    async def cores(self) -> list:
+        """(generation, engine core actor) of each group."""
+        self.router.calls["cores"] += 1
+        self._ensure_polling()
+        return [(g.generation, a) for g, a in zip(self.router.groups, self.actors)]
+
+    # ---- whole-server views --------------------------------------------------------
+    async def metrics_text(self) -> bytes:
+        self.router.calls["metrics_text"] += 1
+        snaps = await self._refresh(hashes=False)
+        live = [(s["stats"], s["metrics"]) for s in snaps if s is not None]
+        return render_metrics(self.model_name, [s for s, _ in live], [m for _, m in live],
+                              **self.router.metrics_view())
+
+    async def groups_serving(self) -> None:
+        """Raise unless every group serves. (Not named check_health: Serve calls that as
+        the replica's own health check and would restart the router, with every core.)"""
+        self.router.calls["groups_serving"] += 1
+        await self._refresh(hashes=False)
+        self.router.check_all_serving()
+
+    async def health(self) -> dict:
+        """Router.health: 'ok' while a group serves, each group's state."""
+        self._ensure_polling()
+        return self.router.health()
+
+    async def stats(self) -> dict:
+        await self._refresh()
+        return self.router.stats()
+
+    def info(self) -> dict:
+        return {"model_name": self.model_name, "max_model_len": self.model.max_model_len,
+                "num_groups": len(self.actors)}
+
+
+class ServeRouterClient:
+    """The router deployment as the frontend sees it (a `RouterClient`)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def assign(self, request_id: str, hashes: list[int], num_seqs: int,
+                     redispatch: bool = False, failed_group: Optional[tuple] = None) -> tuple[int, int]:
+        answer = await self.handle.assign.remote(request_id, hashes, num_seqs, redispatch, failed_group)
+        if answer[0] == "ok":
+            return answer[1], answer[2]
+        if answer[0] == "overloaded":
+            raise Overloaded(answer[1], answer[2])
+        if answer[0] == "unavailable":
+            raise NoGroupAvailable(answer[1])
+        raise ValueError(answer[1])
+
+    def release(self, request_ids: list[str]) -> None:
+        detached(self._release(request_ids))
+
+    async def _release(self, request_ids: list[str]) -> None:
+        await self.handle.release.remote(request_ids)
+
+    async def metrics_text(self) -> bytes:
+        return await self.handle.metrics_text.remote()
+
+    async def health(self) -> dict:
+        return await self.handle.health.remote()
+
+    async def check_health(self) -> None:
+        try:
+            await self.handle.groups_serving.remote()
+        except Exception as exc:
+            cause = getattr(exc, "cause", None)
+            raise RuntimeError(str(cause) if cause is not None else "the router cannot be reached") from None
