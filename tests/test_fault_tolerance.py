@@ -51,6 +51,7 @@ def app(ray_session, llama_dir):
               name=APP, route_prefix="/ft")
     yield f"http://127.0.0.1:{port}"
     serve.delete(APP)
+    serve.shutdown()  # Serve's options are set at its start: the next module starts its own
 
 
 def _bodies():
