@@ -38,12 +38,14 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.loadgen import sse_chunks  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 STANDIN = "raylm.engine.standin_executor:StandInExecutor"
 HEALTH_PERIOD_S = 0.2
@@ -61,11 +63,7 @@ async def _request(session, url: str, body: dict) -> dict:
             if resp.status != 200:
                 error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
             else:
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
+                async for chunk in sse_chunks(resp):
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
                         times.append(time.time())
                         counts.append(len(chunk["choices"][0]["text"].split()))
@@ -230,19 +228,6 @@ def request_counts(rows: list[dict]) -> dict:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    """A free port below Linux's ephemeral range and above Ray's worker ports."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 def _wait(cond, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while True:
@@ -300,8 +285,8 @@ def main() -> None:
 
     ray.init(address="local", include_dashboard=False,
              runtime_env={"env_vars": {"RAYLM_STANDIN_STEP_MS": str(args.step_ms)}} if standin else None)
-    port = args.port or _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # Serve's proxy: unused
+    port = args.port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # Serve's proxy: unused
     engine = {"model": cfg_dir, "max_model_len": 4096, "max_num_seqs": max_num_seqs, "async_scheduling": True}
     if standin:
         engine.update(device="cpu", distributed_executor_backend=STANDIN, num_cpus_per_worker=0.1)

@@ -17,6 +17,14 @@ import time
 from typing import Optional
 
 
+async def sse_chunks(resp):
+    """The JSON chunks of an aiohttp streaming response (server-sent events)."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def _one(session, url: str, body: dict) -> dict:
     start = time.time()
     first, stamps, tokens, error = None, [], 0, None
@@ -24,11 +32,7 @@ async def _one(session, url: str, body: dict) -> dict:
         async with session.post(url, json=body) as resp:
             if resp.status != 200:
                 return {"start": start, "error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(resp):
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     now = time.time()
                     first = first or now

@@ -14,8 +14,8 @@ from raylm import LLM, SamplingParams
 from raylm.engine.broadcast_executor import BroadcastExecutor
 from raylm.engine.config import EngineArgs
 from raylm.workers import parallel_state
-from tests.test_tp import (COMMON, GREEDY, assert_same_tokens_and_logprobs, check_hf, generate, prompts_of,
-                           wait_for_free_cpus)
+from tests.test_tp import (COMMON, abort_one_mid_flight, assert_same_tokens_and_logprobs, check_hf, generate,
+                           prompts_of, wait_for_free_cpus)
 
 BACKEND = dict(tensor_parallel_size=2, distributed_executor_backend="ray_broadcast")
 TEXT = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -65,15 +65,7 @@ def test_tp2_matches_tp1_and_hf(arch, extra, checkpoint_dirs, ray_session):
     # A collective outside the step loop reaches rank 1 as a message too.
     assert engine.executor.profile_all_reduce(4, iters=2) > 0
     if extra["async_scheduling"]:  # an abort mid-flight leaves the others alone
-        for i, p in enumerate(prompts[:3]):
-            engine.add_request(f"a{i}", {"prompt_token_ids": p}, GREEDY)
-        engine.step()
-        engine.step()
-        engine.abort_request("a1")
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o for o in engine.step() if o.finished})
-        assert sorted(done) == ["a0", "a2"]
+        done = abort_one_mid_flight(engine, prompts[:3])
         assert done["a2"].outputs[0].token_ids == outs[2].outputs[0].token_ids
     llm.shutdown()
     assert torch.get_num_threads() == threads  # rank 0's share of the cores is given back

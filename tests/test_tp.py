@@ -38,6 +38,21 @@ def assert_same_tokens_and_logprobs(outs, ref) -> None:
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
 
 
+def abort_one_mid_flight(engine, prompts) -> dict:
+    """Start three requests, abort the middle one after two steps, run the rest to the
+    end: {request id: final output} of those that finished (a0 and a2)."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"a{i}", {"prompt_token_ids": p}, GREEDY)
+    engine.step()
+    engine.step()
+    engine.abort_request("a1")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == ["a0", "a2"]
+    return done
+
+
 def check_hf(model_dir, outs, prompts):
     for out, prompt in zip(outs, prompts):
         ref, ref_lps = hf_greedy(model_dir, prompt, MAX_TOKENS)
@@ -138,15 +153,7 @@ def test_tp2_async_scheduling_matches_sync_and_hf(checkpoint_dirs, ray_session):
         if mode:
             check_hf(d, greedy, prompts)
             engine = llm.llm_engine
-            for i, p in enumerate(prompts):
-                engine.add_request(f"a{i}", {"prompt_token_ids": p}, GREEDY)
-            engine.step()
-            engine.step()
-            engine.abort_request("a1")
-            done = {}
-            while engine.has_unfinished_requests():
-                done.update({o.request_id: o for o in engine.step() if o.finished})
-            assert sorted(done) == ["a0", "a2"]
+            done = abort_one_mid_flight(engine, prompts[:3])
             assert [done["a0"].outputs[0].token_ids] == [greedy[0].outputs[0].token_ids]
             assert engine.block_manager.num_used_blocks == 0
         llm.shutdown()
