@@ -58,7 +58,7 @@ def _bodies():
     out = []
     for i in range(32):
         body = {"model": "tiny", "prompt": f"stream {i} of the fault test", "max_tokens": MAX_TOKENS,
-                "ignore_eos": True, "stream": True}
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         body.update({"temperature": 0} if i % 2 == 0 else {"temperature": 0.9, "top_p": 0.9, "seed": i})
         out.append(body)
     return out
@@ -88,7 +88,7 @@ async def _stream(client, url, body, started: asyncio.Event):
                 started.set()
             if chunk.get("usage"):
                 usage = chunk["usage"]
-    return text
+    return text, usage
 
 
 def _core_pids():
@@ -111,8 +111,9 @@ def _metric(url, name):
     return total
 
 
-def _run_with(url, disturb) -> list[str]:
-    """Stream every body at once; call disturb() once the streams have output."""
+def _run_with(url, disturb) -> list[tuple[str, dict]]:
+    """Stream every body at once; call disturb() once the streams have output.
+    (text, usage) of each."""
     async def main():
         started = asyncio.Event()
         async with httpx.AsyncClient(timeout=600) as client:
@@ -128,15 +129,18 @@ def test_a_killed_core_process_loses_no_request(app, undisturbed):
     _wait(lambda: _both_serving(url), what="both groups serving")
     moved_before = _metric(url, "raylm:requests_redispatched_total")
     victim = _core_pids()[0]
-    texts = _run_with(url, lambda: os.kill(victim, signal.SIGKILL))
-    assert texts == undisturbed
+    moved = _run_with(url, lambda: os.kill(victim, signal.SIGKILL))
+    assert [text for text, _ in moved] == undisturbed
     assert _metric(url, "raylm:requests_redispatched_total") > moved_before
     # The group comes back with a new process and serves again; no block stays held.
     _wait(lambda: _both_serving(url), what="the group's restart")
     assert _core_pids()[0] != victim
     assert _metric(url, "raylm:group_restarts_total") >= 1
-    texts = _run_with(url, lambda: None)
-    assert texts == undisturbed
+    calm = _run_with(url, lambda: None)
+    assert [text for text, _ in calm] == undisturbed
+    # Usage counts the original prompt and every generated token once.
+    assert [usage for _, usage in moved] == [usage for _, usage in calm]
+    assert all(usage["completion_tokens"] == MAX_TOKENS for _, usage in moved)
     routed = [g["requests_routed"] for g in _router().stats.remote().result()["groups"]]
     assert all(r > 0 for r in routed)
     _wait(lambda: _router().stats.remote().result()["blocks_in_use"] == 0, what="blocks freed")
@@ -147,7 +151,7 @@ def test_a_hung_step_is_detected_and_its_requests_move(app, undisturbed):
     _wait(lambda: _both_serving(url), what="both groups serving")
     _, actor = _router().cores.remote().result()[1]
     texts = _run_with(url, lambda: actor.hang_for_test.remote(3600))
-    assert texts == undisturbed
+    assert [text for text, _ in texts] == undisturbed
     health = httpx.get(url + "/health", timeout=30).json()
     assert set(health) == {"status", "groups"}
     assert all(set(g) == {"id", "state", "last_step_age_s"} for g in health["groups"])
@@ -180,3 +184,46 @@ def test_a_killed_ingress_replica_frees_its_streams_blocks(app):
     _wait(lambda: httpx.post(url + "/v1/completions", timeout=60,
                              json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200,
           what="serving after the replica's replacement")
+
+
+def test_a_core_drops_the_requests_of_a_dead_subscriber(ray_session, llama_dir):
+    """An ingress replica that dies leaves no stream to notice it: the core pings the
+    subscribing actor and aborts its requests (here long before they could finish: the
+    stand-in model takes 1 s a step, the request wants 100 tokens)."""
+    import dataclasses
+
+    import msgpack
+    import ray
+
+    from raylm.cluster.core_actor import EngineCoreActor
+    from raylm.engine.config import EngineArgs
+    from raylm.engine.core import EngineCoreRequest
+
+    args = EngineArgs(model=llama_dir, device="cpu", max_model_len=128, async_scheduling=True,
+                      distributed_executor_backend="raylm.engine.standin_executor:StandInExecutor")
+    core = ray.remote(EngineCoreActor).options(
+        num_cpus=0, max_concurrency=100,
+        runtime_env={"env_vars": {"RAYLM_STANDIN_STEP_MS": "1000"}}).remote(dataclasses.asdict(args), 0)
+
+    @ray.remote(num_cpus=0)
+    class Subscriber:
+        def ping(self):
+            return True
+
+    owner = Subscriber.remote()
+    try:
+        ray.get([core.ready.remote(), owner.ping.remote()])
+        stream = core.subscribe.options(num_returns="streaming").remote("sub", owner)
+        request = EngineCoreRequest("r", [5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True),
+                                    subscriber="sub")
+        ray.get(core.add_requests.remote(msgpack.packb([request.to_wire()])))
+        _wait(lambda: ray.get(core.snapshot.remote(-1, False))["stats"]["num_requests_running"] == 1,
+              timeout=60, what="the request running")
+        ray.kill(owner)
+        snap = _wait(lambda: (lambda s: s if s["metrics"]["success"]["abort"] == 1 else None)(
+            ray.get(core.snapshot.remote(-1, False))), timeout=60, what="the abort")
+        assert snap["stats"]["num_requests_running"] == 0 and snap["stats"]["blocks_in_use"] == 0
+        assert snap["stats"]["generation_tokens"] < 100
+        del stream
+    finally:
+        ray.kill(core)
