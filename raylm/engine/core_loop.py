@@ -10,6 +10,7 @@ If a step raises (a worker died), every request fails with the error and the loo
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -111,7 +112,8 @@ class CoreLoop:
             if since < 0 or since + 1 < first:
                 out["hashes"] = list(self._cached)
             else:
-                out["events"] = [(op, h) for seq, op, h in self._events if seq > since]
+                # The log holds consecutive numbers: skip to the first one after `since`.
+                out["events"] = [(op, h) for _, op, h in itertools.islice(self._events, since + 1 - first, None)]
         return out
 
     # ---- the loop ------------------------------------------------------------------
