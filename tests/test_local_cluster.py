@@ -269,7 +269,9 @@ def test_a_slow_stream_gets_the_newest_output_and_loses_nothing(llama_dir):
             slow = await consume(0.05)
         finally:
             await sched.shutdown()
-        assert len(fast) == 24 and len(slow) < len(fast)
+        # The core runs in its own thread and never waits for a reader: even a prompt one may
+        # find two steps queued (then it gets their newest), so it sees at most one per token.
+        assert len(slow) < len(fast) <= 24
         assert slow[-1].finished and slow[-1].outputs[0].text == fast[-1].outputs[0].text
         assert slow[-1].outputs[0].token_ids == fast[-1].outputs[0].token_ids
     run(main())
