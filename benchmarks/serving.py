@@ -18,6 +18,7 @@ benchmarks/results/serving-<model>-<G>groups[-<tag>].json (or under $OUT).
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import sys
@@ -33,6 +34,21 @@ VLLM_H200 = {"qwen3-0.6b": {"output_tok_per_s": 10394},
              "llama-3.1-8b": {"output_tok_per_s": 9403, "tpot_p50_ms": 21.8, "itl_p99_ms": 74,
                               "ttft_p50_ms": 3550}}
 PEER = "vllm-0.26.0"
+
+
+def closed_loop_batch_bound(output_lens: list[int], concurrency: int) -> float:
+    """The largest mean batch (output tokens per step) a closed loop of `concurrency`
+    clients can give, whatever the engine: each request gains one token per step, and a
+    client sends its next request the step its last one ends. The tail, where fewer than
+    `concurrency` requests remain, bounds it (about 161 of 256 for this workload)."""
+    free = [0] * concurrency
+    heapq.heapify(free)
+    makespan = 0
+    for n in output_lens:
+        end = heapq.heappop(free) + n
+        makespan = max(makespan, end)
+        heapq.heappush(free, end)
+    return sum(output_lens) / max(1, makespan)
 
 
 def main() -> None:
@@ -113,7 +129,9 @@ def main() -> None:
         assert s["output_tokens"] == sum(outputs), (s["output_tokens"], sum(outputs))
         groups = [{"requests_routed": a["requests_routed"] - b["requests_routed"],
                    "steps": a.get("steps", 0) - b.get("steps", 0),
-                   "busy_fraction": (a.get("busy_s", 0) - b.get("busy_s", 0)) / elapsed}
+                   "busy_fraction": (a.get("busy_s", 0) - b.get("busy_s", 0)) / elapsed,
+                   "between_steps_fraction": (a.get("between_s", 0) - b.get("between_s", 0)) / elapsed,
+                   "timing": a.get("timing")}
                   for a, b in zip(after["groups"], before["groups"])]
         rec = common.base_result("serving", os.path.basename(args.model.rstrip("/")))
         rec.update({
@@ -124,6 +142,9 @@ def main() -> None:
             "num_gpus_per_worker": args.num_gpus_per_worker, "api_server_count": args.api_server_count,
             "num_gpus": args.num_groups * args.tensor_parallel_size * args.num_gpus_per_worker,
             **s, "startup_s": startup_s, "groups": groups,
+            "mean_batch": s["output_tokens"] / max(1, sum(g["steps"] for g in groups)),
+            "mean_batch_bound": (closed_loop_batch_bound(outputs, args.max_concurrency * args.num_groups)
+                                 / args.num_groups if rate is None else None),
             "router_calls": {k: after["calls"].get(k, 0) - before["calls"].get(k, 0) for k in after["calls"]},
             "peer": PEER if peer and rate is None else None,
             "peer_output_tok_per_s": peer.get("output_tok_per_s") if rate is None else None,

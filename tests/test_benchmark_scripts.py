@@ -94,3 +94,17 @@ def test_fault_script_figures_from_a_made_up_run():
          "requests_completed": 12, "requests_failed": 0, "requests_redispatched": 4.0}
     assert "back to >= 90 % in 2.0 s; restart 3.2 s" in record.row(r)
     assert record.row(r).startswith("| 2026-12-04 | fault |")
+
+
+def test_closed_loop_batch_bound():
+    """serving.py's bound on the mean batch of a closed loop: with every request gaining a
+    token per step, c clients can average at most sum(lengths) / makespan."""
+    import serving
+
+    assert serving.closed_loop_batch_bound([10] * 8, 4) == 4.0  # two full waves
+    # 2 clients, lengths 10, 1, 1: client A runs 10 steps, B runs 1 then 1; 12 tokens in 10 steps.
+    assert serving.closed_loop_batch_bound([10, 1, 1], 2) == 1.2
+    # The serving workload (seed 0, 100-1024) at concurrency 256: the tail caps it near 161.
+    import common
+    _, outputs = common.make_workload(512, 100, 1024, 128256)
+    assert 150 < serving.closed_loop_batch_bound(outputs, 256) < 170

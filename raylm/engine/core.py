@@ -283,6 +283,7 @@ class EngineCore:
         tm = self.timing
         tm["steps"] += 1
         tm["execute_s"] += t1 - t0
+        tm["wait_s"] += t1 - t0  # blocked on the device: the step launched before was running
         tm["process_s"] += time.perf_counter() - t1
         return outputs
 
@@ -356,7 +357,7 @@ class EngineCore:
 
     # ---- introspection -------------------------------------------------------------
     def reset_timing(self) -> None:
-        self.timing = {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0}
+        self.timing = {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0, "wait_s": 0.0}
 
     def timing_summary(self) -> dict:
         """Per-step wall time of the step loop: scheduling and output processing (host)
@@ -365,7 +366,10 @@ class EngineCore:
         n = max(1, tm["steps"])
         return {"steps": tm["steps"], "schedule_ms_per_step": 1e3 * tm["schedule_s"] / n,
                 "execute_ms_per_step": 1e3 * tm["execute_s"] / n,
-                "process_ms_per_step": 1e3 * tm["process_s"] / n}
+                "process_ms_per_step": 1e3 * tm["process_s"] / n,
+                # Asynchronous scheduling: time spent waiting for the step in flight (near
+                # zero means the host, not the device, sets the pace).
+                "device_wait_ms_per_step": 1e3 * tm["wait_s"] / n}
 
     def stats(self) -> dict[str, Any]:
         bm, sch = self.block_manager, self.scheduler

@@ -42,6 +42,10 @@ class CoreLoop:
         self.error: Optional[BaseException] = None
         self.steps = 0
         self.busy_s = 0.0  # wall time spent in steps that had work
+        # Wall time between one step's end and the next one's start while work was queued
+        # (publishing, delivering outputs, draining the inbox, waiting for the GIL).
+        self.between_s = 0.0
+        self._last_end: Optional[float] = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         # What readers in other threads see (`snapshot`), published by the loop thread.
         self._lock = threading.Lock()
@@ -88,7 +92,8 @@ class CoreLoop:
     def _publish(self) -> None:
         core = self.core
         events, core.block_manager.hash_events = core.block_manager.hash_events, []
-        stats = dict(core.stats(), steps=self.steps, busy_s=self.busy_s)
+        stats = dict(core.stats(), steps=self.steps, busy_s=self.busy_s, between_s=self.between_s,
+                     timing=core.timing_summary())
         metrics = core.metrics.snapshot()
         with self._lock:
             for op, h in events:
@@ -142,15 +147,19 @@ class CoreLoop:
             while not self._stop:
                 self._drain()
                 if not core.has_unfinished_requests():
+                    self._last_end = None
                     self._publish()
                     self._wake.wait()
                     self._wake.clear()
                     continue
                 t0 = time.perf_counter()
+                if self._last_end is not None:
+                    self.between_s += t0 - self._last_end
                 scheduled = core.scheduler.num_steps
                 outputs = core.step()
                 self.steps += 1
-                self.busy_s += time.perf_counter() - t0
+                self._last_end = time.perf_counter()
+                self.busy_s += self._last_end - t0
                 # Published before delivery when a request ended, so whoever sees it end
                 # sees stats and metrics that count it.
                 if (time.monotonic() - self._published >= PUBLISH_S
@@ -160,6 +169,7 @@ class CoreLoop:
                     self._deliver(self._group(outputs))
                 elif core.scheduler.num_steps == scheduled and not core.step_in_flight:
                     # Nothing fit this instant (waiting for blocks): do not spin hot.
+                    self._last_end = None
                     self._wake.wait(IDLE_POLL_S)
                     self._wake.clear()
         except BaseException as exc:  # a worker died: fail every request, stop
