@@ -1,7 +1,7 @@
 """raylm: LLM inference and serving with a paged KV cache and continuous batching."""
 import importlib
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineArgs"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineArgs"]
 __version__ = "0.1.0"
 
 # Loaded on first use, so `import raylm.scheduler` stays free of torch and transformers.
@@ -9,6 +9,7 @@ _LAZY = {
     "LLM": "raylm.engine.llm",
     "EngineArgs": "raylm.engine.config",
     "SamplingParams": "raylm.engine.sampling_params",
+    "StructuredOutputsParams": "raylm.engine.sampling_params",
     "RequestOutput": "raylm.engine.outputs",
     "CompletionOutput": "raylm.engine.outputs",
     "Logprob": "raylm.engine.outputs",
