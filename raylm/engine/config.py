@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 _DTYPES = {"float32": "float32", "float": "float32", "fp32": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -57,6 +57,9 @@ class EngineArgs:
     # (at tensor_parallel_size=1), each sizing its KV cache from its share of
     # gpu_memory_utilization.
     num_gpus_per_worker: float = 1.0
+    # vLLM's name: a dict or JSON string, parsed into `spec_decode.SpeculativeConfig`
+    # (method ngram / draft_model / eagle3, num_speculative_tokens, ...). None: off.
+    speculative_config: Optional[Union[dict, str]] = None
 
     def __post_init__(self) -> None:
         def check(name, ok, limit):
@@ -91,6 +94,16 @@ class EngineArgs:
             raise ValueError(f"num_gpus_per_worker {self.num_gpus_per_worker} < 1 needs "
                              f"tensor_parallel_size 1 (ranks of one group cannot share a GPU), "
                              f"got tensor_parallel_size {self.tensor_parallel_size}")
+        if self.parsed_speculative_config() is not None:  # raises on a bad key or value
+            # Refused, never ignored, until the engine core runs proposals and verification.
+            raise ValueError(f"speculative_config {self.speculative_config!r} is valid but the "
+                             f"engine does not run speculative decoding yet")
+
+    def parsed_speculative_config(self):
+        """`speculative_config` as a validated `SpeculativeConfig` (None: off)."""
+        from raylm.engine.spec_decode.config import parse_speculative_config
+
+        return parse_speculative_config(self.speculative_config, self.tensor_parallel_size)
 
     @classmethod
     def field_names(cls) -> list[str]:

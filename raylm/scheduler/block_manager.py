@@ -179,6 +179,23 @@ class BlockManager:
             request.block_hashes.append(h)
             parent = h
 
+    def free_tail(self, request: Request, num_tokens: int) -> int:
+        """Return the blocks that hold only positions >= `num_tokens` (rejected proposals
+        of speculative decoding); the request keeps the blocks of its first `num_tokens`
+        positions. Such blocks were never hashed: a block is hashed only once it is full
+        of verified tokens. Returns how many blocks were freed."""
+        keep = self.blocks_needed(num_tokens)
+        tail = request.block_ids[keep:]
+        for block_id in reversed(tail):
+            block = self.blocks[block_id]
+            assert block.block_hash is None, f"block {block_id} past position {num_tokens} was hashed"
+            block.ref_count -= 1
+            assert block.ref_count == 0, f"tail block {block_id} is shared"
+            self.free_uncached.append(block_id)
+        del request.block_ids[keep:]
+        del request.block_hashes[keep:]
+        return len(tail)
+
     def free(self, request: Request) -> None:
         """Return the request's blocks. Tail blocks go first into the LRU list, so they
         are evicted before the shared prefix blocks that precede them."""

@@ -53,6 +53,10 @@ class Request:
     # The request stops after this many output tokens (None: no limit known here). The
     # scheduler does not plan a step that could only produce tokens past it.
     max_output_tokens: Optional[int] = None
+    # Speculative decoding: proposed next tokens (after the last of token_ids) that the
+    # engine wants verified. The scheduler consumes them when it schedules the request
+    # (trimmed to fit), and drops them on preemption; they never enter token_ids.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

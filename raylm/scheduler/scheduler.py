@@ -6,6 +6,11 @@ unfinished prompt takes a chunk of what is left of the budget); then waiting req
 are admitted, their prompts chunked to fit. Prefill chunks and decodes share one step:
 the plan is just `{request_id: num_tokens}`. When blocks run out, the lowest-priority
 (newest) running request is preempted: its blocks are freed and it later recomputes.
+
+Speculative decoding: a decoding request may carry proposals (`Request.spec_token_ids`).
+Its row then computes the last token and the proposals, so the step verifies them all.
+Proposals only take what the base rows leave of the budget and the free blocks (they
+are trimmed, never a reason to preempt), and `update_after_step` rolls back the rejected.
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ class ScheduledSeq:
     block_table: list[int]
     # True when this chunk reaches the last known token, so the step samples a new one.
     sample: bool
+    # Proposals to verify: the last len(spec_token_ids) entries of token_ids. The step
+    # samples at each of them and at the last known token (1 + len positions).
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -54,10 +62,17 @@ class SchedulerOutput:
         return sum(len(s.token_ids) for s in self.seqs)
 
     @property
+    def num_spec_tokens(self) -> int:
+        """How many proposals this step verifies."""
+        return sum(len(s.spec_token_ids) for s in self.seqs)
+
+    @property
     def is_mixed(self) -> bool:
-        """True when prefill chunks and decodes ran in the same step."""
-        has_decode = any(len(s.token_ids) == 1 and s.sample and s.start_pos > 0 for s in self.seqs)
-        has_prefill = any(len(s.token_ids) > 1 or not s.sample for s in self.seqs)
+        """True when prefill chunks and decodes (with or without proposals) ran in the same step."""
+        has_decode = any(len(s.token_ids) - len(s.spec_token_ids) == 1 and s.sample and s.start_pos > 0
+                         for s in self.seqs)
+        has_prefill = any(len(s.token_ids) - len(s.spec_token_ids) > 1 or not s.sample
+                          for s in self.seqs)
         return has_decode and has_prefill
 
     def __bool__(self) -> bool:
@@ -76,6 +91,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_mixed_steps = 0
         self.num_steps = 0
+        # vLLM's spec_decode_num_draft_tokens / num_accepted_tokens counters.
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -128,6 +146,7 @@ class Scheduler:
         self.running.remove(request)
         self.block_manager.free(request)
         request.status = RequestStatus.PREEMPTED
+        request.spec_token_ids = []  # proposals past tokens it must now recompute
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(request)
@@ -165,7 +184,12 @@ class Scheduler:
                 continue
             break  # the current request preempted itself: nothing more fits
 
-        # 2. Waiting requests, unless something had to be preempted this step.
+        # 2. Proposals of the decodes scheduled so far, from what the base rows left.
+        spec_of: dict[str, list[int]] = {}
+        if any(r.spec_token_ids for r in self.running):
+            budget = self._schedule_proposals(scheduled, budget, spec_of)
+
+        # 3. Waiting requests, unless something had to be preempted this step.
         self.waiting.sort(key=Request.sort_key)
         prefilling_groups = {r.prefix_group for r in self.running
                              if r.prefix_group is not None and r.is_prefilling}
@@ -196,25 +220,94 @@ class Scheduler:
 
         for request, n in scheduled:
             start = request.num_computed_tokens
-            out.seqs.append(ScheduledSeq(
-                request_id=request.request_id,
-                token_ids=request.token_ids[start:start + n],
-                start_pos=start,
-                block_table=request.block_ids,  # read at once by the planner: no copy
-                sample=start + n == request.num_tokens,
-            ))
+            spec = spec_of.get(request.request_id)
+            if spec is None:
+                seq = ScheduledSeq(
+                    request_id=request.request_id,
+                    token_ids=request.token_ids[start:start + n],
+                    start_pos=start,
+                    block_table=request.block_ids,  # read at once by the planner: no copy
+                    sample=start + n == request.num_tokens,
+                )
+            else:
+                seq = ScheduledSeq(request.request_id, request.token_ids[start:] + spec, start,
+                                   request.block_ids, True, spec)
+            out.seqs.append(seq)
         if out.seqs:
             self.num_steps += 1
             if out.is_mixed:
                 self.num_mixed_steps += 1
         return out
 
-    def update_after_step(self, output: SchedulerOutput) -> None:
+    def update_after_step(self, output: SchedulerOutput,
+                          num_accepted: Optional[dict[str, int]] = None) -> None:
         """Mark the planned tokens computed and cache the blocks they filled. The caller
-        then appends sampled tokens (`Request.append_output_token`) and finishes requests."""
+        then appends sampled tokens (`Request.append_output_token`) and finishes requests.
+
+        A row with proposals needs `num_accepted[request_id]` (0..len(proposals)): the
+        rejected ones are rolled back (see `rollback`); the caller appends the accepted
+        proposals and the one token sampled after them."""
         for seq in output.seqs:
             request = self.requests.get(seq.request_id)
             if request is None:
                 continue
             request.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+            if seq.spec_token_ids:
+                self.rollback(request, len(seq.spec_token_ids) - self._accepted(seq, num_accepted))
             self.block_manager.cache_full_blocks(request)
+
+    def _accepted(self, seq: ScheduledSeq, num_accepted: Optional[dict[str, int]]) -> int:
+        k = len(seq.spec_token_ids)
+        if num_accepted is None or seq.request_id not in num_accepted:
+            raise ValueError(f"request {seq.request_id!r} verified {k} proposals this step: "
+                             f"num_accepted must say how many were accepted")
+        a = num_accepted[seq.request_id]
+        if not 0 <= a <= k:
+            raise ValueError(f"num_accepted[{seq.request_id!r}] is {a}; the step verified "
+                             f"{k} proposals, so it must be in [0, {k}]")
+        self.num_draft_tokens += k
+        self.num_accepted_tokens += a
+        return a
+
+    def rollback(self, request: Request, num_rejected: int) -> None:
+        """Forget the KV of the last `num_rejected` computed positions (rejected proposals)
+        and free the blocks that held only them. Prefix-cache hashes are untouched: they
+        only ever cover blocks full of verified tokens."""
+        if num_rejected <= 0:
+            return
+        if num_rejected > request.num_computed_tokens:
+            raise ValueError(f"cannot roll back {num_rejected} positions of request "
+                             f"{request.request_id!r}: it has {request.num_computed_tokens} computed")
+        request.num_computed_tokens -= num_rejected
+        self.block_manager.free_tail(request, request.num_computed_tokens)
+
+    # ---- speculative decoding ------------------------------------------------------
+    def _num_proposals(self, request: Request, num_spec: int, budget: int) -> int:
+        """How many of its `num_spec` proposals a decoding request may verify this step:
+        what the budget, max_model_len, its max_tokens and the free blocks allow."""
+        n = min(num_spec, budget,
+                # The step emits up to 1 + n tokens; none may pass max_model_len...
+                self.config.max_model_len - request.num_tokens - 1)
+        if request.max_output_tokens is not None:  # ... nor max_tokens
+            n = min(n, request.max_output_tokens - request.num_output_tokens - 1)
+        bm = self.block_manager
+        room = (len(request.block_ids) + bm.num_free_blocks) * bm.block_size
+        return min(n, room - request.num_computed_tokens - 1)
+
+    def _schedule_proposals(self, scheduled: list, budget: int, spec_of: dict) -> int:
+        """Extend the scheduled decode rows with their proposals (trimmed to fit); the
+        proposals are consumed. Returns the budget left."""
+        for i, (request, n) in enumerate(scheduled):
+            spec, request.spec_token_ids = request.spec_token_ids, []
+            if not spec or request.num_pending or n != 1 \
+                    or request.num_computed_tokens + 1 != request.num_tokens:
+                continue  # not a plain decode of known tokens: nothing to verify
+            k = self._num_proposals(request, len(spec), budget)
+            if k <= 0:
+                continue
+            ok = self.block_manager.allocate_slots(request, 1 + k)
+            assert ok, "room for the proposals was counted"
+            scheduled[i] = (request, 1 + k)
+            spec_of[request.request_id] = spec[:k]
+            budget -= k
+        return budget
