@@ -224,7 +224,7 @@ async def test_vllm_extra_fields_are_accepted(client):
                 repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.2, min_tokens=2,
                 stop_token_ids=[1], skip_special_tokens=False, spaces_between_special_tokens=False,
                 include_stop_str_in_output=False, ignore_eos=True, prompt_logprobs=1, seed=11, user="u1",
-                best_of=None, suffix=None, some_future_field={"x": 1})
+                best_of=None, suffix=None)
     first = await post(client, "/v1/completions", **body)
     assert first.status_code == 200, first.text
     choice = first.json()["choices"][0]
@@ -233,6 +233,9 @@ async def test_vllm_extra_fields_are_accepted(client):
     assert again["text"] == choice["text"]  # seeded
     nulls = await post(client, "/v1/completions", prompt="x", max_tokens=2, temperature=None, n=None, stop=None)
     assert nulls.status_code == 200, nulls.text
+    unknown = await post(client, "/v1/completions", **body, some_future_field={"x": 1})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "some_future_field"
+    assert unknown.json()["error"]["message"] == "Unrecognized request argument supplied: some_future_field"
 
 
 # ---- chat ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   (JSON, or SSE with stream=true)
     GET  /v1/models, /health, /metrics, /version
+    POST /tokenize, /detokenize                        (vLLM's, behind the API key too)
 
 Prompts are tokenized here (chat templates too), so length limits are checked before
 the backend sees a request; the backend gets {"prompt": text, "prompt_token_ids": ids}.
@@ -30,6 +31,10 @@ from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRe
 from raylm.cluster.router import RETRY_AFTER_S, NoGroupAvailable, Overloaded
 from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
                                      completion_response, response_head)
+from raylm.cluster.structured_request import structured_outputs_of
+from raylm.cluster.tokenize_routes import add_tokenize_routes
+from raylm.cluster.tool_calls import forced_tool_outputs, tool_mode
+from raylm.cluster.tool_parsers import get_tool_parser
 from raylm.engine.outputs import RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 
@@ -38,13 +43,23 @@ logger = logging.getLogger("raylm")
 _DONE = "data: [DONE]\n\n"
 
 
-def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16) -> FastAPI:
+def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
+                      enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None) -> FastAPI:
     """The OpenAI API over `backend` (see `raylm.cluster.backend.Backend`). With `api_key`,
-    every /v1 route needs `Authorization: Bearer <api_key>`; `max_n` caps `n`."""
+    every /v1 route (and /tokenize, /detokenize) needs `Authorization: Bearer <api_key>`;
+    `max_n` caps `n`. `tool_choice: "auto"` needs `enable_auto_tool_choice` and a
+    `tool_call_parser` (vLLM's flags; see `tool_parsers.TOOL_PARSERS`)."""
     from raylm import __version__
 
+    auto_parser = None
+    if enable_auto_tool_choice:
+        if tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (one of hermes, llama3_json)")
+        auto_parser = get_tool_parser(tool_call_parser)
+    elif tool_call_parser is not None:
+        get_tool_parser(tool_call_parser)  # a bad name fails at start, not on a request
     app = FastAPI(title="raylm", version=__version__)
-    server = _OpenAIServer(backend, max_n)
+    server = _OpenAIServer(backend, max_n, auto_parser)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -84,6 +99,8 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16) -
     @app.get("/version")
     async def version() -> dict:
         return {"version": __version__}
+
+    add_tokenize_routes(app, backend, server._guard, server._check_model)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -133,6 +150,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 404 and exc.detail == "Not Found":  # a route we do not serve, as OpenAI says it
+        return _error(404, f"Invalid URL ({request.method} {request.url.path})")
     return _error(exc.status_code, str(exc.detail))
 
 
@@ -148,9 +167,13 @@ def _param_of(message: str, fields, renames: dict) -> Optional[str]:
     return name if name in fields else None
 
 
+_PROTECTED = ("/tokenize", "/detokenize")
+
+
 class _BearerAuth:
-    """ASGI middleware: /v1 routes need `Authorization: Bearer <key>` (health and metrics
-    stay open, as in vLLM). Runs before the body is read, so bad keys never get further."""
+    """ASGI middleware: /v1 routes, /tokenize and /detokenize need `Authorization: Bearer
+    <key>` (health and metrics stay open, as in vLLM). Runs before the body is read, so bad
+    keys never get further."""
 
     def __init__(self, app, api_key: str):
         self.app = app
@@ -162,7 +185,7 @@ class _BearerAuth:
             root = scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root):]
-            if path == "/v1" or path.startswith("/v1/"):
+            if path == "/v1" or path.startswith("/v1/") or path in _PROTECTED:
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not secrets.compare_digest(given, self.expected):
                     response = _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
@@ -280,9 +303,10 @@ def _sse(obj: Any) -> str:
 class _OpenAIServer:
     """The two generation routes: checks, tokenization, then the backend streams."""
 
-    def __init__(self, backend, max_n: int):
+    def __init__(self, backend, max_n: int, auto_parser=None):
         self.backend = backend
         self.max_n = max_n
+        self.auto_parser = auto_parser  # the tool parser class of tool_choice "auto", if enabled
         self.started = int(time.time())
 
     # ---- shared checks -------------------------------------------------------------
@@ -307,6 +331,11 @@ class _OpenAIServer:
                            f"{requested} in the completion). Please reduce the length of the messages "
                            f"or completion.", field)
         return requested
+
+    @property
+    def vocab_size(self) -> int:
+        inputs = getattr(self.backend, "inputs", None)  # the engine's own bound, when it has one
+        return getattr(inputs, "vocab_size", None) or len(self.backend.tokenizer)
 
     def _check_logprobs(self, **requested: Optional[int]) -> None:
         limit = getattr(self.backend, "max_logprobs", None)  # optional in the Backend protocol
@@ -379,6 +408,8 @@ class _OpenAIServer:
         self._check_model(body.model)
         body.check(self.max_n)
         self._check_logprobs(logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs)
+        extra = {"logit_bias": body.check_token_ids(self.vocab_size),
+                 "structured_outputs": structured_outputs_of(body)}
         tok = self.backend.tokenizer
         prompts = []
         try:
@@ -387,7 +418,7 @@ class _OpenAIServer:
                 if not ids:
                     raise ApiError(400, "prompt is empty (0 tokens); it needs at least 1 token", "prompt")
                 max_tokens = self._max_tokens(len(ids), body.max_tokens, "max_tokens", "prompt")
-                prompts.append(PromptInput(ids, text, body.to_sampling_params(max_tokens)))
+                prompts.append(PromptInput(ids, text, body.to_sampling_params(max_tokens, **extra)))
         except ValueError as exc:
             return _error(400, str(exc), _param_of(str(exc), CompletionRequest.model_fields, {}))
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -405,6 +436,14 @@ class _OpenAIServer:
         body.check(self.max_n)
         self._check_logprobs(top_logprobs=body.top_logprobs if body.logprobs else None,
                              prompt_logprobs=body.prompt_logprobs)
+        mode = tool_mode(body, self.auto_parser)
+        structured, forced = structured_outputs_of(body), forced_tool_outputs(body, mode)
+        if structured is not None and forced is not None:
+            raise ApiError(400, f"tool_choice {body.tool_choice!r} constrains the output itself; it cannot be "
+                           "combined with response_format, structured_outputs or guided_*", "tool_choice")
+        if body.echo and mode.active:
+            raise ApiError(400, "echo cannot be combined with tool calls (tool_choice other than 'none')", "echo")
+        extra = {"logit_bias": body.check_token_ids(self.vocab_size), "structured_outputs": structured or forced}
         tok = self.backend.tokenizer
         field = body.max_tokens_field
         renames = {"logprobs": "top_logprobs", "max_tokens": field, "prompt": "messages"}
@@ -418,12 +457,13 @@ class _OpenAIServer:
             return _error(400, "messages render to an empty prompt (0 tokens)", "messages")
         try:
             max_tokens = self._max_tokens(len(ids), body.requested_max_tokens(), field, "messages")
-            prompt = PromptInput(ids, text, body.to_sampling_params(max_tokens))
+            prompt = PromptInput(ids, text, body.to_sampling_params(max_tokens, **extra))
         except ValueError as exc:
             return _error(400, str(exc), _param_of(str(exc), ChatCompletionRequest.model_fields, renames))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = response_head(rid, "chat.completion", int(time.time()), self.backend.model_name)
         chunk_head = dict(head, object="chat.completion.chunk")
+        echo = body.echo_text()
         return await self._run(body, [prompt], rid, renames,
-                               lambda finals: chat_response(head, tok, body, prompt, finals[0]),
-                               ChatStream(chunk_head, tok, body, [prompt]))
+                               lambda finals: chat_response(head, tok, body, prompt, finals[0], mode, echo),
+                               ChatStream(chunk_head, tok, body, [prompt], mode, echo))

@@ -4,15 +4,18 @@ the error body. Responses (whole or streamed, logprobs included) are in `respons
 Field names and defaults follow vLLM's OpenAI server (itself following OpenAI), so a
 client written against vLLM works unchanged. Every field may also be sent as `null`,
 which means its default. Models are strict (no "0.5" for a float, no `true` for an
-int) and ignore unknown fields, as vLLM does.
+int). A field outside `field_table` is a 400 ("Unrecognized request argument supplied"),
+one the table refuses is a 400 naming it, and one it marks "no effect" is accepted.
 """
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
+from raylm.cluster.field_table import REFUSED, TABLES, status_of
 from raylm.engine.sampling_params import SamplingParams
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
@@ -46,12 +49,16 @@ class StreamOptions(OpenAIBaseModel):
 # Request fields that map one to one onto SamplingParams fields.
 _PASSED = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop",
            "top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos",
-           "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
+           "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+           "allowed_token_ids", "bad_words")
 
 
 class _SamplingRequest(OpenAIBaseModel):
-    """Fields /v1/completions and /v1/chat/completions share (OpenAI's, then vLLM's extras)."""
+    """Fields /v1/completions and /v1/chat/completions share (OpenAI's, then vLLM's extras).
+    Fields without an effect (`field_table`) are kept in `model_extra` and checked there."""
 
+    model_config = ConfigDict(extra="allow", strict=True)
+    ROUTE: ClassVar[str] = ""  # the field_table route: "chat" or "completions"
     model: Optional[str] = None
     n: Optional[int] = None
     temperature: Optional[float] = None
@@ -62,7 +69,7 @@ class _SamplingRequest(OpenAIBaseModel):
     stop: Union[str, list[str], None] = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
     # vLLM's extra sampling fields
     top_k: Optional[int] = None
     min_p: Optional[float] = None
@@ -74,6 +81,15 @@ class _SamplingRequest(OpenAIBaseModel):
     spaces_between_special_tokens: Optional[bool] = None
     include_stop_str_in_output: Optional[bool] = None
     prompt_logprobs: Optional[int] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    # output constraints (structured_request.py): at most one of them
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     @property
     def include_usage(self) -> bool:
@@ -81,6 +97,7 @@ class _SamplingRequest(OpenAIBaseModel):
 
     def check(self, max_n: int) -> None:
         """Checks that need no tokenizer; raise ApiError(400) naming the field."""
+        self._check_fields()
         if self.n is not None and self.n > max_n:
             raise ApiError(400, f"n must be <= {max_n}, got {self.n}", "n")
         if self.stream_options is not None and not self.stream:
@@ -88,24 +105,62 @@ class _SamplingRequest(OpenAIBaseModel):
         if self.prompt_logprobs is not None and self.stream:
             raise ApiError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs")
 
-    def _sampling_params(self, max_tokens: int, logprobs: Optional[int],
-                         prompt_logprobs: Optional[int]) -> SamplingParams:
-        """SamplingParams from the fields that were set (None keeps SamplingParams' default);
-        raises ValueError naming the field for out-of-range values."""
+    def _check_fields(self) -> None:
+        """Every field not declared here must be one field_table accepts without effect."""
+        for name, value in (self.model_extra or {}).items():
+            status = status_of(self.ROUTE, name)
+            if status is None:
+                raise ApiError(400, f"Unrecognized request argument supplied: {name}", name)
+            if status == REFUSED and value is not None:
+                note = next(t[name][1] for t in TABLES[self.ROUTE] if name in t)
+                raise ApiError(400, f"{name} is not supported by this server" + (f" ({note})" if note else ""),
+                               name)
+
+    def check_token_ids(self, vocab_size: int) -> Optional[dict[int, float]]:
+        """Check the token ids of logit_bias and allowed_token_ids against the vocabulary;
+        returns logit_bias with int keys (OpenAI sends them as strings)."""
+        for t in self.allowed_token_ids or []:
+            if not 0 <= t < vocab_size:
+                raise ApiError(400, f"allowed_token_ids entry {t} is outside the vocabulary [0, {vocab_size})",
+                               "allowed_token_ids")
+        if self.logit_bias is None:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.strip().isdigit():
+                raise ApiError(400, f"logit_bias keys must be token ids (integers, as strings), got {key!r}",
+                               "logit_bias")
+            if not int(key) < vocab_size:
+                raise ApiError(400, f"logit_bias token id {int(key)} is outside the vocabulary [0, {vocab_size})",
+                               "logit_bias")
+            bias[int(key)] = value
+        return bias
+
+    def _sampling_params(self, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int],
+                         **extra) -> SamplingParams:
+        """SamplingParams from the fields that were set (None keeps SamplingParams' default)
+        and `extra` (structured_outputs, logit_bias: checked by the server); raises
+        ValueError naming the field for out-of-range values."""
         given = {k: getattr(self, k) for k in _PASSED if getattr(self, k) is not None}
-        return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              **{k: v for k, v in extra.items() if v is not None})
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
+    ROUTE: ClassVar[str] = "completions"
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16  # as in vLLM and OpenAI; null: the rest of the context
     echo: Optional[bool] = None
     logprobs: Optional[int] = None  # top-k per token, in OpenAI's completions format
+    best_of: Optional[int] = None
 
     def check(self, max_n: int) -> None:
         super().check(max_n)
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ApiError(400, f"best_of must equal n ({self.n or 1}) or be null, got {self.best_of}; "
+                           "best_of > n is not supported", "best_of")
         if self.logprobs is not None and self.logprobs < 0:
             raise ApiError(400, f"logprobs must be >= 0, got {self.logprobs}", "logprobs")
         if self.prompt == [] or self.prompt == "" or any(p in ("", []) for p in self.prompt_list()):
@@ -118,12 +173,12 @@ class CompletionRequest(_SamplingRequest):
             return [p]
         return list(p)
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, **extra) -> SamplingParams:
         # With echo, the prompt's logprobs come back too (vLLM does the same).
         prompt_lps = self.prompt_logprobs
         if prompt_lps is None and self.echo:
             prompt_lps = self.logprobs
-        return self._sampling_params(max_tokens, self.logprobs, prompt_lps)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_lps, **extra)
 
 
 class ChatMessage(BaseModel):
@@ -134,9 +189,24 @@ class ChatMessage(BaseModel):
     content: Union[str, list[dict[str, Any]], None] = None
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(OpenAIBaseModel):
+    """One of `tools`; only {"type": "function", "function": {...}} is supported."""
+
+    type: str
+    function: Optional[FunctionDefinition] = None
+
+
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
+    ROUTE: ClassVar[str] = "chat"
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None  # OpenAI's newer name; wins over max_tokens
@@ -145,6 +215,11 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: Optional[bool] = None
     continue_final_message: Optional[bool] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    echo: Optional[bool] = None  # vLLM's: prepend the last message when its role is the reply's
+    modalities: Optional[list[str]] = None
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
 
     @property
     def max_tokens_field(self) -> str:
@@ -166,6 +241,13 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt:
             raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true",
                            "continue_final_message")
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            raise ApiError(400, f"modalities must be ['text'] (no audio output), got {self.modalities}",
+                           "modalities")
+        for i, tool in enumerate(self.tools or []):
+            if tool.type != "function" or tool.function is None:
+                raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}, "
+                               f"got type {tool.type!r}", "tools")
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as chat-template dicts, content parts joined into one string (as
@@ -174,19 +256,43 @@ class ChatCompletionRequest(_SamplingRequest):
         for i, m in enumerate(self.messages):
             d = m.model_dump(exclude_none=True)
             d["content"] = _message_text(m.content, i)
+            for call in d.get("tool_calls") or []:  # templates want arguments as a dict (as vLLM)
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except ValueError:
+                        raise ApiError(400, f"messages[{i}].tool_calls: arguments must be a JSON string, "
+                                       f"got {fn['arguments']!r}", "messages") from None
             out.append(d)
         return out
 
-    def template_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `tokenizer.apply_chat_template(..., tokenize=False)`."""
+    def echo_text(self) -> str:
+        """vLLM's chat echo: the last message's content when its role is the reply's."""
+        if not self.echo:
+            return ""
+        conv_add, _ = self._template_flags()
+        last = self.messages[-1]
+        role = "assistant" if conv_add else last.role
+        return _message_text(last.content, len(self.messages) - 1) if last.role == role else ""
+
+    def _template_flags(self) -> tuple[bool, bool]:
         cont = bool(self.continue_final_message)
         add = self.add_generation_prompt if self.add_generation_prompt is not None else not cont
-        return {**(self.chat_template_kwargs or {}), "add_generation_prompt": add,
-                "continue_final_message": cont, "tokenize": False}
+        return add, cont
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def template_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `tokenizer.apply_chat_template(..., tokenize=False)`."""
+        add, cont = self._template_flags()
+        kwargs = {**(self.chat_template_kwargs or {}), "add_generation_prompt": add,
+                  "continue_final_message": cont, "tokenize": False}
+        if self.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        return kwargs
+
+    def to_sampling_params(self, max_tokens: int, **extra) -> SamplingParams:
         k = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, k, self.prompt_logprobs)
+        return self._sampling_params(max_tokens, k, self.prompt_logprobs, **extra)
 
 
 def _message_text(content, index: int) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from raylm.cluster.protocol import ChatCompletionRequest, CompletionRequest
+from raylm.cluster.tool_calls import ToolDeltas, ToolMode, choice_tool_calls
 from raylm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 from raylm.engine.stop_checker import stream_holdback
@@ -128,13 +129,20 @@ def completion_response(head: dict, tokenizer, body: CompletionRequest, prompts:
 
 
 def chat_response(head: dict, tokenizer, body: ChatCompletionRequest, prompt: PromptInput,
-                  final: RequestOutput) -> dict:
-    """The /v1/chat/completions JSON."""
+                  final: RequestOutput, tools: ToolMode = ToolMode(), echo: str = "") -> dict:
+    """The /v1/chat/completions JSON; under a tool mode, calls parsed into `tool_calls`
+    (content null when there are only calls); `echo` leads each content."""
     top_k = body.top_logprobs or 0
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "tool_calls": []},
-                "logprobs": chat_logprobs(tokenizer, c.token_ids, c.logprobs or [], top_k) if body.logprobs
-                else None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-               for c in sorted(final.outputs, key=lambda c: c.index)]
+    choices = []
+    for c in sorted(final.outputs, key=lambda c: c.index):
+        content, calls, finish = choice_tool_calls(tools, c.text, c.finish_reason)
+        if echo:
+            content = echo + (content or "")
+        choices.append({
+            "index": c.index, "message": {"role": "assistant", "content": content,
+                                          "tool_calls": [call.to_json() for call in calls]},
+            "logprobs": chat_logprobs(tokenizer, c.token_ids, c.logprobs or [], top_k) if body.logprobs else None,
+            "finish_reason": finish, "stop_reason": c.stop_reason})
     return {**head, "choices": choices,
             "usage": usage(len(prompt.ids), sum(len(c.token_ids) for c in final.outputs)),
             "prompt_logprobs": prompt_logprobs_json(final.prompt_logprobs)}
@@ -213,13 +221,24 @@ class CompletionStream(_DeltaStream):
 
 
 class ChatStream(_DeltaStream):
-    """/v1/chat/completions chunks: a role chunk per choice, content deltas, then the
-    finish_reason (with the last delta)."""
+    """/v1/chat/completions chunks: a role chunk per choice (then the echo, if any),
+    content or tool-call deltas, then the finish_reason (with the last delta)."""
+
+    def __init__(self, head: dict, tokenizer, body, prompts: list[PromptInput], tools: ToolMode = ToolMode(),
+                 echo: str = ""):
+        super().__init__(head, tokenizer, body, prompts)
+        self.tools, self.echo = tools, echo
+        self.tool_deltas: dict[int, ToolDeltas] = {}
 
     def first_chunks(self) -> Iterator[dict]:
         for i in range(self.prompts[0].params.n):
-            yield {**self.head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]}
+            yield self._chunk(i, {"role": "assistant", "content": ""})
+            if self.echo:
+                yield self._chunk(i, {"content": self.echo})
+
+    def _chunk(self, index: int, delta: dict, finish_reason: Optional[str] = None) -> dict:
+        return {**self.head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish_reason}]}
 
     def chunks(self, prompt_index: int, out: RequestOutput) -> Iterator[dict]:
         body = self.body
@@ -228,11 +247,20 @@ class ChatStream(_DeltaStream):
             if delta is None:
                 continue
             s, text, start = delta
-            choice = {"index": c.index, "delta": {"content": text}, "logprobs": None,
-                      "finish_reason": c.finish_reason}
+            deltas, finish = [{"content": text}], c.finish_reason
+            if self.tools.active:
+                tools = self.tool_deltas.setdefault(c.index, ToolDeltas(self.tools))
+                deltas, finish = tools.feed(text, c.finish_reason)
+                deltas = deltas or [{}]
+            chunks = [self._chunk(c.index, d) for d in deltas]
+            last = chunks[-1]["choices"][0]
             if body.logprobs:
-                choice["logprobs"] = chat_logprobs(self.tokenizer, c.token_ids[start:s.tokens],
-                                                   (c.logprobs or [])[start:s.tokens], body.top_logprobs or 0)
+                chunks[0]["choices"][0]["logprobs"] = chat_logprobs(
+                    self.tokenizer, c.token_ids[start:s.tokens], (c.logprobs or [])[start:s.tokens],
+                    body.top_logprobs or 0)
             if c.finish_reason is not None:
-                choice["stop_reason"] = c.stop_reason
-            yield {**self.head, "choices": [choice]}
+                last["finish_reason"], last["stop_reason"] = finish, c.stop_reason
+            for chunk in chunks:  # a tool mode may have nothing to send yet
+                ch = chunk["choices"][0]
+                if ch["delta"] or ch["logprobs"] or ch["finish_reason"]:
+                    yield chunk
