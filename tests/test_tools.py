@@ -7,6 +7,8 @@ import json
 import jsonschema
 import pytest
 
+from raylm.cluster.structured_request import required_tools_schema
+from raylm.cluster.tool_calls import ToolDeltas, ToolMode, choice_tool_calls
 from raylm.cluster.tool_parsers import HermesToolParser, Llama3JsonToolParser, get_tool_parser
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
@@ -73,4 +75,54 @@ def test_llama3_content_streams_as_it_comes():
 def test_unknown_parser_names_the_choices():
     with pytest.raises(ValueError, match=r"tool_call_parser must be one of \['hermes', 'llama3_json'\]"):
         get_tool_parser("mistral")
-    assert jsonschema  # used by the schema tests below
+
+
+# ---- required / named: the schemas and the parsing of forced outputs ----------------------------
+
+PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def test_required_schema_accepts_only_calls_of_the_tools():
+    schema = required_tools_schema([("get_weather", PARAMS), ("now", None)], parallel=False)
+    jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Paris"}}], schema)
+    jsonschema.validate([{"name": "now", "arguments": {}}], schema)
+    for bad in ([], [{"name": "get_weather", "arguments": {}}], [{"name": "other", "arguments": {}}],
+                [{"name": "now", "arguments": {}}] * 2, {"name": "now", "arguments": {}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    parallel = required_tools_schema([("now", None)], parallel=True)
+    jsonschema.validate([{"name": "now", "arguments": {}}] * 3, parallel)
+
+
+def test_forced_outputs_become_tool_calls():
+    text = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]'
+    content, calls, finish = choice_tool_calls(ToolMode("required"), text, "stop")
+    assert content is None and finish == "tool_calls"
+    assert _calls(calls) == [("get_weather", {"city": "Paris"}), ("now", {})]
+    content, calls, finish = choice_tool_calls(ToolMode("named", name="get_weather"), '{"city": "Oslo"}', "stop")
+    assert (content, _calls(calls), finish) == (None, [("get_weather", {"city": "Oslo"})], "stop")
+    # cut short: the text stays content, finish_reason stays "length"
+    assert choice_tool_calls(ToolMode("named", name="f"), '{"city": "Os', "length") == ('{"city": "Os', [], "length")
+    assert choice_tool_calls(ToolMode(), "hi", "stop") == ("hi", [], "stop")
+    content, calls, finish = choice_tool_calls(ToolMode("auto", parser=HermesToolParser),
+                                               f"<tool_call>{WEATHER}</tool_call>", "stop")
+    assert content is None and finish == "tool_calls" and calls[0].name == "get_weather"
+
+
+def test_streamed_tool_deltas_have_openai_shape():
+    deltas = ToolDeltas(ToolMode("auto", parser=HermesToolParser))
+    out, finish = deltas.feed("Checking. <tool_", None)
+    assert out == [{"content": "Checking. "}] and finish is None
+    out, finish = deltas.feed(f"call>{WEATHER}</tool_call>", "stop")
+    assert finish == "tool_calls"
+    head, args = out
+    (h,) = head["tool_calls"]
+    assert h["index"] == 0 and h["id"].startswith("call_") and h["type"] == "function"
+    assert h["function"] == {"name": "get_weather", "arguments": ""}
+    assert set(args["tool_calls"][0]) == {"index", "function"}
+    assert json.loads(args["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris", "unit": "C"}
+    named = ToolDeltas(ToolMode("named", name="f"))
+    assert named.feed('{"a":', None) == ([], None)  # forced calls come whole at the end
+    out, finish = named.feed(" 1}", "stop")
+    assert finish == "stop" and out[0]["tool_calls"][0]["function"]["name"] == "f"
+    assert json.loads(out[1]["tool_calls"][0]["function"]["arguments"]) == {"a": 1}
