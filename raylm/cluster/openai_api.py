@@ -31,12 +31,12 @@ from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRe
 from raylm.cluster.router import RETRY_AFTER_S, NoGroupAvailable, Overloaded
 from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
                                      completion_response, response_head)
+from raylm.cluster.streams import Streams as _Streams
 from raylm.cluster.structured_request import structured_outputs_of
 from raylm.cluster.tokenize_routes import add_tokenize_routes
 from raylm.cluster.tool_calls import forced_tool_outputs, tool_mode
 from raylm.cluster.tool_parsers import get_tool_parser
 from raylm.engine.outputs import RequestOutput
-from raylm.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("raylm")
 
@@ -216,84 +216,6 @@ async def _wait_disconnect(raw: Request) -> None:
     # FastAPI has read the body, so the next ASGI message is the disconnect.
     while (await raw.receive())["type"] != "http.disconnect":
         pass
-
-
-class _Streams:
-    """One backend stream per prompt, each drained by its own task into one queue, so a
-    batch progresses together; `close()` cancels them, which aborts unfinished requests."""
-
-    def __init__(self, backend, requests: list[tuple[dict, SamplingParams, str]]):
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._live = len(requests)
-        self._early: list[tuple[int, RequestOutput]] = []
-        self._tasks = [asyncio.ensure_future(self._drain(i, backend, *r)) for i, r in enumerate(requests)]
-
-    async def _drain(self, i: int, backend, prompt: dict, params: SamplingParams, request_id: str):
-        stream = None
-        try:
-            stream = backend.generate_stream(prompt, params, request_id=request_id)
-            async for out in stream:
-                self._queue.put_nowait((i, out))
-            self._queue.put_nowait((i, None))
-        except Exception as exc:
-            self._queue.put_nowait((i, exc))
-        finally:
-            if stream is not None and hasattr(stream, "aclose"):
-                await stream.aclose()  # a no-op once the stream has ended
-
-    async def _next(self) -> Optional[tuple[int, RequestOutput]]:
-        while self._live:
-            i, item = await self._queue.get()
-            if item is None:
-                self._live -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                return i, item
-        return None
-
-    async def start(self) -> None:
-        """Wait for each stream's first output, so that bad input (the backend's
-        ValueError) is known before a response starts."""
-        waiting = set(range(len(self._tasks)))
-        while waiting:
-            item = await self._next()
-            if item is None:
-                raise RuntimeError("the backend ended a stream without any output")
-            self._early.append(item)
-            waiting.discard(item[0])
-
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative output) as the requests progress. Outputs are
-        cumulative, so when several are already queued (the response is written more
-        slowly than tokens arrive) only each prompt's newest is yielded: fewer, larger
-        chunks, nothing lost."""
-        while self._early:
-            yield self._early.pop(0)
-        while (item := await self._next()) is not None:
-            newest = {item[0]: item[1]}
-            while self._live and not self._queue.empty():
-                i, out = self._queue.get_nowait()
-                if out is None:
-                    self._live -= 1
-                elif isinstance(out, BaseException):
-                    raise out
-                else:
-                    newest[i] = out
-            for i, out in newest.items():
-                yield i, out
-
-    async def finals(self) -> list[RequestOutput]:
-        last: dict[int, RequestOutput] = {}
-        async for i, out in self.outputs():
-            last[i] = out
-        return [last[i] for i in range(len(self._tasks))]
-
-    async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _sse(obj: Any) -> str:
