@@ -21,10 +21,22 @@ def oracle(tokens):
     return (sum(tokens[-3:]) * 7 + len(tokens)) % 50 + 1
 
 
-def step(sched, accept=None):
+def step(sched, accept=None, worker_tables=None):
     """Plan one step and play the model: each proposal is accepted while it equals the
-    oracle's token; the rows append the accepted proposals and the token after them."""
+    oracle's token; the rows append the accepted proposals and the token after them.
+    `worker_tables`: a worker's copy of the block tables, kept by diffs as the planner
+    sends them (new ids past what it holds; preempted and truncated tables cut first)."""
     out = sched.schedule()
+    if worker_tables is not None:
+        for rid in out.preempted_ids:
+            worker_tables.pop(rid, None)
+        for rid, n in out.truncated_block_tables.items():
+            if rid in worker_tables:
+                del worker_tables[rid][n:]
+        for s in out.seqs:
+            held = worker_tables.setdefault(s.request_id, [])
+            held += s.block_table[len(held):]
+            assert held == s.block_table, "a diff-kept table went stale"
     accepted, emitted = {}, {}
     for s in out.seqs:
         if not s.sample:
@@ -137,6 +149,10 @@ def test_rejected_proposals_free_their_blocks_and_are_never_hashed():
     # Block 0 is full of verified tokens: hashed. Nothing holds the proposals.
     assert len(bm.hash_to_block) == 1 and bm.blocks[req.block_ids[0]].tokens == tuple(req.token_ids[:4])
     assert all(40 not in (b.tokens or ()) for b in bm.blocks)
+    # The next plan says which table lost its tail (workers drop their copy of it).
+    out = sched.schedule()
+    assert out.truncated_block_tables == {"a": 1} and len(req.block_ids) == 2
+    assert sched.schedule().truncated_block_tables == {}
     # A prompt made of the verified tokens plus the rejected proposals hits one block only.
     probe = Request("p", req.token_ids[:4] + [40, 41, 42, 43, 44, 46])
     assert len(bm.find_cached_prefix(probe)) == 1
@@ -204,7 +220,7 @@ def test_speculation_gives_the_tokens_of_plain_decoding_in_shared_steps():
         sched, bm = make(num_blocks=24, block_size=4, max_num_batched_tokens=20, max_model_len=60)
         for rid, p in prompts.items():
             sched.add_request(Request(rid, p, max_output_tokens=25))
-        done, mixed_spec = {}, 0
+        done, mixed_spec, worker_tables = {}, 0, {}
         for _ in range(400):
             for rid, req in sched.requests.items():
                 k = k_of(rid)
@@ -215,7 +231,7 @@ def test_speculation_gives_the_tokens_of_plain_decoding_in_shared_steps():
                         spec.append(t)
                         toks.append(t)
                     req.spec_token_ids = spec
-            out = step(sched)
+            out = step(sched, worker_tables=worker_tables)
             mixed_spec += out.num_spec_tokens > 0 and any(not s.spec_token_ids for s in out.seqs)
             for rid, req in list(sched.requests.items()):
                 assert len(req.block_ids) * 4 >= req.num_computed_tokens
@@ -223,6 +239,7 @@ def test_speculation_gives_the_tokens_of_plain_decoding_in_shared_steps():
                 if end:
                     done[rid] = req.token_ids[:min(60, req.num_prompt_tokens + 25)]
                     sched.finish_request(rid, RequestStatus.FINISHED_LENGTH)
+                    worker_tables.pop(rid, None)
             if not sched.has_unfinished_requests():
                 break
         assert_no_leak(bm)
@@ -232,4 +249,4 @@ def test_speculation_gives_the_tokens_of_plain_decoding_in_shared_steps():
     spec, sched, mixed = run(lambda rid: int(rid[1:]) % 4)  # k = 0, 1, 2, 3
     assert spec == plain and len(plain) == 6
     assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
-    assert mixed > 0
+    assert mixed > 0 and sched.num_preemptions > 0  # shared steps, block pressure

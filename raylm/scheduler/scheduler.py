@@ -52,6 +52,10 @@ class SchedulerOutput:
 
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    # Requests whose block table lost its tail since the last plan (blocks that held only
+    # rejected proposals): request id -> how many leading block ids are unchanged. A
+    # worker holding more of that table must drop the rest before reading this plan.
+    truncated_block_tables: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_scheduled_tokens(self) -> dict[str, int]:
@@ -94,6 +98,7 @@ class Scheduler:
         # vLLM's spec_decode_num_draft_tokens / num_accepted_tokens counters.
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self._truncated: dict[str, int] = {}  # for the next SchedulerOutput
 
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -154,6 +159,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan one step. Requests keep their place in priority/FCFS order."""
         out = SchedulerOutput()
+        if self._truncated:
+            out.truncated_block_tables, self._truncated = self._truncated, {}
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
         scheduled: list[tuple[Request, int]] = []
@@ -279,7 +286,9 @@ class Scheduler:
             raise ValueError(f"cannot roll back {num_rejected} positions of request "
                              f"{request.request_id!r}: it has {request.num_computed_tokens} computed")
         request.num_computed_tokens -= num_rejected
-        self.block_manager.free_tail(request, request.num_computed_tokens)
+        if self.block_manager.free_tail(request, request.num_computed_tokens):
+            rid = request.request_id
+            self._truncated[rid] = min(len(request.block_ids), self._truncated.get(rid, 1 << 62))
 
     # ---- speculative decoding ------------------------------------------------------
     def _num_proposals(self, request: Request, num_spec: int, budget: int) -> int:
