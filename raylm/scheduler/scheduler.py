@@ -15,7 +15,7 @@ are trimmed, never a reason to preempt), and `update_after_step` rolls back the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from raylm.scheduler.block_manager import BlockManager
 from raylm.scheduler.request import Request, RequestStatus
@@ -43,7 +43,7 @@ class ScheduledSeq:
     sample: bool
     # Proposals to verify: the last len(spec_token_ids) entries of token_ids. The step
     # samples at each of them and at the last known token (1 + len positions).
-    spec_token_ids: list[int] = field(default_factory=list)
+    spec_token_ids: Sequence[int] = ()
 
 
 @dataclass
