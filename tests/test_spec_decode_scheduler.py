@@ -97,7 +97,7 @@ def test_budget_trims_proposals_and_never_preempts():
     out = sched.schedule()
     # Both base rows first (2 tokens), then a's 4 proposals take the other 4.
     assert out.num_scheduled_tokens == {"a": 5, "b": 1}
-    assert [s.spec_token_ids for s in out.seqs] == [[9, 9, 9, 9], []]
+    assert [list(s.spec_token_ids) for s in out.seqs] == [[9, 9, 9, 9], []]
     assert not out.preempted_ids and out.total_num_scheduled_tokens == 6
     sched.update_after_step(out, {"a": 1})
     assert a.num_computed_tokens == 3 + 1 + 1 and b.num_computed_tokens == 4
