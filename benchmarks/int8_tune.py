@@ -46,7 +46,7 @@ def _time(fn_of_w, ws, args, cuda) -> float:
 
 def _int_mm(x_q, x_s, w):
     """The replaced path: torch._int_mm (M padded to 32 when <= 16), scales in PyTorch."""
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     m = x_q.shape[0]
     a = F.pad(x_q, (0, 0, 0, 32 - m)) if m <= 16 else x_q
@@ -54,7 +54,7 @@ def _int_mm(x_q, x_s, w):
 
 
 def candidates(m: int, cuda: bool, block_scaled: bool = False) -> list:
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     if not cuda:
         return [quant_gemm.I8Config(16, 32, 32, 1, 1, 1, 1),
@@ -71,7 +71,7 @@ class _Format:
     a tile, the tile production picks, and the path it is compared with."""
 
     def __init__(self, name: str, group_size: int):
-        from raylm.kernels import quant_gemm
+        from raylm.kernels import quant as quant_gemm
 
         self.name = name
         if name == "int8":
@@ -88,7 +88,7 @@ class _Format:
 
 
 def run(args, save) -> dict:
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     cuda = not args.smoke
     device = "cuda" if cuda else "cpu"

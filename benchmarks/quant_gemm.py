@@ -83,7 +83,7 @@ def make_weights(fmt: str, k: int, n: int, dtype: torch.dtype, gen, device: str,
         w_scale = torch.rand(-(-n // group_size), k // group_size, generator=gen, device=device) * 1e-3 + 1e-4
         w_scale = w_scale.repeat_interleave(group_size, 0)[:n].t().contiguous().t()  # group-major
     if fmt == "fp8-block-cublas":  # the same blocks, laid out for torch._scaled_mm
-        from raylm.kernels import quant_gemm
+        from raylm.kernels import quant as quant_gemm
 
         blocks = torch.rand(n // 128, k // 128, generator=gen, device=device) * 1e-3 + 1e-4  # always 128x128
         w_scale = quant_gemm.block_scales_for_cublas(blocks.repeat_interleave(128, 0))
@@ -101,7 +101,8 @@ def weight_bytes(w: dict) -> int:
 def quant_and_gemm(fmt: str, group_size: int):
     """(activation quantization x -> (x_q, x_scale), GEMM (x_q, x_scale, w_q, w_scale,
     **kw)) of an 8-bit format, as its linear layers call them."""
-    from raylm.kernels import quant_act, quant_gemm
+    from raylm.kernels import quant as quant_gemm
+    from raylm.kernels.quant import act as quant_act
 
     if fmt == "w8a8-int8":
         return (lambda t: quant_act.per_token_quant_int8(t, "vllm")), quant_gemm.w8a8_int8_gemm
@@ -117,7 +118,7 @@ def quant_and_gemm(fmt: str, group_size: int):
 def make_call(fmt: str, w: dict, x: torch.Tensor, group_size: int, act_quant: bool):
     """A no-argument function running one GEMM of `fmt` on x (and, for the 8-bit formats
     with act_quant, the per-token activation quantization before it)."""
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     if fmt == "bf16":
         wt = w["w"].t()  # [K, N] view of nn.Linear's [N, K]: cuBLAS reads it transposed

@@ -63,7 +63,7 @@ def _time(fn_of_w, ws, args, cuda) -> float:
 
 
 def _w4(layout, x, group, cfg=None, dequant=False):
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     zero_offset = 1 if layout == "gptq" else 0
 
@@ -75,7 +75,7 @@ def _w4(layout, x, group, cfg=None, dequant=False):
 
 
 def run(args) -> dict:
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     cuda = not args.smoke
     device = "cuda" if cuda else "cpu"
@@ -185,7 +185,7 @@ def run(args) -> dict:
 
 
 def _tune_w4r(args, shapes, weights, xs, group, cuda, bf16_us, record) -> dict:
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     def layer_time(m, cfg_for_shape, dequant=False):
         total = 0.0

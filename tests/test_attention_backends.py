@@ -13,9 +13,11 @@ if not torch.cuda.is_available():
 
     use_interpreter()  # before the kernel modules are imported
 
-from raylm.workers.attention_backends import TritonAttentionBackend, default_backend  # noqa: E402
-from raylm.workers.layers.attention import (  # noqa: E402
-    Attention, AttentionMetadata, TorchAttentionBackend, get_attention_backend)
+from raylm.workers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from raylm.workers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from raylm.workers.attention_backends import (  # noqa: E402
+    AttentionMetadata, default_backend, get_attention_backend)
+from raylm.workers.layers.attention import Attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-2 if DEVICE == "cuda" else 1e-4
@@ -78,11 +80,15 @@ def test_triton_backend_is_registered():
 
 
 @pytest.mark.parametrize("name,package,module", [
-    ("flash_attn", "flash-attn", "flash_attn"),
+    ("flash_attn", "flash-attn-4", "flash_attn.cute"),
     ("flashinfer", "flashinfer-python", "flashinfer"),
 ])
 def test_missing_package_names_it(name, package, module):
-    if importlib.util.find_spec(module) is not None:
+    try:
+        installed = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package of a dotted name is missing too
+        installed = False
+    if installed:
         pytest.skip(f"{module} is installed")
     with pytest.raises(ImportError, match=f"attention_backend '{name}' needs the {package} package, "
                                           f"which is not installed"):
@@ -90,6 +96,12 @@ def test_missing_package_names_it(name, package, module):
 
 
 def test_default_backend():
-    assert default_backend("cuda") == "triton"
-    assert default_backend("cuda:1") == "triton"
+    assert default_backend("cuda") == "auto"
+    assert default_backend("cuda:1") == "auto"
     assert default_backend("cpu") == "torch"
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match="attention_backend 'nope' is not available; choose from "
+                                         r"\['auto', 'flash_attn', 'flashinfer', 'torch', 'triton'"):
+        get_attention_backend("nope")

@@ -16,8 +16,9 @@ if not torch.cuda.is_available():
 
 from raylm import LLM, SamplingParams  # noqa: E402
 from raylm.engine.config import EngineArgs  # noqa: E402
-from raylm.workers.attention_backends import TritonAttentionBackend  # noqa: E402
-from raylm.workers.layers.attention import Attention, TorchAttentionBackend  # noqa: E402
+from raylm.workers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from raylm.workers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from raylm.workers.layers.attention import Attention  # noqa: E402
 from tests.helpers import make_tokenizer  # noqa: E402
 from tests.test_attention_backends import make_step  # noqa: E402
 

@@ -13,10 +13,10 @@ if not torch.cuda.is_available():
 
     use_interpreter()  # before the kernel modules are imported
 
-from raylm.kernels.quant_act import (  # noqa: E402
+from raylm.kernels.quant.act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
-from raylm.kernels.quant_gemm import (  # noqa: E402
+from raylm.kernels.quant import (  # noqa: E402
     block_scales_for_cublas, dequantize_awq, dequantize_gptq, fp8_block_gemm, fp8_block_gemm_ref,
     fp8_block_scaled_mm, fp8_gemm, fp8_gemm_ref, unpack_awq, unpack_gptq,
     FP8_TRITON_MAX_M, W4R_SLOT, I8Config, W4Config, dequantize_w4r, pick_config, pick_w4r_config, repack_w4,
@@ -208,7 +208,7 @@ def test_w4a16_dequantize_then_matmul(layout, bits, group_size, act_order):
 
 def test_w4a16_pick_config(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's choice, made on CPU
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     for layout in ("gptq", "awq"):
         for m in (1, 7, 16, 40, 200):
@@ -340,7 +340,7 @@ def test_w4r_gemm_checks():
 
 def test_w4r_pick_config(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's choice, made on CPU
-    from raylm.kernels import quant_gemm
+    from raylm.kernels import quant as quant_gemm
 
     for m in (1, 16, 33, 100, 255):
         for k, n in [(4096, 6144), (4096, 28672), (14336, 4096)]:
@@ -563,7 +563,7 @@ def test_fp8_block_gemm_routes_large_batches_to_cublas(monkeypatch):
     # hands the product to torch._scaled_mm. A stand-in checks the operands as cuBLAS's
     # block scaling takes them (M a multiple of 4, activation scales outer-dim-major,
     # weight scales [K/128, N/128] with a row stride padded to 4) and computes the product.
-    from raylm.kernels import quant_gemm
+    from raylm.kernels.quant import fp8_block as quant_gemm
 
     calls = []
 

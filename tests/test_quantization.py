@@ -198,7 +198,7 @@ def test_layers_keep_packed_weights():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_pack_rows_inverts_unpack(bits):
-    from raylm.kernels.quant_gemm import unpack_rows, pack_rows
+    from raylm.kernels.quant import unpack_rows, pack_rows
 
     packed = torch.randint(-2**31, 2**31 - 1, (6, 5), dtype=torch.int64).to(torch.int32)
     assert torch.equal(pack_rows(unpack_rows(packed, bits), bits), packed)

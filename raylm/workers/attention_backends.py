@@ -1,137 +1,248 @@
-"""Attention backends beyond the PyTorch reference: our Triton kernels ("triton", the
-default on CUDA) and, when their packages are installed, flash-attn ("flash_attn") and
-FlashInfer ("flashinfer"). Importing this module registers all three; a backend whose
-package is missing fails when it is constructed, naming the package."""
+"""Paged attention backends: the metadata a step carries, the backend interface, the
+registry of backends by name, and "auto", which picks one backend per operation.
+
+Backends (each in raylm/workers/attention/, imported only when asked for):
+- "torch": the PyTorch reference, the CPU path.
+- "triton": our Triton kernels (split-K decode, varlen paged prefill).
+- "flashinfer": FlashInfer's paged decode / prefill wrappers (flashinfer-python).
+- "flash_attn": FlashAttention-4's varlen forward over the page table (flash-attn-4).
+- "auto": per operation ("decode", "prefill"), the first backend of AUTO_RULES that is
+  installed and accepts the shape, else "triton".
+
+KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]. Token t
+of a sequence lives in block `block_table[t // block_size]` at offset `t % block_size`;
+`slot_mapping` gives each new token's flat slot (block_id * block_size + offset).
+kv_cache_dtype="fp8" stores clamp(x / scale, +-448) as float8_e4m3fn, one float scale for
+K and one for V per layer (Attention.k_scale / v_scale).
+"""
 from __future__ import annotations
 
 import importlib
-from itertools import accumulate
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
-from raylm.kernels.decode_attention import decode_num_splits, paged_decode_attention
-from raylm.kernels.kv_cache import write_kv_cache
-from raylm.kernels.prefill_attention import paged_prefill_attention
-from raylm.workers.layers.attention import AttentionBackend, AttentionMetadata, register_backend
+logger = logging.getLogger("raylm")
+
+OPS = ("decode", "prefill")  # a decode step (one query per sequence), anything else
 
 
-def default_backend(device: str) -> str:
-    """The attention backend to use when none is asked for: Triton kernels on CUDA, the
-    PyTorch reference elsewhere."""
-    return "triton" if torch.device(device).type == "cuda" else "torch"
+@dataclass
+class AttentionMetadata:
+    """Per-step inputs every attention layer reads. Sequences are packed: sequence i's
+    new tokens are rows query_start_loc[i]:query_start_loc[i+1] of q/k/v."""
+
+    slot_mapping: torch.Tensor      # [num_tokens] int64
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32
+    seq_lens: torch.Tensor          # [num_seqs] int32: cached + new tokens
+    block_tables: torch.Tensor      # [num_seqs, max_blocks] int32, padded with 0
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+    # A backend's state for a captured CUDA graph of this metadata (a planned wrapper);
+    # None in eager steps, which each backend plans for itself.
+    backend_state: Any = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    @property
+    def op(self) -> str:
+        return "decode" if self.max_query_len == 1 else "prefill"
 
 
-def _require(module: str, package: str, backend: str):
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a backend needs to know to accept or refuse a layer's attention."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, q: torch.Tensor, kv_cache: torch.Tensor) -> "AttentionShape":
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        return cls(q.shape[1], num_kv_heads, head_dim, block_size, q.dtype, kv_cache.dtype, q.device)
+
+    def describe(self) -> str:
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, block_size={self.block_size}, "
+                f"dtype={str(self.q_dtype).removeprefix('torch.')}, "
+                f"kv_cache_dtype={str(self.kv_dtype).removeprefix('torch.')}, device={self.device}")
+
+
+class AttentionBackend:
+    """Writes new K/V into the paged cache and attends each query to its sequence's
+    cached prefix plus itself (causal). With an fp8 cache, K and V are stored divided by
+    k_scale / v_scale; backends that cannot read one leave `supports_fp8_kv_cache` False.
+
+    A backend refuses a shape it cannot run (`refusal`) at its first use, with an error
+    naming the shape. Backends whose launches only read tensors set supports_cuda_graphs;
+    those that plan on the host (FlashInfer) also implement graph_prepare / graph_plan,
+    which the CUDA-graph runner calls before capture and before each replay."""
+
+    name = "base"
+    supports_fp8_kv_cache = False
+    supports_cuda_graphs = False
+
+    def __init__(self):
+        self._accepted: set = set()
+
+    def refusal(self, op: str, shape: AttentionShape) -> Optional[str]:
+        """Why this backend cannot run `op` ("decode" or "prefill") at `shape`; None if it can."""
+        return None
+
+    def check(self, op: str, q: torch.Tensor, kv_cache: torch.Tensor) -> AttentionShape:
+        """Raise a ValueError naming the shape if this backend refuses it (checked once)."""
+        shape = AttentionShape.of(q, kv_cache)
+        if (op, shape) not in self._accepted:
+            reason = self.refusal(op, shape)
+            if reason is not None:
+                raise ValueError(f"attention_backend {self.name!r} cannot run {op} at "
+                                 f"{shape.describe()}: {reason}")
+            self._accepted.add((op, shape))
+        return shape
+
+    def for_op(self, op: str) -> "AttentionBackend":
+        """The backend that runs `op` (itself; "auto" answers its choice)."""
+        return self
+
+    def graph_prepare(self, meta: AttentionMetadata, max_blocks: int) -> None:
+        """Before capturing a CUDA graph over `meta` (fixed buffers, max_blocks per row)."""
+
+    def graph_plan(self, meta: AttentionMetadata, query_lens: list[int], seq_lens: list[int]) -> None:
+        """Before a replay of the graph over `meta`: the step's lengths, on the host (rows
+        past len(seq_lens) are padding)."""
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# name -> "module:Class", imported when first asked for (tests may register classes).
+_BACKENDS: dict[str, Any] = {
+    "torch": "raylm.workers.attention.torch_backend:TorchAttentionBackend",
+    "triton": "raylm.workers.attention.triton_backend:TritonAttentionBackend",
+    "flashinfer": "raylm.workers.attention.flashinfer_backend:FlashInferBackend",
+    "flash_attn": "raylm.workers.attention.flash_attn_backend:FlashAttnBackend",
+    "auto": "raylm.workers.attention_backends:AutoAttentionBackend",
+}
+
+
+def register_backend(name: str, cls) -> None:
+    """Make `cls` (an AttentionBackend class, or "module:Class") available as `name`."""
+    _BACKENDS[name] = cls
+
+
+def backend_class(name: str):
+    if name not in _BACKENDS:
+        raise ValueError(f"attention_backend {name!r} is not available; choose from {sorted(_BACKENDS)}")
+    cls = _BACKENDS[name]
+    if isinstance(cls, str):
+        module, attr = cls.split(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """A new backend instance by name; ImportError naming the package when it is missing."""
+    return backend_class(name)()
+
+
+def require(module: str, package: str, backend: str):
+    """Import `module` for `backend`, or raise an ImportError naming the package to install."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"attention_backend {backend!r} needs the {package} package, "
-                          f"which is not installed") from e
+        raise ImportError(f"attention_backend {backend!r} needs the {package} package, which is "
+                          f"not installed (pip install {package}; see benchmarks/ATTENTION_INSTALL.md)") from e
 
 
-class TritonAttentionBackend(AttentionBackend):
-    """Our Triton kernels: split-K paged decode for decode-only steps, the varlen paged
-    prefill kernel for any step with a query longer than one token. The decode launch
-    depends only on tensors and the batch shape, so it can be captured in a CUDA graph."""
+def default_backend(device: str) -> str:
+    """The attention backend to use when none is asked for: "auto" on CUDA (Triton unless
+    AUTO_RULES prefers an installed package), the PyTorch reference elsewhere."""
+    return "auto" if torch.device(device).type == "cuda" else "torch"
 
-    name = "triton"
-    supports_cuda_graphs = True
+
+# Per operation, the backends "auto" prefers, best first; "triton" is always the last
+# resort. Filled from benchmarks/attention.py on the target GPU: until measured, Triton.
+AUTO_RULES: dict[str, tuple[str, ...]] = {
+    "decode": ("triton",),
+    "prefill": ("triton",),
+}
+AUTO_FALLBACK = "triton"
+
+
+class AutoAttentionBackend(AttentionBackend):
+    """Per operation, the first backend of `rules` that is installed and accepts the
+    layer's shape, else AUTO_FALLBACK. The choice is made at the first use of each
+    operation (when the shape is known) and logged; K/V are written by the fallback's
+    kernel (every backend reads the same cache layout)."""
+
+    name = "auto"
     supports_fp8_kv_cache = True
+    supports_cuda_graphs = True  # the CUDA-graph runner asks for_op("decode") before capturing
+
+    def __init__(self, rules: Optional[dict] = None):
+        super().__init__()
+        rules = AUTO_RULES if rules is None else rules
+        self.fallback = get_attention_backend(AUTO_FALLBACK)
+        self.candidates: dict[str, list[AttentionBackend]] = {}
+        made: dict[str, AttentionBackend] = {AUTO_FALLBACK: self.fallback}
+        for op in OPS:
+            self.candidates[op] = []
+            for name in rules.get(op, ()):
+                if name not in made:
+                    try:
+                        made[name] = get_attention_backend(name)
+                    except ImportError as e:
+                        logger.info("attention_backend auto: %s is not installed (%s)", name, e)
+                        continue
+                self.candidates[op].append(made[name])
+        self.chosen: dict[str, AttentionBackend] = {}
+
+    def choose(self, op: str, shape: AttentionShape) -> AttentionBackend:
+        """The backend for `op` at `shape` (decided once per operation)."""
+        backend = self.chosen.get(op)
+        if backend is None:
+            backend = self.fallback
+            for candidate in self.candidates[op]:
+                reason = candidate.refusal(op, shape)
+                if reason is None:
+                    backend = candidate
+                    break
+                logger.info("attention_backend auto: %s refuses %s at %s: %s",
+                            candidate.name, op, shape.describe(), reason)
+            logger.info("attention_backend auto: %s runs %s", backend.name, op)
+            self.chosen[op] = backend
+        return backend
+
+    def for_op(self, op: str) -> AttentionBackend:
+        return self.chosen.get(op, self.fallback)
+
+    def refusal(self, op, shape):
+        return self.choose(op, shape).refusal(op, shape)
 
     def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
-        write_kv_cache(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+        self.fallback.write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
 
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
-        if meta.max_query_len == 1:
-            num_splits = decode_num_splits(q.shape[0], kv_cache.shape[3], q.device)
-            return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                          num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
-        return paged_prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens,
-                                       meta.query_start_loc, scale, meta.max_query_len,
-                                       k_scale=k_scale, v_scale=v_scale)
-
-
-class FlashAttnBackend(AttentionBackend):
-    """flash-attn 2 reading the paged cache through the block table. Its paged KV cache
-    needs block_size to be a multiple of 256."""
-
-    name = "flash_attn"
-
-    def __init__(self):
-        fa = _require("flash_attn", "flash-attn", self.name)
-        self._varlen = fa.flash_attn_varlen_func
-        self._with_kvcache = fa.flash_attn_with_kvcache
-
-    def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
-        write_kv_cache(k, v, kv_cache, slot_mapping)
-
-    def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
-        block_size = kv_cache.shape[2]
-        if block_size % 256:
-            raise ValueError(f"attention_backend 'flash_attn' needs block_size to be a multiple "
-                             f"of 256 (flash-attn's paged KV cache); block_size is {block_size}")
-        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, Hk, D] each
-        if meta.max_query_len == 1:
-            out = self._with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,
-                                     block_table=meta.block_tables, softmax_scale=scale, causal=True)
-            return out.squeeze(1)
-        cu_seqlens_k = F.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
-        # flash-attn aligns the causal mask bottom-right: query j sees the cached prefix.
-        return self._varlen(q, k_cache, v_cache, meta.query_start_loc, cu_seqlens_k,
-                            meta.max_query_len, meta.max_seq_len, softmax_scale=scale,
-                            causal=True, block_table=meta.block_tables)
-
-
-class FlashInferBackend(AttentionBackend):
-    """FlashInfer's paged prefill / decode wrappers over the cache's (K, V) halves in NHD
-    layout. The plan is made once per step (the first layer) and reused by the others."""
-
-    name = "flashinfer"
-    workspace_bytes = 128 << 20
-
-    def __init__(self):
-        self._fi = _require("flashinfer", "flashinfer-python", self.name)
-        self._workspace = None
-        self._planned = None  # (meta, plan key) of the current step
-        self._wrapper = None
-
-    def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
-        write_kv_cache(k, v, kv_cache, slot_mapping)
-
-    def _plan(self, q, kv_cache, meta: AttentionMetadata, scale) -> None:
-        key = (q.dtype, q.shape[1], tuple(kv_cache.shape[2:]), scale)
-        if self._planned is not None and self._planned[0] is meta and self._planned[1] == key:
-            return
-        if self._workspace is None:
-            self._workspace = torch.zeros(self.workspace_bytes, dtype=torch.uint8, device=q.device)
-            self._prefill = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
-            self._decode = self._fi.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD")
-        block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-        num_pages = [-(-n // block_size) for n in meta.seq_lens_cpu]
-        kv_indptr = torch.tensor([0, *accumulate(num_pages)], dtype=torch.int32)
-        last_page_len = torch.tensor([n - (p - 1) * block_size for n, p in zip(meta.seq_lens_cpu, num_pages)],
-                                     dtype=torch.int32)
-        in_use = (torch.arange(meta.block_tables.shape[1], device=q.device)[None, :]
-                  < torch.tensor(num_pages, device=q.device)[:, None])
-        kv_indices = meta.block_tables[in_use]
-        common = dict(sm_scale=scale, q_data_type=q.dtype, kv_data_type=kv_cache.dtype)
-        if meta.max_query_len == 1:
-            self._decode.plan(kv_indptr, kv_indices, last_page_len, q.shape[1], num_kv_heads,
-                              head_dim, block_size, **common)
-            self._wrapper = self._decode
-        else:
-            qo_indptr = torch.tensor([0, *accumulate(meta.query_lens_cpu)], dtype=torch.int32)
-            self._prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, q.shape[1],
-                               num_kv_heads, head_dim, block_size, causal=True, **common)
-            self._wrapper = self._prefill
-        self._planned = (meta, key)
-
-    def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
-        self._plan(q, kv_cache, meta, scale)
-        return self._wrapper.run(q, (kv_cache[0], kv_cache[1]))
-
-
-register_backend(TritonAttentionBackend.name, TritonAttentionBackend)
-register_backend(FlashAttnBackend.name, FlashAttnBackend)
-register_backend(FlashInferBackend.name, FlashInferBackend)
+        op = meta.op
+        backend = self.chosen.get(op) or self.choose(op, AttentionShape.of(q, kv_cache))
+        return backend.attend(q, kv_cache, meta, scale, k_scale, v_scale)

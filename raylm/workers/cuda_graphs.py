@@ -13,6 +13,12 @@ token count T: the n real tokens, then T - n padding rows that write nothing (sl
 and come after every real query, so causal attention never shows them to a real row.
 Eagerly such a step is bound by kernel launches (a few hundred for a 0.6B model), which
 is most of the time to first token at batch 1.
+
+Backends that plan on the host (FlashInfer) get their plan outside the graph: the graph
+runner builds each size's metadata once, lets the backend that runs the operation
+(`backend.for_op`) prepare fixed buffers for it (graph_prepare) and plan it from the
+step's host-side lengths before every replay (graph_plan). A backend that cannot be
+captured (supports_cuda_graphs False) leaves its operation to eager steps.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import time
 
 import torch
 
-from raylm.workers.layers.attention import AttentionMetadata
+from raylm.workers.attention_backends import AttentionMetadata
 from raylm.workers.transfer import to_device
 
 logger = logging.getLogger("raylm")
@@ -98,14 +104,19 @@ class DecodeGraphs:
         self.capture_s = 0.0
         self.capture_bytes = 0
         self.pool = None  # the memory pool the graphs share (PrefillGraphs joins it)
+        self.metas: dict[int, AttentionMetadata] = {}
+        self.impl = None  # the backend that runs decode (backend.for_op), known after a pass
 
     def _meta(self, b: int) -> AttentionMetadata:
-        # The decode kernels read only these tensors; the *_cpu fields are placeholders.
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b], query_start_loc=self.query_start_loc[:b + 1],
-            seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b],
-            query_lens_cpu=[1] * b, seq_lens_cpu=[1] * b, max_query_len=1,
-            max_seq_len=self.max_blocks)
+        # Triton's decode reads only the tensors; the *_cpu fields are placeholders that a
+        # host-planning backend's graph_plan replaces each step.
+        if b not in self.metas:
+            self.metas[b] = AttentionMetadata(
+                slot_mapping=self.slot_mapping[:b], query_start_loc=self.query_start_loc[:b + 1],
+                seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b],
+                query_lens_cpu=[1] * b, seq_lens_cpu=[1] * b, max_query_len=1,
+                max_seq_len=self.max_blocks * _block_size(self.model))
+        return self.metas[b]
 
     def _forward(self, b: int) -> torch.Tensor:
         return self.model(self.input_ids[:b], self.positions[:b], self._meta(b), self.backend)
@@ -120,7 +131,16 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for b in reversed(self.sizes):  # largest first, so smaller ones reuse its pool
-                self._forward(b)  # compile the Triton kernels for this shape outside capture
+                self._forward(b)  # compile the kernels for this shape outside capture (eagerly)
+                self.impl = self.backend.for_op("decode")
+                if not self.impl.supports_cuda_graphs:
+                    logger.info("attention backend %r cannot be captured: decode runs eagerly",
+                                self.impl.name)
+                    break
+                meta = self._meta(b)
+                self.impl.graph_prepare(meta, self.max_blocks)
+                self.impl.graph_plan(meta, [1] * b, [1] * b)
+                self._forward(b)  # and the graph-mode launch, outside capture too
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.outputs[b] = self._forward(b)
@@ -135,7 +155,7 @@ class DecodeGraphs:
                     len(self.graphs), self.max_batch, self.capture_s, self.capture_bytes / 2**20)
 
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
-        return num_seqs <= self.max_batch and max_blocks <= self.max_blocks
+        return bool(self.graphs) and num_seqs <= self.max_batch and max_blocks <= self.max_blocks
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             seq_lens: list[int], tables: tuple[torch.Tensor, int], placeholders=None) -> torch.Tensor:
@@ -159,8 +179,14 @@ class DecodeGraphs:
         if b > n:
             self.slot_mapping[n:b].fill_(-1)
             self.seq_lens[n:b].zero_()
+        self.impl.graph_plan(self.metas[b], [1] * n, seq_lens)
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+def _block_size(model) -> int:
+    """The KV cache's block size, read off the model's first attention layer."""
+    return model.attention_layers()[0].kv_cache.shape[2]
 
 
 PREFILL_GRAPH_MAX_TOKENS = 512
@@ -200,14 +226,20 @@ class PrefillGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
+        self.metas: dict[int, AttentionMetadata] = {}
+        self.impl = None  # the backend that runs prefill (backend.for_op), known after a pass
+
+    def _meta(self, t: int) -> AttentionMetadata:
+        if t not in self.metas:
+            self.metas[t] = AttentionMetadata(
+                slot_mapping=self.slot_mapping[:t], query_start_loc=self.query_start[t],
+                seq_lens=self.seq_lens, block_tables=self.block_tables,
+                query_lens_cpu=[t], seq_lens_cpu=[t], max_query_len=t,
+                max_seq_len=self.max_blocks * self.block_size)
+        return self.metas[t]
 
     def _forward(self, t: int) -> torch.Tensor:
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:t], query_start_loc=self.query_start[t],
-            seq_lens=self.seq_lens, block_tables=self.block_tables,
-            query_lens_cpu=[t], seq_lens_cpu=[t], max_query_len=t,
-            max_seq_len=self.max_blocks * self.block_size)
-        return self.model(self.input_ids[:t], self.positions[:t], meta, self.backend)
+        return self.model(self.input_ids[:t], self.positions[:t], self._meta(t), self.backend)
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
@@ -219,6 +251,16 @@ class PrefillGraphs:
         with torch.cuda.stream(stream):
             for t in reversed(self.sizes):
                 self._forward(t)  # compile outside the capture
+                self.impl = self.backend.for_op("prefill")
+                if not self.impl.supports_cuda_graphs:
+                    logger.info("attention backend %r cannot be captured: prefills run eagerly",
+                                self.impl.name)
+                    self.sizes, self.max_tokens = [], 0
+                    break
+                meta = self._meta(t)
+                self.impl.graph_prepare(meta, self.max_blocks)
+                self.impl.graph_plan(meta, [t], [self.max_tokens])
+                self._forward(t)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.outputs[t] = self._forward(t)
@@ -260,5 +302,6 @@ class PrefillGraphs:
         if graph is None:  # not captured (the CPU tests): the same padded pass, eagerly
             self.outputs[t] = self._forward(t)
         else:
+            self.impl.graph_plan(self.metas[t], [t], [start_pos + t])
             graph.replay()
         return self.outputs[t][:n]

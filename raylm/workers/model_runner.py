@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from raylm.workers.layers.attention import AttentionMetadata, get_attention_backend
+from raylm.workers.attention_backends import AttentionMetadata, get_attention_backend
 from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
 from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables, PrefillGraphs
 from raylm.workers.messages import (PLACEHOLDER_TOKEN, NewRequest, SamplingOptions, SeqChunk,

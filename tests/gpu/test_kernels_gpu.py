@@ -12,12 +12,12 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs a CUDA GPU (and compiled, not interpreted, Triton)", allow_module_level=True)
 
 from raylm.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from raylm.kernels.decode_attention import (  # noqa: E402
+from raylm.kernels.attention.decode import (  # noqa: E402
     MAX_SPLITS, paged_decode_attention, paged_decode_attention_ref)
-from raylm.kernels.kv_cache import write_kv_cache, write_kv_cache_ref  # noqa: E402
-from raylm.kernels.prefill_attention import (  # noqa: E402
+from raylm.kernels.attention.kv_cache import write_kv_cache, write_kv_cache_ref  # noqa: E402
+from raylm.kernels.attention.prefill import (  # noqa: E402
     paged_prefill_attention, paged_prefill_attention_ref)
-from raylm.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from raylm.kernels.norm import rms_norm, rms_norm_ref  # noqa: E402
 from raylm.kernels.rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
 
 DTYPE = torch.bfloat16

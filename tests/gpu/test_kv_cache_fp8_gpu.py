@@ -12,8 +12,9 @@ import torch
 if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs a CUDA GPU (and compiled, not interpreted, Triton)", allow_module_level=True)
 
-from raylm.workers.attention_backends import TritonAttentionBackend  # noqa: E402
-from raylm.workers.layers.attention import Attention, TorchAttentionBackend  # noqa: E402
+from raylm.workers.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from raylm.workers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from raylm.workers.layers.attention import Attention  # noqa: E402
 from tests.test_kv_cache_fp8 import PROMPTS, make_step  # noqa: E402
 
 FP8 = torch.float8_e4m3fn

@@ -11,10 +11,10 @@ import torch
 if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs a CUDA GPU (and compiled, not interpreted, Triton)", allow_module_level=True)
 
-from raylm.kernels.quant_act import (  # noqa: E402
+from raylm.kernels.quant.act import (  # noqa: E402
     per_token_quant_fp8, per_token_quant_fp8_ref, per_token_quant_int8,
     per_token_quant_int8_ref)
-from raylm.kernels.quant_gemm import (  # noqa: E402
+from raylm.kernels.quant import (  # noqa: E402
     I8Config, INT8_CONFIGS, W4Config, block_scaled_mm_ok, block_scales_for_cublas, fp8_block_gemm,
     fp8_block_gemm_ref, fp8_block_scaled_mm, fp8_gemm, fp8_gemm_ref, repack_w4, unpack_awq, unpack_gptq,
     w4a16_gemm, w4a16_gemm_ref, w4r_gemm, w8a8_int8_gemm, w8a8_int8_gemm_ref)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from raylm.kernels import quant_act
+from raylm.kernels.quant import act as quant_act
 
 FP8_MAX = quant_act.FP8_MAX  # largest float8_e4m3fn value
 

@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if x.is_cuda:  # one fused Triton kernel: residual add + norm
-            from raylm.kernels.rms_norm import rms_norm
+            from raylm.kernels.norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:

@@ -65,13 +65,13 @@ class AWQLinearMethod:
 
     def repack_w4r(self, layer: nn.Module) -> None:
         """Move the layer to quant_gemm's w4r layout (base.to_w4r), as on the GPU."""
-        from raylm.kernels.quant_gemm import unpack_awq
+        from raylm.kernels.quant import unpack_awq
 
         q, z = unpack_awq(layer.qweight.data, layer.qzeros.data)
         to_w4r(layer, q, z, self.config.group_size)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from raylm.kernels import quant_gemm
+        from raylm.kernels import quant as quant_gemm
 
         c = self.config
         if getattr(layer, "zb", None) is not None:

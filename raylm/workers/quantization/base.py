@@ -67,7 +67,7 @@ def to_w4r(layer, q: torch.Tensor, z: Optional[torch.Tensor], group_size: int, z
     weight keeps its int32 [K // 8, N] size; apply() then calls quant_gemm.w4r_gemm."""
     from torch import nn
 
-    from raylm.kernels.quant_gemm import repack_w4
+    from raylm.kernels.quant import repack_w4
 
     qweight, scales, zb = repack_w4(q, z, layer.scales.data, layer.act_dtype, zero_offset)
     layer.qweight.data = qweight
@@ -78,7 +78,7 @@ def to_w4r(layer, q: torch.Tensor, z: Optional[torch.Tensor], group_size: int, z
 
 
 def apply_w4r(layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    from raylm.kernels.quant_gemm import w4r_gemm
+    from raylm.kernels.quant import w4r_gemm
 
     shape = x.shape
     y = w4r_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.zb, layer.w4r_group_size, bias=bias)

@@ -261,7 +261,7 @@ class CompressedTensorsW8:
 
     def _quant_dequant(self, x: torch.Tensor, static_scale: Optional[float]) -> torch.Tensor:
         """CPU reference: x through the scheme's activation quantization and back, float32."""
-        from raylm.kernels import quant_act
+        from raylm.kernels.quant import act as quant_act
 
         xf = x.float()
         if self.scheme.act is None:
@@ -294,7 +294,8 @@ class CompressedTensorsW8:
         return y.reshape(*shape[:-1], -1)
 
     def _apply_cuda(self, x2, w, ws, static: Optional[float]) -> torch.Tensor:
-        from raylm.kernels import quant_act, quant_gemm
+        from raylm.kernels import quant as quant_gemm
+        from raylm.kernels.quant import act as quant_act
 
         if self.scheme.weight_type == "int":
             if static is None:
@@ -373,13 +374,13 @@ class CompressedTensorsWNA16:
 
     def repack_w4r(self, layer: nn.Module) -> None:
         """Move the layer to quant_gemm's w4r layout (base.to_w4r), as on the GPU."""
-        from raylm.kernels.quant_gemm import unpack_gptq
+        from raylm.kernels.quant import unpack_gptq
 
         q, z = unpack_gptq(layer.qweight.data, None if layer.qzeros is None else layer.qzeros.data, 4)
         to_w4r(layer, q, z, self.scheme.group_size)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from raylm.kernels import quant_gemm
+        from raylm.kernels import quant as quant_gemm
 
         s = self.scheme
         if getattr(layer, "zb", None) is not None:

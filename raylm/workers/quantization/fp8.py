@@ -61,7 +61,8 @@ class FP8Config(QuantConfig):
 def quant_dequant_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [..., K] through dynamic per-token-group fp8 (scale = max(amax, 1e-10) / 448 per
     `group_size` channels, a last partial group on its own) and back, in float32."""
-    from raylm.kernels import quant_act, quant_gemm
+    from raylm.kernels import quant as quant_gemm
+    from raylm.kernels.quant import act as quant_act
 
     k = x.shape[-1]
     pad = -k % group_size
@@ -110,7 +111,7 @@ class FP8BlockLinearMethod:
         c = self.config
         n, k = layer.weight.shape
         if scale.is_cuda and (c.block_n, c.block_k) == (128, 128) and n % 128 == 0 and k % 128 == 0:
-            from raylm.kernels.quant_gemm import block_scales_for_cublas
+            from raylm.kernels.quant import block_scales_for_cublas
 
             layer.weight_blocks = block_scales_for_cublas(scale)
 
@@ -119,7 +120,7 @@ class FP8BlockLinearMethod:
         if x.is_cuda and bk % 16 == 0:  # the kernel's K steps are multiples of 16
             return _apply_cuda(layer, x, bias, bk)
         # CPU: block-dequantize the weight and quantize-dequantize the activations in float32.
-        from raylm.kernels import quant_gemm
+        from raylm.kernels import quant as quant_gemm
 
         # row-expanded block scales [N, ceil(K / bk)]: one scale per bk channels of a row
         w = quant_gemm.dequantize_groups(layer.weight, layer.weight_scale_inv, bk)
@@ -130,7 +131,8 @@ class FP8BlockLinearMethod:
 def _apply_cuda(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], bk: int) -> torch.Tensor:
     """Per-token-group fp8 activations, then one block-scaled fp8 GEMM (Triton,
     quant_gemm.fp8_block_gemm: each bk-wide K slice scaled as it is accumulated in float32)."""
-    from raylm.kernels import quant_act, quant_gemm
+    from raylm.kernels import quant as quant_gemm
+    from raylm.kernels.quant import act as quant_act
 
     shape = x.shape
     k = shape[-1]

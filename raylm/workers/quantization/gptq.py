@@ -102,7 +102,7 @@ class GPTQLinearMethod:
     def repack_w4r(self, layer: nn.Module) -> None:
         """Move the layer to quant_gemm's w4r layout (base.to_w4r); process_weights_after_loading
         does so on the GPU where use_w4r allows."""
-        from raylm.kernels.quant_gemm import unpack_gptq
+        from raylm.kernels.quant import unpack_gptq
 
         c = self.config
         q, z = unpack_gptq(layer.qweight.data, layer.qzeros.data, c.bits)
@@ -131,14 +131,14 @@ class GPTQLinearMethod:
         perm = torch.argsort(g, stable=True)
         if not torch.equal(g[perm], trivial):
             return
-        from raylm.kernels.quant_gemm import unpack_rows, pack_rows
+        from raylm.kernels.quant import unpack_rows, pack_rows
 
         q = unpack_rows(layer.qweight.data, c.bits)
         layer.qweight.data = pack_rows(q[perm], c.bits)
         layer.act_perm, layer.kernel_g_idx = perm, None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from raylm.kernels import quant_gemm
+        from raylm.kernels import quant as quant_gemm
 
         c = self.config
         if layer.act_perm is not None:  # rows were sorted by group (see _order_groups)

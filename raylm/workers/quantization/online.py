@@ -80,7 +80,7 @@ def quantize_activation(x: torch.Tensor, scheme: str, amax: Optional[torch.Tenso
     """x [M, K] -> (q, scale float32 [M, 1]), dynamic per token (amax [M, 1] if given,
     else each row's own). The Triton kernels on a GPU; in PyTorch, with the same
     formulas as their references (quant_act), on CPU or with a given amax."""
-    from raylm.kernels import quant_act
+    from raylm.kernels.quant import act as quant_act
 
     if x.is_cuda and amax is None:
         if scheme == "int8":
@@ -113,7 +113,7 @@ class OnlineQuantLinearMethod:
         layer.weight_scale = set_dims(nn.Parameter(scale, requires_grad=False), 0, None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from raylm.kernels import quant_gemm
+        from raylm.kernels import quant as quant_gemm
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

@@ -1,0 +1,2 @@
+"""The attention backends, one per module; raylm.workers.attention_backends names them
+and holds their interface."""
