@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 test: venv
 	$(RAY_ENV) $(PY) -m pytest -q tests
 
+# make serve PORT=8001 GRPC_PORT=9001 ARGS="--api-key s3cret"
+HOST ?= 127.0.0.1
+PORT ?= 8000
+GRPC_PORT ?= 9000
+ARGS ?=
 serve: venv
-	$(RAY_ENV) $(VENV)/bin/raylm serve --host 127.0.0.1 --port 8000
+	$(RAY_ENV) $(VENV)/bin/raylm serve --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT) $(ARGS)
 
 clean:
 	rm -rf $(VENV)

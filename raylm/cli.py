@@ -8,8 +8,13 @@ from typing import Optional, Sequence
 
 from raylm.engine.config import EngineArgs
 
-# raylm.cluster.local's default, repeated so `raylm --help` does not import the cluster.
+# Defaults of raylm.cluster (local, limits, drain, app), repeated so that `raylm --help`
+# does not import the cluster; tests/test_cli.py checks they agree.
 DEFAULT_MAX_QUEUED_REQUESTS = 4096
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 1024
+DEFAULT_MAX_SEQS_PER_REQUEST = 4096
 
 
 def _bool(s: str) -> bool:
@@ -70,7 +75,9 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the Serve app until Ctrl-C."""
+    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the Serve app until Ctrl-C
+    or SIGTERM; then drain it (see raylm.cluster.drain) and delete it. Serve and Ray
+    are shut down only when this process started them."""
     import os
     import signal
     import time
@@ -78,10 +85,16 @@ def _serve(ns: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = dataclasses.asdict(engine_args_from(ns))
     args["model"] = ns.model_tag or ns.model
+    tls = dict(ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile)
     app_args = dict(args, num_groups=ns.groups, served_model_name=ns.served_model_name,
                     api_key=ns.api_key, max_n=ns.max_n, max_queued_requests=ns.max_queued_requests,
                     api_server_count=ns.api_server_count, http_host=ns.host, http_port=ns.port,
-                    step_timeout=ns.step_timeout, queue_timeout=ns.queue_timeout)
+                    grpc_port=ns.grpc_port, step_timeout=ns.step_timeout,
+                    queue_timeout=ns.queue_timeout, max_request_body_bytes=ns.max_request_body_bytes,
+                    protect_health_metrics=ns.protect_health_metrics,
+                    shutdown_timeout=ns.shutdown_timeout,
+                    max_prompts_per_request=ns.max_prompts_per_request,
+                    max_seqs_per_request=ns.max_seqs_per_request, **tls)
     from raylm.cluster.app import APP_NAME, build_app
 
     app = build_app(app_args)  # argument errors surface before Ray starts
@@ -89,32 +102,40 @@ def _serve(ns: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # else a new local cluster, ours to stop
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
              configure_logging=False)
-    stop = {"now": False}
+    stop = {"signal": None}
 
     def _on_signal(signum, frame):
-        stop["now"] = True
+        stop["signal"] = signum
 
+    scheme = "https" if ns.ssl_certfile else "http"
     try:
         serve_port = ns.serve_http_port or _free_port(ns.host)
-        serve.start(http_options={"host": ns.host, "port": serve_port},
-                    grpc_options={"port": ns.grpc_port, "grpc_servicer_functions": [
-                        "raylm.cluster.raylm_pb2_grpc.add_GenerateServicer_to_server"]})
+        # No grpc_options: Serve's gRPC proxy binds every interface, without TLS; the
+        # ingress replicas serve gRPC themselves (grpc_port).
+        serve.start(http_options={"host": ns.host, "port": serve_port,
+                                  **{k: v for k, v in tls.items() if v}})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         print(f"raylm: serving {app_args['model'] or 'SmolLM2-135M-Instruct (embedded)'} on "
-              f"http://{ns.host}:{ns.port}/v1 (gRPC {ns.host}:{ns.grpc_port}; Ray Serve's HTTP proxy "
-              f"{ns.host}:{serve_port}); Ctrl-C to stop",
-              flush=True)
+              f"{scheme}://{ns.host}:{ns.port}/v1 (gRPC {ns.host}:{ns.grpc_port}"
+              f"{' with TLS' if ns.ssl_certfile else ''}; Ray Serve's HTTP proxy "
+              f"{ns.host}:{serve_port}); Ctrl-C to stop", flush=True)
+        signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
-        while not stop["now"]:
-            time.sleep(0.5)
+        while stop["signal"] is None:
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        print("raylm: shutting down", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: stop waiting
+        print(f"raylm: shutting down: requests in flight get up to {ns.shutdown_timeout:g} s "
+              f"to finish", flush=True)
         try:
-            serve.shutdown()
+            serve.delete(APP_NAME)  # only ours: the cluster may serve other applications
+            if not joined:
+                serve.shutdown()
         finally:
             ray.shutdown()
     return 0
@@ -126,6 +147,24 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _add_front_door_args(srv: argparse.ArgumentParser) -> None:
+    """TLS, limits and shutdown of `raylm serve` (vLLM's spelling where vLLM has one)."""
+    srv.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM), for HTTP and gRPC")
+    srv.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM), for HTTP and gRPC")
+    srv.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                     help="larger request bodies get 413 while they are read (and larger gRPC "
+                          "messages RESOURCE_EXHAUSTED)")
+    srv.add_argument("--protect-health-metrics", action="store_true",
+                     help="require the API key on /health and /metrics too")
+    srv.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                     help="on Ctrl-C or SIGTERM, seconds requests in flight get to finish (new "
+                          "ones get 503); the rest end with finish_reason 'abort'")
+    srv.add_argument("--max-prompts-per-request", type=int, default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                     help="largest number of prompts in one /v1/completions request")
+    srv.add_argument("--max-seqs-per-request", type=int, default=DEFAULT_MAX_SEQS_PER_REQUEST,
+                     help="largest number of prompts x n in one request")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,14 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", default=None, help="same as the positional MODEL")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--grpc-port", type=int, default=9000,
+                     help="port of the gRPC service (raylm.Generate), on --host like HTTP")
     srv.add_argument("--serve-http-port", type=int, default=None,
                      help="port of Ray Serve's HTTP proxy (default: a free one); --port is served "
                           "by the ingress replicas themselves")
     srv.add_argument("--groups", "--num-groups", dest="groups", type=int, default=1,
                      help="worker groups (data-parallel replicas of the model)")
     srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every HTTP route but /health "
+                          "and /metrics, and the metadata 'authorization: Bearer KEY' on gRPC")
     srv.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
     srv.add_argument("--api-server-count", type=int, default=1,
                      help="ingress replicas (tokenize, detokenize, HTTP and gRPC); each reads "
@@ -171,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                      help="requests that may wait for a slot; past it a request gets 429 "
                           "with Retry-After")
+    _add_front_door_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
     return parser

@@ -11,10 +11,15 @@ a unary method then returns an empty response, and the proxy copies the code ont
 call. A streaming method that has yielded nothing must raise after setting the code:
 Serve (2.60+) carries the code with the exception (`gRPCStatusError`) to the proxy.
 A plain grpc.aio context is aborted with the code instead.
+
+With an API key, a call needs the metadata `authorization: Bearer KEY` (UNAUTHENTICATED
+otherwise), as HTTP needs the header; a replica that is shutting down answers
+UNAVAILABLE. Calls through a Python handle (no gRPC context) are trusted.
 """
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from typing import Any, AsyncIterator, Optional
 
@@ -136,20 +141,38 @@ class StreamDeltas:
                                    usage=_usage(out))
 
 
-# What a refused request is told: bad input, a full queue, no worker group left.
-_REFUSED = (ValueError, Overloaded, NoGroupAvailable)
+class Unauthenticated(Exception):
+    """A gRPC call without the server's API key."""
+
+
+class ShuttingDown(Exception):
+    """A gRPC call to a replica that is draining."""
+
+
+# What a refused request is told: bad input, a full queue, no worker group left, no key,
+# shutting down.
+_REFUSED = (ValueError, Overloaded, NoGroupAvailable, Unauthenticated, ShuttingDown)
+
+
+def _status_of(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, (NoGroupAvailable, ShuttingDown)):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def _reject(grpc_context: Any, exc: Exception) -> None:
     """Record the status of a refused request (INVALID_ARGUMENT for bad input,
-    RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE with no worker group) with the
-    message on the call (see the module doc). Returns only under Serve; raises `exc`
-    when there is no gRPC context at all."""
+    RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE with no worker group or while
+    shutting down, UNAUTHENTICATED without the key) with the message on the call (see
+    the module doc). Returns only under Serve; raises `exc` when there is no gRPC
+    context at all."""
     if grpc_context is None:  # called through a Python handle, not over gRPC
         raise exc
-    code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Overloaded) else
-            grpc.StatusCode.UNAVAILABLE if isinstance(exc, NoGroupAvailable) else
-            grpc.StatusCode.INVALID_ARGUMENT)
+    code = _status_of(exc)
     details = str(exc)
     abort = getattr(grpc_context, "abort", None)
     if abort is not None:  # a grpc.aio ServicerContext: raises
@@ -163,12 +186,28 @@ class GrpcGenerateMixin:
 
     The method and argument names are what Ray Serve's gRPC proxy calls: the RPC method
     name, the request proto, and a `grpc_context` keyword it fills in. A `max_n`
-    attribute, when the class has one, caps `n` as on the HTTP front."""
+    attribute, when the class has one, caps `n` as on the HTTP front; `api_key` and
+    `drain` (a `raylm.cluster.drain.Drain`) admit calls as the HTTP front does."""
 
     backend: Backend
     max_n: Optional[int] = None
+    api_key: Optional[str] = None
+    drain: Any = None
 
-    def _inputs(self, request: pb.GenerateRequest) -> tuple[PromptType, SamplingParams]:
+    def _admit(self, grpc_context: Any) -> None:
+        if grpc_context is None:  # a Python handle: trusted, in the cluster
+            return
+        if self.drain is not None and self.drain.draining:
+            raise ShuttingDown(self.drain.refusal())
+        if self.api_key:
+            given = dict(grpc_context.invocation_metadata() or ()).get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                raise Unauthenticated("invalid or missing API key: send the metadata "
+                                      "'authorization: Bearer <key>'")
+
+    def _inputs(self, request: pb.GenerateRequest,
+                grpc_context: Any = None) -> tuple[PromptType, SamplingParams]:
+        self._admit(grpc_context)
         prompt, params = request_to_inputs(request)
         if self.max_n is not None and params.n > self.max_n:
             raise ValueError(f"n must be <= {self.max_n} (max_n), got {params.n}")
@@ -178,7 +217,7 @@ class GrpcGenerateMixin:
                        grpc_context: Any = None) -> pb.GenerateResponse:
         rid = request.request_id or uuid.uuid4().hex
         try:
-            prompt, params = self._inputs(request)
+            prompt, params = self._inputs(request, grpc_context)
             out = await self.backend.generate(prompt, params, request_id=rid)
         except _REFUSED as exc:
             await _reject(grpc_context, exc)
@@ -192,8 +231,8 @@ class GrpcGenerateMixin:
                              grpc_context: Any = None) -> AsyncIterator[pb.GenerateResponse]:
         rid = request.request_id or uuid.uuid4().hex
         try:
-            prompt, params = self._inputs(request)
-        except ValueError as exc:
+            prompt, params = self._inputs(request, grpc_context)
+        except _REFUSED as exc:
             await _reject(grpc_context, exc)
             raise
         deltas = StreamDeltas(params)
@@ -227,11 +266,16 @@ class GrpcGenerateMixin:
 class GenerateServicer(GrpcGenerateMixin):
     """The mixin as a standalone servicer for a plain grpc.aio server."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, api_key: Optional[str] = None,
+                 max_n: Optional[int] = None, drain: Any = None):
         self.backend = backend
+        self.api_key = api_key
+        self.max_n = max_n
+        self.drain = drain
 
 
-def make_grpc_servicer(backend: Backend) -> GenerateServicer:
+def make_grpc_servicer(backend: Backend, api_key: Optional[str] = None,
+                       max_n: Optional[int] = None, drain: Any = None) -> GenerateServicer:
     """A servicer for `raylm_pb2_grpc.add_GenerateServicer_to_server(servicer, server)`
-    on a `grpc.aio.server()` (tests, or serving without Ray Serve)."""
-    return GenerateServicer(backend)
+    on a `grpc.aio.server()` (`raylm.cluster.grpc_server`, tests)."""
+    return GenerateServicer(backend, api_key, max_n, drain)

@@ -113,7 +113,8 @@ class RouterDeployment:
 
     def __init__(self, engine_args: dict, num_groups: int = 1, served_model_name: Optional[str] = None,
                  max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
-                 step_timeout: float = DEFAULT_STEP_TIMEOUT_S):
+                 step_timeout: float = DEFAULT_STEP_TIMEOUT_S, shutdown_wait: float = 0.0):
+        self.shutdown_wait = shutdown_wait  # at shutdown, how long the cores may finish work
         kwargs = dict(engine_args)
         kwargs["device"] = _resolve_cluster_device(kwargs.get("device", "auto"))
         self.args = EngineArgs(**kwargs)
@@ -124,9 +125,23 @@ class RouterDeployment:
         self._poller: Optional[asyncio.Task] = None
         self._restarts: dict[int, asyncio.Task] = {}
 
-    def __del__(self):
+    async def __del__(self):
+        """At shutdown, keep the cores until they hold no work (the ingress replicas
+        drain meanwhile, see raylm.cluster.drain) or shutdown_wait passes; then kill them."""
+        import time
+
         import ray
 
+        if getattr(self, "actors", None) and getattr(self, "shutdown_wait", 0) > 0:
+            self._ensure_polling()
+            deadline, idle_since = time.monotonic() + self.shutdown_wait, None
+            while time.monotonic() < deadline:  # idle for 0.5 s: nothing more is coming
+                busy = any(g.alive and (g.stats.get("num_requests_running", 0) or
+                                        g.stats.get("num_requests_waiting", 0)) for g in self.router.groups)
+                idle_since = None if busy else (idle_since or time.monotonic())
+                if idle_since is not None and time.monotonic() - idle_since >= 0.5:
+                    break
+                await asyncio.sleep(POLL_S)
         poller = getattr(self, "_poller", None)
         if poller is not None:
             poller.cancel()
