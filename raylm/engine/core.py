@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,6 +27,7 @@ from raylm.engine.metrics import CoreMetrics
 from raylm.engine.model_config import ModelConfig
 from raylm.engine.planner import StepPlanner, worker_sampling
 from raylm.engine.sampling_params import SamplingParams
+from raylm.engine.structured_outputs import parse_structured_outputs_config, validate_structured_outputs
 from raylm.scheduler.block_manager import BlockManager
 from raylm.scheduler.request import Request, RequestStatus
 from raylm.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -41,6 +44,8 @@ class _CoreRequest:
     subscriber: Optional[str]
     output_offset: int = 0  # output tokens generated before a re-dispatch (in the prompt)
     out: Optional[EngineCoreOutput] = None  # this step's output, while it is built
+    grammar: Any = None  # structured outputs: its xgrammar GrammarMatcher, once compiled
+    bad_words_token_ids: Optional[list[list[int]]] = None
 
 
 @dataclass(eq=False)
@@ -97,6 +102,12 @@ class EngineCore:
         self.requests: dict[str, _CoreRequest] = {}
         self.users: dict[str, _UserRequest] = {}
         self.planner = StepPlanner(self._new_request)
+        self.structured_outputs_config = parse_structured_outputs_config(
+            getattr(args, "structured_outputs_config", None))
+        self._grammars = None  # GrammarManager, on the first grammar request
+        self._compiling: dict[str, Future] = {}  # kept out of the scheduler until compiled
+        self._num_grammars = 0  # live requests holding a matcher
+        self._tokenizer = None
         self.metrics = CoreMetrics()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         self.reset_timing()
@@ -139,6 +150,9 @@ class EngineCore:
             if len(r.prompt_token_ids) > self.max_model_len:
                 raise ValueError(f"prompt has {len(r.prompt_token_ids)} tokens; "
                                  f"max_model_len is {self.max_model_len}")
+            validate_structured_outputs(r.params)  # cached by spec
+        bad_words = {r.request_id: self._bad_words_token_ids(r.params.bad_words)
+                     for r in reqs if r.params.bad_words}
         now = time.monotonic()
         for r in reqs:
             p = r.params
@@ -147,13 +161,93 @@ class EngineCore:
                           arrival_time=r.arrival_time or now,
                           use_prefix_cache=p.prompt_logprobs is None or r.index > 0,
                           prefix_group=r.prefix_group, max_output_tokens=max(1, max_tokens))
-            self.scheduler.add_request(req)
-            self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber, r.output_offset)
+            self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber, r.output_offset,
+                                                       bad_words_token_ids=bad_words.get(r.request_id))
+            if p.structured_outputs is not None:  # scheduled once its grammar is compiled
+                self._compiling[r.request_id] = self._grammar_manager().submit(p.structured_outputs)
+            else:
+                self.scheduler.add_request(req)
             user = self.users.get(r.group_id)
             if user is None:
                 user = self.users[r.group_id] = _UserRequest(now, 0)
                 self.counters["prompt_tokens"] += len(r.prompt_token_ids)
             user.remaining += 1
+
+    def _load_tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.model.load_tokenizer()
+        return self._tokenizer
+
+    def _grammar_manager(self):
+        if self._grammars is None:
+            from raylm.engine.grammar import GrammarManager
+
+            self._grammars = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammars
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's tokenization, alone and after a space when that spells it with
+        other tokens (vLLM's semantics: banned at the start of the text and mid-text)."""
+        tok = self._load_tokenizer()
+        if tok is None:
+            raise ValueError("bad_words needs a tokenizer, and skip_tokenizer_init is set")
+        out = []
+        for word in words:
+            plain = tok.encode(word.lstrip(), add_special_tokens=False)
+            spaced = tok.encode(" " + word.lstrip(), add_special_tokens=False)
+            out.append(plain)
+            if plain and spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return [ids for ids in out if ids]
+
+    def _admit_compiled(self, block: bool) -> list[EngineCoreOutput]:
+        """Move requests whose grammar finished compiling into the scheduler (with a
+        matcher advanced over earlier outputs); a failed compile fails its request.
+        `block`: nothing else to run, so wait briefly for a compile to finish."""
+        if block:
+            wait_futures(list(self._compiling.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+        failed = []
+        for rid, fut in list(self._compiling.items()):
+            if not fut.done():
+                continue
+            del self._compiling[rid]
+            state = self.requests[rid]
+            req = state.request
+            try:
+                earlier = req.prompt_token_ids[len(req.prompt_token_ids) - state.output_offset:]
+                state.grammar = self._grammars.matcher(fut.result(), earlier)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller as its error
+                out = EngineCoreOutput(rid, error=f"{type(exc).__name__}: {exc}", subscriber=state.subscriber)
+                self._finish(state, RequestStatus.FINISHED_ABORTED)
+                failed.append(out)
+                continue
+            self._num_grammars += 1
+            self.scheduler.add_request(req)
+        return failed
+
+    def _scheduler_idle(self) -> bool:
+        return not (self.scheduler.num_running or self.scheduler.num_waiting)
+
+    def _attach_bitmask(self, plan, sched_out) -> None:
+        """Put the next-token bitmasks of this step's sampling grammar rows in the plan."""
+        rows = []
+        for s in sched_out.seqs:
+            state = self.requests.get(s.request_id)
+            if s.sample and state is not None and state.grammar is not None:
+                rows.append(state)
+        if rows:
+            plan.bitmask_ids = [st.request.request_id for st in rows]
+            plan.bitmask = self._grammars.bitmask([st.grammar for st in rows])
+
+    def _advance_grammar(self, state: _CoreRequest, token: int) -> None:
+        """Feed a sampled token to the request's matcher; it ends ("stop") when the grammar
+        has terminated (its stop token accepted) or, defensively, rejects the token."""
+        if not state.grammar.accept_token(token):
+            logger.warning("request %s: token %d does not match its grammar; stopping it",
+                           state.request.request_id, token)
+            self._finish(state, RequestStatus.FINISHED_STOPPED)
+        elif state.grammar.is_terminated():
+            self._finish(state, RequestStatus.FINISHED_STOPPED)
 
     def abort(self, request_ids, reason: str = "abort") -> list[str]:
         """Stop core requests at once and free their KV blocks; unknown ids are ignored.
@@ -182,13 +276,17 @@ class EngineCore:
     def _new_request(self, request_id: str) -> NewRequest:
         state = self.requests[request_id]
         extra = {"output_offset": state.output_offset} if state.output_offset else {}
+        if state.bad_words_token_ids:
+            extra["bad_words_token_ids"] = state.bad_words_token_ids
         return NewRequest(request_id, state.request.prompt_token_ids,
                           worker_sampling(state.params, self.eos_token_ids, state.index, **extra))
 
     def _finish(self, state: _CoreRequest, status: RequestStatus, stop_reason=None) -> None:
         rid = state.request.request_id
         self.scheduler.finish_request(rid, status)
-        self.requests.pop(rid, None)
+        self._compiling.pop(rid, None)
+        if self.requests.pop(rid, None) is not None and state.grammar is not None:
+            self._num_grammars -= 1
         self.planner.finished(rid)
         if state.out is not None:
             state.out.finish_reason = status.value
@@ -212,14 +310,17 @@ class EngineCore:
         if self.async_scheduling:
             return self._step_async()
         t0 = time.perf_counter()
+        failed = self._admit_compiled(block=self._scheduler_idle()) if self._compiling else []
         sched_out = self.scheduler.schedule()
         if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:
-            return []
+            return failed
         plan = self.planner.plan(sched_out)
+        if self._num_grammars and sched_out:
+            self._attach_bitmask(plan, sched_out)
         t1 = time.perf_counter()
         result = self.executor.execute(plan)
         t2 = time.perf_counter()
-        outputs = self._record(sched_out, result)
+        outputs = failed + self._record(sched_out, result)
         tm = self.timing
         tm["steps"] += 1
         tm["schedule_s"] += t1 - t0
@@ -231,9 +332,11 @@ class EngineCore:
         """Schedule step N+1 (with placeholders for step N's tokens), launch it, then
         collect and record step N while the device runs N+1."""
         t0 = time.perf_counter()
+        outputs: list[EngineCoreOutput] = []
+        if self._compiling:
+            outputs += self._admit_compiled(block=self._scheduler_idle() and self._inflight is None)
         sched_out = self.scheduler.schedule()
         t1 = time.perf_counter()
-        outputs: list[EngineCoreOutput] = []
         if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:
             if self._inflight is not None:
                 outputs = self._complete_inflight(t1)
@@ -243,7 +346,10 @@ class EngineCore:
             # Requests that step N ended (a stop token, EOS) leave this step's rows.
             sched_out.seqs = [s for s in sched_out.seqs if s.request_id in self.requests]
             t1 = time.perf_counter()
-        launched = self.executor.launch(self.planner.plan(sched_out))
+        plan = self.planner.plan(sched_out)
+        if self._num_grammars and sched_out:
+            self._attach_bitmask(plan, sched_out)  # its matchers saw step N's tokens (above)
+        launched = self.executor.launch(plan)
         self._mark_launched(sched_out)
         t2 = time.perf_counter()
         tm = self.timing
@@ -256,10 +362,12 @@ class EngineCore:
 
     def _needs_current_outputs(self, sched_out) -> bool:
         """True when a request of this step samples from the tokens so far (penalties,
-        min_tokens): the step in flight must be recorded before this one is launched."""
+        min_tokens, bad_words, a grammar's bitmask): the step in flight must be recorded
+        before this one is launched."""
         for s in sched_out.seqs:
             state = self.requests.get(s.request_id)
-            if state is not None and needs_output_history(state.params):
+            if state is not None and (needs_output_history(state.params) or state.bad_words_token_ids
+                                      or (s.sample and state.grammar is not None)):
                 return True
         return False
 
@@ -327,6 +435,8 @@ class EngineCore:
                 out.new_logprobs = (out.new_logprobs or []) + [lp]
             self._observe_token(req.prefix_group or rid, now)
             self._check_stop(state, token)
+            if state.grammar is not None and rid in self.requests:
+                self._advance_grammar(state, token)
         outs = []
         for state, out in built:
             state.out = None
@@ -375,7 +485,7 @@ class EngineCore:
         bm, sch = self.block_manager, self.scheduler
         return {
             "num_requests_running": sch.num_running,
-            "num_requests_waiting": sch.num_waiting,
+            "num_requests_waiting": sch.num_waiting + len(self._compiling),
             "num_blocks": bm.num_blocks,
             "blocks_in_use": bm.num_used_blocks,
             "kv_cache_usage_perc": bm.usage,
@@ -389,6 +499,8 @@ class EngineCore:
         }
 
     def shutdown(self) -> None:
+        if getattr(self, "_grammars", None) is not None:
+            self._grammars.shutdown()
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown()
             self.executor = None

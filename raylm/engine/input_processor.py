@@ -52,4 +52,19 @@ class InputProcessor:
         for t in params.stop_token_ids or []:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids entry {t} is outside the vocabulary [0, {self.vocab_size})")
+        self._check_token_options(params)
         return text, ids
+
+    def _check_token_options(self, params: SamplingParams) -> None:
+        """Token ids of logit_bias and allowed_token_ids inside the vocabulary; bad_words
+        and structured outputs need a tokenizer (the core tokenizes and compiles)."""
+        for t in params.logit_bias or {}:
+            if t >= self.vocab_size:
+                raise ValueError(f"logit_bias key {t} is out of the vocabulary (size {self.vocab_size})")
+        for t in params.allowed_token_ids or []:
+            if t >= self.vocab_size:
+                raise ValueError(f"allowed_token_ids entry {t} is out of the vocabulary (size {self.vocab_size})")
+        if self.tokenizer is None:
+            for name in ("bad_words", "structured_outputs"):
+                if getattr(params, name):
+                    raise ValueError(f"{name} needs a tokenizer, and skip_tokenizer_init is set")

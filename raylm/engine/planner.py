@@ -8,7 +8,7 @@ aborted, so the workers drop their state with the next plan.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from raylm.scheduler.request import PLACEHOLDER_TOKEN as _SCHEDULER_PLACEHOLDER
 from raylm.workers.messages import PLACEHOLDER_TOKEN, NewRequest, SamplingOptions, SeqChunk, StepPlan
@@ -69,16 +69,19 @@ class StepPlanner:
         return plan
 
 
-def worker_sampling(params, eos_token_ids: list[int], index: int,
-                    output_offset: int = 0) -> SamplingOptions:
+def worker_sampling(params, eos_token_ids: list[int], index: int, output_offset: int = 0,
+                    bad_words_token_ids: Optional[list[list[int]]] = None) -> SamplingOptions:
     """What the worker's sampler needs of a completion's SamplingParams; completions after
     the first (index > 0) leave prompt logprobs to the first. `output_offset`: the last
     that many tokens of the prompt sent are outputs generated earlier, by another worker
-    group (re-dispatch by recompute); `params` keep the original min_tokens and seed."""
+    group (re-dispatch by recompute); `params` keep the original min_tokens and seed.
+    `bad_words_token_ids`: the tokenizations of params.bad_words (the core tokenizes)."""
     return SamplingOptions(
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
         seed=params.seed, repetition_penalty=params.repetition_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         min_tokens=params.min_tokens, stop_token_ids=list(params.stop_token_ids),
         eos_token_ids=list(eos_token_ids), ignore_eos=params.ignore_eos, logprobs=params.logprobs,
-        prompt_logprobs=params.prompt_logprobs if index == 0 else None, output_offset=output_offset)
+        prompt_logprobs=params.prompt_logprobs if index == 0 else None, output_offset=output_offset,
+        logit_bias=list(params.logit_bias.items()) if params.logit_bias else None,
+        allowed_token_ids=params.allowed_token_ids, bad_words_token_ids=bad_words_token_ids)

@@ -44,7 +44,7 @@ def spec_key(so: StructuredOutputsParams) -> tuple:
     kind = so.kind
     value = getattr(so, kind)
     if kind == "json" and isinstance(value, dict):
-        value = json.dumps(value, sort_keys=True)
+        value = json.dumps(value)  # key order kept: it is the properties' output order
     elif kind == "choice":
         value = tuple(value)
     return kind, value, so.disable_any_whitespace, so.whitespace_pattern

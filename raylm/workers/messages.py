@@ -43,6 +43,10 @@ class SamplingOptions:
     # recompute): penalties and min_tokens count them as outputs, and a seeded request
     # continues with the draws of output position `output_offset` onwards.
     output_offset: int = 0
+    # Logits processors (see raylm.workers.logits_processors); None disables each.
+    logit_bias: Optional[list[tuple[int, float]]] = None  # (token id, bias) pairs
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words_token_ids: Optional[list[list[int]]] = None  # each a bad word's tokenization
 
     def to_wire(self) -> tuple:
         return tuple(getattr(self, name) for name in _OPTION_FIELDS)
@@ -87,21 +91,30 @@ class StepPlan:
     # Requests whose blocks were taken back: the workers drop their block tables (before
     # reading this plan's rows), and a later row sends the whole new table.
     preempted_ids: list[str] = field(default_factory=list)
+    # Structured outputs: the next-token bitmask of each sampling row of these requests,
+    # packed int32 rows of ceil(vocab/32) words (bit j of word w allows token 32*w + j),
+    # in bitmask_ids' order. Absent (and off the wire) when no row has a grammar.
+    bitmask_ids: list[str] = field(default_factory=list)
+    bitmask: Optional[bytes] = None
 
     def to_wire(self) -> dict:
-        return {"seqs": [(s.request_id, s.token_ids, s.start_pos, s.new_block_ids, s.sample)
-                         for s in self.seqs],
-                "new_requests": [(r.request_id, r.prompt_token_ids, r.sampling.to_wire())
-                                 for r in self.new_requests],
-                "finished_ids": self.finished_ids, "preempted_ids": self.preempted_ids}
+        d = {"seqs": [(s.request_id, s.token_ids, s.start_pos, s.new_block_ids, s.sample)
+                      for s in self.seqs],
+             "new_requests": [(r.request_id, r.prompt_token_ids, r.sampling.to_wire())
+                              for r in self.new_requests],
+             "finished_ids": self.finished_ids, "preempted_ids": self.preempted_ids}
+        if self.bitmask_ids:
+            d["bitmask"] = (self.bitmask_ids, self.bitmask)
+        return d
 
     @classmethod
     def from_wire(cls, d: dict) -> "StepPlan":
+        ids, mask = d.get("bitmask") or ([], None)
         return cls(seqs=[SeqChunk(*s) for s in d["seqs"]],
                    new_requests=[NewRequest(r[0], r[1], SamplingOptions.from_wire(r[2]))
                                  for r in d["new_requests"]],
                    finished_ids=list(d["finished_ids"]),
-                   preempted_ids=list(d["preempted_ids"]))
+                   preempted_ids=list(d["preempted_ids"]), bitmask_ids=list(ids), bitmask=mask)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from raylm.workers.attention_backends import AttentionMetadata, get_attention_backend
+from raylm.workers.logits_processors import process_logits, unpack_bitmask, uses_processors
 from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
 from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables, PrefillGraphs
 from raylm.workers.messages import (PLACEHOLDER_TOKEN, NewRequest, SamplingOptions, SeqChunk,
@@ -93,6 +94,8 @@ class ModelRunner:
         self.attn_layers = self.model.attention_layers()
         self.kv_caches: list[torch.Tensor] = []
         self.states: dict[str, SamplingState] = {}
+        # Requests with logit_bias / allowed_token_ids / bad_words (logits_processors).
+        self.processor_ids: set[str] = set()
         # Each scheduled request's block table, grown by the plans' new_block_ids.
         self.block_tables: dict[str, list[int]] = {}
         self.prompt_logprobs_done: dict[str, int] = {}
@@ -235,6 +238,7 @@ class ModelRunner:
     def shutdown(self) -> None:
         self.release_kv_cache()
         self.states.clear()
+        self.processor_ids.clear()
         self.block_tables.clear()
         self.model = None
         self.attn_layers = []
@@ -255,6 +259,7 @@ class ModelRunner:
         for rid in plan.finished_ids:
             self.block_tables.pop(rid, None)
             self.states.pop(rid, None)
+            self.processor_ids.discard(rid)
             self.prompt_logprobs_done.pop(rid, None)
         for new in plan.new_requests:
             options = new.sampling
@@ -262,6 +267,8 @@ class ModelRunner:
                                                                    self.device)
             if options.prompt_logprobs is not None:
                 self.prompt_logprobs_done[new.request_id] = 0
+            if uses_processors(options):
+                self.processor_ids.add(new.request_id)
         tables = self.block_tables
         for s in plan.seqs:
             if s.new_block_ids:
@@ -396,7 +403,10 @@ class ModelRunner:
         if sample_ids:
             states = [self.states[rid] for rid in sample_ids]
             sample_logits = logits[:len(sample_ids)]
-            tokens = broadcast_from_first(sample(sample_logits, states, self.default_generator).contiguous())
+            sample_in = sample_logits
+            if self.processor_ids or plan.bitmask_ids:  # raw logits stay for logprobs
+                sample_in = self._process_logits(plan, sample_ids, states, sample_logits)
+            tokens = broadcast_from_first(sample(sample_in, states, self.default_generator).contiguous())
             for st in states:  # the next draw is for the next output position, even while
                 st.num_sampled += 1  # this token is still on its way (async scheduling)
             self._last_tokens = tokens
@@ -421,6 +431,22 @@ class ModelRunner:
             pending.event = torch.cuda.Event()
             pending.event.record()
         return pending
+
+    def _process_logits(self, plan: StepPlan, sample_ids: list[str], states: list[SamplingState],
+                        logits: torch.Tensor) -> torch.Tensor:
+        """The sampling rows' logits with logit_bias, allowed_token_ids, bad_words and
+        the plan's grammar bitmask applied (a copy)."""
+        row_of = {rid: i for i, rid in enumerate(sample_ids)}
+        proc = [row_of[rid] for rid in self.processor_ids if rid in row_of]
+        mask_rows, bitmask = [], None
+        if plan.bitmask_ids:
+            missing = [rid for rid in plan.bitmask_ids if rid not in row_of]
+            if missing:
+                raise RuntimeError(f"the plan has bitmasks for requests that sample no token: {missing}")
+            mask_rows = [row_of[rid] for rid in plan.bitmask_ids]
+            bitmask = unpack_bitmask(plan.bitmask, len(mask_rows), logits.device)
+        return process_logits(logits, proc, [states[i].options for i in proc],
+                              [states[i].output_token_ids for i in proc], mask_rows, bitmask)
 
     def collect(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step's results and return them as a StepResult."""

@@ -1,0 +1,108 @@
+"""Structured outputs, vocabulary half (vLLM V1's design): grammars compile off the step
+loop, on a thread pool, at admission, cached by spec; the engine core holds one xgrammar
+`GrammarMatcher` per request and, each step, packs the next-token bitmasks of the
+grammar rows it schedules into the step plan (`GrammarManager.bitmask`).
+
+The tokenizer and xgrammar's `TokenizerInfo` are built on first use, in the pool, so
+an engine that never sees a grammar pays nothing. The model's vocabulary may be larger
+than the tokenizer's (padded embeddings): the bitmask covers the model's, and xgrammar
+bans the ids no token spells."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+from raylm.engine.sampling_params import StructuredOutputsParams
+from raylm.engine.structured_outputs import build_grammar, spec_key
+
+CACHE_SIZE = 1024  # compiled grammars kept (by spec)
+
+
+class GrammarManager:
+    """Compiles grammars for one model's vocabulary and builds matchers and bitmasks.
+
+    `load_tokenizer()` returns the HF tokenizer (called once, in the pool);
+    `vocab_size` is the model's (logits') vocabulary; `stop_token_ids` end a grammar."""
+
+    def __init__(self, load_tokenizer: Callable, vocab_size: int, stop_token_ids: list[int],
+                 max_workers: int = 2):
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="raylm-grammar")
+        self._lock = threading.Lock()
+        self._compiler = None
+        self._cache: OrderedDict[tuple, Future] = OrderedDict()
+        self._bitmask = None
+        self._batch = None
+        self.mask_vocab = vocab_size  # the bitmask's vocabulary: the larger of model and tokenizer
+        self.compile_seconds: deque[float] = deque(maxlen=4096)  # per compile, for benchmarks
+
+    def submit(self, so: StructuredOutputsParams) -> Future:
+        """A future of the spec's `CompiledGrammar` (shared by requests with equal specs;
+        a failed compile raises ValueError from `result()` and is not cached)."""
+        key = spec_key(so)
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is not None and not (fut.done() and fut.exception() is not None):
+                self._cache.move_to_end(key)
+                return fut
+            fut = self._pool.submit(self._compile, so)
+            self._cache[key] = fut
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return fut
+
+    def _compile(self, so: StructuredOutputsParams):
+        t0 = time.perf_counter()
+        grammar = build_grammar(so)  # ValueError naming the field when it does not compile
+        compiled = self._get_compiler().compile_grammar(grammar)
+        self.compile_seconds.append(time.perf_counter() - t0)
+        return compiled
+
+    def _get_compiler(self):
+        import xgrammar as xgr
+
+        with self._lock:
+            if self._compiler is None:
+                tokenizer = self._load_tokenizer()
+                if tokenizer is None:
+                    raise ValueError("structured_outputs needs a tokenizer, and skip_tokenizer_init is set")
+                vocab = self.mask_vocab = max(self.vocab_size, len(tokenizer))
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab,
+                                                          stop_token_ids=self.stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info)
+            return self._compiler
+
+    def matcher(self, compiled, earlier_outputs: list[int]):
+        """A fresh matcher for one request, advanced over `earlier_outputs` (the outputs
+        generated before a re-dispatch, which arrive as the end of its prompt)."""
+        import xgrammar as xgr
+
+        m = xgr.GrammarMatcher(compiled)
+        for t in earlier_outputs:
+            if not m.accept_token(t):
+                raise ValueError(f"an earlier output token {t} does not match the request's grammar")
+        return m
+
+    def bitmask(self, matchers: list) -> bytes:
+        """The next-token bitmasks of `matchers`, packed int32 rows (StepPlan.bitmask)."""
+        import xgrammar as xgr
+
+        n = len(matchers)
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = xgr.allocate_token_bitmask(max(n, 8), self.mask_vocab)
+        buf = self._bitmask[:n]
+        if n == 1:
+            matchers[0].fill_next_token_bitmask(buf, 0)
+        else:
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher()
+            self._batch.batch_fill_next_token_bitmask(matchers, buf)
+        return buf.numpy().tobytes()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
