@@ -94,7 +94,8 @@ def _serve(ns: argparse.Namespace) -> int:
                     protect_health_metrics=ns.protect_health_metrics,
                     shutdown_timeout=ns.shutdown_timeout,
                     max_prompts_per_request=ns.max_prompts_per_request,
-                    max_seqs_per_request=ns.max_seqs_per_request, **tls)
+                    max_seqs_per_request=ns.max_seqs_per_request, **tls,
+                    enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser)
     from raylm.cluster.app import APP_NAME, build_app
 
     app = build_app(app_args)  # argument errors surface before Ray starts
@@ -165,6 +166,10 @@ def _add_front_door_args(srv: argparse.ArgumentParser) -> None:
                      help="largest number of prompts in one /v1/completions request")
     srv.add_argument("--max-seqs-per-request", type=int, default=DEFAULT_MAX_SEQS_PER_REQUEST,
                      help="largest number of prompts x n in one request")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='allow tool_choice "auto" (needs --tool-call-parser), as in vLLM')
+    srv.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                     help="how tool calls are read from the model's text under tool_choice auto")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,3 +126,20 @@ def test_streamed_tool_deltas_have_openai_shape():
     out, finish = named.feed(" 1}", "stop")
     assert finish == "stop" and out[0]["tool_calls"][0]["function"]["name"] == "f"
     assert json.loads(out[1]["tool_calls"][0]["function"]["arguments"]) == {"a": 1}
+
+
+def test_auto_tool_choice_flags():
+    from raylm import cli
+    from raylm.cluster.app import build_app
+    from raylm.cluster.tool_parsers import auto_tool_parser
+
+    assert auto_tool_parser(True, "hermes") is HermesToolParser
+    assert auto_tool_parser(False, "llama3_json") is None and auto_tool_parser(False, None) is None
+    with pytest.raises(ValueError, match="enable_auto_tool_choice needs tool_call_parser"):
+        auto_tool_parser(True, None)
+    for bad in ({"enable_auto_tool_choice": True}, {"tool_call_parser": "pythonic"},
+                {"enable_auto_tool_choice": "yes", "tool_call_parser": "hermes"}):
+        with pytest.raises(ValueError, match="tool_call_parser|enable_auto_tool_choice"):
+            build_app(bad)
+    ns = cli.build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    assert (ns.enable_auto_tool_choice, ns.tool_call_parser) == (True, "hermes")

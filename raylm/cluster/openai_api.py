@@ -35,7 +35,7 @@ from raylm.cluster.streams import Streams as _Streams
 from raylm.cluster.structured_request import structured_outputs_of
 from raylm.cluster.tokenize_routes import add_tokenize_routes
 from raylm.cluster.tool_calls import forced_tool_outputs, tool_mode
-from raylm.cluster.tool_parsers import get_tool_parser
+from raylm.cluster.tool_parsers import auto_tool_parser
 from raylm.engine.outputs import RequestOutput
 
 logger = logging.getLogger("raylm")
@@ -51,13 +51,7 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
     `tool_call_parser` (vLLM's flags; see `tool_parsers.TOOL_PARSERS`)."""
     from raylm import __version__
 
-    auto_parser = None
-    if enable_auto_tool_choice:
-        if tool_call_parser is None:
-            raise ValueError("enable_auto_tool_choice needs tool_call_parser (one of hermes, llama3_json)")
-        auto_parser = get_tool_parser(tool_call_parser)
-    elif tool_call_parser is not None:
-        get_tool_parser(tool_call_parser)  # a bad name fails at start, not on a request
+    auto_parser = auto_tool_parser(enable_auto_tool_choice, tool_call_parser)
     app = FastAPI(title="raylm", version=__version__)
     server = _OpenAIServer(backend, max_n, auto_parser)
 

@@ -189,3 +189,14 @@ def get_tool_parser(name: str) -> type[ToolParser]:
     if name not in TOOL_PARSERS:
         raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}, got {name!r}")
     return TOOL_PARSERS[name]
+
+
+def auto_tool_parser(enable_auto_tool_choice: bool, tool_call_parser: Optional[str]) -> Optional[type[ToolParser]]:
+    """The parser of `tool_choice: "auto"` from vLLM's two flags (None: auto is refused);
+    ValueError for a bad parser name, or auto enabled without a parser."""
+    if not isinstance(enable_auto_tool_choice, bool):
+        raise ValueError(f"enable_auto_tool_choice must be true or false, got {enable_auto_tool_choice!r}")
+    parser = None if tool_call_parser is None else get_tool_parser(tool_call_parser)
+    if enable_auto_tool_choice and parser is None:
+        raise ValueError(f"enable_auto_tool_choice needs tool_call_parser (one of {sorted(TOOL_PARSERS)})")
+    return parser if enable_auto_tool_choice else None
