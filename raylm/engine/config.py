@@ -60,6 +60,9 @@ class EngineArgs:
     # vLLM's name: a dict or JSON string, parsed into `spec_decode.SpeculativeConfig`
     # (method ngram / draft_model / eagle3, num_speculative_tokens, ...). None: off.
     speculative_config: Optional[Union[dict, str]] = None
+    # vLLM's name: a dict or JSON string, e.g. {"backend": "xgrammar"}; backends "xgrammar"
+    # (the default) and "auto" (= xgrammar). Checked here, used by the engine core.
+    structured_outputs_config: Optional[Union[dict, str]] = None
 
     def __post_init__(self) -> None:
         def check(name, ok, limit):
@@ -94,6 +97,9 @@ class EngineArgs:
             raise ValueError(f"num_gpus_per_worker {self.num_gpus_per_worker} < 1 needs "
                              f"tensor_parallel_size 1 (ranks of one group cannot share a GPU), "
                              f"got tensor_parallel_size {self.tensor_parallel_size}")
+        from raylm.engine.structured_outputs import parse_structured_outputs_config
+
+        parse_structured_outputs_config(self.structured_outputs_config)  # raises naming the backend
         if self.parsed_speculative_config() is not None:  # raises on a bad key or value
             # Refused, never ignored, until the engine core runs proposals and verification.
             raise ValueError(f"speculative_config {self.speculative_config!r} is valid but the "
