@@ -4,6 +4,7 @@ serving), fields without effect, best_of / modalities / logit_bias / allowed_tok
 bad_words checks, chat echo, /tokenize and /detokenize, and routes we do not serve."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -146,7 +147,7 @@ async def test_chat_echo_prepends_the_continued_message(client):
     echoed = (await client.post(CC, json={**base, "echo": True})).json()["choices"][0]["message"]["content"]
     assert echoed == "It jumps" + plain
     r = await client.post(CC, json={**base, "echo": True, "stream": True})
-    text = "".join(__import__("json").loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                    for line in r.text.split("\n\n") if line.startswith("data: {"))
     assert text == echoed
     # the reply's role is the assistant's and the last message is the user's: nothing to echo
