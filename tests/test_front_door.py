@@ -232,9 +232,9 @@ def test_big_body_is_refused_while_read_and_health_answers(served):
 
 
 def test_drain_refuses_new_requests_and_ends_streams_with_an_error_event():
-    """The drain middleware over a small SSE app: 503 for new requests while draining;
-    a stream still open at the timeout is aborted, and gets an error event before
-    [DONE]; one that ends in time does not."""
+    """The drain middleware over a small app: 503 for new requests while draining; an
+    SSE stream still open at the timeout is aborted, and gets an error event before
+    [DONE]; a request that never reached the engine (stuck, no response) gets 503."""
     from raylm.cluster.drain import Drain
 
     async def main():
@@ -247,6 +247,8 @@ def test_drain_refuses_new_requests_and_ends_streams_with_an_error_event():
             stop.set()
 
         async def sse(scope, receive, send):
+            if scope["path"] == "/stuck":  # as one waiting for a router that has stopped
+                await asyncio.Event().wait()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
             await send({"type": "http.response.body", "body": b'data: {"n": 1}\n\n', "more_body": True})
@@ -259,16 +261,18 @@ def test_drain_refuses_new_requests_and_ends_streams_with_an_error_event():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             stream = asyncio.ensure_future(c.get("/v1/completions"))
-            while not drain.active_http:
+            stuck = asyncio.ensure_future(c.get("/stuck"))
+            while drain.active_http < 2:
                 await asyncio.sleep(0.01)
             draining = asyncio.ensure_future(drain.run(lambda: list(open_ids), abort))
             await asyncio.sleep(0.05)
             refused = await c.get("/health")
             await draining
-            return refused, await stream
+            return refused, await stream, await stuck
 
-    refused, streamed = asyncio.run(main())
-    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    refused, streamed, stuck = asyncio.run(main())
+    for r in (refused, stuck):
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     events = [line[6:] for line in streamed.text.split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-3]) == {"finish_reason": "abort"}

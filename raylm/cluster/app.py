@@ -284,7 +284,7 @@ def build_app(args: Optional[dict] = None):
     grace = front["shutdown_timeout"] + FLUSH_S + _SERVE_GRACE_MARGIN_S
     router = RouterDeployment.options(graceful_shutdown_timeout_s=grace + _SERVE_GRACE_MARGIN_S).bind(
         args, num_groups, served, max_queued, step_timeout, front["shutdown_timeout"] + FLUSH_S)
-    ingress = Ingress.options(graceful_shutdown_timeout_s=grace, graceful_shutdown_wait_loop_s=0.5)
+    ingress = Ingress.options(graceful_shutdown_timeout_s=grace, graceful_shutdown_wait_loop_s=0.1)
     ingress = (ingress.options(autoscaling_config=autoscaling) if autoscaling is not None
                else ingress.options(num_replicas=replicas))
     return ingress.bind(router, args, served, api_key, max_n, http_host, http_port,
