@@ -30,6 +30,20 @@ from benchmarks.loadgen import run_load, summarize  # noqa: E402
 STANDIN = "raylm.engine.standin_executor:StandInExecutor"
 
 
+def save(args, runs: list[dict]) -> None:
+    """The result so far (saved after every G, so a run cut short keeps what it measured)."""
+    one = runs[0]["raylm_output_tok_per_s"] / runs[0]["num_groups"]
+    for run in runs:
+        run["ratio_to_linear"] = run["raylm_output_tok_per_s"] / (one * run["num_groups"])
+    result = common.base_result("host_scaling", args.model)
+    result.update({"device": f"cpu ({os.cpu_count()} cores), stand-in model", "step_ms": args.step_ms,
+                   "token_us": args.token_us, "prompt_len": args.prompt_len, "output_len": args.output_len,
+                   "concurrency_per_group": args.concurrency_per_group,
+                   "api_server_count": args.api_server_count, "client_procs": args.client_procs,
+                   "runs": runs, "peer": "linear scaling (G x one group)"})
+    common.save_result(result, "host_scaling" + (f"-{args.tag}" if args.tag else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="config only: the stand-in loads no weights")
@@ -92,17 +106,8 @@ def main() -> None:
         runs.append(run)
         print(f"G={g}: {run['raylm_output_tok_per_s']:.0f} output tok/s, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
               f"ITL p99 {s['itl_ms']['p99']:.0f} ms, cores busy {[round(b, 2) for b in busy]}", flush=True)
+        save(args, runs)
         serve.delete(APP_NAME)
-    one = runs[0]["raylm_output_tok_per_s"] / runs[0]["num_groups"]
-    for run in runs:
-        run["ratio_to_linear"] = run["raylm_output_tok_per_s"] / (one * run["num_groups"])
-    result = common.base_result("host_scaling", args.model)
-    result.update({"device": f"cpu ({os.cpu_count()} cores), stand-in model", "step_ms": args.step_ms,
-                   "token_us": args.token_us, "prompt_len": args.prompt_len, "output_len": args.output_len,
-                   "concurrency_per_group": args.concurrency_per_group,
-                   "api_server_count": args.api_server_count, "client_procs": args.client_procs,
-                   "runs": runs, "peer": "linear scaling (G x one group)"})
-    common.save_result(result, "host_scaling" + (f"-{args.tag}" if args.tag else ""))
     serve.shutdown()
     ray.shutdown()
 
