@@ -161,6 +161,12 @@ def row(r: dict) -> str:
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
                             f"{x['host_ms_per_step']:.2f} ms host per decode step" for x in r["rows"])
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "gpu_step_breakdown":
+        fams = ", ".join(f"{k} {v:.2f}" for k, v in list(r["families_ms_per_step"].items())[:4])
+        tops = ", ".join(f"{k.split('(')[0][:32]} {v:.2f}" for k, v in list(r["top_kernels_ms_per_step"].items())[:3])
+        numbers = (f"{r['profile_steps']} steps at {r['concurrency']} in flight ({r['mixed_steps']} mixed): GPU kernels "
+                   f"{r['gpu_kernel_ms_per_step']:.1f} ms a step ({fams}); top kernels {tops} ms")
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "latency":
         parts = [f"{x['prompt_len']}: TTFT {x['raylm_ttft_ms']:.1f} ms, TPOT {x['raylm_tpot_ms']:.2f} ms"
                  + (f" ({_peer_name(r.get('peer') or 'hf')} {x['peer_ttft_ms']:.1f} / {x['peer_tpot_ms']:.2f})"
@@ -421,6 +427,15 @@ def _step_profile(r: dict) -> list[Row]:
                  f"{lp['schedule_ms_per_step']:.2f} / {lp['process_ms_per_step']:.2f} / {r['graph_inputs_ms']:.2f}"])]
 
 
+def _gpu_step_breakdown(r: dict) -> list[Row]:
+    fams = r["families_ms_per_step"]
+    top = ", ".join(f"{k.split('(')[0][:28]} {v:.2f}" for k, v in list(r["top_kernels_ms_per_step"].items())[:3])
+    return [Row((r["model"], r["device"], r.get("attention_backend", "default")), "",
+                [r["model"], r["device"], r.get("attention_backend", "default"),
+                 f"{r['profile_steps']} ({r['mixed_steps']} mixed)", f"{r['gpu_kernel_ms_per_step']:.2f}",
+                 f"{fams.get('gemm', 0):.2f}", top])]
+
+
 def _host_step(r: dict) -> list[Row]:
     wires = {"none": "no (in process)", "whole": "yes (as the Ray path sends them)"}
     return [Row((r["device"], x["running"], x["wire"]), x["wire"],
@@ -507,6 +522,12 @@ SECTIONS = [
             ("step_profile",),
             ["Model", "Device", "Batch", "Mean context", "Step loop", "GPU forward (graph)", "Bandwidth floor",
              "LM head / sampling (GPU)", "Host: schedule / outputs / inputs"], _step_profile),
+    Section("GPU time of a serving step",
+            "Kernel time per step (ms, `torch.profiler`) in the steady state of the serving benchmark's closed "
+            "loop, run offline: 256 in flight, prompts and outputs of 100-1024 tokens.",
+            ("gpu_step_breakdown",),
+            ["Model", "Device", "Attention", "Steps profiled", "GPU kernels", "GEMMs", "Top kernels (ms)"],
+            _gpu_step_breakdown),
     Section("Host work per decode step",
             "What the engine process does per decode step (schedule, record, detokenize, build outputs) with "
             "a stand-in executor that returns tokens at once, so no GPU time is included.",
