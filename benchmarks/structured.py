@@ -1,0 +1,184 @@
+"""Structured outputs: 256 requests, each with its own JSON schema (variations of
+realistic schemas: a user profile, an order, an address, a tool call's arguments...),
+against the same requests unconstrained, in one run, on random weights.
+
+    python benchmarks/structured.py --model qwen3-0.6b
+    python benchmarks/structured.py --device cpu          # smoke: tiny model, 8 requests
+
+Reports output tok/s of both and their ratio, grammar compile time p50/p99 (each
+schema is new, so every request compiles; compiles run on a thread pool off the step
+loop) and the step time p99 while schemas compile against the unconstrained steps'.
+The tokenizer is the embedded SmolLM2's (byte-level BPE, 49k tokens: the weights are
+random, the model's own tokenizer is not here); the model's larger vocabulary is padded
+and masked. Writes benchmarks/results/structured_<model>.json only on a GPU (under $OUT
+when set); `--device cpu` writes only under $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.structured_schemas import make_schemas  # noqa: E402
+
+TOPICS = ["a customer who ordered running shoes", "the weather in Lisbon tomorrow", "a meeting next Tuesday",
+          "a bug report about a login page", "a recipe for pancakes", "a flight from Paris to Tokyo"]
+
+
+def tokenizer_dir() -> str:
+    """The embedded SmolLM2 model's directory (its tokenizer files)."""
+    from raylm.workers.gguf_loader import convert_gguf, default_model_path
+
+    return convert_gguf(default_model_path())
+
+
+def model_dir(args) -> str:
+    """A config (from ../shared/models, or a tiny llama for --device cpu) with the
+    SmolLM2 tokenizer files beside it."""
+    tok_dir = tokenizer_dir()
+    if args.device == "cpu":
+        from transformers import LlamaConfig
+
+        d = tempfile.mkdtemp(prefix="raylm-bench-")
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
+                    bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"]).save_pretrained(d)
+    else:
+        d = common.model_dir(args.model)
+    for name in os.listdir(tok_dir):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(tok_dir, name), d)
+    return d
+
+
+def run(llm, prompts, params) -> dict:
+    """Drive the engine step by step: per-step wall times, and whether a grammar was
+    compiling (its request waiting for it) when the step ran."""
+    engine = llm.llm_engine
+    core = engine.core
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", prompt, p)
+    steps, compiling, finished = [], [], {}
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        busy = bool(core._compiling)
+        t = time.perf_counter()
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        steps.append(time.perf_counter() - t)
+        compiling.append(busy)
+    elapsed = time.perf_counter() - t0
+    outs = [finished[f"r{i}"].outputs[0] for i in range(len(prompts))]
+    return {"elapsed": elapsed, "steps": steps, "compiling": compiling, "outputs": outs}
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def check_outputs(outs, schemas) -> dict:
+    """How many stopped, and how many of those parse and validate."""
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    stopped = valid = 0
+    for c, schema in zip(outs, schemas):
+        if c.finish_reason != "stop":
+            continue
+        stopped += 1
+        try:
+            obj = json.loads(c.text, strict=False)
+            if jsonschema is not None:
+                jsonschema.validate(obj, schema)
+            valid += 1
+        except Exception:  # noqa: BLE001 - counted, not raised: a benchmark reports
+            pass
+    return {"stopped": stopped, "stopped_valid": valid}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-0.6b", help="a name under ../shared/models or a dir with config.json")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--num-requests", type=int, default=None, help="default 256 (8 with --device cpu)")
+    p.add_argument("--max-tokens", type=int, default=None, help="default 512 (160 with --device cpu)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    args = p.parse_args()
+    cpu = args.device == "cpu"
+    n = args.num_requests or (8 if cpu else 256)
+    max_tokens = args.max_tokens or (160 if cpu else 512)
+
+    from raylm import LLM, SamplingParams, StructuredOutputsParams
+
+    d = model_dir(args)
+    llm = LLM(model=d, load_format="dummy", device=args.device, dtype="float32" if cpu else "bfloat16",
+              max_model_len=2048, max_num_seqs=args.max_num_seqs, seed=0)
+    rng = random.Random(0)
+    schemas = make_schemas(n, rng)
+    prompts = [f"Return a JSON object describing {rng.choice(TOPICS)}. Schema: {json.dumps(s)}" for s in schemas]
+    base = [SamplingParams(temperature=args.temperature, seed=i, max_tokens=max_tokens) for i in range(n)]
+    plain = [p.clone() for p in base]
+    for sp in plain:
+        sp.ignore_eos = True  # random weights: EOS would end some early; count full lengths
+    constrained = [SamplingParams(temperature=args.temperature, seed=i, max_tokens=max_tokens,
+                                  structured_outputs=StructuredOutputsParams(json=s)) for i, s in enumerate(schemas)]
+
+    llm.generate(prompts[:8], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up: prefill, decode
+    warm = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    t = time.perf_counter()  # the first grammar builds the tokenizer's tables (once per engine)
+    llm.generate(["warm up"], SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(json=warm)),
+                 use_tqdm=False)
+    setup_s = time.perf_counter() - t
+    grammars = llm.llm_engine.core._grammars
+    grammars.compile_seconds.clear()
+
+    a = run(llm, prompts, plain)
+    b = run(llm, prompts, constrained)
+    llm.shutdown()
+    tok_a = sum(len(c.token_ids) for c in a["outputs"])
+    tok_b = sum(len(c.token_ids) for c in b["outputs"])
+    compile_s = list(grammars.compile_seconds)
+    while_compiling = [s for s, c in zip(b["steps"], b["compiling"]) if c]
+    result = common.base_result("structured", args.model if not cpu else "tiny-llama")
+    result.update({
+        "num_requests": n, "max_tokens": max_tokens, "temperature": args.temperature,
+        "tokenizer": "SmolLM2-135M-Instruct (49152 tokens)",
+        "unconstrained_output_tok_per_s": tok_a / a["elapsed"],
+        "structured_output_tok_per_s": tok_b / b["elapsed"],
+        "unconstrained_output_tokens": tok_a, "structured_output_tokens": tok_b,
+        "grammar_setup_s": setup_s, "num_compiles": len(compile_s),
+        "compile_ms_p50": 1e3 * pct(compile_s, 0.5), "compile_ms_p99": 1e3 * pct(compile_s, 0.99),
+        "step_ms_p99_while_compiling": None if not while_compiling else 1e3 * pct(while_compiling, 0.99),
+        "steps_while_compiling": len(while_compiling),
+        "structured_step_ms_p99": 1e3 * pct(b["steps"], 0.99),
+        "unconstrained_step_ms_p99": 1e3 * pct(a["steps"], 0.99),
+        "unconstrained_step_ms_p50": 1e3 * pct(a["steps"], 0.5),
+        "structured_step_ms_p50": 1e3 * pct(b["steps"], 0.5),
+        **check_outputs(b["outputs"], schemas),
+    })
+    result["ratio_structured_vs_unconstrained"] = (result["structured_output_tok_per_s"]
+                                                   / result["unconstrained_output_tok_per_s"])
+    print(f"unconstrained {result['unconstrained_output_tok_per_s']:.0f} tok/s, structured "
+          f"{result['structured_output_tok_per_s']:.0f} tok/s (ratio {result['ratio_structured_vs_unconstrained']:.2f}); "
+          f"compile p50 {result['compile_ms_p50']:.1f} ms p99 {result['compile_ms_p99']:.1f} ms; "
+          f"{result['stopped']}/{n} stopped, {result['stopped_valid']} valid", flush=True)
+    if cpu and not os.environ.get("OUT"):
+        print(json.dumps(result, indent=2))
+        return
+    common.save_result(result, f"structured_{args.model if not cpu else 'cpu-smoke'}")
+
+
+if __name__ == "__main__":
+    main()

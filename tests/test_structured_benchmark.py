@@ -1,0 +1,41 @@
+"""benchmarks/structured.py in its `--device cpu` smoke mode: a tiny random llama with the
+embedded SmolLM2 tokenizer, a few requests each with its own JSON schema, against the same
+requests unconstrained; the result file carries every number the GPU run reports."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_schemas_are_distinct_bounded_and_valid():
+    import jsonschema
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.structured_schemas import make_schemas
+
+    schemas = make_schemas(64, random.Random(0))
+    assert len({json.dumps(s, sort_keys=True) for s in schemas}) == 64
+    for s in schemas:
+        jsonschema.Draft202012Validator.check_schema(s)
+        assert s["additionalProperties"] is False
+
+
+def test_structured_benchmark_smoke_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "structured.py"), "--device", "cpu",
+                        "--num-requests", "4", "--max-tokens", "160"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    r = json.load(open(tmp_path / "structured_cpu-smoke.json"))
+    assert r["benchmark"] == "structured" and r["device"] == "cpu" and r["num_requests"] == 4
+    assert r["num_compiles"] == 4 and 0 < r["compile_ms_p50"] <= r["compile_ms_p99"]
+    assert r["unconstrained_output_tokens"] == 4 * 160
+    assert r["structured_output_tok_per_s"] > 0 and r["unconstrained_output_tok_per_s"] > 0
+    assert r["ratio_structured_vs_unconstrained"] > 0
+    assert r["stopped_valid"] == r["stopped"] >= 2
+    assert r["structured_step_ms_p99"] > 0
