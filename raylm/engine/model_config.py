@@ -1,10 +1,13 @@
 """What every part of a served model agrees on, read once from the checkpoint: its
-directory, HF config, vocabulary, EOS ids and context length. The engine core and the
-ingress (which tokenizes and detokenizes) both build one from the same engine arguments;
-the cluster reads models through this, never through the workers' loaders."""
+directory, HF config, vocabulary, EOS ids, context length and sampling defaults. The
+engine core and the ingress (which tokenizes and detokenizes) both build one from the
+same engine arguments; the cluster reads models through this, never through the
+workers' loaders."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raylm.engine.config import EngineArgs, resolve_max_model_len
@@ -18,6 +21,9 @@ class ModelConfig:
     max_model_len: int
     eos_token_ids: list[int]
     tokenizer_path: Optional[str]  # None under skip_tokenizer_init
+    # The sampling defaults of the checkpoint's generation_config.json, by SamplingParams
+    # name, for requests that leave them out (as vLLM's --generation-config auto).
+    default_sampling: dict = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: EngineArgs, check_support: bool = True) -> "ModelConfig":
@@ -34,8 +40,10 @@ class ModelConfig:
             get_model_class(hf_config)
             get_quant_config(hf_config, args.quantization)
         tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer or model_dir)
+        generation = _generation_config(model_dir)
         return cls(model_dir, hf_config, int(hf_config.vocab_size), resolve_max_model_len(args, hf_config),
-                   _eos_token_ids(model_dir, hf_config, tokenizer_path), tokenizer_path)
+                   _eos_token_ids(hf_config, tokenizer_path, generation), tokenizer_path,
+                   default_sampling(model_dir))
 
     def load_tokenizer(self):
         """The HF tokenizer (None under skip_tokenizer_init)."""
@@ -46,7 +54,37 @@ class ModelConfig:
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
 
-def _eos_token_ids(model_dir: str, hf_config, tokenizer_path: Optional[str]) -> list[int]:
+def _generation_config(model_dir: str):
+    """The checkpoint's transformers GenerationConfig, or None without generation_config.json."""
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(model_dir)
+    except Exception:  # no generation_config.json
+        return None
+
+
+# generation_config.json fields that become SamplingParams defaults, as vLLM takes them.
+_SAMPLING_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                      "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                      "max_new_tokens": "max_tokens"}
+
+
+def default_sampling(model_dir: str) -> dict:
+    """The sampling fields that the checkpoint's generation_config.json sets ({"temperature":
+    0.6, "top_p": 0.9} for many instruct models), by their SamplingParams names; {} without
+    the file. Read from the JSON itself: what transformers fills in is not the model's."""
+    path = os.path.join(model_dir, "generation_config.json")
+    try:
+        with open(path) as f:
+            given = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {ours: given[theirs] for theirs, ours in _SAMPLING_DEFAULTS.items()
+            if given.get(theirs) is not None}
+
+
+def _eos_token_ids(hf_config, tokenizer_path: Optional[str], generation) -> list[int]:
     """The tokenizer's EOS (the config's without a tokenizer) plus generation_config's."""
     ids = set()
     if tokenizer_path is not None:
@@ -56,11 +94,7 @@ def _eos_token_ids(model_dir: str, hf_config, tokenizer_path: Optional[str]) -> 
     else:
         eos = hf_config.eos_token_id
     ids.update([eos] if isinstance(eos, int) else (eos or []))
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    if generation is not None:
+        eos = generation.eos_token_id
         ids.update([eos] if isinstance(eos, int) else (eos or []))
-    except Exception:  # no generation_config.json
-        pass
     return sorted(ids)
