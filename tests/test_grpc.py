@@ -71,7 +71,7 @@ def served(llama_dir):
         return sched, recorder, server, port
 
     sched, recorder, server, port = lt.run(start())
-    yield {"sched": sched, "recorder": recorder, "target": f"127.0.0.1:{port}"}
+    yield {"sched": sched, "recorder": recorder, "target": f"127.0.0.1:{port}", "loop": lt}
 
     async def stop():
         await server.stop(None)
@@ -242,3 +242,36 @@ def test_stream_deltas_hold_back_a_possible_stop_string():
     assert sent == ["", "ab", ""]  # the last len("it ") - 1 chars wait; "it" is never sent
     assert [list(m.completions[0].token_ids) for m in msgs] == [[5], [6], [7]]
     assert msgs[-1].finished and msgs[-1].completions[0].stop_str == "it "
+
+
+def test_own_server_needs_the_key_caps_n_and_limits_messages(served):
+    """serve_grpc, as each ingress replica runs it: the API key in the metadata, max_n,
+    and max_message_bytes (the HTTP body limit) as the largest request."""
+    from raylm.cluster.grpc_server import serve_grpc
+    from tests.helpers import free_port
+
+    lt, port = served["loop"], free_port()
+
+    async def start():
+        return serve_grpc(make_grpc_servicer(served["sched"], api_key="k", max_n=2), "127.0.0.1", port,
+                          max_message_bytes=4096)
+
+    server = lt.run(start())
+    target = f"127.0.0.1:{port}"
+    try:
+        kw = dict(max_tokens=4, temperature=0)
+        with GenerateClient(target, timeout=60) as anonymous:
+            grpc.channel_ready_future(anonymous.channel).result(timeout=60)
+            with pytest.raises(grpc.RpcError) as info:
+                anonymous.generate(PROMPT, **kw)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with GenerateClient(target, timeout=60, api_key="k") as client:
+            assert client.generate(PROMPT, **kw).completions[0].finish_reason == "length"
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate(PROMPT, n=3, **kw)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_n" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate("x" * 5000, **kw)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        lt.run(server.stop(None))
