@@ -48,7 +48,8 @@ class HostBlockTables:
     one call instead of rebuilding [batch, blocks] from Python lists."""
 
     def __init__(self, rows: int, max_blocks: int):
-        self.table = torch.zeros(rows, max_blocks, dtype=torch.int32).pin_memory()
+        table = torch.zeros(rows, max_blocks, dtype=torch.int32)
+        self.table = table.pin_memory() if torch.cuda.is_available() else table
         self.known: dict[str, list] = {}  # request id -> [row, number of blocks written]
         self.free_rows = list(range(rows - 1, -1, -1))
 
@@ -78,7 +79,8 @@ class HostBlockTables:
             rows.append(row)
         width = max(len(t) for t in tables)
         idx = torch.tensor(rows, dtype=torch.long)
-        out = torch.empty((len(rows), self.table.shape[1]), dtype=torch.int32, pin_memory=True)
+        out = torch.empty((len(rows), self.table.shape[1]), dtype=torch.int32,
+                          pin_memory=self.table.is_pinned())
         torch.index_select(self.table, 0, idx, out=out)
         return out, width
 

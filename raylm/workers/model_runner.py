@@ -16,6 +16,7 @@ from raylm.workers.attention_backends import AttentionMetadata, get_attention_ba
 from raylm.workers.logits_processors import process_logits, unpack_bitmask, uses_processors
 from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
 from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables, PrefillGraphs
+from raylm.workers.mixed_graphs import MIXED_GRAPH_MAX_TOKENS, MixedGraphs, mixed_graphs_enabled
 from raylm.workers.messages import (PLACEHOLDER_TOKEN, NewRequest, SamplingOptions, SeqChunk,
                                     StepPlan, StepResult)
 from raylm.workers.pending_step import PendingStep, collect_step
@@ -23,12 +24,16 @@ from raylm.workers.models.llama import get_model_class
 from raylm.workers.parallel_state import all_reduce, broadcast_from_first, get_tp_rank, get_tp_size
 from raylm.workers.quantization import get_quant_config
 from raylm.workers.sampler import SamplingState, sample, topk_logprobs
+from raylm.workers.spec_verify import (emitted_logprobs, process_positions, verify_one_hot,
+                                       verify_rejection)
 from raylm.workers.transfer import to_device, to_host
 
 logger = logging.getLogger("raylm")
 # Held back from the KV pool for the decode graphs' memory pool (their activations at
 # batch <= 512 need far less; capture logs what they took).
 GRAPH_MEMORY_RESERVE = 512 << 20
+# ... and for the mixed-step graphs' (up to MIXED_GRAPH_MAX_TOKENS tokens).
+MIXED_GRAPH_MEMORY_RESERVE = 1 << 30
 # What a process's CUDA context and libraries take on the device beyond its allocator
 # (counted when groups share a GPU and the device-wide figure includes the others).
 CUDA_CONTEXT_BYTES = 1 << 30
@@ -78,6 +83,7 @@ class ModelRunner:
         self.max_model_len = max_model_len or hf_config.max_position_embeddings
         self.graphs = None
         self.prefill_graphs = None
+        self.mixed_graphs = None
         self.host_tables = None
         cls = get_model_class(hf_config)
         quant_config = get_quant_config(hf_config, quantization)
@@ -129,6 +135,8 @@ class ModelRunner:
             # this process (its allocator plus a CUDA context) against its share.
             used = torch.cuda.memory_reserved(self.device) + CUDA_CONTEXT_BYTES
         graphs = 0 if self._graphs_wanted() is False else GRAPH_MEMORY_RESERVE
+        if graphs and mixed_graphs_enabled():
+            graphs += MIXED_GRAPH_MEMORY_RESERVE
         budget = int(total * gpu_memory_utilization * self.gpu_memory_share - used - peak - graphs)
         logger.info("memory profile: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak "
                     "activations at %d tokens, %.2f GiB for CUDA graphs -> %.2f GiB for the KV cache",
@@ -181,6 +189,7 @@ class ModelRunner:
         heads, dim = self.kv_shape_per_layer
         self.graphs = None
         self.prefill_graphs = None
+        self.mixed_graphs = None
         self.host_tables = None
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, heads, dim,
                                       dtype=self.kv_cache_dtype, device=self.device)
@@ -195,10 +204,15 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.device, self.max_model_len,
                                                 max_blocks, self.block_size)
             self.prefill_graphs.capture(self.graphs.pool)
+            if mixed_graphs_enabled() and MixedGraphs.supported(self.backend):
+                self.mixed_graphs = MixedGraphs(self.model, self.backend, self.device, self.max_num_seqs,
+                                                MIXED_GRAPH_MAX_TOKENS, max_blocks, self.block_size)
+                self.mixed_graphs.capture(self.graphs.pool)
 
     def release_kv_cache(self) -> None:
         self.graphs = None
         self.prefill_graphs = None
+        self.mixed_graphs = None
         self.host_tables = None
         for layer in self.attn_layers:
             layer.kv_cache = None
@@ -298,11 +312,42 @@ class ModelRunner:
                 hidden = graphs.run([s.token_ids[0] for s in plan.seqs], positions, slots,
                                     [p + 1 for p in positions], rows, self._placeholders(plan, query_start))
                 return hidden, query_start
+        if self.mixed_graphs is not None:
+            hidden = self._forward_mixed(plan)
+            if hidden is not None:
+                return hidden
         input_ids, positions, meta, query_start = self._prepare(plan)
         fill = self._placeholders(plan, query_start)
         if fill is not None:
             input_ids.index_copy_(0, *fill)
         return self.model(input_ids, positions, meta, self.backend), query_start
+
+    def _forward_mixed(self, plan: StepPlan):
+        """A mixed step (or a prefill too long for the prefill graphs) in the mixed-step
+        graph of its padded size: (hidden states, query starts), or None when none fits."""
+        bs = self.block_size
+        tables = [self.block_tables[s.request_id] for s in plan.seqs]
+        t = self.mixed_graphs.size_for(sum(len(s.token_ids) for s in plan.seqs), len(plan.seqs),
+                                       max(len(tb) for tb in tables))
+        if not t:
+            return None
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        for s, table in zip(plan.seqs, tables):
+            n = len(s.token_ids)
+            input_ids.extend(s.token_ids)
+            pos = range(s.start_pos, s.start_pos + n)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(s.start_pos + n)
+        rows = self.host_tables.gather([s.request_id for s in plan.seqs], tables)
+        hidden = self.mixed_graphs.run(t, input_ids, positions, slots, query_start, seq_lens, rows,
+                                       self._placeholders(plan, query_start))
+        return hidden, query_start
 
     def _placeholders(self, plan: StepPlan, query_start: list[int]):
         """(input rows, their tokens) for the PLACEHOLDER_TOKEN inputs of `plan` (the last
@@ -371,12 +416,19 @@ class ModelRunner:
         self._last_rows = {}
         dev = self.device
 
-        # Rows whose logits are needed: each sampling sequence's last token, and the
-        # prompt positions of requests that asked for prompt logprobs.
+        # Rows whose logits are needed: each sampling sequence's last token (all k + 1
+        # positions of a row with k proposals), and the prompt positions of requests that
+        # asked for prompt logprobs.
         sample_rows, sample_ids = [], []
+        spec_rows, spec_ids, proposals = [], [], []
         prompt_rows: list[tuple[str, int, int]] = []  # (request id, row, target token)
         for i, s in enumerate(plan.seqs):
-            if s.sample:
+            if s.num_spec_tokens:
+                k = s.num_spec_tokens
+                spec_rows.extend(range(query_start[i + 1] - k - 1, query_start[i + 1]))
+                spec_ids.append(s.request_id)
+                proposals.append(s.token_ids[-k:])
+            elif s.sample:
                 sample_rows.append(query_start[i + 1] - 1)
                 sample_ids.append(s.request_id)
             done = self.prompt_logprobs_done.get(s.request_id)
@@ -386,7 +438,7 @@ class ModelRunner:
                     if p + 1 < len(prompt):
                         prompt_rows.append((s.request_id, query_start[i] + p - s.start_pos, prompt[p + 1]))
                         self.prompt_logprobs_done[s.request_id] = p + 1
-        rows = sample_rows + [r for _, r, _ in prompt_rows]
+        rows = sample_rows + spec_rows + [r for _, r, _ in prompt_rows]
         if not rows:
             return pending
         logits = self.model.compute_logits(hidden[_row_index(rows, dev)])
@@ -419,8 +471,11 @@ class ModelRunner:
                 k = max(states[i].options.logprobs for i in want)
                 pending.want = want
                 pending.logprobs = tuple(to_host(t) for t in topk_logprobs(lp, tokens[idx], k))
+        if spec_ids:
+            n0 = len(sample_ids)
+            self._verify(pending, spec_ids, proposals, logits[n0:n0 + len(spec_rows)])
         if prompt_rows:
-            lp = torch.log_softmax(logits[len(sample_ids):], dim=-1)
+            lp = torch.log_softmax(logits[len(sample_ids) + len(spec_rows):], dim=-1)
             targets = to_device([t for _, _, t in prompt_rows], torch.long, dev)
             k = max(self.states[rid].options.prompt_logprobs for rid, _, _ in prompt_rows)
             # (request id, target, k): the request's state may be gone by collect time.
@@ -431,6 +486,28 @@ class ModelRunner:
             pending.event = torch.cuda.Event()
             pending.event.record()
         return pending
+
+    def _verify(self, pending: PendingStep, spec_ids: list[str], proposals: list[list[int]],
+                logits: torch.Tensor, draft_probs: Optional[torch.Tensor] = None) -> None:
+        """Verify the proposals of the rows with them (`logits`: their k + 1 positions
+        each, raw): one-hot proposals (n-gram) exactly, proposals with draft probabilities
+        by rejection sampling. Logits processors apply per position (earlier proposals
+        count as outputs); grammar rows get no proposals."""
+        states = [self.states[rid] for rid in spec_ids]
+        sample_in = logits
+        proc = [i for i, rid in enumerate(spec_ids) if rid in self.processor_ids]
+        if proc:
+            sample_in = process_positions(logits, states, proposals, proc)
+        if draft_probs is None:
+            result = verify_one_hot(sample_in, states, proposals, self.default_generator)
+        else:
+            result = verify_rejection(sample_in, states, proposals, draft_probs, self.default_generator)
+        for st, tokens in zip(states, result.tokens):
+            st.num_sampled += len(tokens)
+        pending.spec_ids, pending.spec_states, pending.spec_tokens = spec_ids, states, result.tokens
+        want = [st.options.logprobs for st in states if st.options.logprobs is not None]
+        if want:
+            pending.spec_logprobs = tuple(to_host(t) for t in emitted_logprobs(logits, result, max(want)))
 
     def _process_logits(self, plan: StepPlan, sample_ids: list[str], states: list[SamplingState],
                         logits: torch.Tensor) -> torch.Tensor:

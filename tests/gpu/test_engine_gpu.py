@@ -164,3 +164,36 @@ def test_prefill_graphs_match_eager(tmp_path):
             pa = [d[t].logprob for d, t in zip(a.prompt_logprobs[1:], a.prompt_token_ids[1:])]
             pb = [d[t].logprob for d, t in zip(b.prompt_logprobs[1:], b.prompt_token_ids[1:])]
             assert max(abs(x - y) for x, y in zip(pa, pb)) < 0.1, key
+
+
+def test_mixed_graphs_match_eager(tmp_path, monkeypatch):
+    """Mixed steps (decodes beside 64-token prefill chunks of other prompts) replay the
+    mixed-step CUDA graph of their padded token count: the same greedy tokens as with
+    those graphs off (RAYLM_MIXED_GRAPHS=0, the steps eager), allowing one sequence to part
+    on a near-tie, and the first token's logprob within bf16 tolerance."""
+    from raylm import LLM, SamplingParams
+
+    cfg_dir = _small_config_dir(tmp_path, "qwen3-0.6b")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 70, 150, 300, 33, 260)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    results, used = {}, {}
+    for mixed in ("0", "1"):
+        monkeypatch.setenv("RAYLM_MIXED_GRAPHS", mixed)
+        llm = LLM(cfg_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, max_num_batched_tokens=64)
+        runner = llm.llm_engine.executor.runner
+        assert (runner.mixed_graphs is None) == (mixed == "0")
+        calls = []
+        if mixed == "1":
+            run = runner.mixed_graphs.run
+            runner.mixed_graphs.run = lambda t, ids, *a, **k: calls.append((t, len(ids))) or run(t, ids, *a, **k)
+        results[mixed] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        used[mixed] = calls
+        llm.shutdown()
+    assert used["1"] and all(t == 128 for t, _ in used["1"]), used["1"]
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(results["0"], results["1"]))
+    assert same >= len(prompts) - 1
+    for a, b in zip(results["0"], results["1"]):
+        tok = a.outputs[0].token_ids[0]
+        assert abs(a.outputs[0].logprobs[0][tok].logprob - b.outputs[0].logprobs[0][tok].logprob) < 0.1
