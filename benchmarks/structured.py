@@ -69,7 +69,7 @@ def run(llm, prompts, params) -> dict:
     steps, compiling, finished = [], [], {}
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
-        busy = bool(core._compiling)
+        busy = bool(core._num_compiling)
         t = time.perf_counter()
         for out in engine.step():
             if out.finished:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from raylm import LLM, SamplingParams
+from raylm.engine.input_processor import bad_words_token_ids
 from raylm.workers.logits_processors import apply_bitmask, apply_processors
 from raylm.workers.messages import SamplingOptions, SeqChunk, StepPlan
 from tests.helpers import hf_greedy
@@ -55,8 +56,7 @@ def test_bad_words_never_appear(llm):
     assert words, tok.decode(base)
     out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, bad_words=words),
                        use_tqdm=False)[0].outputs[0]
-    core = llm.llm_engine.core
-    for ids in core._bad_words_token_ids(words):
+    for ids in bad_words_token_ids(tok, words):
         for i in range(len(out.token_ids) - len(ids) + 1):
             assert out.token_ids[i:i + len(ids)] != ids, (words, ids, out.token_ids)
     assert out.token_ids != base

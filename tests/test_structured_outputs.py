@@ -231,3 +231,16 @@ def test_smollm_json_schema(smol, params):
     c = out[0].outputs[0]
     assert c.finish_reason == "stop", c.text
     jsonschema.validate(json.loads(c.text), schema)
+
+
+def test_abort_while_compiling_leaves_nothing_behind(llm):
+    engine = llm.llm_engine
+    schema = {"type": "object", "properties": {"never_seen_before": {"type": "integer", "minimum": 0,
+                                                                     "maximum": 7}},
+              "required": ["never_seen_before"]}
+    engine.add_request("compiling-0", "hi", SamplingParams(structured_outputs=so(json=schema)))
+    engine.abort_request("compiling-0")
+    core = engine.core
+    assert not core.requests and core._num_compiling == 0 and not engine.has_unfinished_requests()
+    out = llm.generate(["hi"], SamplingParams(max_tokens=40, structured_outputs=so(json=schema)), use_tqdm=False)
+    assert json.loads(out[0].outputs[0].text)["never_seen_before"] in range(8)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,8 +23,10 @@ from raylm.engine.config import CPU_KV_CACHE_CAP_BYTES, EngineArgs, resolve_devi
 from raylm.engine.core_messages import EngineCoreOutput, EngineCoreRequest, needs_output_history
 from raylm.engine.metrics import CoreMetrics
 from raylm.engine.model_config import ModelConfig
+from raylm.engine.input_processor import bad_words_token_ids
 from raylm.engine.planner import StepPlanner, worker_sampling
 from raylm.engine.sampling_params import SamplingParams
+from raylm.engine.spec_decode.speculator import Speculator, num_accepted_of
 from raylm.engine.structured_outputs import parse_structured_outputs_config, validate_structured_outputs
 from raylm.scheduler.block_manager import BlockManager
 from raylm.scheduler.request import Request, RequestStatus
@@ -105,9 +105,11 @@ class EngineCore:
         self.structured_outputs_config = parse_structured_outputs_config(
             getattr(args, "structured_outputs_config", None))
         self._grammars = None  # GrammarManager, on the first grammar request
-        self._compiling: dict[str, Future] = {}  # kept out of the scheduler until compiled
         self._num_grammars = 0  # live requests holding a matcher
         self._tokenizer = None
+        spec = args.parsed_speculative_config()
+        # Speculative decoding: proposals before each step (see spec_decode.speculator).
+        self.speculator = Speculator(spec) if spec is not None else None
         self.metrics = CoreMetrics()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         self.reset_timing()
@@ -151,7 +153,7 @@ class EngineCore:
                 raise ValueError(f"prompt has {len(r.prompt_token_ids)} tokens; "
                                  f"max_model_len is {self.max_model_len}")
             validate_structured_outputs(r.params)  # cached by spec
-        bad_words = {r.request_id: self._bad_words_token_ids(r.params.bad_words)
+        bad_words = {r.request_id: bad_words_token_ids(self._load_tokenizer(), r.params.bad_words)
                      for r in reqs if r.params.bad_words}
         now = time.monotonic()
         for r in reqs:
@@ -164,7 +166,7 @@ class EngineCore:
             self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber, r.output_offset,
                                                        bad_words_token_ids=bad_words.get(r.request_id))
             if p.structured_outputs is not None:  # scheduled once its grammar is compiled
-                self._compiling[r.request_id] = self._grammar_manager().submit(p.structured_outputs)
+                self._grammar_manager().submit(r.request_id, p.structured_outputs)
             else:
                 self.scheduler.add_request(req)
             user = self.users.get(r.group_id)
@@ -185,32 +187,12 @@ class EngineCore:
             self._grammars = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids)
         return self._grammars
 
-    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
-        """Each bad word's tokenization, alone and after a space when that spells it with
-        other tokens (vLLM's semantics: banned at the start of the text and mid-text)."""
-        tok = self._load_tokenizer()
-        if tok is None:
-            raise ValueError("bad_words needs a tokenizer, and skip_tokenizer_init is set")
-        out = []
-        for word in words:
-            plain = tok.encode(word.lstrip(), add_special_tokens=False)
-            spaced = tok.encode(" " + word.lstrip(), add_special_tokens=False)
-            out.append(plain)
-            if plain and spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
-                out.append(spaced)
-        return [ids for ids in out if ids]
-
     def _admit_compiled(self, block: bool) -> list[EngineCoreOutput]:
         """Move requests whose grammar finished compiling into the scheduler (with a
         matcher advanced over earlier outputs); a failed compile fails its request.
         `block`: nothing else to run, so wait briefly for a compile to finish."""
-        if block:
-            wait_futures(list(self._compiling.values()), timeout=0.05, return_when=FIRST_COMPLETED)
         failed = []
-        for rid, fut in list(self._compiling.items()):
-            if not fut.done():
-                continue
-            del self._compiling[rid]
+        for rid, fut in self._grammars.ready(block):
             state = self.requests[rid]
             req = state.request
             try:
@@ -224,6 +206,10 @@ class EngineCore:
             self._num_grammars += 1
             self.scheduler.add_request(req)
         return failed
+
+    @property
+    def _num_compiling(self) -> int:
+        return 0 if self._grammars is None else self._grammars.num_compiling
 
     def _scheduler_idle(self) -> bool:
         return not (self.scheduler.num_running or self.scheduler.num_waiting)
@@ -284,10 +270,13 @@ class EngineCore:
     def _finish(self, state: _CoreRequest, status: RequestStatus, stop_reason=None) -> None:
         rid = state.request.request_id
         self.scheduler.finish_request(rid, status)
-        self._compiling.pop(rid, None)
+        if self._grammars is not None:
+            self._grammars.cancel(rid)
         if self.requests.pop(rid, None) is not None and state.grammar is not None:
             self._num_grammars -= 1
         self.planner.finished(rid)
+        if self.speculator is not None:
+            self.speculator.remove(rid)
         if state.out is not None:
             state.out.finish_reason = status.value
             state.out.stop_reason = stop_reason
@@ -307,11 +296,24 @@ class EngineCore:
         """Run one iteration; return the outputs of the requests that progressed. With
         asynchronous scheduling these are the previous iteration's, whose tokens arrive
         while this one runs."""
-        if self.async_scheduling:
+        speculating = self.speculator is not None and self.speculator.active(self.scheduler.num_running)
+        if self.async_scheduling and not speculating:
             return self._step_async()
+        outputs = []
+        if self._inflight is not None:  # proposals follow the last token: record it first
+            outputs = self._complete_inflight(time.perf_counter())
+        return outputs + self._step_sync(speculating)
+
+    def _step_sync(self, speculating: bool = False) -> list[EngineCoreOutput]:
+        """Schedule, run and record one step; with speculation, propose first. A step
+        with proposals runs synchronously: how many tokens each row emits decides the
+        next step's inputs."""
         t0 = time.perf_counter()
-        failed = self._admit_compiled(block=self._scheduler_idle()) if self._compiling else []
+        failed = self._admit_compiled(block=self._scheduler_idle()) if self._num_compiling else []
+        proposed = self._propose() if speculating else []
         sched_out = self.scheduler.schedule()
+        for req in proposed:  # rows the budget left out keep none for a later step
+            req.spec_token_ids = []
         if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:
             return failed
         plan = self.planner.plan(sched_out)
@@ -333,7 +335,7 @@ class EngineCore:
         collect and record step N while the device runs N+1."""
         t0 = time.perf_counter()
         outputs: list[EngineCoreOutput] = []
-        if self._compiling:
+        if self._num_compiling:
             outputs += self._admit_compiled(block=self._scheduler_idle() and self._inflight is None)
         sched_out = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -359,6 +361,17 @@ class EngineCore:
             outputs += self._complete_inflight(t2)
         self._inflight = (sched_out, launched)
         return outputs
+
+    def _propose(self) -> list:
+        """Proposals for the running decodes (not for grammar requests: their proposals
+        would have to be checked against the grammar, which this engine does not do yet)."""
+        requests = self.requests
+
+        def eligible(req) -> bool:
+            state = requests.get(req.request_id)
+            return state is not None and state.grammar is None
+
+        return self.speculator.propose(self.scheduler.running, eligible)
 
     def _needs_current_outputs(self, sched_out) -> bool:
         """True when a request of this step samples from the tokens so far (penalties,
@@ -409,8 +422,9 @@ class EngineCore:
         step computed and gave each sampling request a placeholder."""
         if not sched_out:
             return []
+        num_accepted = num_accepted_of(sched_out, result.spec_sampled) if result.spec_sampled else None
         if not launched:
-            self.scheduler.update_after_step(sched_out)
+            self.scheduler.update_after_step(sched_out, num_accepted)
         now = time.monotonic()
         built: list[tuple[_CoreRequest, EngineCoreOutput]] = []
         for rid, lps in result.prompt_logprobs.items():
@@ -437,11 +451,39 @@ class EngineCore:
             self._check_stop(state, token)
             if state.grammar is not None and rid in self.requests:
                 self._advance_grammar(state, token)
+        if num_accepted:
+            self._record_spec(sched_out, result, num_accepted, built, now)
         outs = []
         for state, out in built:
             state.out = None
             outs.append(out)
         return outs
+
+    def _record_spec(self, sched_out, result: StepResult, num_accepted: dict, built: list,
+                     now: float) -> None:
+        """Append each verified row's emitted tokens (its accepted proposals and the one
+        after them), checking EOS, stop tokens and the length after each: a request that
+        ends drops the tokens after its end."""
+        for s in sched_out.seqs:
+            if not s.spec_token_ids:
+                continue
+            rid = s.request_id
+            self.speculator.record(rid, len(s.spec_token_ids), num_accepted[rid])
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            lps = result.spec_logprobs.get(rid) if state.params.logprobs is not None else None
+            out = self._output(state, built)
+            for j, token in enumerate(result.spec_sampled.get(rid, ())):
+                state.request.append_output_token(token)
+                self.counters["generation_tokens"] += 1
+                out.new_token_ids.append(token)
+                if lps is not None:
+                    out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
+                self._observe_token(state.request.prefix_group or rid, now)
+                self._check_stop(state, token)
+                if rid not in self.requests:
+                    break
 
     def _observe_token(self, user_id: str, now: float) -> None:
         user = self.users.get(user_id)
@@ -485,7 +527,7 @@ class EngineCore:
         bm, sch = self.block_manager, self.scheduler
         return {
             "num_requests_running": sch.num_running,
-            "num_requests_waiting": sch.num_waiting + len(self._compiling),
+            "num_requests_waiting": sch.num_waiting + self._num_compiling,
             "num_blocks": bm.num_blocks,
             "blocks_in_use": bm.num_used_blocks,
             "kv_cache_usage_perc": bm.usage,
@@ -496,6 +538,7 @@ class EngineCore:
             "num_steps": sch.num_steps,
             "max_num_seqs": self.args.max_num_seqs,
             **self.counters,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }
 
     def shutdown(self) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Callable
 
 from raylm.engine.sampling_params import StructuredOutputsParams
@@ -40,8 +41,33 @@ class GrammarManager:
         self._batch = None
         self.mask_vocab = vocab_size  # the bitmask's vocabulary: the larger of model and tokenizer
         self.compile_seconds: deque[float] = deque(maxlen=4096)  # per compile, for benchmarks
+        self._compiling: dict[str, Future] = {}  # request id -> its grammar's future
 
-    def submit(self, so: StructuredOutputsParams) -> Future:
+    @property
+    def num_compiling(self) -> int:
+        return len(self._compiling)
+
+    def submit(self, request_id: str, so: StructuredOutputsParams) -> None:
+        """Start compiling a request's grammar (or share the compile of an equal spec);
+        `ready()` hands the request back once it is done."""
+        self._compiling[request_id] = self.compile(so)
+
+    def ready(self, block: bool = False) -> list[tuple[str, Future]]:
+        """The requests whose compile is done (a failed one raises ValueError from
+        `result()`). `block`: wait up to 50 ms for one when none is."""
+        if block:
+            wait_futures(list(self._compiling.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+        done = [(rid, fut) for rid, fut in self._compiling.items() if fut.done()]
+        for rid, _ in done:
+            del self._compiling[rid]
+        return done
+
+    def cancel(self, request_id: str) -> None:
+        """The request ended while its grammar compiled (the compile itself goes on: the
+        cache keeps it for the next request with that spec)."""
+        self._compiling.pop(request_id, None)
+
+    def compile(self, so: StructuredOutputsParams) -> Future:
         """A future of the spec's `CompiledGrammar` (shared by requests with equal specs;
         a failed compile raises ValueError from `result()` and is not cached)."""
         key = spec_key(so)
