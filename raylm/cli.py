@@ -83,6 +83,9 @@ def _serve(ns: argparse.Namespace) -> int:
     import time
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # else a new local cluster, ours to stop
+    if not joined:  # one node: Ray's own sockets on 127.0.0.1 (read when ray is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = dataclasses.asdict(engine_args_from(ns))
     args["model"] = ns.model_tag or ns.model
     tls = dict(ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile)
@@ -103,7 +106,6 @@ def _serve(ns: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    joined = bool(os.environ.get("RAY_ADDRESS"))  # else a new local cluster, ours to stop
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
              configure_logging=False)
     stop = {"signal": None}
@@ -122,7 +124,8 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"raylm: serving {app_args['model'] or 'SmolLM2-135M-Instruct (embedded)'} on "
               f"{scheme}://{ns.host}:{ns.port}/v1 (gRPC {ns.host}:{ns.grpc_port}"
               f"{' with TLS' if ns.ssl_certfile else ''}; Ray Serve's HTTP proxy "
-              f"{ns.host}:{serve_port}); Ctrl-C to stop", flush=True)
+              f"{ns.host}:{serve_port}; Ray at {ray.get_runtime_context().gcs_address}, the "
+              f"RAY_ADDRESS for Python handles); Ctrl-C to stop", flush=True)
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
         while stop["signal"] is None:
