@@ -94,14 +94,29 @@ class LlamaModel(nn.Module):
                                                       f"model.layers.{i}")
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        # EAGLE-3: layers whose input (hidden + residual) the forward pass also returns.
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
 
     def forward(self, input_ids, positions, meta, backend):
         hidden = self.embed_tokens(input_ids)
+        if self.aux_hidden_state_layers:
+            return self._forward_with_aux(hidden, positions, meta, backend)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta, backend)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _forward_with_aux(self, hidden, positions, meta, backend):
+        """(final hidden, [T, len(aux layers) * hidden]): the input of each aux layer
+        (hidden + residual, as vLLM takes it), concatenated in layer order."""
+        aux, residual = [], None
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_hidden_state_layers:
+                aux.append(hidden if residual is None else hidden + residual)
+            hidden, residual = layer(positions, hidden, residual, meta, backend)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden, torch.cat(aux, dim=-1)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -144,6 +159,20 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def get_eagle3_aux_hidden_state_layers(self) -> tuple[int, ...]:
+        """vLLM's default EAGLE-3 layers: low, middle and high (2, L // 2, L - 3)."""
+        n = len(self.model.layers)
+        return (2, n // 2, n - 3)
+
+    def set_aux_hidden_state_layers(self, layers) -> None:
+        """Make `forward` return (hidden, aux) with the inputs of `layers` (empty: off)."""
+        layers = tuple(int(i) for i in layers)
+        n = len(self.model.layers)
+        if any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"aux hidden state layers {list(layers)} must be distinct layer "
+                             f"indices in [0, {n}) (the target has {n} layers)")
+        self.model.aux_hidden_state_layers = layers
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into this rank's parameters; returns the

@@ -1,0 +1,157 @@
+"""Draft-model proposals (raylm.workers.draft_runner): greedy proposals are the draft
+model's own greedy continuation (transformers as the oracle); a draft equal to the
+target proposes the target's next tokens (all accepted); q is the filtered softmax of
+the draft's logits; after a rejection the draft's cache is rewritten as a fresh run
+would have it, also when the rejected positions' block left the table."""
+import pytest
+import torch
+from transformers import AutoConfig
+
+from raylm.workers.draft_runner import DraftModelRunner, check_vocab
+from raylm.workers.messages import SamplingOptions
+from raylm.workers.model_runner import ModelRunner
+from raylm.workers.sampler import SamplingState, _filter
+from raylm.workers.spec_verify import verify_rejection
+from tests.helpers import hf_greedy, hf_model, make_checkpoint
+
+BS = 4  # small blocks: proposals cross block boundaries
+K = 4
+GREEDY = SamplingOptions(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec_draft")
+    return {"target": make_checkpoint(str(root / "target"), "llama", seed=3),
+            "draft": make_checkpoint(str(root / "draft"), "llama", seed=4, num_hidden_layers=1,
+                                     hidden_size=32, intermediate_size=64)}
+
+
+def runners(target_dir, draft_dir, k=K, num_blocks=96):
+    target = ModelRunner(target_dir, AutoConfig.from_pretrained(target_dir), torch.float32, "cpu", BS)
+    target.allocate_kv_cache(num_blocks)
+    draft = DraftModelRunner(target, draft_dir, AutoConfig.from_pretrained(draft_dir), k)
+    draft.allocate_kv_cache(num_blocks)
+    return target, draft
+
+
+def give_blocks(target, rid, first, n):
+    target.block_tables[rid] = list(range(first, first + n))
+
+
+@torch.no_grad()
+def hf_logits(path, ids):
+    return hf_model(path)(torch.tensor([ids])).logits[0].float()
+
+
+PROMPTS = [[5, 17, 9, 40, 2, 77, 31], [100, 3, 3, 8], [250, 12, 60, 61, 62, 63, 64, 65, 66, 7, 1]]
+
+
+def test_greedy_proposals_are_the_drafts_greedy_continuation(dirs):
+    target, draft = runners(dirs["target"], dirs["draft"])
+    rids = ["a", "b", "c"]
+    for i, rid in enumerate(rids):
+        give_blocks(target, rid, 10 * i, 8)
+    out = draft.propose(rids, PROMPTS, [GREEDY] * 3)
+    for p, props in zip(PROMPTS, out.token_ids):
+        assert props == hf_greedy(dirs["draft"], p, K)[0]
+    # q is one-hot at each greedy proposal.
+    assert out.draft_probs.shape == (3 * K, target.hf_config.vocab_size)
+    flat = [t for props in out.token_ids for t in props]
+    assert out.draft_probs.argmax(dim=1).tolist() == flat
+    assert torch.equal(out.draft_probs.sum(dim=1), torch.ones(3 * K))
+
+
+def test_draft_equal_to_target_proposes_the_targets_tokens(dirs):
+    target, draft = runners(dirs["target"], dirs["target"])
+    tokens = [list(p) for p in PROMPTS]
+    rids = ["a", "b", "c"]
+    for i, rid in enumerate(rids):
+        give_blocks(target, rid, 20 * i, 16)
+    for _ in range(3):  # propose, accept everything plus the target's next token, repeat
+        out = draft.propose(rids, tokens, [GREEDY] * 3)
+        logits = torch.cat([hf_logits(dirs["target"], t + props)[len(t) - 1:]
+                            for t, props in zip(tokens, out.token_ids)])
+        states = [SamplingState(list(t), GREEDY) for t in tokens]
+        res = verify_rejection(logits, states, out.token_ids, out.draft_probs)
+        assert res.num_accepted == [K] * 3
+        for t, props, emitted in zip(tokens, out.token_ids, res.tokens):
+            assert props == hf_greedy(dirs["target"], t, K)[0]
+            t.extend(emitted)
+
+
+@pytest.mark.parametrize("options", [
+    SamplingOptions(temperature=0.8, seed=7),
+    SamplingOptions(temperature=1.2, top_k=20, top_p=0.9, seed=8),
+    SamplingOptions(temperature=0.7, min_p=0.05),
+])
+def test_q_is_the_filtered_softmax_of_the_drafts_logits(dirs, options):
+    target, draft = runners(dirs["target"], dirs["draft"])
+    give_blocks(target, "a", 0, 8)
+    prompt = PROMPTS[0]
+    out = draft.propose(["a"], [prompt], [options])
+    props, q = out.token_ids[0], out.draft_probs
+    assert len(props) == K
+    assert torch.allclose(q.sum(dim=1), torch.ones(K), atol=1e-5)
+    ref = hf_logits(dirs["draft"], prompt + props)[len(prompt) - 1:len(prompt) - 1 + K]
+    expect = _filter(ref, [SamplingState([], options)] * K).softmax(dim=1)
+    assert torch.allclose(q, expect, atol=1e-5)
+    for j, t in enumerate(props):
+        assert q[j, t] > 0  # every proposal was drawn from q
+
+
+def test_seeded_proposals_depend_only_on_seed_and_position(dirs):
+    options = SamplingOptions(temperature=1.0, seed=123)
+    target, draft = runners(dirs["target"], dirs["draft"])
+    give_blocks(target, "a", 0, 8)
+    alone = draft.propose(["a"], [PROMPTS[0]], [options]).token_ids[0]
+    target2, draft2 = runners(dirs["target"], dirs["draft"])
+    for i, rid in enumerate(["x", "a", "y"]):
+        give_blocks(target2, rid, 10 * i, 8)
+    batch = draft2.propose(["x", "a", "y"], [PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+                           [SamplingOptions(temperature=1.0), options, GREEDY])
+    assert batch.token_ids[1] == alone
+
+
+@pytest.mark.parametrize("move_block", [False, True])
+def test_rejected_positions_are_rewritten_like_a_fresh_run(dirs, move_block):
+    options = SamplingOptions(temperature=0.9, seed=5)
+    target, draft = runners(dirs["target"], dirs["draft"])
+    prompt = PROMPTS[2]  # 11 tokens: proposals at positions 11..14 cross into block 3
+    give_blocks(target, "a", 0, 4)
+    first = draft.propose(["a"], [prompt], [options]).token_ids[0]
+    # The target accepts one proposal and samples a different token after it.
+    bonus = (first[1] + 1) % target.hf_config.vocab_size
+    tokens = prompt + [first[0], bonus]
+    if move_block:  # blocks 2.. went back to the pool (a rollback), new ones came
+        target.block_tables["a"] = target.block_tables["a"][:2] + [50, 51, 52]
+    # The catch-up restarts at the rejected position 12 (the accepted proposal at 11 was
+    # fed back), or at block 2's first position when that block left the table.
+    assert draft._valid("a", tokens, target.block_tables["a"]) == (8 if move_block else 12)
+    second = draft.propose(["a"], [tokens], [options])
+    _, fresh = runners(dirs["target"], dirs["draft"])
+    fresh.runner.block_tables["a"] = list(target.block_tables["a"])
+    ref = fresh.propose(["a"], [tokens], [options])
+    assert second.token_ids == ref.token_ids
+    assert torch.allclose(second.draft_probs, ref.draft_probs, atol=1e-5)
+
+
+def test_proposals_stop_at_the_tables_slots(dirs):
+    target, draft = runners(dirs["target"], dirs["draft"])
+    prompt = PROMPTS[0]  # 7 tokens; positions 7, 8, 9 need a third block
+    give_blocks(target, "a", 0, 2)  # slots for positions 0..7
+    out = draft.propose(["a"], [prompt], [GREEDY])
+    assert out.token_ids[0] == hf_greedy(dirs["draft"], prompt, K)[0][:2]
+    assert draft.propose(["a"], [prompt], [GREEDY], max_num_tokens=[1]).token_ids == [out.token_ids[0][:1]]
+    give_blocks(target, "b", 10, 1)  # 4 slots: room for the 4th token's KV, one proposal
+    assert len(draft.propose(["b"], [PROMPTS[1]], [GREEDY]).token_ids[0]) == 1
+    out = draft.propose(["b"], [PROMPTS[1] + [9]], [GREEDY])  # the newest token has no slot
+    assert out.token_ids == [[]] and out.draft_probs.shape[0] == 0
+
+
+def test_vocab_mismatch_names_both_sizes(dirs, tmp_path):
+    other = make_checkpoint(str(tmp_path / "other"), "llama", seed=1)
+    cfg = AutoConfig.from_pretrained(other)
+    cfg.vocab_size = 999
+    with pytest.raises(ValueError, match=r"vocab_size 999.*vocab_size 3\d\d"):
+        check_vocab(AutoConfig.from_pretrained(dirs["target"]), cfg)
