@@ -27,7 +27,8 @@ def _with_generation_config(src: str, dst: str, config) -> str:
 def test_default_sampling_from_generation_config(llama_dir, tmp_path):
     given = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
              "max_new_tokens": 100, "do_sample": True, "eos_token_id": [5, 6], "bos_token_id": 1}
-    model = ModelConfig.from_args(EngineArgs(model=_with_generation_config(llama_dir, str(tmp_path / "a"), given)))
+    model = ModelConfig.from_args(EngineArgs(model=_with_generation_config(llama_dir, str(tmp_path / "a"),
+                                                                          given)))
     assert model.default_sampling == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
                                       "repetition_penalty": 1.1, "max_tokens": 100}
     SamplingParams(**model.default_sampling)  # valid SamplingParams values
@@ -35,7 +36,9 @@ def test_default_sampling_from_generation_config(llama_dir, tmp_path):
 
     # Only what the file sets: transformers' own defaults (top_k 50) are not the model's.
     few = {"temperature": 0.7, "eos_token_id": 2}
-    model = ModelConfig.from_args(EngineArgs(model=_with_generation_config(llama_dir, str(tmp_path / "b"), few)))
+    model = ModelConfig.from_args(EngineArgs(model=_with_generation_config(llama_dir, str(tmp_path / "b"),
+                                                                          few)))
     assert model.default_sampling == {"temperature": 0.7}
-    none = ModelConfig.from_args(EngineArgs(model=_with_generation_config(llama_dir, str(tmp_path / "c"), None)))
+    none = ModelConfig.from_args(EngineArgs(model=_with_generation_config(llama_dir, str(tmp_path / "c"),
+                                                                         None)))
     assert none.default_sampling == {}

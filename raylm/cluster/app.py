@@ -158,7 +158,9 @@ class Ingress(GrpcGenerateMixin):
 
         app = create_openai_app(self.backend, max_n=self.max_n,  # the key is checked outside
                                 enable_auto_tool_choice=self.front["enable_auto_tool_choice"],
-                                tool_call_parser=self.front["tool_call_parser"])
+                                tool_call_parser=self.front["tool_call_parser"],
+                                max_prompts_per_request=self.front["max_prompts_per_request"],
+                                max_seqs_per_request=self.front["max_seqs_per_request"])
         return self.drain.wrap(front_door(app, self.api_key, self.front["protect_health_metrics"],
                                           self.front["max_request_body_bytes"]))
 
@@ -231,7 +233,8 @@ def _front(app_args: dict) -> dict:
     for name in ("max_request_body_bytes", "max_prompts_per_request", "max_seqs_per_request"):
         front[name] = _positive_int(app_args, name, FRONT_DEFAULTS[name])
     if not isinstance(front["protect_health_metrics"], bool):
-        raise ValueError(f"protect_health_metrics must be true or false, got {front['protect_health_metrics']!r}")
+        raise ValueError("protect_health_metrics must be true or false, "
+                         f"got {front['protect_health_metrics']!r}")
     auto_tool_parser(front["enable_auto_tool_choice"], front["tool_call_parser"])  # ValueError if bad
     front["shutdown_timeout"] = _seconds(app_args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S,
                                          allow_minimum=True)
