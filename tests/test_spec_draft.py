@@ -155,3 +155,43 @@ def test_vocab_mismatch_names_both_sizes(dirs, tmp_path):
     cfg.vocab_size = 999
     with pytest.raises(ValueError, match=r"vocab_size 999.*vocab_size 3\d\d"):
         check_vocab(AutoConfig.from_pretrained(dirs["target"]), cfg)
+
+
+def _config_only(src, dst, **changes):
+    """A checkpoint directory holding only `src`'s config.json with `changes`."""
+    import json
+    import os
+
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return dst
+
+
+def test_engine_resolves_and_checks_the_draft(dirs, tmp_path):
+    from raylm.engine.spec_decode.config import parse_speculative_config
+    from raylm.engine.spec_decode.draft import num_kv_blocks, num_lookahead_tokens, resolve_draft_model
+
+    def spec(model, **kw):
+        return parse_speculative_config({"method": "draft_model", "model": model,
+                                         "num_speculative_tokens": 3, **kw})
+
+    target = AutoConfig.from_pretrained(dirs["target"])
+    out = resolve_draft_model(spec(dirs["draft"]), target, 512)
+    assert (out.method, out.model_dir, out.num_speculative_tokens) == ("draft_model", dirs["draft"], 3)
+    assert num_lookahead_tokens(spec(dirs["draft"])) == 3
+    assert num_lookahead_tokens(parse_speculative_config({"method": "ngram", "num_speculative_tokens": 3})) == 0
+    assert num_lookahead_tokens(None) == 0
+    assert num_kv_blocks(1000, 60, 40) == 10
+    with pytest.raises(ValueError, match="max_position_embeddings is 512; max_model_len is 1024"):
+        resolve_draft_model(spec(dirs["draft"]), target, 1024)
+    small = _config_only(dirs["draft"], str(tmp_path / "v"), vocab_size=999)
+    with pytest.raises(ValueError, match=r"vocab_size 999; the target model has vocab_size 3\d\d"):
+        resolve_draft_model(spec(small), target, 512)
+    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size'\] is 1.*\(2\)"):
+        resolve_draft_model(spec(dirs["draft"], draft_tensor_parallel_size=1), target, 512, 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_draft_model(spec(str(tmp_path / "nowhere")), target, 512)

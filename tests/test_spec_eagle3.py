@@ -284,3 +284,32 @@ def test_greedy_verification_emits_the_targets_greedy_tokens(setup):
         start = len(tokens) - 1  # the rows the target keeps: the last token and the accepted
         tokens = tokens + res.tokens[0]
     assert tokens[len(PROMPT):len(PROMPT) + 12] == expected
+
+
+def test_engine_resolves_and_checks_the_head(setup, tmp_path):
+    from raylm.engine.spec_decode.config import parse_speculative_config
+    from raylm.engine.spec_decode.eagle import resolve_eagle3
+
+    target_dir, head_dir, _ = setup
+    target = AutoConfig.from_pretrained(target_dir)
+
+    def spec(model):
+        return parse_speculative_config({"method": "eagle3", "model": model, "num_speculative_tokens": 2})
+
+    out = resolve_eagle3(spec(head_dir), target, 512)
+    assert (out.method, out.model_dir, out.aux_hidden_state_layers) == ("eagle3", head_dir, (2, 4, 5))
+
+    def head_with(name, **changes):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = json.loads((open(os.path.join(head_dir, "config.json")).read()))
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+        return str(d)
+
+    with pytest.raises(ValueError, match="target hidden states of size 128; the target's hidden_size is 64"):
+        resolve_eagle3(spec(head_with("h", target_hidden_size=128)), target, 512)
+    with pytest.raises(ValueError, match="not an EAGLE-3 head"):
+        resolve_eagle3(spec(head_with("a", architectures=["LlamaForCausalLM"])), target, 512)
+    assert resolve_eagle3(spec(head_with("l", eagle_aux_hidden_state_layer_ids=[1, 3, 7])), target,
+                          512).aux_hidden_state_layers == (1, 3, 7)
