@@ -109,7 +109,10 @@ def test_speculative_config_parses_dicts_and_json():
      r"\['prompt_lookup_max'\] must be unset for method 'eagle3'"),
     ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 3},
      r"draft_tensor_parallel_size'\] must be 1 or the target's tensor_parallel_size \(2\), got 3"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4}, r"unsupported keys \['disable_by_batch_size'\]"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "acceptance_method": "typical"},
+     r"unsupported keys \['acceptance_method'\]"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+     r"disable_by_batch_size'\] must be an integer >= 1, got 0"),
     ({"num_speculative_tokens": 2}, "needs 'method'"),
     ("{not json", "not valid JSON"),
     ([1, 2], "must be a dict or a JSON object string"),
@@ -119,9 +122,9 @@ def test_speculative_config_errors_name_key_value_and_limit(spec, message):
         parse_speculative_config(spec, tensor_parallel_size=2)
 
 
-def test_engine_args_validate_speculative_config_and_refuse_it_until_served():
+def test_engine_args_validate_speculative_config_and_take_ngram():
     EngineArgs(speculative_config=None)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineArgs(speculative_config='{"method": "ngram"}')
-    with pytest.raises(ValueError, match="does not run speculative decoding yet"):
-        EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    args = EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    assert args.parsed_speculative_config().method == "ngram"

@@ -100,10 +100,11 @@ class EngineArgs:
         from raylm.engine.structured_outputs import parse_structured_outputs_config
 
         parse_structured_outputs_config(self.structured_outputs_config)  # raises naming the backend
-        if self.parsed_speculative_config() is not None:  # raises on a bad key or value
-            # Refused, never ignored, until the engine core runs proposals and verification.
-            raise ValueError(f"speculative_config {self.speculative_config!r} is valid but the "
-                             f"engine does not run speculative decoding yet")
+        spec = self.parsed_speculative_config()  # raises on a bad key or value
+        if spec is not None and spec.method != "ngram":
+            # Refused, never ignored, until the engine core runs their proposers.
+            raise ValueError(f"speculative_config method {spec.method!r} is valid but the engine "
+                             f"does not run it yet; supported now: 'ngram'")
 
     def parsed_speculative_config(self):
         """`speculative_config` as a validated `SpeculativeConfig` (None: off)."""

@@ -114,7 +114,9 @@ class LLM:
 
     def stats(self) -> dict:
         """Counters: prefix-cache hit tokens, preemptions, mixed prefill+decode steps,
-        blocks in use, requests and tokens."""
+        blocks in use, requests and tokens; with speculative decoding also drafts, draft
+        and accepted tokens (per position too), `spec_decode_acceptance_rate` (accepted /
+        draft tokens) and `spec_decode_mean_acceptance_length` (tokens per verified row)."""
         return self.engine.stats()
 
     def shutdown(self) -> None:

@@ -46,6 +46,13 @@ _COUNTERS = {  # metric name -> (stats key, help)
     "prompt_tokens": ("prompt_tokens", "Number of prefill tokens processed."),
     "generation_tokens": ("generation_tokens", "Number of generation tokens processed."),
 }
+# Speculative decoding (vLLM's names), rendered for cores that speculate.
+_SPEC_COUNTERS = {
+    "spec_decode_num_drafts": "Number of spec decoding drafts.",
+    "spec_decode_num_draft_tokens": "Number of draft tokens.",
+    "spec_decode_num_accepted_tokens": "Number of accepted tokens.",
+}
+_SPEC_PER_POS = "spec_decode_num_accepted_tokens_per_pos"
 
 
 class _Histogram:
@@ -126,6 +133,7 @@ def render_metrics(model_name: str, stats: Sequence[dict], snapshots: Sequence[d
         for i, st in enumerate(stats):
             fam.add_metric([model_name, str(i)], float(st.get(key, 0)))
         families.append(fam)
+    families += _spec_families(model_name, stats)
     for key, (name, doc, edges) in _HISTOGRAMS.items():
         counts, total = [0] * (len(edges) + 1), 0.0
         for snap in snapshots:
@@ -151,3 +159,24 @@ def render_metrics(model_name: str, stats: Sequence[dict], snapshots: Sequence[d
     registry = CollectorRegistry()
     registry.register(_Collector(families))
     return generate_latest(registry)
+
+
+def _spec_families(model_name: str, stats: Sequence[dict]) -> list:
+    """The speculative-decoding counters of the cores that speculate (none otherwise)."""
+    cores = [(i, st) for i, st in enumerate(stats) if _SPEC_PER_POS in st]
+    if not cores:
+        return []
+    labels = ["model_name", "engine"]
+    families = []
+    for name, doc in _SPEC_COUNTERS.items():
+        fam = CounterMetricFamily(f"raylm:{name}", doc, labels=labels)
+        for i, st in cores:
+            fam.add_metric([model_name, str(i)], float(st.get(name, 0)))
+        families.append(fam)
+    fam = CounterMetricFamily(f"raylm:{_SPEC_PER_POS}", "Accepted tokens per draft position.",
+                              labels=labels + ["position"])
+    for i, st in cores:
+        for pos, n in enumerate(st[_SPEC_PER_POS]):
+            fam.add_metric([model_name, str(i), str(pos)], float(n))
+    families.append(fam)
+    return families

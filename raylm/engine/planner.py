@@ -48,6 +48,15 @@ class StepPlanner:
         sent = self._sent
         for rid in preempted:
             sent.pop(rid, None)
+        truncated = sched_out.truncated_block_tables if sched_out is not None else None
+        if truncated:
+            # Rejected proposals gave back the tail of these tables: the workers drop the
+            # table and the next row sends it whole (as after a preemption).
+            for rid in truncated:
+                state = sent.get(rid)
+                if state is not None and rid not in preempted:
+                    plan.preempted_ids.append(rid)
+                    state[0] = 0
         for s in (sched_out.seqs if sched_out is not None else ()):
             rid = s.request_id
             if rid not in self._known:
@@ -64,8 +73,11 @@ class StepPlanner:
             table = s.block_table
             new = table[state[0]:]
             state[0] = len(table)
-            state[1] = s.start_pos + len(s.token_ids)
-            plan.seqs.append(SeqChunk(rid, s.token_ids, s.start_pos, new, s.sample))
+            k = len(s.spec_token_ids)
+            # Proposals may be rolled back: the next row may start right after the last
+            # known token, not after them.
+            state[1] = s.start_pos + len(s.token_ids) - k
+            plan.seqs.append(SeqChunk(rid, s.token_ids, s.start_pos, new, s.sample, k))
         return plan
 
 

@@ -80,6 +80,9 @@ class SeqChunk:
     start_pos: int
     new_block_ids: list[int]
     sample: bool
+    # Speculative decoding: the last num_spec_tokens of token_ids are proposals; the row
+    # samples at each of them and at the token before them, and verifies the proposals.
+    num_spec_tokens: int = 0
 
 
 @dataclass
@@ -98,7 +101,10 @@ class StepPlan:
     bitmask: Optional[bytes] = None
 
     def to_wire(self) -> dict:
+        # A row carries num_spec_tokens only when it has proposals (most rows have none).
         d = {"seqs": [(s.request_id, s.token_ids, s.start_pos, s.new_block_ids, s.sample)
+                      if not s.num_spec_tokens else
+                      (s.request_id, s.token_ids, s.start_pos, s.new_block_ids, s.sample, s.num_spec_tokens)
                       for s in self.seqs],
              "new_requests": [(r.request_id, r.prompt_token_ids, r.sampling.to_wire())
                               for r in self.new_requests],
@@ -130,25 +136,39 @@ class TokenLogprobs:
 
 @dataclass
 class StepResult:
+    """What a step produced. A row without proposals samples one token (`sampled`,
+    `logprobs`); a row with proposals emits its accepted proposals and the token after
+    them (`spec_sampled`, 1..k+1 tokens, and `spec_logprobs` when it asked for logprobs),
+    so it accepted len(spec_sampled[rid]) - 1."""
+
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # Prompt logprobs for the prompt positions this step computed, in order.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     execute_time_s: Optional[float] = None
+    spec_sampled: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
     def to_wire(self) -> dict:
-        return {"sampled": self.sampled,
-                "logprobs": {k: _lp_row(v) for k, v in self.logprobs.items()},
-                "prompt_logprobs": {k: [_lp_row(x) for x in v] for k, v in self.prompt_logprobs.items()},
-                "execute_time_s": self.execute_time_s}
+        d = {"sampled": self.sampled,
+             "logprobs": {k: _lp_row(v) for k, v in self.logprobs.items()},
+             "prompt_logprobs": {k: [_lp_row(x) for x in v] for k, v in self.prompt_logprobs.items()},
+             "execute_time_s": self.execute_time_s}
+        if self.spec_sampled:  # off the wire without speculation
+            d["spec"] = (self.spec_sampled,
+                         {k: [_lp_row(x) for x in v] for k, v in self.spec_logprobs.items()})
+        return d
 
     @classmethod
     def from_wire(cls, d: dict) -> "StepResult":
+        spec, spec_lps = d.get("spec") or ({}, {})
         return cls(sampled=dict(d["sampled"]),
                    logprobs={k: TokenLogprobs(*v) for k, v in d["logprobs"].items()},
                    prompt_logprobs={k: [TokenLogprobs(*x) for x in v]
                                     for k, v in d["prompt_logprobs"].items()},
-                   execute_time_s=d.get("execute_time_s"))
+                   execute_time_s=d.get("execute_time_s"),
+                   spec_sampled={k: list(v) for k, v in spec.items()},
+                   spec_logprobs={k: [TokenLogprobs(*x) for x in v] for k, v in spec_lps.items()})
 
 
 def _lp_row(t: TokenLogprobs) -> tuple:

@@ -26,6 +26,12 @@ class PendingStep:
     prompt_rows: list = field(default_factory=list)
     prompt_logprobs: Optional[tuple] = None
     event: Optional[object] = None  # torch.cuda.Event after the copies
+    # Rows with proposals (verified at launch): their emitted tokens, and the logprobs of
+    # every emitted token in order when any of them asked.
+    spec_ids: list = field(default_factory=list)
+    spec_states: list = field(default_factory=list)
+    spec_tokens: list = field(default_factory=list)
+    spec_logprobs: Optional[tuple] = None
 
 
 def collect_step(pending: PendingStep) -> StepResult:
@@ -44,6 +50,8 @@ def collect_step(pending: PendingStep) -> StepResult:
         for rid, st, tok in zip(pending.sample_ids, pending.states, tokens):
             st.output_token_ids.append(tok)
             result.sampled[rid] = tok
+    if pending.spec_ids:
+        _collect_spec(pending, result)
     if pending.prompt_logprobs is not None:
         ids, lps, chosen, ranks = (t.tolist() for t in pending.prompt_logprobs)
         for j, (rid, tgt, ki) in enumerate(pending.prompt_rows):
@@ -51,3 +59,18 @@ def collect_step(pending: PendingStep) -> StepResult:
                 TokenLogprobs(ids[j][:ki], lps[j][:ki], tgt, chosen[j], ranks[j]))
     result.execute_time_s = time.perf_counter() - pending.t0
     return result
+
+
+def _collect_spec(pending: PendingStep, result: StepResult) -> None:
+    lps = None if pending.spec_logprobs is None else [t.tolist() for t in pending.spec_logprobs]
+    g = 0
+    for rid, st, tokens in zip(pending.spec_ids, pending.spec_states, pending.spec_tokens):
+        st.output_token_ids.extend(tokens)
+        result.spec_sampled[rid] = tokens
+        ki = st.options.logprobs
+        if lps is not None and ki is not None:
+            ids, top, chosen, ranks = lps
+            result.spec_logprobs[rid] = [TokenLogprobs(ids[g + j][:ki], top[g + j][:ki], tok,
+                                                       chosen[g + j], ranks[g + j])
+                                         for j, tok in enumerate(tokens)]
+        g += len(tokens)

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from raylm.workers.logits_processors import process_logits
 from raylm.workers.sampler import (SamplingState, _apply_penalties, _filter, draw_seed, sample,
                                    topk_logprobs)
 from raylm.workers.transfer import to_device
@@ -189,3 +190,19 @@ def emitted_logprobs(raw_logits: torch.Tensor, result: VerifyResult, k: int):
     `result.positions` order: (top-k ids, top-k logprobs, chosen logprob, chosen rank)."""
     lp = torch.log_softmax(raw_logits[result.positions], dim=-1)
     return topk_logprobs(lp, result.token_ids, k)
+
+
+def process_positions(logits: torch.Tensor, states: Sequence[SamplingState],
+                      proposals: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:
+    """A copy of `logits` with the logits processors (logit_bias, allowed_token_ids,
+    bad_words) of rows `rows` applied at each of their positions, position j seeing the
+    row's proposals before it as outputs (a bad word may end inside the proposals)."""
+    offsets = row_offsets(proposals)
+    pos, options, outputs = [], [], []
+    for i in rows:
+        st, props = states[i], proposals[i]
+        for j in range(len(props) + 1):
+            pos.append(offsets[i] + j)
+            options.append(st.options)
+            outputs.append(list(st.output_token_ids) + list(props[:j]) if j else st.output_token_ids)
+    return process_logits(logits, pos, options, outputs, [], None)

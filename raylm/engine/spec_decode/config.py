@@ -12,6 +12,9 @@ SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle3")
 _NGRAM_MODEL_NAMES = ("ngram", "[ngram]")
 # vLLM's defaults when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
+# With adaptive_num_speculative_tokens and no disable_by_batch_size: no proposals above
+# this many running requests (a guess until measured on the GPU).
+ADAPTIVE_DISABLE_BY_BATCH_SIZE = 64
 
 
 @dataclass
@@ -19,8 +22,12 @@ class SpeculativeConfig:
     """What to propose and how much. `num_speculative_tokens` (k) proposals per request
     per step; n-gram lookup matches the last n tokens for n from `prompt_lookup_max`
     down to `prompt_lookup_min`; `model` is the draft or EAGLE-3 head checkpoint;
-    `adaptive_num_speculative_tokens` lets the engine lower k for requests whose
-    proposals keep being rejected (k stays the upper bound)."""
+    `adaptive_num_speculative_tokens` (our addition, off by default as vLLM has no such
+    flag) lets the engine lower k for requests whose proposals keep being rejected (k
+    stays the upper bound) and, unless `disable_by_batch_size` says otherwise, stop
+    proposing above ADAPTIVE_DISABLE_BY_BATCH_SIZE running requests;
+    `disable_by_batch_size` (vLLM's name): no proposals while more than this many
+    requests run (verification then costs more than it saves)."""
 
     method: str
     num_speculative_tokens: int
@@ -29,6 +36,14 @@ class SpeculativeConfig:
     prompt_lookup_max: Optional[int] = None
     draft_tensor_parallel_size: Optional[int] = None
     adaptive_num_speculative_tokens: bool = False
+    disable_by_batch_size: Optional[int] = None
+
+    @property
+    def max_batch_size(self) -> Optional[int]:
+        """The most running requests at which the engine still proposes (None: any)."""
+        if self.disable_by_batch_size is None and self.adaptive_num_speculative_tokens:
+            return ADAPTIVE_DISABLE_BY_BATCH_SIZE
+        return self.disable_by_batch_size
 
     @property
     def uses_draft_probs(self) -> bool:
@@ -132,6 +147,7 @@ def parse_speculative_config(spec: Union[dict, str, SpeculativeConfig, None],
     _positive_int("num_speculative_tokens", d["num_speculative_tokens"], allow_none=False)
     if not isinstance(d.get("adaptive_num_speculative_tokens", False), bool):
         _fail("adaptive_num_speculative_tokens", d["adaptive_num_speculative_tokens"], "a bool")
+    _positive_int("disable_by_batch_size", d.get("disable_by_batch_size"))
     if method == "ngram":
         _check_ngram(d)
     else:

@@ -1,0 +1,156 @@
+"""The engine core's side of speculative decoding: before each step it asks the proposer
+for the next tokens of the running decodes (`Request.spec_token_ids`, which the
+scheduler trims to fit), after it records how many were accepted, per request (adaptive
+k) and in vLLM's counters.
+
+A proposer offers `propose(request_ids, token_ids, max_num_tokens) -> proposals`, a
+list of token lists (one-hot proposals, as n-gram's), or `(proposals, draft_probs)` when
+it drafts from a distribution (draft model, EAGLE; float32 [sum k_i, vocab]), and
+`remove(request_id)`. Draft probabilities are verified by rejection sampling
+(`raylm.workers.spec_verify.verify_rejection`); the engine does not carry them to the
+workers yet, so such a proposer is refused until it is wired.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from raylm.engine.spec_decode.config import SpeculativeConfig
+from raylm.scheduler.request import Request
+
+# Adaptive k: a request whose proposal was rejected at its first token with k = 1 sits
+# out 2, 4, ... up to this many steps before proposing again.
+MAX_BACKOFF_STEPS = 16
+
+
+class AdaptiveK:
+    """Per request k for the next proposal. After a step that verified n proposals and
+    accepted a: all accepted, k grows by one (up to k_max); otherwise k becomes a + 1
+    (n-gram acceptance comes in runs: a copied stretch accepts everything, elsewhere the
+    first token misses). A first-token miss at k = 1 pauses the request's proposals for
+    a doubling number of steps. Disabled, k is always k_max."""
+
+    def __init__(self, k_max: int, enabled: bool):
+        self.k_max, self.enabled = k_max, enabled
+        self._k: dict[str, int] = {}
+        self._pause: dict[str, list[int]] = {}  # request id -> [steps left, next pause]
+
+    def k_of(self, request_id: str) -> int:
+        """k for this step's proposal (0: sit this step out)."""
+        if not self.enabled:
+            return self.k_max
+        pause = self._pause.get(request_id)
+        if pause is not None and pause[0] > 0:
+            pause[0] -= 1
+            return 0
+        return self._k.get(request_id, self.k_max)
+
+    def update(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
+        if not self.enabled:
+            return
+        k = self._k.get(request_id, self.k_max)
+        if num_accepted >= num_proposed:
+            self._k[request_id] = min(self.k_max, k + 1)
+            self._pause.pop(request_id, None)
+            return
+        self._k[request_id] = max(1, num_accepted + 1)
+        if num_accepted == 0 and k == 1:
+            pause = self._pause.setdefault(request_id, [0, 2])
+            pause[0], pause[1] = pause[1], min(MAX_BACKOFF_STEPS, 2 * pause[1])
+
+    def remove(self, request_id: str) -> None:
+        self._k.pop(request_id, None)
+        self._pause.pop(request_id, None)
+
+
+def make_proposer(config: SpeculativeConfig):
+    """The proposer of `config.method` (only 'ngram' runs in the engine so far)."""
+    if config.method == "ngram":
+        from raylm.engine.spec_decode.ngram import NgramProposer
+
+        return NgramProposer.from_config(config)
+    raise ValueError(f"speculative_config method {config.method!r} is not run by the engine yet; "
+                     f"supported now: 'ngram'")
+
+
+class Speculator:
+    """Proposals before a step, acceptance after it, and the counters vLLM reports
+    (spec_decode_num_drafts / num_draft_tokens / num_accepted_tokens / per position)."""
+
+    def __init__(self, config: SpeculativeConfig, proposer=None):
+        self.config = config
+        self.proposer = proposer if proposer is not None else make_proposer(config)
+        self.k = config.num_speculative_tokens
+        self.adaptive = AdaptiveK(self.k, config.adaptive_num_speculative_tokens)
+        self.max_batch_size = config.max_batch_size
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos = [0] * self.k
+
+    def active(self, num_running: int) -> bool:
+        """Whether this step proposes at all (not above the batch-size limit)."""
+        return num_running > 0 and (self.max_batch_size is None or num_running <= self.max_batch_size)
+
+    def propose(self, running: Iterable[Request], eligible: Callable[[Request], bool]) -> list[Request]:
+        """Set `spec_token_ids` of each running plain decode (all tokens known, nothing
+        pending) that `eligible` admits; returns the requests given proposals."""
+        reqs, ids, tokens, ks = [], [], [], []
+        for req in running:
+            if req.num_pending or req.num_computed_tokens + 1 != req.num_tokens or not eligible(req):
+                continue
+            k = self.adaptive.k_of(req.request_id)
+            if req.max_output_tokens is not None:  # the step emits up to k + 1 tokens
+                k = min(k, req.max_output_tokens - req.num_output_tokens - 1)
+            if k <= 0:
+                continue
+            reqs.append(req)
+            ids.append(req.request_id)
+            tokens.append(req.token_ids)
+            ks.append(k)
+        if not reqs:
+            return []
+        proposals = self.proposer.propose(ids, tokens, ks)
+        if isinstance(proposals, tuple):
+            raise NotImplementedError("proposals with draft probabilities are not carried to the "
+                                      "workers yet (only one-hot proposals, as n-gram's)")
+        out = []
+        for req, props in zip(reqs, proposals):
+            if props:
+                req.spec_token_ids = list(props)
+                out.append(req)
+        return out
+
+    def record(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
+        """A row verified `num_proposed` proposals and accepted the first `num_accepted`."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        for j in range(num_accepted):
+            self.accepted_per_pos[j] += 1
+        self.adaptive.update(request_id, num_proposed, num_accepted)
+
+    def remove(self, request_id: str) -> None:
+        self.proposer.remove(request_id)
+        self.adaptive.remove(request_id)
+
+    def stats(self) -> dict:
+        """vLLM's counters under EngineCore.stats() keys, and the acceptance rate."""
+        rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        return {"spec_decode_num_drafts": self.num_drafts,
+                "spec_decode_num_draft_tokens": self.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
+                "spec_decode_num_accepted_tokens_per_pos": list(self.accepted_per_pos),
+                "spec_decode_acceptance_rate": rate,
+                # Tokens a verified row emitted on average (accepted + the one after them).
+                "spec_decode_mean_acceptance_length":
+                    1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0}
+
+
+def num_accepted_of(sched_out, spec_sampled: dict) -> Optional[dict[str, int]]:
+    """{request id: accepted proposals} of a step's rows with proposals (None without)."""
+    out = {}
+    for s in sched_out.seqs:
+        if s.spec_token_ids:
+            tokens = spec_sampled.get(s.request_id)
+            out[s.request_id] = len(tokens) - 1 if tokens else 0
+    return out or None
