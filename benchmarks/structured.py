@@ -34,7 +34,10 @@ TOPICS = ["a customer who ordered running shoes", "the weather in Lisbon tomorro
 
 
 def tokenizer_dir() -> str:
-    """The embedded SmolLM2 model's directory (its tokenizer files)."""
+    """The embedded SmolLM2 model's directory (its tokenizer files), or
+    $RAYLM_BENCH_TOKENIZER_DIR (a copy of them, where the package is not installed)."""
+    if os.environ.get("RAYLM_BENCH_TOKENIZER_DIR"):
+        return os.environ["RAYLM_BENCH_TOKENIZER_DIR"]
     from raylm.workers.gguf_loader import convert_gguf, default_model_path
 
     return convert_gguf(default_model_path())
