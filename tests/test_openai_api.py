@@ -387,11 +387,14 @@ class _BrokenBackend:
         return b""
 
 
-async def test_engine_failure_is_500_and_unhealthy(sched):
+async def test_engine_failure_is_500_and_unhealthy(sched, caplog):
     async with _client(create_openai_app(_BrokenBackend(sched.tokenizer))) as c:
         r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
-        assert "worker group 0 failed" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]  # the cause stays in the server log, under the error id
+        assert "worker group 0 failed" not in message and "error id" in message
+        error_id = message.split("error id ")[1].split(")")[0]
+        assert any(error_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
         assert (await c.get("/health")).status_code == 503
 
 

@@ -284,7 +284,7 @@ class Frontend:
         rid = request_id or uuid.uuid4().hex
         if rid in self._open:
             raise ValueError(f"request_id {rid!r} is already in use")
-        text, ids = self.inputs.validate(prompt, params)
+        text, ids = await self.inputs.validate_async(prompt, params)  # long texts off the loop
         hashes = prefix_block_hashes(ids, self.block_size) if self.enable_prefix_caching else []
         await self._ensure_started()
         gi = await self._assign(rid, hashes, params.n)

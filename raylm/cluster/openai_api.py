@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -22,20 +21,21 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException
 
-from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
+from raylm.cluster.http_errors import (add_error_handlers, error_response, internal_error_message,
+                                       is_client_error, param_of)
+from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRequest, check_text, error_body
 from raylm.cluster.router import RETRY_AFTER_S, NoGroupAvailable, Overloaded
 from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
                                      completion_response, response_head)
 from raylm.cluster.streams import Streams as _Streams
 from raylm.cluster.structured_request import structured_outputs_of
-from raylm.cluster.tokenize_routes import add_tokenize_routes
+from raylm.cluster.tokenize_routes import add_tokenize_routes, render_chat
 from raylm.cluster.tool_calls import forced_tool_outputs, tool_mode
 from raylm.cluster.tool_parsers import auto_tool_parser
+from raylm.engine.input_processor import off_loop, text_size
 from raylm.engine.outputs import RequestOutput
 
 logger = logging.getLogger("raylm")
@@ -43,17 +43,29 @@ logger = logging.getLogger("raylm")
 _DONE = "data: [DONE]\n\n"
 
 
+# Per-request caps on the work one request creates. A vLLM user batches tens to a few
+# hundred prompts per completions call; 1024 prompts, or 4096 sequences (prompts x n,
+# e.g. 256 prompts x n=16), is well past that and still a bounded share of a server
+# (2,000 prompts x n=16 starved a concurrent small chat for 46 s).
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 1024
+DEFAULT_MAX_SEQS_PER_REQUEST = 4096
+
+
 def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
-                      enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None) -> FastAPI:
+                      enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
+                      max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                      max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST) -> FastAPI:
     """The OpenAI API over `backend` (see `raylm.cluster.backend.Backend`). With `api_key`,
     every /v1 route (and /tokenize, /detokenize) needs `Authorization: Bearer <api_key>`;
-    `max_n` caps `n`. `tool_choice: "auto"` needs `enable_auto_tool_choice` and a
-    `tool_call_parser` (vLLM's flags; see `tool_parsers.TOOL_PARSERS`)."""
+    `max_n` caps `n`, `max_prompts_per_request` the prompts of one completions request,
+    `max_seqs_per_request` its prompts x n. `tool_choice: "auto"` needs
+    `enable_auto_tool_choice` and a `tool_call_parser` (vLLM's flags; see
+    `tool_parsers.TOOL_PARSERS`)."""
     from raylm import __version__
 
     auto_parser = auto_tool_parser(enable_auto_tool_choice, tool_call_parser)
     app = FastAPI(title="raylm", version=__version__)
-    server = _OpenAIServer(backend, max_n, auto_parser)
+    server = _OpenAIServer(backend, max_n, auto_parser, max_prompts_per_request, max_seqs_per_request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -82,8 +94,9 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
             return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
         try:
             await backend.check_health()
-        except Exception as exc:
-            return _error(503, f"the engine cannot serve: {exc}")
+        except Exception as exc:  # the details (Ray's, perhaps) go to the log only
+            logger.warning("health check failed: %s", exc)
+            return _error(503, "the engine cannot serve now; retry later")
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -96,69 +109,14 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
 
     add_tokenize_routes(app, backend, server._guard, server._check_model)
 
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
+    add_error_handlers(app)
     if api_key:
         app.add_middleware(_BearerAuth, api_key=api_key)
     return app
 
 
 # ---- errors ----------------------------------------------------------------------
-def _error(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
-
-
-def _is_branch(part) -> bool:
-    """Whether a pydantic error location part names a union branch ("str", "list[int]")
-    rather than a field."""
-    return isinstance(part, str) and ("[" in part or part[:1].isupper() or
-                                      part in ("str", "int", "float", "bool", "dict", "list"))
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 becomes a 400 that names the field, as vLLM answers."""
-    errors = exc.errors() or [{"type": "", "loc": (), "msg": "invalid request"}]
-    first = errors[0]
-    loc = [p for p in first.get("loc", ()) if p != "body"]
-    if first["type"] == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", first["msg"])
-        return _error(400, f"malformed JSON body: {detail}")
-    if not loc or isinstance(loc[0], int):
-        return _error(400, f"the request body must be a JSON object: {first['msg']}")
-    field = str(loc[0])
-    # A union field (prompt, stop, content) fails once per branch: name the branches.
-    branches = list(dict.fromkeys(e["loc"][2] for e in errors
-                                  if len(e["loc"]) > 2 and e["loc"][1] == field and _is_branch(e["loc"][2])))
-    body = exc.body if isinstance(exc.body, dict) else {}
-    if len(branches) > 1 and field in body:
-        message = f"{field} must be one of {', '.join(branches)}"
-        value = body[field]
-    else:
-        path = ".".join(str(p) for p in loc if not _is_branch(p))
-        message, value = f"{path}: {first['msg']}", first.get("input")
-    if first["type"] != "missing":
-        got = repr(value)
-        message += f", got {got if len(got) <= 80 else got[:77] + '...'}"
-    return _error(400, message, field)
-
-
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    if exc.status_code == 404 and exc.detail == "Not Found":  # a route we do not serve, as OpenAI says it
-        return _error(404, f"Invalid URL ({request.method} {request.url.path})")
-    return _error(exc.status_code, str(exc.detail))
-
-
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s", request.url.path)
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def _param_of(message: str, fields, renames: dict) -> Optional[str]:
-    """The request field a ValueError message starts with ("top_p must be ..."), if any."""
-    m = re.match(r"`?([A-Za-z_]+)", message)
-    name = renames.get(m.group(1), m.group(1)) if m else None
-    return name if name in fields else None
+_error = error_response
 
 
 _PROTECTED = ("/tokenize", "/detokenize")
@@ -219,9 +177,11 @@ def _sse(obj: Any) -> str:
 class _OpenAIServer:
     """The two generation routes: checks, tokenization, then the backend streams."""
 
-    def __init__(self, backend, max_n: int, auto_parser=None):
+    def __init__(self, backend, max_n: int, auto_parser=None,
+                 max_prompts: int = DEFAULT_MAX_PROMPTS_PER_REQUEST, max_seqs: int = DEFAULT_MAX_SEQS_PER_REQUEST):
         self.backend = backend
         self.max_n = max_n
+        self.max_prompts, self.max_seqs = max_prompts, max_seqs
         self.auto_parser = auto_parser  # the tool parser class of tool_choice "auto", if enabled
         self.started = int(time.time())
 
@@ -265,8 +225,7 @@ class _OpenAIServer:
         except ApiError as exc:
             return _error(exc.status, exc.message, exc.param)
         except Exception as exc:
-            logger.exception("request failed")
-            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+            return _error(500, internal_error_message(exc, "a request"))
 
     async def _run(self, body, prompts: list[PromptInput], request_id: str, renames: dict,
                    respond: Callable[[list[RequestOutput]], dict], stream) -> Response:
@@ -283,7 +242,9 @@ class _OpenAIServer:
             result = respond(await streams.finals())
         except ValueError as exc:
             await streams.close()
-            return _error(400, str(exc), _param_of(str(exc), type(body).model_fields, renames))
+            if not is_client_error(exc):
+                raise
+            return _error(400, str(exc), param_of(str(exc), type(body).model_fields, renames))
         except Overloaded as exc:
             await streams.close()
             response = _error(429, str(exc))
@@ -310,8 +271,11 @@ class _OpenAIServer:
             if (chunk := stream.usage_chunk()) is not None:
                 yield _sse(chunk)
         except Exception as exc:  # the response has started: report in-band, as vLLM does
-            logger.exception("stream failed")
-            yield _sse(error_body(400 if isinstance(exc, ValueError) else 500, str(exc)))
+            if is_client_error(exc):
+                logger.warning("stream ended by a refused input: %s", exc)
+                yield _sse(error_body(400, str(exc)))
+            else:
+                yield _sse(error_body(500, internal_error_message(exc, "a response stream")))
         finally:
             await streams.close()
         yield _DONE
@@ -321,22 +285,27 @@ class _OpenAIServer:
         return self._guard(self._completions(body))
 
     async def _completions(self, body: CompletionRequest) -> Response:
+        check_text(body)
         self._check_model(body.model)
         body.check(self.max_n)
+        body.check_size(self.max_prompts, self.max_seqs)
         self._check_logprobs(logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs)
         extra = {"logit_bias": body.check_token_ids(self.vocab_size),
                  "structured_outputs": structured_outputs_of(body)}
         tok = self.backend.tokenizer
+        given = body.prompt_list()
+        encoded = await off_loop(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in given],
+                                 text_size(given))
         prompts = []
         try:
-            for p in body.prompt_list():
-                text, ids = (p, tok.encode(p)) if isinstance(p, str) else (None, list(p))
+            for p, ids in zip(given, encoded):
+                text = p if isinstance(p, str) else None
                 if not ids:
                     raise ApiError(400, "prompt is empty (0 tokens); it needs at least 1 token", "prompt")
                 max_tokens = self._max_tokens(len(ids), body.max_tokens, "max_tokens", "prompt")
                 prompts.append(PromptInput(ids, text, body.to_sampling_params(max_tokens, **extra)))
         except ValueError as exc:
-            return _error(400, str(exc), _param_of(str(exc), CompletionRequest.model_fields, {}))
+            return _error(400, str(exc), param_of(str(exc), CompletionRequest.model_fields, {}))
         rid = f"cmpl-{uuid.uuid4().hex}"
         head = response_head(rid, "text_completion", int(time.time()), self.backend.model_name)
         return await self._run(body, prompts, rid, {},
@@ -348,8 +317,10 @@ class _OpenAIServer:
         return self._guard(self._chat(body))
 
     async def _chat(self, body: ChatCompletionRequest) -> Response:
+        check_text(body)
         self._check_model(body.model)
         body.check(self.max_n)
+        body.check_size(self.max_prompts, self.max_seqs)
         self._check_logprobs(top_logprobs=body.top_logprobs if body.logprobs else None,
                              prompt_logprobs=body.prompt_logprobs)
         mode = tool_mode(body, self.auto_parser)
@@ -363,19 +334,14 @@ class _OpenAIServer:
         tok = self.backend.tokenizer
         field = body.max_tokens_field
         renames = {"logprobs": "top_logprobs", "max_tokens": field, "prompt": "messages"}
-        conversation = body.conversation()
-        try:
-            text = tok.apply_chat_template(conversation, **body.template_kwargs())
-        except Exception as exc:  # no template, or the template rejected the conversation
-            return _error(400, f"the chat template could not render messages: {exc}", "messages")
-        ids = tok.encode(text, add_special_tokens=False)  # the template has the special tokens
+        text, ids = await render_chat(tok, body)
         if not ids:
             return _error(400, "messages render to an empty prompt (0 tokens)", "messages")
         try:
             max_tokens = self._max_tokens(len(ids), body.requested_max_tokens(), field, "messages")
             prompt = PromptInput(ids, text, body.to_sampling_params(max_tokens, **extra))
         except ValueError as exc:
-            return _error(400, str(exc), _param_of(str(exc), ChatCompletionRequest.model_fields, renames))
+            return _error(400, str(exc), param_of(str(exc), ChatCompletionRequest.model_fields, renames))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = response_head(rid, "chat.completion", int(time.time()), self.backend.model_name)
         chunk_head = dict(head, object="chat.completion.chunk")
@@ -383,3 +349,4 @@ class _OpenAIServer:
         return await self._run(body, [prompt], rid, renames,
                                lambda finals: chat_response(head, tok, body, prompt, finals[0], mode, echo),
                                ChatStream(chunk_head, tok, body, [prompt], mode, echo))
+

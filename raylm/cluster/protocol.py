@@ -10,12 +10,14 @@ one the table refuses is a 400 naming it, and one it marks "no effect" is accept
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
 from raylm.cluster.field_table import REFUSED, TABLES, status_of
+from raylm.engine.input_processor import unencodable_text
 from raylm.engine.sampling_params import SamplingParams
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
@@ -32,10 +34,38 @@ class ApiError(Exception):
         self.status, self.message, self.param = int(status), message, param
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _printable(text: Optional[str]) -> Optional[str]:
+    """`text` without terminal colour codes and with lone surrogates escaped, so it can
+    always be sent as UTF-8 JSON."""
+    if text is None:
+        return None
+    return _ANSI.sub("", str(text)).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
     """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
-    err_type = _ERROR_TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
-    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    try:
+        err_type = _ERROR_TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    except ValueError:  # not a status http knows
+        err_type = "APIError"
+    return {"error": {"message": _printable(message), "type": err_type, "param": _printable(param),
+                      "code": status}}
+
+
+def check_text(body: BaseModel) -> None:
+    """Every string of a request (keys included, extra fields too) is valid UTF-8 text:
+    a 400 naming the first that is not (a lone surrogate such as "\\ud800")."""
+    for name in list(type(body).model_fields) + list(body.model_extra or {}):
+        value = getattr(body, name, None)
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        elif isinstance(value, list):
+            value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
+        if value is not None and (why := unencodable_text(value, name)):
+            raise ApiError(400, why, name)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -90,6 +120,20 @@ class _SamplingRequest(OpenAIBaseModel):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
+
+    def num_prompts(self) -> int:
+        return 1
+
+    def check_size(self, max_prompts: int, max_seqs: int) -> None:
+        """The prompts and sequences (prompts x n) this request creates are within the
+        server's max_prompts_per_request and max_seqs_per_request."""
+        prompts, n = self.num_prompts(), self.n or 1
+        if prompts > max_prompts:
+            raise ApiError(400, f"prompt holds {prompts} prompts; max_prompts_per_request is {max_prompts}",
+                           "prompt")
+        if prompts * n > max_seqs:
+            raise ApiError(400, f"this request creates {prompts} prompt(s) x n={n} = {prompts * n} sequences; "
+                           f"max_seqs_per_request is {max_seqs}", "n")
 
     @property
     def include_usage(self) -> bool:
@@ -166,6 +210,9 @@ class CompletionRequest(_SamplingRequest):
         if self.prompt == [] or self.prompt == "" or any(p in ("", []) for p in self.prompt_list()):
             raise ApiError(400, "prompt is empty; it needs at least 1 token", "prompt")
 
+    def num_prompts(self) -> int:
+        return len(self.prompt_list())
+
     def prompt_list(self) -> list[Union[str, list[int]]]:
         """The prompts of this (possibly batched) request: strings or token-id lists."""
         p = self.prompt
@@ -241,6 +288,10 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt:
             raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true",
                            "continue_final_message")
+        # A template is code the server runs: vLLM refuses a request's unless trusted by a flag.
+        if (self.chat_template_kwargs or {}).get("chat_template") is not None:
+            raise ApiError(400, "chat_template_kwargs.chat_template is refused: the server renders messages "
+                           "with the model's own chat template, not one a request sends", "chat_template_kwargs")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             raise ApiError(400, f"modalities must be ['text'] (no audio output), got {self.modalities}",
                            "modalities")
