@@ -195,3 +195,21 @@ def test_engine_resolves_and_checks_the_draft(dirs, tmp_path):
         resolve_draft_model(spec(dirs["draft"], draft_tensor_parallel_size=1), target, 512, 2)
     with pytest.raises(ValueError, match="does not exist"):
         resolve_draft_model(spec(str(tmp_path / "nowhere")), target, 512)
+
+
+def test_proposal_store_keeps_q_until_verification():
+    from raylm.workers.draft_runner import ProposalStore, Proposals
+
+    store = ProposalStore()
+    q = torch.arange(5 * 3, dtype=torch.float32).view(5, 3)
+    store.put(["a", "b", "c"], Proposals([[1, 2, 0], [], [2, 2]], q))
+    # The scheduler trimmed a's proposals to two; c's go unverified this step.
+    assert torch.equal(store.take(["a"], [[1, 2]]), q[:2])
+    with pytest.raises(RuntimeError, match=r"verifies proposals \[1\]; the draft proposed \[\]"):
+        store.take(["b"], [[1]])
+    with pytest.raises(RuntimeError, match=r"proposed \[2, 2\]"):
+        store.take(["c"], [[2, 1]])
+    store.put(["c"], Proposals([[0]], q[:1]))
+    store.drop(["c"])
+    with pytest.raises(RuntimeError, match="proposed"):
+        store.take(["c"], [[0]])

@@ -313,3 +313,34 @@ def test_engine_resolves_and_checks_the_head(setup, tmp_path):
         resolve_eagle3(spec(head_with("a", architectures=["LlamaForCausalLM"])), target, 512)
     assert resolve_eagle3(spec(head_with("l", eagle_aux_hidden_state_layer_ids=[1, 3, 7])), target,
                           512).aux_hidden_state_layers == (1, 3, 7)
+
+
+def test_chunked_prefill_and_spec_rows_through_eagle_rows(setup):
+    from types import SimpleNamespace
+
+    from raylm.workers.eagle_runner import eagle_rows
+
+    target_dir, head_dir, sd = setup
+    target, eagle = make_runner(target_dir, head_dir)
+    target.block_tables["a"] = list(range(8))
+    layers, opts = eagle.aux_hidden_state_layers, {"a": GREEDY}
+    aux = hf_aux(target_dir, PROMPT, layers)
+    first = SimpleNamespace(request_id="a", token_ids=PROMPT[:4], start_pos=0, num_spec_tokens=0)
+    rows = eagle_rows([first], [0, 4], {}, {"a": PROMPT}, opts, {"a": K})
+    assert (rows[0].next_token_ids, rows[0].num_speculative_tokens) == (PROMPT[1:5], 0)
+    assert eagle.propose(rows, aux[:4]).token_ids == [[]]
+    sampled = hf_greedy(target_dir, PROMPT, 1)[0][0]
+    last = SimpleNamespace(request_id="a", token_ids=PROMPT[4:], start_pos=4, num_spec_tokens=0)
+    rows = eagle_rows([last], [0, len(PROMPT) - 4], {"a": [sampled]}, {"a": PROMPT}, opts, {"a": K})
+    out = eagle.propose(rows, aux[4:])
+    tokens = PROMPT + [sampled]
+    fc = aux @ sd["fc.weight"].T
+    props = ref_propose(sd, eagle.config, target.model.model.embed_tokens.weight, fc, tokens, K,
+                        target.hf_config.vocab_size)[0]
+    assert out.token_ids == [props]
+    # A verifying row keeps its last token and the accepted proposals: m = a + 1 rows.
+    spec = SimpleNamespace(request_id="a", token_ids=[sampled] + props, start_pos=len(PROMPT),
+                           num_spec_tokens=K)
+    rows = eagle_rows([spec], [0, K + 1], {"a": props[:1] + [3]}, {"a": PROMPT}, opts, {"a": 2})
+    assert (rows[0].start_pos, rows[0].next_token_ids, rows[0].num_speculative_tokens) == \
+        (len(PROMPT), [props[0], 3], 2)

@@ -236,3 +236,37 @@ class DraftModelRunner:
             if not seqs:
                 break
         return steps
+
+
+class ProposalStore:
+    """Each request's latest proposals and their draft distribution, kept on the device
+    from the step that drafted them to the step that verifies them (q never crosses the
+    wire: the engine sees only the token ids)."""
+
+    def __init__(self):
+        self._rows: dict[str, tuple[list[int], torch.Tensor]] = {}
+
+    def put(self, request_ids: Sequence[str], proposals: Proposals) -> None:
+        g = 0
+        for rid, props in zip(request_ids, proposals.token_ids):
+            if props:
+                self._rows[rid] = (props, proposals.draft_probs[g:g + len(props)])
+            else:
+                self._rows.pop(rid, None)
+            g += len(props)
+
+    def take(self, request_ids: Sequence[str], proposals: Sequence[Sequence[int]]) -> torch.Tensor:
+        """q rows [sum k_i, V] of the proposals a step verifies: a prefix of each request's
+        stored proposals (the scheduler may trim them)."""
+        out = []
+        for rid, props in zip(request_ids, proposals):
+            stored, q = self._rows.pop(rid, ([], None))
+            if list(props) != stored[:len(props)]:
+                raise RuntimeError(f"request {rid!r} verifies proposals {list(props)}; the draft "
+                                   f"proposed {stored}")
+            out.append(q[:len(props)])
+        return torch.cat(out)
+
+    def drop(self, request_ids: Sequence[str]) -> None:
+        for rid in request_ids:
+            self._rows.pop(rid, None)

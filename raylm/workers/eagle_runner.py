@@ -157,3 +157,23 @@ class Eagle3Runner:
             _, pos, meta, _ = t._prepare(plan)
             normed, prenorm = self.model(tokens[idx], pos, prenorm[idx], meta, t.backend)
         return steps
+
+
+def eagle_rows(seqs: Sequence[SeqChunk], query_start: Sequence[int], emitted: dict,
+               prompts: dict, options: dict, num_speculative_tokens: dict) -> list[EagleRow]:
+    """The head's rows for a target step: `seqs` the plan's rows (the last
+    `num_spec_tokens` of a row's tokens are proposals), `query_start` their first rows in
+    the step's aux states, `emitted[rid]` what a sampling row emitted (its token, or its
+    accepted proposals and the token after them), `prompts[rid]` the prompt (for a chunk
+    that samples nothing, the token after its last position is the next prompt token),
+    `num_speculative_tokens[rid]` the proposals wanted from a sampling row."""
+    rows = []
+    for i, s in enumerate(seqs):
+        rid = s.request_id
+        n = len(s.token_ids) - getattr(s, "num_spec_tokens", 0)
+        if rid in emitted:
+            nxt, k = list(s.token_ids[1:n]) + list(emitted[rid]), num_speculative_tokens.get(rid, 0)
+        else:
+            nxt, k = list(prompts[rid][s.start_pos + 1:s.start_pos + n + 1]), 0
+        rows.append(EagleRow(rid, s.start_pos, nxt, query_start[i], k, options[rid]))
+    return rows
