@@ -204,3 +204,14 @@ def test_metrics_render_vllm_spec_decode_counters(cyc_dir):
         assert (f'raylm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="m",'
                 f'position="{pos}"}} {float(count)}') in text
     assert "spec_decode" not in render_metrics("m", [{}], []).decode()
+
+
+def test_tp2_matches_tp1_and_hf(cyc_dir, ray_session):
+    """Ranks > 0 compute every verified position's logits with rank 0 (the LM head's
+    gather) and take no part in verification; the result crosses the wire."""
+    prompts = prompts_of([7, 26], seed=11)
+    ref, _ = run(cyc_dir, prompts)
+    outs, stats = run(cyc_dir, prompts, tensor_parallel_size=2, block_size=4)
+    check_hf(cyc_dir, outs, prompts)
+    assert_same_logprobs(outs, ref)
+    assert accepted(stats) > 0
