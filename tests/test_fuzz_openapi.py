@@ -17,7 +17,7 @@ from raylm.cluster.local import LocalCluster
 from raylm.cluster.openai_api import create_openai_app
 from raylm.engine.config import EngineArgs
 
-MAX_EXAMPLES = 30  # per operation and generation mode
+MAX_EXAMPLES = 50  # per operation and generation mode
 
 
 @pytest.fixture(scope="module")
