@@ -145,7 +145,8 @@ class Eagle3Runner:
                 tokens, q = draft_sample(logits.float(), [ks[rid][2] for rid in rids], positions,
                                          self.generator)
             else:
-                tokens, q = torch.empty(len(rids), dtype=torch.long, device=dev), torch.empty(len(rids), 0, device=dev)
+                tokens = torch.empty(len(rids), dtype=torch.long, device=dev)
+                q = torch.empty(len(rids), 0, device=dev)
             tokens = broadcast_from_first(tokens.contiguous())
             steps.append((rids, tokens, q))
             keep = [i for i, rid in enumerate(rids) if ks[rid][0] > j + 1]

@@ -89,7 +89,8 @@ class Eagle3LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, dtype=dtype)
         self.embed_tokens.weight.optional = True  # shared with the target when absent
         self.fc = nn.Module()
-        self.fc.weight = nn.Parameter(torch.empty(hidden, 3 * target_hidden, dtype=dtype), requires_grad=False)
+        self.fc.weight = nn.Parameter(torch.empty(hidden, 3 * target_hidden, dtype=dtype),
+                                      requires_grad=False)
         self.fc.weight.weight_loader = default_weight_loader
         self.layers = nn.ModuleList([Eagle3DecoderLayer(config, dtype)])
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype)
