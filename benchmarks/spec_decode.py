@@ -1,0 +1,234 @@
+"""N-gram speculative decoding against plain decoding, in one run on the same random
+weights: batch-1 TPOT and output tok/s at a fixed k, and output tok/s of a large batch
+with adaptive k (proposals stop above disable_by_batch_size running requests).
+
+    python benchmarks/spec_decode.py --model llama-3.1-8b
+    python benchmarks/spec_decode.py --model qwen3-8b --batch-size 256 --disable-by-batch-size 64
+    python benchmarks/spec_decode.py --smoke      # CPU, a tiny llama; writes only under $OUT
+
+Workloads (greedy), so that acceptance can be measured and varied:
+- `repeat`: random prompts; random-weight greedy decoding falls into repeating cycles
+  that prompt lookup finds (how soon depends on the model: acceptance is measured).
+- `copy`: each prompt is P + G + P, G the target's own greedy continuation of P (from
+  the plain engine), so the continuation after the second P tends to repeat G.
+Each record also says how many requests gave the same tokens as plain decoding (bf16
+near-ties may differ between one position at a time and k + 1 at once).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+
+def engine_kwargs(args, cfg_dir: str, max_num_seqs: int) -> dict:
+    kw = dict(model=cfg_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
+              max_model_len=args.max_model_len, max_num_seqs=max_num_seqs, enable_prefix_caching=False)
+    if args.smoke:
+        return dict(kw, dtype="float32", device="cpu")
+    return dict(kw, dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def ngram(k: int, adaptive: bool = False, disable_by_batch_size=None) -> dict:
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    if adaptive:
+        spec["adaptive_num_speculative_tokens"] = True
+    if disable_by_batch_size is not None:
+        spec["disable_by_batch_size"] = disable_by_batch_size
+    return spec
+
+
+def sync(llm) -> None:
+    if llm.llm_engine.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def batch1(llm, prompts, out_len: int) -> dict:
+    """Each prompt alone: median TPOT (first token to last, per token) and the outputs."""
+    from raylm import SamplingParams
+
+    engine = llm.llm_engine
+    tpots, outputs = [], []
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"b1-{i}", {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0))
+        sync(llm)
+        first, tokens = None, []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if first is None:
+                    first = time.perf_counter()
+                if out.finished:
+                    tokens = out.outputs[0].token_ids
+        sync(llm)
+        tpots.append((time.perf_counter() - first) / (out_len - 1))
+        outputs.append(tokens)
+    tpot = statistics.median(tpots)
+    return {"tpot_ms": 1e3 * tpot, "output_tok_per_s": 1.0 / tpot, "outputs": outputs}
+
+
+def batched(llm, prompts, out_len: int) -> dict:
+    """All prompts at once: output tok/s and the outputs."""
+    from raylm import SamplingParams
+
+    sp = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0)
+    sync(llm)
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    sync(llm)
+    elapsed = time.perf_counter() - t
+    tokens = [o.outputs[0].token_ids for o in outs]
+    return {"output_tok_per_s": sum(map(len, tokens)) / elapsed, "elapsed_s": elapsed, "outputs": tokens}
+
+
+def acceptance(before: dict, after: dict) -> dict:
+    drafts = after["spec_decode_num_draft_tokens"] - before.get("spec_decode_num_draft_tokens", 0)
+    acc = after["spec_decode_num_accepted_tokens"] - before.get("spec_decode_num_accepted_tokens", 0)
+    rows = after["spec_decode_num_drafts"] - before.get("spec_decode_num_drafts", 0)
+    return {"acceptance_rate": acc / drafts if drafts else 0.0, "num_draft_tokens": drafts,
+            "num_accepted_tokens": acc, "num_drafts": rows,
+            "mean_acceptance_length": 1.0 + acc / rows if rows else None}
+
+
+def measured(llm, fn, *a) -> dict:
+    before = dict(llm.stats())
+    out = fn(llm, *a)
+    out.update(acceptance(before, llm.stats()))
+    return out
+
+
+def make_prompts(llm, workload: str, n: int, prompt_len: int, out_len: int, vocab: int, seed: int):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(n)]
+    if workload == "repeat":
+        return prompts
+    gen = batched(llm, prompts, out_len)["outputs"]  # G: the target's own continuation
+    return [p + g + p for p, g in zip(prompts, gen)]
+
+
+def open_llm(kwargs: dict, spec=None):
+    """An engine, warmed up (first steps, allocator, graphs) outside the measurement."""
+    from raylm import LLM, SamplingParams
+
+    llm = LLM(**kwargs, speculative_config=spec)
+    warm = [[(7 * i + j) % 100 + 3 for j in range(32)] for i in range(4)]
+    llm.generate([{"prompt_token_ids": p} for p in warm], SamplingParams(max_tokens=16, ignore_eos=True),
+                 use_tqdm=False)
+    return llm
+
+
+def close(llm) -> None:
+    llm.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def same(a, b) -> int:
+    return sum(x == y for x, y in zip(a, b))
+
+
+def run_workload(args, cfg_dir: str, vocab: int, workload: str) -> list[dict]:
+    B = args.batch_size
+    base = open_llm(engine_kwargs(args, cfg_dir, B))
+    prompts = make_prompts(base, workload, B, args.prompt_len, args.output_len, vocab, seed=1)
+    one = prompts[:args.batch1_requests]
+    base1 = batch1(base, one, args.output_len)
+    baseB = batched(base, prompts, args.output_len)
+    close(base)
+
+    spec = open_llm(engine_kwargs(args, cfg_dir, B), ngram(args.k))
+    spec1 = measured(spec, batch1, one, args.output_len)
+    close(spec)
+    adaptive = open_llm(engine_kwargs(args, cfg_dir, B),
+                        ngram(args.k, adaptive=True, disable_by_batch_size=args.disable_by_batch_size))
+    specB = measured(adaptive, batched, prompts, args.output_len)
+    close(adaptive)
+
+    records = []
+    for bs, ours, theirs, mode in ((1, spec1, base1, f"k={args.k}"), (B, specB, baseB, "adaptive k")):
+        r = common.base_result("spec_decode", args.model)
+        r.update({
+            "method": "ngram", "num_speculative_tokens": args.k, "batch_size": int(bs),
+            "workload": workload, "mode": mode,
+            "adaptive_num_speculative_tokens": mode == "adaptive k",
+            "disable_by_batch_size": args.disable_by_batch_size if mode == "adaptive k" else None,
+            "prompt_len": len(prompts[0]), "output_len": args.output_len,
+            "acceptance_rate": ours["acceptance_rate"],
+            "mean_acceptance_length": ours["mean_acceptance_length"],
+            "num_draft_tokens": ours["num_draft_tokens"], "num_accepted_tokens": ours["num_accepted_tokens"],
+            "raylm_output_tok_per_s": ours["output_tok_per_s"],
+            "baseline_output_tok_per_s": theirs["output_tok_per_s"],
+            "raylm_tpot_ms": ours.get("tpot_ms"), "baseline_tpot_ms": theirs.get("tpot_ms"),
+            "speedup": ours["output_tok_per_s"] / theirs["output_tok_per_s"],
+            "requests_equal_to_baseline": same(ours["outputs"], theirs["outputs"]),
+            "requests": len(ours["outputs"]),
+            # record.py's generic row: the baseline stands as the peer.
+            "peer": "raylm without speculation", "peer_output_tok_per_s": theirs["output_tok_per_s"],
+        })
+        print({k: v for k, v in r.items() if k not in ("command", "torch")}, flush=True)
+        records.append(r)
+    return records
+
+
+def tiny_model_dir() -> tuple[str, int]:
+    from transformers import LlamaConfig
+
+    d = tempfile.mkdtemp(prefix="raylm-bench-")
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, bos_token_id=1,
+                eos_token_id=2, architectures=["LlamaForCausalLM"]).save_pretrained(d)
+    return d, 320
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b", help="a name under ../shared/models or a dir with config.json")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny llama, small sizes; writes only under $OUT")
+    p.add_argument("--workloads", default="repeat,copy")
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch1-requests", type=int, default=4, help="prompts timed one at a time")
+    p.add_argument("--disable-by-batch-size", type=int, default=None,
+                   help="no proposals above this many running requests (default: adaptive k's own)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    args = p.parse_args()
+    if args.smoke:
+        args.batch_size, args.batch1_requests = min(args.batch_size, 4), min(args.batch1_requests, 2)
+        args.prompt_len, args.output_len = min(args.prompt_len, 16), min(args.output_len, 24)
+        args.max_model_len = min(args.max_model_len, 256)
+        cfg_dir, vocab = tiny_model_dir()
+        args.model = "tiny-llama"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no GPU: use --smoke for the CPU check")
+        from transformers import AutoConfig
+
+        cfg_dir = common.model_dir(args.model)
+        vocab = AutoConfig.from_pretrained(cfg_dir).vocab_size
+    records = []
+    for workload in args.workloads.split(","):
+        if workload not in ("repeat", "copy"):
+            raise SystemExit(f"--workloads: unknown workload {workload!r}; known: repeat, copy")
+        records += run_workload(args, cfg_dir, vocab, workload)
+    if args.smoke and not os.environ.get("OUT"):
+        return  # a smoke run leaves benchmarks/results/ alone
+    common.save_result(records, f"spec_decode-{args.model}" + ("-smoke" if args.smoke else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks/spec_decode.py in its --smoke mode (CPU, a tiny random llama): both
+workloads, batch 1 at fixed k and a batch with adaptive k, each beside plain decoding;
+the records carry the fields the GPU run reports, and greedy outputs equal the
+baseline's (float32)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ("benchmark", "model", "device", "date", "method", "num_speculative_tokens", "batch_size",
+          "workload", "acceptance_rate", "raylm_output_tok_per_s", "baseline_output_tok_per_s",
+          "baseline_tpot_ms", "speedup", "command")
+
+
+def test_spec_decode_benchmark_smoke_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "spec_decode.py"), "--smoke"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    records = json.load(open(tmp_path / "spec_decode-tiny-llama-smoke.json"))
+    assert [(r["workload"], r["batch_size"]) for r in records] == [("repeat", 1), ("repeat", 4),
+                                                                    ("copy", 1), ("copy", 4)]
+    for r in records:
+        assert all(f in r for f in FIELDS), [f for f in FIELDS if f not in r]
+        assert r["benchmark"] == "spec_decode" and r["method"] == "ngram" and r["device"] == "cpu"
+        assert isinstance(r["batch_size"], int) and "--smoke" in r["command"]
+        assert r["raylm_output_tok_per_s"] > 0 and r["baseline_output_tok_per_s"] > 0 and r["speedup"] > 0
+        assert 0 <= r["acceptance_rate"] <= 1
+        assert r["requests_equal_to_baseline"] == r["requests"]
+    assert records[0]["baseline_tpot_ms"] > 0 and records[0]["num_speculative_tokens"] == 4
+    assert records[1]["adaptive_num_speculative_tokens"] is True
+    assert any(r["num_accepted_tokens"] > 0 for r in records)
