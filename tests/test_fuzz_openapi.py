@@ -58,8 +58,8 @@ def declared_fields(schema) -> dict[str, set]:
         for method, op in ops.items():
             ref = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
             if "$ref" in ref:
-                out[f"{method.upper()} {path}"] = set(spec["components"]["schemas"][ref["$ref"].split("/")[-1]]
-                                                      ["properties"])
+                model = spec["components"]["schemas"][ref["$ref"].split("/")[-1]]
+                out[f"{method.upper()} {path}"] = set(model["properties"])
     return out
 
 

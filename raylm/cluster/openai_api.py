@@ -178,7 +178,8 @@ class _OpenAIServer:
     """The two generation routes: checks, tokenization, then the backend streams."""
 
     def __init__(self, backend, max_n: int, auto_parser=None,
-                 max_prompts: int = DEFAULT_MAX_PROMPTS_PER_REQUEST, max_seqs: int = DEFAULT_MAX_SEQS_PER_REQUEST):
+                 max_prompts: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                 max_seqs: int = DEFAULT_MAX_SEQS_PER_REQUEST):
         self.backend = backend
         self.max_n = max_n
         self.max_prompts, self.max_seqs = max_prompts, max_seqs

@@ -132,8 +132,8 @@ class _SamplingRequest(OpenAIBaseModel):
             raise ApiError(400, f"prompt holds {prompts} prompts; max_prompts_per_request is {max_prompts}",
                            "prompt")
         if prompts * n > max_seqs:
-            raise ApiError(400, f"this request creates {prompts} prompt(s) x n={n} = {prompts * n} sequences; "
-                           f"max_seqs_per_request is {max_seqs}", "n")
+            raise ApiError(400, f"this request creates {prompts} prompt(s) x n={n} = {prompts * n} "
+                           f"sequences; max_seqs_per_request is {max_seqs}", "n")
 
     @property
     def include_usage(self) -> bool:
@@ -291,7 +291,8 @@ class ChatCompletionRequest(_SamplingRequest):
         # A template is code the server runs: vLLM refuses a request's unless trusted by a flag.
         if (self.chat_template_kwargs or {}).get("chat_template") is not None:
             raise ApiError(400, "chat_template_kwargs.chat_template is refused: the server renders messages "
-                           "with the model's own chat template, not one a request sends", "chat_template_kwargs")
+                           "with the model's own chat template, not one a request sends",
+                           "chat_template_kwargs")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             raise ApiError(400, f"modalities must be ['text'] (no audio output), got {self.modalities}",
                            "modalities")

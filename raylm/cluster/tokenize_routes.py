@@ -82,7 +82,8 @@ def add_tokenize_routes(app, backend, guard, check_model) -> None:
         return await guard(detokenize(body))
 
 
-async def render_chat(tok, body: ChatCompletionRequest, add_special_tokens: bool = False) -> tuple[str, list[int]]:
+async def render_chat(tok, body: ChatCompletionRequest,
+                      add_special_tokens: bool = False) -> tuple[str, list[int]]:
     """The prompt text and token ids of a chat request's messages (a long conversation is
     rendered and tokenized off the event loop); a template that fails is a 400."""
     conversation, kwargs = body.conversation(), body.template_kwargs()

@@ -129,10 +129,13 @@ class InputProcessor:
         self._check_token_options(params)
         return text, ids
 
-    async def validate_async(self, prompt: PromptType, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+    async def validate_async(self, prompt: PromptType,
+                             params: SamplingParams) -> tuple[Optional[str], list[int]]:
         """`validate`, on the tokenizer threads when the prompt is a long text (see off_loop)."""
-        text = prompt.get("prompt") if isinstance(prompt, dict) and "prompt_token_ids" not in prompt else prompt
-        return await off_loop(lambda: self.validate(prompt, params), text_size(text) if isinstance(text, str) else 0)
+        given_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        size = len(text) if isinstance(text, str) and not given_ids else 0
+        return await off_loop(lambda: self.validate(prompt, params), size)
 
     def _check_token_options(self, params: SamplingParams) -> None:
         """Token ids of logit_bias and allowed_token_ids inside the vocabulary; bad_words
