@@ -215,3 +215,30 @@ def test_proposal_store_keeps_q_until_verification():
     store.drop(["c"])
     with pytest.raises(RuntimeError, match="proposed"):
         store.take(["c"], [[0]])
+
+
+def test_changed_tables_reset_the_graph_row_and_appends_do_not(dirs):
+    from raylm.workers.draft_runner import _first_change
+
+    assert _first_change([1, 2, 3, 4], (1, 2, 3)) == 3  # appended: nothing changed
+    assert _first_change([1, 2, 9, 4], (1, 2, 3, 4)) == 2
+    assert _first_change([1, 2], (1, 2, 3)) == 2  # truncated
+
+    class Rows:  # records what the draft asks of the decode graphs' host block tables
+        dropped = []
+
+        def drop(self, ids):
+            self.dropped.extend(ids)
+
+    target, draft = runners(dirs["target"], dirs["draft"])
+    draft.runner.host_tables = Rows()
+    give_blocks(target, "a", 0, 4)
+    tokens = list(PROMPTS[2])
+    first = draft.propose(["a"], [tokens], [GREEDY]).token_ids[0]
+    target.block_tables["a"].append(40)  # grown: the row appends
+    tokens += first[:2]
+    second = draft.propose(["a"], [tokens], [GREEDY]).token_ids[0]
+    assert Rows.dropped == []
+    target.block_tables["a"][3:] = [41, 42]  # a rollback gave block 3 back, 41 came
+    draft.propose(["a"], [tokens + second[:1]], [GREEDY])
+    assert Rows.dropped == ["a"]

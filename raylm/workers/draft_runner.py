@@ -93,12 +93,18 @@ def gather_proposals(steps: list, order: list[str], device) -> Proposals:
 @dataclass
 class _Written:
     """What the draft's cache holds for a request: `num_tokens` verified tokens, then
-    `tail` (fed-back proposals), in the blocks `blocks` (table[first_block:]) at the time."""
+    `tail` (fed-back proposals), in the blocks of its table `blocks` at the time."""
 
     num_tokens: int = 0
     tail: list[int] = field(default_factory=list)
-    first_block: int = 0
     blocks: tuple = ()
+
+
+def _first_change(table: list[int], old: tuple) -> int:
+    """Index of the first block of `old` that `table` no longer holds (len(old): none)."""
+    if tuple(table[:len(old)]) == old:
+        return len(old)
+    return next((i for i, (a, b) in enumerate(zip(table, old)) if a != b), min(len(table), len(old)))
 
 
 class DraftModelRunner:
@@ -139,7 +145,8 @@ class DraftModelRunner:
         self.runner.release_kv_cache()
 
     def drop(self, request_ids: Sequence[str]) -> None:
-        """Forget finished and preempted requests (a preempted one starts over)."""
+        """Forget finished and preempted requests (a preempted one starts over). A table
+        the plan resends after a rollback needs no drop: changed blocks are noticed."""
         for rid in request_ids:
             self.written.pop(rid, None)
             self.states.pop(rid, None)
@@ -166,13 +173,8 @@ class DraftModelRunner:
             if v >= n or tokens[v] != t:
                 break
             v += 1
-        bs = self.runner.block_size
-        for j, block in enumerate(w.blocks):  # a block that left the table lost its KV
-            b = w.first_block + j
-            if b >= len(table) or table[b] != block:
-                v = min(v, b * bs)
-                break
-        return max(0, min(v, n - 1))
+        v = min(v, _first_change(table, w.blocks) * self.runner.block_size)  # a block that
+        return max(0, min(v, n - 1))  # left the table (a rollback gave it back) lost its KV
 
     @torch.inference_mode()
     def propose(self, request_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
@@ -193,6 +195,9 @@ class DraftModelRunner:
             if any(t == PLACEHOLDER_TOKEN for t in tokens[-2:]):
                 raise ValueError(f"request {rid!r}: the draft model needs every token on the host")
             v = self._valid(rid, tokens, table)
+            w = self.written.get(rid)
+            if w is not None and r.host_tables is not None and _first_change(table, w.blocks) < len(w.blocks):
+                r.host_tables.drop([rid])  # its graph row only ever appends: rewrite it whole
             plan.seqs.append(SeqChunk(rid, list(tokens[v:]), v, [], True))
             ks[rid], states[rid] = k, self._state(rid, options[i])
         if not plan.seqs:
@@ -205,11 +210,9 @@ class DraftModelRunner:
         return out
 
     def _remember(self, rid: str, n: int, tail: list[int]) -> None:
-        """The cache now holds the request's n tokens, then `tail` (positions n..);
-        positions from n - 1 on are in blocks the target may give back."""
-        table, bs = self.runner.block_tables[rid], self.runner.block_size
-        first = (n - 1) // bs
-        self.written[rid] = _Written(n, list(tail), first, tuple(table[first:(n - 1 + len(tail)) // bs + 1]))
+        """The cache now holds the request's n tokens, then `tail` (positions n..), in
+        the blocks of its table now (rollbacks give the tail blocks back)."""
+        self.written[rid] = _Written(n, list(tail), tuple(self.runner.block_tables[rid]))
 
     def _run(self, plan: StepPlan, ks: dict, states: dict) -> list:
         """The catch-up pass, then one-token steps; per step (ids, tokens, q)."""
