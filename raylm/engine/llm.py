@@ -117,7 +117,10 @@ class LLM:
         blocks in use, requests and tokens; with speculative decoding also drafts, draft
         and accepted tokens (per position too), `spec_decode_acceptance_rate` (accepted /
         draft tokens) and `spec_decode_mean_acceptance_length` (tokens per verified row)."""
-        return self.engine.stats()
+        from raylm.engine.spec_decode.speculator import acceptance_summary
+
+        stats = self.engine.stats()
+        return {**stats, **acceptance_summary(stats)}
 
     def shutdown(self) -> None:
         """Free the KV pool and the model; the LLM cannot be used afterwards."""

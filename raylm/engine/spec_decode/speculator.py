@@ -134,16 +134,24 @@ class Speculator:
         self.adaptive.remove(request_id)
 
     def stats(self) -> dict:
-        """vLLM's counters under EngineCore.stats() keys, and the acceptance rate."""
-        rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        """vLLM's counters under EngineCore.stats() keys (counts only, so that a cluster
+        can sum them over cores; `acceptance_summary` derives the rates)."""
         return {"spec_decode_num_drafts": self.num_drafts,
                 "spec_decode_num_draft_tokens": self.num_draft_tokens,
                 "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
-                "spec_decode_num_accepted_tokens_per_pos": list(self.accepted_per_pos),
-                "spec_decode_acceptance_rate": rate,
-                # Tokens a verified row emitted on average (accepted + the one after them).
-                "spec_decode_mean_acceptance_length":
-                    1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0}
+                "spec_decode_num_accepted_tokens_per_pos": list(self.accepted_per_pos)}
+
+
+def acceptance_summary(stats: dict) -> dict:
+    """From a core's (or summed) counters: `spec_decode_acceptance_rate` (accepted over
+    draft tokens) and `spec_decode_mean_acceptance_length` (tokens a verified row emitted
+    on average: its accepted proposals and the one after them); {} without speculation."""
+    if "spec_decode_num_drafts" not in stats:
+        return {}
+    drafts, tokens = stats["spec_decode_num_drafts"], stats["spec_decode_num_draft_tokens"]
+    accepted = stats["spec_decode_num_accepted_tokens"]
+    return {"spec_decode_acceptance_rate": accepted / tokens if tokens else 0.0,
+            "spec_decode_mean_acceptance_length": 1.0 + accepted / drafts if drafts else 0.0}
 
 
 def num_accepted_of(sched_out, spec_sampled: dict) -> Optional[dict[str, int]]:
