@@ -295,7 +295,8 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """Run one iteration; return the outputs of the requests that progressed. With
         asynchronous scheduling these are the previous iteration's, whose tokens arrive
-        while this one runs."""
+        while this one runs. A speculative step (proposals while no more than the limit of
+        requests run) records the step in flight first and runs synchronously."""
         speculating = self.speculator is not None and self.speculator.active(self.scheduler.num_running)
         if self.async_scheduling and not speculating:
             return self._step_async()
