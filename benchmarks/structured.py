@@ -1,6 +1,8 @@
 """Structured outputs: 256 requests, each with its own JSON schema (variations of
 realistic schemas: a user profile, an order, an address, a tool call's arguments...),
-against the same requests unconstrained, in one run, on random weights.
+against the same requests unconstrained, in one run, on random weights. The unconstrained
+run gives each request as many tokens as its structured output had (ignore_eos), and the
+prefix cache is off, so the two runs do the same work but for the grammar.
 
     python benchmarks/structured.py --model qwen3-0.6b
     python benchmarks/structured.py --device cpu          # smoke: tiny model, 8 requests
@@ -127,14 +129,10 @@ def main() -> None:
 
     d = model_dir(args)
     llm = LLM(model=d, load_format="dummy", device=args.device, dtype="float32" if cpu else "bfloat16",
-              max_model_len=2048, max_num_seqs=args.max_num_seqs, seed=0)
+              max_model_len=2048, max_num_seqs=args.max_num_seqs, seed=0, enable_prefix_caching=False)
     rng = random.Random(0)
     schemas = make_schemas(n, rng)
     prompts = [f"Return a JSON object describing {rng.choice(TOPICS)}. Schema: {json.dumps(s)}" for s in schemas]
-    base = [SamplingParams(temperature=args.temperature, seed=i, max_tokens=max_tokens) for i in range(n)]
-    plain = [p.clone() for p in base]
-    for sp in plain:
-        sp.ignore_eos = True  # random weights: EOS would end some early; count full lengths
     constrained = [SamplingParams(temperature=args.temperature, seed=i, max_tokens=max_tokens,
                                   structured_outputs=StructuredOutputsParams(json=s)) for i, s in enumerate(schemas)]
 
@@ -147,8 +145,12 @@ def main() -> None:
     grammars = llm.llm_engine.core._grammars
     grammars.compile_seconds.clear()
 
-    a = run(llm, prompts, plain)
     b = run(llm, prompts, constrained)
+    # The same requests unconstrained, each generating as many tokens as its structured
+    # output had (ignore_eos), so both runs do the same work but for the grammar.
+    plain = [SamplingParams(temperature=args.temperature, seed=i, ignore_eos=True,
+                            max_tokens=max(1, len(c.token_ids))) for i, c in enumerate(b["outputs"])]
+    a = run(llm, prompts, plain)
     llm.shutdown()
     tok_a = sum(len(c.token_ids) for c in a["outputs"])
     tok_b = sum(len(c.token_ids) for c in b["outputs"])

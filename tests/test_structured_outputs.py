@@ -181,6 +181,27 @@ def test_same_tokens_under_chunked_prefill_and_async_scheduling(llm, llama_dir, 
     assert summary(got) == summary(want)
 
 
+def test_async_scheduling_defers_grammar_sampling(llm, llama_dir):
+    """Under asynchronous scheduling a step with grammar rows launches its forward pass
+    before the step in flight is recorded and queues its sampling once the matchers have
+    seen that step's tokens (finish_sampling): the same tokens as synchronous steps, with
+    unconstrained neighbours and requests that end while the next step is in flight."""
+    params = requests_for(SCHEMAS, [None, 4, 11]) + [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+                                                     SamplingParams(temperature=0.7, seed=3, max_tokens=30)]
+    prompts = (PROMPTS * 3)[:len(params)]
+    want = llm.generate(prompts, params, use_tqdm=False)
+    other = LLM(llama_dir, max_model_len=512, max_num_seqs=16, async_scheduling=True)
+    runner = other.llm_engine.executor.runner
+    finish, calls = runner.finish_sampling, []
+    runner.finish_sampling = lambda pending, ids, mask: calls.append(len(ids)) or finish(pending, ids, mask)
+    try:
+        got = other.generate(prompts, params, use_tqdm=False)
+    finally:
+        other.shutdown()
+    assert summary(got) == summary(want)
+    assert calls and max(calls) > 1, calls  # deferred steps, several grammar rows at once
+
+
 def test_redispatch_advances_matcher_over_earlier_outputs(llm):
     """A request re-dispatched after k outputs (they arrive as the prompt's tail, with
     output_offset=k) continues exactly as the undisturbed run."""

@@ -214,13 +214,18 @@ class EngineCore:
     def _scheduler_idle(self) -> bool:
         return not (self.scheduler.num_running or self.scheduler.num_waiting)
 
-    def _attach_bitmask(self, plan, sched_out) -> None:
-        """Put the next-token bitmasks of this step's sampling grammar rows in the plan."""
+    def _grammar_rows(self, sched_out) -> list[_CoreRequest]:
+        """The live grammar requests that this step samples, in row order."""
         rows = []
         for s in sched_out.seqs:
             state = self.requests.get(s.request_id)
             if s.sample and state is not None and state.grammar is not None:
                 rows.append(state)
+        return rows
+
+    def _attach_bitmask(self, plan, sched_out) -> None:
+        """Put the next-token bitmasks of this step's sampling grammar rows in the plan."""
+        rows = self._grammar_rows(sched_out)
         if rows:
             plan.bitmask_ids = [st.request.request_id for st in rows]
             plan.bitmask = self._grammars.bitmask([st.grammar for st in rows])
@@ -344,15 +349,22 @@ class EngineCore:
             if self._inflight is not None:
                 outputs = self._complete_inflight(t1)
             return outputs
-        if self._inflight is not None and self._needs_current_outputs(sched_out):
+        # Grammar rows need step N's tokens only to sample: launch N+1's forward pass first
+        # and queue its sampling once N is recorded (its matchers advanced), while the
+        # device runs the forward pass.
+        defer = (self._inflight is not None and self._num_grammars
+                 and getattr(self.executor, "supports_deferred_sampling", False)
+                 and not self._needs_current_outputs(sched_out, grammar=False)
+                 and self._needs_current_outputs(sched_out))
+        if self._inflight is not None and not defer and self._needs_current_outputs(sched_out):
             outputs += self._complete_inflight(t1)  # penalties need step N's tokens first
             # Requests that step N ended (a stop token, EOS) leave this step's rows.
             sched_out.seqs = [s for s in sched_out.seqs if s.request_id in self.requests]
             t1 = time.perf_counter()
         plan = self.planner.plan(sched_out)
-        if self._num_grammars and sched_out:
+        if self._num_grammars and sched_out and not defer:
             self._attach_bitmask(plan, sched_out)  # its matchers saw step N's tokens (above)
-        launched = self.executor.launch(plan)
+        launched = self.executor.launch(plan, defer_sampling=True) if defer else self.executor.launch(plan)
         self._mark_launched(sched_out)
         t2 = time.perf_counter()
         tm = self.timing
@@ -360,6 +372,11 @@ class EngineCore:
         tm["execute_s"] += t2 - t1
         if self._inflight is not None:
             outputs += self._complete_inflight(t2)
+        if defer:
+            # Rows of requests that step N ended sample unconstrained; their tokens are dropped.
+            rows = self._grammar_rows(sched_out)
+            self.executor.finish_sampling(launched, [st.request.request_id for st in rows],
+                                          self._grammars.bitmask([st.grammar for st in rows]) if rows else None)
         self._inflight = (sched_out, launched)
         return outputs
 
@@ -374,14 +391,14 @@ class EngineCore:
 
         return self.speculator.propose(self.scheduler.running, eligible)
 
-    def _needs_current_outputs(self, sched_out) -> bool:
+    def _needs_current_outputs(self, sched_out, grammar: bool = True) -> bool:
         """True when a request of this step samples from the tokens so far (penalties,
-        min_tokens, bad_words, a grammar's bitmask): the step in flight must be recorded
-        before this one is launched."""
+        min_tokens, bad_words, a grammar's bitmask unless grammar=False): the step in
+        flight must be recorded before this one samples."""
         for s in sched_out.seqs:
             state = self.requests.get(s.request_id)
             if state is not None and (needs_output_history(state.params) or state.bad_words_token_ids
-                                      or (s.sample and state.grammar is not None)):
+                                      or (grammar and s.sample and state.grammar is not None)):
                 return True
         return False
 

@@ -44,8 +44,14 @@ class UniProcExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
 
-    def launch(self, plan: StepPlan):
-        return self.runner.launch(plan)
+    # The engine may launch a step before it knows its grammar bitmasks (finish_sampling).
+    supports_deferred_sampling = True
+
+    def launch(self, plan: StepPlan, defer_sampling: bool = False):
+        return self.runner.launch(plan, defer_sampling)
+
+    def finish_sampling(self, pending, bitmask_ids: list[str], bitmask) -> None:
+        self.runner.finish_sampling(pending, bitmask_ids, bitmask)
 
     def collect(self, pending) -> StepResult:
         return self.runner.collect(pending)

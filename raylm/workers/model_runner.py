@@ -403,11 +403,16 @@ class ModelRunner:
         return self.collect(self.launch(plan))
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> PendingStep:
+    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> PendingStep:
         """Queue one step on the device without waiting for it: the forward pass, sampling
         and log-probabilities, and the copies of their results to the host. On a GPU
         nothing here waits for the device, so the host can plan the next step (whose
-        PLACEHOLDER_TOKEN inputs come from this step's tokens) while this one runs."""
+        PLACEHOLDER_TOKEN inputs come from this step's tokens) while this one runs.
+
+        `defer_sampling` stops after the logits: `finish_sampling` queues the rest once
+        the caller knows the grammar bitmasks (asynchronous scheduling with structured
+        outputs: the matchers need the previous step's tokens, which arrive while this
+        step's forward pass runs)."""
         pending = PendingStep(StepResult(), time.perf_counter())
         self._update_states(plan)
         if not plan.seqs:
@@ -451,7 +456,28 @@ class ModelRunner:
                 self._last_rows = {rid: i for i, rid in enumerate(sample_ids)}
             return pending
         logits = logits.float()
+        args = (pending, plan, logits, sample_ids, spec_ids, spec_rows, proposals, prompt_rows)
+        if defer_sampling:
+            pending.deferred = args
+            return pending
+        self._sample_step(*args)
+        return pending
 
+    def finish_sampling(self, pending: PendingStep, bitmask_ids: list[str], bitmask: Optional[bytes]) -> None:
+        """Queue a deferred step's sampling (launch(defer_sampling=True)) with these grammar
+        bitmasks (StepPlan.bitmask_ids / bitmask)."""
+        args, pending.deferred = pending.deferred, None
+        if args is None:
+            return  # nothing was sampled in that step (or ranks > 0)
+        plan = args[1]
+        plan.bitmask_ids, plan.bitmask = list(bitmask_ids), bitmask
+        self._sample_step(*args)
+
+    def _sample_step(self, pending: PendingStep, plan: StepPlan, logits: torch.Tensor, sample_ids: list[str],
+                     spec_ids: list[str], spec_rows: list[int], proposals: list, prompt_rows: list) -> None:
+        """Sampling, verification of proposals, log-probabilities, and the copies of their
+        results to the host (the part of a step after the logits)."""
+        dev = self.device
         if sample_ids:
             states = [self.states[rid] for rid in sample_ids]
             sample_logits = logits[:len(sample_ids)]
@@ -485,7 +511,6 @@ class ModelRunner:
         if dev.type == "cuda":
             pending.event = torch.cuda.Event()
             pending.event.record()
-        return pending
 
     def _verify(self, pending: PendingStep, spec_ids: list[str], proposals: list[list[int]],
                 logits: torch.Tensor, draft_probs: Optional[torch.Tensor] = None) -> None:

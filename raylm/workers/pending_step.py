@@ -32,6 +32,8 @@ class PendingStep:
     spec_states: list = field(default_factory=list)
     spec_tokens: list = field(default_factory=list)
     spec_logprobs: Optional[tuple] = None
+    # launch(defer_sampling=True): what finish_sampling needs to queue the sampling.
+    deferred: Optional[tuple] = None
 
 
 def collect_step(pending: PendingStep) -> StepResult:
