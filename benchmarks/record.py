@@ -161,6 +161,11 @@ def row(r: dict) -> str:
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
                             f"{x['host_ms_per_step']:.2f} ms host per decode step" for x in r["rows"])
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "structured":
+        numbers = (f"structured {r['structured_output_tok_per_s']:.0f} / unconstrained "
+                   f"{r['unconstrained_output_tok_per_s']:.0f} out tok/s; step p50 {r['structured_step_ms_p50']:.1f} / "
+                   f"{r['unconstrained_step_ms_p50']:.1f} ms; compile p99 {r['compile_ms_p99']:.1f} ms")
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "gpu_step_breakdown":
         fams = ", ".join(f"{k} {v:.2f}" for k, v in list(r["families_ms_per_step"].items())[:4])
         tops = ", ".join(f"{k.split('(')[0][:32]} {v:.2f}" for k, v in list(r["top_kernels_ms_per_step"].items())[:3])
@@ -436,6 +441,16 @@ def _gpu_step_breakdown(r: dict) -> list[Row]:
                  f"{fams.get('gemm', 0):.2f}", top])]
 
 
+def _structured(r: dict) -> list[Row]:
+    return [Row((r["model"], r["device"]), "",
+                [r["model"], r["device"], r["num_requests"], f"{r['structured_output_tok_per_s']:,.0f}",
+                 f"{r['unconstrained_output_tok_per_s']:,.0f}", f"{r['ratio_structured_vs_unconstrained']:.2f}",
+                 f"{r['structured_step_ms_p50']:.1f} / {r['unconstrained_step_ms_p50']:.1f}",
+                 f"{r['compile_ms_p50']:.1f} / {r['compile_ms_p99']:.1f}",
+                 "-" if r.get("step_ms_p99_while_compiling") is None else f"{r['step_ms_p99_while_compiling']:.1f}",
+                 f"{r['stopped_valid']} of {r['num_requests']}"], r.get("label", ""))]
+
+
 def _host_step(r: dict) -> list[Row]:
     wires = {"none": "no (in process)", "whole": "yes (as the Ray path sends them)"}
     return [Row((r["device"], x["running"], x["wire"]), x["wire"],
@@ -522,6 +537,13 @@ SECTIONS = [
             ("step_profile",),
             ["Model", "Device", "Batch", "Mean context", "Step loop", "GPU forward (graph)", "Bandwidth floor",
              "LM head / sampling (GPU)", "Host: schedule / outputs / inputs"], _step_profile),
+    Section("Structured outputs",
+            "Requests each with its own JSON schema (xgrammar) against the same requests unconstrained, in "
+            "one run on random weights, the embedded SmolLM2 tokenizer. Step times and compile times in ms.",
+            ("structured",),
+            ["Model", "Device", "Requests", "Structured out tok/s", "Unconstrained out tok/s", "Ratio",
+             "Step p50 structured / unconstrained", "Compile p50 / p99", "Step p99 while compiling",
+             "Stopped and valid"], _structured),
     Section("GPU time of a serving step",
             "Kernel time per step (ms, `torch.profiler`) in the steady state of the serving benchmark's closed "
             "loop, run offline: 256 in flight, prompts and outputs of 100-1024 tokens.",
