@@ -161,6 +161,14 @@ def row(r: dict) -> str:
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
                             f"{x['host_ms_per_step']:.2f} ms host per decode step" for x in r["rows"])
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "mixed_attention_split":
+        numbers = "; ".join(f"{x['model']} {x['ndec']} decodes at {x['ctx']} + {x['pre_q']}-token chunk: one launch "
+                            f"{x['full_us']:.0f} us, split {x['split_us']:.0f} us" for x in r["rows"])
+        return f"| {r['date']} | {r['benchmark']} | - | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "decode_tile_sweep":
+        numbers = "; ".join(f"{x['n']} x {x['ctx']}: default {x['default_us']:.0f} us, best {x['best_us']:.0f} "
+                            f"({x['best']}), floor {x['floor_us']:.0f}" for x in r["rows"])
+        return f"| {r['date']} | {r['benchmark']} | llama-3.1-8b | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "structured":
         numbers = (f"structured {r['structured_output_tok_per_s']:.0f} / unconstrained "
                    f"{r['unconstrained_output_tok_per_s']:.0f} out tok/s; step p50 {r['structured_step_ms_p50']:.1f} / "
