@@ -325,25 +325,12 @@ class ModelRunner:
     def _forward_mixed(self, plan: StepPlan):
         """A mixed step (or a prefill too long for the prefill graphs) in the mixed-step
         graph of its padded size: (hidden states, query starts), or None when none fits."""
-        bs = self.block_size
         tables = [self.block_tables[s.request_id] for s in plan.seqs]
         t = self.mixed_graphs.size_for(sum(len(s.token_ids) for s in plan.seqs), len(plan.seqs),
                                        max(len(tb) for tb in tables))
         if not t:
             return None
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        for s, table in zip(plan.seqs, tables):
-            n = len(s.token_ids)
-            input_ids.extend(s.token_ids)
-            pos = range(s.start_pos, s.start_pos + n)
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(s.start_pos + n)
+        input_ids, positions, slots, query_start, seq_lens = self._packed(plan, tables)
         rows = self.host_tables.gather([s.request_id for s in plan.seqs], tables)
         hidden = self.mixed_graphs.run(t, input_ids, positions, slots, query_start, seq_lens, rows,
                                        self._placeholders(plan, query_start))
@@ -367,17 +354,16 @@ class ModelRunner:
         dev = self.device
         return to_device(dst, torch.long, dev), self._last_tokens.index_select(0, to_device(src, torch.long, dev))
 
-    def _prepare(self, plan: StepPlan):
+    def _packed(self, plan: StepPlan, tables: list[list[int]]):
+        """The step's rows packed by sequence: (input ids, positions, KV slots, query
+        starts, sequence lengths), from the sequences' block `tables`."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
-        seq_tables = [self.block_tables[s.request_id] for s in plan.seqs]
-        max_blocks = max(len(t) for t in seq_tables)
-        tables = []
-        for s, table in zip(plan.seqs, seq_tables):
+        for s, table in zip(plan.seqs, tables):
             n = len(s.token_ids)
             input_ids.extend(s.token_ids)
             pos = range(s.start_pos, s.start_pos + n)
@@ -385,7 +371,13 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             query_start.append(query_start[-1] + n)
             seq_lens.append(s.start_pos + n)
-            tables.append(table + [0] * (max_blocks - len(table)))
+        return input_ids, positions, slots, query_start, seq_lens
+
+    def _prepare(self, plan: StepPlan):
+        seq_tables = [self.block_tables[s.request_id] for s in plan.seqs]
+        input_ids, positions, slots, query_start, seq_lens = self._packed(plan, seq_tables)
+        max_blocks = max(len(t) for t in seq_tables)
+        tables = [table + [0] * (max_blocks - len(table)) for table in seq_tables]
         dev = self.device
         query_lens = [len(s.token_ids) for s in plan.seqs]
         meta = AttentionMetadata(
