@@ -194,3 +194,18 @@ def base_result(benchmark: str, model: str) -> dict:
             "date": datetime.date.today().isoformat(),
             "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
             "torch": torch.__version__}
+
+
+def cuda_time_us(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Mean microseconds of fn() on the GPU (CUDA events around `iters` calls after
+    `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3

@@ -4,17 +4,20 @@ floor (benchmarks/results/decode_tile_sweep.json).
 
     python benchmarks/decode_tile_sweep.py   # writes $OUT/decsweep.json
 """
-import torch, json, os, itertools
-from raylm.kernels.attention.decode import paged_decode_attention, decode_num_splits
+import itertools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from raylm.kernels.attention.decode import decode_num_splits, paged_decode_attention  # noqa: E402
+
 dev = "cuda"
-def bench(fn, it=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    s.record()
-    for _ in range(it): fn()
-    e.record(); torch.cuda.synchronize()
-    return s.elapsed_time(e) / it * 1e3
+bench = common.cuda_time_us
 rows = []
 for hq, hk in [(32, 8)]:
   for n, ctx in [(256, 700), (256, 1500), (64, 4096), (1, 8192), (16, 2048)]:
@@ -30,7 +33,7 @@ for hq, hk in [(32, 8)]:
     for bn, ns in itertools.product([16, 32, 64, 128], [1, 2, 4, 8, 16, 32]):
         try:
             t = bench(lambda: paged_decode_attention(q, kv, bt, sl, D ** -0.5, num_splits=ns, block_n=bn))
-        except Exception as ex:
+        except Exception:  # a tile the kernel cannot take at this shape
             continue
         if t < best[0]: best = (t, f"block_n={bn} splits={ns}")
     r = dict(n=n, ctx=ctx, default_us=default, default_splits=decode_num_splits(n, hk, dev), best_us=best[0], best=best[1], floor_us=floor)

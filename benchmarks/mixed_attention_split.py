@@ -5,19 +5,21 @@ as fast or faster, so mixed steps keep one kernel (benchmarks/results/mixed_atte
 
     python benchmarks/mixed_attention_split.py   # writes $OUT/mixbench.json
 """
-import torch, json, os
-from raylm.kernels.attention.prefill import paged_prefill_attention
-from raylm.kernels.attention.decode import paged_decode_attention, decode_num_splits
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from raylm.kernels.attention.decode import decode_num_splits, paged_decode_attention  # noqa: E402
+from raylm.kernels.attention.prefill import paged_prefill_attention  # noqa: E402
+
 torch.manual_seed(0)
 dev = "cuda"
-def bench(fn, it=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    s.record()
-    for _ in range(it): fn()
-    e.record(); torch.cuda.synchronize()
-    return s.elapsed_time(e) / it * 1e3
+bench = common.cuda_time_us
 rows = []
 for (hq, hk, name) in [(32, 8, "llama-3.1-8b"), (16, 8, "qwen3-0.6b")]:
   for ndec, ctx, pre_q, pre_ctx in [(256, 700, 512, 512), (256, 700, 2048, 2048), (128, 700, 64, 64), (200, 1500, 300, 300)]:
