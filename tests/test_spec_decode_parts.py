@@ -164,7 +164,7 @@ def test_speculator_proposes_for_plain_decodes_within_max_tokens_and_batch_limit
     assert acceptance_summary({"num_steps": 3}) == {}
 
 
-def test_config_batch_limit_and_methods_not_run_yet():
+def test_config_batch_limit_and_model_methods_need_tp1():
     cfg = parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2,
                                     "adaptive_num_speculative_tokens": True})
     assert cfg.max_batch_size == ADAPTIVE_DISABLE_BY_BATCH_SIZE
@@ -172,5 +172,8 @@ def test_config_batch_limit_and_methods_not_run_yet():
                                     "adaptive_num_speculative_tokens": True, "disable_by_batch_size": 8})
     assert cfg.max_batch_size == 8
     assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2}).max_batch_size is None
-    with pytest.raises(ValueError, match="method 'draft_model' is valid but the engine does not run it yet"):
-        EngineArgs(speculative_config={"method": "draft_model", "model": "x", "num_speculative_tokens": 2})
+    EngineArgs(speculative_config={"method": "draft_model", "model": "x", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="method 'draft_model' needs tensor_parallel_size 1.*got "
+                                         "tensor_parallel_size 2"):
+        EngineArgs(speculative_config={"method": "draft_model", "model": "x", "num_speculative_tokens": 2},
+                   tensor_parallel_size=2)

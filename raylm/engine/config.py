@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -63,6 +64,10 @@ class EngineArgs:
     # vLLM's name: a dict or JSON string, e.g. {"backend": "xgrammar"}; backends "xgrammar"
     # (the default) and "auto" (= xgrammar). Checked here, used by the engine core.
     structured_outputs_config: Optional[Union[dict, str]] = None
+    # vLLM's name: where requests' sampling defaults come from. "auto": the model's
+    # generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
+    # max_new_tokens); "vllm": none (SamplingParams' own); a folder: its generation_config.json.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         def check(name, ok, limit):
@@ -97,14 +102,20 @@ class EngineArgs:
             raise ValueError(f"num_gpus_per_worker {self.num_gpus_per_worker} < 1 needs "
                              f"tensor_parallel_size 1 (ranks of one group cannot share a GPU), "
                              f"got tensor_parallel_size {self.tensor_parallel_size}")
+        check("generation_config", self.generation_config in ("auto", "vllm")
+              or (isinstance(self.generation_config, str) and os.path.isdir(self.generation_config)),
+              "'auto', 'vllm' or a folder holding generation_config.json")
         from raylm.engine.structured_outputs import parse_structured_outputs_config
 
         parse_structured_outputs_config(self.structured_outputs_config)  # raises naming the backend
         spec = self.parsed_speculative_config()  # raises on a bad key or value
-        if spec is not None and spec.method != "ngram":
-            # Refused, never ignored, until the engine core runs their proposers.
-            raise ValueError(f"speculative_config method {spec.method!r} is valid but the engine "
-                             f"does not run it yet; supported now: 'ngram'")
+        if spec is not None and spec.method != "ngram" and (
+                self.tensor_parallel_size > 1 or self.distributed_executor_backend == "ray_broadcast"):
+            # The draft runs on rank 0's side only (ranks > 0 never sample): refused.
+            raise ValueError(f"speculative_config method {spec.method!r} needs tensor_parallel_size 1 "
+                             f"(and not distributed_executor_backend 'ray_broadcast'); got "
+                             f"tensor_parallel_size {self.tensor_parallel_size}, "
+                             f"distributed_executor_backend {self.distributed_executor_backend!r}")
 
     def parsed_speculative_config(self):
         """`speculative_config` as a validated `SpeculativeConfig` (None: off)."""

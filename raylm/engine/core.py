@@ -26,6 +26,7 @@ from raylm.engine.model_config import ModelConfig
 from raylm.engine.input_processor import bad_words_token_ids
 from raylm.engine.planner import StepPlanner, worker_sampling
 from raylm.engine.sampling_params import SamplingParams
+from raylm.engine.spec_decode.draft import num_lookahead_tokens, worker_spec_decode
 from raylm.engine.spec_decode.speculator import Speculator, num_accepted_of
 from raylm.engine.structured_outputs import parse_structured_outputs_config, validate_structured_outputs
 from raylm.scheduler.block_manager import BlockManager
@@ -74,8 +75,10 @@ class EngineCore:
         self.dtype = resolve_dtype(args.dtype, self.hf_config, self.device)
         self.max_num_batched_tokens = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
         t0 = time.perf_counter()
+        spec = args.parsed_speculative_config()
+        spec_decode = worker_spec_decode(spec, self.hf_config, self.max_model_len, args.tensor_parallel_size)
         self.executor = make_executor(args, self.model_dir, self.hf_config, self.dtype, self.device,
-                                      self.max_model_len)
+                                      self.max_model_len, **({"spec_decode": spec_decode} if spec_decode else {}))
         try:
             t1 = time.perf_counter()
             self.num_blocks = self._size_kv_cache()
@@ -98,7 +101,8 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            long_prefill_token_threshold=args.long_prefill_token_threshold), self.block_manager)
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
+            num_lookahead_tokens=num_lookahead_tokens(spec)), self.block_manager)
         self.requests: dict[str, _CoreRequest] = {}
         self.users: dict[str, _UserRequest] = {}
         self.planner = StepPlanner(self._new_request)
@@ -107,7 +111,6 @@ class EngineCore:
         self._grammars = None  # GrammarManager, on the first grammar request
         self._num_grammars = 0  # live requests holding a matcher
         self._tokenizer = None
-        spec = args.parsed_speculative_config()
         # Speculative decoding: proposals before each step (see spec_decode.speculator).
         self.speculator = Speculator(spec) if spec is not None else None
         self.metrics = CoreMetrics()
@@ -302,8 +305,9 @@ class EngineCore:
         asynchronous scheduling these are the previous iteration's, whose tokens arrive
         while this one runs. A speculative step (proposals while no more than the limit of
         requests run) records the step in flight first and runs synchronously."""
-        speculating = self.speculator is not None and self.speculator.active(self.scheduler.num_running)
-        if self.async_scheduling and not speculating:
+        spec = self.speculator
+        speculating = spec is not None and spec.active(self.scheduler.num_running)
+        if self.async_scheduling and not speculating and not (spec is not None and spec.every_step_sync):
             return self._step_async()
         outputs = []
         if self._inflight is not None:  # proposals follow the last token: record it first
@@ -325,6 +329,8 @@ class EngineCore:
         plan = self.planner.plan(sched_out)
         if self._num_grammars and sched_out:
             self._attach_bitmask(plan, sched_out)
+        if speculating and self.speculator.on_workers:  # drafted on the workers after this step
+            plan.spec_wanted = self.speculator.wanted(sched_out, self._spec_eligible, self.scheduler.requests)
         t1 = time.perf_counter()
         result = self.executor.execute(plan)
         t2 = time.perf_counter()
@@ -380,16 +386,15 @@ class EngineCore:
         self._inflight = (sched_out, launched)
         return outputs
 
+    def _spec_eligible(self, req) -> bool:
+        """Grammar requests get no proposals (they would have to be checked against the
+        grammar, which this engine does not do yet)."""
+        state = self.requests.get(req.request_id)
+        return state is not None and state.grammar is None
+
     def _propose(self) -> list:
-        """Proposals for the running decodes (not for grammar requests: their proposals
-        would have to be checked against the grammar, which this engine does not do yet)."""
-        requests = self.requests
-
-        def eligible(req) -> bool:
-            state = requests.get(req.request_id)
-            return state is not None and state.grammar is None
-
-        return self.speculator.propose(self.scheduler.running, eligible)
+        """Proposals for the running decodes."""
+        return self.speculator.propose(self.scheduler.running, self._spec_eligible)
 
     def _needs_current_outputs(self, sched_out, grammar: bool = True) -> bool:
         """True when a request of this step samples from the tokens so far (penalties,
@@ -471,6 +476,8 @@ class EngineCore:
                 self._advance_grammar(state, token)
         if num_accepted:
             self._record_spec(sched_out, result, num_accepted, built, now)
+        if self.speculator is not None:
+            self.speculator.after_step(sched_out, result, self.requests)
         outs = []
         for state, out in built:
             state.out = None

@@ -72,9 +72,11 @@ class UniProcExecutor:
             self.runner = None
 
 
-def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model_len: int):
+def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model_len: int,
+                  spec_decode: Optional[dict] = None):
     """The executor the engine arguments ask for. The attention backend defaults to the
-    device's (Triton on CUDA, the PyTorch reference on CPU)."""
+    device's (Triton on CUDA, the PyTorch reference on CPU). `spec_decode`: the draft
+    model or EAGLE-3 head each worker builds beside the target (a DraftSpec as a dict)."""
     backend = args.distributed_executor_backend
     if backend is not None and ":" in backend:  # "module:Class", e.g. the stand-in executor
         import importlib
@@ -86,6 +88,8 @@ def make_executor(args, model_dir: str, hf_config, dtype, device: str, max_model
                "max_model_len": max_model_len, "quantization": args.quantization,
                "kv_cache_dtype": args.kv_cache_dtype,
                "gpu_memory_share": min(1.0, args.num_gpus_per_worker)}
+    if spec_decode is not None:
+        options["spec_decode"] = spec_decode
     if backend == "ray_broadcast" and args.tensor_parallel_size > 1:
         from raylm.engine.broadcast_executor import BroadcastExecutor
 

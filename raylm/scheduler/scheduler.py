@@ -11,6 +11,10 @@ Speculative decoding: a decoding request may carry proposals (`Request.spec_toke
 Its row then computes the last token and the proposals, so the step verifies them all.
 Proposals only take what the base rows leave of the budget and the free blocks (they
 are trimmed, never a reason to preempt), and `update_after_step` rolls back the rejected.
+A draft model or EAGLE head writes its proposals' KV past a row's last token before the
+engine sees them: `num_lookahead_tokens` (vLLM's) extra slots are held for every
+scheduled row, and the blocks of rejected proposals stay with the request for the next
+proposals (they are never hashed: hashes cover only blocks full of verified tokens).
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ class SchedulerConfig:
     # A long prompt may take at most this many tokens in one step (0 = no limit other
     # than the budget), so one long prompt cannot starve the others' prefills.
     long_prefill_token_threshold: int = 0
+    # Slots held past each scheduled row for a model-based proposer (0: n-gram or none).
+    num_lookahead_tokens: int = 0
 
 
 @dataclass
@@ -147,6 +153,14 @@ class Scheduler:
             n = min(n, self.config.long_prefill_token_threshold)
         return n
 
+    def _lookahead(self, request: Request, n: int, cached_tokens: int = 0) -> int:
+        """Slots to hold past a row of n tokens for the proposer (none past max_model_len)."""
+        look = self.config.num_lookahead_tokens
+        if not look:
+            return 0
+        end = max(request.num_computed_tokens, cached_tokens) + n
+        return max(0, min(look, self.config.max_model_len - end))
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.block_manager.free(request)
@@ -178,7 +192,7 @@ class Scheduler:
                 # samples its last one: it finishes when that step is recorded.
                 i += 1
                 continue
-            while not bm.allocate_slots(request, n):
+            while not bm.allocate_slots(request, n + self._lookahead(request, n)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
@@ -213,7 +227,7 @@ class Scheduler:
                 n = min(request.num_tokens - cached_tokens, budget)
                 if self.config.long_prefill_token_threshold > 0:
                     n = min(n, self.config.long_prefill_token_threshold)
-                if not bm.allocate_slots(request, n, cached):
+                if not bm.allocate_slots(request, n + self._lookahead(request, n, cached_tokens), cached):
                     break
                 if request.num_cached_tokens < 0:
                     request.num_cached_tokens = cached_tokens
@@ -286,6 +300,8 @@ class Scheduler:
             raise ValueError(f"cannot roll back {num_rejected} positions of request "
                              f"{request.request_id!r}: it has {request.num_computed_tokens} computed")
         request.num_computed_tokens -= num_rejected
+        if self.config.num_lookahead_tokens:
+            return  # the blocks stay for the next proposals (see the module doc)
         if self.block_manager.free_tail(request, request.num_computed_tokens):
             rid = request.request_id
             self._truncated[rid] = min(len(request.block_ids), self._truncated.get(rid, 1 << 62))
@@ -301,7 +317,8 @@ class Scheduler:
             n = min(n, request.max_output_tokens - request.num_output_tokens - 1)
         bm = self.block_manager
         room = (len(request.block_ids) + bm.num_free_blocks) * bm.block_size
-        return min(n, room - request.num_computed_tokens - 1)
+        return min(n, room - request.num_computed_tokens - 1
+                 - self.config.num_lookahead_tokens)
 
     def _schedule_proposals(self, scheduled: list, budget: int, spec_of: dict) -> int:
         """Extend the scheduled decode rows with their proposals (trimmed to fit); the
@@ -314,7 +331,7 @@ class Scheduler:
             k = self._num_proposals(request, len(spec), budget)
             if k <= 0:
                 continue
-            ok = self.block_manager.allocate_slots(request, 1 + k)
+            ok = self.block_manager.allocate_slots(request, 1 + k + self._lookahead(request, 1 + k))
             assert ok, "room for the proposals was counted"
             scheduled[i] = (request, 1 + k)
             spec_of[request.request_id] = spec[:k]

@@ -183,7 +183,15 @@ class DecodeGraphs:
             self.seq_lens[n:b].zero_()
         self.impl.graph_plan(self.metas[b], [1] * n, seq_lens)
         self.graphs[b].replay()
-        return self.outputs[b][:n]
+        return first_rows(self.outputs[b], n)
+
+
+def first_rows(out, n: int):
+    """The first n rows of a graph's output: a tensor, or a tuple of them (a target
+    that also returns its aux hidden states for an EAGLE-3 head)."""
+    if isinstance(out, tuple):
+        return tuple(x[:n] for x in out)
+    return out[:n]
 
 
 def _block_size(model) -> int:
@@ -306,4 +314,4 @@ class PrefillGraphs:
         else:
             self.impl.graph_plan(self.metas[t], [t], [start_pos + t])
             graph.replay()
-        return self.outputs[t][:n]
+        return first_rows(self.outputs[t], n)

@@ -99,6 +99,10 @@ class StepPlan:
     # in bitmask_ids' order. Absent (and off the wire) when no row has a grammar.
     bitmask_ids: list[str] = field(default_factory=list)
     bitmask: Optional[bytes] = None
+    # Model-based speculation (draft model, EAGLE-3): request id -> how many proposals
+    # the worker should draft after this step's row of that request (its next step
+    # verifies them). Absent (and off the wire) without such speculation.
+    spec_wanted: dict[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         # A row carries num_spec_tokens only when it has proposals (most rows have none).
@@ -111,6 +115,8 @@ class StepPlan:
              "finished_ids": self.finished_ids, "preempted_ids": self.preempted_ids}
         if self.bitmask_ids:
             d["bitmask"] = (self.bitmask_ids, self.bitmask)
+        if self.spec_wanted:
+            d["spec_wanted"] = self.spec_wanted
         return d
 
     @classmethod
@@ -120,7 +126,8 @@ class StepPlan:
                    new_requests=[NewRequest(r[0], r[1], SamplingOptions.from_wire(r[2]))
                                  for r in d["new_requests"]],
                    finished_ids=list(d["finished_ids"]),
-                   preempted_ids=list(d["preempted_ids"]), bitmask_ids=list(ids), bitmask=mask)
+                   preempted_ids=list(d["preempted_ids"]), bitmask_ids=list(ids), bitmask=mask,
+                   spec_wanted=dict(d.get("spec_wanted") or {}))
 
 
 @dataclass
@@ -139,7 +146,9 @@ class StepResult:
     """What a step produced. A row without proposals samples one token (`sampled`,
     `logprobs`); a row with proposals emits its accepted proposals and the token after
     them (`spec_sampled`, 1..k+1 tokens, and `spec_logprobs` when it asked for logprobs),
-    so it accepted len(spec_sampled[rid]) - 1."""
+    so it accepted len(spec_sampled[rid]) - 1. `spec_proposals`: a draft model's or EAGLE
+    head's proposals for the next step of the rows the plan's spec_wanted named (their
+    draft probabilities stay on the worker)."""
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
@@ -148,6 +157,7 @@ class StepResult:
     execute_time_s: Optional[float] = None
     spec_sampled: dict[str, list[int]] = field(default_factory=dict)
     spec_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    spec_proposals: dict[str, list[int]] = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         d = {"sampled": self.sampled,
@@ -157,6 +167,8 @@ class StepResult:
         if self.spec_sampled:  # off the wire without speculation
             d["spec"] = (self.spec_sampled,
                          {k: [_lp_row(x) for x in v] for k, v in self.spec_logprobs.items()})
+        if self.spec_proposals:
+            d["spec_proposals"] = self.spec_proposals
         return d
 
     @classmethod
@@ -168,7 +180,8 @@ class StepResult:
                                     for k, v in d["prompt_logprobs"].items()},
                    execute_time_s=d.get("execute_time_s"),
                    spec_sampled={k: list(v) for k, v in spec.items()},
-                   spec_logprobs={k: [TokenLogprobs(*x) for x in v] for k, v in spec_lps.items()})
+                   spec_logprobs={k: [TokenLogprobs(*x) for x in v] for k, v in spec_lps.items()},
+                   spec_proposals={k: list(v) for k, v in (d.get("spec_proposals") or {}).items()})
 
 
 def _lp_row(t: TokenLogprobs) -> tuple:

@@ -26,6 +26,7 @@ import time
 import torch
 
 from raylm.workers.attention_backends import AttentionMetadata
+from raylm.workers.cuda_graphs import first_rows
 from raylm.workers.transfer import to_device
 
 logger = logging.getLogger("raylm")
@@ -167,4 +168,4 @@ class MixedGraphs:
             self.outputs[t] = self._forward(t)
         else:
             graph.replay()
-        return self.outputs[t][:n]
+        return first_rows(self.outputs[t], n)

@@ -57,7 +57,8 @@ class ModelRunner:
                  block_size: int, attention_backend: Optional[str] = None, load_format: str = "auto",
                  seed: int = 0, enforce_eager: bool = True, max_num_seqs: int = 256,
                  max_model_len: Optional[int] = None, quantization: Optional[str] = None,
-                 kv_cache_dtype: str = "auto", gpu_memory_share: float = 1.0):
+                 kv_cache_dtype: str = "auto", gpu_memory_share: float = 1.0,
+                 spec_decode: Optional[dict] = None):
         self.hf_config = hf_config
         self.dtype = dtype
         if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -111,6 +112,12 @@ class ModelRunner:
         # with PLACEHOLDER_TOKEN inputs that are filled from here.
         self._last_tokens: Optional[torch.Tensor] = None
         self._last_rows: dict[str, int] = {}
+        # Model-based speculation (a draft model or an EAGLE-3 head; spec_proposer).
+        self.spec = None
+        if spec_decode is not None:
+            from raylm.workers.spec_proposer import WorkerProposer
+
+            self.spec = WorkerProposer(self, spec_decode, attention_backend, load_format, seed)
 
     # ---- KV cache ------------------------------------------------------------------
     @property
@@ -121,7 +128,8 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         heads, dim = self.kv_shape_per_layer
         elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
-        return 2 * len(self.attn_layers) * self.block_size * heads * dim * elem
+        own = 2 * len(self.attn_layers) * self.block_size * heads * dim * elem
+        return own + (self.spec.kv_bytes_per_block() if self.spec is not None else 0)
 
     def available_kv_memory(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
         """Bytes the KV pool may take on this GPU: the utilisation share of the device minus
@@ -164,15 +172,22 @@ class ModelRunner:
         vocab = self.hf_config.vocab_size
         plan = StepPlan()
         block = 0
+        # With speculation a row verifies k proposals: k + 1 logits rows (one-hot here).
+        k = self.spec.k if self.spec is not None else 0
         for i, n in enumerate(lens):
             rid = f"__profile_{i}"
             table = list(range(block, block + -(-n // bs)))
             block += len(table)
-            plan.seqs.append(SeqChunk(rid, [(7 * i + j) % vocab for j in range(n)], 0, table, True))
+            plan.seqs.append(SeqChunk(rid, [(7 * i + j) % vocab for j in range(n)], 0, table, True,
+                                      min(k, n - 1)))
             plan.new_requests.append(NewRequest(rid, plan.seqs[-1].token_ids,
                                                 SamplingOptions(temperature=1.0, top_p=0.9, top_k=50)))
-        self.execute(plan)
-        self.execute(StepPlan(finished_ids=[s.request_id for s in plan.seqs]))
+        spec, self.spec = self.spec, None  # the profile drafts nothing
+        try:
+            self.execute(plan)
+            self.execute(StepPlan(finished_ids=[s.request_id for s in plan.seqs]))
+        finally:
+            self.spec = spec
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base - kv
         self.release_kv_cache()
@@ -196,6 +211,8 @@ class ModelRunner:
                           for _ in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache = cache
+        if self.spec is not None:  # the same block ids in the proposer's own cache
+            self.spec.allocate_kv_cache(num_blocks, capture_graphs)
         if capture_graphs and self._graphs_wanted():
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.max_num_seqs, max_blocks)
@@ -217,6 +234,8 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.kv_cache = None
         self.kv_caches = []
+        if self.spec is not None:
+            self.spec.release_kv_cache()
 
     def _graphs_wanted(self) -> bool:
         # Graphs need a capturable attention backend (ours reads only tensors). With TP > 1
@@ -270,6 +289,8 @@ class ModelRunner:
             self.host_tables.drop(plan.preempted_ids)
         for rid in plan.preempted_ids:
             self.block_tables.pop(rid, None)
+        if self.spec is not None:
+            self.spec.drop(plan.preempted_ids + plan.finished_ids)
         for rid in plan.finished_ids:
             self.block_tables.pop(rid, None)
             self.states.pop(rid, None)
@@ -410,6 +431,10 @@ class ModelRunner:
         if not plan.seqs:
             return pending
         hidden, query_start = self._forward(plan)  # reads the previous step's tokens
+        aux = None
+        if isinstance(hidden, tuple):  # EAGLE-3: the target's aux hidden states too
+            hidden, aux = hidden
+        pending.spec_ctx = (query_start, aux)
         self._last_rows = {}
         dev = self.device
 
@@ -437,6 +462,8 @@ class ModelRunner:
                         self.prompt_logprobs_done[s.request_id] = p + 1
         rows = sample_rows + spec_rows + [r for _, r, _ in prompt_rows]
         if not rows:
+            if self.spec is not None and self.spec.needs_every_step:
+                self.spec.after_step(plan, query_start, aux, {})  # the head's KV of the chunks
             return pending
         logits = self.model.compute_logits(hidden[_row_index(rows, dev)])
         if self.tp_rank > 0:
@@ -491,7 +518,10 @@ class ModelRunner:
                 pending.logprobs = tuple(to_host(t) for t in topk_logprobs(lp, tokens[idx], k))
         if spec_ids:
             n0 = len(sample_ids)
-            self._verify(pending, spec_ids, proposals, logits[n0:n0 + len(spec_rows)])
+            q = self.spec.draft_probs(spec_ids, proposals) if self.spec is not None else None
+            self._verify(pending, spec_ids, proposals, logits[n0:n0 + len(spec_rows)], q)
+        if self.spec is not None and (plan.spec_wanted or self.spec.needs_every_step):
+            self._propose(pending, plan)
         if prompt_rows:
             lp = torch.log_softmax(logits[len(sample_ids) + len(spec_rows):], dim=-1)
             targets = to_device([t for _, _, t in prompt_rows], torch.long, dev)
@@ -525,6 +555,15 @@ class ModelRunner:
         want = [st.options.logprobs for st in states if st.options.logprobs is not None]
         if want:
             pending.spec_logprobs = tuple(to_host(t) for t in emitted_logprobs(logits, result, max(want)))
+
+    def _propose(self, pending: PendingStep, plan: StepPlan) -> None:
+        """Draft the next step's proposals now that this step's tokens are known (a step
+        that asks for proposals runs synchronously: this waits for its tokens)."""
+        emitted = dict(zip(pending.spec_ids, pending.spec_tokens))
+        if pending.sample_ids:  # the device copy: the host one may still be on its way
+            emitted.update((rid, [t]) for rid, t in zip(pending.sample_ids, self._last_tokens.tolist()))
+        query_start, aux = pending.spec_ctx
+        pending.result.spec_proposals = self.spec.after_step(plan, query_start, aux, emitted)
 
     def _process_logits(self, plan: StepPlan, sample_ids: list[str], states: list[SamplingState],
                         logits: torch.Tensor) -> torch.Tensor:

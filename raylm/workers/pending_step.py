@@ -34,6 +34,8 @@ class PendingStep:
     spec_logprobs: Optional[tuple] = None
     # launch(defer_sampling=True): what finish_sampling needs to queue the sampling.
     deferred: Optional[tuple] = None
+    # Model-based speculation: (the rows' query starts, the target's aux hidden states).
+    spec_ctx: Optional[tuple] = None
 
 
 def collect_step(pending: PendingStep) -> StepResult:

@@ -3,6 +3,7 @@ any worker starts, and size what the scheduler and the KV pool must hold for it.
 proposing itself runs on the workers (`raylm.workers.draft_runner.DraftModelRunner`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,21 @@ class DraftSpec:
     model_dir: str
     num_speculative_tokens: int
     aux_hidden_state_layers: tuple[int, ...] = ()
+
+
+def worker_spec_decode(config: Optional[SpeculativeConfig], target_hf_config, max_model_len: int,
+                       tensor_parallel_size: int = 1) -> Optional[dict]:
+    """The checked DraftSpec of a model-based method as the workers take it (a plain
+    dict, `ModelRunner(spec_decode=...)`); None for n-gram speculation or none."""
+    if config is None or config.method == "ngram":
+        return None
+    if config.method == "draft_model":
+        spec = resolve_draft_model(config, target_hf_config, max_model_len, tensor_parallel_size)
+    else:
+        from raylm.engine.spec_decode.eagle import resolve_eagle3
+
+        spec = resolve_eagle3(config, target_hf_config, max_model_len, tensor_parallel_size)
+    return dataclasses.asdict(spec)
 
 
 def num_lookahead_tokens(config: Optional[SpeculativeConfig]) -> int:

@@ -3,12 +3,13 @@ for the next tokens of the running decodes (`Request.spec_token_ids`, which the
 scheduler trims to fit), after it records how many were accepted, per request (adaptive
 k) and in vLLM's counters.
 
-A proposer offers `propose(request_ids, token_ids, max_num_tokens) -> proposals`, a
-list of token lists (one-hot proposals, as n-gram's), or `(proposals, draft_probs)` when
-it drafts from a distribution (draft model, EAGLE; float32 [sum k_i, vocab]), and
-`remove(request_id)`. Draft probabilities are verified by rejection sampling
-(`raylm.workers.spec_verify.verify_rejection`); the engine does not carry them to the
-workers yet, so such a proposer is refused until it is wired.
+A proposer offers `propose(request_ids, token_ids, max_num_tokens) -> proposals` (a
+list of token lists) and `remove(request_id)`. N-gram proposals are computed here and
+verified one-hot. A draft model or an EAGLE-3 head runs on the workers: the plan of a
+step names the rows whose next proposals it should draft (`StepPlan.spec_wanted`,
+`Speculator.wanted`), the workers return them with the step's result
+(`StepResult.spec_proposals`, kept by `WorkerProposals`) and keep their draft
+probabilities for the rejection sampling of the step that verifies them.
 """
 from __future__ import annotations
 
@@ -62,14 +63,38 @@ class AdaptiveK:
         self._pause.pop(request_id, None)
 
 
+class WorkerProposals:
+    """The proposals that the workers' draft model or EAGLE head drafted during the last
+    step of each request (`StepResult.spec_proposals`), offered for its next step."""
+
+    def __init__(self):
+        self.pending: dict[str, list[int]] = {}
+
+    def propose(self, request_ids, token_ids, max_num_tokens) -> list[list[int]]:
+        return [self.pending.get(rid, [])[:k] for rid, k in zip(request_ids, max_num_tokens)]
+
+    def update(self, sched_out, proposals: dict, live) -> None:
+        """After a step: its rows' earlier proposals are spent or stale, preempted
+        requests start over; keep the new proposals of the requests still `live`."""
+        for rid in sched_out.preempted_ids:
+            self.pending.pop(rid, None)
+        for s in sched_out.seqs:
+            self.pending.pop(s.request_id, None)
+        for rid, props in proposals.items():
+            if rid in live:
+                self.pending[rid] = props
+
+    def remove(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+
+
 def make_proposer(config: SpeculativeConfig):
-    """The proposer of `config.method` (only 'ngram' runs in the engine so far)."""
+    """The proposer of `config.method`: n-gram lookup here, or the workers' model."""
     if config.method == "ngram":
         from raylm.engine.spec_decode.ngram import NgramProposer
 
         return NgramProposer.from_config(config)
-    raise ValueError(f"speculative_config method {config.method!r} is not run by the engine yet; "
-                     f"supported now: 'ngram'")
+    return WorkerProposals()
 
 
 class Speculator:
@@ -82,6 +107,11 @@ class Speculator:
         self.k = config.num_speculative_tokens
         self.adaptive = AdaptiveK(self.k, config.adaptive_num_speculative_tokens)
         self.max_batch_size = config.max_batch_size
+        # A draft model or EAGLE head drafts on the workers during the step before.
+        self.on_workers = config.uses_draft_probs
+        # EAGLE-3 writes its KV from every step's hidden states: every step waits for its
+        # tokens (no asynchronous scheduling).
+        self.every_step_sync = config.method == "eagle3"
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -98,7 +128,8 @@ class Speculator:
         for req in running:
             if req.num_pending or req.num_computed_tokens + 1 != req.num_tokens or not eligible(req):
                 continue
-            k = self.adaptive.k_of(req.request_id)
+            # Proposals drafted on the workers were sized when the step before was planned.
+            k = self.k if self.on_workers else self.adaptive.k_of(req.request_id)
             if req.max_output_tokens is not None:  # the step emits up to k + 1 tokens
                 k = min(k, req.max_output_tokens - req.num_output_tokens - 1)
             if k <= 0:
@@ -110,15 +141,32 @@ class Speculator:
         if not reqs:
             return []
         proposals = self.proposer.propose(ids, tokens, ks)
-        if isinstance(proposals, tuple):
-            raise NotImplementedError("proposals with draft probabilities are not carried to the "
-                                      "workers yet (only one-hot proposals, as n-gram's)")
         out = []
         for req, props in zip(reqs, proposals):
             if props:
                 req.spec_token_ids = list(props)
                 out.append(req)
         return out
+
+    def wanted(self, sched_out, eligible: Callable[[Request], bool], requests: dict) -> dict[str, int]:
+        """For a plan (model-based methods): how many proposals to draft after each row
+        that samples, for its next step (adaptive k; none past max_tokens)."""
+        out = {}
+        for s in sched_out.seqs:
+            req = requests.get(s.request_id)
+            if not s.sample or req is None or not eligible(req):
+                continue
+            k = self.adaptive.k_of(s.request_id)
+            if req.max_output_tokens is not None:  # this step emits >= 1, the next k + 1
+                k = min(k, req.max_output_tokens - req.num_output_tokens - 2)
+            if k > 0:
+                out[s.request_id] = k
+        return out
+
+    def after_step(self, sched_out, result, live) -> None:
+        """Keep the proposals the workers drafted in this step (model-based methods)."""
+        if self.on_workers:
+            self.proposer.update(sched_out, result.spec_proposals, live)
 
     def record(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
         """A row verified `num_proposed` proposals and accepted the first `num_accepted`."""

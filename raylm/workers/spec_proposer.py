@@ -1,0 +1,114 @@
+"""Model-based speculation on the worker, beside the target's ModelRunner: a draft model
+(`draft_runner.DraftModelRunner`) or an EAGLE-3 head (`eagle_runner.Eagle3Runner`)
+drafts each step's proposals for the next step right after the step is verified, with
+its tokens on the host; the draft distributions q stay here (`ProposalStore`) until the
+next step verifies the proposals by rejection sampling. Only the proposals' token ids
+go back to the engine (`StepResult.spec_proposals`).
+
+`spec` is the engine's DraftSpec as a plain dict: method ("draft_model" or "eagle3"),
+model_dir, num_speculative_tokens."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from raylm.workers.loader import load_config
+
+METHODS = ("draft_model", "eagle3")
+
+
+class WorkerProposer:
+    """Builds the proposer of `spec` beside `target` and runs it after each step."""
+
+    def __init__(self, target, spec: dict, attention_backend: Optional[str] = None,
+                 load_format: str = "auto", seed: int = 0):
+        from raylm.workers.draft_runner import DraftModelRunner, ProposalStore
+        from raylm.workers.eagle_runner import Eagle3Runner
+
+        method, model_dir = spec["method"], spec["model_dir"]
+        k = spec["num_speculative_tokens"]
+        if method not in METHODS:
+            raise ValueError(f"speculative method {method!r} has no worker-side proposer; "
+                             f"expected one of {list(METHODS)}")
+        self.method, self.k, self.target = method, k, target
+        hf_config = load_config(model_dir)
+        if method == "draft_model":
+            self.proposer = DraftModelRunner(target, model_dir, hf_config, k, attention_backend,
+                                             load_format, seed)
+        else:
+            self.proposer = Eagle3Runner(target, model_dir, hf_config, k, seed)
+            self.proposer.enable_target_aux()
+        self.store = ProposalStore()
+
+    @property
+    def needs_every_step(self) -> bool:
+        """EAGLE-3 writes its KV from each step's aux hidden states: it must see every
+        step (a draft model catches up on tokens it has not seen)."""
+        return self.method == "eagle3"
+
+    # ---- KV cache: one pool of block ids for both models ------------------------------
+    def kv_bytes_per_block(self) -> int:
+        return self.proposer.kv_bytes_per_block()
+
+    def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
+        if self.method == "draft_model":
+            self.proposer.runner.allocate_kv_cache(num_blocks, capture_graphs)
+        else:
+            self.proposer.allocate_kv_cache(num_blocks)
+
+    def release_kv_cache(self) -> None:
+        self.proposer.release_kv_cache()
+
+    def drop(self, request_ids: Sequence[str]) -> None:
+        """Forget finished and preempted requests (their proposals and draft state)."""
+        if request_ids:
+            self.proposer.drop(request_ids)
+            self.store.drop(request_ids)
+
+    # ---- one step --------------------------------------------------------------------
+    def draft_probs(self, request_ids: Sequence[str], proposals: Sequence[Sequence[int]]) -> torch.Tensor:
+        """q of the proposals a step verifies (each a prefix of what was drafted)."""
+        return self.store.take(request_ids, proposals)
+
+    def _limit(self, rid: str, wanted: dict, num_tokens: int) -> int:
+        # The next step emits up to k + 1 tokens, none past max_model_len.
+        return max(0, min(self.k, wanted.get(rid, 0), self.target.max_model_len - num_tokens - 1))
+
+    def after_step(self, plan, query_start: list[int], aux: Optional[torch.Tensor],
+                   emitted: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Draft the next step's proposals of the rows `plan.spec_wanted` names (and, for
+        EAGLE-3, write the head's KV for every row); `emitted[rid]`: the tokens the row
+        emitted this step, on the host. Returns the non-empty proposals."""
+        states = self.target.states
+        wanted = plan.spec_wanted
+        if self.method == "eagle3":
+            from raylm.workers.eagle_runner import eagle_rows
+
+            seqs = [s for s in plan.seqs if s.request_id in states]
+            if not seqs or aux is None:
+                return {}
+            idx = [i for i, s in enumerate(plan.seqs) if s.request_id in states]
+            starts = [query_start[i] for i in idx]
+            known = {s.request_id: states[s.request_id].prompt_token_ids + states[s.request_id].output_token_ids
+                     for s in seqs}
+            ks = {rid: self._limit(rid, wanted, len(known[rid]) + len(toks)) for rid, toks in emitted.items()}
+            rows = eagle_rows(seqs, starts, emitted, known, {rid: states[rid].options for rid in known}, ks)
+            rids = [r.request_id for r in rows]
+            out = self.proposer.propose(rows, aux)
+        else:
+            rids, tokens, options, ks = [], [], [], []
+            for rid, toks in emitted.items():
+                st = states.get(rid)
+                if st is None or wanted.get(rid, 0) <= 0:
+                    continue
+                all_tokens = st.prompt_token_ids + st.output_token_ids + list(toks)
+                rids.append(rid)
+                tokens.append(all_tokens)
+                options.append(st.options)
+                ks.append(self._limit(rid, wanted, len(all_tokens)))
+            if not rids:
+                return {}
+            out = self.proposer.propose(rids, tokens, options, ks)
+        self.store.put(rids, out)
+        return {rid: props for rid, props in zip(rids, out.token_ids) if props}
