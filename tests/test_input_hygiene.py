@@ -311,3 +311,69 @@ async def test_health_answers_while_a_large_prompt_is_tokenized(sched):
     assert len(during) >= 2, f"/health answered {len(during)} times in {end - start:.2f} s of tokenizing"
     print(f"/health unloaded {baseline * 1e3:.2f} ms; {len(during)} answers during {end - start:.2f} s of "
           f"tokenizing, median {sorted(during)[len(during) // 2] * 1e3:.2f} ms")
+
+
+# ---- small looseness the fuzzing found ----------------------------------------------------
+@pytest.mark.parametrize("key", ["٣", "²", "１", "3a", "-1", ""])
+async def test_logit_bias_keys_are_ascii_digits(client, key):
+    err = error_of(await post(client, C, {"prompt": "x", "max_tokens": 1, "logit_bias": {key: 1.0}}), 400)
+    assert err["param"] == "logit_bias" and repr(key) in err["message"]
+    with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+        SamplingParams(logit_bias={key: 1.0})
+
+
+async def test_logit_bias_ascii_keys_still_work(client, sched):
+    r = await post(client, C, {"prompt": "x", "max_tokens": 1, "logit_bias": {" 45 ": 100.0},
+                               "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == sched.tokenizer.decode([45])
+
+
+@pytest.mark.parametrize("calls", [{"id": "c", "type": "function"}, "call_1", 3, ["call_1"]])
+async def test_assistant_tool_calls_must_be_a_list_of_objects(client, calls):
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "content": "42", "tool_call_id": "c"}]
+    for path in (CC, "/tokenize"):
+        err = error_of(await post(client, path, {"messages": messages}), 400)
+        assert err["param"] == "messages", path
+        assert err["message"].startswith("messages[1].tool_calls must be a list of tool call objects, got ")
+
+
+# ---- the front door's refusals are logged like the routes' ----------------------------------
+async def test_front_door_refusals_are_one_log_line_each(sched, caplog):
+    from raylm.cluster.drain import Drain
+    from raylm.cluster.limits import front_door
+
+    drain = Drain()
+    app = front_door(create_openai_app(sched), api_key="k", max_request_body_bytes=2000, drain=drain)
+    key = {"Authorization": "Bearer k", "content-type": "application/json"}
+    big = json.dumps({"prompt": "x" * 3000}).encode()
+
+    async def chunks():
+        for i in range(0, len(big), 500):
+            yield big[i:i + 500]
+
+    with caplog.at_level(logging.INFO, logger="raylm"):
+        caplog.clear()
+        async with _client(app) as c:
+            statuses = [(await c.post(C, json={"prompt": "x"})).status_code,  # no key
+                        (await c.post(C, content=big, headers=key)).status_code,  # Content-Length too big
+                        (await c.post(C, content=chunks(), headers=key)).status_code,  # chunked, too big
+                        (await c.post(C, json={"prompt": "x", "top_p": 7.0}, headers=key)).status_code,
+                        (await c.post(C, json={"prompt": "x", "max_tokens": 1}, headers=key)).status_code,
+                        (await c.get("/health")).status_code]
+            drain.draining = True
+            statuses.append((await c.post(C, json={"prompt": "x"}, headers=key)).status_code)
+        async with _client(create_openai_app(sched, api_key="k")) as c:  # the app's own key check
+            statuses.append((await c.get("/v1/models")).status_code)
+    assert statuses == [401, 413, 413, 400, 200, 200, 503, 401]
+    lines = [r.getMessage() for r in caplog.records if r.name == "raylm"]
+    expected = [(C, 401, "invalid or missing API key"), (C, 413, "max_request_body_bytes (2000 bytes) "
+                "(Content-Length"), (C, 413, "max_request_body_bytes (2000 bytes)"), (C, 400, "top_p"),
+                (C, 503, "shutting down"), ("/v1/models", 401, "invalid or missing API key")]
+    assert len(lines) == len(expected), lines
+    for line, (path, status, words) in zip(lines, expected):
+        assert line.startswith(f"{'GET' if path == '/v1/models' else 'POST'} {path} -> {status}: "), line
+        assert words in line, line
+    for rec, (_, status, _) in zip([r for r in caplog.records if r.name == "raylm"], expected):
+        assert rec.levelno == (logging.ERROR if status >= 500 else logging.WARNING) and rec.exc_info is None

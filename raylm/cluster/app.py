@@ -136,7 +136,8 @@ class Ingress(GrpcGenerateMixin):
         name = served_model_name or args.model or DEFAULT_SERVED_NAME
         self.backend = ClusterFrontend(router, model.load_tokenizer(), name, model.max_model_len,
                                        model.vocab_size, args.max_logprobs, args.block_size,
-                                       args.enable_prefix_caching, queue_timeout, max_redispatches)
+                                       args.enable_prefix_caching, queue_timeout, max_redispatches,
+                                       model.default_sampling)
         self.front = dict(FRONT_DEFAULTS, **(front or {}))
         self.api_key = api_key
         self.max_n = max_n
@@ -161,8 +162,8 @@ class Ingress(GrpcGenerateMixin):
                                 tool_call_parser=self.front["tool_call_parser"],
                                 max_prompts_per_request=self.front["max_prompts_per_request"],
                                 max_seqs_per_request=self.front["max_seqs_per_request"])
-        return self.drain.wrap(front_door(app, self.api_key, self.front["protect_health_metrics"],
-                                          self.front["max_request_body_bytes"]))
+        return front_door(app, self.api_key, self.front["protect_health_metrics"],
+                          self.front["max_request_body_bytes"], self.drain)
 
     async def __del__(self):
         """Serve calls this at shutdown: drain (see drain.py), stop the listeners, end
@@ -184,14 +185,19 @@ class Ingress(GrpcGenerateMixin):
     # ---- the Python handle API (trusted Ray apps in the same cluster) --------------
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> RequestOutput:
-        """The final RequestOutput of one request."""
-        return await self.backend.generate(prompt, sampling_params or SamplingParams(), request_id)
+        """The final RequestOutput of one request (without sampling_params, the model's
+        generation_config defaults, as `LLM.generate`)."""
+        return await self.backend.generate(prompt, sampling_params or self._default_params(), request_id)
 
     async def generate_stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
                               request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Cumulative RequestOutputs as the request progresses (use with stream=True)."""
-        async for out in self.backend.generate_stream(prompt, sampling_params or SamplingParams(), request_id):
+        async for out in self.backend.generate_stream(prompt, sampling_params or self._default_params(),
+                                                      request_id):
             yield out
+
+    def _default_params(self) -> SamplingParams:
+        return SamplingParams(**self.backend.default_sampling)
 
 
 def _positive_int(app_args: dict, name: str, default: int, minimum: int = 1) -> int:

@@ -102,7 +102,8 @@ CHAT_VLLM = {**_VLLM_SHARED,
              "echo": (SUPPORTED, "prepends the last message's content when its role is the reply's"),
              "add_generation_prompt": (SUPPORTED, ""),
              "continue_final_message": (SUPPORTED, ""),
-             "chat_template_kwargs": (SUPPORTED, "")}
+             "chat_template_kwargs": (SUPPORTED, "passed to the model's chat template; `chat_template` "
+                                                 "inside it is refused (400)")}
 COMPLETION_VLLM = {**_VLLM_SHARED,
                    "response_format": (SUPPORTED, "as on chat: `text`, `json_object`, `json_schema`")}
 

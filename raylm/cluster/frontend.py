@@ -108,12 +108,13 @@ class Frontend:
     stream goes on (`OutputProcessor.redispatch`). With no group serving, a request
     waits up to `queue_timeout` seconds for one, then fails with NoGroupAvailable (503);
     one that has been re-dispatched `max_redispatches` times and fails again gets an
-    error."""
+    error. `default_sampling` is what the fronts use for the sampling fields a request
+    leaves out (`ModelConfig.default_sampling`)."""
 
     def __init__(self, router: RouterClient, cores: list[CoreClient], tokenizer, model_name: str,
                  max_model_len: int, vocab_size: int, max_logprobs: int, block_size: int,
                  enable_prefix_caching: bool, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
-                 max_redispatches: int = DEFAULT_MAX_REDISPATCHES):
+                 max_redispatches: int = DEFAULT_MAX_REDISPATCHES, default_sampling: Optional[dict] = None):
         self.router = router
         self.core_clients = cores
         self.tokenizer = tokenizer
@@ -124,6 +125,9 @@ class Frontend:
         self.enable_prefix_caching = enable_prefix_caching
         self.queue_timeout = queue_timeout
         self.max_redispatches = max_redispatches
+        # The model's sampling defaults (ModelConfig.default_sampling): the HTTP and gRPC
+        # fronts fill in the fields a request leaves out.
+        self.default_sampling = dict(default_sampling or {})
         self.inputs = InputProcessor(tokenizer, max_model_len, vocab_size, max_logprobs)
         self.outputs = OutputProcessor(tokenizer, max_model_len)
         self.subscriber = uuid.uuid4().hex

@@ -19,7 +19,6 @@ UNAVAILABLE. Calls through a Python handle (no gRPC context) are trusted.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import uuid
 from typing import Any, AsyncIterator, Optional
 
@@ -27,22 +26,28 @@ import grpc
 
 from raylm.cluster import raylm_pb2 as pb
 from raylm.cluster.backend import Backend, PromptType
+from raylm.cluster.limits import has_api_key
 from raylm.cluster.router import NoGroupAvailable, Overloaded
+from raylm.engine.model_config import with_sampling_defaults
 from raylm.engine.outputs import CompletionOutput, RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 from raylm.engine.stop_checker import stream_holdback
 
-# GenerateRequest fields copied to SamplingParams only when set (unset keeps vLLM's default)...
-_OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "n", "repetition_penalty",
-                    "logprobs", "skip_special_tokens")
+# GenerateRequest fields copied to SamplingParams only when set (unset: the model's
+# default, else vLLM's)...
+_OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n",
+                    "repetition_penalty", "logprobs", "skip_special_tokens")
 # ...and those whose zero value is the default anyway.
-_PLAIN_FIELDS = ("top_k", "min_p", "ignore_eos", "min_tokens", "presence_penalty",
-                 "frequency_penalty", "include_stop_str_in_output")
+_PLAIN_FIELDS = ("ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty",
+                 "include_stop_str_in_output")
 
 
-def request_to_inputs(request: pb.GenerateRequest) -> tuple[PromptType, SamplingParams]:
-    """The prompt (text or token ids) and validated SamplingParams of a request.
-    Raises ValueError naming the offending field."""
+def request_to_inputs(request: pb.GenerateRequest,
+                      defaults: Optional[dict] = None) -> tuple[PromptType, SamplingParams]:
+    """The prompt (text or token ids) and validated SamplingParams of a request; the
+    fields it leaves unset take `defaults` (the model's generation_config,
+    `ModelConfig.default_sampling`), then SamplingParams' own. Raises ValueError naming
+    the offending field."""
     has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
     if has_text == has_ids:
         raise ValueError("set exactly one of prompt and prompt_token_ids, got "
@@ -53,7 +58,10 @@ def request_to_inputs(request: pb.GenerateRequest) -> tuple[PromptType, Sampling
     kwargs.update({name: getattr(request, name) for name in _PLAIN_FIELDS})
     kwargs["stop"] = list(request.stop)
     kwargs["stop_token_ids"] = list(request.stop_token_ids)
-    return prompt, SamplingParams(**kwargs)
+    defaults = defaults or {}
+    if "max_tokens" not in kwargs and "max_tokens" in defaults:  # the engine stops at max_model_len
+        kwargs["max_tokens"] = defaults["max_tokens"]
+    return prompt, SamplingParams(**with_sampling_defaults(kwargs, defaults))
 
 
 def _token_logprobs(comp: CompletionOutput, start: int, num_top: int) -> list[pb.TokenLogprob]:
@@ -201,14 +209,14 @@ class GrpcGenerateMixin:
             raise ShuttingDown(self.drain.refusal())
         if self.api_key:
             given = dict(grpc_context.invocation_metadata() or ()).get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            if not has_api_key(given, self.api_key):
                 raise Unauthenticated("invalid or missing API key: send the metadata "
                                       "'authorization: Bearer <key>'")
 
     def _inputs(self, request: pb.GenerateRequest,
                 grpc_context: Any = None) -> tuple[PromptType, SamplingParams]:
         self._admit(grpc_context)
-        prompt, params = request_to_inputs(request)
+        prompt, params = request_to_inputs(request, getattr(self.backend, "default_sampling", None))
         if self.max_n is not None and params.n > self.max_n:
             raise ValueError(f"n must be <= {self.max_n} (max_n), got {params.n}")
         return prompt, params

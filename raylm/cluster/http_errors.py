@@ -26,6 +26,8 @@ logger = logging.getLogger("raylm")
 
 # How much of an error body RejectionLog keeps for its line.
 _LOGGED_BODY_BYTES = 4096
+# The ASGI scope key by which an inner RejectionLog knows an outer one logs.
+_LOGGED_OUTSIDE = "raylm.rejection_log"
 
 
 def error_response(status: int, message: str, param: Optional[str] = None,
@@ -119,7 +121,11 @@ class RejectionLog:
     """ASGI middleware: one log line (method, path, status, message) for each response
     of status >= 400, without traceback (a warning for 4xx, an error for 5xx). An
     exception that escapes the routes is logged with its traceback under an error id and
-    answered with a 500 in OpenAI's shape, never re-raised into the server's own log."""
+    answered with a 500 in OpenAI's shape, never re-raised into the server's own log.
+
+    Nested (the front door's around the app's own), only the outermost writes the line,
+    so a request refused anywhere (a 401 or 413 at the front door, a 400 in a route) is
+    logged once."""
 
     def __init__(self, app):
         self.app = app
@@ -127,6 +133,8 @@ class RejectionLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        outer = scope.get(_LOGGED_OUTSIDE, False)  # an outer RejectionLog writes the line
+        scope[_LOGGED_OUTSIDE] = True
         state = {"status": 0, "body": b""}
 
         async def watch(message):
@@ -144,7 +152,7 @@ class RejectionLog:
                 return
             message = internal_error_message(exc, f"{scope['method']} {scope['path']}")
             await error_response(500, message)(scope, receive, watch)
-        if state["status"] >= 400:
+        if state["status"] >= 400 and not outer:
             _log_rejection(scope, state["status"], state["body"])
 
 

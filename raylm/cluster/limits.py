@@ -4,7 +4,9 @@ or with a body too large, costs the event loop almost nothing.
 
     app = front_door(create_openai_app(backend), api_key="s3cret", max_request_body_bytes=16 << 20)
 
-Every refusal is OpenAI's error JSON (`protocol.error_body`).
+Every refusal is OpenAI's error JSON (`protocol.error_body`) and one log line
+(`http_errors.RejectionLog`, outermost). `ApiKeyAuth` is the one API-key check of HTTP:
+`create_openai_app(api_key=...)` uses it too.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import secrets
 from typing import Optional
 
+from raylm.cluster.http_errors import RejectionLog
 from raylm.cluster.protocol import error_body
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20
@@ -34,6 +37,13 @@ def _path(scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
+def has_api_key(authorization, api_key: str) -> bool:
+    """Whether an `Authorization` header (or gRPC metadata) value, bytes or str, is
+    `Bearer <api_key>`; compared in constant time."""
+    given = authorization.encode() if isinstance(authorization, str) else (authorization or b"")
+    return secrets.compare_digest(given, f"Bearer {api_key}".encode())
+
+
 class ApiKeyAuth:
     """Every route needs `Authorization: Bearer <api_key>` (401 otherwise) except
     /health and /metrics, which need it too with protect_health_metrics. Checked
@@ -41,13 +51,12 @@ class ApiKeyAuth:
 
     def __init__(self, app, api_key: str, protect_health_metrics: bool = False):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.api_key = api_key
         self.open = frozenset() if protect_health_metrics else OPEN_PATHS
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and _path(scope) not in self.open:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            if not has_api_key(dict(scope["headers"]).get(b"authorization", b""), self.api_key):
                 return await send_error(send, 401, "invalid or missing API key: send "
                                         "'Authorization: Bearer <key>'")
         await self.app(scope, receive, send)
@@ -101,7 +110,13 @@ def _replay(body: bytes, receive):
 
 
 def front_door(app, api_key: Optional[str] = None, protect_health_metrics: bool = False,
-               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES):
-    """`app` behind the key check (when api_key is set), then the body limit."""
+               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, drain=None):
+    """`app` behind, from the outside in: the rejection log (one line per refused
+    request), the drain (a `drain.Drain`, when given), the key check (when api_key is
+    set), the body limit."""
     app = BodyLimit(app, max_request_body_bytes)
-    return ApiKeyAuth(app, api_key, protect_health_metrics) if api_key else app
+    if api_key:
+        app = ApiKeyAuth(app, api_key, protect_health_metrics)
+    if drain is not None:
+        app = drain.wrap(app)
+    return RejectionLog(app)

@@ -174,7 +174,8 @@ class LocalCluster(Frontend):
         super().__init__(self.router_client, self.clients,
                          model.load_tokenizer(), name, model.max_model_len, model.vocab_size,
                          engine_args.max_logprobs, engine_args.block_size,
-                         engine_args.enable_prefix_caching, queue_timeout, max_redispatches)
+                         engine_args.enable_prefix_caching, queue_timeout, max_redispatches,
+                         model.default_sampling)
 
     # ---- restarts ------------------------------------------------------------------
     def _schedule_restart(self, gi: int) -> None:

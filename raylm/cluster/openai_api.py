@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
@@ -26,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from raylm.cluster.http_errors import (add_error_handlers, error_response, internal_error_message,
                                        is_client_error, param_of)
+from raylm.cluster.limits import ApiKeyAuth
 from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRequest, check_text, error_body
 from raylm.cluster.router import RETRY_AFTER_S, NoGroupAvailable, Overloaded
 from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
@@ -56,7 +56,9 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
                       max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
                       max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST) -> FastAPI:
     """The OpenAI API over `backend` (see `raylm.cluster.backend.Backend`). With `api_key`,
-    every /v1 route (and /tokenize, /detokenize) needs `Authorization: Bearer <api_key>`;
+    every route but /health and /metrics needs `Authorization: Bearer <api_key>`
+    (`limits.ApiKeyAuth`, the front door's check; behind `limits.front_door` pass the key
+    there instead);
     `max_n` caps `n`, `max_prompts_per_request` the prompts of one completions request,
     `max_seqs_per_request` its prompts x n. `tool_choice: "auto"` needs
     `enable_auto_tool_choice` and a `tool_call_parser` (vLLM's flags; see
@@ -109,40 +111,14 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
 
     add_tokenize_routes(app, backend, server._guard, server._check_model)
 
+    if api_key:  # inside the rejection log that add_error_handlers puts outermost
+        app.add_middleware(ApiKeyAuth, api_key=api_key)
     add_error_handlers(app)
-    if api_key:
-        app.add_middleware(_BearerAuth, api_key=api_key)
     return app
 
 
 # ---- errors ----------------------------------------------------------------------
 _error = error_response
-
-
-_PROTECTED = ("/tokenize", "/detokenize")
-
-
-class _BearerAuth:
-    """ASGI middleware: /v1 routes, /tokenize and /detokenize need `Authorization: Bearer
-    <key>` (health and metrics stay open, as in vLLM). Runs before the body is read, so bad
-    keys never get further."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] != "OPTIONS":
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            if path == "/v1" or path.startswith("/v1/") or path in _PROTECTED:
-                given = dict(scope["headers"]).get(b"authorization", b"")
-                if not secrets.compare_digest(given, self.expected):
-                    response = _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
-                    return await response(scope, receive, send)
-        await self.app(scope, receive, send)
 
 
 # ---- running a request -----------------------------------------------------------
@@ -198,8 +174,8 @@ class _OpenAIServer:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
                            f"your request has {num_prompt} input tokens. Please reduce the length "
                            f"of the input messages.", prompt_field)
-        if requested is None:
-            return limit - num_prompt
+        if requested is None:  # the model's max_new_tokens, if it has one, within the context
+            return min(limit - num_prompt, self.defaults.get("max_tokens", limit))
         if requested < 1:
             raise ApiError(400, f"{field} must be >= 1, got {requested}", field)
         if num_prompt + requested > limit:
@@ -208,6 +184,12 @@ class _OpenAIServer:
                            f"{requested} in the completion). Please reduce the length of the messages "
                            f"or completion.", field)
         return requested
+
+    @property
+    def defaults(self) -> dict:
+        """The model's sampling defaults for fields a request leaves out (see
+        `ModelConfig.default_sampling`); {} for a backend without them."""
+        return getattr(self.backend, "default_sampling", None) or {}
 
     @property
     def vocab_size(self) -> int:
@@ -304,7 +286,8 @@ class _OpenAIServer:
                 if not ids:
                     raise ApiError(400, "prompt is empty (0 tokens); it needs at least 1 token", "prompt")
                 max_tokens = self._max_tokens(len(ids), body.max_tokens, "max_tokens", "prompt")
-                prompts.append(PromptInput(ids, text, body.to_sampling_params(max_tokens, **extra)))
+                params = body.to_sampling_params(max_tokens, self.defaults, **extra)
+                prompts.append(PromptInput(ids, text, params))
         except ValueError as exc:
             return _error(400, str(exc), param_of(str(exc), CompletionRequest.model_fields, {}))
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -340,7 +323,7 @@ class _OpenAIServer:
             return _error(400, "messages render to an empty prompt (0 tokens)", "messages")
         try:
             max_tokens = self._max_tokens(len(ids), body.requested_max_tokens(), field, "messages")
-            prompt = PromptInput(ids, text, body.to_sampling_params(max_tokens, **extra))
+            prompt = PromptInput(ids, text, body.to_sampling_params(max_tokens, self.defaults, **extra))
         except ValueError as exc:
             return _error(400, str(exc), param_of(str(exc), ChatCompletionRequest.model_fields, renames))
         rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from raylm.cluster.field_table import REFUSED, TABLES, status_of
 from raylm.engine.input_processor import unencodable_text
+from raylm.engine.model_config import with_sampling_defaults
 from raylm.engine.sampling_params import SamplingParams
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
@@ -171,7 +172,7 @@ class _SamplingRequest(OpenAIBaseModel):
             return None
         bias = {}
         for key, value in self.logit_bias.items():
-            if not key.strip().isdigit():
+            if not re.fullmatch(r"\s*[0-9]+\s*", key):  # ASCII digits: int() takes "٣" too
                 raise ApiError(400, f"logit_bias keys must be token ids (integers, as strings), got {key!r}",
                                "logit_bias")
             if not int(key) < vocab_size:
@@ -181,11 +182,13 @@ class _SamplingRequest(OpenAIBaseModel):
         return bias
 
     def _sampling_params(self, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int],
-                         **extra) -> SamplingParams:
-        """SamplingParams from the fields that were set (None keeps SamplingParams' default)
-        and `extra` (structured_outputs, logit_bias: checked by the server); raises
-        ValueError naming the field for out-of-range values."""
+                         defaults: Optional[dict] = None, **extra) -> SamplingParams:
+        """SamplingParams from the fields that were set, then `defaults` (the model's
+        generation_config, `ModelConfig.default_sampling`) for those left out, then
+        SamplingParams' own; `extra` (structured_outputs, logit_bias: checked by the
+        server). Raises ValueError naming the field for out-of-range values."""
         given = {k: getattr(self, k) for k in _PASSED if getattr(self, k) is not None}
+        given = with_sampling_defaults(given, defaults or {})
         return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                               **{k: v for k, v in extra.items() if v is not None})
 
@@ -220,12 +223,12 @@ class CompletionRequest(_SamplingRequest):
             return [p]
         return list(p)
 
-    def to_sampling_params(self, max_tokens: int, **extra) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: Optional[dict] = None, **extra) -> SamplingParams:
         # With echo, the prompt's logprobs come back too (vLLM does the same).
         prompt_lps = self.prompt_logprobs
         if prompt_lps is None and self.echo:
             prompt_lps = self.logprobs
-        return self._sampling_params(max_tokens, self.logprobs, prompt_lps, **extra)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_lps, defaults, **extra)
 
 
 class ChatMessage(BaseModel):
@@ -280,6 +283,13 @@ class ChatCompletionRequest(_SamplingRequest):
         super().check(max_n)
         if not self.messages:
             raise ApiError(400, "messages is empty; it needs at least 1 message", "messages")
+        for i, m in enumerate(self.messages):  # the template iterates them: a list of objects
+            calls = (m.model_extra or {}).get("tool_calls")
+            if calls is not None and not (isinstance(calls, list)
+                                          and all(isinstance(c, dict) for c in calls)):
+                got = repr(calls)
+                raise ApiError(400, f"messages[{i}].tool_calls must be a list of tool call objects, got "
+                               f"{got if len(got) <= 80 else got[:77] + '...'}", "messages")
         if self.top_logprobs is not None:
             if self.top_logprobs < 0:
                 raise ApiError(400, f"top_logprobs must be >= 0, got {self.top_logprobs}", "top_logprobs")
@@ -342,9 +352,9 @@ class ChatCompletionRequest(_SamplingRequest):
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
         return kwargs
 
-    def to_sampling_params(self, max_tokens: int, **extra) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: Optional[dict] = None, **extra) -> SamplingParams:
         k = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, k, self.prompt_logprobs, **extra)
+        return self._sampling_params(max_tokens, k, self.prompt_logprobs, defaults, **extra)
 
 
 def _message_text(content, index: int) -> str:

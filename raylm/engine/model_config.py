@@ -6,11 +6,14 @@ workers' loaders."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raylm.engine.config import EngineArgs, resolve_max_model_len
+
+logger = logging.getLogger("raylm")
 
 
 @dataclass
@@ -43,7 +46,7 @@ class ModelConfig:
         generation = _generation_config(model_dir)
         return cls(model_dir, hf_config, int(hf_config.vocab_size), resolve_max_model_len(args, hf_config),
                    _eos_token_ids(hf_config, tokenizer_path, generation), tokenizer_path,
-                   default_sampling(model_dir))
+                   sampling_defaults_for(args.generation_config, model_dir))
 
     def load_tokenizer(self):
         """The HF tokenizer (None under skip_tokenizer_init)."""
@@ -68,6 +71,25 @@ def _generation_config(model_dir: str):
 _SAMPLING_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                       "min_p": "min_p", "repetition_penalty": "repetition_penalty",
                       "max_new_tokens": "max_tokens"}
+
+
+def sampling_defaults_for(generation_config: str, model_dir: str) -> dict:
+    """The requests' sampling defaults under vLLM's `--generation-config`: "auto" reads
+    the model's generation_config.json, "vllm" none, a folder that folder's file."""
+    if generation_config == "vllm":
+        return {}
+    found = default_sampling(model_dir if generation_config == "auto" else generation_config)
+    if found:
+        logger.info("sampling defaults from generation_config.json: %s (requests that set a field "
+                    "win; --generation-config vllm ignores the file)", found)
+    return found
+
+
+def with_sampling_defaults(given: dict, defaults: dict) -> dict:
+    """SamplingParams keyword arguments: `given` (what a request set) over `defaults`
+    (`ModelConfig.default_sampling`, max_tokens left out: each front bounds it by the
+    context left)."""
+    return {**{k: v for k, v in defaults.items() if k != "max_tokens"}, **given}
 
 
 def default_sampling(model_dir: str) -> dict:

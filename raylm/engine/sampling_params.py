@@ -295,7 +295,7 @@ def _check_logit_bias(bias: Any) -> Optional[dict[int, float]]:
     out = {}
     for key, value in bias.items():
         token = key
-        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        if isinstance(key, str) and key.strip().lstrip("-").isascii() and key.strip().lstrip("-").isdigit():
             token = int(key)
         if not _is_int(token) or token < 0:
             raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {key!r}")
