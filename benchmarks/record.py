@@ -45,6 +45,14 @@ def row(r: dict) -> str:
                          f"({x['ratio_to_linear']:.2f} of linear)" for x in r["runs"])
         return (f"| {r['date']} | host_scaling | stand-in, {r['step_ms']:g} ms steps | {r['device']} | "
                 f"`{r['command']}` | {runs} |")
+    if r["benchmark"] == "front_door":
+        h = r["health_ms_during_streams"]
+        numbers = (f"/health p50 {_ms(h['p50'])} / p99 {_ms(h['p99'])} / max {_ms(h['max'])} ms over {h['count']} "
+                   f"probes during {r['streams']} streams; {r['bodies_413']} of {r['bodies']} over-limit bodies "
+                   f"413; streams {r['streams_completed']} completed, {r['streams_failed']} failed; "
+                   f"{r['responses_5xx']} responses >= 500")
+        return (f"| {r['date']} | front_door | stand-in, {r['step_ms']:g} ms steps | {r['device']} | "
+                f"`{r['command']}` | {numbers} |")
     if r["benchmark"] == "fault":
         numbers = (f"{r['num_groups']} groups, {r['concurrency']} streams, group 0's core SIGKILLed at "
                    f"{r['kill_at_s']:.0f} s: {r['pre_kill_mean_tok_per_s']:.0f} out tok/s before, dip "
@@ -330,6 +338,17 @@ def _fault(r: dict) -> list[Row]:
                  _n(r["requests_redispatched"])])]
 
 
+def _front_door(r: dict) -> list[Row]:
+    h, b = r["health_ms_during_streams"], r["health_ms_while_bodies_sent"]
+    return [Row((r["device"], r["step_ms"], r["streams"]), "",
+                [r["device"], f"{r['step_ms']:g} ms", r["streams"], r["output_len"],
+                 f"{r['bodies_413']} of {r['bodies']}", f"{_ms(h['p50'])} / {_ms(h['p99'])} / {_ms(h['max'])}",
+                 f"{_ms(b['p50'])} / {_ms(b['p99'])} / {_ms(b['max'])}", h["count"],
+                 f"{r['streams_completed']} / {r['streams_failed']}", r["responses_5xx"]],
+                f"load average {r['load_average_1m_at_start']:g} at the start"
+                if r.get("load_average_1m_at_start") is not None else "")]
+
+
 def _latency(r: dict) -> list[Row]:
     tp = r.get("tensor_parallel_size") or 1
     rows = []
@@ -505,6 +524,15 @@ SECTIONS = [
             ("fault",),
             ["Model", "Device", "Stand-in step", "Groups", "Streams", "Pre-kill out tok/s", "Dip out tok/s", "Recovery s",
              "Restart s", "Requests completed", "Failed", "Re-dispatched"], _fault),
+    Section("The front door under load",
+            "How fast `/health` answers (ms) on the whole serving path in front of the stand-in model while "
+            "bodies over the 16 MiB `max_request_body_bytes` are refused with 413 (sent with Content-Length, "
+            "chunked fast, chunked slowly) and the streams run (`benchmarks/front_door.py`); the target is "
+            "p99 under 100 ms. Probes every 20 ms on one connection.",
+            ("front_door",),
+            ["Machine", "Stand-in step", "Streams", "Tokens each", "413s", "/health p50 / p99 / max",
+             "While bodies sent: p50 / p99 / max", "Probes", "Streams completed / failed", "Responses >= 500"],
+            _front_door),
     Section("Batch-1 latency",
             "One request at a time: time to first token and time per output token (ms) for a prompt of the "
             "given length. TPOT floor: the time to read the weights and KV cache once at the measured bandwidth.",

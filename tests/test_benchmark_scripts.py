@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -94,6 +95,73 @@ def test_fault_script_figures_from_a_made_up_run():
          "requests_completed": 12, "requests_failed": 0, "requests_redispatched": 4.0}
     assert "back to >= 90 % in 2.0 s; restart 3.2 s" in record.row(r)
     assert record.row(r).startswith("| 2026-12-04 | fault |")
+
+
+def test_front_door_script_figures_from_a_made_up_run():
+    """benchmarks/front_door.py's analysis, without the app: /health latency inside the
+    streams' window and the bodies' windows, 413s, and every response >= 500 counted."""
+    import front_door
+    import record
+
+    t0 = 1000.0
+    rows = [{"start": t0 + i * 0.01, "end": t0 + 10 + i * 0.01, "error": None} for i in range(4)]
+    rows.append({"start": t0, "end": t0 + 1, "error": "HTTP 503: busy"})
+    rows.append({"start": t0, "end": t0 + 2, "error": "{'message': 'x', 'code': 500}"})
+    samples = [{"t": t0 - 0.99 + 0.02 * i, "latency_s": 0.002 + 0.0001 * (i % 50), "status": 200}
+               for i in range(600)]  # probes every 20 ms, off the windows' edges
+    samples[100]["latency_s"] = 0.25  # one slow probe inside the streams' window
+    samples[-1]["status"] = 503
+    bodies = [{"mode": m, "start": t0 + 2 + i, "end": t0 + 2.5 + i, "sent_bytes": 17 << 20, "status": s}
+              for i, (m, s) in enumerate(zip(front_door.MODES, (413, 413, 500)))]
+    summary = {"completed": 4, "failed": 2, "errors": ["HTTP 503: busy"], "raylm_output_tok_per_s": 400.0}
+    f = front_door.analyse(rows, samples, bodies, summary)
+    h = f["health_ms_during_streams"]
+    assert h["count"] == 502 and h["max"] == 250.0 and 2.0 <= h["p50"] <= 7.0 and h["p99"] < 250.0
+    assert f["health_ms_idle_before"]["count"] == 50
+    assert f["health_ms_while_bodies_sent"]["count"] == 3 * 25  # 0.5 s windows, a probe every 20 ms
+    assert (f["bodies"], f["bodies_413"], f["bodies_during_streams"]) == (3, 2, 3)
+    assert f["responses_5xx"] == 1 + 1 + 1 + 1  # a 503 stream, a 500 event, a 503 probe, a 500 body
+    assert f["health_failed_probes"] == 1 and f["body_answers"][0]["sent_mib"] == 17.0
+    assert front_door.latency_ms(samples, [(0.0, 1.0)]) == {"count": 0, "p50": None, "p99": None, "max": None}
+    r = {"benchmark": "front_door", "model": "m", "device": "cpu (2 cores)", "date": "2026-12-04",
+         "command": "python benchmarks/front_door.py", "step_ms": 30.0, "streams": 256, "output_len": 300,
+         "load_average_1m_at_start": 1.5, **f}
+    assert record.row(r).startswith("| 2026-12-04 | front_door | stand-in, 30 ms steps |")
+    section = next(s for s in record.SECTIONS if "front_door" in s.benchmarks)
+    (row,) = section.rows(r)
+    assert len(row.cells) == len(section.columns) and row.cells[-1] == 4 and row.cells[4] == "2 of 3"
+
+
+def test_front_door_body_sender_against_the_body_limit():
+    """The script's raw-socket sender, all three ways, against limits.front_door served by
+    uvicorn (a small limit, so this takes well under a second)."""
+    import threading
+
+    import uvicorn
+
+    import front_door
+    from raylm.cluster.limits import front_door as door
+    from tests.helpers import free_port
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(door(ok, max_request_body_bytes=256 << 10), host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        for mode in front_door.MODES:
+            out = front_door.send_big_body("127.0.0.1", port, 1 << 20, mode, slow_gap=0.001)
+            assert out["status"] == 413 and out["mode"] == mode, out
+            assert out["sent_bytes"] > 256 << 10 or mode == "content-length", out
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_closed_loop_batch_bound():
