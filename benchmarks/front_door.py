@@ -12,7 +12,8 @@ its own, --bodies bodies of --body-bytes (default 17 MiB, over the default 16 Mi
 max_request_body_bytes) go to /v1/completions one after another, cycling through three
 ways: with Content-Length (refused from the headers), chunked as fast as the socket takes
 them, and chunked slowly (64 KiB every --slow-gap-ms). Another process GETs /health every
---health-period-ms on one kept-alive connection for the whole run.
+--health-period-ms on one kept-alive connection for the whole run (every fifth probe is
+/version instead, which asks nothing of the router: the ingress's event loop alone).
 
 Figures: /health latency p50/p99/max (ms) over the probes sent while the streams ran,
 while a body was being sent, and before the streams (idle); the 413 count and how many
@@ -40,19 +41,22 @@ LIMIT = 16 << 20  # the default max_request_body_bytes
 
 # ---- the /health prober and the body sender (their own processes) -------------------------------
 def probe_health(base: str, period: float, stop, results) -> None:
-    """GET /health every `period` seconds until `stop`: (sent time, latency s, status)."""
+    """GET /health every `period` seconds until `stop`, and /version after every fourth
+    (it asks nothing of the router: the ingress's own event loop alone); each probe's
+    (path, sent time, latency s, status)."""
     import httpx
 
     samples = []
     with httpx.Client(timeout=30.0) as client:
         while not stop.is_set():
             sent = time.time()
+            path = "/version" if len(samples) % 5 == 4 else "/health"
             try:
-                status = client.get(base + "/health").status_code
+                status = client.get(base + path).status_code
             except Exception as exc:  # a timeout or a reset counts as a failed probe
                 status = type(exc).__name__
             got = time.time()
-            samples.append({"t": sent, "latency_s": got - sent, "status": status})
+            samples.append({"path": path, "t": sent, "latency_s": got - sent, "status": status})
             stop.wait(max(0.0, period - (got - sent)))
     results.put(samples)
 
@@ -118,9 +122,10 @@ def send_bodies(host: str, port: int, count: int, size: int, start_at: float, ga
 
 
 # ---- the analysis (pure) -----------------------------------------------------------------------
-def latency_ms(samples: list[dict], windows: list[tuple[float, float]]) -> dict:
-    """p50/p99/max (ms) and count of the probes sent inside any of `windows`."""
-    xs = sorted(1e3 * s["latency_s"] for s in samples if any(a <= s["t"] <= b for a, b in windows))
+def latency_ms(samples: list[dict], windows: list[tuple[float, float]], path: str = "/health") -> dict:
+    """p50/p99/max (ms) and count of the probes of `path` sent inside any of `windows`."""
+    xs = sorted(1e3 * s["latency_s"] for s in samples
+                if s.get("path", "/health") == path and any(a <= s["t"] <= b for a, b in windows))
     if not xs:
         return {"count": 0, "p50": None, "p99": None, "max": None}
     return {"count": len(xs), "p50": xs[len(xs) // 2], "p99": xs[min(len(xs) - 1, int(0.99 * len(xs)))],
@@ -147,6 +152,7 @@ def analyse(stream_rows: list[dict], samples: list[dict], bodies: list[dict], st
         "health_ms_during_streams": latency_ms(samples, [(t0, t1)]),
         "health_ms_while_bodies_sent": latency_ms(samples, body_windows),
         "health_ms_idle_before": latency_ms(samples, [(float("-inf"), t0)]),
+        "version_ms_during_streams": latency_ms(samples, [(t0, t1)], "/version"),
         "health_failed_probes": sum(1 for s in samples if s["status"] != 200),
         "bodies": len(bodies), "bodies_413": sum(1 for b in bodies if b["status"] == 413),
         "bodies_during_streams": sum(1 for b in bodies if t0 <= b["start"] and b["end"] <= t1),

@@ -339,11 +339,14 @@ def _fault(r: dict) -> list[Row]:
 
 
 def _front_door(r: dict) -> list[Row]:
-    h, b = r["health_ms_during_streams"], r["health_ms_while_bodies_sent"]
+    def three(x: dict | None) -> str:
+        return "-" if not x else f"{_ms(x['p50'])} / {_ms(x['p99'])} / {_ms(x['max'])}"
+
+    h = r["health_ms_during_streams"]
     return [Row((r["device"], r["step_ms"], r["streams"]), "",
                 [r["device"], f"{r['step_ms']:g} ms", r["streams"], r["output_len"],
-                 f"{r['bodies_413']} of {r['bodies']}", f"{_ms(h['p50'])} / {_ms(h['p99'])} / {_ms(h['max'])}",
-                 f"{_ms(b['p50'])} / {_ms(b['p99'])} / {_ms(b['max'])}", h["count"],
+                 f"{r['bodies_413']} of {r['bodies']}", three(h), three(r["health_ms_while_bodies_sent"]),
+                 three(r.get("version_ms_during_streams")), three(r["health_ms_idle_before"]), h["count"],
                  f"{r['streams_completed']} / {r['streams_failed']}", r["responses_5xx"]],
                 f"load average {r['load_average_1m_at_start']:g} at the start"
                 if r.get("load_average_1m_at_start") is not None else "")]
@@ -528,10 +531,12 @@ SECTIONS = [
             "How fast `/health` answers (ms) on the whole serving path in front of the stand-in model while "
             "bodies over the 16 MiB `max_request_body_bytes` are refused with 413 (sent with Content-Length, "
             "chunked fast, chunked slowly) and the streams run (`benchmarks/front_door.py`); the target is "
-            "p99 under 100 ms. Probes every 20 ms on one connection.",
+            "p99 under 100 ms. Probes every 20 ms on one connection, every fifth of them `/version`, which "
+            "asks nothing of the router.",
             ("front_door",),
             ["Machine", "Stand-in step", "Streams", "Tokens each", "413s", "/health p50 / p99 / max",
-             "While bodies sent: p50 / p99 / max", "Probes", "Streams completed / failed", "Responses >= 500"],
+             "While bodies sent", "/version (no router hop)", "/health before the streams", "Probes",
+             "Streams completed / failed", "Responses >= 500"],
             _front_door),
     Section("Batch-1 latency",
             "One request at a time: time to first token and time per output token (ms) for a prompt of the "

@@ -111,6 +111,7 @@ def test_front_door_script_figures_from_a_made_up_run():
                for i in range(600)]  # probes every 20 ms, off the windows' edges
     samples[100]["latency_s"] = 0.25  # one slow probe inside the streams' window
     samples[-1]["status"] = 503
+    samples += [{"path": "/version", "t": t0 + 5.001 + i, "latency_s": 0.001, "status": 200} for i in range(3)]
     bodies = [{"mode": m, "start": t0 + 2 + i, "end": t0 + 2.5 + i, "sent_bytes": 17 << 20, "status": s}
               for i, (m, s) in enumerate(zip(front_door.MODES, (413, 413, 500)))]
     summary = {"completed": 4, "failed": 2, "errors": ["HTTP 503: busy"], "raylm_output_tok_per_s": 400.0}
@@ -118,6 +119,7 @@ def test_front_door_script_figures_from_a_made_up_run():
     h = f["health_ms_during_streams"]
     assert h["count"] == 502 and h["max"] == 250.0 and 2.0 <= h["p50"] <= 7.0 and h["p99"] < 250.0
     assert f["health_ms_idle_before"]["count"] == 50
+    assert f["version_ms_during_streams"] == {"count": 3, "p50": 1.0, "p99": 1.0, "max": 1.0}
     assert f["health_ms_while_bodies_sent"]["count"] == 3 * 25  # 0.5 s windows, a probe every 20 ms
     assert (f["bodies"], f["bodies_413"], f["bodies_during_streams"]) == (3, 2, 3)
     assert f["responses_5xx"] == 1 + 1 + 1 + 1  # a 503 stream, a 500 event, a 503 probe, a 500 body
