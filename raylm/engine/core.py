@@ -306,7 +306,7 @@ class EngineCore:
         while this one runs. A speculative step (proposals while no more than the limit of
         requests run) records the step in flight first and runs synchronously."""
         spec = self.speculator
-        speculating = spec is not None and spec.active(self.scheduler.num_running)
+        speculating = spec is not None and spec.active(self.scheduler.num_running, self.scheduler.num_waiting)
         if self.async_scheduling and not speculating and not (spec is not None and spec.every_step_sync):
             return self._step_async()
         outputs = []

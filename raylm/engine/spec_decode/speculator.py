@@ -117,9 +117,12 @@ class Speculator:
         self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * self.k
 
-    def active(self, num_running: int) -> bool:
-        """Whether this step proposes at all (not above the batch-size limit)."""
-        return num_running > 0 and (self.max_batch_size is None or num_running <= self.max_batch_size)
+    def active(self, num_running: int, num_waiting: int = 0) -> bool:
+        """Whether this step proposes at all (not above the batch-size limit). A model
+        on the workers drafts after a prompt's last chunk too: with nothing running yet,
+        the waiting requests count."""
+        n = num_running or (num_waiting if self.on_workers else 0)
+        return n > 0 and (self.max_batch_size is None or n <= self.max_batch_size)
 
     def propose(self, running: Iterable[Request], eligible: Callable[[Request], bool]) -> list[Request]:
         """Set `spec_token_ids` of each running plain decode (all tokens known, nothing
