@@ -5,6 +5,14 @@ with adaptive k (proposals stop above disable_by_batch_size running requests).
     python benchmarks/spec_decode.py --model llama-3.1-8b
     python benchmarks/spec_decode.py --model qwen3-8b --batch-size 256 --disable-by-batch-size 64
     python benchmarks/spec_decode.py --smoke      # CPU, a tiny llama; writes only under $OUT
+    python benchmarks/spec_decode.py --model qwen3-8b --method draft_model --draft-model qwen3-0.6b
+    python benchmarks/spec_decode.py --smoke --method draft_model
+
+With `--method draft_model` it measures what one propose-and-verify round costs: the
+time of a step that verifies k proposals per row and drafts the next k with the draft
+model, in steps of plain decoding, at batch 1, 16 and 64 (`--draft-batch-sizes`). With
+random weights nothing is accepted, so each step emits one token per row; a real draft
+pays off when its mean acceptance length (tokens per row per round) exceeds that cost.
 
 Workloads (greedy), so that acceptance can be measured and varied:
 - `repeat`: random prompts; random-weight greedy decoding falls into repeating cycles
@@ -182,13 +190,60 @@ def run_workload(args, cfg_dir: str, vocab: int, workload: str) -> list[dict]:
     return records
 
 
-def tiny_model_dir() -> tuple[str, int]:
+def step_time(llm, prompts, out_len: int) -> dict:
+    """All prompts at once: seconds per engine step, steps, output tok/s, acceptance."""
+    before = dict(llm.stats())
+    out = batched(llm, prompts, out_len)
+    steps = llm.stats()["num_steps"] - before["num_steps"]
+    out.update(steps=steps, step_ms=1e3 * out["elapsed_s"] / steps)
+    if "spec_decode_num_drafts" in before:
+        out.update(acceptance(before, llm.stats()))
+    return out
+
+
+def run_draft(args, cfg_dir: str, draft_dir: str, vocab: int) -> list[dict]:
+    """The cost of one draft-model propose-and-verify round, in plain decode steps."""
+    spec = {"method": "draft_model", "model": draft_dir, "num_speculative_tokens": args.k}
+    records = []
+    for bs in (int(b) for b in args.draft_batch_sizes.split(",")):
+        rng = random.Random(bs)
+        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(bs)]
+        plain = open_llm(engine_kwargs(args, cfg_dir, bs))
+        base = step_time(plain, prompts, args.output_len)
+        close(plain)
+        drafting = open_llm(engine_kwargs(args, cfg_dir, bs), spec)
+        ours = step_time(drafting, prompts, args.output_len)
+        close(drafting)
+        r = common.base_result("spec_decode", args.model)
+        r.update({
+            "method": "draft_model", "draft_model": args.draft_model, "num_speculative_tokens": args.k,
+            "batch_size": bs, "workload": "random", "prompt_len": args.prompt_len,
+            "output_len": args.output_len, "acceptance_rate": ours["acceptance_rate"],
+            "mean_acceptance_length": ours["mean_acceptance_length"],
+            "num_draft_tokens": ours["num_draft_tokens"], "num_accepted_tokens": ours["num_accepted_tokens"],
+            "baseline_step_ms": base["step_ms"], "raylm_step_ms": ours["step_ms"],
+            # One round (verify k + 1 positions per row, draft k) in plain decode steps: the
+            # mean acceptance length a draft needs to break even.
+            "round_cost_in_decode_steps": ours["step_ms"] / base["step_ms"],
+            "raylm_output_tok_per_s": ours["output_tok_per_s"],
+            "baseline_output_tok_per_s": base["output_tok_per_s"],
+            "speedup": ours["output_tok_per_s"] / base["output_tok_per_s"],
+            "requests_equal_to_baseline": same(ours["outputs"], base["outputs"]),
+            "requests": len(ours["outputs"]),
+            "peer": "raylm without speculation", "peer_output_tok_per_s": base["output_tok_per_s"],
+        })
+        print({k: v for k, v in r.items() if k not in ("command", "torch")}, flush=True)
+        records.append(r)
+    return records
+
+
+def tiny_model_dir(layers: int = 2, hidden: int = 64) -> tuple[str, int]:
     from transformers import LlamaConfig
 
     d = tempfile.mkdtemp(prefix="raylm-bench-")
-    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, bos_token_id=1,
-                eos_token_id=2, architectures=["LlamaForCausalLM"]).save_pretrained(d)
+    LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024,
+                bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"]).save_pretrained(d)
     return d, 320
 
 
@@ -196,6 +251,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b", help="a name under ../shared/models or a dir with config.json")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny llama, small sizes; writes only under $OUT")
+    p.add_argument("--method", default="ngram", choices=("ngram", "draft_model"))
+    p.add_argument("--draft-model", default="qwen3-0.6b",
+                   help="--method draft_model: a name under ../shared/models or a dir (random weights)")
+    p.add_argument("--draft-batch-sizes", default="1,16,64", help="--method draft_model: batch sizes")
     p.add_argument("--workloads", default="repeat,copy")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--batch-size", type=int, default=256)
@@ -212,7 +271,9 @@ def main() -> None:
         args.prompt_len, args.output_len = min(args.prompt_len, 16), min(args.output_len, 24)
         args.max_model_len = min(args.max_model_len, 256)
         cfg_dir, vocab = tiny_model_dir()
-        args.model = "tiny-llama"
+        draft_dir = tiny_model_dir(layers=1, hidden=32)[0]
+        args.model, args.draft_model = "tiny-llama", "tiny-llama-1-layer"
+        args.draft_batch_sizes = "1,4"
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU: use --smoke for the CPU check")
@@ -220,6 +281,13 @@ def main() -> None:
 
         cfg_dir = common.model_dir(args.model)
         vocab = AutoConfig.from_pretrained(cfg_dir).vocab_size
+        draft_dir = common.model_dir(args.draft_model) if args.method == "draft_model" else None
+    if args.method == "draft_model":
+        records = run_draft(args, cfg_dir, draft_dir, vocab)
+        if args.smoke and not os.environ.get("OUT"):
+            return
+        common.save_result(records, f"spec_decode-draft-{args.model}" + ("-smoke" if args.smoke else ""))
+        return
     records = []
     for workload in args.workloads.split(","):
         if workload not in ("repeat", "copy"):

@@ -33,3 +33,20 @@ def test_spec_decode_benchmark_smoke_on_cpu(tmp_path):
     assert records[0]["baseline_tpot_ms"] > 0 and records[0]["num_speculative_tokens"] == 4
     assert records[1]["adaptive_num_speculative_tokens"] is True
     assert any(r["num_accepted_tokens"] > 0 for r in records)
+
+
+def test_spec_decode_benchmark_draft_model_smoke_on_cpu(tmp_path):
+    """--method draft_model: one record per batch size with the round's cost in plain
+    decode steps, a 1-layer draft beside the 2-layer target (random weights)."""
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "spec_decode.py"), "--smoke",
+                        "--method", "draft_model"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    records = json.load(open(tmp_path / "spec_decode-draft-tiny-llama-smoke.json"))
+    assert [r["batch_size"] for r in records] == [1, 4]
+    for r in records:
+        assert r["method"] == "draft_model" and r["draft_model"] == "tiny-llama-1-layer"
+        assert r["round_cost_in_decode_steps"] > 0 and r["baseline_step_ms"] > 0
+        assert r["num_draft_tokens"] > 0 and 0 <= r["acceptance_rate"] <= 1
+        assert r["requests_equal_to_baseline"] == r["requests"]
