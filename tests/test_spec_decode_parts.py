@@ -34,6 +34,12 @@ def test_plan_and_result_with_proposals_roundtrip_and_plain_wire_unchanged():
     result = StepResult(sampled={"b": 4}, spec_sampled={"a": [6, 8]}, spec_logprobs={"a": [lp, lp]})
     assert roundtrip(result) == result
     assert "spec" not in StepResult(sampled={"b": 4}).to_wire()
+    # Model-based speculation: what to draft after a row, and the drafted token ids.
+    plan.spec_wanted = {"a": 3}
+    assert roundtrip(plan) == plan
+    result.spec_proposals = {"b": [7, 7, 1]}
+    assert roundtrip(result) == result
+    assert "spec_wanted" not in StepPlan().to_wire() and "spec_proposals" not in StepResult().to_wire()
 
 
 class _Seq:  # the ScheduledSeq fields the planner reads

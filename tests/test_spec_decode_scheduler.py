@@ -250,3 +250,52 @@ def test_speculation_gives_the_tokens_of_plain_decoding_in_shared_steps():
     assert spec == plain and len(plain) == 6
     assert sched.num_accepted_tokens > 0 and sched.num_draft_tokens > sched.num_accepted_tokens
     assert mixed > 0 and sched.num_preemptions > 0  # shared steps, block pressure
+
+
+def test_lookahead_slots_are_held_and_rejected_blocks_kept_for_model_proposers():
+    """num_lookahead_tokens (a draft model or EAGLE head writes its proposals' KV past
+    the row before the engine sees them): each row holds that many more slots (never past
+    max_model_len), and rejected proposals' blocks stay with the request, unhashed."""
+    sched, bm = make(num_blocks=16, block_size=4, num_lookahead_tokens=3)
+    (req,) = decoding(sched, {"a": [1, 2, 3]})      # prefill of 3 held 3 + 3 slots: 2 blocks
+    assert len(req.block_ids) == 2
+    req.spec_token_ids = [40, 41, 42]               # row of 4 at positions 3..6, then 3 slots
+    out = sched.schedule()
+    assert out.seqs[0].spec_token_ids == [40, 41, 42] and len(req.block_ids) == 3
+    sched.update_after_step(out, {"a": 0})
+    req.append_output_token(45)
+    assert req.num_computed_tokens == 4 and len(req.block_ids) == 3  # kept, not truncated
+    assert len(bm.hash_to_block) == 1 and all(40 not in (b.tokens or ()) for b in bm.blocks)
+    assert sched.schedule().truncated_block_tables == {}
+    sched.finish_request("a", RequestStatus.FINISHED_STOPPED)
+    assert_no_leak(bm)
+    # Near max_model_len the lookahead shrinks instead of asking for blocks past it.
+    sched, bm = make(num_blocks=16, block_size=4, num_lookahead_tokens=3, max_model_len=8)
+    (req,) = decoding(sched, {"b": [1, 2, 3, 4, 5, 6]})
+    assert len(req.block_ids) == 2
+
+
+def test_lookahead_never_changes_the_tokens_of_plain_decoding():
+    rng = random.Random(0)
+    prompts = {f"r{i}": [rng.randrange(1, 50) for _ in range(rng.randrange(2, 12))] for i in range(5)}
+    outs = []
+    for look in (0, 2):
+        sched, bm = make(num_blocks=40, block_size=4, num_lookahead_tokens=look, max_model_len=48)
+        for rid, p in prompts.items():
+            sched.add_request(Request(rid, p, max_output_tokens=20))
+        done = {}
+        while sched.has_unfinished_requests():
+            for req in sched.running:
+                toks = list(req.token_ids)
+                req.spec_token_ids = []
+                for _ in range(3):  # half right: the oracle's token, then a wrong one
+                    req.spec_token_ids.append(oracle(toks) if len(req.spec_token_ids) % 2 == 0 else 0)
+                    toks.append(req.spec_token_ids[-1])
+            step(sched)
+            for req in list(sched.running):
+                if req.num_output_tokens >= 20:
+                    done[req.request_id] = req.output_token_ids[:20]
+                    sched.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
+        outs.append(done)
+        assert_no_leak(bm)
+    assert outs[0] == outs[1]
