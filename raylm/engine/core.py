@@ -78,7 +78,8 @@ class EngineCore:
         spec = args.parsed_speculative_config()
         spec_decode = worker_spec_decode(spec, self.hf_config, self.max_model_len, args.tensor_parallel_size)
         self.executor = make_executor(args, self.model_dir, self.hf_config, self.dtype, self.device,
-                                      self.max_model_len, **({"spec_decode": spec_decode} if spec_decode else {}))
+                                      self.max_model_len,
+                                      **({"spec_decode": spec_decode} if spec_decode else {}))
         try:
             t1 = time.perf_counter()
             self.num_blocks = self._size_kv_cache()

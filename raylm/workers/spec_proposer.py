@@ -90,8 +90,8 @@ class WorkerProposer:
                 return {}
             idx = [i for i, s in enumerate(plan.seqs) if s.request_id in states]
             starts = [query_start[i] for i in idx]
-            known = {s.request_id: states[s.request_id].prompt_token_ids + states[s.request_id].output_token_ids
-                     for s in seqs}
+            known = {s.request_id: states[s.request_id].prompt_token_ids
+                     + states[s.request_id].output_token_ids for s in seqs}
             ks = {rid: self._limit(rid, wanted, len(known[rid]) + len(toks)) for rid, toks in emitted.items()}
             rows = eagle_rows(seqs, starts, emitted, known, {rid: states[rid].options for rid in known}, ks)
             rids = [r.request_id for r in rows]
