@@ -34,7 +34,8 @@ def test_structured_benchmark_smoke_on_cpu(tmp_path):
     r = json.load(open(tmp_path / "structured_cpu-smoke.json"))
     assert r["benchmark"] == "structured" and r["device"] == "cpu" and r["num_requests"] == 4
     assert r["num_compiles"] == 4 and 0 < r["compile_ms_p50"] <= r["compile_ms_p99"]
-    assert r["unconstrained_output_tokens"] == 4 * 160
+    # The unconstrained run gives each request its structured output's length.
+    assert r["unconstrained_output_tokens"] == r["structured_output_tokens"] <= 4 * 160
     assert r["structured_output_tok_per_s"] > 0 and r["unconstrained_output_tok_per_s"] > 0
     assert r["ratio_structured_vs_unconstrained"] > 0
     assert r["stopped_valid"] == r["stopped"] >= 2
