@@ -293,11 +293,21 @@ class RouterDeployment:
                 "num_groups": len(self.actors)}
 
 
+# /health answers from the router's view fetched at most this long ago, refreshing it in
+# the background once it is older than HEALTH_REFRESH_S: a probe never waits on the hop to a
+# router that is busy (or on a loaded host), and a change of group state shows within
+# HEALTH_MAX_AGE_S.
+HEALTH_REFRESH_S = 0.1
+HEALTH_MAX_AGE_S = 0.5
+
+
 class ServeRouterClient:
     """The router deployment as the frontend sees it (a `RouterClient`)."""
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
+        self._health: Optional[tuple[float, dict]] = None  # (monotonic time, Router.health)
+        self._health_refresh: Optional[asyncio.Task] = None
 
     async def assign(self, request_id: str, hashes: list[int], num_seqs: int,
                      redispatch: bool = False, failed_group: Optional[tuple] = None) -> tuple[int, int]:
@@ -320,7 +330,25 @@ class ServeRouterClient:
         return await self.handle.metrics_text.remote()
 
     async def health(self) -> dict:
-        return await self.handle.health.remote()
+        now = asyncio.get_running_loop().time()
+        cached = self._health
+        if cached is not None and now - cached[0] < HEALTH_MAX_AGE_S:
+            if now - cached[0] >= HEALTH_REFRESH_S and (self._health_refresh is None or self._health_refresh.done()):
+                self._health_refresh = asyncio.ensure_future(self._refresh_health())
+            return cached[1]
+        return await self._fetch_health()
+
+    async def _refresh_health(self) -> None:
+        try:
+            await self._fetch_health()
+        except Exception:  # the next probe past HEALTH_MAX_AGE_S asks again, and reports it
+            pass
+
+    async def _fetch_health(self) -> dict:
+        t = asyncio.get_running_loop().time()
+        body = await self.handle.health.remote()
+        self._health = (t, body)
+        return body
 
     async def check_health(self) -> None:
         try:
