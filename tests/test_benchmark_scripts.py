@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 def _script(name: str, args: list[str], out_dir) -> str:
     env = dict(os.environ, OUT=str(out_dir), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p.stdout
 
@@ -56,7 +56,7 @@ def test_host_step_measures_both_paths(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_step.py"), "--batch", "8",
                         "--steps", "5", "--vocab-size", "500"], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=180)
+                       text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.load(open(tmp_path / "host_step.json"))
     assert r["benchmark"] == "host_step" and [x["wire"] for x in r["rows"]] == ["none", "whole"]

@@ -18,7 +18,7 @@ FIELDS = ("benchmark", "model", "device", "date", "method", "num_speculative_tok
 def test_spec_decode_benchmark_smoke_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "spec_decode.py"), "--smoke"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     records = json.load(open(tmp_path / "spec_decode-tiny-llama-smoke.json"))
     assert [(r["workload"], r["batch_size"]) for r in records] == [("repeat", 1), ("repeat", 4),
@@ -41,7 +41,7 @@ def test_spec_decode_benchmark_draft_model_smoke_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "spec_decode.py"), "--smoke",
                         "--method", "draft_model"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     records = json.load(open(tmp_path / "spec_decode-draft-tiny-llama-smoke.json"))
     assert [r["batch_size"] for r in records] == [1, 4]

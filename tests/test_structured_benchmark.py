@@ -29,7 +29,7 @@ def test_structured_benchmark_smoke_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "structured.py"), "--device", "cpu",
                         "--num-requests", "4", "--max-tokens", "160"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     r = json.load(open(tmp_path / "structured_cpu-smoke.json"))
     assert r["benchmark"] == "structured" and r["device"] == "cpu" and r["num_requests"] == 4
