@@ -27,6 +27,7 @@ from raylm.engine.input_processor import bad_words_token_ids
 from raylm.engine.planner import StepPlanner, worker_sampling
 from raylm.engine.sampling_params import SamplingParams
 from raylm.engine.spec_decode.draft import num_lookahead_tokens, worker_spec_decode
+from raylm.engine.spec_decode.grammar import grammar_prefix, position_bitmasks
 from raylm.engine.spec_decode.speculator import Speculator, num_accepted_of
 from raylm.engine.structured_outputs import parse_structured_outputs_config, validate_structured_outputs
 from raylm.scheduler.block_manager import BlockManager
@@ -228,11 +229,23 @@ class EngineCore:
         return rows
 
     def _attach_bitmask(self, plan, sched_out) -> None:
-        """Put the next-token bitmasks of this step's sampling grammar rows in the plan."""
-        rows = self._grammar_rows(sched_out)
-        if rows:
-            plan.bitmask_ids = [st.request.request_id for st in rows]
-            plan.bitmask = self._grammars.bitmask([st.grammar for st in rows])
+        """Put the next-token bitmasks of this step's sampling grammar rows in the plan:
+        one per plain row, k + 1 per row verifying k proposals (StepPlan.spec_bitmask)."""
+        plain, spec, props = [], [], []
+        for s in sched_out.seqs:
+            state = self.requests.get(s.request_id)
+            if s.sample and state is not None and state.grammar is not None:
+                if s.spec_token_ids:
+                    spec.append(state)
+                    props.append(list(s.spec_token_ids))
+                else:
+                    plain.append(state)
+        if plain:
+            plan.bitmask_ids = [st.request.request_id for st in plain]
+            plan.bitmask = self._grammars.bitmask([st.grammar for st in plain])
+        if spec:
+            plan.spec_bitmask_ids = [st.request.request_id for st in spec]
+            plan.spec_bitmask = position_bitmasks([st.grammar for st in spec], props, self._grammars.mask_vocab)
 
     def _advance_grammar(self, state: _CoreRequest, token: int) -> None:
         """Feed a sampled token to the request's matcher; it ends ("stop") when the grammar
@@ -388,14 +401,20 @@ class EngineCore:
         return outputs
 
     def _spec_eligible(self, req) -> bool:
-        """Grammar requests get no proposals (they would have to be checked against the
-        grammar, which this engine does not do yet)."""
+        """Grammar requests speculate with n-gram proposals (checked against the grammar
+        in _propose); a draft model's or EAGLE head's are not offered to them yet."""
         state = self.requests.get(req.request_id)
-        return state is not None and state.grammar is None
+        return state is not None and (state.grammar is None or not self.speculator.on_workers)
 
     def _propose(self) -> list:
-        """Proposals for the running decodes."""
-        return self.speculator.propose(self.scheduler.running, self._spec_eligible)
+        """Proposals for the running decodes; a grammar request keeps the longest prefix
+        of its proposals that its grammar accepts."""
+        proposed = self.speculator.propose(self.scheduler.running, self._spec_eligible)
+        for req in proposed:
+            state = self.requests.get(req.request_id)
+            if state is not None and state.grammar is not None:
+                del req.spec_token_ids[grammar_prefix(state.grammar, req.spec_token_ids):]
+        return proposed
 
     def _needs_current_outputs(self, sched_out, grammar: bool = True) -> bool:
         """True when a request of this step samples from the tokens so far (penalties,
@@ -508,6 +527,8 @@ class EngineCore:
                     out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
                 self._observe_token(state.request.prefix_group or rid, now)
                 self._check_stop(state, token)
+                if state.grammar is not None and rid in self.requests:
+                    self._advance_grammar(state, token)  # emitted tokens only: never a rejected proposal
                 if rid not in self.requests:
                     break
 

@@ -99,6 +99,11 @@ class StepPlan:
     # in bitmask_ids' order. Absent (and off the wire) when no row has a grammar.
     bitmask_ids: list[str] = field(default_factory=list)
     bitmask: Optional[bytes] = None
+    # ... and of each row of these requests that verifies k proposals: k + 1 bitmasks,
+    # one per verified position (the grammar's state before proposal j, j = 0..k), rows
+    # in spec_bitmask_ids' order. Absent (and off the wire) when no such row has a grammar.
+    spec_bitmask_ids: list[str] = field(default_factory=list)
+    spec_bitmask: Optional[bytes] = None
     # Model-based speculation (draft model, EAGLE-3): request id -> how many proposals
     # the worker should draft after this step's row of that request (its next step
     # verifies them). Absent (and off the wire) without such speculation.
@@ -115,6 +120,8 @@ class StepPlan:
              "finished_ids": self.finished_ids, "preempted_ids": self.preempted_ids}
         if self.bitmask_ids:
             d["bitmask"] = (self.bitmask_ids, self.bitmask)
+        if self.spec_bitmask_ids:
+            d["spec_bitmask"] = (self.spec_bitmask_ids, self.spec_bitmask)
         if self.spec_wanted:
             d["spec_wanted"] = self.spec_wanted
         return d
@@ -122,11 +129,13 @@ class StepPlan:
     @classmethod
     def from_wire(cls, d: dict) -> "StepPlan":
         ids, mask = d.get("bitmask") or ([], None)
+        spec_ids, spec_mask = d.get("spec_bitmask") or ([], None)
         return cls(seqs=[SeqChunk(*s) for s in d["seqs"]],
                    new_requests=[NewRequest(r[0], r[1], SamplingOptions.from_wire(r[2]))
                                  for r in d["new_requests"]],
                    finished_ids=list(d["finished_ids"]),
                    preempted_ids=list(d["preempted_ids"]), bitmask_ids=list(ids), bitmask=mask,
+                   spec_bitmask_ids=list(spec_ids), spec_bitmask=spec_mask,
                    spec_wanted=dict(d.get("spec_wanted") or {}))
 
 

@@ -519,7 +519,7 @@ class ModelRunner:
         if spec_ids:
             n0 = len(sample_ids)
             q = self.spec.draft_probs(spec_ids, proposals) if self.spec is not None else None
-            self._verify(pending, spec_ids, proposals, logits[n0:n0 + len(spec_rows)], q)
+            self._verify(pending, spec_ids, proposals, logits[n0:n0 + len(spec_rows)], q, plan)
         if self.spec is not None and (plan.spec_wanted or self.spec.needs_every_step):
             self._propose(pending, plan)
         if prompt_rows:
@@ -535,16 +535,27 @@ class ModelRunner:
             pending.event.record()
 
     def _verify(self, pending: PendingStep, spec_ids: list[str], proposals: list[list[int]],
-                logits: torch.Tensor, draft_probs: Optional[torch.Tensor] = None) -> None:
+                logits: torch.Tensor, draft_probs: Optional[torch.Tensor] = None,
+                plan: Optional[StepPlan] = None) -> None:
         """Verify the proposals of the rows with them (`logits`: their k + 1 positions
         each, raw): one-hot proposals (n-gram) exactly, proposals with draft probabilities
         by rejection sampling. Logits processors apply per position (earlier proposals
-        count as outputs); grammar rows get no proposals."""
+        count as outputs), and so do grammar rows' per-position bitmasks
+        (StepPlan.spec_bitmask): each position samples as constrained decoding would."""
         states = [self.states[rid] for rid in spec_ids]
         sample_in = logits
         proc = [i for i, rid in enumerate(spec_ids) if rid in self.processor_ids]
-        if proc:
-            sample_in = process_positions(logits, states, proposals, proc)
+        mask_rows, bitmask = [], None
+        if plan is not None and plan.spec_bitmask_ids:
+            row_of = {rid: i for i, rid in enumerate(spec_ids)}
+            missing = [rid for rid in plan.spec_bitmask_ids if rid not in row_of]
+            if missing:
+                raise RuntimeError(f"the plan has proposal bitmasks for requests that verify none: {missing}")
+            mask_rows = [row_of[rid] for rid in plan.spec_bitmask_ids]
+            n = sum(len(proposals[i]) + 1 for i in mask_rows)
+            bitmask = unpack_bitmask(plan.spec_bitmask, n, logits.device)
+        if proc or mask_rows:
+            sample_in = process_positions(logits, states, proposals, proc, mask_rows, bitmask)
         if draft_probs is None:
             result = verify_one_hot(sample_in, states, proposals, self.default_generator)
         else:

@@ -193,11 +193,17 @@ def emitted_logprobs(raw_logits: torch.Tensor, result: VerifyResult, k: int):
 
 
 def process_positions(logits: torch.Tensor, states: Sequence[SamplingState],
-                      proposals: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:
+                      proposals: Sequence[Sequence[int]], rows: Sequence[int],
+                      mask_rows: Sequence[int] = (), bitmask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A copy of `logits` with the logits processors (logit_bias, allowed_token_ids,
     bad_words) of rows `rows` applied at each of their positions, position j seeing the
-    row's proposals before it as outputs (a bad word may end inside the proposals)."""
+    row's proposals before it as outputs (a bad word may end inside the proposals), and
+    the grammar bitmasks of rows `mask_rows`: `bitmask` holds k_i + 1 rows per such row
+    (its state before each proposal, then after all), rows in mask_rows' order."""
     offsets = row_offsets(proposals)
+    mask_pos = [offsets[i] + j for i in mask_rows for j in range(len(proposals[i]) + 1)]
+    if bitmask is not None and bitmask.shape[0] != len(mask_pos):
+        raise ValueError(f"{bitmask.shape[0]} grammar bitmasks for {len(mask_pos)} verified positions")
     pos, options, outputs = [], [], []
     for i in rows:
         st, props = states[i], proposals[i]
@@ -205,4 +211,4 @@ def process_positions(logits: torch.Tensor, states: Sequence[SamplingState],
             pos.append(offsets[i] + j)
             options.append(st.options)
             outputs.append(list(st.output_token_ids) + list(props[:j]) if j else st.output_token_ids)
-    return process_logits(logits, pos, options, outputs, [], None)
+    return process_logits(logits, pos, options, outputs, mask_pos, bitmask)
