@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from raylm.engine.config import CPU_KV_CACHE_CAP_BYTES, EngineArgs, resolve_device, resolve_dtype
 from raylm.engine.core_messages import EngineCoreOutput, EngineCoreRequest, needs_output_history
+from raylm.engine.core_stats import UserRequests, new_step_timing, step_timing_summary
+from raylm.engine.grammar_requests import GrammarRequests
 from raylm.engine.metrics import CoreMetrics
 from raylm.engine.model_config import ModelConfig
 from raylm.engine.input_processor import bad_words_token_ids
 from raylm.engine.planner import StepPlanner, worker_sampling
 from raylm.engine.sampling_params import SamplingParams
+from raylm.engine.spec_decode.core_steps import SpecSteps
 from raylm.engine.spec_decode.draft import num_lookahead_tokens, worker_spec_decode
-from raylm.engine.spec_decode.grammar import grammar_prefix, position_bitmasks
 from raylm.engine.spec_decode.speculator import Speculator, num_accepted_of
 from raylm.engine.structured_outputs import parse_structured_outputs_config, validate_structured_outputs
 from raylm.scheduler.block_manager import BlockManager
@@ -48,17 +50,6 @@ class _CoreRequest:
     out: Optional[EngineCoreOutput] = None  # this step's output, while it is built
     grammar: Any = None  # structured outputs: its xgrammar GrammarMatcher, once compiled
     bad_words_token_ids: Optional[list[list[int]]] = None
-
-
-@dataclass(eq=False)
-class _UserRequest:
-    """Per user request (all n completions): what its latency metrics need."""
-
-    arrival: float
-    remaining: int
-    first_token: Optional[float] = None
-    last_token: Optional[float] = None
-    reasons: list = field(default_factory=list)
 
 
 class EngineCore:
@@ -106,17 +97,20 @@ class EngineCore:
             long_prefill_token_threshold=args.long_prefill_token_threshold,
             num_lookahead_tokens=num_lookahead_tokens(spec)), self.block_manager)
         self.requests: dict[str, _CoreRequest] = {}
-        self.users: dict[str, _UserRequest] = {}
         self.planner = StepPlanner(self._new_request)
         self.structured_outputs_config = parse_structured_outputs_config(
             getattr(args, "structured_outputs_config", None))
-        self._grammars = None  # GrammarManager, on the first grammar request
-        self._num_grammars = 0  # live requests holding a matcher
         self._tokenizer = None
+        # Structured outputs: compiles, matchers and bitmasks (see grammar_requests).
+        self.grammar_requests = GrammarRequests(self.requests, self._load_tokenizer, self.vocab_size,
+                                                self.eos_token_ids)
         # Speculative decoding: proposals before each step (see spec_decode.speculator).
         self.speculator = Speculator(spec) if spec is not None else None
+        self.spec_steps = SpecSteps(self.speculator, self.requests) if spec is not None else None
         self.metrics = CoreMetrics()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self.user_requests = UserRequests(self.metrics, self.counters)  # latency metrics
+        self.users = self.user_requests.users
         self.reset_timing()
         logger.info("raylm engine core: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
                     "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
@@ -171,91 +165,39 @@ class EngineCore:
             self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber, r.output_offset,
                                                        bad_words_token_ids=bad_words.get(r.request_id))
             if p.structured_outputs is not None:  # scheduled once its grammar is compiled
-                self._grammar_manager().submit(r.request_id, p.structured_outputs)
+                self.grammar_requests.submit(r.request_id, p.structured_outputs)
             else:
                 self.scheduler.add_request(req)
-            user = self.users.get(r.group_id)
-            if user is None:
-                user = self.users[r.group_id] = _UserRequest(now, 0)
-                self.counters["prompt_tokens"] += len(r.prompt_token_ids)
-            user.remaining += 1
+            self.user_requests.add(r.group_id, now, len(r.prompt_token_ids))
 
     def _load_tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = self.model.load_tokenizer()
         return self._tokenizer
 
-    def _grammar_manager(self):
-        if self._grammars is None:
-            from raylm.engine.grammar import GrammarManager
-
-            self._grammars = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids)
-        return self._grammars
+    @property
+    def _grammars(self):
+        """The GrammarManager, once a grammar request arrived (benchmarks read it)."""
+        return self.grammar_requests.manager
 
     def _admit_compiled(self, block: bool) -> list[EngineCoreOutput]:
-        """Move requests whose grammar finished compiling into the scheduler (with a
-        matcher advanced over earlier outputs); a failed compile fails its request.
-        `block`: nothing else to run, so wait briefly for a compile to finish."""
+        """Move requests whose grammar finished compiling into the scheduler; a failed
+        compile fails its request. `block`: wait briefly for a compile to finish."""
         failed = []
-        for rid, fut in self._grammars.ready(block):
-            state = self.requests[rid]
-            req = state.request
-            try:
-                earlier = req.prompt_token_ids[len(req.prompt_token_ids) - state.output_offset:]
-                state.grammar = self._grammars.matcher(fut.result(), earlier)
-            except Exception as exc:  # noqa: BLE001 - reported to the caller as its error
-                out = EngineCoreOutput(rid, error=f"{type(exc).__name__}: {exc}", subscriber=state.subscriber)
-                self._finish(state, RequestStatus.FINISHED_ABORTED)
-                failed.append(out)
+        for state, error in self.grammar_requests.admit(block):
+            if error is None:
+                self.scheduler.add_request(state.request)
                 continue
-            self._num_grammars += 1
-            self.scheduler.add_request(req)
+            failed.append(EngineCoreOutput(state.request.request_id, error=error, subscriber=state.subscriber))
+            self._finish(state, RequestStatus.FINISHED_ABORTED)
         return failed
 
     @property
     def _num_compiling(self) -> int:
-        return 0 if self._grammars is None else self._grammars.num_compiling
+        return self.grammar_requests.num_compiling
 
     def _scheduler_idle(self) -> bool:
         return not (self.scheduler.num_running or self.scheduler.num_waiting)
-
-    def _grammar_rows(self, sched_out) -> list[_CoreRequest]:
-        """The live grammar requests that this step samples, in row order."""
-        rows = []
-        for s in sched_out.seqs:
-            state = self.requests.get(s.request_id)
-            if s.sample and state is not None and state.grammar is not None:
-                rows.append(state)
-        return rows
-
-    def _attach_bitmask(self, plan, sched_out) -> None:
-        """Put the next-token bitmasks of this step's sampling grammar rows in the plan:
-        one per plain row, k + 1 per row verifying k proposals (StepPlan.spec_bitmask)."""
-        plain, spec, props = [], [], []
-        for s in sched_out.seqs:
-            state = self.requests.get(s.request_id)
-            if s.sample and state is not None and state.grammar is not None:
-                if s.spec_token_ids:
-                    spec.append(state)
-                    props.append(list(s.spec_token_ids))
-                else:
-                    plain.append(state)
-        if plain:
-            plan.bitmask_ids = [st.request.request_id for st in plain]
-            plan.bitmask = self._grammars.bitmask([st.grammar for st in plain])
-        if spec:
-            plan.spec_bitmask_ids = [st.request.request_id for st in spec]
-            plan.spec_bitmask = position_bitmasks([st.grammar for st in spec], props, self._grammars.mask_vocab)
-
-    def _advance_grammar(self, state: _CoreRequest, token: int) -> None:
-        """Feed a sampled token to the request's matcher; it ends ("stop") when the grammar
-        has terminated (its stop token accepted) or, defensively, rejects the token."""
-        if not state.grammar.accept_token(token):
-            logger.warning("request %s: token %d does not match its grammar; stopping it",
-                           state.request.request_id, token)
-            self._finish(state, RequestStatus.FINISHED_STOPPED)
-        elif state.grammar.is_terminated():
-            self._finish(state, RequestStatus.FINISHED_STOPPED)
 
     def abort(self, request_ids, reason: str = "abort") -> list[str]:
         """Stop core requests at once and free their KV blocks; unknown ids are ignored.
@@ -292,26 +234,14 @@ class EngineCore:
     def _finish(self, state: _CoreRequest, status: RequestStatus, stop_reason=None) -> None:
         rid = state.request.request_id
         self.scheduler.finish_request(rid, status)
-        if self._grammars is not None:
-            self._grammars.cancel(rid)
-        if self.requests.pop(rid, None) is not None and state.grammar is not None:
-            self._num_grammars -= 1
+        self.grammar_requests.release(state, self.requests.pop(rid, None) is not None)
         self.planner.finished(rid)
         if self.speculator is not None:
             self.speculator.remove(rid)
         if state.out is not None:
             state.out.finish_reason = status.value
             state.out.stop_reason = stop_reason
-        user_id = state.request.prefix_group or rid
-        user = self.users.get(user_id)
-        if user is not None:
-            user.remaining -= 1
-            user.reasons.append(status.value)
-            if user.remaining <= 0:
-                del self.users[user_id]
-                self.counters["requests_finished"] += 1
-                reason = "abort" if "abort" in user.reasons else user.reasons[0]
-                self.metrics.observe_finished(reason, time.monotonic() - user.arrival)
+        self.user_requests.finished(state.request.prefix_group or rid, status.value)
 
     # ---- one step ------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -334,17 +264,17 @@ class EngineCore:
         next step's inputs."""
         t0 = time.perf_counter()
         failed = self._admit_compiled(block=self._scheduler_idle()) if self._num_compiling else []
-        proposed = self._propose() if speculating else []
+        proposed = self.spec_steps.propose(self.scheduler.running) if speculating else []
         sched_out = self.scheduler.schedule()
         for req in proposed:  # rows the budget left out keep none for a later step
             req.spec_token_ids = []
         if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:
             return failed
         plan = self.planner.plan(sched_out)
-        if self._num_grammars and sched_out:
-            self._attach_bitmask(plan, sched_out)
+        if self.grammar_requests.num_live and sched_out:
+            self.grammar_requests.attach_bitmask(plan, sched_out)
         if speculating and self.speculator.on_workers:  # drafted on the workers after this step
-            plan.spec_wanted = self.speculator.wanted(sched_out, self._spec_eligible, self.scheduler.requests)
+            plan.spec_wanted = self.spec_steps.wanted(sched_out, self.scheduler.requests)
         t1 = time.perf_counter()
         result = self.executor.execute(plan)
         t2 = time.perf_counter()
@@ -372,7 +302,7 @@ class EngineCore:
         # Grammar rows need step N's tokens only to sample: launch N+1's forward pass first
         # and queue its sampling once N is recorded (its matchers advanced), while the
         # device runs the forward pass.
-        defer = (self._inflight is not None and self._num_grammars
+        defer = (self._inflight is not None and self.grammar_requests.num_live
                  and getattr(self.executor, "supports_deferred_sampling", False)
                  and not self._needs_current_outputs(sched_out, grammar=False)
                  and self._needs_current_outputs(sched_out))
@@ -382,8 +312,8 @@ class EngineCore:
             sched_out.seqs = [s for s in sched_out.seqs if s.request_id in self.requests]
             t1 = time.perf_counter()
         plan = self.planner.plan(sched_out)
-        if self._num_grammars and sched_out and not defer:
-            self._attach_bitmask(plan, sched_out)  # its matchers saw step N's tokens (above)
+        if self.grammar_requests.num_live and sched_out and not defer:
+            self.grammar_requests.attach_bitmask(plan, sched_out)  # its matchers saw step N's tokens (above)
         launched = self.executor.launch(plan, defer_sampling=True) if defer else self.executor.launch(plan)
         self._mark_launched(sched_out)
         t2 = time.perf_counter()
@@ -394,27 +324,11 @@ class EngineCore:
             outputs += self._complete_inflight(t2)
         if defer:
             # Rows of requests that step N ended sample unconstrained; their tokens are dropped.
-            rows = self._grammar_rows(sched_out)
+            rows = self.grammar_requests.rows(sched_out)
             self.executor.finish_sampling(launched, [st.request.request_id for st in rows],
-                                          self._grammars.bitmask([st.grammar for st in rows]) if rows else None)
+                                          self.grammar_requests.bitmask(rows))
         self._inflight = (sched_out, launched)
         return outputs
-
-    def _spec_eligible(self, req) -> bool:
-        """Grammar requests speculate with n-gram proposals (checked against the grammar
-        in _propose); a draft model's or EAGLE head's are not offered to them yet."""
-        state = self.requests.get(req.request_id)
-        return state is not None and (state.grammar is None or not self.speculator.on_workers)
-
-    def _propose(self) -> list:
-        """Proposals for the running decodes; a grammar request keeps the longest prefix
-        of its proposals that its grammar accepts."""
-        proposed = self.speculator.propose(self.scheduler.running, self._spec_eligible)
-        for req in proposed:
-            state = self.requests.get(req.request_id)
-            if state is not None and state.grammar is not None:
-                del req.spec_token_ids[grammar_prefix(state.grammar, req.spec_token_ids):]
-        return proposed
 
     def _needs_current_outputs(self, sched_out, grammar: bool = True) -> bool:
         """True when a request of this step samples from the tokens so far (penalties,
@@ -484,16 +398,11 @@ class EngineCore:
                 req.resolve_placeholder(token)
             else:
                 req.append_output_token(token)
-            self.counters["generation_tokens"] += 1
             out = self._output(state, built)
-            out.new_token_ids.append(token)
             lp = result.logprobs.get(rid)
             if lp is not None and state.params.logprobs is not None:
                 out.new_logprobs = (out.new_logprobs or []) + [lp]
-            self._observe_token(req.prefix_group or rid, now)
-            self._check_stop(state, token)
-            if state.grammar is not None and rid in self.requests:
-                self._advance_grammar(state, token)
+            self._emit(state, out, token, now)
         if num_accepted:
             self._record_spec(sched_out, result, num_accepted, built, now)
         if self.speculator is not None:
@@ -509,39 +418,26 @@ class EngineCore:
         """Append each verified row's emitted tokens (its accepted proposals and the one
         after them), checking EOS, stop tokens and the length after each: a request that
         ends drops the tokens after its end."""
-        for s in sched_out.seqs:
-            if not s.spec_token_ids:
-                continue
-            rid = s.request_id
-            self.speculator.record(rid, len(s.spec_token_ids), num_accepted[rid])
-            state = self.requests.get(rid)
-            if state is None:
-                continue
-            lps = result.spec_logprobs.get(rid) if state.params.logprobs is not None else None
+        for state, tokens, lps in self.spec_steps.emitted(sched_out, result, num_accepted):
             out = self._output(state, built)
-            for j, token in enumerate(result.spec_sampled.get(rid, ())):
+            for j, token in enumerate(tokens):
                 state.request.append_output_token(token)
-                self.counters["generation_tokens"] += 1
-                out.new_token_ids.append(token)
                 if lps is not None:
                     out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
-                self._observe_token(state.request.prefix_group or rid, now)
-                self._check_stop(state, token)
-                if state.grammar is not None and rid in self.requests:
-                    self._advance_grammar(state, token)  # emitted tokens only: never a rejected proposal
-                if rid not in self.requests:
+                self._emit(state, out, token, now)
+                if state.request.request_id not in self.requests:
                     break
 
-    def _observe_token(self, user_id: str, now: float) -> None:
-        user = self.users.get(user_id)
-        if user is None:
-            return
-        if user.first_token is None:
-            user.first_token = now
-            self.metrics.observe_first_token(now - user.arrival)
-        elif user.last_token != now:  # siblings sampled in one step count once
-            self.metrics.observe_inter_token(now - user.last_token)
-        user.last_token = now
+    def _emit(self, state: _CoreRequest, out: EngineCoreOutput, token: int, now: float) -> None:
+        """A token the request gained (already appended to it): into its output, the
+        metrics, the stop checks and its grammar's matcher (emitted tokens only)."""
+        rid = state.request.request_id
+        self.counters["generation_tokens"] += 1
+        out.new_token_ids.append(token)
+        self.user_requests.observe_token(state.request.prefix_group or rid, now)
+        self._check_stop(state, token)
+        if state.grammar is not None and rid in self.requests and self.grammar_requests.advance(state, token):
+            self._finish(state, RequestStatus.FINISHED_STOPPED)
 
     def _check_stop(self, state: _CoreRequest, token: int) -> None:
         p, req = state.params, state.request
@@ -556,19 +452,11 @@ class EngineCore:
 
     # ---- introspection -------------------------------------------------------------
     def reset_timing(self) -> None:
-        self.timing = {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0, "wait_s": 0.0}
+        self.timing = new_step_timing()
 
     def timing_summary(self) -> dict:
-        """Per-step wall time of the step loop: scheduling and output processing (host)
-        against the executor call (input preparation, the model, sampling)."""
-        tm = self.timing
-        n = max(1, tm["steps"])
-        return {"steps": tm["steps"], "schedule_ms_per_step": 1e3 * tm["schedule_s"] / n,
-                "execute_ms_per_step": 1e3 * tm["execute_s"] / n,
-                "process_ms_per_step": 1e3 * tm["process_s"] / n,
-                # Asynchronous scheduling: time spent waiting for the step in flight (near
-                # zero means the host, not the device, sets the pace).
-                "device_wait_ms_per_step": 1e3 * tm["wait_s"] / n}
+        """Per-step wall time of the step loop (see core_stats.step_timing_summary)."""
+        return step_timing_summary(self.timing)
 
     def stats(self) -> dict[str, Any]:
         bm, sch = self.block_manager, self.scheduler
@@ -589,8 +477,8 @@ class EngineCore:
         }
 
     def shutdown(self) -> None:
-        if getattr(self, "_grammars", None) is not None:
-            self._grammars.shutdown()
+        if getattr(self, "grammar_requests", None) is not None:
+            self.grammar_requests.shutdown()
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown()
             self.executor = None

@@ -1,0 +1,111 @@
+"""Structured outputs, the engine core's side: the live requests that hold an xgrammar
+`GrammarMatcher` (see `raylm.engine.grammar` for compiling and bitmasks).
+
+A grammar request waits for its compile before the core schedules it; once admitted,
+each step that samples it puts its next-token bitmask in the plan (k + 1 of them for a
+row verifying k proposals), and each token it emits advances its matcher."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from raylm.engine.spec_decode.grammar import position_bitmasks
+
+logger = logging.getLogger("raylm")
+
+
+class GrammarRequests:
+    """The core's grammar requests, over its `requests` dict (id -> core request state,
+    whose `grammar` is its matcher once compiled). The `GrammarManager` is built on the
+    first grammar request, so an engine that never sees one pays nothing."""
+
+    def __init__(self, requests: dict, load_tokenizer: Callable, vocab_size: int, eos_token_ids):
+        self.requests = requests
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
+        self.manager = None  # GrammarManager, on the first grammar request
+        self.num_live = 0  # live requests holding a matcher
+
+    @property
+    def num_compiling(self) -> int:
+        return 0 if self.manager is None else self.manager.num_compiling
+
+    def submit(self, request_id: str, structured_outputs) -> None:
+        """Start compiling a request's grammar; `admit` hands it back once compiled."""
+        if self.manager is None:
+            from raylm.engine.grammar import GrammarManager
+
+            self.manager = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids)
+        self.manager.submit(request_id, structured_outputs)
+
+    def admit(self, block: bool) -> list[tuple]:
+        """(state, error) of each request whose grammar finished compiling: error None and
+        `state.grammar` a matcher advanced over earlier outputs, or the failure's message.
+        `block`: nothing else to run, so wait briefly for a compile to finish."""
+        done = []
+        for rid, fut in self.manager.ready(block):
+            state = self.requests[rid]
+            req = state.request
+            try:
+                earlier = req.prompt_token_ids[len(req.prompt_token_ids) - state.output_offset:]
+                state.grammar = self.manager.matcher(fut.result(), earlier)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller as its error
+                done.append((state, f"{type(exc).__name__}: {exc}"))
+                continue
+            self.num_live += 1
+            done.append((state, None))
+        return done
+
+    def rows(self, sched_out) -> list:
+        """The live grammar requests that this step samples, in row order."""
+        rows = []
+        for s in sched_out.seqs:
+            state = self.requests.get(s.request_id)
+            if s.sample and state is not None and state.grammar is not None:
+                rows.append(state)
+        return rows
+
+    def bitmask(self, rows: list) -> Optional[bytes]:
+        """The packed next-token bitmasks of `rows` (None when there are none)."""
+        return self.manager.bitmask([st.grammar for st in rows]) if rows else None
+
+    def attach_bitmask(self, plan, sched_out) -> None:
+        """Put the next-token bitmasks of this step's sampling grammar rows in the plan:
+        one per plain row, k + 1 per row verifying k proposals (StepPlan.spec_bitmask)."""
+        plain, spec, props = [], [], []
+        for s in sched_out.seqs:
+            state = self.requests.get(s.request_id)
+            if s.sample and state is not None and state.grammar is not None:
+                if s.spec_token_ids:
+                    spec.append(state)
+                    props.append(list(s.spec_token_ids))
+                else:
+                    plain.append(state)
+        if plain:
+            plan.bitmask_ids = [st.request.request_id for st in plain]
+            plan.bitmask = self.manager.bitmask([st.grammar for st in plain])
+        if spec:
+            plan.spec_bitmask_ids = [st.request.request_id for st in spec]
+            plan.spec_bitmask = position_bitmasks([st.grammar for st in spec], props, self.manager.mask_vocab)
+
+    def advance(self, state, token: int) -> bool:
+        """Feed an emitted token to the request's matcher; True when the request ends
+        ("stop"): its grammar has terminated (its stop token accepted) or, defensively,
+        rejected the token."""
+        if not state.grammar.accept_token(token):
+            logger.warning("request %s: token %d does not match its grammar; stopping it",
+                           state.request.request_id, token)
+            return True
+        return state.grammar.is_terminated()
+
+    def release(self, state, was_live: bool) -> None:
+        """The request ended: drop its compile, if any, and count its matcher out
+        (`was_live`: it was still among the core's requests)."""
+        if self.manager is not None:
+            self.manager.cancel(state.request.request_id)
+        if was_live and state.grammar is not None:
+            self.num_live -= 1
+
+    def shutdown(self) -> None:
+        if self.manager is not None:
+            self.manager.shutdown()
