@@ -7,7 +7,6 @@ sampling with a draft model is distributed as without it (chi-square against the
 marginals of a 12-token vocabulary model) and seeded requests give the same tokens
 alone or batched."""
 import os
-import random
 import shutil
 
 import pytest
@@ -18,6 +17,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from raylm import LLM, SamplingParams
 from tests.helpers import hf_model, make_checkpoint
 from tests.test_spec_decode import accepted, assert_same_logprobs, check_hf, completions, prompts_of
+from tests.test_spec_decode import run as spec_decode_run
 from tests.test_spec_eagle3 import save_head
 
 K = 3
@@ -55,12 +55,8 @@ def spec_of(dirs, which):
 
 
 def run(model_dir, prompts, params=GREEDY, spec=None, **kw):
-    llm = LLM(model_dir, speculative_config=spec, **{**COMMON, **kw})
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return outs, llm.stats()
-    finally:
-        llm.shutdown()
+    """(outputs, stats) of one engine (test_spec_decode.run with this module's settings)."""
+    return spec_decode_run(model_dir, prompts, params, spec, **{**COMMON, **kw})
 
 
 @pytest.fixture(scope="module")
