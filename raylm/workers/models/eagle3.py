@@ -22,7 +22,7 @@ from torch import nn
 
 from raylm.workers.layers.basic import ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from raylm.workers.layers.linear import QKVParallelLinear, default_weight_loader
-from raylm.workers.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from raylm.workers.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, load_tensor
 
 
 def aux_hidden_state_layers(head_config, num_target_layers: int) -> tuple[int, ...]:
@@ -137,19 +137,8 @@ class Eagle3LlamaForCausalLM(nn.Module):
             if name == "t2d":
                 t2d = tensor
                 continue
-            for ours, theirs, shard in LlamaForCausalLM.stacked_params:
-                if theirs in name:
-                    target = name.replace(theirs, ours)
-                    if target not in params:
-                        raise ValueError(f"EAGLE-3 checkpoint tensor {name!r} has no matching parameter")
-                    params[target].weight_loader(params[target], tensor, shard)
-                    loaded.add(target)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"EAGLE-3 checkpoint tensor {name!r} has no matching parameter")
-                params[name].weight_loader(params[name], tensor)
-                loaded.add(name)
+            loaded.add(load_tensor(params, LlamaForCausalLM.stacked_params, name, tensor,
+                                   "EAGLE-3 checkpoint"))
         missing = sorted(n for n in set(params) - loaded if not getattr(params[n], "optional", False))
         if missing:
             raise ValueError(f"EAGLE-3 checkpoint is missing weights: {missing[:8]}")

@@ -119,6 +119,28 @@ class LlamaModel(nn.Module):
         return hidden, torch.cat(aux, dim=-1)
 
 
+def load_tensor(params: dict, stacked_params, name: str, tensor: torch.Tensor,
+                what: str = "checkpoint") -> str:
+    """Copy one checkpoint tensor (HF name) into its parameter: a stacked parameter's shard
+    when `stacked_params` ((ours, theirs, shard id) triples) maps the name, else the
+    parameter of that name. Returns the parameter's name; `what` names the checkpoint in
+    errors."""
+    for ours, theirs, shard_id in stacked_params:
+        if theirs in name:
+            target = name.replace(theirs, ours)
+            if target not in params:
+                raise ValueError(f"{what} tensor {name!r} has no matching parameter")
+            params[target].weight_loader(params[target], tensor, shard_id)
+            return target
+    if name not in params:
+        raise ValueError(f"{what} tensor {name!r} has no matching parameter")
+    loader = getattr(params[name], "weight_loader", None)
+    if loader is None:
+        raise ValueError(f"parameter {name!r} has no weight loader")
+    loader(params[name], tensor)
+    return name
+
+
 class LlamaForCausalLM(nn.Module):
     """The causal LM: `forward` returns final hidden states for every packed token;
     `compute_logits` projects the rows that need them.
@@ -184,23 +206,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
-            for ours, theirs, shard_id in self.stacked_params:
-                if theirs in name:
-                    target = name.replace(theirs, ours)
-                    if target not in params:
-                        raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
-                    params[target].weight_loader(params[target], tensor, shard_id)
-                    loaded.add(target)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
-                param = params[name]
-                loader = getattr(param, "weight_loader", None)
-                if loader is None:
-                    raise ValueError(f"parameter {name!r} has no weight loader")
-                loader(param, tensor)
-                loaded.add(name)
+            loaded.add(load_tensor(params, self.stacked_params, name, tensor))
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")
         missing = {n for n in set(params) - loaded if not getattr(params[n], "optional", False)}
