@@ -2,7 +2,8 @@
 output token for token that of plain decoding and of transformers (logprobs within
 1e-4) with a draft that is the target itself (everything accepted), a perturbed copy
 (some accepted) and a random EAGLE-3 head (nothing accepted), under chunked prefill,
-preemption, n > 1, stop strings, stop tokens and max_tokens inside a proposal;
+preemption, n > 1, stop strings, stop tokens and max_tokens inside a proposal, and at
+tensor_parallel_size 2;
 sampling with a draft model is distributed as without it (chi-square against the exact
 marginals of a 12-token vocabulary model) and seeded requests give the same tokens
 alone or batched."""
@@ -121,6 +122,21 @@ def test_stops_max_tokens_and_n2_inside_proposals(dirs, plain, which):
     assert [len(o.outputs[0].token_ids) for o in outs[3:]] == [1, 2, 5, 9]
     if which == "target":
         assert accepted(stats) == stats["spec_decode_num_draft_tokens"]
+
+
+@pytest.mark.parametrize("which,backend", [("near", "ray"), ("head", "ray_broadcast")])
+def test_tp2_equals_plain_decoding_and_hf(dirs, plain, which, backend, ray_session):
+    """At tensor_parallel_size 2 the draft model (or EAGLE head) runs sharded on both
+    ranks: rank 0 decides what it computes and broadcasts that, rank 1 follows."""
+    prompts, ref = plain
+    outs, stats = run(dirs["target"], prompts, spec=spec_of(dirs, which), tensor_parallel_size=2,
+                      distributed_executor_backend=backend)
+    assert completions(outs) == completions(ref)
+    assert_same_logprobs(outs, ref)
+    assert stats["spec_decode_num_draft_tokens"] > 0 and stats["blocks_in_use"] == 0
+    if which == "near":
+        assert 0 < accepted(stats) < stats["spec_decode_num_draft_tokens"]
+        check_hf(dirs["target"], outs, prompts, MAX_TOKENS)
 
 
 def test_seeded_requests_equal_alone_and_batched(dirs):

@@ -170,7 +170,7 @@ def test_speculator_proposes_for_plain_decodes_within_max_tokens_and_batch_limit
     assert acceptance_summary({"num_steps": 3}) == {}
 
 
-def test_config_batch_limit_and_model_methods_need_tp1():
+def test_config_batch_limit_and_model_methods_at_any_tp():
     cfg = parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2,
                                     "adaptive_num_speculative_tokens": True})
     assert cfg.max_batch_size == ADAPTIVE_DISABLE_BY_BATCH_SIZE
@@ -179,7 +179,7 @@ def test_config_batch_limit_and_model_methods_need_tp1():
     assert cfg.max_batch_size == 8
     assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2}).max_batch_size is None
     EngineArgs(speculative_config={"method": "draft_model", "model": "x", "num_speculative_tokens": 2})
-    with pytest.raises(ValueError, match="method 'draft_model' needs tensor_parallel_size 1.*got "
-                                         "tensor_parallel_size 2"):
+    # A draft model or EAGLE head runs sharded on the target's ranks (test_spec_decode_models).
+    for backend in (None, "ray_broadcast"):
         EngineArgs(speculative_config={"method": "draft_model", "model": "x", "num_speculative_tokens": 2},
-                   tensor_parallel_size=2)
+                   tensor_parallel_size=2, distributed_executor_backend=backend)

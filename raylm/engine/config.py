@@ -108,14 +108,7 @@ class EngineArgs:
         from raylm.engine.structured_outputs import parse_structured_outputs_config
 
         parse_structured_outputs_config(self.structured_outputs_config)  # raises naming the backend
-        spec = self.parsed_speculative_config()  # raises on a bad key or value
-        if spec is not None and spec.method != "ngram" and (
-                self.tensor_parallel_size > 1 or self.distributed_executor_backend == "ray_broadcast"):
-            # The draft runs on rank 0's side only (ranks > 0 never sample): refused.
-            raise ValueError(f"speculative_config method {spec.method!r} needs tensor_parallel_size 1 "
-                             f"(and not distributed_executor_backend 'ray_broadcast'); got "
-                             f"tensor_parallel_size {self.tensor_parallel_size}, "
-                             f"distributed_executor_backend {self.distributed_executor_backend!r}")
+        self.parsed_speculative_config()  # raises on a bad key or value
 
     def parsed_speculative_config(self):
         """`speculative_config` as a validated `SpeculativeConfig` (None: off)."""

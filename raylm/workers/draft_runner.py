@@ -90,6 +90,20 @@ def gather_proposals(steps: list, order: list[str], device) -> Proposals:
                      probs[to_device(flat, torch.long, probs.device)])
 
 
+def _reorder(rids: list[str], out: Proposals, order: list[str], device) -> Proposals:
+    """`out` (proposals of `rids`) per request of `order` (none for one not in rids)."""
+    if rids == order:
+        return out
+    by_rid = dict(zip(rids, out.token_ids))
+    starts, g = {}, 0
+    for rid, props in zip(rids, out.token_ids):
+        starts[rid] = g
+        g += len(props)
+    flat = [starts[rid] + j for rid in order for j in range(len(by_rid.get(rid, ())))]
+    probs = out.draft_probs[to_device(flat, torch.long, device)] if flat else out.draft_probs[:0]
+    return Proposals([list(by_rid.get(rid, [])) for rid in order], probs)
+
+
 @dataclass
 class _Written:
     """What the draft's cache holds for a request: `num_tokens` verified tokens, then
@@ -182,8 +196,18 @@ class DraftModelRunner:
                 max_num_tokens: Optional[Sequence[int]] = None) -> Proposals:
         """Up to k proposals per request (`token_ids[i]`: its prompt and verified outputs,
         the newest last; at most `max_num_tokens[i]`) and their draft distributions."""
+        planned = self.plan(request_ids, token_ids, max_num_tokens)
+        opts = dict(zip(request_ids, options))
+        rids, out = self.run_planned(planned, {rid: opts[rid] for rid, *_ in planned})
+        return _reorder(rids, out, list(request_ids), self.runner.device)
+
+    def plan(self, request_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
+             max_num_tokens: Optional[Sequence[int]] = None) -> list[list]:
+        """What each request's draft must compute (TP rank 0 decides; `run_planned` runs
+        it on every rank): [request id, first position to compute, the tokens from
+        there on, its token count, k], plain data, for the requests that propose."""
         r, bs = self.runner, self.runner.block_size
-        plan, ks, states = StepPlan(), {}, {}
+        planned = []
         for i, rid in enumerate(request_ids):
             tokens, table = token_ids[i], r.block_tables.get(rid, [])
             n = len(tokens)
@@ -195,19 +219,29 @@ class DraftModelRunner:
             if any(t == PLACEHOLDER_TOKEN for t in tokens[-2:]):
                 raise ValueError(f"request {rid!r}: the draft model needs every token on the host")
             v = self._valid(rid, tokens, table)
+            planned.append([rid, v, list(tokens[v:]), n, k])
+        return planned
+
+    @torch.inference_mode()
+    def run_planned(self, planned: Sequence[Sequence], options: dict) -> tuple[list[str], Proposals]:
+        """Run `plan`'s output (every TP rank at once; `options[rid]` for sampling on rank
+        0): (the planned request ids, their proposals)."""
+        r = self.runner
+        plan, ks, states = StepPlan(), {}, {}
+        for rid, v, tokens, n, k in planned:
             w = self.written.get(rid)
-            if w is not None and r.host_tables is not None and _first_change(table, w.blocks) < len(w.blocks):
+            if w is not None and r.host_tables is not None and \
+                    _first_change(r.block_tables.get(rid, []), w.blocks) < len(w.blocks):
                 r.host_tables.drop([rid])  # its graph row only ever appends: rewrite it whole
-            plan.seqs.append(SeqChunk(rid, list(tokens[v:]), v, [], True))
-            ks[rid], states[rid] = k, self._state(rid, options[i])
+            plan.seqs.append(SeqChunk(rid, list(tokens), v, [], True))
+            ks[rid], states[rid] = k, self._state(rid, options[rid])
+        rids = [p[0] for p in planned]
         if not plan.seqs:
-            return gather_proposals([], list(request_ids), r.device)
-        steps = self._run(plan, ks, states)
-        out = gather_proposals(steps, list(request_ids), r.device)
-        for i, rid in enumerate(request_ids):
-            if rid in ks:
-                self._remember(rid, len(token_ids[i]), out.token_ids[i][:-1])
-        return out
+            return rids, gather_proposals([], rids, r.device)
+        out = gather_proposals(self._run(plan, ks, states), rids, r.device)
+        for (rid, _, _, n, _), props in zip(planned, out.token_ids):
+            self._remember(rid, n, props[:-1])
+        return rids, out
 
     def _remember(self, rid: str, n: int, tail: list[int]) -> None:
         """The cache now holds the request's n tokens, then `tail` (positions n..), in

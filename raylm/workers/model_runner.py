@@ -473,6 +473,8 @@ class ModelRunner:
                 self._last_tokens = broadcast_from_first(
                     torch.empty(len(sample_ids), dtype=torch.long, device=dev))
                 self._last_rows = {rid: i for i, rid in enumerate(sample_ids)}
+            if self.spec is not None and (plan.spec_wanted or self.spec.needs_every_step):
+                self.spec.after_step(plan, query_start, aux, None)  # with rank 0's _propose
             return pending
         logits = logits.float()
         args = (pending, plan, logits, sample_ids, spec_ids, spec_rows, proposals, prompt_rows)

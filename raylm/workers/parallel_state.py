@@ -89,6 +89,26 @@ def broadcast_bytes(message: Optional[bytes] = None) -> bytes:
     return message if _TP_RANK == 0 else bytes(head[8:]) + bytes(rest)
 
 
+def broadcast_from_first_bytes(message: Optional[bytes], device) -> bytes:
+    """Rank 0 passes `message`, the other ranks None; every rank returns rank 0's bytes,
+    sent on the tensor-parallel group (tensors on `device`), so it keeps its place
+    among the group's other collectives. Two broadcasts: the length, then the bytes;
+    the length crosses to the host (a device sync). Without TP: `message`."""
+    if _TP_SIZE == 1:
+        return message
+    src = dist.get_global_rank(_TP_GROUP, 0)
+    length = torch.tensor([len(message) if _TP_RANK == 0 else 0], dtype=torch.long, device=device)
+    dist.broadcast(length, src=src, group=_TP_GROUP)
+    n = int(length.item())
+    if _TP_RANK == 0:
+        buf = torch.frombuffer(bytearray(message), dtype=torch.uint8).to(device) if n else None
+    else:
+        buf = torch.empty(n, dtype=torch.uint8, device=device) if n else None
+    if buf is not None:
+        dist.broadcast(buf, src=src, group=_TP_GROUP)
+    return message if _TP_RANK == 0 else (buf.cpu().numpy().tobytes() if n else b"")
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the tensor-parallel group (a no-op without TP)."""
     if _TP_SIZE > 1:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import msgpack
 import torch
 
 from raylm.workers.loader import load_config
+from raylm.workers.parallel_state import broadcast_from_first_bytes
 
 METHODS = ("draft_model", "eagle3")
 
@@ -76,39 +78,67 @@ class WorkerProposer:
         return max(0, min(self.k, wanted.get(rid, 0), self.target.max_model_len - num_tokens - 1))
 
     def after_step(self, plan, query_start: list[int], aux: Optional[torch.Tensor],
-                   emitted: dict[str, list[int]]) -> dict[str, list[int]]:
+                   emitted: Optional[dict[str, list[int]]]) -> dict[str, list[int]]:
         """Draft the next step's proposals of the rows `plan.spec_wanted` names (and, for
         EAGLE-3, write the head's KV for every row); `emitted[rid]`: the tokens the row
-        emitted this step, on the host. Returns the non-empty proposals."""
+        emitted this step, on the host. Returns the non-empty proposals.
+
+        With tensor parallelism every rank calls this at the same point of the step:
+        rank 0, which alone knows the emitted tokens (`emitted`; None on the others),
+        decides what the proposer computes and broadcasts it as plain data; all ranks
+        then run the proposer's sharded forward passes together."""
+        t = self.target
+        if self.method == "eagle3" and aux is None:
+            return {}  # (alike on every rank: the same forward path)
+        if t.tp_rank == 0:
+            call = self._call(plan, query_start, emitted)
+            if t.tp_size > 1:
+                broadcast_from_first_bytes(msgpack.packb(call), t.device)
+        else:
+            call = msgpack.unpackb(broadcast_from_first_bytes(None, t.device))
+        if not call:
+            return {}
+        options = {c[0]: t.states[c[0]].options for c in call}
+        if self.method == "eagle3":
+            from raylm.workers.eagle_runner import EagleRow
+
+            rows = [EagleRow(rid, start, list(nxt), h, k, options[rid]) for rid, start, nxt, h, k in call]
+            rids = [r.request_id for r in rows]
+            out = self.proposer.propose(rows, aux)
+        else:
+            rids, out = self.proposer.run_planned(call, options)
+        if t.tp_rank > 0:  # rank 0 alone verifies, with the draft distributions it drew
+            return {}
+        self.store.put(rids, out)
+        return {rid: props for rid, props in zip(rids, out.token_ids) if props}
+
+    def _call(self, plan, query_start: list[int], emitted: dict[str, list[int]]) -> list[list]:
+        """Rank 0: what the proposer computes after this step, as plain data. EAGLE-3: its
+        rows [request id, start position, next tokens, first aux row, k]; a draft model:
+        `DraftModelRunner.plan`'s rows."""
         states = self.target.states
         wanted = plan.spec_wanted
         if self.method == "eagle3":
             from raylm.workers.eagle_runner import eagle_rows
 
-            seqs = [s for s in plan.seqs if s.request_id in states]
-            if not seqs or aux is None:
-                return {}
             idx = [i for i, s in enumerate(plan.seqs) if s.request_id in states]
+            if not idx:
+                return []
+            seqs = [plan.seqs[i] for i in idx]
             starts = [query_start[i] for i in idx]
             known = {s.request_id: states[s.request_id].prompt_token_ids
                      + states[s.request_id].output_token_ids for s in seqs}
             ks = {rid: self._limit(rid, wanted, len(known[rid]) + len(toks)) for rid, toks in emitted.items()}
             rows = eagle_rows(seqs, starts, emitted, known, {rid: states[rid].options for rid in known}, ks)
-            rids = [r.request_id for r in rows]
-            out = self.proposer.propose(rows, aux)
-        else:
-            rids, tokens, options, ks = [], [], [], []
-            for rid, toks in emitted.items():
-                st = states.get(rid)
-                if st is None or wanted.get(rid, 0) <= 0:
-                    continue
-                all_tokens = st.prompt_token_ids + st.output_token_ids + list(toks)
-                rids.append(rid)
-                tokens.append(all_tokens)
-                options.append(st.options)
-                ks.append(self._limit(rid, wanted, len(all_tokens)))
-            if not rids:
-                return {}
-            out = self.proposer.propose(rids, tokens, options, ks)
-        self.store.put(rids, out)
-        return {rid: props for rid, props in zip(rids, out.token_ids) if props}
+            return [[r.request_id, r.start_pos, list(r.next_token_ids), r.hidden_start,
+                     r.num_speculative_tokens] for r in rows]
+        rids, tokens, ks = [], [], []
+        for rid, toks in emitted.items():
+            st = states.get(rid)
+            if st is None or wanted.get(rid, 0) <= 0:
+                continue
+            all_tokens = st.prompt_token_ids + st.output_token_ids + list(toks)
+            rids.append(rid)
+            tokens.append(all_tokens)
+            ks.append(self._limit(rid, wanted, len(all_tokens)))
+        return self.proposer.plan(rids, tokens, ks) if rids else []
