@@ -2,7 +2,8 @@
 # The serving runs on one H200 (the device tool), in one call, from the project root:
 #   bash .gpu/unpack.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/h200_serving.sh PARTS
 # PARTS (default all): q1 (Qwen3-0.6B, one group), l1 (Llama-3.1-8B, one group), q2 (Qwen3-0.6B,
-# two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs).
+# two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs), st (where
+# the serving path's start-up goes, benchmarks/startup.py: run it first on a fresh machine, cold caches).
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 parts=${*:-q1 l1 q2 hs}
@@ -27,8 +28,9 @@ for p in $parts; do
             --open-loop-fraction 0 ;;
     q2) run q2 200 python3 benchmarks/serving.py --model qwen3-0.6b --num-groups 2 --num-gpus-per-worker 0.5 \
             --api-server-count 4 --tag h200-shared-gpu --open-loop-fraction 0 ;;
+    st) run st 200 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
     hs) run hs 240 python3 benchmarks/host_scaling.py --groups 1,2,4,8 --step-ms 25 --concurrency-per-group 256 \
             --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag h200-cpus ;;
   esac
 done
-grep -h "^== \|output tok/s\|process start\|G=" "$log"
+grep -h "^== \|output tok/s\|process start\|G=\|longest\| s  " "$log"

@@ -169,6 +169,10 @@ def row(r: dict) -> str:
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
                             f"{x['host_ms_per_step']:.2f} ms host per decode step" for x in r["rows"])
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "startup":
+        spans = ", ".join(f"{x['who']} {x['phase']} {x['s']:.1f} s" for x in r["longest_spans"][:3])
+        numbers = f"process start to first served request {r['startup_s']:.1f} s; longest: {spans}"
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "mixed_attention_split":
         numbers = "; ".join(f"{x['model']} {x['ndec']} decodes at {x['ctx']} + {x['pre_q']}-token chunk: one launch "
                             f"{x['full_us']:.0f} us, split {x['split_us']:.0f} us" for x in r["rows"])
@@ -488,6 +492,17 @@ def _host_step(r: dict) -> list[Row]:
                  f"{x['host_ms_per_step']:.2f}", f"{x['host_us_per_sequence']:.1f}"]) for x in r["rows"]]
 
 
+def _startup(r: dict) -> list[Row]:
+    marks = {(x["who"].split(" ")[0], x["mark"]): x["t_s"] for x in r["timeline"]}
+    core = {k[1]: v for k, v in marks.items() if k[0].startswith("core")}
+    phases = (r.get("core_phases_s") or [{}])[0] or {}
+    engine = " / ".join(f"{phases[k]:.1f}" for k in ("load_s", "profile_s", "kv_cache_and_graphs_s") if k in phases)
+    return [Row((r["model"], r["device"], r["num_groups"], r.get("note", "")), "startup",
+                [r["model"], r["device"], r["num_groups"], f"{marks[('driver', 'serve_start')]:.1f}",
+                 f"{core.get('process_start', 0):.1f}", f"{core.get('engine_built', 0):.1f}", engine or "-",
+                 f"{marks[('driver', 'serve_run')]:.1f}", f"{r['startup_s']:.1f}"], r.get("note", ""))]
+
+
 def _ray_overhead(r: dict) -> list[Row]:
     return [Row((r["device"], name), name,
                 [name.split("_", 1)[1].replace("_", " "), r["device"], r["config"]["batch"],
@@ -518,6 +533,13 @@ SECTIONS = [
             ("host_scaling",),
             ["Machine", "Stand-in step", "Groups", "Streams", "out tok/s", "Of linear", "TPOT p50", "ITL p99",
              "Cores in steps"], _host_scaling),
+    Section("Start-up of the serving path",
+            "Seconds from the process's start (`benchmarks/startup.py`, random weights): Serve started, the "
+            "engine core's process started and its engine built (of which load / memory profile / KV cache and "
+            "graphs), `serve.run` returned, the first request served.",
+            ("startup",),
+            ["Model", "Device", "Groups", "Serve up", "Core process start", "Core engine built",
+             "Load / profile / KV and graphs", "App up", "First request"], _startup),
     Section("Recovery from a killed group",
             "Closed-loop streaming on the Serve application while group 0's engine core process is SIGKILLed "
             "mid-run (`benchmarks/fault.py`): its requests move to another group by recompute and the router "

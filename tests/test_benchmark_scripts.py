@@ -178,3 +178,34 @@ def test_closed_loop_batch_bound():
     import common
     _, outputs = common.make_workload(512, 100, 1024, 128256)
     assert 150 < serving.closed_loop_batch_bound(outputs, 256) < 170
+
+
+def test_startup_script_lays_every_process_on_one_timeline(llama_dir, tmp_path):
+    """benchmarks/startup.py on the CPU: the driver's steps and the marks of the router,
+    the engine core and both ingress replicas, in the order the start-up takes them (the
+    router starts the core before its own model config), and a RESULTS.md row."""
+    import socket
+
+    import record
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _script("startup.py", ["--model", llama_dir, "--engine-arg", "device=\"cpu\"", "--engine-arg",
+                           "max_num_batched_tokens=256", "--max-model-len", "256", "--port", str(port),
+                           "--tag", "t"], tmp_path)
+    r = json.load(open(tmp_path / f"startup-{os.path.basename(llama_dir)}-t.json"))
+    t = {}
+    for x in r["timeline"]:
+        t.setdefault((x["who"].split(" ")[0], x["mark"]), []).append(x["t_s"])
+    assert len(t[("ingress", "init_end")]) == 2 and len(t[("core-0", "engine_built")]) == 1
+    order = [("driver", "serve_start"), ("router", "init_start"), ("router", "cores_starting"),
+             ("core-0", "process_start"), ("core-0", "engine_built"), ("router", "cores_ready"),
+             ("driver", "serve_run"), ("driver", "first_request")]
+    times = [t[k][0] for k in order]
+    assert times == sorted(times), list(zip(order, times))
+    assert abs(r["startup_s"] - max(x["t_s"] for x in r["timeline"])) < 0.01 and r["startup_s"] > 0
+    assert set(r["core_phases_s"][0]) == {"load_s", "profile_s", "kv_cache_and_graphs_s"}
+    assert "process start to first served request" in record.row(r)
+    (row,) = record._startup(r)
+    assert row.cells[-1] == f"{r['startup_s']:.1f}"

@@ -216,6 +216,25 @@ def test_unplaceable_group_names_bundles(llama_dir, ray_session, monkeypatch):
     wait_for_free_cpus(ray_session)
 
 
+def test_unplaceable_core_group_names_its_bundles_and_leaves_nothing(llama_dir, ray_session, monkeypatch):
+    """The Serve app's cores (router_deployment.launch_cores / wait_cores): a group whose
+    ranks cannot be placed raises naming the bundle and the TP size; its core actor and
+    placement group are gone after."""
+    from ray.util import placement_group_table
+
+    from raylm.cluster.router_deployment import launch_cores, wait_cores
+    from raylm.engine.config import EngineArgs
+
+    monkeypatch.setattr(ray_executor, "PLACEMENT_TIMEOUT_S", 1.0)
+    args = EngineArgs(model=llama_dir, tensor_parallel_size=2, num_cpus_per_worker=4, device="cpu", **COMMON)
+    actors, groups = launch_cores(args, 1)
+    with pytest.raises(RuntimeError, match=r"could not place 1 of 1 worker group\(s\) of 2 x \{'CPU': 4"
+                                           r".*tensor_parallel_size=2, num_cpus_per_worker=4"):
+        wait_cores(actors, groups, args)
+    assert placement_group_table(groups[0])["state"] == "REMOVED"
+    wait_for_free_cpus(ray_session)
+
+
 def test_worker_error_reaches_the_caller(llama_dir, tmp_path, ray_session):
     # Config and tokenizer but no weights: each rank fails while loading.
     d = tmp_path / "noweights"

@@ -131,6 +131,10 @@ class Ingress(GrpcGenerateMixin):
                  max_n: int = 16, http_host: str = "127.0.0.1", http_port: Optional[int] = None,
                  queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
                  max_redispatches: int = DEFAULT_MAX_REDISPATCHES, front: Optional[dict] = None):
+        from raylm.cluster.startup import StartupMarks
+
+        self.startup = StartupMarks("ingress")
+        self.startup.mark("init_start")
         args = EngineArgs(**engine_args)
         model = ModelConfig.from_args(args, check_support=False)
         name = served_model_name or args.model or DEFAULT_SERVED_NAME
@@ -152,6 +156,7 @@ class Ingress(GrpcGenerateMixin):
             servicer = make_grpc_servicer(self.backend, api_key, max_n, self.drain)
             self.grpc = serve_grpc(servicer, http_host, self.front["grpc_port"],
                                    max_message_bytes=self.front["max_request_body_bytes"], **tls)
+        self.startup.mark("init_end")
 
     def _http_app(self):
         """The OpenAI app behind the front door: drain, API key, body limit."""
@@ -195,6 +200,10 @@ class Ingress(GrpcGenerateMixin):
         async for out in self.backend.generate_stream(prompt, sampling_params or self._default_params(),
                                                       request_id):
             yield out
+
+    async def startup_marks(self) -> dict:
+        """This replica's start-up marks (raylm.cluster.startup)."""
+        return self.startup.to_dict()
 
     def _default_params(self) -> SamplingParams:
         return SamplingParams(**self.backend.default_sampling)

@@ -54,6 +54,10 @@ class EngineCoreActor:
     def __init__(self, engine_args: dict, index: int = 0):
         import os
 
+        from raylm.cluster.startup import StartupMarks
+
+        self.startup = StartupMarks(f"core-{index}")
+        self.startup.mark("init_start")
         from raylm.engine.config import EngineArgs
         from raylm.engine.core import EngineCore
         from raylm.engine.core_loop import CoreLoop
@@ -70,7 +74,9 @@ class EngineCoreActor:
                                                       else "ray_broadcast")
         self.index = index
         self.pid = os.getpid()
+        self.startup.mark("imports_done")
         self.core = EngineCore(EngineArgs(**kwargs))
+        self.startup.mark("engine_built")
         self.loop = CoreLoop(self.core, self._deliver, f"raylm-core-{index}")
         self._aio: Optional[asyncio.AbstractEventLoop] = None
         self._outboxes: dict[Optional[str], _Outbox] = {}
@@ -83,6 +89,11 @@ class EngineCoreActor:
         return {"index": self.index, "pid": self.pid, "num_blocks": self.core.num_blocks,
                 "max_num_seqs": self.core.args.max_num_seqs,
                 "startup_timing": self.core.startup_timing}
+
+    async def startup_marks(self) -> dict:
+        """This process's start-up marks (raylm.cluster.startup), with the engine's own
+        phases (load, memory profile, KV cache and graphs) in seconds."""
+        return self.startup.to_dict(phases=dict(self.core.startup_timing))
 
     # ---- outputs -------------------------------------------------------------------
     def _deliver(self, batches: dict) -> None:  # on the core's thread

@@ -43,18 +43,22 @@ def _resolve_cluster_device(device: str) -> str:
 
 
 def start_cores(args: EngineArgs, num_groups: int) -> list:
-    """One engine core actor per group, started at once. At TP=1 a core's actor holds its
-    GPU share (num_gpus_per_worker). A larger group gets a STRICT_PACK placement group,
-    one bundle per rank: its core actor sits in bundle 0 and holds rank 0 (and its GPU),
-    its executor puts ranks 1.. in the other bundles; the group is removed with the core
-    when this process (its creator) ends. If any fails, all are killed, the placement
-    groups removed and its error raised."""
+    """One engine core actor per group, started at once (launch_cores, then wait_cores)."""
+    return wait_cores(*launch_cores(args, num_groups), args)
+
+
+def launch_cores(args: EngineArgs, num_groups: int) -> tuple[list, list]:
+    """Create one engine core actor per group without waiting for them: (actors, their
+    placement groups). At TP=1 a core's actor holds its GPU share (num_gpus_per_worker).
+    A larger group gets a STRICT_PACK placement group, one bundle per rank: its core actor
+    sits in bundle 0 and holds rank 0 (and its GPU), its executor puts ranks 1.. in the
+    other bundles; the group is removed with the core when this process (its creator)
+    ends."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from raylm.engine.broadcast_executor import rank_bundles
-    from raylm.engine.ray_executor import PLACEMENT_TIMEOUT_S
 
     on_gpu = args.device.startswith("cuda")
     tp = args.tensor_parallel_size
@@ -76,23 +80,47 @@ def start_cores(args: EngineArgs, num_groups: int) -> list:
                                    groups[-1], placement_group_bundle_index=0))
             actors.append(cls.options(**options).remote(_engine_dict(args), i))
             actors[-1]._raylm_name = name  # to remove its placement group after a restart
+    except BaseException:
+        kill_cores(actors, groups)
+        raise
+    return actors, groups
+
+
+def wait_cores(actors: list, groups: list, args: EngineArgs) -> list:
+    """Wait until every launched core serves; if any fails (or its placement group cannot
+    be placed), all are killed, the placement groups removed and the error raised."""
+    import ray
+
+    from raylm.engine.ray_executor import PLACEMENT_TIMEOUT_S
+
+    try:
         if groups:
             ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups),
                                 timeout=PLACEMENT_TIMEOUT_S)
             if len(ready) < len(groups):
+                from raylm.engine.broadcast_executor import rank_bundles
+
+                tp, cpus = args.tensor_parallel_size, args.num_cpus_per_worker
                 raise RuntimeError(
-                    f"could not place {len(groups) - len(ready)} of {num_groups} worker group(s) of "
-                    f"{tp} x {bundles[0]} on one node each within {PLACEMENT_TIMEOUT_S:.0f} s "
-                    f"(tensor_parallel_size={tp}, num_cpus_per_worker={args.num_cpus_per_worker}); "
-                    f"the cluster has {ray.available_resources()} available")
+                    f"could not place {len(groups) - len(ready)} of {len(groups)} worker group(s) of "
+                    f"{tp} x {rank_bundles(tp, cpus, args.device.startswith('cuda'))[0]} on one node "
+                    f"each within {PLACEMENT_TIMEOUT_S:.0f} s (tensor_parallel_size={tp}, "
+                    f"num_cpus_per_worker={cpus}); the cluster has {ray.available_resources()} available")
         ray.get([a.ready.remote() for a in actors], timeout=CORE_START_TIMEOUT_S)
     except BaseException:
-        for a in actors:
-            ray.kill(a, no_restart=True)
-        for g in groups:
-            remove_placement_group(g)
+        kill_cores(actors, groups)
         raise
     return actors
+
+
+def kill_cores(actors: list, groups: list) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for a in actors:
+        ray.kill(a, no_restart=True)
+    for g in groups:
+        remove_placement_group(g)
 
 
 def _engine_dict(args: EngineArgs) -> dict:
@@ -114,14 +142,27 @@ class RouterDeployment:
     def __init__(self, engine_args: dict, num_groups: int = 1, served_model_name: Optional[str] = None,
                  max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
                  step_timeout: float = DEFAULT_STEP_TIMEOUT_S, shutdown_wait: float = 0.0):
+        from raylm.cluster.startup import StartupMarks
+
+        self.startup = StartupMarks("router")
+        self.startup.mark("init_start")
         self.shutdown_wait = shutdown_wait  # at shutdown, how long the cores may finish work
         kwargs = dict(engine_args)
         kwargs["device"] = _resolve_cluster_device(kwargs.get("device", "auto"))
         self.args = EngineArgs(**kwargs)
-        self.model = ModelConfig.from_args(self.args)
+        # The cores start first: the model config (which imports torch here) and the
+        # router's own set-up overlap with their start.
+        self.startup.mark("cores_starting")
+        launched = launch_cores(self.args, num_groups)
+        try:
+            self.model = ModelConfig.from_args(self.args)
+        except BaseException:
+            kill_cores(*launched)
+            raise
         self.model_name = served_model_name or self.args.model or DEFAULT_SERVED_NAME
         self.router = Router(num_groups, self.args.max_num_seqs, max_queued_requests, step_timeout)
-        self.actors = start_cores(self.args, num_groups)
+        self.actors = wait_cores(*launched, self.args)
+        self.startup.mark("cores_ready")
         self._poller: Optional[asyncio.Task] = None
         self._restarts: dict[int, asyncio.Task] = {}
 
@@ -287,6 +328,11 @@ class RouterDeployment:
     async def stats(self) -> dict:
         await self._refresh()
         return self.router.stats()
+
+    async def startup_marks(self) -> list:
+        """The start-up marks of this replica and of every engine core (raylm.cluster.startup)."""
+        cores = await asyncio.gather(*(a.startup_marks.remote() for a in self.actors))
+        return [self.startup.to_dict()] + list(cores)
 
     def info(self) -> dict:
         return {"model_name": self.model_name, "max_model_len": self.model.max_model_len,
