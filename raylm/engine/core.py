@@ -180,16 +180,19 @@ class EngineCore:
         """The GrammarManager, once a grammar request arrived (benchmarks read it)."""
         return self.grammar_requests.manager
 
-    def _admit_compiled(self, block: bool) -> list[EngineCoreOutput]:
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
         """Move requests whose grammar finished compiling into the scheduler; a failed
-        compile fails its request. `block`: wait briefly for a compile to finish."""
+        compile fails its request. With nothing else to run, wait briefly for a compile."""
         failed = []
+        block = self._scheduler_idle() and self._inflight is None
+        t0 = time.perf_counter()
         for state, error in self.grammar_requests.admit(block):
             if error is None:
                 self.scheduler.add_request(state.request)
                 continue
             failed.append(EngineCoreOutput(state.request.request_id, error=error, subscriber=state.subscriber))
             self._finish(state, RequestStatus.FINISHED_ABORTED)
+        self.timing["schedule_s"] += time.perf_counter() - t0
         return failed
 
     @property
@@ -250,12 +253,15 @@ class EngineCore:
         while this one runs. A speculative step (proposals while no more than the limit of
         requests run) records the step in flight first and runs synchronously."""
         spec = self.speculator
+        # Admit compiled grammar requests first: whether this step speculates counts them.
+        # A prompt prefilled in a step that does not gets no drafted proposals for its first
+        # decode, and a seeded request's tokens would depend on when its compile finished.
+        outputs = self._admit_compiled() if self._num_compiling else []
         speculating = spec is not None and spec.active(self.scheduler.num_running, self.scheduler.num_waiting)
         if self.async_scheduling and not speculating and not (spec is not None and spec.every_step_sync):
-            return self._step_async()
-        outputs = []
+            return outputs + self._step_async()
         if self._inflight is not None:  # proposals follow the last token: record it first
-            outputs = self._complete_inflight(time.perf_counter())
+            outputs += self._complete_inflight(time.perf_counter())
         return outputs + self._step_sync(speculating)
 
     def _step_sync(self, speculating: bool = False) -> list[EngineCoreOutput]:
@@ -263,13 +269,12 @@ class EngineCore:
         with proposals runs synchronously: how many tokens each row emits decides the
         next step's inputs."""
         t0 = time.perf_counter()
-        failed = self._admit_compiled(block=self._scheduler_idle()) if self._num_compiling else []
         proposed = self.spec_steps.propose(self.scheduler.running) if speculating else []
         sched_out = self.scheduler.schedule()
         for req in proposed:  # rows the budget left out keep none for a later step
             req.spec_token_ids = []
         if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:
-            return failed
+            return []
         plan = self.planner.plan(sched_out)
         if self.grammar_requests.num_live and sched_out:
             self.grammar_requests.attach_bitmask(plan, sched_out)
@@ -278,7 +283,7 @@ class EngineCore:
         t1 = time.perf_counter()
         result = self.executor.execute(plan)
         t2 = time.perf_counter()
-        outputs = failed + self._record(sched_out, result)
+        outputs = self._record(sched_out, result)
         tm = self.timing
         tm["steps"] += 1
         tm["schedule_s"] += t1 - t0
@@ -291,8 +296,6 @@ class EngineCore:
         collect and record step N while the device runs N+1."""
         t0 = time.perf_counter()
         outputs: list[EngineCoreOutput] = []
-        if self._num_compiling:
-            outputs += self._admit_compiled(block=self._scheduler_idle() and self._inflight is None)
         sched_out = self.scheduler.schedule()
         t1 = time.perf_counter()
         if not sched_out and not sched_out.preempted_ids and not self.planner.has_finished:

@@ -1,11 +1,13 @@
 """Speculative decoding in the engine core's step loop: which requests propose, their
-proposals (a grammar request's cut to what its grammar accepts), the rows whose next
-proposals the workers draft, and the tokens each verified row emitted."""
+proposals (a grammar request's cut by its grammar, see `spec_decode.grammar`: n-gram
+proposals to the longest prefix it accepts, a draft model's or EAGLE head's through the
+first one it refuses or that ends it), the rows whose next proposals the workers draft,
+and the tokens each verified row emitted."""
 from __future__ import annotations
 
 from typing import Iterator
 
-from raylm.engine.spec_decode.grammar import grammar_prefix
+from raylm.engine.spec_decode.grammar import drafted_prefix, grammar_prefix
 from raylm.engine.spec_decode.speculator import Speculator
 
 
@@ -18,19 +20,22 @@ class SpecSteps:
         self.requests = requests
 
     def eligible(self, req) -> bool:
-        """Grammar requests speculate with n-gram proposals (checked against the grammar
-        in `propose`); a draft model's or EAGLE head's are not offered to them yet."""
-        state = self.requests.get(req.request_id)
-        return state is not None and (state.grammar is None or not self.speculator.on_workers)
+        """Every live request speculates, grammar requests too (their proposals are cut
+        by the grammar in `propose`)."""
+        return req.request_id in self.requests
 
     def propose(self, running) -> list:
-        """Proposals for the running decodes; a grammar request keeps the longest prefix
-        of its proposals that its grammar accepts."""
+        """Proposals for the running decodes. A grammar request keeps, of n-gram
+        proposals, the longest prefix its grammar accepts; of proposals drafted on the
+        workers (verified by rejection sampling), those up to and including the first its
+        grammar refuses or that ends it (cutting on a drafted token's value would bias
+        the output; a prefix keeps the draft probabilities' rows aligned)."""
         proposed = self.speculator.propose(running, self.eligible)
+        cut = drafted_prefix if self.speculator.on_workers else grammar_prefix
         for req in proposed:
             state = self.requests.get(req.request_id)
             if state is not None and state.grammar is not None:
-                del req.spec_token_ids[grammar_prefix(state.grammar, req.spec_token_ids):]
+                del req.spec_token_ids[cut(state.grammar, req.spec_token_ids):]
         return proposed
 
     def wanted(self, sched_out, scheduler_requests: dict) -> dict[str, int]:
