@@ -169,6 +169,11 @@ def row(r: dict) -> str:
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
                             f"{x['host_ms_per_step']:.2f} ms host per decode step" for x in r["rows"])
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "spec_decode":
+        numbers = (f"{r['method']} k={r['num_speculative_tokens']}, batch {r['batch_size']}, {r['workload']}: "
+                   f"acceptance {r['acceptance_rate']:.2f}, {_fmt(r['raylm_output_tok_per_s'], '.1f')} out tok/s vs "
+                   f"{_fmt(r['baseline_output_tok_per_s'], '.1f')} without ({r['speedup']:.2f}x)")
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "startup":
         spans = ", ".join(f"{x['who']} {x['phase']} {x['s']:.1f} s" for x in r["longest_spans"][:3])
         numbers = f"process start to first served request {r['startup_s']:.1f} s; longest: {spans}"
@@ -492,6 +497,20 @@ def _host_step(r: dict) -> list[Row]:
                  f"{x['host_ms_per_step']:.2f}", f"{x['host_us_per_sequence']:.1f}"]) for x in r["rows"]]
 
 
+def _spec_decode(r: dict) -> list[Row]:
+    cost = r.get("round_cost_in_decode_steps")
+    tpot = ("-" if r.get("raylm_tpot_ms") is None
+            else f"{_ms(r['raylm_tpot_ms'])} ({_ms(r.get('baseline_tpot_ms'))})")
+    mode = r.get("mode") or ("k=" + str(r["num_speculative_tokens"]))
+    return [Row((r["model"], r["device"], r["method"], r["workload"], r["batch_size"], mode), "spec_decode",
+                [r["model"], r["device"], r["method"] + (f" ({r['draft_model']})" if r.get("draft_model") else ""),
+                 mode, r["batch_size"], r["workload"], f"{r['acceptance_rate']:.2f}",
+                 _fmt(r.get("mean_acceptance_length"), ".2f"), _n(r["raylm_output_tok_per_s"], 1),
+                 _n(r["baseline_output_tok_per_s"], 1), f"{r['speedup']:.2f}x", tpot,
+                 "-" if cost is None else f"{cost:.2f}",
+                 f"{r.get('requests_equal_to_baseline', '-')} of {r.get('requests', '-')}"], r.get("note", ""))]
+
+
 def _startup(r: dict) -> list[Row]:
     marks = {(x["who"].split(" ")[0], x["mark"]): x["t_s"] for x in r["timeline"]}
     core = {k[1]: v for k, v in marks.items() if k[0].startswith("core")}
@@ -533,6 +552,14 @@ SECTIONS = [
             ("host_scaling",),
             ["Machine", "Stand-in step", "Groups", "Streams", "out tok/s", "Of linear", "TPOT p50", "ITL p99",
              "Cores in steps"], _host_scaling),
+    Section("Speculative decoding",
+            "`benchmarks/spec_decode.py`: speculation beside the same engine without it, in one run, greedy. "
+            "Acceptance: accepted over proposed tokens; mean acceptance length: tokens a verified row emits. "
+            "Round cost (draft models): one propose-and-verify step in plain decode steps. Same output: requests "
+            "whose tokens equal plain decoding's. TPOT in ms, without speculation in parentheses.",
+            ("spec_decode",),
+            ["Model", "Device", "Method", "k", "Batch", "Workload", "Acceptance", "Mean acceptance length",
+             "out tok/s", "Without", "Speed-up", "TPOT", "Round cost", "Same output"], _spec_decode),
     Section("Start-up of the serving path",
             "Seconds from the process's start (`benchmarks/startup.py`, random weights): Serve started, the "
             "engine core's process started and its engine built (of which load / memory profile / KV cache and "

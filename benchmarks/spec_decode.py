@@ -7,6 +7,7 @@ with adaptive k (proposals stop above disable_by_batch_size running requests).
     python benchmarks/spec_decode.py --smoke      # CPU, a tiny llama; writes only under $OUT
     python benchmarks/spec_decode.py --model qwen3-8b --method draft_model --draft-model qwen3-0.6b
     python benchmarks/spec_decode.py --smoke --method draft_model
+    python benchmarks/spec_decode.py --model smollm2-135m-instruct --workloads edit --batch-size 16
 
 With `--method draft_model` it measures what one propose-and-verify round costs: the
 time of a step that verifies k proposals per row and drafts the next k with the draft
@@ -19,6 +20,9 @@ Workloads (greedy), so that acceptance can be measured and varied:
   that prompt lookup finds (how soon depends on the model: acceptance is measured).
 - `copy`: each prompt is P + G + P, G the target's own greedy continuation of P (from
   the plain engine), so the continuation after the second P tends to repeat G.
+- `edit` (`--model smollm2-135m-instruct`, the real embedded model and its chat template,
+  on the GPU if there is one, else the CPU in float32): "repeat / rewrite this text"
+  requests over a few paragraphs of prose and code; each ends where the model ends it.
 Each record also says how many requests gave the same tokens as plain decoding (bf16
 near-ties may differ between one position at a time and k + 1 at once).
 """
@@ -40,7 +44,51 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 
+# The real embedded model (its GGUF weights and tokenizer), for the "edit" workload.
+SMOLLM2 = "smollm2-135m-instruct"
+
+# Texts for the "edit" workload: the model is asked to repeat or correct them.
+EDIT_TEXTS = [
+    "The committee met on Tuesday to review the budget for the coming year. After a long discussion, "
+    "the members agreed to increase funding for the public library by ten percent, to repair the roof of "
+    "the community centre before winter, and to hire two more staff for the parks department. The vote "
+    "was unanimous, and the new budget will take effect on the first of January.",
+    "To make a simple bread, mix five hundred grams of flour with a teaspoon of salt and a packet of dry "
+    "yeast. Add three hundred millilitres of warm water and knead the dough for ten minutes, until it is "
+    "smooth. Leave it covered in a warm place for an hour, shape it into a loaf, let it rise again for "
+    "thirty minutes, and bake it at two hundred degrees for about thirty five minutes.",
+    "def merge_sorted(a, b):\n    result = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+    "        if a[i] <= b[j]:\n            result.append(a[i])\n            i += 1\n        else:\n"
+    "            result.append(b[j])\n            j += 1\n    result.extend(a[i:])\n    result.extend(b[j:])\n"
+    "    return result\n",
+    "Dear Maria, thank you for your letter and for the photographs of the garden. The roses look "
+    "wonderful this year, and I am glad the apple tree survived the storm. We are planning to visit in "
+    "August, if that suits you, and we would love to stay for a week. Please let me know which dates are "
+    "best for you. With love, Anna.",
+]
+EDIT_ASKS = ["Repeat the following text exactly, without any comment:\n\n{}",
+             "Rewrite the following text with the same words, changing nothing:\n\n{}"]
+
+
+def edit_prompts(llm, n: int) -> list[list[int]]:
+    """Chat prompts (the model's template) asking to repeat or rewrite a text unchanged."""
+    tok = llm.get_tokenizer()
+    out = []
+    for i in range(n):
+        text = EDIT_TEXTS[i % len(EDIT_TEXTS)]
+        ask = EDIT_ASKS[(i // len(EDIT_TEXTS)) % len(EDIT_ASKS)].format(text)
+        text = tok.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True,
+                                       tokenize=False)
+        out.append(tok.encode(text, add_special_tokens=False))
+    return out
+
+
 def engine_kwargs(args, cfg_dir: str, max_num_seqs: int) -> dict:
+    if args.model == SMOLLM2:  # the real weights and tokenizer (LLM(None) loads them)
+        kw = dict(model=None, seed=0, max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
+                  enable_prefix_caching=False)
+        return dict(kw, dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization) \
+            if torch.cuda.is_available() else dict(kw, dtype="float32", device="cpu")
     kw = dict(model=cfg_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
               max_model_len=args.max_model_len, max_num_seqs=max_num_seqs, enable_prefix_caching=False)
     if args.smoke:
@@ -62,7 +110,7 @@ def sync(llm) -> None:
         torch.cuda.synchronize()
 
 
-def batch1(llm, prompts, out_len: int) -> dict:
+def batch1(llm, prompts, out_len: int, ignore_eos: bool = True) -> dict:
     """Each prompt alone: median TPOT (first token to last, per token) and the outputs."""
     from raylm import SamplingParams
 
@@ -70,7 +118,7 @@ def batch1(llm, prompts, out_len: int) -> dict:
     tpots, outputs = [], []
     for i, prompt in enumerate(prompts):
         engine.add_request(f"b1-{i}", {"prompt_token_ids": prompt},
-                           SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0))
+                           SamplingParams(max_tokens=out_len, ignore_eos=ignore_eos, temperature=0))
         sync(llm)
         first, tokens = None, []
         while engine.has_unfinished_requests():
@@ -80,17 +128,17 @@ def batch1(llm, prompts, out_len: int) -> dict:
                 if out.finished:
                     tokens = out.outputs[0].token_ids
         sync(llm)
-        tpots.append((time.perf_counter() - first) / (out_len - 1))
+        tpots.append((time.perf_counter() - first) / max(1, len(tokens) - 1))
         outputs.append(tokens)
     tpot = statistics.median(tpots)
     return {"tpot_ms": 1e3 * tpot, "output_tok_per_s": 1.0 / tpot, "outputs": outputs}
 
 
-def batched(llm, prompts, out_len: int) -> dict:
+def batched(llm, prompts, out_len: int, ignore_eos: bool = True) -> dict:
     """All prompts at once: output tok/s and the outputs."""
     from raylm import SamplingParams
 
-    sp = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0)
+    sp = SamplingParams(max_tokens=out_len, ignore_eos=ignore_eos, temperature=0)
     sync(llm)
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
@@ -117,6 +165,8 @@ def measured(llm, fn, *a) -> dict:
 
 
 def make_prompts(llm, workload: str, n: int, prompt_len: int, out_len: int, vocab: int, seed: int):
+    if workload == "edit":
+        return edit_prompts(llm, n)
     rng = random.Random(seed)
     prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(n)]
     if workload == "repeat":
@@ -152,27 +202,32 @@ def run_workload(args, cfg_dir: str, vocab: int, workload: str) -> list[dict]:
     base = open_llm(engine_kwargs(args, cfg_dir, B))
     prompts = make_prompts(base, workload, B, args.prompt_len, args.output_len, vocab, seed=1)
     one = prompts[:args.batch1_requests]
-    base1 = batch1(base, one, args.output_len)
-    baseB = batched(base, prompts, args.output_len)
+    ignore_eos = workload != "edit"  # an edit ends where the model ends it
+    base1 = batch1(base, one, args.output_len, ignore_eos)
+    baseB = batched(base, prompts, args.output_len, ignore_eos) if B > 1 else None
     close(base)
 
     spec = open_llm(engine_kwargs(args, cfg_dir, B), ngram(args.k))
-    spec1 = measured(spec, batch1, one, args.output_len)
+    spec1 = measured(spec, batch1, one, args.output_len, ignore_eos)
     close(spec)
-    adaptive = open_llm(engine_kwargs(args, cfg_dir, B),
-                        ngram(args.k, adaptive=True, disable_by_batch_size=args.disable_by_batch_size))
-    specB = measured(adaptive, batched, prompts, args.output_len)
-    close(adaptive)
+    specB = None
+    if baseB is not None:
+        adaptive = open_llm(engine_kwargs(args, cfg_dir, B),
+                            ngram(args.k, adaptive=True, disable_by_batch_size=args.disable_by_batch_size))
+        specB = measured(adaptive, batched, prompts, args.output_len, ignore_eos)
+        close(adaptive)
 
     records = []
-    for bs, ours, theirs, mode in ((1, spec1, base1, f"k={args.k}"), (B, specB, baseB, "adaptive k")):
+    runs = [(1, spec1, base1, f"k={args.k}")] + ([(B, specB, baseB, "adaptive k")] if specB else [])
+    for bs, ours, theirs, mode in runs:
         r = common.base_result("spec_decode", args.model)
         r.update({
             "method": "ngram", "num_speculative_tokens": args.k, "batch_size": int(bs),
             "workload": workload, "mode": mode,
             "adaptive_num_speculative_tokens": mode == "adaptive k",
             "disable_by_batch_size": args.disable_by_batch_size if mode == "adaptive k" else None,
-            "prompt_len": len(prompts[0]), "output_len": args.output_len,
+            "prompt_len": len(prompts[0]), "output_len": args.output_len, "ignore_eos": ignore_eos,
+            "mean_output_tokens": statistics.mean(map(len, ours["outputs"])),
             "acceptance_rate": ours["acceptance_rate"],
             "mean_acceptance_length": ours["mean_acceptance_length"],
             "num_draft_tokens": ours["num_draft_tokens"], "num_accepted_tokens": ours["num_accepted_tokens"],
@@ -274,6 +329,10 @@ def main() -> None:
         draft_dir = tiny_model_dir(layers=1, hidden=32)[0]
         args.model, args.draft_model = "tiny-llama", "tiny-llama-1-layer"
         args.draft_batch_sizes = "1,4"
+    elif args.model == SMOLLM2:  # the real model: on the GPU if there is one, else the CPU
+        if args.method != "ngram":
+            raise SystemExit(f"--model {SMOLLM2} runs --method ngram only (it has no draft model)")
+        cfg_dir, vocab = None, None
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU: use --smoke for the CPU check")
@@ -290,12 +349,15 @@ def main() -> None:
         return
     records = []
     for workload in args.workloads.split(","):
-        if workload not in ("repeat", "copy"):
-            raise SystemExit(f"--workloads: unknown workload {workload!r}; known: repeat, copy")
+        if workload not in ("repeat", "copy", "edit") or (workload == "edit") != (args.model == SMOLLM2):
+            raise SystemExit(f"--workloads: workload {workload!r} does not fit --model {args.model}; "
+                             f"random weights: repeat, copy; {SMOLLM2}: edit")
         records += run_workload(args, cfg_dir, vocab, workload)
     if args.smoke and not os.environ.get("OUT"):
         return  # a smoke run leaves benchmarks/results/ alone
-    common.save_result(records, f"spec_decode-{args.model}" + ("-smoke" if args.smoke else ""))
+    on_cpu = not args.smoke and not torch.cuda.is_available()
+    common.save_result(records, f"spec_decode-{args.model}" + ("-smoke" if args.smoke else "")
+                       + ("-cpu" if on_cpu else ""))
 
 
 if __name__ == "__main__":

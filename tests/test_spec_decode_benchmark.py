@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 FIELDS = ("benchmark", "model", "device", "date", "method", "num_speculative_tokens", "batch_size",
           "workload", "acceptance_rate", "raylm_output_tok_per_s", "baseline_output_tok_per_s",
           "baseline_tpot_ms", "speedup", "command")
@@ -50,3 +51,25 @@ def test_spec_decode_benchmark_draft_model_smoke_on_cpu(tmp_path):
         assert r["round_cost_in_decode_steps"] > 0 and r["baseline_step_ms"] > 0
         assert r["num_draft_tokens"] > 0 and 0 <= r["acceptance_rate"] <= 1
         assert r["requests_equal_to_baseline"] == r["requests"]
+
+
+def test_spec_decode_benchmark_edit_workload_on_the_real_smollm2(tmp_path):
+    """--model smollm2-135m-instruct (the embedded model, float32 on the CPU): chat prompts
+    asking it to repeat a text, which prompt lookup predicts; outputs equal plain decoding."""
+    import record
+
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "spec_decode.py"), "--model",
+                        "smollm2-135m-instruct", "--workloads", "edit", "--batch-size", "1",
+                        "--batch1-requests", "1", "--output-len", "24", "--max-model-len", "512"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    records = json.load(open(tmp_path / "spec_decode-smollm2-135m-instruct-cpu.json"))
+    assert [(r["workload"], r["batch_size"]) for r in records] == [("edit", 1)]  # batch 1 only
+    for r in records:
+        assert all(f in r for f in FIELDS), [f for f in FIELDS if f not in r]
+        assert r["ignore_eos"] is False and r["requests_equal_to_baseline"] == r["requests"]
+        assert r["acceptance_rate"] > 0.5, r  # it copies the text it was given
+        (row,) = record._spec_decode(r)
+        assert row.cells[6] == f"{r['acceptance_rate']:.2f}"
+    assert "acceptance" in record.row(records[0])
