@@ -494,7 +494,8 @@ def _host_step(r: dict) -> list[Row]:
     wires = {"none": "no (in process)", "whole": "yes (as the Ray path sends them)"}
     return [Row((r["device"], x["running"], x["wire"]), x["wire"],
                 [r["model"], r["device"], x["running"], wires.get(x["wire"], x["wire"]),
-                 f"{x['host_ms_per_step']:.2f}", f"{x['host_us_per_sequence']:.1f}"]) for x in r["rows"]]
+                 f"{x['host_ms_per_step']:.2f}", f"{x['host_us_per_sequence']:.1f}"], r.get("note", ""))
+            for x in r["rows"]]
 
 
 def _spec_decode(r: dict) -> list[Row]:

@@ -97,6 +97,9 @@ class EngineCore:
             long_prefill_token_threshold=args.long_prefill_token_threshold,
             num_lookahead_tokens=num_lookahead_tokens(spec)), self.block_manager)
         self.requests: dict[str, _CoreRequest] = {}
+        # Live requests whose sampling reads the tokens so far (penalties, min_tokens, bad
+        # words): while there are none, no step waits for the one in flight on their account.
+        self._history_ids: set[str] = set()
         self.planner = StepPlanner(self._new_request)
         self.structured_outputs_config = parse_structured_outputs_config(
             getattr(args, "structured_outputs_config", None))
@@ -164,6 +167,8 @@ class EngineCore:
                           prefix_group=r.prefix_group, max_output_tokens=max(1, max_tokens))
             self.requests[r.request_id] = _CoreRequest(req, p, r.index, r.subscriber, r.output_offset,
                                                        bad_words_token_ids=bad_words.get(r.request_id))
+            if needs_output_history(p) or r.request_id in bad_words:
+                self._history_ids.add(r.request_id)
             if p.structured_outputs is not None:  # scheduled once its grammar is compiled
                 self.grammar_requests.submit(r.request_id, p.structured_outputs)
             else:
@@ -238,6 +243,7 @@ class EngineCore:
         rid = state.request.request_id
         self.scheduler.finish_request(rid, status)
         self.grammar_requests.release(state, self.requests.pop(rid, None) is not None)
+        self._history_ids.discard(rid)
         self.planner.finished(rid)
         if self.speculator is not None:
             self.speculator.remove(rid)
@@ -337,6 +343,8 @@ class EngineCore:
         """True when a request of this step samples from the tokens so far (penalties,
         min_tokens, bad_words, a grammar's bitmask unless grammar=False): the step in
         flight must be recorded before this one samples."""
+        if not self._history_ids and not (grammar and self.grammar_requests.num_live):
+            return False
         for s in sched_out.seqs:
             state = self.requests.get(s.request_id)
             if state is not None and (needs_output_history(state.params) or state.bad_words_token_ids

@@ -122,6 +122,16 @@ class BlockManager:
         """Grow the request's block table to hold its computed tokens, `cached_blocks`
         (a prefix hit, for a request with nothing computed yet) and `num_new_tokens` more.
         Returns False, changing nothing, when too few blocks are free."""
+        if not cached_blocks:  # the common case (a decode, a later chunk): no prefix hit
+            need = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+            if need <= 0:
+                return True
+            if need > self.num_free_blocks:
+                return False
+            take, ids = self._take_free_block, request.block_ids
+            for _ in range(need):
+                ids.append(take())
+            return True
         num_cached = len(cached_blocks) * self.block_size
         total = request.num_computed_tokens + num_cached + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(request.block_ids) - len(cached_blocks)
