@@ -15,19 +15,12 @@
 #       this part joins them from /tmp into /tmp/site.
 #   st  where the serving path's start-up goes (benchmarks/startup.py); first on a fresh machine.
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 parts=${*:-so sn sd st}
 # The SmolLM2 tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
 # chat_template.jinja), when carried beside the code as smoltok/.
 [ -d smoltok ] && export RAYLM_BENCH_TOKENIZER_DIR=$PWD/smoltok
 log=$OUT/features.log
-run() {  # name, timeout, command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name: $*" >> "$log"
-  setsid timeout -k 10 "$limit" "$@" >> "$log" 2>&1
-  echo "== $name exit $?" >> "$log"
-  python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
-}
+. "$(dirname "$0")/h200_run.sh"
 for p in $parts; do
   case $p in
     so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b ;;

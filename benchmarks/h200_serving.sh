@@ -6,16 +6,9 @@
 # the serving path's start-up goes, benchmarks/startup.py: run it first on a fresh machine, cold caches;
 # also in benchmarks/h200_features.sh, with the feature benchmarks).
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 parts=${*:-q1 l1 q2 hs}
 log=$OUT/serving.log
-run() {  # name, timeout, command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name: $*" >> "$log"
-  setsid timeout -k 10 "$limit" "$@" >> "$log" 2>&1
-  echo "== $name exit $?" >> "$log"
-  python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
-}
+. "$(dirname "$0")/h200_run.sh"
 profile() {  # after $1 s, 8 s of py-spy on the engine core process -> $OUT/$2
   (sleep "$1"; pid=$(pgrep -f "ray::EngineCoreActor" | head -1)
    [ -n "$pid" ] && py-spy record -d 8 -r 100 -p "$pid" -f raw -o "$OUT/$2" > /dev/null 2>&1) &
