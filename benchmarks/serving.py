@@ -12,7 +12,7 @@ fraction of the closed-loop request rate. Clients run in --client-procs processe
 (benchmarks/loadgen.py). Reports output tok/s and mean/p50/p99 of TTFT, TPOT,
 inter-token latency and end-to-end latency, per group the requests routed and the
 fraction of the run it spent in steps, and the process start to the first served
-request. vLLM 0.26.0's figures on one H200 (same workload) stand beside ours. Writes
+request (with each engine core's start-up phases and marks, raylm.cluster.startup). vLLM 0.26.0's figures on one H200 (same workload) stand beside ours. Writes
 benchmarks/results/serving-<model>-<G>groups[-<tag>].json (or under $OUT).
 """
 from __future__ import annotations
@@ -113,6 +113,12 @@ def main() -> None:
     app_s = time.perf_counter() - t
     print(f"app up in {app_s:.0f} s; process start to first served request {startup_s:.0f} s", flush=True)
     router = serve.get_deployment_handle("Router", app_name=APP_NAME)
+    # Where the start-up went: each core's own phases, and its marks from this process's start.
+    t0 = time.time() - startup_s
+    cores_startup = [{"phases_s": m.get("phases"),
+                      "marks_s": {k: round(v - t0, 2) for k, v in m["marks"].items()}}
+                     for m in router.startup_marks.remote().result() if m["role"].startswith("core")]
+    print(f"engine cores' start-up: {cores_startup}", flush=True)
     bodies = [body(pr, o) for pr, o in zip(prompts, outputs)]
     records = []
     peer = VLLM_H200.get(args.model, {})
@@ -141,7 +147,7 @@ def main() -> None:
             "num_groups": args.num_groups, "tensor_parallel_size": args.tensor_parallel_size,
             "num_gpus_per_worker": args.num_gpus_per_worker, "api_server_count": args.api_server_count,
             "num_gpus": args.num_groups * args.tensor_parallel_size * args.num_gpus_per_worker,
-            **s, "startup_s": startup_s, "groups": groups,
+            **s, "startup_s": startup_s, "cores_startup": cores_startup, "groups": groups,
             "mean_batch": s["output_tokens"] / max(1, sum(g["steps"] for g in groups)),
             "mean_batch_bound": (closed_loop_batch_bound(outputs, args.max_concurrency * args.num_groups)
                                  / args.num_groups if rate is None else None),
