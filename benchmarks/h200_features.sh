@@ -14,6 +14,7 @@
 #       own, back to back while the machine is warm, each copied to /tmp (cp .gpu/smol/part-* /tmp/);
 #       this part joins them from /tmp into /tmp/site.
 #   st  where the serving path's start-up goes (benchmarks/startup.py); first on a fresh machine.
+#   gt  the GPU tests of speculative decoding (bf16, CUDA graphs) and of the attention backends
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
 parts=${*:-so sn sd st}
 # The SmolLM2 tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
@@ -30,6 +31,7 @@ for p in $parts; do
         run sm 300 python3 benchmarks/spec_decode.py --model smollm2-135m-instruct --workloads edit \
             --batch-size 64 --output-len 512 ;;
     st) run st 200 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
+    gt) run gt 400 python3 -m pytest -q -x tests/gpu/test_spec_decode_gpu.py tests/gpu/test_engine_gpu.py ;;
   esac
 done
-grep -h "^== \|speedup\|structured_output_tok_per_s\|process start" "$log" | cut -c1-400
+grep -h "^== \|speedup\|structured_output_tok_per_s\|process start\|passed\|failed" "$log" | cut -c1-400
