@@ -15,8 +15,8 @@ cd "$root"
 py=${PY:-.venv/bin/python}
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-git archive HEAD -- raylm benchmarks deploy pyproject.toml Makefile tests/gpu tests/__init__.py \
-    tests/conftest.py tests/helpers.py | tar -x -C "$scratch"
+git archive HEAD -- raylm benchmarks deploy pyproject.toml Makefile tests \
+    | tar -x -C "$scratch"
 # The tokenizer files of the converted embedded model (converting it once if needed).
 tokdir=$($py -c "from raylm.workers.gguf_loader import convert_gguf, default_model_path; print(convert_gguf(default_model_path()))")
 mkdir -p "$scratch/smoltok"
@@ -26,6 +26,7 @@ done
 # The check: the snapshot alone (not this checkout) imports and runs a tiny engine on the CPU.
 (cd "$scratch" && RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$scratch" $root/$py -c "
 import raylm, raylm.cluster.app, benchmarks.spec_decode, benchmarks.structured, benchmarks.startup
+import tests.helpers, tests.test_spec_decode, tests.test_spec_decode_models, tests.test_spec_eagle3  # the GPU tests' imports
 assert raylm.__file__.startswith('$scratch'), raylm.__file__
 from transformers import AutoTokenizer
 AutoTokenizer.from_pretrained('smoltok')
