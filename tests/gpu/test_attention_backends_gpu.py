@@ -73,8 +73,9 @@ def _step(seqs, block_size, gen):
 
 
 def _check(backend_name, layout, block_size, step, kv_dtype):
+    """`layout`: a model's name under benchmarks/models, or (heads, kv heads, head_dim)."""
     backend = _backend(backend_name)
-    num_heads, num_kv_heads, head_dim = _layout(layout)
+    num_heads, num_kv_heads, head_dim = layout if isinstance(layout, tuple) else _layout(layout)
     gen = torch.Generator().manual_seed(block_size + len(step))
     meta, num_blocks = _step(STEPS[step], block_size, gen)
     t = int(meta.query_start_loc[-1])
@@ -104,6 +105,56 @@ def test_backend_matches_reference(backend, layout, block_size, step, kv):
     if block_size == 128 and backend != "flash_attn":
         pytest.skip("block_size 128 is FA4's TMA path")
     _check(backend, layout, block_size, step, FP8 if kv == "fp8" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+@pytest.mark.parametrize("step", ["decode", "mixed"])
+def test_flashinfer_group_without_cuda_core_decode(step, kv):
+    """28 query heads over 4 kv heads (Qwen2.5-7B): group 7, for which FlashInfer builds no
+    CUDA-core decode kernel, so even an fp8 cache decodes on the tensor-core one."""
+    _check("flashinfer", (28, 4, 128), 16, step, FP8 if kv == "fp8" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_flashinfer_decode_graph_replanned(kv):
+    """A captured 512-row decode (the largest size the graph runner captures; with a bf16
+    cache FlashInfer's graph-mode tensor-core split-KV needs 162 MiB of workspace at
+    Llama-3.1-8B's heads, the fp8 cache takes the CUDA-core kernel), planned again before
+    each replay: all rows, then 300 real rows and 212 padding ones."""
+    backend = _backend("flashinfer")
+    num_heads, num_kv_heads, head_dim = _layout("llama-3.1-8b")
+    kv_dtype = FP8 if kv == "fp8" else torch.bfloat16
+    k_scale, v_scale = (0.5, 2.0) if kv == "fp8" else (1.0, 1.0)
+    rows, block_size, max_blocks, num_blocks = 512, 16, 64, 4096
+    gen = torch.Generator().manual_seed(7)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).cuda()
+    cache = torch.stack([quantize_kv(cache[0], kv_dtype, k_scale), quantize_kv(cache[1], kv_dtype, v_scale)])
+    q = torch.randn(rows, num_heads, head_dim, generator=gen).to("cuda", torch.bfloat16)
+    scale = head_dim ** -0.5
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((rows,), -1, dtype=torch.long, device="cuda"),
+        query_start_loc=torch.arange(rows + 1, dtype=torch.int32, device="cuda"),
+        seq_lens=torch.ones(rows, dtype=torch.int32, device="cuda"),
+        block_tables=torch.zeros(rows, max_blocks, dtype=torch.int32, device="cuda"),
+        query_lens_cpu=[1] * rows, seq_lens_cpu=[1] * rows, max_query_len=1,
+        max_seq_len=max_blocks * block_size)
+    backend.attend(q, cache, meta, scale, k_scale, v_scale)  # eagerly first, as the graph runner
+    backend.graph_prepare(meta, max_blocks)
+    backend.graph_plan(meta, [1] * rows, [1] * rows)
+    backend.attend(q, cache, meta, scale, k_scale, v_scale)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.attend(q, cache, meta, scale, k_scale, v_scale)
+    for n in (rows, 300):
+        lens = torch.randint(1, max_blocks * block_size + 1, (n,), generator=gen)
+        meta.block_tables[:n] = torch.randint(0, num_blocks, (n, max_blocks), generator=gen).int().cuda()
+        meta.seq_lens[:n] = lens.int().cuda()
+        meta.seq_lens[n:] = 0
+        backend.graph_plan(meta, [1] * n, lens.tolist())
+        graph.replay()
+        ref = paged_prefill_attention_ref(q[:n], cache, meta.block_tables[:n], meta.seq_lens[:n],
+                                          meta.query_start_loc[:n + 1], scale, k_scale, v_scale)
+        torch.testing.assert_close(out[:n].float(), ref.float(), atol=TOL, rtol=TOL)
 
 
 def test_flash_attn_refuses_fp8_cache():

@@ -13,6 +13,16 @@ captured size with fixed buffers (use_cuda_graph=True), planned before each repl
 An fp8 cache is read with k_scale folded into the softmax scale and v_scale applied to
 the output (FlashInfer's k_scale / v_scale).
 
+Decode runs FlashInfer's CUDA-core kernel only where it exists: query heads per kv head
+in (1, 2, 3, 4, 8) (DISPATCH_GQA_GROUP_SIZE); other groups, and grouped heads over a
+cache in the query's dtype, take the tensor-core (FA2 prefill template) kernel.
+
+The float workspace holds split-KV partial outputs. In CUDA-graph mode FlashInfer always
+splits and pads the work to an upper bound that grows with the captured batch (for a
+512-row decode graph of Llama-3.1-8B's heads it needs 161 MiB), so the workspace is sized
+from the head layout and each captured size (float_workspace_bytes), never below the
+recommended 128 MiB.
+
 A plan ends with an asynchronous copy from the wrapper's pinned buffer to the device, so
 planning a wrapper again before that copy ran would change the plan of the step still
 queued (the host runs ahead of the GPU with asynchronous scheduling): each wrapper's
@@ -30,7 +40,53 @@ from raylm.workers.attention_backends import (AttentionBackend, AttentionMetadat
                                               AttentionShape, require)
 
 HEAD_DIMS = (64, 128, 256)  # the head sizes FlashInfer's paged kernels are built for
-WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace
+WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (the least we allocate)
+# Query heads per kv head that the CUDA-core decode kernel is compiled for
+# (DISPATCH_GQA_GROUP_SIZE, include/flashinfer/utils.cuh); others raise "Unsupported group_size".
+CUDA_CORE_DECODE_GROUPS = (1, 2, 3, 4, 8)
+
+
+def decode_uses_tensor_cores(num_heads: int, num_kv_heads: int, q_dtype: torch.dtype,
+                             kv_dtype: torch.dtype) -> bool:
+    """Whether decode takes the tensor-core kernel (use_tensor_cores=True): for grouped heads
+    over a cache in the query's dtype, and for any group the CUDA-core kernel lacks; the
+    CUDA-core kernel for MHA and for an fp8 cache at the groups it has."""
+    group = num_heads // num_kv_heads
+    return group not in CUDA_CORE_DECODE_GROUPS or (group > 1 and kv_dtype == q_dtype)
+
+
+def _fa2_cta_tile_q(packed_qo_len: int, head_dim: int) -> int:
+    """FlashInfer's FA2DetermineCtaTileQ (include/flashinfer/utils.cuh) on SM80 and later."""
+    if head_dim >= 512:
+        return 16 if packed_qo_len <= 32 else 32
+    if packed_qo_len > 64 and head_dim < 256:
+        return 128
+    return 64 if packed_qo_len > 16 else 16
+
+
+def float_workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, num_sms: int,
+                          rows: Optional[int] = None, tokens: Optional[int] = None) -> int:
+    """The float workspace FlashInfer's plans can take at this head layout on a GPU of
+    num_sms SMs, rounded up to MiB and at least WORKSPACE_BYTES. The largest user is the
+    FA2 template's split-KV (prefill wrapper, tensor-core decode; PrefillPlan in
+    attention/scheduler.cuh): float32 [num_heads, tiles, cta_tile_q, head_dim + 1]. Eagerly
+    (rows None) it splits only while tiles <= max_batch_size_if_split = 2 * num_sms //
+    num_kv_heads. A CUDA-graph wrapper of `rows` sequences and `tokens` query rows always
+    splits, into max(that, ceil(tokens * group / cta_tile_q) + rows - 1) tiles with
+    cta_tile_q fixed by the longest possible query. The CUDA-core decode kernel's
+    float32 [num_heads, max_grid / num_kv_heads, head_dim + 1] (at most 32 CTAs per SM) is
+    covered too."""
+    group = num_heads // num_kv_heads
+    max_split = 2 * num_sms // num_kv_heads
+    if rows is None:
+        cta, tiles = _fa2_cta_tile_q(1 << 30, head_dim), max_split
+    else:
+        cta = _fa2_cta_tile_q((tokens - rows + 1) * group, head_dim)
+        tiles = max(max_split, -(-tokens * group // cta) + rows - 1)
+    split = num_heads * tiles * cta * (head_dim + 1) * 4
+    cuda_core_decode = num_heads * (32 * num_sms // num_kv_heads) * (head_dim + 1) * 4
+    need = max(split, cuda_core_decode) + (1 << 20)  # + alignment of the allocations
+    return max(WORKSPACE_BYTES, -(-need >> 20) << 20)
 
 
 def page_layout(block_tables: torch.Tensor, seq_lens: list[int], block_size: int, rows: Optional[int] = None):
@@ -82,17 +138,35 @@ class FlashInferBackend(AttentionBackend):
     def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         write_kv_cache(k, v, kv_cache, slot_mapping, k_scale, v_scale)
 
-    def _workspace_for(self, device) -> torch.Tensor:
-        if self._workspace is None:
-            self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    def _workspace_for(self, shape: AttentionShape, rows: Optional[int] = None,
+                       tokens: Optional[int] = None) -> torch.Tensor:
+        """The shared float workspace, grown to what a wrapper of `rows` sequences and
+        `tokens` query rows (a CUDA graph's; None: eager) can take at `shape`."""
+        num_sms = torch.cuda.get_device_properties(shape.device).multi_processor_count
+        need = float_workspace_bytes(shape.num_heads, shape.num_kv_heads, shape.head_dim, num_sms,
+                                     rows, tokens)
+        if self._workspace is None or self._workspace.numel() < need:
+            if self._workspace is not None:
+                # The eager wrappers keep the smaller buffer; let them go (the next eager step
+                # makes them again) once their queued plan copies from pinned memory have run.
+                # Graph wrappers made before keep theirs, which their plans fit.
+                torch.cuda.synchronize(shape.device)
+                self._wrappers.clear()
+                self._planned = None
+            self._workspace = torch.zeros(need, dtype=torch.uint8, device=shape.device)
         return self._workspace
 
-    def _new_wrapper(self, op: str, shape: AttentionShape, buffers: Optional[dict] = None):
-        ws = self._workspace_for(shape.device)
+    def _new_wrapper(self, op: str, shape: AttentionShape, buffers: Optional[dict] = None,
+                     tokens: Optional[int] = None):
+        tensor_cores = op == "decode" and decode_uses_tensor_cores(shape.num_heads, shape.num_kv_heads,
+                                                                   shape.q_dtype, shape.kv_dtype)
+        # Graph wrappers of the FA2 template (prefill, tensor-core decode) pad their split
+        # work; the CUDA-core decode kernel's fits the eager bound.
+        fa2_graph = buffers is not None and (op == "prefill" or tensor_cores)
+        rows = len(buffers["paged_kv_last_page_len_buf"]) if fa2_graph else None
+        ws = self._workspace_for(shape, rows, tokens if fa2_graph else None)
         graph = dict(use_cuda_graph=buffers is not None, **(buffers or {}))
         if op == "decode":
-            # Tensor cores for grouped heads; the CUDA-core kernel for MHA and fp8 caches.
-            tensor_cores = shape.num_heads > shape.num_kv_heads and shape.kv_dtype == shape.q_dtype
             if buffers is not None:
                 graph = dict(use_cuda_graph=True, paged_kv_indptr_buffer=buffers["paged_kv_indptr_buf"],
                              paged_kv_indices_buffer=buffers["paged_kv_indices_buf"],
@@ -146,7 +220,8 @@ class FlashInferBackend(AttentionBackend):
                        paged_kv_last_page_len_buf=torch.zeros(rows, dtype=torch.int32, device=dev))
         if meta.op == "prefill":
             buffers["qo_indptr_buf"] = torch.zeros(rows + 1, dtype=torch.int32, device=dev)
-        meta.backend_state = self._new_wrapper(meta.op, shape, buffers)
+        # The graph's first plan (graph_plan at capture) fixes its query rows for good.
+        meta.backend_state = self._new_wrapper(meta.op, shape, buffers, tokens=sum(meta.query_lens_cpu))
 
     def graph_plan(self, meta: AttentionMetadata, query_lens: list[int], seq_lens: list[int]) -> None:
         shape, scale = self._params
