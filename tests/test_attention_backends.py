@@ -355,6 +355,46 @@ def test_flashinfer_workspace_size():
     assert flashinfer_backend._fa2_cta_tile_q(1 << 20, 256) == 64
 
 
+def test_flashinfer_memory_reserve_counts_its_workspaces(llama_dir):
+    """The KV cache is sized after what FlashInfer allocates for itself: an 8 MiB int
+    workspace per wrapper (a captured graph's, or an eager operation's) and the float
+    workspace at the largest graph; the model runner asks its backend for it with the
+    graphs it would capture (a stand-in backend records the question here)."""
+    reserve = flashinfer_backend.FlashInferBackend.memory_reserve_bytes
+    mib = 1 << 20
+    ws = flashinfer_backend.float_workspace_bytes
+    assert reserve(None, 32, 8, 128, 0, 256, 256, num_sms=132) == 2 * 8 * mib + ws(32, 8, 128, 132)
+    assert reserve(None, 32, 8, 128, 60, 512, 2048, num_sms=132) == \
+        62 * 8 * mib + ws(32, 8, 128, 132, rows=512, tokens=2048)
+    from raylm import LLM
+    from raylm.workers.cuda_graphs import graph_batch_sizes, prefill_graph_sizes
+    from raylm.workers.mixed_graphs import MIXED_GRAPH_MAX_TOKENS, mixed_graph_sizes, mixed_graphs_enabled
+
+    llm = LLM(llama_dir, dtype="float32", device="cpu", max_model_len=256, max_num_seqs=8)
+    try:
+        runner = llm.llm_engine.executor.runner
+        asked = []
+
+        class Stub:
+            def memory_reserve_bytes(self, *args):
+                asked.append(args)
+                return 7
+
+        runner.backend = Stub()
+        assert runner._backend_reserve(False) == 7 and asked[-1] == (4, 2, 16, 0, 8, 8)
+        assert runner._backend_reserve(True) == 7
+        graphs = len(graph_batch_sizes(8)) + len(prefill_graph_sizes(256))
+        if mixed_graphs_enabled():
+            graphs += len(mixed_graph_sizes(MIXED_GRAPH_MAX_TOKENS))
+        assert asked[-1][3] == graphs and asked[-1][5] == (MIXED_GRAPH_MAX_TOKENS if mixed_graphs_enabled() else 8)
+    finally:
+        llm.shutdown()
+    # "auto" counts every backend it may choose (Triton's is 0).
+    from raylm.workers.attention_backends import AutoAttentionBackend
+
+    assert AutoAttentionBackend({"decode": ["triton"]}).memory_reserve_bytes(32, 8, 128, 10, 256, 2048) == 0
+
+
 def test_flashinfer_graph_grows_the_workspace(fake_libraries):
     """A 512-row decode graph needs more than the eager 128 MiB: it gets a larger shared
     workspace, and the eager wrappers are made again on it at the next eager step."""

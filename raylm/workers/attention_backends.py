@@ -100,6 +100,13 @@ class AttentionBackend:
     def __init__(self):
         self._accepted: set = set()
 
+    def memory_reserve_bytes(self, num_heads: int, num_kv_heads: int, head_dim: int, num_graphs: int,
+                             max_rows: int, max_tokens: int) -> int:
+        """Device memory the backend allocates for itself beside the KV cache (planning
+        workspaces) at this layer layout (this rank's heads), with `num_graphs` captured
+        CUDA graphs of up to `max_rows` sequences and `max_tokens` query rows."""
+        return 0
+
     def refusal(self, op: str, shape: AttentionShape) -> Optional[str]:
         """Why this backend cannot run `op` ("decode" or "prefill") at `shape`; None if it can."""
         return None
@@ -235,6 +242,12 @@ class AutoAttentionBackend(AttentionBackend):
 
     def for_op(self, op: str) -> AttentionBackend:
         return self.chosen.get(op, self.fallback)
+
+    def memory_reserve_bytes(self, *args) -> int:
+        """Every backend it may choose: the choice is made after the KV cache is sized."""
+        made = {id(b): b for bs in self.candidates.values() for b in bs}
+        made[id(self.fallback)] = self.fallback
+        return sum(b.memory_reserve_bytes(*args) for b in made.values())
 
     def refusal(self, op, shape):
         return self.choose(op, shape).refusal(op, shape)

@@ -15,8 +15,10 @@ import torch
 from raylm.workers.attention_backends import AttentionMetadata, get_attention_backend
 from raylm.workers.logits_processors import process_logits, unpack_bitmask, uses_processors
 from raylm.workers.loader import dummy_checkpoint, iterate_weights, random_weights
-from raylm.workers.cuda_graphs import DecodeGraphs, HostBlockTables, PrefillGraphs
-from raylm.workers.mixed_graphs import MIXED_GRAPH_MAX_TOKENS, MixedGraphs, mixed_graphs_enabled
+from raylm.workers.cuda_graphs import (DecodeGraphs, HostBlockTables, PrefillGraphs, graph_batch_sizes,
+                                      prefill_graph_sizes)
+from raylm.workers.mixed_graphs import (MIXED_GRAPH_MAX_TOKENS, MixedGraphs, mixed_graph_sizes,
+                                        mixed_graphs_enabled)
 from raylm.workers.messages import (PLACEHOLDER_TOKEN, NewRequest, SamplingOptions, SeqChunk,
                                     StepPlan, StepResult)
 from raylm.workers.pending_step import PendingStep, collect_step
@@ -145,6 +147,7 @@ class ModelRunner:
         graphs = 0 if self._graphs_wanted() is False else GRAPH_MEMORY_RESERVE
         if graphs and mixed_graphs_enabled():
             graphs += MIXED_GRAPH_MEMORY_RESERVE
+        graphs += self._backend_reserve(bool(graphs))
         budget = int(total * gpu_memory_utilization * self.gpu_memory_share - used - peak - graphs)
         logger.info("memory profile: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak "
                     "activations at %d tokens, %.2f GiB for CUDA graphs -> %.2f GiB for the KV cache",
@@ -236,6 +239,19 @@ class ModelRunner:
         self.kv_caches = []
         if self.spec is not None:
             self.spec.release_kv_cache()
+
+    def _backend_reserve(self, with_graphs: bool) -> int:
+        """What the attention backend allocates for itself (FlashInfer's workspaces), for
+        the graphs allocate_kv_cache would capture."""
+        attn = self.attn_layers[0]
+        num_graphs, tokens = 0, self.max_num_seqs
+        if with_graphs:
+            num_graphs = len(graph_batch_sizes(self.max_num_seqs)) + len(prefill_graph_sizes(self.max_model_len))
+            if mixed_graphs_enabled():
+                num_graphs += len(mixed_graph_sizes(MIXED_GRAPH_MAX_TOKENS))
+                tokens = max(tokens, MIXED_GRAPH_MAX_TOKENS)
+        return self.backend.memory_reserve_bytes(attn.num_heads, attn.num_kv_heads, attn.head_dim, num_graphs,
+                                                 self.max_num_seqs, tokens)
 
     def _graphs_wanted(self) -> bool:
         # Graphs need a capturable attention backend (ours reads only tensors). With TP > 1

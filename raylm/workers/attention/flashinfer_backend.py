@@ -41,6 +41,9 @@ from raylm.workers.attention_backends import (AttentionBackend, AttentionMetadat
 
 HEAD_DIMS = (64, 128, 256)  # the head sizes FlashInfer's paged kernels are built for
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (the least we allocate)
+# Each wrapper allocates its own int workspace of this size on the device (decode.py and
+# prefill.py of flashinfer 0.6.14), and as much pinned host memory.
+INT_WORKSPACE_BYTES = 8 << 20
 # Query heads per kv head that the CUDA-core decode kernel is compiled for
 # (DISPATCH_GQA_GROUP_SIZE, include/flashinfer/utils.cuh); others raise "Unsupported group_size".
 CUDA_CORE_DECODE_GROUPS = (1, 2, 3, 4, 8)
@@ -137,6 +140,19 @@ class FlashInferBackend(AttentionBackend):
 
     def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         write_kv_cache(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+
+    def memory_reserve_bytes(self, num_heads: int, num_kv_heads: int, head_dim: int, num_graphs: int,
+                             max_rows: int, max_tokens: int, num_sms: Optional[int] = None) -> int:
+        """An int workspace per wrapper (one per captured graph, one per eager operation)
+        and the shared float workspace at the largest graph's size."""
+        if num_sms is None:
+            if not torch.cuda.is_available():
+                return 0
+            num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        floats = float_workspace_bytes(num_heads, num_kv_heads, head_dim, num_sms,
+                                       max_rows if num_graphs else None,
+                                       max(max_tokens, max_rows) if num_graphs else None)
+        return (num_graphs + 2) * INT_WORKSPACE_BYTES + floats
 
     def _workspace_for(self, shape: AttentionShape, rows: Optional[int] = None,
                        tokens: Optional[int] = None) -> torch.Tensor:
