@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The feature benchmarks on one H200 (the device tool), in one call, from the project root:
-#   bash .gpu/unpack.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/h200_features.sh PARTS
+# The feature benchmarks on one H200 (the device tool), in one call. Carry .gpu/whl2 (with
+# xgrammar), .gpu/ray.tar.xz and .gpu/head.tgz (benchmarks/gpu_pack.sh makes it), then:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl2/*.whl \
+#   && tar -xJf .gpu/ray.tar.xz -C /tmp/site && mkdir -p /tmp/w && tar -xzf .gpu/head.tgz -C /tmp/w \
+#   && cd /tmp/w && export PYTHONPATH=/tmp/site:/tmp/w PATH=/tmp/site/bin:$PATH \
+#   && bash benchmarks/h200_features.sh PARTS
 # PARTS (default: so sn sd st):
 #   so  structured outputs: 256 requests, each with its own JSON schema, beside the same
 #       requests unconstrained (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The serving runs on one H200 (the device tool), in one call, from the project root:
+# The serving runs on one H200 (the device tool), in one call, from the project root (.gpu/unpack.sh
+# installs .gpu/whl, which has py-spy for the engine core's profiles; xgrammar is not needed here):
 #   bash .gpu/unpack.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/h200_serving.sh PARTS
 # PARTS (default all): q1 (Qwen3-0.6B, one group), l1 (Llama-3.1-8B, one group), q2 (Qwen3-0.6B,
 # two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs), st (where
