@@ -81,7 +81,7 @@ def main() -> None:
 
     from raylm.cluster.app import APP_NAME, build_app
 
-    ray.init()
+    ray.init(include_dashboard=False)  # as `raylm serve` starts Ray
     # Clients reach the ingress replicas directly on --port (http_port); Serve's proxy sits
     # on the next port, unused here.
     serve.start(http_options={"host": "127.0.0.1", "port": args.port + 1})

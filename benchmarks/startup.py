@@ -71,7 +71,7 @@ def main() -> None:
     from raylm.cluster.app import APP_NAME, build_app
 
     DRIVER.mark("raylm_imports")
-    ray.init()
+    ray.init(include_dashboard=False)  # as `raylm serve` starts Ray
     DRIVER.mark("ray_init")
     serve.start(http_options={"host": "127.0.0.1", "port": args.port + 1})
     DRIVER.mark("serve_start")
