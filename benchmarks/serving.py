@@ -12,7 +12,8 @@ fraction of the closed-loop request rate. Clients run in --client-procs processe
 (benchmarks/loadgen.py). Reports output tok/s and mean/p50/p99 of TTFT, TPOT,
 inter-token latency and end-to-end latency, per group the requests routed and the
 fraction of the run it spent in steps, and the process start to the first served
-request (with each engine core's start-up phases and marks, raylm.cluster.startup). vLLM 0.26.0's figures on one H200 (same workload) stand beside ours. Writes
+request (one request sent as soon as the app is up; with each engine core's start-up
+phases and marks, raylm.cluster.startup). vLLM 0.26.0's figures on one H200 (same workload) stand beside ours. Writes
 benchmarks/results/serving-<model>-<G>groups[-<tag>].json (or under $OUT).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -107,9 +109,14 @@ def main() -> None:
         return {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": args.temperature,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
+    # The first request, sent at once (run_load's clients start 2 s after they are spawned).
+    first = {"model": "bench", "prompt": prompts[0][:32], "max_tokens": 4, "ignore_eos": True}
+    with urllib.request.urlopen(urllib.request.Request(url, json.dumps(first).encode(),
+                                                       {"Content-Type": "application/json"}), timeout=600) as resp:
+        assert json.loads(resp.read())["usage"]["completion_tokens"] == 4
+    startup_s = common.process_age_s()
     warm, _ = run_load(url, [body(prompts[0][:32], 4)] * 4, 4, procs=1)  # warm-up
     assert all(r.get("error") is None for r in warm), warm
-    startup_s = common.process_age_s()
     app_s = time.perf_counter() - t
     print(f"app up in {app_s:.0f} s; process start to first served request {startup_s:.0f} s", flush=True)
     router = serve.get_deployment_handle("Router", app_name=APP_NAME)
