@@ -72,6 +72,16 @@ def draft_sample(logits: torch.Tensor, states: Sequence[SamplingState], position
     return tokens, probs
 
 
+def draft_state(states: dict, rid: str, options: SamplingOptions, device) -> SamplingState:
+    """The proposer's sampling state of a request in `states` (made again when its options
+    changed): a seeded request's draws get a generator of their own."""
+    st = states.get(rid)
+    if st is None or st.options is not options:
+        gen = torch.Generator(device=device) if options.seed is not None else None
+        st = states[rid] = SamplingState([], options, [], gen)
+    return st
+
+
 def gather_proposals(steps: list, order: list[str], device) -> Proposals:
     """Proposals per request in `order` from k steps of (request ids, tokens, q): the
     tokens cross to the host in one copy, q's rows are put request-major."""
@@ -88,20 +98,6 @@ def gather_proposals(steps: list, order: list[str], device) -> Proposals:
     flat = [r for rid in order for r in rows[rid]]
     return Proposals([[tokens[r] for r in rows[rid]] for rid in order],
                      probs[to_device(flat, torch.long, probs.device)])
-
-
-def _reorder(rids: list[str], out: Proposals, order: list[str], device) -> Proposals:
-    """`out` (proposals of `rids`) per request of `order` (none for one not in rids)."""
-    if rids == order:
-        return out
-    by_rid = dict(zip(rids, out.token_ids))
-    starts, g = {}, 0
-    for rid, props in zip(rids, out.token_ids):
-        starts[rid] = g
-        g += len(props)
-    flat = [starts[rid] + j for rid in order for j in range(len(by_rid.get(rid, ())))]
-    probs = out.draft_probs[to_device(flat, torch.long, device)] if flat else out.draft_probs[:0]
-    return Proposals([list(by_rid.get(rid, [])) for rid in order], probs)
 
 
 @dataclass
@@ -168,13 +164,6 @@ class DraftModelRunner:
             self.runner.host_tables.drop(request_ids)
 
     # ---- proposing ---------------------------------------------------------------------
-    def _state(self, rid: str, options: SamplingOptions) -> SamplingState:
-        st = self.states.get(rid)
-        if st is None or st.options is not options:
-            gen = torch.Generator(device=self.runner.device) if options.seed is not None else None
-            st = self.states[rid] = SamplingState([], options, [], gen)
-        return st
-
     def _valid(self, rid: str, tokens: Sequence[int], table: list[int]) -> int:
         """How many leading positions of the draft's cache hold `tokens` (at most all but
         the newest token, which the draft has not seen)."""
@@ -196,10 +185,8 @@ class DraftModelRunner:
                 max_num_tokens: Optional[Sequence[int]] = None) -> Proposals:
         """Up to k proposals per request (`token_ids[i]`: its prompt and verified outputs,
         the newest last; at most `max_num_tokens[i]`) and their draft distributions."""
-        planned = self.plan(request_ids, token_ids, max_num_tokens)
-        opts = dict(zip(request_ids, options))
-        rids, out = self.run_planned(planned, {rid: opts[rid] for rid, *_ in planned})
-        return _reorder(rids, out, list(request_ids), self.runner.device)
+        return self.run_planned(self.plan(request_ids, token_ids, max_num_tokens),
+                                dict(zip(request_ids, options)), list(request_ids))
 
     def plan(self, request_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
              max_num_tokens: Optional[Sequence[int]] = None) -> list[list]:
@@ -223,9 +210,12 @@ class DraftModelRunner:
         return planned
 
     @torch.inference_mode()
-    def run_planned(self, planned: Sequence[Sequence], options: dict) -> tuple[list[str], Proposals]:
+    @torch.inference_mode()
+    def run_planned(self, planned: Sequence[Sequence], options: dict,
+                    order: Optional[list[str]] = None) -> Proposals:
         """Run `plan`'s output (every TP rank at once; `options[rid]` for sampling on rank
-        0): (the planned request ids, their proposals)."""
+        0): the proposals per request of `order` (default: the planned ones; none for a
+        request not planned)."""
         r = self.runner
         plan, ks, states = StepPlan(), {}, {}
         for rid, v, tokens, n, k in planned:
@@ -234,14 +224,15 @@ class DraftModelRunner:
                     _first_change(r.block_tables.get(rid, []), w.blocks) < len(w.blocks):
                 r.host_tables.drop([rid])  # its graph row only ever appends: rewrite it whole
             plan.seqs.append(SeqChunk(rid, list(tokens), v, [], True))
-            ks[rid], states[rid] = k, self._state(rid, options[rid])
-        rids = [p[0] for p in planned]
+            ks[rid], states[rid] = k, draft_state(self.states, rid, options[rid], r.device)
+        order = [p[0] for p in planned] if order is None else order
         if not plan.seqs:
-            return rids, gather_proposals([], rids, r.device)
-        out = gather_proposals(self._run(plan, ks, states), rids, r.device)
-        for (rid, _, _, n, _), props in zip(planned, out.token_ids):
-            self._remember(rid, n, props[:-1])
-        return rids, out
+            return gather_proposals([], order, r.device)
+        out = gather_proposals(self._run(plan, ks, states), order, r.device)
+        drafted = dict(zip(order, out.token_ids))
+        for rid, _, _, n, _ in planned:
+            self._remember(rid, n, drafted[rid][:-1])
+        return out
 
     def _remember(self, rid: str, n: int, tail: list[int]) -> None:
         """The cache now holds the request's n tokens, then `tail` (positions n..), in

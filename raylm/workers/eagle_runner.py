@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from raylm.workers.draft_runner import Proposals, draft_sample, gather_proposals
+from raylm.workers.draft_runner import Proposals, draft_sample, draft_state, gather_proposals
 from raylm.workers.loader import iterate_weights
 from raylm.workers.messages import SamplingOptions, SeqChunk, StepPlan
 from raylm.workers.model_runner import ModelRunner
@@ -99,13 +99,6 @@ class Eagle3Runner:
         for rid in request_ids:
             self.states.pop(rid, None)
 
-    def _state(self, rid: str, options: SamplingOptions) -> SamplingState:
-        st = self.states.get(rid)
-        if st is None or st.options is not options:
-            gen = torch.Generator(device=self.target.device) if options.seed is not None else None
-            st = self.states[rid] = SamplingState([], options, [], gen)
-        return st
-
     # ---- proposing ---------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, rows: Sequence[EagleRow], aux_hidden: torch.Tensor) -> Proposals:
@@ -126,7 +119,7 @@ class Eagle3Runner:
             end = r.start_pos + len(r.next_token_ids)  # the first proposal's position
             k = min(self.k, r.num_speculative_tokens, len(t.block_tables[r.request_id]) * bs - end + 1)
             if k > 0:
-                ks[r.request_id] = (k, end, self._state(r.request_id, r.options))
+                ks[r.request_id] = (k, end, draft_state(self.states, r.request_id, r.options, dev))
         live = [i for i, r in enumerate(rows) if r.request_id in ks]
         if not live:
             return gather_proposals([], order, dev)

@@ -106,7 +106,8 @@ class WorkerProposer:
             rids = [r.request_id for r in rows]
             out = self.proposer.propose(rows, aux)
         else:
-            rids, out = self.proposer.run_planned(call, options)
+            rids = [c[0] for c in call]
+            out = self.proposer.run_planned(call, options)
         if t.tp_rank > 0:  # rank 0 alone verifies, with the draft distributions it drew
             return {}
         self.store.put(rids, out)
