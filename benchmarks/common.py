@@ -21,11 +21,9 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 def process_age_s() -> float:
     """Seconds since this process started (Linux /proc), imports included."""
-    with open("/proc/self/stat") as f:
-        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/uptime") as f:
-        uptime = float(f.read().split()[0])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    from raylm.cluster.startup import process_start_epoch
+
+    return time.time() - process_start_epoch()
 
 
 def model_dir(name: str) -> str:
