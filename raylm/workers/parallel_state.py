@@ -74,39 +74,44 @@ def broadcast_bytes(message: Optional[bytes] = None) -> bytes:
     Raises if a rank is gone (its connection closed) or past the group's timeout."""
     if _CPU_GROUP is None:
         raise RuntimeError("no message group: init_tensor_parallel(..., cpu_group_timeout_s=...) makes one")
+    return _broadcast_message(message, _CPU_GROUP, None)
+
+
+def broadcast_from_first_bytes(message: Optional[bytes], device) -> bytes:
+    """broadcast_bytes on the tensor-parallel group itself (tensors on `device`), so the
+    message keeps its place among the group's other collectives; on a GPU the message
+    crosses to the host (a device sync). Without TP: `message`."""
+    if _TP_SIZE == 1:
+        return message
+    return _broadcast_message(message, _TP_GROUP, device)
+
+
+def _broadcast_message(message: Optional[bytes], group, device) -> bytes:
+    """Rank 0's `message` to every rank of `group`: a head of MESSAGE_HEAD_BYTES (an
+    8-byte length, then the message), and the rest in a second broadcast when it does
+    not fit. `device`: where the tensors go (None: the host, for a gloo group)."""
+    src = dist.get_global_rank(group, 0)
+
+    def send(buf: bytearray):
+        t = torch.frombuffer(buf, dtype=torch.uint8)
+        if device is None or torch.device(device).type == "cpu":
+            dist.broadcast(t, src=src, group=group)  # in place, into buf
+            return buf
+        t = t.to(device)
+        dist.broadcast(t, src=src, group=group)
+        return t.cpu().numpy().tobytes()
+
     head = bytearray(MESSAGE_HEAD_BYTES)
     room = MESSAGE_HEAD_BYTES - 8
     if _TP_RANK == 0:
         struct.pack_into("<q", head, 0, len(message))
         head[8:8 + min(room, len(message))] = message[:room]
-    src = dist.get_global_rank(_CPU_GROUP, 0)
-    dist.broadcast(torch.frombuffer(head, dtype=torch.uint8), src=src, group=_CPU_GROUP)
-    (length,) = struct.unpack_from("<q", head, 0)
+    got = send(head)
+    (length,) = struct.unpack_from("<q", got, 0)
     if length <= room:
-        return message if _TP_RANK == 0 else bytes(head[8:8 + length])
-    rest = bytearray(message[room:]) if _TP_RANK == 0 else bytearray(length - room)
-    dist.broadcast(torch.frombuffer(rest, dtype=torch.uint8), src=src, group=_CPU_GROUP)
-    return message if _TP_RANK == 0 else bytes(head[8:]) + bytes(rest)
-
-
-def broadcast_from_first_bytes(message: Optional[bytes], device) -> bytes:
-    """Rank 0 passes `message`, the other ranks None; every rank returns rank 0's bytes,
-    sent on the tensor-parallel group (tensors on `device`), so it keeps its place
-    among the group's other collectives. Two broadcasts: the length, then the bytes;
-    the length crosses to the host (a device sync). Without TP: `message`."""
-    if _TP_SIZE == 1:
-        return message
-    src = dist.get_global_rank(_TP_GROUP, 0)
-    length = torch.tensor([len(message) if _TP_RANK == 0 else 0], dtype=torch.long, device=device)
-    dist.broadcast(length, src=src, group=_TP_GROUP)
-    n = int(length.item())
-    if _TP_RANK == 0:
-        buf = torch.frombuffer(bytearray(message), dtype=torch.uint8).to(device) if n else None
-    else:
-        buf = torch.empty(n, dtype=torch.uint8, device=device) if n else None
-    if buf is not None:
-        dist.broadcast(buf, src=src, group=_TP_GROUP)
-    return message if _TP_RANK == 0 else (buf.cpu().numpy().tobytes() if n else b"")
+        return message if _TP_RANK == 0 else bytes(got[8:8 + length])
+    rest = send(bytearray(message[room:]) if _TP_RANK == 0 else bytearray(length - room))
+    return message if _TP_RANK == 0 else bytes(got[8:]) + bytes(rest)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
