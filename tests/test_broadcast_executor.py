@@ -158,3 +158,38 @@ def test_serve_app_core_actor_holds_rank_0(llama_dir, ray_session):
         serve.delete("raylm-tp2")
         serve.shutdown()
     assert_all_released(ray_session, timeout_s=60)
+
+
+def _broadcast_ranks(rank: int, port: int, out) -> None:
+    """One of two gloo ranks: rank 0's messages, short (in the head) and long (a second
+    broadcast), over the message group and over the TP group."""
+    parallel_state.init_tensor_parallel(rank, 2, f"tcp://127.0.0.1:{port}", "cpu", timeout_s=60,
+                                        cpu_group_timeout_s=60)
+    try:
+        got = []
+        for msg in (b"", b"step", bytes(range(256)) * 40):  # 0, 4 and 10,240 bytes
+            got.append(parallel_state.broadcast_bytes(msg if rank == 0 else None))
+            got.append(parallel_state.broadcast_from_first_bytes(msg if rank == 0 else None, "cpu"))
+        out.put((rank, got))
+    finally:
+        parallel_state.destroy_tensor_parallel()
+
+
+def test_byte_messages_reach_every_rank_whole():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_broadcast_ranks, args=(r, port, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    want = [m for m in (b"", b"step", bytes(range(256)) * 40) for _ in (0, 1)]
+    assert results[0] == want and results[1] == want
