@@ -343,13 +343,16 @@ class EngineCore:
         """True when a request of this step samples from the tokens so far (penalties,
         min_tokens, bad_words, a grammar's bitmask unless grammar=False): the step in
         flight must be recorded before this one samples."""
-        if not self._history_ids and not (grammar and self.grammar_requests.num_live):
+        grammar = grammar and bool(self.grammar_requests.num_live)
+        if not self._history_ids and not grammar:
             return False
         for s in sched_out.seqs:
-            state = self.requests.get(s.request_id)
-            if state is not None and (needs_output_history(state.params) or state.bad_words_token_ids
-                                      or (grammar and s.sample and state.grammar is not None)):
+            if s.request_id in self._history_ids:
                 return True
+            if grammar and s.sample:
+                state = self.requests.get(s.request_id)
+                if state is not None and state.grammar is not None:
+                    return True
         return False
 
     def _mark_launched(self, sched_out) -> None:
