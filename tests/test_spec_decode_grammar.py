@@ -277,16 +277,15 @@ def test_sampled_grammar_outputs_with_a_draft_model_follow_the_constrained_targe
     assert max(s / CHI2_CRITICAL[dof] for s, dof in stats) > 3, stats
 
 
-def choice_matcher(tok):
-    """A matcher of choice ["abc", "abd"] and the ids of a, b, c, d."""
-    import xgrammar as xgr
+def choice_matcher(tok, backend: str = "xgrammar"):
+    """A matcher of choice ["abc", "abd"] from the engine's GrammarManager with that
+    grammar backend, and the ids of a, b, c, d."""
+    from raylm.engine.grammar import GrammarManager
 
-    from raylm.engine.structured_outputs import build_grammar
-
-    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok), stop_token_ids=[tok.eos_token_id])
-    compiled = xgr.GrammarCompiler(info).compile_grammar(
-        build_grammar(StructuredOutputsParams(choice=["abc", "abd"])))
-    return xgr.GrammarMatcher(compiled), [tok.convert_tokens_to_ids(c) for c in "abcd"]
+    manager = GrammarManager(lambda: tok, len(tok), [tok.eos_token_id], backend=backend)
+    compiled = manager.compile(StructuredOutputsParams(choice=["abc", "abd"])).result()
+    manager.shutdown()
+    return manager.matcher(compiled, []), [tok.convert_tokens_to_ids(c) for c in "abcd"]
 
 
 def allowed_per_position(packed: bytes, vocab: int) -> list[set]:
@@ -294,12 +293,17 @@ def allowed_per_position(packed: bytes, vocab: int) -> list[set]:
     return [{t for t in range(vocab) if (masks[r, t // 32] >> (t % 32)) & 1} for r in range(masks.shape[0])]
 
 
-def test_prefix_and_position_masks_leave_the_matcher_as_it_was(tok):
+BACKENDS = pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+
+
+@BACKENDS
+def test_prefix_and_position_masks_leave_the_matcher_as_it_was(tok, backend):
     """grammar_prefix keeps the proposals the grammar accepts, stopping before one that
-    ends it; position_bitmasks gives the mask before each proposal and after the last."""
+    ends it; position_bitmasks gives the mask before each proposal and after the last.
+    Both grammar backends behave alike."""
     from raylm.engine.spec_decode.grammar import grammar_prefix, position_bitmasks
 
-    m, (a, b, c, d) = choice_matcher(tok)
+    m, (a, b, c, d) = choice_matcher(tok, backend)
     assert grammar_prefix(m, [a, b, a, b]) == 2  # "aba" is not a prefix of a choice
     assert grammar_prefix(m, [a, b, c, tok.eos_token_id, a]) == 3  # stops before the ending token
     assert grammar_prefix(m, [c]) == 0
@@ -311,13 +315,15 @@ def test_prefix_and_position_masks_leave_the_matcher_as_it_was(tok):
     assert m.accept_token(a) and not m.accept_token(a)  # rolled back to the start
 
 
-def test_drafted_prefix_and_masks_through_a_refused_or_ending_proposal(tok):
+@BACKENDS
+def test_drafted_prefix_and_masks_through_a_refused_or_ending_proposal(tok, backend):
     """Drafted proposals (rejection sampling) are kept through the first one the grammar
     refuses and through one that ends it; the masks are the matcher's state up to that
-    proposal, then all-allowed (never all-blocked), and the matcher is rolled back."""
+    proposal, then all-allowed (never all-blocked), and the matcher is rolled back.
+    Both grammar backends behave alike."""
     from raylm.engine.spec_decode.grammar import drafted_prefix, position_bitmasks
 
-    m, (a, b, c, d) = choice_matcher(tok)
+    m, (a, b, c, d) = choice_matcher(tok, backend)
     eos, everything = tok.eos_token_id, set(range(len(tok)))
     assert drafted_prefix(m, [a, b, a, b]) == 3  # through the refused "a" (it will be rejected)
     assert drafted_prefix(m, [c, a]) == 1  # a refused first proposal is verified too

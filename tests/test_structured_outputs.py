@@ -76,7 +76,7 @@ def grammar_accepts(tok, spec: StructuredOutputsParams, token_ids: list[int]) ->
     if _COMPILER is None:
         info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok), stop_token_ids=[tok.eos_token_id])
         _COMPILER = xgr.GrammarCompiler(info)
-    matcher = xgr.GrammarMatcher(_COMPILER.compile_grammar(build_grammar(spec)))
+    matcher = xgr.GrammarMatcher(_COMPILER.compile_grammar(build_grammar(spec, "xgrammar").value))
     return all(matcher.accept_token(t) for t in token_ids)
 
 

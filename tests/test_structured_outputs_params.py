@@ -88,8 +88,10 @@ def test_validate_accepts_good_specs_and_caches():
 
 
 def test_structured_outputs_config():
-    assert parse_structured_outputs_config(None) == {"backend": "xgrammar"}
-    assert parse_structured_outputs_config('{"backend": "auto"}') == {"backend": "xgrammar"}
+    assert parse_structured_outputs_config(None) == {"backend": "auto"}
+    assert parse_structured_outputs_config('{"backend": "auto"}') == {"backend": "auto"}
+    assert parse_structured_outputs_config({"backend": "xgrammar"}) == {"backend": "xgrammar"}
+    assert parse_structured_outputs_config({"backend": "guidance"}) == {"backend": "guidance"}
     with pytest.raises(ValueError, match="backend 'outlines' is not supported; supported backends"):
         parse_structured_outputs_config({"backend": "outlines"})
     with pytest.raises(ValueError, match="unknown keys"):

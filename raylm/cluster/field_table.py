@@ -92,7 +92,8 @@ _VLLM_SHARED = {
     "allowed_token_ids": (SUPPORTED, ""),
     "bad_words": (SUPPORTED, ""),
     "structured_outputs": (SUPPORTED, "`json`, `regex`, `choice`, `grammar`, `json_object`, `structural_tag`, "
-                                      "`disable_any_whitespace`, `whitespace_pattern`"),
+                                      "`disable_any_whitespace`, `whitespace_pattern` (with llguidance: the `guidance` "
+                                      "backend, or `auto` where it is installed)"),
     "guided_json": (SUPPORTED, "alias of `structured_outputs.json`"),
     "guided_regex": (SUPPORTED, "alias of `structured_outputs.regex`"),
     "guided_choice": (SUPPORTED, "alias of `structured_outputs.choice`"),

@@ -160,6 +160,8 @@ class _OpenAIServer:
         self.max_n = max_n
         self.max_prompts, self.max_seqs = max_prompts, max_seqs
         self.auto_parser = auto_parser  # the tool parser class of tool_choice "auto", if enabled
+        # The cores' grammar backend, which checks a request's output constraint here.
+        self.grammar_backend = getattr(backend, "structured_outputs_backend", "auto")
         self.started = int(time.time())
 
     # ---- shared checks -------------------------------------------------------------
@@ -274,7 +276,7 @@ class _OpenAIServer:
         body.check_size(self.max_prompts, self.max_seqs)
         self._check_logprobs(logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs)
         extra = {"logit_bias": body.check_token_ids(self.vocab_size),
-                 "structured_outputs": structured_outputs_of(body)}
+                 "structured_outputs": structured_outputs_of(body, self.grammar_backend)}
         tok = self.backend.tokenizer
         given = body.prompt_list()
         encoded = await off_loop(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in given],
@@ -308,7 +310,8 @@ class _OpenAIServer:
         self._check_logprobs(top_logprobs=body.top_logprobs if body.logprobs else None,
                              prompt_logprobs=body.prompt_logprobs)
         mode = tool_mode(body, self.auto_parser)
-        structured, forced = structured_outputs_of(body), forced_tool_outputs(body, mode)
+        structured = structured_outputs_of(body, self.grammar_backend)
+        forced = forced_tool_outputs(body, mode, self.grammar_backend)
         if structured is not None and forced is not None:
             raise ApiError(400, f"tool_choice {body.tool_choice!r} constrains the output itself; it cannot be "
                            "combined with response_format, structured_outputs or guided_*", "tool_choice")

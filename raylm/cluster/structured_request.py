@@ -69,12 +69,13 @@ def requested_spec(body) -> Optional[tuple[dict, dict, str]]:
     return sources[0] if sources else None
 
 
-def build_structured_outputs(spec: dict, names: dict, source: str) -> StructuredOutputsParams:
-    """The engine's params for a spec, compiled once here so a bad one is a 400 naming
-    the request field (the engine names its own `structured_outputs.<kind>`)."""
+def build_structured_outputs(spec: dict, names: dict, source: str, backend: str = "auto") -> StructuredOutputsParams:
+    """The engine's params for a spec, compiled once here with the cores' grammar
+    `backend` so a bad one is a 400 naming the request field (the engine names its own
+    `structured_outputs.<kind>`)."""
     try:
         so = StructuredOutputsParams(**spec)
-        validate_structured_outputs(so)
+        validate_structured_outputs(so, backend)
     except ValueError as exc:
         message = str(exc)
         m = re.match(r"structured_outputs\.(\w+)", message)
@@ -85,10 +86,10 @@ def build_structured_outputs(spec: dict, names: dict, source: str) -> Structured
     return so
 
 
-def structured_outputs_of(body) -> Optional[StructuredOutputsParams]:
-    """The request's output constraint, checked, or None."""
+def structured_outputs_of(body, backend: str = "auto") -> Optional[StructuredOutputsParams]:
+    """The request's output constraint, checked with the grammar `backend`, or None."""
     got = requested_spec(body)
-    return None if got is None else build_structured_outputs(*got)
+    return None if got is None else build_structured_outputs(*got, backend)
 
 
 # ---- tools ---------------------------------------------------------------------------

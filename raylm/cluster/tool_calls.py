@@ -62,7 +62,7 @@ def tool_mode(body, auto_parser: Optional[type[ToolParser]]) -> ToolMode:
                    f"'function': {{'name': ...}}}}, got {choice!r}", "tool_choice")
 
 
-def forced_tool_outputs(body, mode: ToolMode) -> Optional[StructuredOutputsParams]:
+def forced_tool_outputs(body, mode: ToolMode, backend: str = "auto") -> Optional[StructuredOutputsParams]:
     """The constraint that enforces `required` or a named function, else None."""
     tools = {t.function.name: t.function.parameters for t in body.tools or []}
     if mode.kind == "named":
@@ -73,7 +73,7 @@ def forced_tool_outputs(body, mode: ToolMode) -> Optional[StructuredOutputsParam
     else:
         return None
     try:
-        validate_structured_outputs(so)
+        validate_structured_outputs(so, backend)
     except ValueError as exc:
         message = str(exc).replace("structured_outputs.json is invalid", "the tools' parameters schemas do not compile")
         raise ApiError(400, f"tools: {message}", "tools") from None

@@ -1,12 +1,15 @@
 """Structured outputs, vocabulary half (vLLM V1's design): grammars compile off the step
-loop, on a thread pool, at admission, cached by spec; the engine core holds one xgrammar
-`GrammarMatcher` per request and, each step, packs the next-token bitmasks of the
-grammar rows it schedules into the step plan (`GrammarManager.bitmask`).
+loop, on a thread pool, at admission, cached by spec; the engine core holds one matcher
+per request (an xgrammar `GrammarMatcher`, or a `GuidanceMatcher` over llguidance's) and,
+each step, packs the next-token bitmasks of the grammar rows it schedules into the step
+plan (`GrammarManager.bitmask`). Both backends' bitmasks have one layout: int32 words,
+token i at bit i % 32 of word i // 32.
 
-The tokenizer and xgrammar's `TokenizerInfo` are built on first use, in the pool, so
-an engine that never sees a grammar pays nothing. The model's vocabulary may be larger
-than the tokenizer's (padded embeddings): the bitmask covers the model's, and xgrammar
-bans the ids no token spells."""
+The tokenizer and each backend's vocabulary (xgrammar's `TokenizerInfo`, llguidance's
+`LLTokenizer`) are built on first use, in the pool, so an engine that never sees a
+grammar pays nothing. The model's vocabulary may be larger than the tokenizer's (padded
+embeddings): the bitmask covers the model's, and both backends ban the ids no token
+spells."""
 from __future__ import annotations
 
 import threading
@@ -20,22 +23,78 @@ from raylm.engine.sampling_params import StructuredOutputsParams
 from raylm.engine.structured_outputs import build_grammar, spec_key
 
 CACHE_SIZE = 1024  # compiled grammars kept (by spec)
+GUIDANCE_ROLLBACK = 64  # tokens a GuidanceMatcher can roll back (proposals are fewer)
+
+
+class GuidanceMatcher:
+    """llguidance's `LLMatcher` behind xgrammar's matcher methods, with xgrammar's
+    meaning: `accept_token` refuses a token the grammar does not allow and leaves the
+    state unchanged (llguidance's own would enter an error state for good), and
+    `is_terminated` holds once a stop token is accepted. llguidance stops as soon as
+    nothing but a stop token can follow; the stop token that xgrammar then asks for is
+    accepted here without reaching llguidance, and rolled back likewise."""
+
+    __slots__ = ("_m", "_stop", "_consumed", "_terminated")
+
+    def __init__(self, matcher, stop_token_ids):
+        self._m = matcher
+        self._stop = stop_token_ids
+        self._consumed: list[bool] = []  # per accepted token, newest last: did llguidance see it
+        self._terminated = False
+
+    def accept_token(self, token: int) -> bool:
+        if self._terminated:
+            return False
+        if self._m.is_stopped():  # only a stop token may follow
+            if token not in self._stop:
+                return False
+            consumed = False
+        else:
+            if self._m.validate_tokens([token]) != 1 or not self._m.consume_token(token):
+                return False
+            consumed = True
+        self._consumed.append(consumed)
+        if len(self._consumed) > 2 * GUIDANCE_ROLLBACK:
+            del self._consumed[:-GUIDANCE_ROLLBACK]
+        self._terminated = token in self._stop
+        return True
+
+    def is_terminated(self) -> bool:
+        return self._terminated
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens > len(self._consumed):
+            raise ValueError(f"cannot roll back {num_tokens} tokens; at most {len(self._consumed)}")
+        undo = sum(self._consumed[-num_tokens:]) if num_tokens else 0
+        del self._consumed[len(self._consumed) - num_tokens:]
+        if undo and not self._m.rollback(undo):
+            raise RuntimeError(f"llguidance could not roll back {undo} tokens: {self._m.get_error()}")
+        if num_tokens:
+            self._terminated = False
+
+    def fill_next_token_bitmask(self, bitmask, index: int = 0) -> None:
+        from llguidance.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._m, bitmask, index)
 
 
 class GrammarManager:
     """Compiles grammars for one model's vocabulary and builds matchers and bitmasks.
 
     `load_tokenizer()` returns the HF tokenizer (called once, in the pool);
-    `vocab_size` is the model's (logits') vocabulary; `stop_token_ids` end a grammar."""
+    `vocab_size` is the model's (logits') vocabulary; `stop_token_ids` end a grammar;
+    `backend` as `parse_structured_outputs_config` returns it."""
 
     def __init__(self, load_tokenizer: Callable, vocab_size: int, stop_token_ids: list[int],
-                 max_workers: int = 2):
+                 max_workers: int = 2, backend: str = "auto"):
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
+        self.backend = backend
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="raylm-grammar")
         self._lock = threading.Lock()
         self._compiler = None
+        self._guidance_tokenizer = None
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._bitmask = None
         self._batch = None
@@ -83,32 +142,59 @@ class GrammarManager:
             return fut
 
     def _compile(self, so: StructuredOutputsParams):
+        """xgrammar's `CompiledGrammar`, or for llguidance a matcher in its start state
+        (its construction is the compile; requests get copies)."""
         t0 = time.perf_counter()
-        grammar = build_grammar(so)  # ValueError naming the field when it does not compile
-        compiled = self._get_compiler().compile_grammar(grammar)
+        special = frozenset(self._tokenizer().all_special_tokens) if so.kind == "structural_tag" else frozenset()
+        grammar = build_grammar(so, self.backend, special)  # ValueError naming the field when it does not compile
+        if grammar.backend == "xgrammar":
+            compiled = self._get_compiler().compile_grammar(grammar.value)
+        else:
+            from llguidance import LLMatcher
+
+            compiled = LLMatcher(self._get_guidance_tokenizer(), grammar.value, log_level=0)
+            if compiled.is_error():
+                raise ValueError(f"structured_outputs.{so.kind} is invalid: {compiled.get_error()}")
         self.compile_seconds.append(time.perf_counter() - t0)
         return compiled
+
+    def _tokenizer(self):
+        tokenizer = self._load_tokenizer()
+        if tokenizer is None:
+            raise ValueError("structured_outputs needs a tokenizer, and skip_tokenizer_init is set")
+        self.mask_vocab = max(self.vocab_size, len(tokenizer))
+        return tokenizer
 
     def _get_compiler(self):
         import xgrammar as xgr
 
         with self._lock:
             if self._compiler is None:
-                tokenizer = self._load_tokenizer()
-                if tokenizer is None:
-                    raise ValueError("structured_outputs needs a tokenizer, and skip_tokenizer_init is set")
-                vocab = self.mask_vocab = max(self.vocab_size, len(tokenizer))
-                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab,
+                tokenizer = self._tokenizer()
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.mask_vocab,
                                                           stop_token_ids=self.stop_token_ids)
                 self._compiler = xgr.GrammarCompiler(info)
             return self._compiler
+
+    def _get_guidance_tokenizer(self):
+        import llguidance.hf
+
+        with self._lock:
+            if self._guidance_tokenizer is None:
+                tokenizer = self._tokenizer()
+                self._guidance_tokenizer = llguidance.hf.from_tokenizer(
+                    tokenizer, n_vocab=self.mask_vocab, eos_token=self.stop_token_ids)
+            return self._guidance_tokenizer
 
     def matcher(self, compiled, earlier_outputs: list[int]):
         """A fresh matcher for one request, advanced over `earlier_outputs` (the outputs
         generated before a re-dispatch, which arrive as the end of its prompt)."""
         import xgrammar as xgr
 
-        m = xgr.GrammarMatcher(compiled)
+        if isinstance(compiled, xgr.CompiledGrammar):
+            m = xgr.GrammarMatcher(compiled)
+        else:
+            m = GuidanceMatcher(compiled.deep_copy(), frozenset(self.stop_token_ids))
         for t in earlier_outputs:
             if not m.accept_token(t):
                 raise ValueError(f"an earlier output token {t} does not match the request's grammar")
@@ -122,8 +208,9 @@ class GrammarManager:
         if self._bitmask is None or self._bitmask.shape[0] < n:
             self._bitmask = xgr.allocate_token_bitmask(max(n, 8), self.mask_vocab)
         buf = self._bitmask[:n]
-        if n == 1:
-            matchers[0].fill_next_token_bitmask(buf, 0)
+        if n == 1 or not all(isinstance(m, xgr.GrammarMatcher) for m in matchers):
+            for i, m in enumerate(matchers):
+                m.fill_next_token_bitmask(buf, i)
         else:
             if self._batch is None:
                 self._batch = xgr.BatchGrammarMatcher()

@@ -1,5 +1,5 @@
-"""Structured outputs, the engine core's side: the live requests that hold an xgrammar
-`GrammarMatcher` (see `raylm.engine.grammar` for compiling and bitmasks).
+"""Structured outputs, the engine core's side: the live requests that hold a grammar
+matcher (see `raylm.engine.grammar` for compiling, matchers and bitmasks).
 
 A grammar request waits for its compile before the core schedules it; once admitted,
 each step that samples it puts its next-token bitmask in the plan (k + 1 of them for a
@@ -19,10 +19,12 @@ class GrammarRequests:
     whose `grammar` is its matcher once compiled). The `GrammarManager` is built on the
     first grammar request, so an engine that never sees one pays nothing."""
 
-    def __init__(self, requests: dict, load_tokenizer: Callable, vocab_size: int, eos_token_ids):
+    def __init__(self, requests: dict, load_tokenizer: Callable, vocab_size: int, eos_token_ids,
+                 backend: str = "auto"):
         self.requests = requests
         self._load_tokenizer = load_tokenizer
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
+        self.backend = backend  # as parse_structured_outputs_config returns it
         self.manager = None  # GrammarManager, on the first grammar request
         self.num_live = 0  # live requests holding a matcher
 
@@ -35,7 +37,8 @@ class GrammarRequests:
         if self.manager is None:
             from raylm.engine.grammar import GrammarManager
 
-            self.manager = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids)
+            self.manager = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids,
+                                          backend=self.backend)
         self.manager.submit(request_id, structured_outputs)
 
     def admit(self, block: bool) -> list[tuple]:

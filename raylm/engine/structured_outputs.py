@@ -1,25 +1,46 @@
-"""Structured outputs, tokenizer-free half: turning a `StructuredOutputsParams` into an
-xgrammar `Grammar`, checking it (`validate_structured_outputs`, which the HTTP edge calls
-to answer 400 before admitting a request) and the `structured_outputs_config` engine
-argument. Compiling against a vocabulary and matching tokens is `raylm.engine.grammar`.
+"""Structured outputs, tokenizer-free half: turning a `StructuredOutputsParams` into a
+grammar of one of two backends, checking it (`validate_structured_outputs`, which the HTTP
+edge calls to answer 400 before admitting a request) and the `structured_outputs_config`
+engine argument. Compiling against a vocabulary and matching tokens is
+`raylm.engine.grammar`.
+
+Backends, in vLLM's names: "xgrammar" (the default, a required dependency) and "guidance"
+(llguidance, the extra `raylm[guidance]`). "auto" (the default setting) takes xgrammar, and
+llguidance, where it is installed, for a spec xgrammar cannot compile or does not support
+(`whitespace_pattern`), as vLLM's "auto" does.
 
 JSON grammars bound whitespace: none at all with `disable_any_whitespace`, otherwise at
 most `JSON_MAX_WHITESPACE` blanks in a row, so a model cannot loop on spaces."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
-from typing import Union
+from typing import NamedTuple, Union
 
 from raylm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 JSON_MAX_WHITESPACE = 4
-SUPPORTED_BACKENDS = ("xgrammar", "auto")
+SUPPORTED_BACKENDS = ("auto", "xgrammar", "guidance")
+# llguidance's JSON whitespace, bounded as xgrammar's max_whitespace_cnt bounds it.
+GUIDANCE_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,%d}" % JSON_MAX_WHITESPACE
+
+
+class Grammar(NamedTuple):
+    """A spec's grammar: `backend` "xgrammar" (`value` an xgrammar `Grammar`) or
+    "guidance" (`value` llguidance's grammar text)."""
+    backend: str
+    value: object
+
+
+def guidance_available() -> bool:
+    return importlib.util.find_spec("llguidance") is not None
 
 
 def parse_structured_outputs_config(config: Union[str, dict, None]) -> dict:
     """The `structured_outputs_config` engine argument (vLLM's spelling, a dict or its
-    JSON) with its backend resolved: "auto" and "xgrammar" mean xgrammar."""
+    JSON): {"backend": "auto" | "xgrammar" | "guidance"}. "guidance" without llguidance
+    installed is refused here, naming the package."""
     if config is None:
         config = {}
     if isinstance(config, str):
@@ -36,7 +57,15 @@ def parse_structured_outputs_config(config: Union[str, dict, None]) -> dict:
     if backend not in SUPPORTED_BACKENDS:
         raise ValueError(f"structured_outputs_config backend {backend!r} is not supported; "
                          f"supported backends are {list(SUPPORTED_BACKENDS)}")
-    return {"backend": "xgrammar"}
+    if backend == "guidance" and not guidance_available():
+        raise ValueError("structured_outputs_config backend 'guidance' needs the llguidance package, "
+                         "which is not installed: pip install 'raylm[guidance]'")
+    return {"backend": backend}
+
+
+def grammar_backend(args) -> str:
+    """The backend an `EngineArgs`' `structured_outputs_config` names."""
+    return parse_structured_outputs_config(args.structured_outputs_config)["backend"]
 
 
 def spec_key(so: StructuredOutputsParams) -> tuple:
@@ -50,28 +79,50 @@ def spec_key(so: StructuredOutputsParams) -> tuple:
     return kind, value, so.disable_any_whitespace, so.whitespace_pattern
 
 
-def validate_structured_outputs(params: Union[SamplingParams, StructuredOutputsParams, None]) -> None:
+def validate_structured_outputs(params: Union[SamplingParams, StructuredOutputsParams, None],
+                                backend: str = "auto") -> None:
     """Raise ValueError naming the field (`structured_outputs.json`, `.regex`, ...) and
-    the compiler's message when the spec does not compile; a no-op without a spec.
-    Cached by spec, so repeated schemas cost a dict lookup."""
+    the compiler's message when the spec does not compile with `backend` (as
+    `parse_structured_outputs_config` returns it); a no-op without a spec. Cached by
+    spec, so repeated schemas cost a dict lookup."""
     so = params.structured_outputs if isinstance(params, SamplingParams) else params
     if so is not None:
-        build_grammar(so)
+        build_grammar(so, backend)
 
 
-def build_grammar(so: StructuredOutputsParams):
-    """The xgrammar `Grammar` of a spec (cached by spec; raises ValueError as above)."""
-    return _grammar_of_key(spec_key(so))
+def build_grammar(so: StructuredOutputsParams, backend: str = "auto",
+                  special_tokens: frozenset = frozenset()) -> Grammar:
+    """The spec's `Grammar` for `backend` ("auto" resolved as the module doc says;
+    cached by spec; raises ValueError as above). `special_tokens`: the tokenizer's, where
+    it is known (llguidance matches a structural tag's `<...>` trigger as one token when
+    it is one)."""
+    return _grammar_of_key(spec_key(so), backend, special_tokens)
 
 
 @functools.lru_cache(maxsize=1024)
-def _grammar_of_key(key: tuple):
+def _grammar_of_key(key: tuple, backend: str, special_tokens: frozenset = frozenset()) -> Grammar:
+    if backend == "guidance":
+        return Grammar("guidance", _guidance_grammar(key, special_tokens))
+    try:
+        return Grammar("xgrammar", _xgrammar_grammar(key))
+    except ValueError as e:
+        if backend == "xgrammar" or not guidance_available():
+            raise
+        first = e
+    try:
+        return Grammar("guidance", _guidance_grammar(key, special_tokens))
+    except ValueError:
+        raise first from None  # xgrammar's message: neither compiles it
+
+
+def _xgrammar_grammar(key: tuple):
     import xgrammar as xgr
 
     kind, value, no_whitespace, whitespace_pattern = key
     if whitespace_pattern is not None:
         raise ValueError(f"structured_outputs.whitespace_pattern {whitespace_pattern!r} is not supported "
-                         f"by the xgrammar backend; use disable_any_whitespace instead")
+                         f"by the xgrammar backend; use disable_any_whitespace instead, or the guidance "
+                         f"backend (pip install 'raylm[guidance]')")
     try:
         if kind in ("json", "json_object"):
             schema = value if kind == "json" else '{"type": "object"}'
@@ -92,6 +143,70 @@ def _grammar_of_key(key: tuple):
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else _first_line(e)
         raise ValueError(f"structured_outputs.{kind} is invalid: {msg}") from None
+
+
+def _guidance_grammar(key: tuple, special_tokens: frozenset) -> str:
+    """llguidance's grammar text for a spec key, checked by its validator (without a
+    vocabulary: the matcher's construction checks the rest)."""
+    import llguidance
+    from llguidance import LLMatcher
+
+    kind, value, no_whitespace, whitespace_pattern = key
+    try:
+        if kind in ("json", "json_object"):
+            schema = value if kind == "json" else '{"type": "object"}'
+            if isinstance(schema, str):
+                json.loads(schema)
+            options = ({"whitespace_flexible": False} if no_whitespace else
+                       {"whitespace_pattern": whitespace_pattern or GUIDANCE_JSON_WHITESPACE})
+            grammar = LLMatcher.grammar_from_json_schema(schema, defaults=options)
+        elif whitespace_pattern is not None:
+            raise ValueError("whitespace_pattern applies to JSON schemas only")
+        elif kind == "regex":
+            grammar = LLMatcher.grammar_from_regex(value)
+        elif kind == "choice":
+            grammar = llguidance.grammar_from("choice", list(value))
+        elif kind == "grammar":
+            grammar = llguidance.grammar_from("grammar", value)  # GBNF/EBNF or Lark
+        else:
+            grammar = _guidance_structural_tag(value, special_tokens)
+        error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        msg = f"missing key {e}" if isinstance(e, KeyError) else (str(e) or type(e).__name__)
+        raise ValueError(f"structured_outputs.{kind} is invalid: {msg.strip().splitlines()[0]}") from None
+    if error:
+        raise ValueError(f"structured_outputs.{kind} is invalid: {_guidance_message(messages[0])}")
+    return grammar
+
+
+def _guidance_structural_tag(text: str, special_tokens: frozenset) -> str:
+    """vLLM's legacy structural tag {"structures": [{begin, schema, end}], "triggers"}
+    as llguidance `StructTag`s (each structure under the trigger its begin starts with);
+    `<...>` triggers are matched as special tokens when all of them are among
+    `special_tokens`, else as text. xgrammar's {"type": "structural_tag", "format": ...}
+    has no llguidance form."""
+    from llguidance import StructTag
+
+    tag = json.loads(text)
+    if not (isinstance(tag, dict) and "structures" in tag):
+        raise ValueError("the guidance backend takes the {\"structures\": [...], \"triggers\": [...]} form only")
+    triggers = list(tag.get("triggers", []))
+    tags = []
+    for s in tag["structures"]:
+        trigger = next((t for t in triggers if s["begin"].startswith(t)), None)
+        if trigger is None:
+            raise ValueError(f"structure begin {s['begin']!r} starts with none of the triggers {triggers}")
+        tags.append(StructTag(trigger=trigger, begin=s["begin"], grammar=s["schema"], end=s["end"]))
+    bracketed = {t.trigger for t in tags if t.trigger.startswith("<") and t.trigger.endswith(">")}
+    return StructTag.to_grammar(tags, assume_special=bool(bracketed) and bracketed <= special_tokens)
+
+
+def _guidance_message(message: str) -> str:
+    """llguidance's first line, without its 'at line(col):' position prefix."""
+    line = message.strip().splitlines()[0] if message.strip() else "does not compile"
+    if line.startswith("at ") and "): " in line:
+        line = line.split("): ", 1)[1]
+    return line
 
 
 def choice_ebnf(choices: list[str]) -> str:
