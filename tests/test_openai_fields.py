@@ -128,6 +128,9 @@ async def test_best_of_modalities_and_token_id_fields(client, sched):
     for path in (C, CC):
         msg = _error(await client.post(path, json={**GOOD[path], "logit_bias": {str(vocab): 5}}), 400, "logit_bias")
         assert f"logit_bias token id {vocab} is outside the vocabulary [0, {vocab})" == msg
+        if path == C:  # a prompt of token ids: the 400 names the prompt
+            msg = _error(await client.post(C, json={**GOOD[C], "prompt": [5, vocab]}), 400, "prompt")
+            assert msg == f"prompt token id {vocab} is outside the vocabulary [0, {vocab})"
         _error(await client.post(path, json={**GOOD[path], "logit_bias": {"abc": 5}}), 400, "logit_bias")
         assert "100" in _error(await client.post(path, json={**GOOD[path], "logit_bias": {"5": 150}}), 400,
                                "logit_bias")

@@ -133,7 +133,10 @@ def test_xgrammar_refuses_what_it_lacks_naming_the_field(xgrammar):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(regex="(ab"), "structured_outputs.regex is invalid: invalid regex"),
+    (dict(regex="(ab"), 'structured_outputs.regex is invalid: invalid regex "(ab" (in regex): regex parse error: '
+                        'unclosed group'),
+    (dict(json={"type": "object"}, whitespace_pattern="("),
+     "structured_outputs.json is invalid: regex parse error: unclosed group"),
     (dict(grammar="root ::= foo"), "structured_outputs.grammar is invalid"),
     (dict(json='{"type": "objec"}'), "structured_outputs.json is invalid"),
     (dict(json="{bad"), "structured_outputs.json is invalid: Expecting property name"),
@@ -166,6 +169,10 @@ def test_guidance_config_needs_the_package(monkeypatch):
         parse_structured_outputs_config({"backend": "guidance"})
     assert parse_structured_outputs_config(None) == {"backend": "auto"}
     mod._grammar_of_key.cache_clear()
+    monkeypatch.undo()  # "auto" with llguidance: its message about a pattern it cannot parse
+    with pytest.raises(ValueError, match="structured_outputs.json is invalid: regex parse error: unclosed group"):
+        validate_structured_outputs(so(json={"type": "object"}, whitespace_pattern="("))
+    monkeypatch.setattr(mod, "guidance_available", lambda: False)
     try:  # "auto" without llguidance: xgrammar's own refusal
         with pytest.raises(ValueError, match="is not supported by the xgrammar backend"):
             validate_structured_outputs(so(json={"type": "object"}, whitespace_pattern=BLANKS))

@@ -112,6 +112,8 @@ def _grammar_of_key(key: tuple, backend: str, special_tokens: frozenset = frozen
     try:
         return Grammar("guidance", _guidance_grammar(key, special_tokens))
     except ValueError:
+        if key[3] is not None:  # whitespace_pattern, which only llguidance takes: its message
+            raise
         raise first from None  # xgrammar's message: neither compiles it
 
 
@@ -202,11 +204,16 @@ def _guidance_structural_tag(text: str, special_tokens: frozenset) -> str:
 
 
 def _guidance_message(message: str) -> str:
-    """llguidance's first line, without its 'at line(col):' position prefix."""
-    line = message.strip().splitlines()[0] if message.strip() else "does not compile"
+    """llguidance's first line, without its 'at line(col):' position prefix, and with
+    the 'error: ...' line of a regex error that the first line only announces."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    if not lines:
+        return "does not compile"
+    line = lines[0]
     if line.startswith("at ") and "): " in line:
         line = line.split("): ", 1)[1]
-    return line
+    detail = next((x[len("error:"):].strip() for x in lines[1:] if x.startswith("error:")), None)
+    return f"{line} {detail}" if line.endswith(":") and detail else line
 
 
 def choice_ebnf(choices: list[str]) -> str:
