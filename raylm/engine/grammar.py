@@ -62,6 +62,12 @@ class GuidanceMatcher:
     def is_terminated(self) -> bool:
         return self._terminated
 
+    @property
+    def llmatcher(self):
+        """llguidance's matcher (its bitmask is this matcher's: a stopped one allows
+        only the stop tokens)."""
+        return self._m
+
     def rollback(self, num_tokens: int) -> None:
         if num_tokens > len(self._consumed):
             raise ValueError(f"cannot roll back {num_tokens} tokens; at most {len(self._consumed)}")
@@ -95,6 +101,7 @@ class GrammarManager:
         self._lock = threading.Lock()
         self._compiler = None
         self._guidance_tokenizer = None
+        self._executor = None  # llguidance's threads for batched bitmasks
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._bitmask = None
         self._batch = None
@@ -208,14 +215,29 @@ class GrammarManager:
         if self._bitmask is None or self._bitmask.shape[0] < n:
             self._bitmask = xgr.allocate_token_bitmask(max(n, 8), self.mask_vocab)
         buf = self._bitmask[:n]
-        if n == 1 or not all(isinstance(m, xgr.GrammarMatcher) for m in matchers):
-            for i, m in enumerate(matchers):
-                m.fill_next_token_bitmask(buf, i)
-        else:
-            if self._batch is None:
-                self._batch = xgr.BatchGrammarMatcher()
-            self._batch.batch_fill_next_token_bitmask(matchers, buf)
+        xg = [i for i, m in enumerate(matchers) if isinstance(m, xgr.GrammarMatcher)]
+        gd = [i for i, m in enumerate(matchers) if isinstance(m, GuidanceMatcher)]
+        for rows, batched in ((xg, self._fill_xgrammar), (gd, self._fill_guidance)):
+            if len(rows) == 1:
+                matchers[rows[0]].fill_next_token_bitmask(buf, rows[0])
+            elif rows:  # on the backend's own threads
+                batched([matchers[i] for i in rows], buf, rows)
         return buf.numpy().tobytes()
+
+    def _fill_xgrammar(self, matchers: list, buf, rows: list[int]) -> None:
+        import xgrammar as xgr
+
+        if self._batch is None:
+            self._batch = xgr.BatchGrammarMatcher()
+        self._batch.batch_fill_next_token_bitmask(matchers, buf, indices=rows)
+
+    def _fill_guidance(self, matchers: list, buf, rows: list[int]) -> None:
+        from llguidance import LLExecutor
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        if self._executor is None:
+            self._executor = LLExecutor()
+        fill_next_token_bitmask_par(self._executor, [(m.llmatcher, i) for m, i in zip(matchers, rows)], buf)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
