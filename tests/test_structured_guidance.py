@@ -123,6 +123,22 @@ def test_lark_grammars_and_whitespace_pattern_with_guidance_and_auto(guidance, l
         auto.shutdown()
 
 
+def test_auto_batches_rows_of_both_backends(guidance, xgrammar, llama_dir):
+    """Under "auto", regex rows (xgrammar) and Lark rows (llguidance) share steps and one
+    bitmask: each row gets its own backend's mask, so its tokens are those of an
+    engine with that backend alone."""
+    regex, lark = params(so(regex=REGEX)), params(so(grammar=LARK))
+    mixed = [p for pair in zip(regex, lark) for p in pair]
+    auto = engine(llama_dir, "auto")
+    try:
+        outs = auto.generate([PROMPTS[i // 2 % len(PROMPTS)] for i in range(len(mixed))], mixed, use_tqdm=False)
+    finally:
+        auto.shutdown()
+    alone_x, alone_g = generate(xgrammar, regex), generate(guidance, lark)
+    assert [o.outputs[0].token_ids for o in outs[0::2]] == [c.token_ids for c in alone_x]
+    assert [o.outputs[0].token_ids for o in outs[1::2]] == [c.token_ids for c in alone_g]
+
+
 def test_xgrammar_refuses_what_it_lacks_naming_the_field(xgrammar):
     with pytest.raises(ValueError, match=r"structured_outputs\.grammar is invalid: EBNF (lexer|parser) error"):
         xgrammar.generate(["x"], params(so(grammar=LARK), seeds=[None]), use_tqdm=False)
