@@ -322,7 +322,7 @@ BAD = [
     (C, {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens", "min_tokens"),
     (C, {"prompt": ""}, 400, "prompt", "empty"),
     (C, {"prompt": []}, 400, "prompt", "empty"),
-    (C, {"prompt": [99999]}, 400, None, "99999"),
+    (C, {"prompt": [99999]}, 400, "prompt", "prompt token id 99999"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     (C, {"prompt": "x", "stream": True, "prompt_logprobs": 1}, 400, "prompt_logprobs", "stream"),
     (CC, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

@@ -281,8 +281,9 @@ def choice_matcher(tok, backend: str = "xgrammar"):
     """A matcher of choice ["abc", "abd"] from the engine's GrammarManager with that
     grammar backend, and the ids of a, b, c, d."""
     from raylm.engine.grammar import GrammarManager
+    from raylm.engine.structured_outputs import GrammarConfig
 
-    manager = GrammarManager(lambda: tok, len(tok), [tok.eos_token_id], backend=backend)
+    manager = GrammarManager(lambda: tok, len(tok), [tok.eos_token_id], config=GrammarConfig(backend))
     compiled = manager.compile(StructuredOutputsParams(choice=["abc", "abd"])).result()
     manager.shutdown()
     return manager.matcher(compiled, []), [tok.convert_tokens_to_ids(c) for c in "abcd"]

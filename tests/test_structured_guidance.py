@@ -18,7 +18,8 @@ import jsonschema
 import pytest
 
 from raylm import LLM, SamplingParams, StructuredOutputsParams
-from raylm.engine.structured_outputs import parse_structured_outputs_config, validate_structured_outputs
+from raylm.engine.structured_outputs import (GrammarConfig, parse_structured_outputs_config,
+                                             validate_structured_outputs)
 from tests.helpers import make_tokenizer
 from tests.test_spec_decode_grammar import NGRAM, check_valid
 from tests.test_spec_decode_grammar import requests as spec_requests
@@ -164,14 +165,14 @@ def test_xgrammar_refuses_what_it_lacks_naming_the_field(xgrammar):
 ])
 def test_guidance_validation_names_the_field(kwargs, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
-        validate_structured_outputs(so(**kwargs), "guidance")
+        validate_structured_outputs(so(**kwargs), GrammarConfig("guidance"))
 
 
 def test_guidance_structural_tag(guidance, tok):
     tag = json.dumps({"structures": [{"begin": "<f>", "schema": {"type": "object", "properties": {
         "x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False}, "end": "</f>"}],
         "triggers": ["<f>"]})
-    validate_structured_outputs(so(structural_tag=tag), "guidance")
+    validate_structured_outputs(so(structural_tag=tag), GrammarConfig("guidance"))
     out = generate(guidance, params(so(structural_tag=tag), seeds=[None], max_tokens=24))[0]
     assert out.token_ids and out.finish_reason in ("stop", "length")
 
@@ -183,7 +184,7 @@ def test_guidance_config_needs_the_package(monkeypatch):
     with pytest.raises(ValueError, match=re.escape("backend 'guidance' needs the llguidance package, which is "
                                                    "not installed: pip install 'raylm[guidance]'")):
         parse_structured_outputs_config({"backend": "guidance"})
-    assert parse_structured_outputs_config(None) == {"backend": "auto"}
+    assert parse_structured_outputs_config(None) == GrammarConfig("auto")
     mod._grammar_of_key.cache_clear()
     monkeypatch.undo()  # "auto" with llguidance: its message about a pattern it cannot parse
     with pytest.raises(ValueError, match="structured_outputs.json is invalid: regex parse error: unclosed group"):
@@ -199,7 +200,7 @@ def test_guidance_config_needs_the_package(monkeypatch):
 def test_guidance_matcher_rolls_back_like_xgrammar(tok):
     from raylm.engine.grammar import GrammarManager
 
-    manager = GrammarManager(lambda: tok, len(tok), [tok.eos_token_id], backend="guidance")
+    manager = GrammarManager(lambda: tok, len(tok), [tok.eos_token_id], config=GrammarConfig("guidance"))
     m = manager.matcher(manager.compile(so(choice=["ab"])).result(), [])
     manager.shutdown()
     a, b, eos = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"), tok.eos_token_id
@@ -267,3 +268,60 @@ async def test_http_edge_checks_with_the_cores_backend(llama_dir):
         else:
             assert r.status_code == 200, r.text
             assert re.fullmatch(LARK_REGEX, r.json()["choices"][0]["text"]), r.text
+
+
+OPEN = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a"]}  # additionalProperties left out
+
+
+def json_matcher(tok, schema, config):
+    from raylm.engine.grammar import GrammarManager
+
+    manager = GrammarManager(lambda: tok, len(tok), [tok.eos_token_id], config=config)
+    m = manager.matcher(manager.compile(so(json=schema)).result(), [])
+    manager.shutdown()
+    return m
+
+
+def accepts(tok, m, text: str) -> bool:
+    ids = tok.encode(text, add_special_tokens=False)
+    taken = 0
+    for t in ids:
+        if not m.accept_token(t):
+            break
+        taken += 1
+    m.rollback(taken)
+    return taken == len(ids)
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_config_disable_any_whitespace_compacts_every_json_output(tok, backend):
+    """`structured_outputs_config` {"disable_any_whitespace": true}: no blank between
+    JSON tokens, whatever the request asks (vLLM's server-wide key)."""
+    loose = json_matcher(tok, OPEN, GrammarConfig(backend))
+    compact = json_matcher(tok, OPEN, GrammarConfig(backend, disable_any_whitespace=True))
+    assert accepts(tok, loose, '{ "a": 1 }') and accepts(tok, loose, '{"a":1}')
+    # Each backend's compact form (as in vLLM): xgrammar keeps json.dumps' separators.
+    assert accepts(tok, compact, '{"a": 1}' if backend == "xgrammar" else '{"a":1}')
+    assert not accepts(tok, compact, '{ "a"') and not accepts(tok, compact, '{"a"  :')
+
+
+def test_config_disable_additional_properties_closes_guidance_objects(tok):
+    """llguidance follows JSON Schema (an object without additionalProperties takes
+    other keys); xgrammar does not; disable_additional_properties makes guidance match
+    xgrammar, nested objects and $defs included, and leaves values alone."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "p": {"$ref": "#/$defs/point"}},
+              "required": ["a"], "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
+    extra, nested = '{"a": 1, "b"', '{"a": 1, "p": {"x": 2, "y"'
+    xg = json_matcher(tok, schema, GrammarConfig("xgrammar"))
+    assert not accepts(tok, xg, extra) and not accepts(tok, xg, nested)
+    open_g = json_matcher(tok, schema, GrammarConfig("guidance"))
+    assert accepts(tok, open_g, extra) and accepts(tok, open_g, nested)
+    closed = json_matcher(tok, schema, GrammarConfig("guidance", disable_additional_properties=True))
+    assert accepts(tok, closed, '{"a": 1, "p": {"x": 2}}')
+    assert not accepts(tok, closed, extra) and not accepts(tok, closed, nested)
+    from raylm.engine.structured_outputs import _closed
+    kept = {"type": "object", "default": {"properties": {}}, "enum": [{"properties": 1}],
+            "properties": {"properties": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
+    assert _closed(kept) == kept  # says additionalProperties; values and a key named "properties" untouched

@@ -70,13 +70,13 @@ def grammar_accepts(tok, spec: StructuredOutputsParams, token_ids: list[int]) ->
     in order: the output is a valid prefix of the language (EOS included when it ended)."""
     import xgrammar as xgr
 
-    from raylm.engine.structured_outputs import build_grammar
+    from raylm.engine.structured_outputs import GrammarConfig, build_grammar
 
     global _COMPILER
     if _COMPILER is None:
         info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok), stop_token_ids=[tok.eos_token_id])
         _COMPILER = xgr.GrammarCompiler(info)
-    matcher = xgr.GrammarMatcher(_COMPILER.compile_grammar(build_grammar(spec, "xgrammar").value))
+    matcher = xgr.GrammarMatcher(_COMPILER.compile_grammar(build_grammar(spec, GrammarConfig("xgrammar")).value))
     return all(matcher.accept_token(t) for t in token_ids)
 
 

@@ -63,7 +63,9 @@ def test_bad_new_sampling_fields(kwargs, needle):
                                    'column 10: Rule "foo" is not defined'),
     (dict(structural_tag='{"structures": [{}]}'), "structured_outputs.structural_tag is invalid: missing key"),
     (dict(structural_tag="not json"), "structured_outputs.structural_tag is invalid"),
-    (dict(choice=["a"], whitespace_pattern=" "), "structured_outputs.whitespace_pattern ' ' is not supported"),
+    # xgrammar lacks whitespace_pattern; llguidance (which "auto" falls back to) takes it for JSON only
+    (dict(choice=["a"], whitespace_pattern=" "), "structured_outputs.choice is invalid: whitespace_pattern "
+                                                 "applies to JSON schemas only"),
 ])
 def test_validate_names_field_and_compiler_message(kwargs, needle):
     import re
@@ -88,10 +90,20 @@ def test_validate_accepts_good_specs_and_caches():
 
 
 def test_structured_outputs_config():
-    assert parse_structured_outputs_config(None) == {"backend": "auto"}
-    assert parse_structured_outputs_config('{"backend": "auto"}') == {"backend": "auto"}
-    assert parse_structured_outputs_config({"backend": "xgrammar"}) == {"backend": "xgrammar"}
-    assert parse_structured_outputs_config({"backend": "guidance"}) == {"backend": "guidance"}
+    from raylm.engine.structured_outputs import GrammarConfig
+
+    assert parse_structured_outputs_config(None) == GrammarConfig("auto", False, False)
+    assert parse_structured_outputs_config('{"backend": "auto"}') == GrammarConfig("auto")
+    assert parse_structured_outputs_config({"backend": "xgrammar"}) == GrammarConfig("xgrammar")
+    assert parse_structured_outputs_config({"backend": "guidance", "disable_any_whitespace": True,
+                                            "disable_additional_properties": True}) == GrammarConfig(
+        "guidance", disable_any_whitespace=True, disable_additional_properties=True)
+    with pytest.raises(ValueError, match="structured_outputs_config disable_any_whitespace must be true or "
+                                         "false, got 'yes'"):
+        parse_structured_outputs_config({"disable_any_whitespace": "yes"})
+    with pytest.raises(ValueError, match=r"unknown keys \['reasoning_parser'\]; known keys are \['backend', "
+                                         r"'disable_any_whitespace', 'disable_additional_properties'\]"):
+        parse_structured_outputs_config({"reasoning_parser": "qwen3"})
     with pytest.raises(ValueError, match="backend 'outlines' is not supported; supported backends"):
         parse_structured_outputs_config({"backend": "outlines"})
     with pytest.raises(ValueError, match="unknown keys"):

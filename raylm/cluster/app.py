@@ -39,7 +39,7 @@ from raylm.cluster.router_deployment import (_QUIET, DEFAULT_STEP_TIMEOUT_S, MAX
 from raylm.cluster.tool_parsers import auto_tool_parser
 from raylm.engine.config import EngineArgs
 from raylm.engine.model_config import ModelConfig
-from raylm.engine.structured_outputs import grammar_backend
+from raylm.engine.structured_outputs import grammar_config
 from raylm.engine.outputs import RequestOutput
 from raylm.engine.sampling_params import SamplingParams
 
@@ -142,7 +142,7 @@ class Ingress(GrpcGenerateMixin):
         self.backend = ClusterFrontend(router, model.load_tokenizer(), name, model.max_model_len,
                                        model.vocab_size, args.max_logprobs, args.block_size,
                                        args.enable_prefix_caching, queue_timeout, max_redispatches,
-                                       model.default_sampling, grammar_backend(args))
+                                       model.default_sampling, grammar_config(args))
         self.front = dict(FRONT_DEFAULTS, **(front or {}))
         self.api_key = api_key
         self.max_n = max_n

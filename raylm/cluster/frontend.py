@@ -30,6 +30,7 @@ from raylm.cluster.router import NoGroupAvailable
 from raylm.engine.output_processor import GroupFailure, OutputProcessor
 from raylm.engine.outputs import RequestOutput
 from raylm.engine.sampling_params import SamplingParams
+from raylm.engine.structured_outputs import GrammarConfig
 from raylm.scheduler.block_manager import prefix_block_hashes
 
 logger = logging.getLogger("raylm")
@@ -109,15 +110,14 @@ class Frontend:
     waits up to `queue_timeout` seconds for one, then fails with NoGroupAvailable (503);
     one that has been re-dispatched `max_redispatches` times and fails again gets an
     error. `default_sampling` is what the fronts use for the sampling fields a request
-    leaves out (`ModelConfig.default_sampling`); `structured_outputs_backend` the grammar
-    backend the fronts check a request's constraint with (the cores' setting, as
-    `parse_structured_outputs_config` returns it)."""
+    leaves out (`ModelConfig.default_sampling`); `grammar_config` what the fronts check a
+    request's output constraint with (the cores' `structured_outputs_config`, parsed)."""
 
     def __init__(self, router: RouterClient, cores: list[CoreClient], tokenizer, model_name: str,
                  max_model_len: int, vocab_size: int, max_logprobs: int, block_size: int,
                  enable_prefix_caching: bool, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
                  max_redispatches: int = DEFAULT_MAX_REDISPATCHES, default_sampling: Optional[dict] = None,
-                 structured_outputs_backend: str = "auto"):
+                 grammar_config: Optional[GrammarConfig] = None):
         self.router = router
         self.core_clients = cores
         self.tokenizer = tokenizer
@@ -131,7 +131,7 @@ class Frontend:
         # The model's sampling defaults (ModelConfig.default_sampling): the HTTP and gRPC
         # fronts fill in the fields a request leaves out.
         self.default_sampling = dict(default_sampling or {})
-        self.structured_outputs_backend = structured_outputs_backend
+        self.grammar_config = grammar_config or GrammarConfig()
         self.inputs = InputProcessor(tokenizer, max_model_len, vocab_size, max_logprobs)
         self.outputs = OutputProcessor(tokenizer, max_model_len)
         self.subscriber = uuid.uuid4().hex

@@ -17,7 +17,7 @@ from raylm.engine.core import EngineCore, EngineCoreRequest
 from raylm.engine.core_loop import CoreLoop
 from raylm.engine.metrics import render_metrics
 from raylm.engine.model_config import ModelConfig
-from raylm.engine.structured_outputs import grammar_backend
+from raylm.engine.structured_outputs import grammar_config
 
 logger = logging.getLogger("raylm")
 
@@ -176,7 +176,7 @@ class LocalCluster(Frontend):
                          model.load_tokenizer(), name, model.max_model_len, model.vocab_size,
                          engine_args.max_logprobs, engine_args.block_size,
                          engine_args.enable_prefix_caching, queue_timeout, max_redispatches,
-                         model.default_sampling, grammar_backend(engine_args))
+                         model.default_sampling, grammar_config(engine_args))
 
     # ---- restarts ------------------------------------------------------------------
     def _schedule_restart(self, gi: int) -> None:

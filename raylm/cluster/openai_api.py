@@ -37,6 +37,7 @@ from raylm.cluster.tool_calls import forced_tool_outputs, tool_mode
 from raylm.cluster.tool_parsers import auto_tool_parser
 from raylm.engine.input_processor import off_loop, text_size
 from raylm.engine.outputs import RequestOutput
+from raylm.engine.structured_outputs import DEFAULT_CONFIG
 
 logger = logging.getLogger("raylm")
 
@@ -160,8 +161,8 @@ class _OpenAIServer:
         self.max_n = max_n
         self.max_prompts, self.max_seqs = max_prompts, max_seqs
         self.auto_parser = auto_parser  # the tool parser class of tool_choice "auto", if enabled
-        # The cores' grammar backend, which checks a request's output constraint here.
-        self.grammar_backend = getattr(backend, "structured_outputs_backend", "auto")
+        # The cores' structured_outputs_config, which checks a request's output constraint here.
+        self.grammar_config = getattr(backend, "grammar_config", DEFAULT_CONFIG)
         self.started = int(time.time())
 
     # ---- shared checks -------------------------------------------------------------
@@ -276,7 +277,7 @@ class _OpenAIServer:
         body.check_size(self.max_prompts, self.max_seqs)
         self._check_logprobs(logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs)
         extra = {"logit_bias": body.check_token_ids(self.vocab_size),
-                 "structured_outputs": structured_outputs_of(body, self.grammar_backend)}
+                 "structured_outputs": structured_outputs_of(body, self.grammar_config)}
         tok = self.backend.tokenizer
         given = body.prompt_list()
         encoded = await off_loop(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in given],
@@ -310,8 +311,8 @@ class _OpenAIServer:
         self._check_logprobs(top_logprobs=body.top_logprobs if body.logprobs else None,
                              prompt_logprobs=body.prompt_logprobs)
         mode = tool_mode(body, self.auto_parser)
-        structured = structured_outputs_of(body, self.grammar_backend)
-        forced = forced_tool_outputs(body, mode, self.grammar_backend)
+        structured = structured_outputs_of(body, self.grammar_config)
+        forced = forced_tool_outputs(body, mode, self.grammar_config)
         if structured is not None and forced is not None:
             raise ApiError(400, f"tool_choice {body.tool_choice!r} constrains the output itself; it cannot be "
                            "combined with response_format, structured_outputs or guided_*", "tool_choice")

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from raylm.cluster.protocol import ApiError
 from raylm.engine.sampling_params import STRUCTURED_OUTPUT_KINDS, StructuredOutputsParams
-from raylm.engine.structured_outputs import validate_structured_outputs
+from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, validate_structured_outputs
 
 # vLLM's legacy request fields, each the same as one structured_outputs key.
 ALIASES = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
@@ -69,13 +69,14 @@ def requested_spec(body) -> Optional[tuple[dict, dict, str]]:
     return sources[0] if sources else None
 
 
-def build_structured_outputs(spec: dict, names: dict, source: str, backend: str = "auto") -> StructuredOutputsParams:
-    """The engine's params for a spec, compiled once here with the cores' grammar
-    `backend` so a bad one is a 400 naming the request field (the engine names its own
+def build_structured_outputs(spec: dict, names: dict, source: str,
+                             config: GrammarConfig = DEFAULT_CONFIG) -> StructuredOutputsParams:
+    """The engine's params for a spec, compiled once here under the cores' grammar
+    `config` so a bad one is a 400 naming the request field (the engine names its own
     `structured_outputs.<kind>`)."""
     try:
         so = StructuredOutputsParams(**spec)
-        validate_structured_outputs(so, backend)
+        validate_structured_outputs(so, config)
     except ValueError as exc:
         message = str(exc)
         m = re.match(r"structured_outputs\.(\w+)", message)
@@ -86,10 +87,10 @@ def build_structured_outputs(spec: dict, names: dict, source: str, backend: str 
     return so
 
 
-def structured_outputs_of(body, backend: str = "auto") -> Optional[StructuredOutputsParams]:
-    """The request's output constraint, checked with the grammar `backend`, or None."""
+def structured_outputs_of(body, config: GrammarConfig = DEFAULT_CONFIG) -> Optional[StructuredOutputsParams]:
+    """The request's output constraint, checked under the grammar `config`, or None."""
     got = requested_spec(body)
-    return None if got is None else build_structured_outputs(*got, backend)
+    return None if got is None else build_structured_outputs(*got, config)
 
 
 # ---- tools ---------------------------------------------------------------------------

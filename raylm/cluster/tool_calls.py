@@ -19,7 +19,7 @@ from raylm.cluster.protocol import ApiError
 from raylm.cluster.structured_request import named_tool_schema, required_tools_schema
 from raylm.cluster.tool_parsers import ToolCall, ToolParser
 from raylm.engine.sampling_params import StructuredOutputsParams
-from raylm.engine.structured_outputs import validate_structured_outputs
+from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, validate_structured_outputs
 
 
 @dataclass
@@ -62,7 +62,7 @@ def tool_mode(body, auto_parser: Optional[type[ToolParser]]) -> ToolMode:
                    f"'function': {{'name': ...}}}}, got {choice!r}", "tool_choice")
 
 
-def forced_tool_outputs(body, mode: ToolMode, backend: str = "auto") -> Optional[StructuredOutputsParams]:
+def forced_tool_outputs(body, mode: ToolMode, config: GrammarConfig = DEFAULT_CONFIG) -> Optional[StructuredOutputsParams]:
     """The constraint that enforces `required` or a named function, else None."""
     tools = {t.function.name: t.function.parameters for t in body.tools or []}
     if mode.kind == "named":
@@ -73,7 +73,7 @@ def forced_tool_outputs(body, mode: ToolMode, backend: str = "auto") -> Optional
     else:
         return None
     try:
-        validate_structured_outputs(so, backend)
+        validate_structured_outputs(so, config)
     except ValueError as exc:
         message = str(exc).replace("structured_outputs.json is invalid", "the tools' parameters schemas do not compile")
         raise ApiError(400, f"tools: {message}", "tools") from None

@@ -106,7 +106,7 @@ class EngineCore:
         self._tokenizer = None
         # Structured outputs: compiles, matchers and bitmasks (see grammar_requests).
         self.grammar_requests = GrammarRequests(self.requests, self._load_tokenizer, self.vocab_size,
-                                                self.eos_token_ids, self.structured_outputs_config["backend"])
+                                                self.eos_token_ids, self.structured_outputs_config)
         # Speculative decoding: proposals before each step (see spec_decode.speculator).
         self.speculator = Speculator(spec) if spec is not None else None
         self.spec_steps = SpecSteps(self.speculator, self.requests) if spec is not None else None
@@ -154,7 +154,7 @@ class EngineCore:
             if len(r.prompt_token_ids) > self.max_model_len:
                 raise ValueError(f"prompt has {len(r.prompt_token_ids)} tokens; "
                                  f"max_model_len is {self.max_model_len}")
-            validate_structured_outputs(r.params, self.structured_outputs_config["backend"])  # cached by spec
+            validate_structured_outputs(r.params, self.structured_outputs_config)  # cached by spec
         bad_words = {r.request_id: bad_words_token_ids(self._load_tokenizer(), r.params.bad_words)
                      for r in reqs if r.params.bad_words}
         now = time.monotonic()

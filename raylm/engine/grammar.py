@@ -20,7 +20,7 @@ from concurrent.futures import wait as wait_futures
 from typing import Callable
 
 from raylm.engine.sampling_params import StructuredOutputsParams
-from raylm.engine.structured_outputs import build_grammar, spec_key
+from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, build_grammar, spec_key
 
 CACHE_SIZE = 1024  # compiled grammars kept (by spec)
 GUIDANCE_ROLLBACK = 64  # tokens a GuidanceMatcher can roll back (proposals are fewer)
@@ -89,14 +89,14 @@ class GrammarManager:
 
     `load_tokenizer()` returns the HF tokenizer (called once, in the pool);
     `vocab_size` is the model's (logits') vocabulary; `stop_token_ids` end a grammar;
-    `backend` as `parse_structured_outputs_config` returns it."""
+    `config` the engine's `structured_outputs_config`, parsed."""
 
     def __init__(self, load_tokenizer: Callable, vocab_size: int, stop_token_ids: list[int],
-                 max_workers: int = 2, backend: str = "auto"):
+                 max_workers: int = 2, config: GrammarConfig = DEFAULT_CONFIG):
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
-        self.backend = backend
+        self.config = config
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="raylm-grammar")
         self._lock = threading.Lock()
         self._compiler = None
@@ -153,7 +153,7 @@ class GrammarManager:
         (its construction is the compile; requests get copies)."""
         t0 = time.perf_counter()
         special = frozenset(self._tokenizer().all_special_tokens) if so.kind == "structural_tag" else frozenset()
-        grammar = build_grammar(so, self.backend, special)  # ValueError naming the field when it does not compile
+        grammar = build_grammar(so, self.config, special)  # ValueError naming the field when it does not compile
         if grammar.backend == "xgrammar":
             compiled = self._get_compiler().compile_grammar(grammar.value)
         else:

@@ -19,12 +19,11 @@ class GrammarRequests:
     whose `grammar` is its matcher once compiled). The `GrammarManager` is built on the
     first grammar request, so an engine that never sees one pays nothing."""
 
-    def __init__(self, requests: dict, load_tokenizer: Callable, vocab_size: int, eos_token_ids,
-                 backend: str = "auto"):
+    def __init__(self, requests: dict, load_tokenizer: Callable, vocab_size: int, eos_token_ids, config=None):
         self.requests = requests
         self._load_tokenizer = load_tokenizer
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
-        self.backend = backend  # as parse_structured_outputs_config returns it
+        self.config = config  # the engine's GrammarConfig (None: the defaults)
         self.manager = None  # GrammarManager, on the first grammar request
         self.num_live = 0  # live requests holding a matcher
 
@@ -37,8 +36,10 @@ class GrammarRequests:
         if self.manager is None:
             from raylm.engine.grammar import GrammarManager
 
+            from raylm.engine.structured_outputs import DEFAULT_CONFIG
+
             self.manager = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids,
-                                          backend=self.backend)
+                                          config=self.config or DEFAULT_CONFIG)
         self.manager.submit(request_id, structured_outputs)
 
     def admit(self, block: bool) -> list[tuple]:

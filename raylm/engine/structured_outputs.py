@@ -13,6 +13,7 @@ JSON grammars bound whitespace: none at all with `disable_any_whitespace`, other
 most `JSON_MAX_WHITESPACE` blanks in a row, so a model cannot loop on spaces."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -33,14 +34,29 @@ class Grammar(NamedTuple):
     value: object
 
 
+@dataclasses.dataclass(frozen=True)
+class GrammarConfig:
+    """The `structured_outputs_config` engine argument, parsed (vLLM's keys):
+    `backend` "auto", "xgrammar" or "guidance"; `disable_any_whitespace`: every JSON
+    output compact, whatever the request says; `disable_additional_properties`: the
+    guidance backend closes objects whose schema leaves `additionalProperties` out, as
+    xgrammar does (llguidance otherwise follows JSON Schema and admits extra keys)."""
+    backend: str = "auto"
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+
+DEFAULT_CONFIG = GrammarConfig()
+
+
 def guidance_available() -> bool:
     return importlib.util.find_spec("llguidance") is not None
 
 
-def parse_structured_outputs_config(config: Union[str, dict, None]) -> dict:
+def parse_structured_outputs_config(config: Union[str, dict, None]) -> GrammarConfig:
     """The `structured_outputs_config` engine argument (vLLM's spelling, a dict or its
-    JSON): {"backend": "auto" | "xgrammar" | "guidance"}. "guidance" without llguidance
-    installed is refused here, naming the package."""
+    JSON) as a `GrammarConfig`. "guidance" without llguidance installed is refused here,
+    naming the package; so is a key raylm does not know, or a value of the wrong type."""
     if config is None:
         config = {}
     if isinstance(config, str):
@@ -50,9 +66,13 @@ def parse_structured_outputs_config(config: Union[str, dict, None]) -> dict:
             raise ValueError(f"structured_outputs_config must be a JSON object, got {config!r}: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"structured_outputs_config must be a dict (JSON object), got {config!r}")
-    unknown = sorted(set(config) - {"backend"})
+    known = [f.name for f in dataclasses.fields(GrammarConfig)]
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise ValueError(f"structured_outputs_config has unknown keys {unknown}; known keys are ['backend']")
+        raise ValueError(f"structured_outputs_config has unknown keys {unknown}; known keys are {known}")
+    for name in known[1:]:
+        if not isinstance(config.get(name, False), bool):
+            raise ValueError(f"structured_outputs_config {name} must be true or false, got {config[name]!r}")
     backend = config.get("backend", "auto")
     if backend not in SUPPORTED_BACKENDS:
         raise ValueError(f"structured_outputs_config backend {backend!r} is not supported; "
@@ -60,12 +80,12 @@ def parse_structured_outputs_config(config: Union[str, dict, None]) -> dict:
     if backend == "guidance" and not guidance_available():
         raise ValueError("structured_outputs_config backend 'guidance' needs the llguidance package, "
                          "which is not installed: pip install 'raylm[guidance]'")
-    return {"backend": backend}
+    return GrammarConfig(**config)
 
 
-def grammar_backend(args) -> str:
-    """The backend an `EngineArgs`' `structured_outputs_config` names."""
-    return parse_structured_outputs_config(args.structured_outputs_config)["backend"]
+def grammar_config(args) -> GrammarConfig:
+    """An `EngineArgs`' `structured_outputs_config`, parsed."""
+    return parse_structured_outputs_config(args.structured_outputs_config)
 
 
 def spec_key(so: StructuredOutputsParams) -> tuple:
@@ -80,37 +100,40 @@ def spec_key(so: StructuredOutputsParams) -> tuple:
 
 
 def validate_structured_outputs(params: Union[SamplingParams, StructuredOutputsParams, None],
-                                backend: str = "auto") -> None:
+                                config: GrammarConfig = DEFAULT_CONFIG) -> None:
     """Raise ValueError naming the field (`structured_outputs.json`, `.regex`, ...) and
-    the compiler's message when the spec does not compile with `backend` (as
-    `parse_structured_outputs_config` returns it); a no-op without a spec. Cached by
-    spec, so repeated schemas cost a dict lookup."""
+    the compiler's message when the spec does not compile under `config`; a no-op
+    without a spec. Cached by spec, so repeated schemas cost a dict lookup."""
     so = params.structured_outputs if isinstance(params, SamplingParams) else params
     if so is not None:
-        build_grammar(so, backend)
+        build_grammar(so, config)
 
 
-def build_grammar(so: StructuredOutputsParams, backend: str = "auto",
+def build_grammar(so: StructuredOutputsParams, config: GrammarConfig = DEFAULT_CONFIG,
                   special_tokens: frozenset = frozenset()) -> Grammar:
-    """The spec's `Grammar` for `backend` ("auto" resolved as the module doc says;
-    cached by spec; raises ValueError as above). `special_tokens`: the tokenizer's, where
-    it is known (llguidance matches a structural tag's `<...>` trigger as one token when
-    it is one)."""
-    return _grammar_of_key(spec_key(so), backend, special_tokens)
+    """The spec's `Grammar` under `config` (its backend "auto" resolved as the module
+    doc says; cached by spec; raises ValueError as above). `special_tokens`: the
+    tokenizer's, where it is known (llguidance matches a structural tag's `<...>`
+    trigger as one token when it is one)."""
+    key = spec_key(so)
+    if config.disable_any_whitespace:
+        key = key[:2] + (True,) + key[3:]
+    return _grammar_of_key(key, config, special_tokens)
 
 
 @functools.lru_cache(maxsize=1024)
-def _grammar_of_key(key: tuple, backend: str, special_tokens: frozenset = frozenset()) -> Grammar:
-    if backend == "guidance":
-        return Grammar("guidance", _guidance_grammar(key, special_tokens))
+def _grammar_of_key(key: tuple, config: GrammarConfig, special_tokens: frozenset = frozenset()) -> Grammar:
+    closed = config.disable_additional_properties
+    if config.backend == "guidance":
+        return Grammar("guidance", _guidance_grammar(key, special_tokens, closed))
     try:
         return Grammar("xgrammar", _xgrammar_grammar(key))
     except ValueError as e:
-        if backend == "xgrammar" or not guidance_available():
+        if config.backend == "xgrammar" or not guidance_available():
             raise
         first = e
     try:
-        return Grammar("guidance", _guidance_grammar(key, special_tokens))
+        return Grammar("guidance", _guidance_grammar(key, special_tokens, closed))
     except ValueError:
         if key[3] is not None:  # whitespace_pattern, which only llguidance takes: its message
             raise
@@ -147,9 +170,10 @@ def _xgrammar_grammar(key: tuple):
         raise ValueError(f"structured_outputs.{kind} is invalid: {msg}") from None
 
 
-def _guidance_grammar(key: tuple, special_tokens: frozenset) -> str:
+def _guidance_grammar(key: tuple, special_tokens: frozenset, closed: bool) -> str:
     """llguidance's grammar text for a spec key, checked by its validator (without a
-    vocabulary: the matcher's construction checks the rest)."""
+    vocabulary: the matcher's construction checks the rest). `closed`: JSON objects
+    without `additionalProperties` admit no other keys."""
     import llguidance
     from llguidance import LLMatcher
 
@@ -158,7 +182,9 @@ def _guidance_grammar(key: tuple, special_tokens: frozenset) -> str:
         if kind in ("json", "json_object"):
             schema = value if kind == "json" else '{"type": "object"}'
             if isinstance(schema, str):
-                json.loads(schema)
+                schema = json.loads(schema)
+            if closed:
+                schema = _closed(schema)
             options = ({"whitespace_flexible": False} if no_whitespace else
                        {"whitespace_pattern": whitespace_pattern or GUIDANCE_JSON_WHITESPACE})
             grammar = LLMatcher.grammar_from_json_schema(schema, defaults=options)
@@ -179,6 +205,33 @@ def _guidance_grammar(key: tuple, special_tokens: frozenset) -> str:
     if error:
         raise ValueError(f"structured_outputs.{kind} is invalid: {_guidance_message(messages[0])}")
     return grammar
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+            "additionalItems", "unevaluatedProperties")
+
+
+def _closed(schema):
+    """A copy of a JSON schema in which every object schema that does not say
+    `additionalProperties` says false (values such as `enum`, `const` and `default`
+    are left as they are)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for k in _SCHEMA_MAPS:
+        if isinstance(out.get(k), dict):
+            out[k] = {name: _closed(s) for name, s in out[k].items()}
+    for k in _SCHEMA_LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [_closed(s) for s in out[k]]
+    for k in _SCHEMAS:
+        if k in out:
+            out[k] = [_closed(s) for s in out[k]] if isinstance(out[k], list) else _closed(out[k])
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _guidance_structural_tag(text: str, special_tokens: frozenset) -> str:
