@@ -124,13 +124,24 @@ def test_stops_max_tokens_and_n2_inside_proposals(dirs, plain, which):
         assert accepted(stats) == stats["spec_decode_num_draft_tokens"]
 
 
-@pytest.mark.parametrize("which,backend", [("near", "ray"), ("head", "ray_broadcast")])
-def test_tp2_equals_plain_decoding_and_hf(dirs, plain, which, backend, ray_session):
+@pytest.mark.parametrize("which,backend,draft_tp", [("near", "ray", None), ("head", "ray_broadcast", None),
+                                                    ("near", "ray_broadcast", 1)])
+def test_tp2_equals_plain_decoding_and_hf(dirs, plain, which, backend, draft_tp, ray_session):
     """At tensor_parallel_size 2 the draft model (or EAGLE head) runs sharded on both
-    ranks: rank 0 decides what it computes and broadcasts that, rank 1 follows."""
+    ranks: rank 0 decides what it computes and broadcasts that, rank 1 follows. With
+    draft_tensor_parallel_size 1 the draft model runs whole on rank 0 alone."""
     prompts, ref = plain
-    outs, stats = run(dirs["target"], prompts, spec=spec_of(dirs, which), tensor_parallel_size=2,
-                      distributed_executor_backend=backend)
+    spec = dict(spec_of(dirs, which), **({"draft_tensor_parallel_size": draft_tp} if draft_tp else {}))
+    llm = LLM(dirs["target"], speculative_config=spec, tensor_parallel_size=2,
+              distributed_executor_backend=backend, **COMMON)
+    try:
+        kv_bytes = [info["kv_bytes_per_block"] for info in llm.llm_engine.executor.worker_info()]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        stats = llm.stats()
+    finally:
+        llm.shutdown()
+    # A solo draft's KV (all its heads) is on rank 0 only; a sharded one's half on each rank.
+    assert kv_bytes[0] > kv_bytes[1] if draft_tp == 1 else kv_bytes[0] == kv_bytes[1]
     assert completions(outs) == completions(ref)
     assert_same_logprobs(outs, ref)
     assert stats["spec_decode_num_draft_tokens"] > 0 and stats["blocks_in_use"] == 0

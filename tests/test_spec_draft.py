@@ -193,8 +193,15 @@ def test_engine_resolves_and_checks_the_draft(dirs, tmp_path):
     small = _config_only(dirs["draft"], str(tmp_path / "v"), vocab_size=999)
     with pytest.raises(ValueError, match=r"vocab_size 999; the target model has vocab_size 3\d\d"):
         resolve_draft_model(spec(small), target, 512)
-    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size'\] is 1.*\(2\)"):
-        resolve_draft_model(spec(dirs["draft"], draft_tensor_parallel_size=1), target, 512, 2)
+    solo = resolve_draft_model(spec(dirs["draft"], draft_tensor_parallel_size=1), target, 512, 2)
+    assert solo.draft_tensor_parallel_size == 1  # the draft runs whole on TP rank 0
+    assert resolve_draft_model(spec(dirs["draft"], draft_tensor_parallel_size=1), target, 512,
+                               1).draft_tensor_parallel_size is None  # no TP: nothing to say
+    assert resolve_draft_model(spec(dirs["draft"], draft_tensor_parallel_size=2), target, 512,
+                               2).draft_tensor_parallel_size is None  # sharded like the target
+    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size'\] is 3; it must be 1 or the "
+                                         r"target's tensor_parallel_size \(2\)"):
+        resolve_draft_model(spec(dirs["draft"], draft_tensor_parallel_size=3), target, 512, 2)
     with pytest.raises(ValueError, match="does not exist"):
         resolve_draft_model(spec(str(tmp_path / "nowhere")), target, 512)
 
@@ -242,3 +249,22 @@ def test_changed_tables_reset_the_graph_row_and_appends_do_not(dirs):
     target.block_tables["a"][3:] = [41, 42]  # a rollback gave block 3 back, 41 came
     draft.propose(["a"], [tokens + second[:1]], [GREEDY])
     assert Rows.dropped == ["a"]
+
+
+def test_a_solo_draft_lives_on_rank_0_alone(dirs):
+    """draft_tensor_parallel_size 1 at TP 2: a rank > 0 builds no draft, counts no draft
+    KV and returns from after_step at once, with no collective call (none is set up
+    here, so one would fail)."""
+    from types import SimpleNamespace
+
+    from raylm.workers.spec_proposer import WorkerProposer
+
+    rank1 = SimpleNamespace(tp_rank=1, tp_size=2)
+    spec = {"method": "draft_model", "model_dir": dirs["draft"], "num_speculative_tokens": 2,
+            "draft_tensor_parallel_size": 1}
+    p = WorkerProposer(rank1, spec)
+    assert p.proposer is None and p.kv_bytes_per_block() == 0
+    p.allocate_kv_cache(8)
+    p.drop(["r"])
+    assert p.after_step(SimpleNamespace(spec_wanted={"r": 2}), [0, 1], None, None) == {}
+    p.release_kv_cache()

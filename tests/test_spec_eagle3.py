@@ -313,6 +313,11 @@ def test_engine_resolves_and_checks_the_head(setup, tmp_path):
         resolve_eagle3(spec(head_with("a", architectures=["LlamaForCausalLM"])), target, 512)
     assert resolve_eagle3(spec(head_with("l", eagle_aux_hidden_state_layer_ids=[1, 3, 7])), target,
                           512).aux_hidden_state_layers == (1, 3, 7)
+    solo = parse_speculative_config({"method": "eagle3", "model": head_dir, "num_speculative_tokens": 2,
+                                     "draft_tensor_parallel_size": 1})
+    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size'\] is 1; it must be the target's "
+                                         r"tensor_parallel_size \(2\): an EAGLE-3 head runs on the target's ranks"):
+        resolve_eagle3(solo, target, 512, 2)
 
 
 def test_chunked_prefill_and_spec_rows_through_eagle_rows(setup):

@@ -210,7 +210,6 @@ class DraftModelRunner:
         return planned
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def run_planned(self, planned: Sequence[Sequence], options: dict,
                     order: Optional[list[str]] = None) -> Proposals:
         """Run `plan`'s output (every TP rank at once; `options[rid]` for sampling on rank

@@ -7,6 +7,7 @@ layers read the rank and size when they are constructed, so call it before build
 the model."""
 from __future__ import annotations
 
+import contextlib
 import struct
 from datetime import timedelta
 from typing import Optional
@@ -26,6 +27,21 @@ MESSAGE_HEAD_BYTES = 4096
 def set_tensor_parallel(rank: int, size: int, group=None) -> None:
     global _TP_RANK, _TP_SIZE, _TP_GROUP
     _TP_RANK, _TP_SIZE, _TP_GROUP = rank, size, group
+
+
+@contextlib.contextmanager
+def single_rank():
+    """Within: as without tensor parallelism (rank 0 of 1), for a model that lives on TP
+    rank 0 alone (a draft model at draft_tensor_parallel_size 1). Its layers built here
+    hold whole weights, and its forward passes run here make no collective call. Call it
+    on rank 0 only."""
+    global _TP_RANK, _TP_SIZE
+    saved = _TP_RANK, _TP_SIZE
+    _TP_RANK, _TP_SIZE = 0, 1
+    try:
+        yield
+    finally:
+        _TP_RANK, _TP_SIZE = saved
 
 
 def get_tp_rank() -> int:

@@ -6,16 +6,19 @@ next step verifies the proposals by rejection sampling. Only the proposals' toke
 go back to the engine (`StepResult.spec_proposals`).
 
 `spec` is the engine's DraftSpec as a plain dict: method ("draft_model" or "eagle3"),
-model_dir, num_speculative_tokens."""
+model_dir, num_speculative_tokens, and draft_tensor_parallel_size 1 for a draft model
+that runs whole on TP rank 0 (vLLM's option: no collective per draft step; the other
+ranks hold no draft and go on to the next step)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import msgpack
 import torch
 
 from raylm.workers.loader import load_config
-from raylm.workers.parallel_state import broadcast_from_first_bytes
+from raylm.workers.parallel_state import broadcast_from_first_bytes, single_rank
 
 METHODS = ("draft_model", "eagle3")
 
@@ -34,14 +37,23 @@ class WorkerProposer:
             raise ValueError(f"speculative method {method!r} has no worker-side proposer; "
                              f"expected one of {list(METHODS)}")
         self.method, self.k, self.target = method, k, target
+        # A draft model on rank 0 alone (unsharded); ranks > 0 hold none.
+        self.solo = spec.get("draft_tensor_parallel_size") == 1 and target.tp_size > 1
         hf_config = load_config(model_dir)
         if method == "draft_model":
-            self.proposer = DraftModelRunner(target, model_dir, hf_config, k, attention_backend,
-                                             load_format, seed)
+            self.proposer = None
+            if not (self.solo and target.tp_rank > 0):
+                with self._scope():
+                    self.proposer = DraftModelRunner(target, model_dir, hf_config, k, attention_backend,
+                                                     load_format, seed)
         else:
             self.proposer = Eagle3Runner(target, model_dir, hf_config, k, seed)
             self.proposer.enable_target_aux()
         self.store = ProposalStore()
+
+    def _scope(self):
+        """Where the proposer's model is built and run: as without TP when it is solo."""
+        return single_rank() if self.solo else contextlib.nullcontext()
 
     @property
     def needs_every_step(self) -> bool:
@@ -51,20 +63,24 @@ class WorkerProposer:
 
     # ---- KV cache: one pool of block ids for both models ------------------------------
     def kv_bytes_per_block(self) -> int:
-        return self.proposer.kv_bytes_per_block()
+        return 0 if self.proposer is None else self.proposer.kv_bytes_per_block()
 
     def allocate_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
-        if self.method == "draft_model":
-            self.proposer.runner.allocate_kv_cache(num_blocks, capture_graphs)
-        else:
-            self.proposer.allocate_kv_cache(num_blocks)
+        if self.proposer is None:
+            return
+        with self._scope():
+            if self.method == "draft_model":
+                self.proposer.runner.allocate_kv_cache(num_blocks, capture_graphs)
+            else:
+                self.proposer.allocate_kv_cache(num_blocks)
 
     def release_kv_cache(self) -> None:
-        self.proposer.release_kv_cache()
+        if self.proposer is not None:
+            self.proposer.release_kv_cache()
 
     def drop(self, request_ids: Sequence[str]) -> None:
         """Forget finished and preempted requests (their proposals and draft state)."""
-        if request_ids:
+        if request_ids and self.proposer is not None:
             self.proposer.drop(request_ids)
             self.store.drop(request_ids)
 
@@ -86,13 +102,16 @@ class WorkerProposer:
         With tensor parallelism every rank calls this at the same point of the step:
         rank 0, which alone knows the emitted tokens (`emitted`; None on the others),
         decides what the proposer computes and broadcasts it as plain data; all ranks
-        then run the proposer's sharded forward passes together."""
+        then run the proposer's sharded forward passes together. A solo draft runs on
+        rank 0 alone: the others return at once."""
         t = self.target
         if self.method == "eagle3" and aux is None:
             return {}  # (alike on every rank: the same forward path)
+        if self.solo and t.tp_rank > 0:
+            return {}
         if t.tp_rank == 0:
             call = self._call(plan, query_start, emitted)
-            if t.tp_size > 1:
+            if t.tp_size > 1 and not self.solo:
                 broadcast_from_first_bytes(msgpack.packb(call), t.device)
         else:
             call = msgpack.unpackb(broadcast_from_first_bytes(None, t.device))
@@ -107,7 +126,8 @@ class WorkerProposer:
             out = self.proposer.propose(rows, aux)
         else:
             rids = [c[0] for c in call]
-            out = self.proposer.run_planned(call, options)
+            with self._scope():
+                out = self.proposer.run_planned(call, options)
         if t.tp_rank > 0:  # rank 0 alone verifies, with the draft distributions it drew
             return {}
         self.store.put(rids, out)

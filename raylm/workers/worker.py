@@ -116,10 +116,12 @@ class Worker:
         parallel_state.broadcast_bytes(msgpack.packb([op, arg]))
 
     def info(self) -> dict:
-        """What this rank holds: parameter bytes, local head counts, threads."""
+        """What this rank holds: parameter bytes, local head counts, KV bytes per block (a
+        proposer's included), threads."""
         attn = self.runner.attn_layers[0]
         return {"rank": self.rank, "world_size": self.world_size,
                 "parameter_bytes": self.runner.parameter_bytes(),
+                "kv_bytes_per_block": self.runner.kv_bytes_per_block(),
                 "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads,
                 "head_dim": attn.head_dim, "device": str(self.runner.device),
                 "num_threads": torch.get_num_threads()}

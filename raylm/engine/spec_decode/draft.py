@@ -20,6 +20,7 @@ class DraftSpec:
     model_dir: str
     num_speculative_tokens: int
     aux_hidden_state_layers: tuple[int, ...] = ()
+    draft_tensor_parallel_size: Optional[int] = None  # 1: a draft model on TP rank 0 alone
 
 
 def worker_spec_decode(config: Optional[SpeculativeConfig], target_hf_config, max_model_len: int,
@@ -51,12 +52,13 @@ def num_kv_blocks(kv_budget_bytes: int, target_bytes_per_block: int, draft_bytes
     return max(0, kv_budget_bytes // (target_bytes_per_block + draft_bytes_per_block))
 
 
-def _check_tp(config: SpeculativeConfig, tensor_parallel_size: int) -> None:
+def _check_tp(config: SpeculativeConfig, tensor_parallel_size: int, solo: bool = False) -> None:
+    """`solo`: the proposer can also run whole on TP rank 0 (draft_tensor_parallel_size 1)."""
     tp = config.draft_tensor_parallel_size
-    if tp is not None and tp != tensor_parallel_size:
-        raise ValueError(f"speculative_config['draft_tensor_parallel_size'] is {tp}; the draft runs "
-                         f"on the target's ranks, so it must be the target's tensor_parallel_size "
-                         f"({tensor_parallel_size})")
+    if tp is not None and tp != tensor_parallel_size and not (solo and tp == 1):
+        allowed = f"1 or the target's tensor_parallel_size ({tensor_parallel_size})" if solo else \
+            f"the target's tensor_parallel_size ({tensor_parallel_size}): an EAGLE-3 head runs on the target's ranks"
+        raise ValueError(f"speculative_config['draft_tensor_parallel_size'] is {tp}; it must be {allowed}")
 
 
 def resolve_draft_model(config: SpeculativeConfig, target_hf_config, max_model_len: int,
@@ -67,7 +69,7 @@ def resolve_draft_model(config: SpeculativeConfig, target_hf_config, max_model_l
     from raylm.workers.loader import load_config, resolve_model_path
     from raylm.workers.models.llama import get_model_class
 
-    _check_tp(config, tensor_parallel_size)
+    _check_tp(config, tensor_parallel_size, solo=True)
     model_dir = resolve_model_path(config.model)
     draft = load_config(model_dir)
     check_vocab(target_hf_config, draft)
@@ -77,4 +79,6 @@ def resolve_draft_model(config: SpeculativeConfig, target_hf_config, max_model_l
         raise ValueError(f"speculative_config['model']: the draft model's max_position_embeddings is "
                          f"{max_pos}; max_model_len is {max_model_len}; lower max_model_len or pick "
                          f"a draft that covers it")
-    return DraftSpec("draft_model", model_dir, config.num_speculative_tokens)
+    tp = config.draft_tensor_parallel_size
+    return DraftSpec("draft_model", model_dir, config.num_speculative_tokens,
+                     draft_tensor_parallel_size=1 if tp == 1 and tensor_parallel_size > 1 else None)
