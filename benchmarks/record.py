@@ -481,13 +481,14 @@ def _gpu_step_breakdown(r: dict) -> list[Row]:
 
 
 def _structured(r: dict) -> list[Row]:
-    return [Row((r["model"], r["device"]), "",
-                [r["model"], r["device"], r["num_requests"], f"{r['structured_output_tok_per_s']:,.0f}",
+    backend = r.get("backend", "xgrammar")
+    return [Row((r["model"], r["device"], backend), "",
+                [r["model"], r["device"], backend, r["num_requests"], f"{r['structured_output_tok_per_s']:,.0f}",
                  f"{r['unconstrained_output_tok_per_s']:,.0f}", f"{r['ratio_structured_vs_unconstrained']:.2f}",
                  f"{r['structured_step_ms_p50']:.1f} / {r['unconstrained_step_ms_p50']:.1f}",
                  f"{r['compile_ms_p50']:.1f} / {r['compile_ms_p99']:.1f}",
                  "-" if r.get("step_ms_p99_while_compiling") is None else f"{r['step_ms_p99_while_compiling']:.1f}",
-                 f"{r['stopped_valid']} of {r['num_requests']}"], r.get("label", ""))]
+                 f"{r['stopped_valid']} of {r['num_requests']}"])]  # the record's label joins the note
 
 
 def _host_step(r: dict) -> list[Row]:
@@ -629,10 +630,11 @@ SECTIONS = [
             ["Model", "Device", "Batch", "Mean context", "Step loop", "GPU forward (graph)", "Bandwidth floor",
              "LM head / sampling (GPU)", "Host: schedule / outputs / inputs"], _step_profile),
     Section("Structured outputs",
-            "Requests each with its own JSON schema (xgrammar) against the same requests unconstrained, in "
-            "one run on random weights, the embedded SmolLM2 tokenizer. Step times and compile times in ms.",
+            "Requests each with its own JSON schema against the same requests unconstrained, in one run on "
+            "random weights, the embedded SmolLM2 tokenizer; backend: the grammar library "
+            "(`--backend`). Step times and compile times in ms.",
             ("structured",),
-            ["Model", "Device", "Requests", "Structured out tok/s", "Unconstrained out tok/s", "Ratio",
+            ["Model", "Device", "Backend", "Requests", "Structured out tok/s", "Unconstrained out tok/s", "Ratio",
              "Step p50 structured / unconstrained", "Compile p50 / p99", "Step p99 while compiling",
              "Stopped and valid"], _structured),
     Section("GPU time of a serving step",
