@@ -228,21 +228,26 @@ def run_workload(args, cfg_dir: str, vocab: int, workload: str) -> list[dict]:
             "disable_by_batch_size": args.disable_by_batch_size if mode == "adaptive k" else None,
             "prompt_len": len(prompts[0]), "output_len": args.output_len, "ignore_eos": ignore_eos,
             "mean_output_tokens": statistics.mean(map(len, ours["outputs"])),
-            "acceptance_rate": ours["acceptance_rate"],
-            "mean_acceptance_length": ours["mean_acceptance_length"],
-            "num_draft_tokens": ours["num_draft_tokens"], "num_accepted_tokens": ours["num_accepted_tokens"],
-            "raylm_output_tok_per_s": ours["output_tok_per_s"],
-            "baseline_output_tok_per_s": theirs["output_tok_per_s"],
             "raylm_tpot_ms": ours.get("tpot_ms"), "baseline_tpot_ms": theirs.get("tpot_ms"),
-            "speedup": ours["output_tok_per_s"] / theirs["output_tok_per_s"],
-            "requests_equal_to_baseline": same(ours["outputs"], theirs["outputs"]),
-            "requests": len(ours["outputs"]),
-            # record.py's generic row: the baseline stands as the peer.
-            "peer": "raylm without speculation", "peer_output_tok_per_s": theirs["output_tok_per_s"],
+            **compared(ours, theirs),
         })
         print({k: v for k, v in r.items() if k not in ("command", "torch")}, flush=True)
         records.append(r)
     return records
+
+
+def compared(ours: dict, base: dict) -> dict:
+    """A record's fields for a run with speculation (`ours`) beside one without (`base`):
+    acceptance, output tok/s of both, the speed-up and whether the outputs agree."""
+    return {
+        "acceptance_rate": ours["acceptance_rate"], "mean_acceptance_length": ours["mean_acceptance_length"],
+        "num_draft_tokens": ours["num_draft_tokens"], "num_accepted_tokens": ours["num_accepted_tokens"],
+        "raylm_output_tok_per_s": ours["output_tok_per_s"], "baseline_output_tok_per_s": base["output_tok_per_s"],
+        "speedup": ours["output_tok_per_s"] / base["output_tok_per_s"],
+        "requests_equal_to_baseline": same(ours["outputs"], base["outputs"]), "requests": len(ours["outputs"]),
+        # record.py's generic row: the baseline stands as the peer.
+        "peer": "raylm without speculation", "peer_output_tok_per_s": base["output_tok_per_s"],
+    }
 
 
 def step_time(llm, prompts, out_len: int) -> dict:
@@ -273,19 +278,12 @@ def run_draft(args, cfg_dir: str, draft_dir: str, vocab: int) -> list[dict]:
         r.update({
             "method": "draft_model", "draft_model": args.draft_model, "num_speculative_tokens": args.k,
             "batch_size": bs, "workload": "random", "prompt_len": args.prompt_len,
-            "output_len": args.output_len, "acceptance_rate": ours["acceptance_rate"],
-            "mean_acceptance_length": ours["mean_acceptance_length"],
-            "num_draft_tokens": ours["num_draft_tokens"], "num_accepted_tokens": ours["num_accepted_tokens"],
+            "output_len": args.output_len,
             "baseline_step_ms": base["step_ms"], "raylm_step_ms": ours["step_ms"],
             # One round (verify k + 1 positions per row, draft k) in plain decode steps: the
             # mean acceptance length a draft needs to break even.
             "round_cost_in_decode_steps": ours["step_ms"] / base["step_ms"],
-            "raylm_output_tok_per_s": ours["output_tok_per_s"],
-            "baseline_output_tok_per_s": base["output_tok_per_s"],
-            "speedup": ours["output_tok_per_s"] / base["output_tok_per_s"],
-            "requests_equal_to_baseline": same(ours["outputs"], base["outputs"]),
-            "requests": len(ours["outputs"]),
-            "peer": "raylm without speculation", "peer_output_tok_per_s": base["output_tok_per_s"],
+            **compared(ours, base),
         })
         print({k: v for k, v in r.items() if k not in ("command", "torch")}, flush=True)
         records.append(r)
