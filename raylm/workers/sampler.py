@@ -104,6 +104,42 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
     return logits
 
 
+# When every row's top-k is at most this, top-k and top-p work on torch.topk's candidates
+# instead of a sort of the whole vocabulary (Qwen3's generation config asks top_k 20).
+TOP_K_CANDIDATES_MAX = 1024
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Top-k then top-p masks from one ordering of the row's tokens, most likely first:
+    a sort of the vocabulary, or torch.topk's max(k) candidates when every row has a
+    small k (top-k masks the rest anyway). Top-k keeps the tokens at least as likely as
+    the k-th; top-p the smallest prefix of what is left reaching p, from the row's own
+    softmax (the same numbers as sorting the probabilities)."""
+    vocab = logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    need_k, need_p = any(k < vocab for k in ks), any(p < 1.0 for p in top_p)
+    if not (need_k or need_p):
+        return logits
+    width = max(ks)
+    if width <= TOP_K_CANDIDATES_MAX:
+        vals, idx = logits.topk(width, dim=1)
+    else:
+        vals, idx = logits.sort(dim=1, descending=True)
+    if need_k:
+        kth = vals.gather(1, to_device([k - 1 for k in ks], torch.long, logits.device).view(-1, 1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if need_p:
+        ps = to_device(top_p, logits.dtype, logits.device)
+        probs = logits.softmax(dim=1).gather(1, idx)
+        cum = probs.cumsum(dim=1)
+        # Keep the smallest set reaching p; rows at p = 1 keep all (the sum may round to 1
+        # before the tail, and a row's tokens must not depend on its neighbours' top_p).
+        remove = ((cum - probs) >= ps.unsqueeze(1)) & (ps < 1.0).unsqueeze(1)
+        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, remove),
+                                    float("-inf"))
+    return logits
+
+
 def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p masks (each a no-op at its default)."""
     temps = [max(st.options.temperature, 1e-5) for st in states]
@@ -111,23 +147,7 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         logits = logits / temps[0]
     else:
         logits = logits / to_device(temps, logits.dtype, logits.device).unsqueeze(1)
-    vocab = logits.shape[1]
-    top_k = [st.options.top_k for st in states]
-    if any(0 < k < vocab for k in top_k):
-        ks = to_device([k if 0 < k < vocab else vocab for k in top_k], torch.long, logits.device)
-        sorted_logits = logits.sort(dim=1, descending=True).values
-        kth = sorted_logits.gather(1, (ks - 1).view(-1, 1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = [st.options.top_p for st in states]
-    if any(p < 1.0 for p in top_p):
-        ps = to_device(top_p, logits.dtype, logits.device)
-        probs_sorted, idx = logits.softmax(dim=1).sort(dim=1, descending=True)
-        cum = probs_sorted.cumsum(dim=1)
-        # Keep the smallest set reaching p; rows at p = 1 keep all (the sum may round to 1
-        # before the tail, and a row's tokens must not depend on its neighbours' top_p).
-        remove_sorted = ((cum - probs_sorted) >= ps.unsqueeze(1)) & (ps < 1.0).unsqueeze(1)
-        remove = torch.zeros_like(remove_sorted).scatter(1, idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
+    logits = _top_k_top_p(logits, [st.options.top_k for st in states], [st.options.top_p for st in states])
     min_p = [st.options.min_p for st in states]
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=1)
