@@ -208,6 +208,9 @@ def row(r: dict) -> str:
                         f"{r['fraction_of_roofline']:.2f} of it at 128")
         if r.get("tensor_parallel_size", 1) > 1:
             numbers = f"TP={r['tensor_parallel_size']}: " + numbers
+    elif r["benchmark"] == "sampling":
+        numbers = "; ".join(f"{x['setting']}: raylm {x['raylm_ms']:.2f} ms, HF warpers {x['peer_ms']:.2f} ms "
+                            f"({x['speedup']:.1f}x)" for x in r["rows"])
     else:
         ours, peer = r["raylm_output_tok_per_s"], r.get("peer_output_tok_per_s")
         numbers = (f"raylm {_fmt(ours)} out tok/s; {_peer_name(r.get('peer') or 'hf')} {_fmt(peer)} "
@@ -491,6 +494,14 @@ def _structured(r: dict) -> list[Row]:
                  f"{r['stopped_valid']} of {r['num_requests']}"])]  # the record's label joins the note
 
 
+def _sampling(r: dict) -> list[Row]:
+    return [Row((r["device"], x["setting"], r["batch_size"], r["vocab_size"]), x["setting"],
+                [r["device"], x["setting"], f"{x['top_k'] or '-'} / {x['top_p']}", r["batch_size"], r["vocab_size"],
+                 f"{x['raylm_ms']:.2f}", f"{x['peer_ms']:.2f}", f"{x['speedup']:.1f}x",
+                 "-" if x.get("floor_ms") is None else f"{x['floor_ms']:.3f} ({x['fraction_of_floor']:.2f})",
+                 f"{x['rows_with_the_same_kept_tokens']} of {r['batch_size']}"]) for x in r["rows"]]
+
+
 def _host_step(r: dict) -> list[Row]:
     wires = {"none": "no (in process)", "whole": "yes (as the Ray path sends them)"}
     return [Row((r["device"], x["running"], x["wire"]), x["wire"],
@@ -637,6 +648,15 @@ SECTIONS = [
             ["Model", "Device", "Backend", "Requests", "Structured out tok/s", "Unconstrained out tok/s", "Ratio",
              "Step p50 structured / unconstrained", "Compile p50 / p99", "Step p99 while compiling",
              "Stopped and valid"], _structured),
+    Section("Sampling filters",
+            "Temperature 0.6, then top-k / top-p on one step's logits (`benchmarks/sampling.py`), raylm's "
+            "sampler beside HF transformers' logits warpers on the same logits in the same run, at the "
+            "settings of real generation configs. ms per call; floor: the logits read and the mask written "
+            "once at the measured copy bandwidth (GPU only), with the fraction of it reached. Same kept "
+            "tokens: rows where both keep one set (they differ only by rounding at the top-p boundary).",
+            ("sampling",),
+            ["Device", "Setting", "top_k / top_p", "Batch", "Vocabulary", "raylm ms", "HF warpers ms",
+             "Speed-up", "Floor ms (fraction)", "Same kept tokens"], _sampling),
     Section("GPU time of a serving step",
             "Kernel time per step (ms, `torch.profiler`) in the steady state of the serving benchmark's closed "
             "loop, run offline: 256 in flight, prompts and outputs of 100-1024 tokens.",
