@@ -21,6 +21,7 @@
 #       own, back to back while the machine is warm, each copied to /tmp (cp .gpu/smol/part-* /tmp/);
 #       this part joins them from /tmp into /tmp/site.
 #   st  where the serving path's start-up goes (benchmarks/startup.py); first on a fresh machine.
+#   sp  top-k / top-p / temperature on 256 x 151,936 logits beside HF's warpers (benchmarks/sampling.py)
 #   gt  the GPU tests of speculative decoding (bf16, CUDA graphs) and of the attention backends
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
 parts=${*:-so sn sd st}
@@ -39,6 +40,7 @@ for p in $parts; do
         run sm 300 python3 benchmarks/spec_decode.py --model smollm2-135m-instruct --workloads edit \
             --batch-size 64 --output-len 512 ;;
     st) run st 200 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
+    sp) run sp 120 python3 benchmarks/sampling.py ;;
     gt) run gt 400 python3 -m pytest -q -x tests/gpu/test_spec_decode_gpu.py tests/gpu/test_engine_gpu.py ;;
   esac
 done

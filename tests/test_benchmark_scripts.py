@@ -209,3 +209,19 @@ def test_startup_script_lays_every_process_on_one_timeline(llama_dir, tmp_path):
     assert "process start to first served request" in record.row(r)
     (row,) = record._startup(r)
     assert row.cells[-1] == f"{r['startup_s']:.1f}"
+
+
+def test_sampling_script_on_cpu(tmp_path):
+    """benchmarks/sampling.py: one row per generation-config setting, the masks of raylm's
+    filter and HF's warpers compared row by row, and record.py's rows for it."""
+    import record
+
+    _script("sampling.py", ["--device", "cpu", "--batch", "8", "--vocab", "2000", "--iters", "1"], tmp_path)
+    r = json.load(open(tmp_path / "sampling-cpu.json"))
+    assert r["benchmark"] == "sampling" and r["device"].startswith("cpu") and r["peer"].startswith("transformers")
+    assert [x["top_k"] for x in r["rows"]] == [20, 0, 50]
+    for x in r["rows"]:
+        assert x["raylm_ms"] > 0 and x["peer_ms"] > 0 and 0 <= x["rows_with_the_same_kept_tokens"] <= 8
+    assert r["rows"][2]["rows_with_the_same_kept_tokens"] == 8  # top-k alone: no rounding at stake
+    assert "Qwen3 generation config: raylm" in record.row(r)
+    assert len(record._sampling(r)) == 3
