@@ -41,7 +41,7 @@ for p in $parts; do
             --batch-size 64 --output-len 512 ;;
     st) run st 200 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
     sp) run sp 120 python3 benchmarks/sampling.py ;;
-    gt) run gt 400 python3 -m pytest -q -x tests/gpu/test_spec_decode_gpu.py tests/gpu/test_engine_gpu.py ;;
+    gt) run gt 400 python3 -m pytest -q -x tests/gpu/test_spec_decode_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_sampler_gpu.py ;;
   esac
 done
 grep -h "^== \|speedup\|structured_output_tok_per_s\|process start\|passed\|failed" "$log" | cut -c1-400

@@ -325,3 +325,6 @@ def test_config_disable_additional_properties_closes_guidance_objects(tok):
     kept = {"type": "object", "default": {"properties": {}}, "enum": [{"properties": 1}],
             "properties": {"properties": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
     assert _closed(kept) == kept  # says additionalProperties; values and a key named "properties" untouched
+    nullable = {"anyOf": [{"type": ["object", "null"]}], "items": [{"properties": {}}]}
+    assert _closed(nullable) == {"anyOf": [{"type": ["object", "null"], "additionalProperties": False}],
+                                 "items": [{"properties": {}, "additionalProperties": False}]}

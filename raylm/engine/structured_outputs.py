@@ -229,7 +229,9 @@ def _closed(schema):
     for k in _SCHEMAS:
         if k in out:
             out[k] = [_closed(s) for s in out[k]] if isinstance(out[k], list) else _closed(out[k])
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+    kind = out.get("type")
+    if (kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in out) \
+            and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 
