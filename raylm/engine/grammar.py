@@ -23,7 +23,7 @@ from raylm.engine.sampling_params import StructuredOutputsParams
 from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, build_grammar, spec_key
 
 CACHE_SIZE = 1024  # compiled grammars kept (by spec)
-GUIDANCE_ROLLBACK = 64  # tokens a GuidanceMatcher can roll back (proposals are fewer)
+GUIDANCE_ROLLBACK = 1024  # tokens a GuidanceMatcher can roll back (a step's proposals are fewer)
 
 
 class GuidanceMatcher:
@@ -50,7 +50,7 @@ class GuidanceMatcher:
                 return False
             consumed = False
         else:
-            if self._m.validate_tokens([token]) != 1 or not self._m.consume_token(token):
+            if self._m.try_consume_tokens([token]) != 1:  # 0: refused, the state unchanged
                 return False
             consumed = True
         self._consumed.append(consumed)
