@@ -7,6 +7,9 @@
 #   && tar -xJf .gpu/ray.tar.xz -C /tmp/site && mkdir -p /tmp/w && tar -xzf .gpu/head.tgz -C /tmp/w \
 #   && cd /tmp/w && export PYTHONPATH=/tmp/site:/tmp/w PATH=/tmp/site/bin:$PATH \
 #   && bash benchmarks/h200_features.sh so      # (or h200_serving.sh q1 ...)
+# For h200_features.sh sg (structured outputs with llguidance) also carry .gpu/whl3 (the llguidance
+# wheel: pip download llguidance --no-deps -d .gpu/whl3) and add .gpu/whl3/*.whl to the install line;
+# a call of so and sg alone needs no Ray, so .gpu/ray.tar.xz can stay behind (the carry limit).
 # The device copies the working tree anyway: the snapshot matters when the tree holds work that is
 # not committed (a helper's), and it keeps the carry small (tests/quant's checkpoints stay out).
 # smoltok/ in the snapshot holds the SmolLM2 tokenizer files (benchmarks/structured.py's
