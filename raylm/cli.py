@@ -6,6 +6,7 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
+from raylm.cluster.reasoning import REASONING_PARSERS
 from raylm.engine.config import EngineArgs
 
 # Defaults of raylm.cluster (local, limits, drain, app), repeated so that `raylm --help`
@@ -98,7 +99,8 @@ def _serve(ns: argparse.Namespace) -> int:
                     shutdown_timeout=ns.shutdown_timeout,
                     max_prompts_per_request=ns.max_prompts_per_request,
                     max_seqs_per_request=ns.max_seqs_per_request, **tls,
-                    enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser)
+                    enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+                    reasoning_parser=ns.reasoning_parser)
     from raylm.cluster.app import APP_NAME, build_app
 
     app = build_app(app_args)  # argument errors surface before Ray starts
@@ -173,6 +175,8 @@ def _add_front_door_args(srv: argparse.ArgumentParser) -> None:
                      help='allow tool_choice "auto" (needs --tool-call-parser), as in vLLM')
     srv.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                      help="how tool calls are read from the model's text under tool_choice auto")
+    srv.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
+                     help="put chat outputs' <think>...</think> text in reasoning_content, as vLLM does")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from raylm.cluster.limits import DEFAULT_MAX_REQUEST_BODY_BYTES, front_door
 from raylm.cluster.local import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_SERVED_NAME
 from raylm.cluster.router_deployment import (_QUIET, DEFAULT_STEP_TIMEOUT_S, MAX_ONGOING_REQUESTS,
                                              RouterDeployment, ServeRouterClient)
+from raylm.cluster.reasoning import check_reasoning_parser
 from raylm.cluster.tool_parsers import auto_tool_parser
 from raylm.engine.config import EngineArgs
 from raylm.engine.model_config import ModelConfig
@@ -51,13 +52,15 @@ APP_ARGS = ("num_groups", "served_model_name", "api_key", "max_n", "max_queued_r
             "api_server_count", "autoscaling_config", "http_host", "http_port", "step_timeout",
             "queue_timeout", "max_redispatches", "grpc_port", "ssl_keyfile", "ssl_certfile",
             "max_request_body_bytes", "protect_health_metrics", "shutdown_timeout",
-            "max_prompts_per_request", "max_seqs_per_request", "enable_auto_tool_choice", "tool_call_parser")
+            "max_prompts_per_request", "max_seqs_per_request", "enable_auto_tool_choice", "tool_call_parser",
+            "reasoning_parser")
 # The front door's app arguments and their defaults (see Ingress).
 FRONT_DEFAULTS = dict(grpc_port=None, ssl_keyfile=None, ssl_certfile=None,
                       max_request_body_bytes=DEFAULT_MAX_REQUEST_BODY_BYTES,
                       protect_health_metrics=False, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT_S,
                       max_prompts_per_request=1024, max_seqs_per_request=4096,
-                      enable_auto_tool_choice=False, tool_call_parser=None)  # tool_choice "auto"
+                      enable_auto_tool_choice=False, tool_call_parser=None,  # tool_choice "auto"
+                      reasoning_parser=None)
 # Serve kills a stopping replica after graceful_shutdown_timeout_s: past our drain.
 _SERVE_GRACE_MARGIN_S = 15.0
 
@@ -166,6 +169,7 @@ class Ingress(GrpcGenerateMixin):
         app = create_openai_app(self.backend, max_n=self.max_n,  # the key is checked outside
                                 enable_auto_tool_choice=self.front["enable_auto_tool_choice"],
                                 tool_call_parser=self.front["tool_call_parser"],
+                                reasoning_parser=self.front["reasoning_parser"],
                                 max_prompts_per_request=self.front["max_prompts_per_request"],
                                 max_seqs_per_request=self.front["max_seqs_per_request"])
         return front_door(app, self.api_key, self.front["protect_health_metrics"],
@@ -252,6 +256,7 @@ def _front(app_args: dict) -> dict:
         raise ValueError("protect_health_metrics must be true or false, "
                          f"got {front['protect_health_metrics']!r}")
     auto_tool_parser(front["enable_auto_tool_choice"], front["tool_call_parser"])  # ValueError if bad
+    check_reasoning_parser(front["reasoning_parser"])
     front["shutdown_timeout"] = _seconds(app_args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S,
                                          allow_minimum=True)
     return front

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from raylm.cluster.http_errors import (add_error_handlers, error_response, internal_error_message,
                                        is_client_error, param_of)
 from raylm.cluster.limits import ApiKeyAuth
+from raylm.cluster.reasoning import check_reasoning_parser, starts_inside
 from raylm.cluster.protocol import ApiError, ChatCompletionRequest, CompletionRequest, check_text, error_body
 from raylm.cluster.router import RETRY_AFTER_S, NoGroupAvailable, Overloaded
 from raylm.cluster.responses import (ChatStream, CompletionStream, PromptInput, chat_response,
@@ -55,7 +56,8 @@ DEFAULT_MAX_SEQS_PER_REQUEST = 4096
 def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
                       enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
                       max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
-                      max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST) -> FastAPI:
+                      max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
+                      reasoning_parser: Optional[str] = None) -> FastAPI:
     """The OpenAI API over `backend` (see `raylm.cluster.backend.Backend`). With `api_key`,
     every route but /health and /metrics needs `Authorization: Bearer <api_key>`
     (`limits.ApiKeyAuth`, the front door's check; behind `limits.front_door` pass the key
@@ -63,12 +65,14 @@ def create_openai_app(backend, api_key: Optional[str] = None, max_n: int = 16,
     `max_n` caps `n`, `max_prompts_per_request` the prompts of one completions request,
     `max_seqs_per_request` its prompts x n. `tool_choice: "auto"` needs
     `enable_auto_tool_choice` and a `tool_call_parser` (vLLM's flags; see
-    `tool_parsers.TOOL_PARSERS`)."""
+    `tool_parsers.TOOL_PARSERS`). `reasoning_parser` (vLLM's `--reasoning-parser`) splits
+    chat outputs into reasoning and content (see `raylm.cluster.reasoning`)."""
     from raylm import __version__
 
     auto_parser = auto_tool_parser(enable_auto_tool_choice, tool_call_parser)
     app = FastAPI(title="raylm", version=__version__)
-    server = _OpenAIServer(backend, max_n, auto_parser, max_prompts_per_request, max_seqs_per_request)
+    server = _OpenAIServer(backend, max_n, auto_parser, max_prompts_per_request, max_seqs_per_request,
+                           check_reasoning_parser(reasoning_parser))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -156,8 +160,9 @@ class _OpenAIServer:
 
     def __init__(self, backend, max_n: int, auto_parser=None,
                  max_prompts: int = DEFAULT_MAX_PROMPTS_PER_REQUEST,
-                 max_seqs: int = DEFAULT_MAX_SEQS_PER_REQUEST):
+                 max_seqs: int = DEFAULT_MAX_SEQS_PER_REQUEST, reasoning_parser: Optional[str] = None):
         self.backend = backend
+        self.reasoning_parser = reasoning_parser
         self.max_n = max_n
         self.max_prompts, self.max_seqs = max_prompts, max_seqs
         self.auto_parser = auto_parser  # the tool parser class of tool_choice "auto", if enabled
@@ -334,7 +339,8 @@ class _OpenAIServer:
         head = response_head(rid, "chat.completion", int(time.time()), self.backend.model_name)
         chunk_head = dict(head, object="chat.completion.chunk")
         echo = body.echo_text()
+        inside = None if self.reasoning_parser is None else starts_inside(text)
         return await self._run(body, [prompt], rid, renames,
-                               lambda finals: chat_response(head, tok, body, prompt, finals[0], mode, echo),
-                               ChatStream(chunk_head, tok, body, [prompt], mode, echo))
+                               lambda finals: chat_response(head, tok, body, prompt, finals[0], mode, echo, inside),
+                               ChatStream(chunk_head, tok, body, [prompt], mode, echo, inside))
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from raylm.cluster.protocol import ChatCompletionRequest, CompletionRequest
+from raylm.cluster.reasoning import ReasoningSplitter, split_reasoning
 from raylm.cluster.tool_calls import ToolDeltas, ToolMode, choice_tool_calls
 from raylm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from raylm.engine.sampling_params import SamplingParams
@@ -129,17 +130,24 @@ def completion_response(head: dict, tokenizer, body: CompletionRequest, prompts:
 
 
 def chat_response(head: dict, tokenizer, body: ChatCompletionRequest, prompt: PromptInput,
-                  final: RequestOutput, tools: ToolMode = ToolMode(), echo: str = "") -> dict:
+                  final: RequestOutput, tools: ToolMode = ToolMode(), echo: str = "",
+                  reasoning_inside: Optional[bool] = None) -> dict:
     """The /v1/chat/completions JSON; under a tool mode, calls parsed into `tool_calls`
-    (content null when there are only calls); `echo` leads each content."""
+    (content null when there are only calls); `echo` leads each content. With a
+    reasoning parser (`reasoning_inside` not None: whether the output starts inside its
+    reasoning) the reasoning goes to `reasoning_content` and `reasoning`."""
     top_k = body.top_logprobs or 0
     choices = []
     for c in sorted(final.outputs, key=lambda c: c.index):
-        content, calls, finish = choice_tool_calls(tools, c.text, c.finish_reason)
+        text, extra = c.text, {}
+        if reasoning_inside is not None:
+            reasoning, text = split_reasoning(c.text, reasoning_inside)
+            text, extra = text or "", {"reasoning_content": reasoning, "reasoning": reasoning}
+        content, calls, finish = choice_tool_calls(tools, text, c.finish_reason)
         if echo:
             content = echo + (content or "")
         choices.append({
-            "index": c.index, "message": {"role": "assistant", "content": content,
+            "index": c.index, "message": {"role": "assistant", **extra, "content": content,
                                           "tool_calls": [call.to_json() for call in calls]},
             "logprobs": chat_logprobs(tokenizer, c.token_ids, c.logprobs or [], top_k) if body.logprobs else None,
             "finish_reason": finish, "stop_reason": c.stop_reason})
@@ -225,10 +233,12 @@ class ChatStream(_DeltaStream):
     content or tool-call deltas, then the finish_reason (with the last delta)."""
 
     def __init__(self, head: dict, tokenizer, body, prompts: list[PromptInput], tools: ToolMode = ToolMode(),
-                 echo: str = ""):
+                 echo: str = "", reasoning_inside: Optional[bool] = None):
         super().__init__(head, tokenizer, body, prompts)
         self.tools, self.echo = tools, echo
         self.tool_deltas: dict[int, ToolDeltas] = {}
+        self.reasoning_inside = reasoning_inside  # None: no reasoning parser
+        self.splitters: dict[int, ReasoningSplitter] = {}
 
     def first_chunks(self) -> Iterator[dict]:
         for i in range(self.prompts[0].params.n):
@@ -247,11 +257,19 @@ class ChatStream(_DeltaStream):
             if delta is None:
                 continue
             s, text, start = delta
-            deltas, finish = [{"content": text}], c.finish_reason
+            deltas, finish = [], c.finish_reason
+            if self.reasoning_inside is not None:
+                splitter = self.splitters.setdefault(c.index, ReasoningSplitter(self.reasoning_inside))
+                reasoning, text = splitter.feed(text, final=c.finish_reason is not None)
+                if reasoning:
+                    deltas.append({"reasoning_content": reasoning, "reasoning": reasoning})
             if self.tools.active:
                 tools = self.tool_deltas.setdefault(c.index, ToolDeltas(self.tools))
-                deltas, finish = tools.feed(text, c.finish_reason)
-                deltas = deltas or [{}]
+                calls, finish = tools.feed(text, c.finish_reason)
+                deltas += calls
+            elif text or not deltas:
+                deltas.append({"content": text})
+            deltas = deltas or [{}]
             chunks = [self._chunk(c.index, d) for d in deltas]
             last = chunks[-1]["choices"][0]
             if body.logprobs:
