@@ -13,6 +13,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from raylm.cluster.reasoning import ReasoningSplitter, check_reasoning_parser, split_reasoning, starts_inside
 
@@ -136,3 +137,94 @@ def test_cli_and_app_arguments_take_the_parser():
     assert _front({"reasoning_parser": "qwen3"})["reasoning_parser"] == "qwen3"
     with pytest.raises(ValueError, match="reasoning_parser 'x' is not supported"):
         _front({"reasoning_parser": "x"})
+
+
+# ---- grammars start after the reasoning -------------------------------------------------
+@pytest.fixture(scope="module")
+def think_dir(llama_dir, tmp_path_factory):
+    """The tiny llama with `<think>` and `</think>` as tokens of their own (as Qwen3's)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = str(tmp_path_factory.mktemp("think") / "llama")
+    shutil.copytree(llama_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_tokens(["<think>", "</think>"])
+    model = AutoModelForCausalLM.from_pretrained(d)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_reasoning_gate_opens_at_the_end_token_and_rolls_back(think_dir):
+    from transformers import AutoTokenizer
+
+    from raylm import StructuredOutputsParams
+    from raylm.engine.grammar import GrammarManager, ReasoningGate, reasoning_closed, reasoning_tokens
+
+    tok = AutoTokenizer.from_pretrained(think_dir)
+    start, end = reasoning_tokens(tok)
+    assert reasoning_closed([5, start, 7, end, 9], (start, end)) and not reasoning_closed([5, start, 7], (start, end))
+    assert not reasoning_closed([5, 6], (start, end))
+    manager = GrammarManager(lambda: tok, len(tok), [tok.eos_token_id])
+    gate = ReasoningGate(manager.matcher(manager.compile(StructuredOutputsParams(choice=["ab"])).result(), []), end)
+    manager.shutdown()
+    a, b, q = (tok.convert_tokens_to_ids(c) for c in "abq")
+    assert gate.accept_token(q) and gate.accept_token(b) and gate.waiting  # reasoning: anything goes
+    buf = torch.zeros(1, (len(tok) + 31) // 32, dtype=torch.int32)
+    gate.fill_next_token_bitmask(buf, 0)
+    assert (buf == -1).all()
+    assert gate.accept_token(end) and not gate.waiting
+    assert not gate.accept_token(b) and gate.accept_token(a)  # the grammar, from its start
+    gate.rollback(2)  # "a" and the end token: reasoning again
+    assert gate.waiting and gate.accept_token(q) and gate.accept_token(end) and gate.accept_token(a)
+    assert gate.accept_token(b) and gate.accept_token(tok.eos_token_id) and gate.is_terminated()
+
+
+def test_grammars_start_after_the_reasoning(think_dir):
+    """structured_outputs_config {"reasoning_parser": "qwen3"}: while the output reasons
+    the grammar allows everything (a token it forbids, pushed by logit_bias, comes out);
+    from `</think>` on it holds; a prompt that closes the reasoning gets it at once. With
+    asynchronous scheduling too (the step after `</think>` is planned once it is known)."""
+    from transformers import AutoTokenizer
+
+    from raylm import LLM, SamplingParams, StructuredOutputsParams
+
+    tok = AutoTokenizer.from_pretrained(think_dir)
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    a = tok.convert_tokens_to_ids("a")
+    so = StructuredOutputsParams(regex="[x-z]{3}")
+
+    def sp(bias):
+        return SamplingParams(temperature=0.0, max_tokens=12, logit_bias=bias, structured_outputs=so)
+
+    prompt = tok.encode("Think, then answer.")
+    closed = prompt + [start, end]
+    gate = {"reasoning_parser": "qwen3"}
+    for config, want_gate, asynchronous in ((gate, True, False), (gate, True, True), (None, False, False)):
+        llm = LLM(think_dir, dtype="float32", max_model_len=128, structured_outputs_config=config,
+                  async_scheduling=asynchronous)
+        try:
+            outs = llm.generate([{"prompt_token_ids": p} for p in (prompt, prompt, closed)],
+                                [sp({a: 100}), sp({end: 100}), sp({a: 100})], use_tqdm=False)
+        finally:
+            llm.shutdown()
+        reasoning, opened, at_once = (o.outputs[0] for o in outs)
+        if want_gate:
+            assert reasoning.token_ids == [a] * 12 and reasoning.finish_reason == "length"
+            assert opened.token_ids[0] == end and opened.finish_reason == "stop"
+            assert tok.decode(opened.token_ids[1:-1]) in {x + y + z for x in "xyz" for y in "xyz" for z in "xyz"}
+        else:
+            assert reasoning.finish_reason == "stop" and a not in reasoning.token_ids
+        assert at_once.finish_reason == "stop" and a not in at_once.token_ids and end not in at_once.token_ids
+
+
+def test_app_arguments_pass_the_parser_to_the_cores():
+    from raylm.cluster.app import with_reasoning_parser
+
+    assert with_reasoning_parser({"model": "m"}, None) == {"model": "m"}
+    got = with_reasoning_parser({"model": "m", "structured_outputs_config": '{"backend": "xgrammar"}'}, "qwen3")
+    assert got["structured_outputs_config"]["backend"] == "xgrammar"
+    assert got["structured_outputs_config"]["reasoning_parser"] == "qwen3"

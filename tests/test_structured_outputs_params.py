@@ -101,9 +101,14 @@ def test_structured_outputs_config():
     with pytest.raises(ValueError, match="structured_outputs_config disable_any_whitespace must be true or "
                                          "false, got 'yes'"):
         parse_structured_outputs_config({"disable_any_whitespace": "yes"})
-    with pytest.raises(ValueError, match=r"unknown keys \['reasoning_parser'\]; known keys are \['backend', "
-                                         r"'disable_any_whitespace', 'disable_additional_properties'\]"):
-        parse_structured_outputs_config({"reasoning_parser": "qwen3"})
+    with pytest.raises(ValueError, match=r"unknown keys \['enable_in_reasoning'\]; known keys are \['backend', "
+                                         r"'disable_any_whitespace', 'disable_additional_properties', "
+                                         r"'reasoning_parser'\]"):
+        parse_structured_outputs_config({"enable_in_reasoning": True})
+    assert parse_structured_outputs_config({"reasoning_parser": "qwen3"}).reasoning_parser == "qwen3"
+    with pytest.raises(ValueError, match=r"reasoning_parser 'granite' is not supported; supported parsers are "
+                                         r"\['deepseek_r1', 'qwen3'\]"):
+        parse_structured_outputs_config({"reasoning_parser": "granite"})
     with pytest.raises(ValueError, match="backend 'outlines' is not supported; supported backends"):
         parse_structured_outputs_config({"backend": "outlines"})
     with pytest.raises(ValueError, match="unknown keys"):

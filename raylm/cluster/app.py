@@ -20,6 +20,7 @@ API key on both, the body limit (`limits.py`), and a drain at shutdown (`drain.p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from typing import Any, AsyncIterator, Optional
@@ -37,6 +38,7 @@ from raylm.cluster.local import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_SERVED_NAME
 from raylm.cluster.router_deployment import (_QUIET, DEFAULT_STEP_TIMEOUT_S, MAX_ONGOING_REQUESTS,
                                              RouterDeployment, ServeRouterClient)
 from raylm.cluster.reasoning import check_reasoning_parser
+from raylm.engine.structured_outputs import parse_structured_outputs_config
 from raylm.cluster.tool_parsers import auto_tool_parser
 from raylm.engine.config import EngineArgs
 from raylm.engine.model_config import ModelConfig
@@ -262,6 +264,15 @@ def _front(app_args: dict) -> dict:
     return front
 
 
+def with_reasoning_parser(engine_args: dict, parser: Optional[str]) -> dict:
+    """The engine arguments with `parser` in their structured_outputs_config (as vLLM's
+    --reasoning-parser sets it), so the cores start a grammar after the reasoning."""
+    if parser is None:
+        return engine_args
+    config = dataclasses.asdict(parse_structured_outputs_config(engine_args.get("structured_outputs_config")))
+    return dict(engine_args, structured_outputs_config=dict(config, reasoning_parser=check_reasoning_parser(parser)))
+
+
 def build_app(args: Optional[dict] = None):
     """The application for `serve run`/`serve deploy` (`args` from the YAML) and `raylm serve`.
 
@@ -278,13 +289,15 @@ def build_app(args: Optional[dict] = None):
     max_prompts_per_request and max_seqs_per_request (prompts x n); step_timeout (a group
     holding work with no step for that long is hung: restarted, its requests moved),
     queue_timeout (how long a request waits for a serving group before a 503),
-    max_redispatches (how often one request may be moved)."""
+    max_redispatches (how often one request may be moved); reasoning_parser (vLLM's
+    --reasoning-parser: chat replies' reasoning apart, and grammars after it)."""
     args = dict(args or {})
     app_args = {k: args.pop(k) for k in APP_ARGS if k in args}
     unknown = sorted(set(args) - set(EngineArgs.field_names()))
     if unknown:
         raise ValueError(f"unknown raylm argument(s) {unknown}; known: engine arguments "
                          f"{EngineArgs.field_names()} and {list(APP_ARGS)}")
+    args = with_reasoning_parser(args, app_args.get("reasoning_parser"))
     EngineArgs(**args)  # bad values fail here, before anything is deployed
     num_groups = _positive_int(app_args, "num_groups", 1)
     max_n = _positive_int(app_args, "max_n", 16)

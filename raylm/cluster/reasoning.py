@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from raylm.engine.structured_outputs import REASONING_PARSERS
+
 START, END = "<think>", "</think>"
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 
 def check_reasoning_parser(name: Optional[str]) -> Optional[str]:

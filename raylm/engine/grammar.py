@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Optional
 from collections import OrderedDict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -82,6 +83,73 @@ class GuidanceMatcher:
         from llguidance.torch import fill_next_token_bitmask
 
         fill_next_token_bitmask(self._m, bitmask, index)
+
+
+class ReasoningGate:
+    """A grammar that starts once the reasoning ends (vLLM's behaviour with a reasoning
+    parser): while `waiting`, every token is allowed; the reasoning's end token opens the
+    gate and `inner` (a matcher) constrains every later token. Rolls back like a matcher,
+    the end token included (the gate closes again)."""
+
+    __slots__ = ("inner", "end_token_id", "waiting", "_log")
+
+    def __init__(self, inner, end_token_id: int):
+        self.inner, self.end_token_id, self.waiting = inner, end_token_id, True
+        self._log: list[str] = []  # per accepted token: "w" reasoning, "e" its end, "i" the grammar's
+
+    def accept_token(self, token: int) -> bool:
+        if self.waiting:
+            kind = "e" if token == self.end_token_id else "w"
+            self.waiting = kind == "w"
+        elif self.inner.accept_token(token):
+            kind = "i"
+        else:
+            return False
+        self._log.append(kind)
+        if len(self._log) > 2 * GUIDANCE_ROLLBACK:
+            del self._log[:-GUIDANCE_ROLLBACK]
+        return True
+
+    def is_terminated(self) -> bool:
+        return not self.waiting and self.inner.is_terminated()
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens > len(self._log):
+            raise ValueError(f"cannot roll back {num_tokens} tokens; at most {len(self._log)}")
+        undone = self._log[len(self._log) - num_tokens:]
+        del self._log[len(self._log) - num_tokens:]
+        if undone.count("i"):
+            self.inner.rollback(undone.count("i"))
+        if "e" in undone:
+            self.waiting = True
+
+    def fill_next_token_bitmask(self, bitmask, index: int = 0) -> None:
+        if self.waiting:
+            bitmask[index].fill_(-1)
+        else:
+            self.inner.fill_next_token_bitmask(bitmask, index)
+
+
+def reasoning_tokens(tokenizer) -> Optional[tuple[int, int]]:
+    """The ids of `<think>` and `</think>` when the tokenizer spells each as one token."""
+    ids = []
+    for marker in ("<think>", "</think>"):
+        encoded = tokenizer.encode(marker, add_special_tokens=False)
+        if len(encoded) != 1:
+            return None
+        ids.append(encoded[0])
+    return ids[0], ids[1]
+
+
+def reasoning_closed(prompt_token_ids, think_ids: tuple[int, int]) -> bool:
+    """Does the prompt close the reasoning (its last `</think>` after its last `<think>`:
+    a template that disables thinking)? Otherwise the output reasons first."""
+    start, end = think_ids
+    last = {start: -1, end: -1}
+    for i, t in enumerate(prompt_token_ids):
+        if t in last:
+            last[t] = i
+    return last[end] > last[start]
 
 
 class GrammarManager:
@@ -172,6 +240,12 @@ class GrammarManager:
         self.mask_vocab = max(self.vocab_size, len(tokenizer))
         return tokenizer
 
+    def reasoning_tokens(self) -> Optional[tuple[int, int]]:
+        """The tokenizer's `<think>` and `</think>` ids (None unless each is one token)."""
+        if not hasattr(self, "_think"):
+            self._think = reasoning_tokens(self._tokenizer())
+        return self._think
+
     def _get_compiler(self):
         import xgrammar as xgr
 
@@ -215,8 +289,13 @@ class GrammarManager:
         if self._bitmask is None or self._bitmask.shape[0] < n:
             self._bitmask = xgr.allocate_token_bitmask(max(n, 8), self.mask_vocab)
         buf = self._bitmask[:n]
-        xg = [i for i, m in enumerate(matchers) if isinstance(m, xgr.GrammarMatcher)]
-        gd = [i for i, m in enumerate(matchers) if isinstance(m, GuidanceMatcher)]
+        # A waiting reasoning gate allows everything; an open one is its grammar's row.
+        waiting = {i for i, m in enumerate(matchers) if isinstance(m, ReasoningGate) and m.waiting}
+        for i in waiting:
+            buf[i].fill_(-1)
+        matchers = [m.inner if isinstance(m, ReasoningGate) else m for m in matchers]
+        xg = [i for i, m in enumerate(matchers) if i not in waiting and isinstance(m, xgr.GrammarMatcher)]
+        gd = [i for i, m in enumerate(matchers) if i not in waiting and isinstance(m, GuidanceMatcher)]
         for rows, batched in ((xg, self._fill_xgrammar), (gd, self._fill_guidance)):
             if len(rows) == 1:
                 matchers[rows[0]].fill_next_token_bitmask(buf, rows[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
+from raylm.engine.grammar import ReasoningGate, reasoning_closed
 from raylm.engine.spec_decode.grammar import position_bitmasks
 
 logger = logging.getLogger("raylm")
@@ -51,8 +52,16 @@ class GrammarRequests:
             state = self.requests[rid]
             req = state.request
             try:
-                earlier = req.prompt_token_ids[len(req.prompt_token_ids) - state.output_offset:]
-                state.grammar = self.manager.matcher(fut.result(), earlier)
+                cut = len(req.prompt_token_ids) - state.output_offset
+                prompt, earlier = req.prompt_token_ids[:cut], req.prompt_token_ids[cut:]
+                think = self.manager.reasoning_tokens() if self.config and self.config.reasoning_parser else None
+                if think is not None and not reasoning_closed(prompt, think):
+                    state.grammar = ReasoningGate(self.manager.matcher(fut.result(), []), think[1])
+                    for t in earlier:  # outputs before a re-dispatch
+                        if not state.grammar.accept_token(t):
+                            raise ValueError(f"an earlier output token {t} does not match the request's grammar")
+                else:
+                    state.grammar = self.manager.matcher(fut.result(), earlier)
             except Exception as exc:  # noqa: BLE001 - reported to the caller as its error
                 done.append((state, f"{type(exc).__name__}: {exc}"))
                 continue

@@ -17,12 +17,14 @@ import dataclasses
 import functools
 import importlib.util
 import json
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 from raylm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 JSON_MAX_WHITESPACE = 4
 SUPPORTED_BACKENDS = ("auto", "xgrammar", "guidance")
+# vLLM's reasoning parsers raylm knows; both mark reasoning with <think> ... </think>.
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 # llguidance's JSON whitespace, bounded as xgrammar's max_whitespace_cnt bounds it.
 GUIDANCE_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,%d}" % JSON_MAX_WHITESPACE
 
@@ -40,10 +42,13 @@ class GrammarConfig:
     `backend` "auto", "xgrammar" or "guidance"; `disable_any_whitespace`: every JSON
     output compact, whatever the request says; `disable_additional_properties`: the
     guidance backend closes objects whose schema leaves `additionalProperties` out, as
-    xgrammar does (llguidance otherwise follows JSON Schema and admits extra keys)."""
+    xgrammar does (llguidance otherwise follows JSON Schema and admits extra keys);
+    `reasoning_parser` (set by `--reasoning-parser`): a grammar starts after the output's
+    reasoning, at its `</think>`, unless the prompt closed the reasoning."""
     backend: str = "auto"
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
+    reasoning_parser: Optional[str] = None
 
 
 DEFAULT_CONFIG = GrammarConfig()
@@ -70,9 +75,13 @@ def parse_structured_outputs_config(config: Union[str, dict, None]) -> GrammarCo
     unknown = sorted(set(config) - set(known))
     if unknown:
         raise ValueError(f"structured_outputs_config has unknown keys {unknown}; known keys are {known}")
-    for name in known[1:]:
+    for name in ("disable_any_whitespace", "disable_additional_properties"):
         if not isinstance(config.get(name, False), bool):
             raise ValueError(f"structured_outputs_config {name} must be true or false, got {config[name]!r}")
+    parser = config.get("reasoning_parser")
+    if parser is not None and parser not in REASONING_PARSERS:
+        raise ValueError(f"structured_outputs_config reasoning_parser {parser!r} is not supported; "
+                         f"supported parsers are {list(REASONING_PARSERS)}")
     backend = config.get("backend", "auto")
     if backend not in SUPPORTED_BACKENDS:
         raise ValueError(f"structured_outputs_config backend {backend!r} is not supported; "
