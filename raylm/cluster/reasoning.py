@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from raylm.cluster.tool_parsers import partial_suffix
 from raylm.engine.structured_outputs import REASONING_PARSERS
 
 START, END = "<think>", "</think>"
@@ -31,14 +32,6 @@ def starts_inside(prompt_text: Optional[str]) -> bool:
     if not prompt_text:
         return False
     return prompt_text.rfind(START) > prompt_text.rfind(END)
-
-
-def _held(text: str, marker: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningSplitter:
@@ -69,7 +62,7 @@ class ReasoningSplitter:
                     reasoning += text[:i]
                     text, self.state = text[i + len(END):], "content"
                     continue
-                hold = 0 if final else _held(text, END)
+                hold = 0 if final else partial_suffix(text, END)
                 reasoning += text[:len(text) - hold]
                 self.pending = text[len(text) - hold:]
                 return reasoning, content

@@ -53,7 +53,7 @@ def _call_from(obj, args_keys: tuple[str, ...]) -> Optional[ToolCall]:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper start of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
@@ -102,7 +102,7 @@ class HermesToolParser(ToolParser):
             else:
                 start = self.pending.find(self.OPEN)
                 if start < 0:
-                    keep = _partial_suffix(self.pending, self.OPEN)
+                    keep = partial_suffix(self.pending, self.OPEN)
                     text_out = self.pending[:len(self.pending) - keep]
                     self.pending = self.pending[len(self.pending) - keep:]
                     if text_out:
