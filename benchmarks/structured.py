@@ -65,13 +65,13 @@ def model_dir(args) -> str:
     return d
 
 
-def run(llm, prompts, params) -> dict:
+def run(llm, prompts, params, tag: str) -> dict:
     """Drive the engine step by step: per-step wall times, and whether a grammar was
     compiling (its request waiting for it) when the step ran."""
     engine = llm.llm_engine
     core = engine.core
     for i, (prompt, p) in enumerate(zip(prompts, params)):
-        engine.add_request(f"r{i}", prompt, p)
+        engine.add_request(f"{tag}{i}", prompt, p)
     steps, compiling, finished = [], [], {}
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -83,7 +83,7 @@ def run(llm, prompts, params) -> dict:
         steps.append(time.perf_counter() - t)
         compiling.append(busy)
     elapsed = time.perf_counter() - t0
-    outs = [finished[f"r{i}"].outputs[0] for i in range(len(prompts))]
+    outs = [finished[f"{tag}{i}"].outputs[0] for i in range(len(prompts))]
     return {"elapsed": elapsed, "steps": steps, "compiling": compiling, "outputs": outs}
 
 
@@ -149,12 +149,12 @@ def main() -> None:
     grammars = llm.llm_engine.core._grammars
     grammars.compile_seconds.clear()
 
-    b = run(llm, prompts, constrained)
+    b = run(llm, prompts, constrained, "s")
     # The same requests unconstrained, each generating as many tokens as its structured
     # output had (ignore_eos), so both runs do the same work but for the grammar.
     plain = [SamplingParams(temperature=args.temperature, seed=i, ignore_eos=True,
                             max_tokens=max(1, len(c.token_ids))) for i, c in enumerate(b["outputs"])]
-    a = run(llm, prompts, plain)
+    a = run(llm, prompts, plain, "u")
     llm.shutdown()
     tok_a = sum(len(c.token_ids) for c in a["outputs"])
     tok_b = sum(len(c.token_ids) for c in b["outputs"])

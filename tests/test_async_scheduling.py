@@ -161,6 +161,38 @@ def test_abort_mid_run_leaves_the_others_alone(checkpoint_dirs):
     same(results[True], results[False])
 
 
+def test_an_id_still_in_a_step_on_the_device_is_refused(checkpoint_dirs):
+    """A request aborted (or finished) while a step that holds it is in flight keeps its
+    id until that step is recorded: a new request with the id is refused, not handed the
+    old request's token; after the step it is accepted and runs normally."""
+    engine = LLMEngine(EngineArgs(model=checkpoint_dirs["llama"], dtype="float32", max_model_len=128,
+                                  async_scheduling=True))
+    prompts = prompts_of([5, 9], seed=3)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, GREEDY)
+    for _ in range(3):
+        engine.step()
+    def in_flight(rid: str) -> bool:
+        step = engine.core._inflight
+        return step is not None and rid in {s.request_id for s in step[0].seqs}
+
+    engine.abort_request("1")
+    assert in_flight("1")  # its step is on the device
+    with pytest.raises(ValueError, match="request_id '1' is already in use"):
+        engine.add_request("1", {"prompt_token_ids": prompts[1]}, GREEDY)
+    finished = {}
+    while in_flight("1"):
+        for o in engine.step():
+            finished[o.request_id] = o
+    engine.add_request("1", {"prompt_token_ids": prompts[1]}, GREEDY)  # the step is recorded: free again
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o
+    assert finished["1"].outputs[0].finish_reason in ("stop", "length") and engine.block_manager.num_used_blocks == 0
+    engine.shutdown()
+
+
 def test_default_is_off_on_cpu(checkpoint_dirs):
     llm = LLM(checkpoint_dirs["llama"], dtype="float32", max_model_len=64)
     assert llm.llm_engine.async_scheduling is False  # the default is on for a GPU only

@@ -148,8 +148,11 @@ class EngineCore:
     def add_requests(self, reqs: list[EngineCoreRequest]) -> None:
         """Queue core requests (the n completions of one user request come together).
         Raises ValueError, queuing none of them, on an id in use or a prompt too long."""
+        # A finished request's id stays in use while a step that holds it is on the device
+        # (asynchronous scheduling): that step's token must not reach a new request.
+        in_flight = {s.request_id for s in self._inflight[0].seqs} if self._inflight is not None else set()
         for r in reqs:
-            if r.request_id in self.requests:
+            if r.request_id in self.requests or r.request_id in in_flight:
                 raise ValueError(f"request_id {r.request_id!r} is already in use")
             if len(r.prompt_token_ids) > self.max_model_len:
                 raise ValueError(f"prompt has {len(r.prompt_token_ids)} tokens; "
