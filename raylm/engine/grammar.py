@@ -267,15 +267,18 @@ class GrammarManager:
                     tokenizer, n_vocab=self.mask_vocab, eos_token=self.stop_token_ids)
             return self._guidance_tokenizer
 
-    def matcher(self, compiled, earlier_outputs: list[int]):
+    def matcher(self, compiled, earlier_outputs: list[int], reasoning_end: Optional[int] = None):
         """A fresh matcher for one request, advanced over `earlier_outputs` (the outputs
-        generated before a re-dispatch, which arrive as the end of its prompt)."""
+        generated before a re-dispatch, which arrive as the end of its prompt); behind a
+        `ReasoningGate` that opens at `reasoning_end` when that is given."""
         import xgrammar as xgr
 
         if isinstance(compiled, xgr.CompiledGrammar):
             m = xgr.GrammarMatcher(compiled)
         else:
             m = GuidanceMatcher(compiled.deep_copy(), frozenset(self.stop_token_ids))
+        if reasoning_end is not None:
+            m = ReasoningGate(m, reasoning_end)
         for t in earlier_outputs:
             if not m.accept_token(t):
                 raise ValueError(f"an earlier output token {t} does not match the request's grammar")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from raylm.engine.grammar import ReasoningGate, reasoning_closed
+from raylm.engine.grammar import reasoning_closed
 from raylm.engine.spec_decode.grammar import position_bitmasks
+from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig
 
 logger = logging.getLogger("raylm")
 
@@ -20,11 +21,12 @@ class GrammarRequests:
     whose `grammar` is its matcher once compiled). The `GrammarManager` is built on the
     first grammar request, so an engine that never sees one pays nothing."""
 
-    def __init__(self, requests: dict, load_tokenizer: Callable, vocab_size: int, eos_token_ids, config=None):
+    def __init__(self, requests: dict, load_tokenizer: Callable, vocab_size: int, eos_token_ids,
+                 config: GrammarConfig = DEFAULT_CONFIG):
         self.requests = requests
         self._load_tokenizer = load_tokenizer
         self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
-        self.config = config  # the engine's GrammarConfig (None: the defaults)
+        self.config = config  # the engine's structured_outputs_config, parsed
         self.manager = None  # GrammarManager, on the first grammar request
         self.num_live = 0  # live requests holding a matcher
 
@@ -37,10 +39,8 @@ class GrammarRequests:
         if self.manager is None:
             from raylm.engine.grammar import GrammarManager
 
-            from raylm.engine.structured_outputs import DEFAULT_CONFIG
-
             self.manager = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids,
-                                          config=self.config or DEFAULT_CONFIG)
+                                          config=self.config)
         self.manager.submit(request_id, structured_outputs)
 
     def admit(self, block: bool) -> list[tuple]:
@@ -54,14 +54,9 @@ class GrammarRequests:
             try:
                 cut = len(req.prompt_token_ids) - state.output_offset
                 prompt, earlier = req.prompt_token_ids[:cut], req.prompt_token_ids[cut:]
-                think = self.manager.reasoning_tokens() if self.config and self.config.reasoning_parser else None
-                if think is not None and not reasoning_closed(prompt, think):
-                    state.grammar = ReasoningGate(self.manager.matcher(fut.result(), []), think[1])
-                    for t in earlier:  # outputs before a re-dispatch
-                        if not state.grammar.accept_token(t):
-                            raise ValueError(f"an earlier output token {t} does not match the request's grammar")
-                else:
-                    state.grammar = self.manager.matcher(fut.result(), earlier)
+                think = self.manager.reasoning_tokens() if self.config.reasoning_parser else None
+                gate = think[1] if think is not None and not reasoning_closed(prompt, think) else None
+                state.grammar = self.manager.matcher(fut.result(), earlier, reasoning_end=gate)
             except Exception as exc:  # noqa: BLE001 - reported to the caller as its error
                 done.append((state, f"{type(exc).__name__}: {exc}"))
                 continue
