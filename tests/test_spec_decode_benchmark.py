@@ -1,4 +1,4 @@
-"""benchmarks/spec_decode.py in its --smoke mode (CPU, a tiny random llama): both
+"""benchmarks/spec_decode.py in its --smoke mode (CPU, a tiny random llama): the three
 workloads, batch 1 at fixed k and a batch with adaptive k, each beside plain decoding;
 the records carry the fields the GPU run reports, and greedy outputs equal the
 baseline's (float32)."""
@@ -23,7 +23,13 @@ def test_spec_decode_benchmark_smoke_on_cpu(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     records = json.load(open(tmp_path / "spec_decode-tiny-llama-smoke.json"))
     assert [(r["workload"], r["batch_size"]) for r in records] == [("repeat", 1), ("repeat", 4),
-                                                                    ("copy", 1), ("copy", 4)]
+                                                                    ("copy", 1), ("copy", 4),
+                                                                    ("cycle", 1), ("cycle", 4)]
+    # cycle: each prompt is P (16 tokens) and 64 tokens of the plain greedy trajectory.
+    assert [r["prompt_len"] for r in records] == [16, 16, 56, 56, 80, 80]
+    for r in records[1::2]:  # the batch: a warm-up pass, then the best of two runs of each engine
+        assert len(r["raylm_runs_output_tok_per_s"]) == len(r["baseline_runs_output_tok_per_s"]) == 2
+        assert r["raylm_output_tok_per_s"] == max(r["raylm_runs_output_tok_per_s"])
     for r in records:
         assert all(f in r for f in FIELDS), [f for f in FIELDS if f not in r]
         assert r["benchmark"] == "spec_decode" and r["method"] == "ngram" and r["device"] == "cpu"

@@ -21,9 +21,15 @@ def uses_processors(o: SamplingOptions) -> bool:
 
 
 def unpack_bitmask(packed: bytes, num_rows: int, device: torch.device) -> torch.Tensor:
-    """StepPlan.bitmask bytes -> int32 [num_rows, words] on `device`."""
+    """StepPlan.bitmask bytes -> int32 [num_rows, words] on `device`. On CUDA through
+    pinned memory: a copy from pageable memory would make the host wait for everything
+    queued on the GPU first (the forward pass in flight, with asynchronous scheduling)."""
     words = torch.frombuffer(bytearray(packed), dtype=torch.int32).view(num_rows, -1)
-    return words.to(device, non_blocking=True)
+    if device.type != "cuda":
+        return words
+    pinned = torch.empty(words.shape, dtype=torch.int32, pin_memory=True)
+    pinned.copy_(words)
+    return pinned.to(device, non_blocking=True)
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
