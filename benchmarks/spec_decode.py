@@ -23,7 +23,12 @@ Workloads (greedy), so that acceptance can be measured and varied:
 - `cycle`: each prompt is P + W, W the target's own greedy continuation of P over
   `--warm-len` tokens (from the plain engine): the prompt ends where the plain greedy
   trajectory has run long enough to fall into its cycle, if it has one, so the requests
-  continue a trajectory that repeats the prompt's tail (the high-acceptance workload).
+  continue a trajectory that repeats the prompt's tail.
+- `lookup` (the high-acceptance workload): candidates four times the batch, each a
+  random motif of 1-16 tokens repeated to `--prompt-len`; the plain engine continues
+  each greedily, a replay of the n-gram proposer over that continuation says how much
+  of it prompt lookup predicts (`predicted_acceptance_rate`), and the batch keeps the
+  best-predicted candidates, best first. The run then measures what it accepts.
 - `edit` (`--model smollm2-135m-instruct`, the real embedded model and its chat template,
   on the GPU if there is one, else the CPU in float32): "repeat / rewrite this text"
   requests over a few paragraphs of prose and code; each ends where the model ends it.
@@ -178,6 +183,42 @@ def measured(llm, fn, *a) -> dict:
     return out
 
 
+def replayed_acceptance(prompt: list[int], out: list[int], k: int, nmin: int = 2, nmax: int = 4) -> tuple:
+    """(accepted, proposed) of n-gram speculation at k replayed over a known greedy
+    continuation `out` of `prompt`: each round proposes from the tokens so far and
+    accepts the proposals that match `out`, then emits one more token."""
+    from raylm.engine.spec_decode.ngram import NgramProposer
+
+    proposer = NgramProposer(k, nmin, nmax)
+    accepted = proposed = t = 0
+    while t < len(out) - 1:
+        props = proposer.propose(["r"], [prompt + out[:t]], [min(k, len(out) - t - 1)])[0]
+        a = 0
+        while a < len(props) and props[a] == out[t + a]:
+            a += 1
+        accepted, proposed, t = accepted + a, proposed + len(props), t + a + 1
+    return accepted, proposed
+
+
+def lookup_prompts(llm, n: int, prompt_len: int, out_len: int, vocab: int, rng, k: int) -> tuple:
+    """The `lookup` workload: of 4n repeated-motif prompts, the n whose plain greedy
+    continuation the n-gram proposer predicts best (replayed), best first; and the
+    predicted acceptance rate of those n."""
+    cands = []
+    for _ in range(4 * n):
+        motif = [rng.randrange(vocab) for _ in range(rng.randint(1, 16))]
+        cands.append((motif * (prompt_len // len(motif) + 1))[:prompt_len])
+    outs = batched(llm, cands, out_len)["outputs"]
+    scored = []
+    for p, o in zip(cands, outs):
+        acc, prop = replayed_acceptance(p, list(o), k)
+        scored.append((acc / prop if prop else 0.0, acc, prop, p))
+    scored.sort(key=lambda x: -x[0])
+    best = scored[:n]
+    acc, prop = sum(x[1] for x in best), sum(x[2] for x in best)
+    return [x[3] for x in best], (acc / prop if prop else 0.0)
+
+
 def make_prompts(llm, workload: str, n: int, prompt_len: int, out_len: int, vocab: int, seed: int,
                  warm_len: int = 768):
     if workload == "edit":
@@ -218,8 +259,13 @@ def same(a, b) -> int:
 def run_workload(args, cfg_dir: str, vocab: int, workload: str) -> list[dict]:
     B = args.batch_size
     base = open_llm(engine_kwargs(args, cfg_dir, B))
-    prompts = make_prompts(base, workload, B, args.prompt_len, args.output_len, vocab, seed=1,
-                           warm_len=args.warm_len)
+    predicted = None
+    if workload == "lookup":
+        prompts, predicted = lookup_prompts(base, B, args.prompt_len, args.output_len, vocab,
+                                            random.Random(1), args.k)
+    else:
+        prompts = make_prompts(base, workload, B, args.prompt_len, args.output_len, vocab, seed=1,
+                               warm_len=args.warm_len)
     one = prompts[:args.batch1_requests]
     ignore_eos = workload != "edit"  # an edit ends where the model ends it
     base1 = batch1(base, one, args.output_len, ignore_eos)
@@ -248,6 +294,7 @@ def run_workload(args, cfg_dir: str, vocab: int, workload: str) -> list[dict]:
             "prompt_len": len(prompts[0]), "output_len": args.output_len, "ignore_eos": ignore_eos,
             "mean_output_tokens": statistics.mean(map(len, ours["outputs"])),
             "raylm_tpot_ms": ours.get("tpot_ms"), "baseline_tpot_ms": theirs.get("tpot_ms"),
+            **({"predicted_acceptance_rate": predicted} if predicted is not None else {}),
             **compared(ours, theirs),
         })
         print({k: v for k, v in r.items() if k not in ("command", "torch")}, flush=True)
@@ -330,7 +377,7 @@ def main() -> None:
     p.add_argument("--draft-model", default="qwen3-0.6b",
                    help="--method draft_model: a name under ../shared/models or a dir (random weights)")
     p.add_argument("--draft-batch-sizes", default="1,16,64", help="--method draft_model: batch sizes")
-    p.add_argument("--workloads", default="repeat,copy,cycle")
+    p.add_argument("--workloads", default="repeat,copy,cycle,lookup")
     p.add_argument("--warm-len", type=int, default=768,
                    help="cycle workload: tokens of the plain greedy trajectory in each prompt")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
@@ -372,9 +419,9 @@ def main() -> None:
         return
     records = []
     for workload in args.workloads.split(","):
-        if workload not in ("repeat", "copy", "cycle", "edit") or (workload == "edit") != (args.model == SMOLLM2):
+        if workload not in ("repeat", "copy", "cycle", "lookup", "edit") or (workload == "edit") != (args.model == SMOLLM2):
             raise SystemExit(f"--workloads: workload {workload!r} does not fit --model {args.model}; "
-                             f"random weights: repeat, copy, cycle; {SMOLLM2}: edit")
+                             f"random weights: repeat, copy, cycle, lookup; {SMOLLM2}: edit")
         records += run_workload(args, cfg_dir, vocab, workload)
     if args.smoke and not os.environ.get("OUT"):
         return  # a smoke run leaves benchmarks/results/ alone

@@ -24,9 +24,12 @@ def test_spec_decode_benchmark_smoke_on_cpu(tmp_path):
     records = json.load(open(tmp_path / "spec_decode-tiny-llama-smoke.json"))
     assert [(r["workload"], r["batch_size"]) for r in records] == [("repeat", 1), ("repeat", 4),
                                                                     ("copy", 1), ("copy", 4),
-                                                                    ("cycle", 1), ("cycle", 4)]
+                                                                    ("cycle", 1), ("cycle", 4),
+                                                                    ("lookup", 1), ("lookup", 4)]
     # cycle: each prompt is P (16 tokens) and 64 tokens of the plain greedy trajectory.
-    assert [r["prompt_len"] for r in records] == [16, 16, 56, 56, 80, 80]
+    assert [r["prompt_len"] for r in records] == [16, 16, 56, 56, 80, 80, 16, 16]
+    # lookup: prompts picked by a replay of the proposer over the plain continuations.
+    assert all(0 < r["predicted_acceptance_rate"] <= 1 for r in records[-2:])
     for r in records[1::2]:  # the batch: a warm-up pass, then the best of two runs of each engine
         assert len(r["raylm_runs_output_tok_per_s"]) == len(r["baseline_runs_output_tok_per_s"]) == 2
         assert r["raylm_output_tok_per_s"] == max(r["raylm_runs_output_tok_per_s"])
@@ -79,3 +82,18 @@ def test_spec_decode_benchmark_edit_workload_on_the_real_smollm2(tmp_path):
         (row,) = record._spec_decode(r)
         assert row.cells[6] == f"{r['acceptance_rate']:.2f}"
     assert "acceptance" in record.row(records[0])
+
+
+def test_replayed_acceptance_counts_what_the_proposer_would_accept():
+    """The lookup workload's replay: rounds of up to k proposals from the tokens so far,
+    accepted while they match the known continuation, then one more token."""
+    from spec_decode import replayed_acceptance
+
+    prompt = [5, 6, 7, 8, 5, 6]
+    # 7 8 5 6 follows "5 6" earlier: a round proposes [7, 8, 5, 6] (k 4) and accepts all four
+    # (4 proposed), emits 7 (the fifth token); then [8, 5, 6, 7]... all as in the cycle.
+    acc, prop = replayed_acceptance(prompt, [7, 8, 5, 6, 7, 8, 5, 6, 7, 8], k=4)
+    assert (acc, prop) == (8, 8)
+    # A continuation that never repeats: every proposal is rejected at its first token.
+    acc, prop = replayed_acceptance(prompt, [100, 101, 102, 103], k=4)
+    assert acc == 0 and prop > 0
