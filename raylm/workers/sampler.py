@@ -7,6 +7,8 @@ position p depends only on (seed, p): its generator is re-seeded with a mix of t
 before each draw, so its tokens depend neither on what else shares the batch, nor on
 asynchronous scheduling, nor on which worker group sampled its earlier tokens (a request
 re-dispatched by recompute after its group failed continues exactly as it would have).
+On CUDA every seeded row's noise comes from one kernel launch keyed by that mix
+(`raylm.kernels.sampling`), not one re-seeded generator call per row.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from raylm.kernels.sampling import seeded_exponential
 from raylm.workers.messages import SamplingOptions
 from raylm.workers.transfer import to_device
 
@@ -30,6 +33,19 @@ def draw_seed(seed: int, position: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
+
+
+# Tests set this to run CUDA's batched path on the CPU (with Triton's interpreter on, the
+# kernel's; else its reference). Not the interpreter alone: test files turn it on for the
+# whole session, and the CPU's seeded draws must stay the generators'.
+BATCHED_ON_CPU = False
+
+
+def batched_seeded_noise(device: torch.device) -> bool:
+    """Whether seeded rows draw their noise in one batched call keyed by `draw_seed`
+    (`seeded_exponential`: on CUDA) rather than each from its re-seeded torch.Generator
+    (the CPU's draws, as always)."""
+    return device.type == "cuda" or BATCHED_ON_CPU
 
 
 @dataclass
@@ -168,16 +184,22 @@ def sample(logits: torch.Tensor, states: list[SamplingState],
     scaled = _filter(logits, states)
     # Exponential race: argmax p/q with q ~ Exp(1) draws from p = softmax(scaled); in logs,
     # argmax(scaled - log q), which needs no softmax. Unseeded rows share one batched draw;
-    # a seeded row draws its own q from its generator re-seeded for (seed, position).
+    # a seeded row's q is keyed by (seed, position): all such rows from one kernel launch
+    # (CUDA), or each from its generator re-seeded for them (CPU).
     seeded = [i for i, st in enumerate(states) if st.generator is not None and not st.is_greedy]
     if len(seeded) < sum(not st.is_greedy for st in states):
         q = torch.empty_like(scaled).exponential_(generator=default_generator)
     else:
         q = torch.empty_like(scaled)  # every sampling row seeded; greedy rows ignore q
-    for i in seeded:
-        st = states[i]
-        st.generator.manual_seed(draw_seed(st.options.seed, st.num_sampled))
-        q[i].exponential_(generator=st.generator)
+    if seeded and batched_seeded_noise(q.device):
+        keys = [draw_seed(states[i].options.seed, states[i].num_sampled) for i in seeded]
+        noise = seeded_exponential(keys, q.shape[1], q.device)
+        q[to_device(seeded, torch.long, q.device)] = noise.to(q.dtype)
+    else:
+        for i in seeded:
+            st = states[i]
+            st.generator.manual_seed(draw_seed(st.options.seed, st.num_sampled))
+            q[i].exponential_(generator=st.generator)
     sampled = (scaled - q.log_()).argmax(dim=1)
     if not any(st.is_greedy for st in states):
         return sampled

@@ -24,9 +24,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from raylm.kernels.sampling import seeded_exponential, seeded_uniform
 from raylm.workers.logits_processors import process_logits
-from raylm.workers.sampler import (SamplingState, _apply_penalties, _filter, draw_seed, sample,
-                                   topk_logprobs)
+from raylm.workers.sampler import (SamplingState, _apply_penalties, _filter, batched_seeded_noise,
+                                   draw_seed, sample, topk_logprobs)
 from raylm.workers.transfer import to_device
 
 # Keeps the acceptance draws of a seeded request apart from its sampling draws.
@@ -132,17 +133,30 @@ def target_probs(logits: torch.Tensor, pstates: Sequence[SamplingState]) -> torc
 def _acceptance_noise(states, proposals, num: int, vocab: int, device,
                       default_generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per proposal: a uniform u for the acceptance test and Exp(1) noise over the vocabulary
-    for a residual draw. A seeded row's draws at output position p depend only on (seed, p)."""
+    for a residual draw. A seeded row's draws at output position p depend only on (seed, p):
+    on CUDA every seeded u in one launch and every noise row in another, keyed by (seed, p),
+    u at the Philox counter just past the noise's (so independent of it); on the CPU from
+    the row's generator re-seeded for (seed, p)."""
     u = torch.rand(num, device=device, generator=default_generator)
     noise = torch.empty(num, vocab, device=device).exponential_(generator=default_generator)
+    rows, keys, gens = [], [], []
     g = 0
     for st, props in zip(states, proposals):
         if st.generator is not None and not st.is_greedy:
             for j in range(len(props)):
-                st.generator.manual_seed(draw_seed(st.options.seed ^ _VERIFY_SALT, st.num_sampled + j))
-                u[g + j] = torch.rand(1, device=device, generator=st.generator)[0]
-                noise[g + j].exponential_(generator=st.generator)
+                rows.append(g + j)
+                keys.append(draw_seed(st.options.seed ^ _VERIFY_SALT, st.num_sampled + j))
+                gens.append(st.generator)
         g += len(props)
+    if rows and batched_seeded_noise(noise.device):
+        idx = to_device(rows, torch.long, noise.device)
+        u[idx] = seeded_uniform(keys, 1, noise.device, counter=vocab)[:, 0]
+        noise[idx] = seeded_exponential(keys, vocab, noise.device)
+        return u, noise
+    for r, key, gen in zip(rows, keys, gens):
+        gen.manual_seed(key)
+        u[r] = torch.rand(1, device=device, generator=gen)[0]
+        noise[r].exponential_(generator=gen)
     return u, noise
 
 

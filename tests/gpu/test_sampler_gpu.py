@@ -1,8 +1,11 @@
 """The sampler's top-k / top-p masks on a GPU (torch.topk's candidates and the sort, as
 CUDA runs them) equal the definition's, at Qwen3's vocabulary and a full batch: exactly
 for top-k, and up to the one token at the top-p boundary where the GPU's softmax rounds
-differently from the CPU's. Skipped without a GPU."""
+differently from the CPU's. The seeded-noise kernel compiled for the GPU equals its CPU
+reference, and seeded rows sample the same in any batch. Skipped without a GPU."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -10,7 +13,10 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from raylm.workers.sampler import _top_k_top_p  # noqa: E402
+from raylm.kernels.sampling import (seeded_exponential, seeded_exponential_reference,  # noqa: E402
+                                    seeded_uniform, seeded_uniform_reference)
+from raylm.workers.messages import SamplingOptions  # noqa: E402
+from raylm.workers.sampler import SamplingState, _top_k_top_p, draw_seed, sample  # noqa: E402
 from tests.test_sampler_filters import reference  # noqa: E402
 
 
@@ -23,3 +29,31 @@ def test_masks_on_the_gpu_equal_the_definition(top_k, top_p):
     want = reference(logits[rows], [top_k] * len(rows), [top_p] * len(rows))
     differ = (torch.isinf(got) != torch.isinf(want)).sum(dim=1)
     assert (differ == 0).all() if top_p == 1.0 else (differ <= 1).all(), differ
+
+
+def _seeded_keys(n: int) -> list[int]:
+    return [0, 2 ** 64 - 1, 2 ** 63] + [draw_seed(s, 17 * s) for s in range(n - 3)]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiled kernels only")
+def test_seeded_noise_kernel_equals_the_reference():
+    keys, vocab = _seeded_keys(256), 151936
+    u = seeded_uniform(keys, vocab, "cuda").cpu()
+    assert torch.equal(u, seeded_uniform_reference(keys, vocab))
+    noise = seeded_exponential(keys, vocab, "cuda").cpu()
+    torch.testing.assert_close(noise, seeded_exponential_reference(keys, vocab), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiled kernels only")
+def test_seeded_rows_are_batch_independent_on_the_gpu():
+    vocab, n = 151936, 64
+    logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(3)) * 3).cuda()
+    options = [SamplingOptions(temperature=0.8, top_k=20, top_p=0.95, seed=i) if i % 3 else
+               SamplingOptions(temperature=1.0 if i % 2 else 0.0) for i in range(n)]
+    states = [SamplingState.of_request([1, 2], o, torch.device("cuda")) for o in options]
+    full = sample(logits, states, torch.Generator("cuda").manual_seed(0)).tolist()
+    seeded = [i for i in range(n) if i % 3]
+    order = list(reversed(range(n)))
+    again = sample(logits[order], [states[i] for i in order], torch.Generator("cuda").manual_seed(1)).tolist()
+    alone = sample(logits[seeded], [states[i] for i in seeded]).tolist()
+    assert [again[n - 1 - i] for i in seeded] == [full[i] for i in seeded] == alone
