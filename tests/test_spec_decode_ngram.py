@@ -16,8 +16,9 @@ from raylm.engine.spec_decode.ngram import NgramProposer
 
 
 def brute_force(tokens, k, lo, hi):
-    """Longest n in [lo, hi] whose last-n suffix occurred earlier; the tokens that
-    followed its latest earlier occurrence."""
+    """Longest n in [lo, hi] whose last-n suffix occurred earlier; the k tokens that
+    followed its latest earlier occurrence, in the context extended by repeating it with
+    the period between the two occurrences."""
     L = len(tokens)
     for n in range(hi, lo - 1, -1):
         if n >= L:
@@ -25,7 +26,11 @@ def brute_force(tokens, k, lo, hi):
         suffix = tokens[L - n:]
         for i in range(L - n - 1, -1, -1):
             if tokens[i:i + n] == suffix:
-                return tokens[i + n:i + n + k]
+                period = L - n - i
+                ext = list(tokens)
+                while len(ext) < i + n + k:
+                    ext.append(ext[-period])
+                return ext[i + n:i + n + k]
     return []
 
 
@@ -54,9 +59,11 @@ def test_max_num_tokens_remove_and_a_reused_id():
     assert prop.propose(["a"], [toks], max_num_tokens=[2]) == [[7, 8]]
     assert prop.propose(["a"], [toks], max_num_tokens=[0]) == [[]]
     prop.remove("a")
-    assert prop.propose(["a"], [[1, 2, 1]]) == [[2, 1]]
+    # The match reaches the end: the copy goes on with the context's period (2 here, 1 below).
+    assert prop.propose(["a"], [[1, 2, 1]]) == [[2, 1, 2]]
     # The same id with a shorter list is a new request: its index starts over.
-    assert prop.propose(["a"], [[9, 9]]) == [[9]]
+    assert prop.propose(["a"], [[9, 9]]) == [[9, 9, 9]]
+    assert prop.propose(["c"], [[4, 5, 6, 7, 5, 6]]) == [[7, 5, 6]]
     assert prop.propose(["b"], [[1]]) == [[]]
 
 

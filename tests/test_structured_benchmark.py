@@ -40,3 +40,8 @@ def test_structured_benchmark_smoke_on_cpu(tmp_path):
     assert r["ratio_structured_vs_unconstrained"] > 0
     assert r["stopped_valid"] == r["stopped"] >= 2
     assert r["structured_step_ms_p99"] > 0
+    # Where the host's step goes, for both runs: the grammar work is the structured run's.
+    st, un = r["structured_step_timing"], r["unconstrained_step_timing"]
+    assert st["steps"] > 0 and un["steps"] > 0
+    assert st["grammar_ms_per_step"] > 0 and st["grammar_advance_ms_per_step"] > 0
+    assert un["grammar_ms_per_step"] == 0 and un["grammar_advance_ms_per_step"] == 0

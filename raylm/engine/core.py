@@ -293,7 +293,9 @@ class EngineCore:
             return []
         plan = self.planner.plan(sched_out)
         if self.grammar_requests.num_live and sched_out:
+            tg = time.perf_counter()
             self.grammar_requests.attach_bitmask(plan, sched_out)
+            self.timing["grammar_s"] += time.perf_counter() - tg
         if speculating and self.speculator.on_workers:  # drafted on the workers after this step
             plan.spec_wanted = self.spec_steps.wanted(sched_out, self.scheduler.requests)
         t1 = time.perf_counter()
@@ -332,7 +334,9 @@ class EngineCore:
             t1 = time.perf_counter()
         plan = self.planner.plan(sched_out)
         if self.grammar_requests.num_live and sched_out and not defer:
+            tg = time.perf_counter()
             self.grammar_requests.attach_bitmask(plan, sched_out)  # its matchers saw step N's tokens (above)
+            self.timing["grammar_s"] += time.perf_counter() - tg
         launched = self.executor.launch(plan, defer_sampling=True) if defer else self.executor.launch(plan)
         self._mark_launched(sched_out)
         t2 = time.perf_counter()
@@ -343,9 +347,11 @@ class EngineCore:
             outputs += self._complete_inflight(t2)
         if defer:
             # Rows of requests that step N ended sample unconstrained; their tokens are dropped.
+            tg = time.perf_counter()
             rows = self.grammar_requests.rows(sched_out)
             self.executor.finish_sampling(launched, [st.request.request_id for st in rows],
                                           self.grammar_requests.bitmask(rows))
+            tm["grammar_s"] += time.perf_counter() - tg
         self._inflight = (sched_out, launched)
         return outputs
 

@@ -64,7 +64,8 @@ class UserRequests:
 
 
 def new_step_timing() -> dict:
-    return {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0, "wait_s": 0.0}
+    return {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0, "wait_s": 0.0,
+            "grammar_s": 0.0}
 
 
 def step_timing_summary(tm: dict) -> dict:
@@ -76,4 +77,7 @@ def step_timing_summary(tm: dict) -> dict:
             "process_ms_per_step": 1e3 * tm["process_s"] / n,
             # Asynchronous scheduling: time spent waiting for the step in flight (near
             # zero means the host, not the device, sets the pace).
-            "device_wait_ms_per_step": 1e3 * tm["wait_s"] / n}
+            "device_wait_ms_per_step": 1e3 * tm["wait_s"] / n,
+            # Structured outputs: next-token bitmasks filled, and (asynchronous scheduling)
+            # the sampling queued after them; part of schedule or outside the others.
+            "grammar_ms_per_step": 1e3 * tm.get("grammar_s", 0.0) / n}

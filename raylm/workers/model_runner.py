@@ -228,6 +228,14 @@ class ModelRunner:
                 self.mixed_graphs = MixedGraphs(self.model, self.backend, self.device, self.max_num_seqs,
                                                 MIXED_GRAPH_MAX_TOKENS, max_blocks, self.block_size)
                 self.mixed_graphs.capture(self.graphs.pool)
+        if self.device.type == "cuda":
+            # Compile the seeded-noise kernels now: the first seeded request would
+            # otherwise wait for Triton (about 0.7 s on the H200) inside a step.
+            from raylm.kernels.sampling import seeded_exponential, seeded_uniform
+
+            vocab = self.hf_config.vocab_size
+            seeded_exponential([0], vocab, self.device)
+            seeded_uniform([0], 1, self.device, counter=vocab)  # speculative verification's
 
     def release_kv_cache(self) -> None:
         self.graphs = None

@@ -1,6 +1,7 @@
 """N-gram (prompt-lookup) proposals: for each request, the latest earlier occurrence of
 its last n tokens (n from prompt_lookup_max down to prompt_lookup_min) in its prompt and
-output, and the up-to-k tokens that followed it.
+output, and the k tokens that followed it (continued periodically where they reach the
+end of the context: after "a b c a b" the proposal is "c a b c", not "c a b").
 
 The lookup is incremental: each request keeps, per n, a dict from an n-gram (its hash)
 to the latest position where it starts, and each call indexes only the n-grams that end
@@ -96,4 +97,14 @@ class NgramProposer:
             if start is None or tuple(tokens[start:start + n]) != suffix:
                 break
             found = start + n
-        return [] if found is None else list(tokens[found:found + k])
+        if found is None:
+            return []
+        out = list(tokens[found:found + k])
+        # Near the end the earlier occurrence's continuation runs into the suffix itself:
+        # the context repeats with period num - found, so the copy goes on over the tokens
+        # it proposes (an overlapping copy, as LZ77's), and a run or cycle shorter than k
+        # still gets k proposals.
+        period = num - found
+        while len(out) < k:
+            out.append(out[len(out) - period])
+        return out
