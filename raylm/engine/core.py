@@ -108,6 +108,8 @@ class EngineCore:
         # Structured outputs: compiles, matchers and bitmasks (see grammar_requests).
         self.grammar_requests = GrammarRequests(self.requests, self._load_tokenizer, self.vocab_size,
                                                 self.eos_token_ids, self.structured_outputs_config)
+        if getattr(self.executor, "supports_deferred_sampling", False):  # the model runs in this process
+            self.grammar_requests.use_tensors(pin_memory=self.device.startswith("cuda"))
         # Speculative decoding: proposals before each step (see spec_decode.speculator).
         self.speculator = Speculator(spec) if spec is not None else None
         self.spec_steps = SpecSteps(self.speculator, self.requests) if spec is not None else None
@@ -419,6 +421,8 @@ class EngineCore:
             if state is not None:
                 out = self._output(state, built)
                 out.prompt_logprobs = (out.prompt_logprobs or []) + list(lps)
+        # The grammar rows' tokens go to their matchers together, on the manager's threads.
+        grammar_batch = [] if self.grammar_requests.num_live else None
         for rid, token in result.sampled.items():
             state = self.requests.get(rid)
             if state is None:
@@ -432,7 +436,13 @@ class EngineCore:
             lp = result.logprobs.get(rid)
             if lp is not None and state.params.logprobs is not None:
                 out.new_logprobs = (out.new_logprobs or []) + [lp]
-            self._emit(state, out, token, now)
+            self._emit(state, out, token, now, grammar_batch)
+        if grammar_batch:
+            states = [st for st, _ in grammar_batch]
+            stops = self.grammar_requests.advance_many(states, [t for _, t in grammar_batch])
+            for state, stop in zip(states, stops):
+                if stop and state.request.request_id in self.requests:
+                    self._finish(state, RequestStatus.FINISHED_STOPPED)
         if num_accepted:
             self._record_spec(sched_out, result, num_accepted, built, now)
         if self.speculator is not None:
@@ -458,16 +468,21 @@ class EngineCore:
                 if state.request.request_id not in self.requests:
                     break
 
-    def _emit(self, state: _CoreRequest, out: EngineCoreOutput, token: int, now: float) -> None:
+    def _emit(self, state: _CoreRequest, out: EngineCoreOutput, token: int, now: float,
+              grammar_batch: Optional[list] = None) -> None:
         """A token the request gained (already appended to it): into its output, the
-        metrics, the stop checks and its grammar's matcher (emitted tokens only)."""
+        metrics, the stop checks and its grammar's matcher (emitted tokens only; into
+        `grammar_batch`, when given, for the caller to advance with the step's others)."""
         rid = state.request.request_id
         self.counters["generation_tokens"] += 1
         out.new_token_ids.append(token)
         self.user_requests.observe_token(state.request.prefix_group or rid, now)
         self._check_stop(state, token)
-        if state.grammar is not None and rid in self.requests and self.grammar_requests.advance(state, token):
-            self._finish(state, RequestStatus.FINISHED_STOPPED)
+        if state.grammar is not None and rid in self.requests:
+            if grammar_batch is not None:
+                grammar_batch.append((state, token))
+            elif self.grammar_requests.advance(state, token):
+                self._finish(state, RequestStatus.FINISHED_STOPPED)
 
     def _check_stop(self, state: _CoreRequest, token: int) -> None:
         p, req = state.params, state.request

@@ -12,6 +12,7 @@ embeddings): the bitmask covers the model's, and both backends ban the ids no to
 spells."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Optional
@@ -24,6 +25,12 @@ from raylm.engine.sampling_params import StructuredOutputsParams
 from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, build_grammar, spec_key
 
 CACHE_SIZE = 1024  # compiled grammars kept (by spec)
+# A step's emitted tokens go to their matchers on this many threads (xgrammar and
+# llguidance release the GIL while they match) once there are PARALLEL_ACCEPT_MIN of them:
+# at 256 JSON requests accept_token takes 10-20 us each, and it sits between a step's
+# tokens and the next step's bitmasks.
+ACCEPT_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+PARALLEL_ACCEPT_MIN = 64
 GUIDANCE_ROLLBACK = 1024  # tokens a GuidanceMatcher can roll back (a step's proposals are fewer)
 
 
@@ -171,8 +178,12 @@ class GrammarManager:
         self._guidance_tokenizer = None
         self._executor = None  # llguidance's threads for batched bitmasks
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
-        self._bitmask = None
+        self._bitmask = [None, None]  # two buffers, used in turn (see bitmask_tensor)
+        self._turn = 0
+        self.pin_memory = False  # bitmask buffers in page-locked memory (CUDA, in process)
         self._batch = None
+        self.accept_threads = ACCEPT_THREADS
+        self._accept_pool = None
         self.mask_vocab = vocab_size  # the bitmask's vocabulary: the larger of model and tokenizer
         self.compile_seconds: deque[float] = deque(maxlen=4096)  # per compile, for benchmarks
         self._compiling: dict[str, Future] = {}  # request id -> its grammar's future
@@ -286,12 +297,28 @@ class GrammarManager:
 
     def bitmask(self, matchers: list) -> bytes:
         """The next-token bitmasks of `matchers`, packed int32 rows (StepPlan.bitmask)."""
+        return self.bitmask_tensor(matchers).numpy().tobytes()
+
+    def bitmask_tensor(self, matchers: list):
+        """The next-token bitmasks of `matchers`: an int32 [len(matchers), words] CPU
+        tensor (page-locked when `pin_memory`), valid until the call after next: the two
+        buffers take turns, so a step's bitmask is not overwritten while its copy to the
+        device may still be queued (the next step's is filled only once that step's
+        tokens are in, which is after its copy)."""
         import xgrammar as xgr
 
         n = len(matchers)
-        if self._bitmask is None or self._bitmask.shape[0] < n:
-            self._bitmask = xgr.allocate_token_bitmask(max(n, 8), self.mask_vocab)
-        buf = self._bitmask[:n]
+        self._turn ^= 1
+        held = self._bitmask[self._turn]
+        if held is None or held.shape[0] < n:
+            rows = max(n, 8, 0 if held is None else 2 * held.shape[0])
+            held = xgr.allocate_token_bitmask(rows, self.mask_vocab)
+            if self.pin_memory:
+                held = held.pin_memory()
+            self._bitmask[self._turn] = held
+        buf = held[:n]
+        if not n:
+            return buf
         # A waiting reasoning gate allows everything; an open one is its grammar's row.
         waiting = {i for i, m in enumerate(matchers) if isinstance(m, ReasoningGate) and m.waiting}
         for i in waiting:
@@ -304,7 +331,27 @@ class GrammarManager:
                 matchers[rows[0]].fill_next_token_bitmask(buf, rows[0])
             elif rows:  # on the backend's own threads
                 batched([matchers[i] for i in rows], buf, rows)
-        return buf.numpy().tobytes()
+        return buf
+
+    def accept_many(self, matchers: list, tokens: list[int]) -> list[tuple[bool, bool]]:
+        """Feed tokens[i] to matchers[i]: (accepted, terminated) for each. On
+        `accept_threads` threads once there are PARALLEL_ACCEPT_MIN of them (each matcher
+        is touched by one thread; the matchers release the GIL while they match)."""
+        def run(lo: int, hi: int) -> list[tuple[bool, bool]]:
+            out = []
+            for m, t in zip(matchers[lo:hi], tokens[lo:hi]):
+                ok = m.accept_token(t)
+                out.append((ok, ok and m.is_terminated()))
+            return out
+
+        n, threads = len(matchers), self.accept_threads
+        if threads <= 1 or n < PARALLEL_ACCEPT_MIN:
+            return run(0, n)
+        if self._accept_pool is None:
+            self._accept_pool = ThreadPoolExecutor(threads, thread_name_prefix="raylm-grammar-accept")
+        step = -(-n // threads)
+        futures = [self._accept_pool.submit(run, lo, min(n, lo + step)) for lo in range(0, n, step)]
+        return [r for f in futures for r in f.result()]
 
     def _fill_xgrammar(self, matchers: list, buf, rows: list[int]) -> None:
         import xgrammar as xgr
@@ -323,3 +370,5 @@ class GrammarManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._accept_pool is not None:
+            self._accept_pool.shutdown(wait=False)

@@ -29,6 +29,18 @@ class GrammarRequests:
         self.config = config  # the engine's structured_outputs_config, parsed
         self.manager = None  # GrammarManager, on the first grammar request
         self.num_live = 0  # live requests holding a matcher
+        # The workers run in this process (see use_tensors): plans carry the bitmask
+        # tensor itself, no bytes, and on CUDA it sits in page-locked memory.
+        self.tensor_bitmasks = False
+        self.pin_memory = False
+
+    def use_tensors(self, pin_memory: bool) -> None:
+        """The executor runs the model in this process: put bitmasks in plans as CPU
+        tensors (page-locked when `pin_memory`, for an asynchronous copy to the GPU), not
+        as bytes, which cost two copies of 4 MB a step at 256 rows of a 128k vocabulary."""
+        self.tensor_bitmasks, self.pin_memory = True, pin_memory
+        if self.manager is not None:
+            self.manager.pin_memory = pin_memory
 
     @property
     def num_compiling(self) -> int:
@@ -41,6 +53,7 @@ class GrammarRequests:
 
             self.manager = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids,
                                           config=self.config)
+            self.manager.pin_memory = self.pin_memory
         self.manager.submit(request_id, structured_outputs)
 
     def admit(self, block: bool) -> list[tuple]:
@@ -73,9 +86,13 @@ class GrammarRequests:
                 rows.append(state)
         return rows
 
-    def bitmask(self, rows: list) -> Optional[bytes]:
-        """The packed next-token bitmasks of `rows` (None when there are none)."""
-        return self.manager.bitmask([st.grammar for st in rows]) if rows else None
+    def bitmask(self, rows: list):
+        """The packed next-token bitmasks of `rows` (StepPlan.bitmask: bytes, or a CPU
+        tensor with use_tensors; None when there are none)."""
+        if not rows:
+            return None
+        matchers = [st.grammar for st in rows]
+        return self.manager.bitmask_tensor(matchers) if self.tensor_bitmasks else self.manager.bitmask(matchers)
 
     def attach_bitmask(self, plan, sched_out) -> None:
         """Put the next-token bitmasks of this step's sampling grammar rows in the plan:
@@ -91,7 +108,7 @@ class GrammarRequests:
                     plain.append(state)
         if plain:
             plan.bitmask_ids = [st.request.request_id for st in plain]
-            plan.bitmask = self.manager.bitmask([st.grammar for st in plain])
+            plan.bitmask = self.bitmask(plain)
         if spec:
             plan.spec_bitmask_ids = [st.request.request_id for st in spec]
             plan.spec_bitmask = position_bitmasks([st.grammar for st in spec], props, self.manager.mask_vocab)
@@ -105,6 +122,18 @@ class GrammarRequests:
                            state.request.request_id, token)
             return True
         return state.grammar.is_terminated()
+
+    def advance_many(self, states: list, tokens: list[int]) -> list[bool]:
+        """`advance` for many requests at once (one token each), their matchers on the
+        manager's threads: for each, True when the request ends."""
+        results = self.manager.accept_many([st.grammar for st in states], tokens)
+        stops = []
+        for st, token, (accepted, terminated) in zip(states, tokens, results):
+            if not accepted:
+                logger.warning("request %s: token %d does not match its grammar; stopping it",
+                               st.request.request_id, token)
+            stops.append(not accepted or terminated)
+        return stops
 
     def release(self, state, was_live: bool) -> None:
         """The request ended: drop its compile, if any, and count its matcher out

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from raylm.kernels.bitmask import apply_token_bitmask
 from raylm.workers.messages import SamplingOptions
 from raylm.workers.transfer import to_device
 
@@ -20,13 +21,21 @@ def uses_processors(o: SamplingOptions) -> bool:
     return bool(o.logit_bias) or o.allowed_token_ids is not None or bool(o.bad_words_token_ids)
 
 
-def unpack_bitmask(packed: bytes, num_rows: int, device: torch.device) -> torch.Tensor:
-    """StepPlan.bitmask bytes -> int32 [num_rows, words] on `device`. On CUDA through
-    pinned memory: a copy from pageable memory would make the host wait for everything
-    queued on the GPU first (the forward pass in flight, with asynchronous scheduling)."""
-    words = torch.frombuffer(bytearray(packed), dtype=torch.int32).view(num_rows, -1)
-    if device.type != "cuda":
-        return words
+def unpack_bitmask(packed, num_rows: int, device: torch.device) -> torch.Tensor:
+    """StepPlan.bitmask (bytes, or an int32 CPU tensor from an engine in this process)
+    -> int32 [num_rows, words] on `device`. On CUDA through page-locked memory: a copy
+    from pageable memory would make the host wait for everything queued on the GPU first
+    (the forward pass in flight, with asynchronous scheduling)."""
+    if isinstance(packed, torch.Tensor):
+        words = packed.view(num_rows, -1)
+        if device.type != "cuda":
+            return words
+        if words.is_pinned():
+            return words.to(device, non_blocking=True)
+    else:
+        words = torch.frombuffer(bytearray(packed), dtype=torch.int32).view(num_rows, -1)
+        if device.type != "cuda":
+            return words
     pinned = torch.empty(words.shape, dtype=torch.int32, pin_memory=True)
     pinned.copy_(words)
     return pinned.to(device, non_blocking=True)
@@ -34,14 +43,9 @@ def unpack_bitmask(packed: bytes, num_rows: int, device: torch.device) -> torch.
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """Set to -inf, in place, every token that row `rows[i]`'s bitmask (row i of the
-    int32 [k, ceil(V/32)] `bitmask`) does not allow; tokens past the bitmask are banned."""
-    vocab = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(bitmask.shape[0], -1)
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    idx = to_device(rows, torch.long, logits.device)
-    logits[idx] = logits[idx].masked_fill(~allowed[:, :vocab], _NEG_INF)
+    int32 [k, ceil(V/32)] `bitmask`) does not allow; tokens past the bitmask are banned.
+    One Triton launch on CUDA (raylm.kernels.bitmask), its torch reference elsewhere."""
+    apply_token_bitmask(logits, rows, bitmask)
 
 
 def apply_processors(logits: torch.Tensor, rows: list[int], options: list[SamplingOptions],

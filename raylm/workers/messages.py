@@ -12,7 +12,7 @@ GPU step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Any, Optional
 
 # Stands in for an input token that the previous launched step is still sampling
 # (asynchronous scheduling): the worker reads it from that step's tokens on the device.
@@ -96,9 +96,11 @@ class StepPlan:
     preempted_ids: list[str] = field(default_factory=list)
     # Structured outputs: the next-token bitmask of each sampling row of these requests,
     # packed int32 rows of ceil(vocab/32) words (bit j of word w allows token 32*w + j),
-    # in bitmask_ids' order. Absent (and off the wire) when no row has a grammar.
+    # in bitmask_ids' order. Absent (and off the wire) when no row has a grammar. With
+    # the model in the engine's process, an int32 CPU tensor of those rows instead (no
+    # bytes made; page-locked on CUDA); the wire always carries bytes.
     bitmask_ids: list[str] = field(default_factory=list)
-    bitmask: Optional[bytes] = None
+    bitmask: Any = None
     # ... and of each row of these requests that verifies k proposals: k + 1 bitmasks,
     # one per verified position (the grammar's state before proposal j, j = 0..k), rows
     # in spec_bitmask_ids' order. Absent (and off the wire) when no such row has a grammar.
@@ -119,7 +121,8 @@ class StepPlan:
                               for r in self.new_requests],
              "finished_ids": self.finished_ids, "preempted_ids": self.preempted_ids}
         if self.bitmask_ids:
-            d["bitmask"] = (self.bitmask_ids, self.bitmask)
+            mask = self.bitmask
+            d["bitmask"] = (self.bitmask_ids, mask if isinstance(mask, bytes) else mask.numpy().tobytes())
         if self.spec_bitmask_ids:
             d["spec_bitmask"] = (self.spec_bitmask_ids, self.spec_bitmask)
         if self.spec_wanted:

@@ -236,6 +236,11 @@ class ModelRunner:
             vocab = self.hf_config.vocab_size
             seeded_exponential([0], vocab, self.device)
             seeded_uniform([0], 1, self.device, counter=vocab)  # speculative verification's
+            # ... and the grammar bitmask's (float32 logits, as sampling sees them).
+            from raylm.kernels.bitmask import apply_token_bitmask
+
+            apply_token_bitmask(torch.zeros(1, vocab, device=self.device), [0],
+                                torch.full((1, -(-vocab // 32)), -1, dtype=torch.int32, device=self.device))
 
     def release_kv_cache(self) -> None:
         self.graphs = None
