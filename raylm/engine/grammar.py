@@ -334,24 +334,40 @@ class GrammarManager:
         return buf
 
     def accept_many(self, matchers: list, tokens: list[int]) -> list[tuple[bool, bool]]:
-        """Feed tokens[i] to matchers[i]: (accepted, terminated) for each. On
-        `accept_threads` threads once there are PARALLEL_ACCEPT_MIN of them (each matcher
-        is touched by one thread; the matchers release the GIL while they match)."""
-        def run(lo: int, hi: int) -> list[tuple[bool, bool]]:
-            out = []
-            for m, t in zip(matchers[lo:hi], tokens[lo:hi]):
-                ok = m.accept_token(t)
-                out.append((ok, ok and m.is_terminated()))
-            return out
+        """Feed tokens[i] to matchers[i]: (accepted, terminated) for each. xgrammar's
+        matchers take theirs in `batch_accept_token` calls, one per thread of
+        `accept_threads` once there are PARALLEL_ACCEPT_MIN of them: the call releases the
+        GIL for the whole chunk. (One Python call per token on several threads does not
+        scale: each return waits for the GIL that the other threads hold.)"""
+        import xgrammar as xgr
 
-        n, threads = len(matchers), self.accept_threads
-        if threads <= 1 or n < PARALLEL_ACCEPT_MIN:
-            return run(0, n)
-        if self._accept_pool is None:
-            self._accept_pool = ThreadPoolExecutor(threads, thread_name_prefix="raylm-grammar-accept")
-        step = -(-n // threads)
-        futures = [self._accept_pool.submit(run, lo, min(n, lo + step)) for lo in range(0, n, step)]
-        return [r for f in futures for r in f.result()]
+        n = len(matchers)
+        accepted: list = [None] * n
+        xg = [i for i, m in enumerate(matchers) if isinstance(m, xgr.GrammarMatcher)]
+        for i in range(n):
+            if accepted[i] is None and not isinstance(matchers[i], xgr.GrammarMatcher):
+                accepted[i] = matchers[i].accept_token(tokens[i])
+
+        def run(idx: list[int]) -> list[bool]:
+            return xgr.BatchGrammarMatcher.batch_accept_token([matchers[i] for i in idx],
+                                                              [tokens[i] for i in idx])
+
+        threads = self.accept_threads
+        if xg and (threads <= 1 or len(xg) < PARALLEL_ACCEPT_MIN):
+            chunks = [xg]
+            results = [run(xg)]
+        elif xg:
+            if self._accept_pool is None:
+                self._accept_pool = ThreadPoolExecutor(threads, thread_name_prefix="raylm-grammar-accept")
+            step = -(-len(xg) // threads)
+            chunks = [xg[lo:lo + step] for lo in range(0, len(xg), step)]
+            results = [f.result() for f in [self._accept_pool.submit(run, c) for c in chunks]]
+        else:
+            chunks, results = [], []
+        for chunk, oks in zip(chunks, results):
+            for i, ok in zip(chunk, oks):
+                accepted[i] = ok
+        return [(bool(ok), bool(ok) and m.is_terminated()) for m, ok in zip(matchers, accepted)]
 
     def _fill_xgrammar(self, matchers: list, buf, rows: list[int]) -> None:
         import xgrammar as xgr
