@@ -351,9 +351,11 @@ class EngineCore:
             # Rows of requests that step N ended sample unconstrained; their tokens are dropped.
             tg = time.perf_counter()
             rows = self.grammar_requests.rows(sched_out)
-            self.executor.finish_sampling(launched, [st.request.request_id for st in rows],
-                                          self.grammar_requests.bitmask(rows))
-            tm["grammar_s"] += time.perf_counter() - tg
+            mask = self.grammar_requests.bitmask(rows)
+            tf = time.perf_counter()
+            self.executor.finish_sampling(launched, [st.request.request_id for st in rows], mask)
+            tm["grammar_s"] += tf - tg
+            tm["deferred_sampling_s"] += time.perf_counter() - tf
         self._inflight = (sched_out, launched)
         return outputs
 

@@ -65,7 +65,7 @@ class UserRequests:
 
 def new_step_timing() -> dict:
     return {"steps": 0, "schedule_s": 0.0, "execute_s": 0.0, "process_s": 0.0, "wait_s": 0.0,
-            "grammar_s": 0.0}
+            "grammar_s": 0.0, "deferred_sampling_s": 0.0}
 
 
 def step_timing_summary(tm: dict) -> dict:
@@ -78,6 +78,8 @@ def step_timing_summary(tm: dict) -> dict:
             # Asynchronous scheduling: time spent waiting for the step in flight (near
             # zero means the host, not the device, sets the pace).
             "device_wait_ms_per_step": 1e3 * tm["wait_s"] / n,
-            # Structured outputs: next-token bitmasks filled, and (asynchronous scheduling)
-            # the sampling queued after them; part of schedule or outside the others.
-            "grammar_ms_per_step": 1e3 * tm.get("grammar_s", 0.0) / n}
+            # Structured outputs: next-token bitmasks filled (part of execute_ms_per_step
+            # when the step waits for them before its launch), and with asynchronous
+            # scheduling the sampling queued once they are (outside the others).
+            "grammar_ms_per_step": 1e3 * tm.get("grammar_s", 0.0) / n,
+            "deferred_sampling_ms_per_step": 1e3 * tm.get("deferred_sampling_s", 0.0) / n}
