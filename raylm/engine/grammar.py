@@ -25,10 +25,10 @@ from raylm.engine.sampling_params import StructuredOutputsParams
 from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, build_grammar, spec_key
 
 CACHE_SIZE = 1024  # compiled grammars kept (by spec)
-# A step's emitted tokens go to their matchers on this many threads (xgrammar and
-# llguidance release the GIL while they match) once there are PARALLEL_ACCEPT_MIN of them:
-# at 256 JSON requests accept_token takes 10-20 us each, and it sits between a step's
-# tokens and the next step's bitmasks.
+# A step's emitted tokens go to their xgrammar matchers on this many threads, a chunk and
+# one batch call each, once there are PARALLEL_ACCEPT_MIN of them: at 256 JSON requests
+# accept_token takes 10-20 us each, and it sits between a step's tokens and the next
+# step's bitmasks.
 ACCEPT_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 PARALLEL_ACCEPT_MIN = 64
 GUIDANCE_ROLLBACK = 1024  # tokens a GuidanceMatcher can roll back (a step's proposals are fewer)
@@ -344,8 +344,8 @@ class GrammarManager:
         n = len(matchers)
         accepted: list = [None] * n
         xg = [i for i, m in enumerate(matchers) if isinstance(m, xgr.GrammarMatcher)]
-        for i in range(n):
-            if accepted[i] is None and not isinstance(matchers[i], xgr.GrammarMatcher):
+        for i in range(n):  # llguidance's and reasoning gates: one by one
+            if not isinstance(matchers[i], xgr.GrammarMatcher):
                 accepted[i] = matchers[i].accept_token(tokens[i])
 
         def run(idx: list[int]) -> list[bool]:
