@@ -11,12 +11,13 @@ reference is the same in PyTorch ops (what the CPU runs).
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from raylm.kernels.interpret import runs_kernel
 
 _NEG_INF = float("-inf")
 
@@ -35,12 +36,6 @@ def _token_bitmask_kernel(logits_ptr, stride_l, rows_ptr, bitmask_ptr, stride_b,
     cols = w[:, None] * 32 + shift[None, :]
     neg_inf = tl.full((WORDS, 32), float("-inf"), tl.float32)  # the store casts it
     tl.store(logits_ptr + row * stride_l + cols, neg_inf, mask=(cols < vocab) & (bits == 0))
-
-
-def runs_kernel(device) -> bool:
-    """Whether the Triton kernel applies the bitmask on `device`: on CUDA, or anywhere while
-    Triton's interpreter is on (how CPU tests run it); elsewhere the reference does."""
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _rows_tensor(rows: Union[torch.Tensor, Sequence[int]], device: torch.device) -> torch.Tensor:

@@ -16,6 +16,14 @@ import sys
 _TRITON_JIT_MODULES = ("triton.language.standard", "triton.language.random", "triton.language")
 
 
+def runs_kernel(device) -> bool:
+    """Whether a raylm Triton kernel runs on `device`: on CUDA, or anywhere while Triton's
+    interpreter is on (how CPU tests run it); elsewhere the kernel's torch reference does."""
+    import torch
+
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def use_interpreter() -> None:
     """Make every raylm kernel run under Triton's interpreter from now on."""
     os.environ["TRITON_INTERPRET"] = "1"

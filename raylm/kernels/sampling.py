@@ -13,12 +13,13 @@ float32 rounding of the log.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from raylm.kernels.interpret import runs_kernel
 
 
 @triton.jit
@@ -35,12 +36,6 @@ def _seeded_noise_kernel(keys_ptr, out_ptr, stride_o, n_cols, counter_start,
         noise = -tl.log(w) * (u / tl.maximum(d, 2.0 ** -32))
         u = tl.where(d == 0.0, tl.maximum(u, 2.0 ** -32), noise)
     tl.store(out_ptr + row * stride_o + cols, u, mask=mask)
-
-
-def runs_kernel(device) -> bool:
-    """Whether the Triton kernel computes the draws on `device`: on CUDA, or anywhere while
-    Triton's interpreter is on (how CPU tests run it); elsewhere the reference does."""
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _as_int64(keys: Sequence[int]) -> list[int]:
