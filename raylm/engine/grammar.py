@@ -352,18 +352,15 @@ class GrammarManager:
             return xgr.BatchGrammarMatcher.batch_accept_token([matchers[i] for i in idx],
                                                               [tokens[i] for i in idx])
 
-        threads = self.accept_threads
-        if xg and (threads <= 1 or len(xg) < PARALLEL_ACCEPT_MIN):
-            chunks = [xg]
-            results = [run(xg)]
-        elif xg:
+        threads = max(1, self.accept_threads) if len(xg) >= PARALLEL_ACCEPT_MIN else 1
+        step = max(1, -(-len(xg) // threads))
+        chunks = [xg[lo:lo + step] for lo in range(0, len(xg), step)]
+        if len(chunks) > 1:
             if self._accept_pool is None:
                 self._accept_pool = ThreadPoolExecutor(threads, thread_name_prefix="raylm-grammar-accept")
-            step = -(-len(xg) // threads)
-            chunks = [xg[lo:lo + step] for lo in range(0, len(xg), step)]
             results = [f.result() for f in [self._accept_pool.submit(run, c) for c in chunks]]
         else:
-            chunks, results = [], []
+            results = [run(c) for c in chunks]
         for chunk, oks in zip(chunks, results):
             for i, ok in zip(chunk, oks):
                 accepted[i] = ok

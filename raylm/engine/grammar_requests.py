@@ -117,11 +117,7 @@ class GrammarRequests:
         """Feed an emitted token to the request's matcher; True when the request ends
         ("stop"): its grammar has terminated (its stop token accepted) or, defensively,
         rejected the token."""
-        if not state.grammar.accept_token(token):
-            logger.warning("request %s: token %d does not match its grammar; stopping it",
-                           state.request.request_id, token)
-            return True
-        return state.grammar.is_terminated()
+        return self.advance_many([state], [token])[0]
 
     def advance_many(self, states: list, tokens: list[int]) -> list[bool]:
         """`advance` for many requests at once (one token each), their matchers on the
