@@ -15,16 +15,9 @@ from __future__ import annotations
 from typing import Optional
 
 from raylm.cluster.tool_parsers import partial_suffix
-from raylm.engine.structured_outputs import REASONING_PARSERS
+from raylm.engine.structured_outputs import REASONING_PARSERS, check_reasoning_parser  # noqa: F401
 
 START, END = "<think>", "</think>"
-
-
-def check_reasoning_parser(name: Optional[str]) -> Optional[str]:
-    if name is not None and name not in REASONING_PARSERS:
-        raise ValueError(f"reasoning_parser {name!r} is not supported; supported parsers are "
-                         f"{list(REASONING_PARSERS)}")
-    return name
 
 
 def starts_inside(prompt_text: Optional[str]) -> bool:

@@ -25,6 +25,13 @@ JSON_MAX_WHITESPACE = 4
 SUPPORTED_BACKENDS = ("auto", "xgrammar", "guidance")
 # vLLM's reasoning parsers raylm knows; both mark reasoning with <think> ... </think>.
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
+
+
+def check_reasoning_parser(name: Optional[str], field: str = "reasoning_parser") -> Optional[str]:
+    """`name` when it is None or a parser raylm knows; else ValueError naming `field`."""
+    if name is not None and name not in REASONING_PARSERS:
+        raise ValueError(f"{field} {name!r} is not supported; supported parsers are {list(REASONING_PARSERS)}")
+    return name
 # llguidance's JSON whitespace, bounded as xgrammar's max_whitespace_cnt bounds it.
 GUIDANCE_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,%d}" % JSON_MAX_WHITESPACE
 
@@ -78,10 +85,7 @@ def parse_structured_outputs_config(config: Union[str, dict, None]) -> GrammarCo
     for name in ("disable_any_whitespace", "disable_additional_properties"):
         if not isinstance(config.get(name, False), bool):
             raise ValueError(f"structured_outputs_config {name} must be true or false, got {config[name]!r}")
-    parser = config.get("reasoning_parser")
-    if parser is not None and parser not in REASONING_PARSERS:
-        raise ValueError(f"structured_outputs_config reasoning_parser {parser!r} is not supported; "
-                         f"supported parsers are {list(REASONING_PARSERS)}")
+    check_reasoning_parser(config.get("reasoning_parser"), "structured_outputs_config reasoning_parser")
     backend = config.get("backend", "auto")
     if backend not in SUPPORTED_BACKENDS:
         raise ValueError(f"structured_outputs_config backend {backend!r} is not supported; "
