@@ -22,11 +22,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from raylm.kernels.sampling import seeded_exponential
 from raylm.workers.messages import PLACEHOLDER_TOKEN, SamplingOptions, SeqChunk, StepPlan
 from raylm.workers.model_runner import KV_CACHE_DTYPES, ModelRunner
 from raylm.workers.parallel_state import broadcast_from_first
-from raylm.workers.sampler import SamplingState, _filter, batched_seeded_noise, draw_seed
+from raylm.workers.sampler import SamplingState, _filter, draw_seed, seeded_noise_rows
 from raylm.workers.transfer import to_device
 
 # Keeps a seeded request's draft draws apart from its sampling and acceptance draws.
@@ -62,15 +61,8 @@ def draft_sample(logits: torch.Tensor, states: Sequence[SamplingState], position
     probs = _filter(logits, list(states)).softmax(dim=1)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     seeded = [i for i, st in enumerate(states) if st.generator is not None and not greedy[i]]
-    if seeded and batched_seeded_noise(noise.device):  # one launch for every seeded row
-        keys = [draw_seed(states[i].options.seed ^ _DRAFT_SALT, positions[i]) for i in seeded]
-        idx = to_device(seeded, torch.long, noise.device)
-        noise[idx] = seeded_exponential(keys, noise.shape[1], noise.device)
-    else:
-        for i in seeded:
-            st = states[i]
-            st.generator.manual_seed(draw_seed(st.options.seed ^ _DRAFT_SALT, positions[i]))
-            noise[i].exponential_(generator=st.generator)
+    keys = [draw_seed(states[i].options.seed ^ _DRAFT_SALT, positions[i]) for i in seeded]
+    seeded_noise_rows(noise, seeded, keys, [states[i].generator for i in seeded])  # one launch on CUDA
     tokens = (probs.log() - noise.log()).argmax(dim=1)  # exponential race: a draw from probs
     if any(greedy):
         rows = to_device([i for i, g in enumerate(greedy) if g], torch.long, logits.device)

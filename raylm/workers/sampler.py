@@ -48,6 +48,19 @@ def batched_seeded_noise(device: torch.device) -> bool:
     return device.type == "cuda" or BATCHED_ON_CPU
 
 
+def seeded_noise_rows(noise: torch.Tensor, rows: list[int], keys: list[int], generators: list) -> None:
+    """In place: row rows[i] of `noise` gets the Exp(1) draws keyed by keys[i], all rows
+    from one launch where `batched_seeded_noise`, else each from generators[i] re-seeded
+    with its key."""
+    if rows and batched_seeded_noise(noise.device):
+        draws = seeded_exponential(keys, noise.shape[1], noise.device)
+        noise[to_device(rows, torch.long, noise.device)] = draws.to(noise.dtype)
+        return
+    for r, key, gen in zip(rows, keys, generators):
+        gen.manual_seed(key)
+        noise[r].exponential_(generator=gen)
+
+
 @dataclass
 class SamplingState:
     """What the worker keeps per request between steps. `output_token_ids` are the
@@ -191,15 +204,8 @@ def sample(logits: torch.Tensor, states: list[SamplingState],
         q = torch.empty_like(scaled).exponential_(generator=default_generator)
     else:
         q = torch.empty_like(scaled)  # every sampling row seeded; greedy rows ignore q
-    if seeded and batched_seeded_noise(q.device):
-        keys = [draw_seed(states[i].options.seed, states[i].num_sampled) for i in seeded]
-        noise = seeded_exponential(keys, q.shape[1], q.device)
-        q[to_device(seeded, torch.long, q.device)] = noise.to(q.dtype)
-    else:
-        for i in seeded:
-            st = states[i]
-            st.generator.manual_seed(draw_seed(st.options.seed, st.num_sampled))
-            q[i].exponential_(generator=st.generator)
+    seeded_noise_rows(q, seeded, [draw_seed(states[i].options.seed, states[i].num_sampled) for i in seeded],
+                      [states[i].generator for i in seeded])
     sampled = (scaled - q.log_()).argmax(dim=1)
     if not any(st.is_greedy for st in states):
         return sampled
