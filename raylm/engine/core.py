@@ -87,6 +87,10 @@ class EngineCore:
         self.async_scheduling = (supports_async and self.device.startswith("cuda")
                                  if args.async_scheduling is None else bool(args.async_scheduling))
         self._inflight = None  # asynchronous scheduling: (scheduler output, launched step)
+        # ... and the step after it, when its forward pass is launched but its sampling
+        # waits for the grammar bitmasks that the in-flight step's tokens decide.
+        self._deferred = None
+        self.pipeline_grammar_steps = True  # see _finish_deferred (benchmarks turn it off to compare)
         self.startup_timing = {"load_s": t1 - t0, "profile_s": t2 - t1,
                                "kv_cache_and_graphs_s": time.perf_counter() - t2}
         logger.info("raylm start-up: load %.1f s, memory profile %.1f s, KV cache and graphs %.1f s",
@@ -159,7 +163,8 @@ class EngineCore:
         Raises ValueError, queuing none of them, on an id in use or a prompt too long."""
         # A finished request's id stays in use while a step that holds it is on the device
         # (asynchronous scheduling): that step's token must not reach a new request.
-        in_flight = {s.request_id for s in self._inflight[0].seqs} if self._inflight is not None else set()
+        in_flight = {s.request_id for step in (self._inflight, self._deferred) if step is not None
+                     for s in step[0].seqs}
         for r in reqs:
             if r.request_id in self.requests or r.request_id in in_flight:
                 raise ValueError(f"request_id {r.request_id!r} is already in use")
@@ -201,7 +206,7 @@ class EngineCore:
         """Move requests whose grammar finished compiling into the scheduler; a failed
         compile fails its request. With nothing else to run, wait briefly for a compile."""
         failed = []
-        block = self._scheduler_idle() and self._inflight is None
+        block = self._scheduler_idle() and not self.step_in_flight
         t0 = time.perf_counter()
         for state, error in self.grammar_requests.admit(block):
             if error is None:
@@ -233,11 +238,11 @@ class EngineCore:
         return done
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self._inflight is not None or self.planner.has_finished
+        return bool(self.requests) or self.step_in_flight or self.planner.has_finished
 
     @property
     def step_in_flight(self) -> bool:
-        return self._inflight is not None
+        return self._inflight is not None or self._deferred is not None
 
     @property
     def subscribers(self) -> dict[str, Optional[str]]:
@@ -278,6 +283,8 @@ class EngineCore:
         speculating = spec is not None and spec.active(self.scheduler.num_running, self.scheduler.num_waiting)
         if self.async_scheduling and not speculating and not (spec is not None and spec.every_step_sync):
             return outputs + self._step_async()
+        if self._deferred is not None:  # its sampling waits for the step in flight's tokens
+            outputs += self._finish_deferred(time.perf_counter(), pipeline=False)
         if self._inflight is not None:  # proposals follow the last token: record it first
             outputs += self._complete_inflight(time.perf_counter())
         return outputs + self._step_sync(speculating)
@@ -313,8 +320,11 @@ class EngineCore:
 
     def _step_async(self) -> list[EngineCoreOutput]:
         """Schedule step N+1 (with placeholders for step N's tokens), launch it, then
-        collect and record step N while the device runs N+1."""
+        collect and record step N while the device runs N+1. With grammar rows, N+1's
+        sampling waits for N's tokens (see _finish_deferred)."""
         t0 = time.perf_counter()
+        if self._deferred is not None:
+            return self._finish_deferred(t0)
         outputs: list[EngineCoreOutput] = []
         sched_out = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -345,18 +355,68 @@ class EngineCore:
         tm = self.timing
         tm["schedule_s"] += t1 - t0
         tm["execute_s"] += t2 - t1
+        if defer:
+            self._deferred = (sched_out, launched)
+            return outputs + self._finish_deferred(t2)
         if self._inflight is not None:
             outputs += self._complete_inflight(t2)
-        if defer:
-            # Rows of requests that step N ended sample unconstrained; their tokens are dropped.
-            tg = time.perf_counter()
-            rows = self.grammar_requests.rows(sched_out)
-            mask = self.grammar_requests.bitmask(rows)
-            tf = time.perf_counter()
-            self.executor.finish_sampling(launched, [st.request.request_id for st in rows], mask)
-            tm["grammar_s"] += tf - tg
-            tm["deferred_sampling_s"] += time.perf_counter() - tf
         self._inflight = (sched_out, launched)
+        return outputs
+
+    def _can_pipeline(self) -> bool:
+        """Whether the next step can be launched before the deferred one's sampling is
+        queued: grammar rows, an executor that defers sampling, and no request whose
+        sampling reads its outputs so far (penalties, min_tokens, bad_words)."""
+        return (self.pipeline_grammar_steps and bool(self.grammar_requests.num_live) and not self._history_ids
+                and self.speculator is None and getattr(self.executor, "supports_deferred_sampling", False))
+
+    def _finish_deferred(self, t0: float, pipeline: bool = True) -> list[EngineCoreOutput]:
+        """Steps N (self._inflight: its sampling queued) and N+1 (self._deferred: its
+        forward pass on the device, its sampling waiting for bitmasks that N's tokens
+        decide). Collect N; its grammar rows' tokens go to their matchers and N+1's
+        bitmasks fill on the grammar threads while this thread records N and, with
+        `pipeline`, schedules and plans N+2; then queue N+1's sampling and launch N+2's
+        forward pass right behind it (its own sampling deferred in turn), so the device
+        never waits for the host's planning between steps."""
+        sched1, launched1 = self._deferred
+        self._deferred = None
+        tm = self.timing
+        outputs: list[EngineCoreOutput] = []
+        rows = self.grammar_requests.rows(sched1)
+        step = None
+        if self._inflight is not None:
+            sched0, launched0 = self._inflight
+            self._inflight = None
+            result = self.executor.collect(launched0)
+            t1 = time.perf_counter()
+            tm["execute_s"] += t1 - t0
+            tm["wait_s"] += t1 - t0  # blocked on the device
+            step = self.grammar_requests.start_step({} if result.spec_sampled else result.sampled, rows)
+            outputs = self._record(sched0, result, launched=True, grammar_step=step)
+            tm["steps"] += 1
+            t0 = time.perf_counter()
+            tm["process_s"] += t0 - t1
+        elif rows:
+            step = self.grammar_requests.start_step({}, rows)
+        nxt = None
+        if pipeline and self._can_pipeline():
+            sched2 = self.scheduler.schedule()
+            if sched2 or sched2.preempted_ids or self.planner.has_finished:
+                nxt = (sched2, self.planner.plan(sched2))
+            t1 = time.perf_counter()
+            tm["schedule_s"] += t1 - t0
+            t0 = t1
+        mask = step.bitmask() if rows else None
+        t1 = time.perf_counter()
+        tm["grammar_s"] += t1 - t0
+        self.executor.finish_sampling(launched1, [st.request.request_id for st in rows], mask)
+        self._inflight = (sched1, launched1)
+        t0 = time.perf_counter()
+        tm["deferred_sampling_s"] += t0 - t1
+        if nxt is not None:
+            self._deferred = (nxt[0], self.executor.launch(nxt[1], defer_sampling=True))
+            self._mark_launched(nxt[0])
+            tm["execute_s"] += time.perf_counter() - t0
         return outputs
 
     def _needs_current_outputs(self, sched_out, grammar: bool = True) -> bool:
@@ -407,10 +467,12 @@ class EngineCore:
             outputs.append((state, state.out))
         return state.out
 
-    def _record(self, sched_out, result: StepResult, launched: bool = False) -> list[EngineCoreOutput]:
+    def _record(self, sched_out, result: StepResult, launched: bool = False,
+                grammar_step=None) -> list[EngineCoreOutput]:
         """Apply a step's sampled tokens and finish the requests that hit EOS, a stop
         token or their length. `launched`: asynchronous scheduling already marked the
-        step computed and gave each sampling request a placeholder."""
+        step computed and gave each sampling request a placeholder. `grammar_step`: the
+        grammar rows' tokens already went to their matchers (GrammarRequests.start_step)."""
         if not sched_out:
             return []
         num_accepted = num_accepted_of(sched_out, result.spec_sampled) if result.spec_sampled else None
@@ -441,7 +503,11 @@ class EngineCore:
             self._emit(state, out, token, now, grammar_batch)
         if grammar_batch:
             states = [st for st, _ in grammar_batch]
-            stops = self.grammar_requests.advance_many(states, [t for _, t in grammar_batch])
+            tokens = [t for _, t in grammar_batch]
+            tg = time.perf_counter()
+            stops = (grammar_step.stops(states, tokens) if grammar_step is not None
+                     else self.grammar_requests.advance_many(states, tokens))
+            self.timing["grammar_s"] += time.perf_counter() - tg
             for state, stop in zip(states, stops):
                 if stop and state.request.request_id in self.requests:
                     self._finish(state, RequestStatus.FINISHED_STOPPED)

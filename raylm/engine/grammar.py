@@ -25,12 +25,35 @@ from raylm.engine.sampling_params import StructuredOutputsParams
 from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, build_grammar, spec_key
 
 CACHE_SIZE = 1024  # compiled grammars kept (by spec)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (a container's or a Ray worker's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Grammars compile on this many threads: xgrammar's compile releases the GIL and one
+# compile uses one core (a JSON schema took 8.5 ms on one thread of this 2-core CPU and
+# 3.7 ms each on two; its own max_threads did not help), and a burst of new schemas holds
+# their requests back until each compiles (half the CPUs, as vLLM's pool).
+COMPILE_THREADS = max(2, min(8, _cpus() // 2))
 # A step's emitted tokens go to their xgrammar matchers on this many threads, a chunk and
 # one batch call each, once there are PARALLEL_ACCEPT_MIN of them: at 256 JSON requests
 # accept_token takes 10-20 us each, and it sits between a step's tokens and the next
 # step's bitmasks.
-ACCEPT_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+ACCEPT_THREADS = max(1, min(8, _cpus() // 2))
 PARALLEL_ACCEPT_MIN = 64
+# A step's accepts and next bitmasks go to threads (GrammarManager.start_step) from this
+# many rows: below it the hand-off costs more than it overlaps.
+PARALLEL_STEP_MIN = 32
+# While a step's matcher work runs on threads, the interpreter's switch interval (5 ms by
+# default) is cut to this, so a thread's return from a GIL-free call does not wait up to
+# 5 ms for the main thread's Python: on 2 cores, 50 fills of 200 rows beside a busy main
+# thread took 319 ms at 5 ms and 62 ms at 0.2 ms, against 48 ms alone.
+STEP_SWITCH_INTERVAL = 2e-4
 GUIDANCE_ROLLBACK = 1024  # tokens a GuidanceMatcher can roll back (a step's proposals are fewer)
 
 
@@ -167,7 +190,7 @@ class GrammarManager:
     `config` the engine's `structured_outputs_config`, parsed."""
 
     def __init__(self, load_tokenizer: Callable, vocab_size: int, stop_token_ids: list[int],
-                 max_workers: int = 2, config: GrammarConfig = DEFAULT_CONFIG):
+                 max_workers: int = COMPILE_THREADS, config: GrammarConfig = DEFAULT_CONFIG):
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
@@ -182,6 +205,7 @@ class GrammarManager:
         self._turn = 0
         self.pin_memory = False  # bitmask buffers in page-locked memory (CUDA, in process)
         self._batch = None
+        self._chunk_fillers: list = []  # a one-thread BatchGrammarMatcher per start_step chunk
         self.accept_threads = ACCEPT_THREADS
         self._accept_pool = None
         self.mask_vocab = vocab_size  # the bitmask's vocabulary: the larger of model and tokenizer
@@ -299,15 +323,21 @@ class GrammarManager:
         """The next-token bitmasks of `matchers`, packed int32 rows (StepPlan.bitmask)."""
         return self.bitmask_tensor(matchers).numpy().tobytes()
 
-    def bitmask_tensor(self, matchers: list):
+    def bitmask_tensor(self, matchers: list, allow_all: frozenset = frozenset()):
         """The next-token bitmasks of `matchers`: an int32 [len(matchers), words] CPU
         tensor (page-locked when `pin_memory`), valid until the call after next: the two
         buffers take turns, so a step's bitmask is not overwritten while its copy to the
         device may still be queued (the next step's is filled only once that step's
-        tokens are in, which is after its copy)."""
+        tokens are in, which is after its copy). Rows in `allow_all` allow every token."""
+        buf = self._next_buffer(len(matchers))
+        if matchers:
+            self._fill(matchers, buf, allow_all)
+        return buf
+
+    def _next_buffer(self, n: int):
+        """Rows [0, n) of the bitmask buffer whose turn it is (see bitmask_tensor)."""
         import xgrammar as xgr
 
-        n = len(matchers)
         self._turn ^= 1
         held = self._bitmask[self._turn]
         if held is None or held.shape[0] < n:
@@ -316,11 +346,13 @@ class GrammarManager:
             if self.pin_memory:
                 held = held.pin_memory()
             self._bitmask[self._turn] = held
-        buf = held[:n]
-        if not n:
-            return buf
+        return held[:n]
+
+    def _fill(self, matchers: list, buf, allow_all: frozenset = frozenset()) -> None:
+        import xgrammar as xgr
+
         # A waiting reasoning gate allows everything; an open one is its grammar's row.
-        waiting = {i for i, m in enumerate(matchers) if isinstance(m, ReasoningGate) and m.waiting}
+        waiting = {i for i, m in enumerate(matchers) if isinstance(m, ReasoningGate) and m.waiting} | allow_all
         for i in waiting:
             buf[i].fill_(-1)
         matchers = [m.inner if isinstance(m, ReasoningGate) else m for m in matchers]
@@ -331,7 +363,22 @@ class GrammarManager:
                 matchers[rows[0]].fill_next_token_bitmask(buf, rows[0])
             elif rows:  # on the backend's own threads
                 batched([matchers[i] for i in rows], buf, rows)
-        return buf
+
+    def start_step(self, accept: list, tokens: list[int], fill: list) -> "GrammarStep":
+        """A step's matcher work, started: `accept[i]` takes `tokens[i]` (the tokens the
+        last step emitted), then the next-token bitmasks of `fill` (the matchers of the
+        step whose sampling waits for them; a matcher may be in both) are filled. With
+        enough plain xgrammar matchers this runs on the manager's threads, each a chunk
+        of matchers, its accepts and then its rows, in GIL-free calls, while the caller
+        goes on (recording the step, planning the next); otherwise the accepts run now
+        and the fill when the bitmask is asked for. See GrammarStep."""
+        import xgrammar as xgr
+
+        plain = (all(type(m) is xgr.GrammarMatcher for m in accept)
+                 and all(type(m) is xgr.GrammarMatcher for m in fill))
+        if not plain or max(len(accept), len(fill)) < PARALLEL_STEP_MIN:
+            return GrammarStep(self, self.accept_many(accept, tokens) if accept else [], fill)
+        return GrammarStep.threaded(self, accept, tokens, fill)
 
     def accept_many(self, matchers: list, tokens: list[int]) -> list[tuple[bool, bool]]:
         """Feed tokens[i] to matchers[i]: (accepted, terminated) for each. xgrammar's
@@ -356,9 +403,8 @@ class GrammarManager:
         step = max(1, -(-len(xg) // threads))
         chunks = [xg[lo:lo + step] for lo in range(0, len(xg), step)]
         if len(chunks) > 1:
-            if self._accept_pool is None:
-                self._accept_pool = ThreadPoolExecutor(threads, thread_name_prefix="raylm-grammar-accept")
-            results = [f.result() for f in [self._accept_pool.submit(run, c) for c in chunks]]
+            pool = self._step_pool(threads)
+            results = [f.result() for f in [pool.submit(run, c) for c in chunks]]
         else:
             results = [run(c) for c in chunks]
         for chunk, oks in zip(chunks, results):
@@ -381,7 +427,95 @@ class GrammarManager:
             self._executor = LLExecutor()
         fill_next_token_bitmask_par(self._executor, [(m.llmatcher, i) for m, i in zip(matchers, rows)], buf)
 
+    def _step_pool(self, threads: int) -> ThreadPoolExecutor:
+        if self._accept_pool is None:
+            self._accept_pool = ThreadPoolExecutor(threads, thread_name_prefix="raylm-grammar-accept")
+        return self._accept_pool
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._accept_pool is not None:
             self._accept_pool.shutdown(wait=False)
+
+
+class GrammarStep:
+    """A step's matcher work (GrammarManager.start_step): `accepted()` gives each accept's
+    (accepted, terminated), `bitmask()` the fill's rows (StepPlan.bitmask, a CPU tensor;
+    a matcher that terminated allows every token: its request ended, its token is
+    dropped). Call `bitmask()` once, last: it joins the threads and restores the switch
+    interval."""
+
+    def __init__(self, manager: GrammarManager, accepted: list, fill: list):
+        self._manager, self._accepted, self._fill = manager, accepted, fill
+        self._acc_futures: list = []
+        self._fill_futures: list = []
+        self._buf = None
+        self._switch = None
+
+    @classmethod
+    def threaded(cls, manager: GrammarManager, accept: list, tokens: list[int], fill: list) -> "GrammarStep":
+        import sys
+
+        import xgrammar as xgr
+
+        self = cls(manager, None, fill)
+        threads = max(1, manager.accept_threads)
+        self._buf = buf = manager._next_buffer(len(fill))
+        size = max(1, -(-len(fill) // threads))
+        fill_chunks = [list(range(lo, min(lo + size, len(fill)))) for lo in range(0, len(fill), size)] or [[]]
+        chunk_of = {id(fill[i]): c for c, rows in enumerate(fill_chunks) for i in rows}
+        acc_chunks: list[list[int]] = [[] for _ in fill_chunks]
+        for j, m in enumerate(accept):
+            acc_chunks[chunk_of.get(id(m), j % len(fill_chunks))].append(j)
+        while len(manager._chunk_fillers) < len(fill_chunks):
+            manager._chunk_fillers.append(xgr.BatchGrammarMatcher(max_threads=1))
+        self._acc_index = acc_chunks
+        self._acc_futures = [Future() for _ in fill_chunks]
+
+        def run(c: int) -> None:
+            try:
+                idx = acc_chunks[c]
+                oks = xgr.BatchGrammarMatcher.batch_accept_token([accept[j] for j in idx],
+                                                                 [tokens[j] for j in idx]) if idx else []
+                self._acc_futures[c].set_result([(bool(ok), bool(ok) and accept[j].is_terminated())
+                                                 for j, ok in zip(idx, oks)])
+            except BaseException as exc:  # noqa: BLE001 - re-raised by accepted()
+                self._acc_futures[c].set_exception(exc)
+                raise
+            rows = [i for i in fill_chunks[c] if not fill[i].is_terminated()]
+            for i in fill_chunks[c]:
+                if fill[i].is_terminated():
+                    buf[i].fill_(-1)
+            if rows:
+                manager._chunk_fillers[c].batch_fill_next_token_bitmask([fill[i] for i in rows], buf, indices=rows)
+
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, STEP_SWITCH_INTERVAL))
+        pool = manager._step_pool(threads)
+        self._fill_futures = [pool.submit(run, c) for c in range(len(fill_chunks))]
+        return self
+
+    def accepted(self) -> list[tuple[bool, bool]]:
+        """(accepted, terminated) of each accept, in order (waits for the accepts only)."""
+        if self._accepted is None:
+            n = sum(len(ix) for ix in self._acc_index)
+            out: list = [None] * n
+            for ix, fut in zip(self._acc_index, self._acc_futures):
+                for j, r in zip(ix, fut.result()):
+                    out[j] = r
+            self._accepted = out
+        return self._accepted
+
+    def bitmask(self):
+        """The fill's bitmask rows (waits for the threads)."""
+        if self._switch is None:  # inline: fill now
+            allow = frozenset(i for i, m in enumerate(self._fill) if m.is_terminated())
+            return self._manager.bitmask_tensor(self._fill, allow)
+        import sys
+
+        try:
+            for fut in self._fill_futures:
+                fut.result()
+        finally:
+            sys.setswitchinterval(self._switch)
+        return self._buf

@@ -122,7 +122,9 @@ class GrammarRequests:
     def advance_many(self, states: list, tokens: list[int]) -> list[bool]:
         """`advance` for many requests at once (one token each), their matchers on the
         manager's threads: for each, True when the request ends."""
-        results = self.manager.accept_many([st.grammar for st in states], tokens)
+        return self._stops(states, tokens, self.manager.accept_many([st.grammar for st in states], tokens))
+
+    def _stops(self, states: list, tokens: list[int], results: list) -> list[bool]:
         stops = []
         for st, token, (accepted, terminated) in zip(states, tokens, results):
             if not accepted:
@@ -130,6 +132,18 @@ class GrammarRequests:
                                st.request.request_id, token)
             stops.append(not accepted or terminated)
         return stops
+
+    def start_step(self, emitted: dict, rows: list) -> "GrammarStepRequests":
+        """Start a step's matcher work (GrammarManager.start_step): the grammar requests'
+        tokens in `emitted` (request id -> the token a step emitted) go to their matchers,
+        then the bitmasks of `rows` (the live grammar rows of the step whose sampling waits
+        for them, as `rows()` gave them) fill, on the manager's threads while the caller
+        records the step. Read the results with `stops()` and `bitmask()`."""
+        accept = [(st, t) for rid, t in emitted.items()
+                  if (st := self.requests.get(rid)) is not None and st.grammar is not None]
+        job = self.manager.start_step([st.grammar for st, _ in accept], [t for _, t in accept],
+                                      [st.grammar for st in rows])
+        return GrammarStepRequests(self, job, accept)
 
     def release(self, state, was_live: bool) -> None:
         """The request ended: drop its compile, if any, and count its matcher out
@@ -142,3 +156,37 @@ class GrammarRequests:
     def shutdown(self) -> None:
         if self.manager is not None:
             self.manager.shutdown()
+
+
+class GrammarStepRequests:
+    """A started step's matcher work, by request (GrammarRequests.start_step)."""
+
+    def __init__(self, owner: GrammarRequests, job, accept: list):
+        self._owner, self._job = owner, job
+        self._index = {st.request.request_id: i for i, (st, _) in enumerate(accept)}
+        self._tokens = [t for _, t in accept]
+
+    def stops(self, states: list, tokens: list[int]) -> list[bool]:
+        """GrammarRequests.advance_many's answer for these (state, token) pairs: the
+        started accepts' results where the job took the token, an advance now otherwise."""
+        results = self._job.accepted()
+        got = [self._index.get(st.request.request_id) for st in states]
+        late = {k for k, j in enumerate(got) if j is None or self._tokens[j] != tokens[k]}
+        out: list = [None] * len(states)
+        taken = [k for k in range(len(states)) if k not in late]
+        if taken:
+            answers = self._owner._stops([states[k] for k in taken], [tokens[k] for k in taken],
+                                         [results[got[k]] for k in taken])
+            for k, stop in zip(taken, answers):
+                out[k] = stop
+        if late:  # tokens the job did not take: advance now
+            ks = sorted(late)
+            for k, stop in zip(ks, self._owner.advance_many([states[k] for k in ks], [tokens[k] for k in ks])):
+                out[k] = stop
+        return out
+
+    def bitmask(self):
+        """The rows' bitmasks (StepPlan.bitmask: a CPU tensor, or bytes unless the
+        engine uses tensors); call it once, after stops()."""
+        buf = self._job.bitmask()
+        return buf if self._owner.tensor_bitmasks else buf.numpy().tobytes()

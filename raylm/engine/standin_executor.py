@@ -7,12 +7,19 @@ A step takes `RAYLM_STANDIN_STEP_MS` (default 20) plus `RAYLM_STANDIN_TOKEN_US`
 (default 0) per scheduled token, as a GPU step would, and releases the GIL meanwhile
 (time.sleep): launch() starts the clock and collect() sleeps out the rest, as the
 device runs a launched step while the host plans the next one.
+
+Rows with a grammar bitmask (structured outputs) sample a token their bitmask allows,
+uniformly at random (seeded by `RAYLM_STANDIN_SEED`, default 0), so a structured-outputs
+workload runs its grammars for real (`benchmarks/structured.py --standin-step-ms`), on a
+thread of its own, as a GPU would draw them beside the host's work. Like
+the model runner, it can launch a step before the bitmasks are known (deferred
+sampling): the step's sampling then ends no earlier than `RAYLM_STANDIN_SAMPLE_MS`
+(default 0.3) after `finish_sampling` hands them over, as a GPU's would.
 """
 from __future__ import annotations
 
 import os
 import time
-
 from raylm.workers.messages import StepPlan, StepResult
 
 # The token every step samples (any id below the vocabulary size; benchmarks ignore EOS).
@@ -20,19 +27,70 @@ STANDIN_TOKEN = 7
 
 
 class _Launched:
-    __slots__ = ("plan", "done_at")
+    __slots__ = ("plan", "done_at", "drawn")
 
     def __init__(self, plan: StepPlan, done_at: float):
         self.plan, self.done_at = plan, done_at
+        self.drawn = None  # the grammar rows' tokens: (ids, a future of the tokens)
+
+
+def allowed_tokens(bitmask, num_rows: int, vocab_size: int, rng, tries: int = 16) -> list[int]:
+    """One token per row of a packed int32 bitmask (bytes or a CPU tensor, rows of
+    ceil(V/32) words, bit t of word w allowing token 32w + t), each one its row allows
+    below `vocab_size`: a random bit of a random nonzero word (the first nonzero of
+    `tries` random words; rows where all of those are zero search the row). Not uniform
+    over tokens; a stand-in needs only a token the grammar accepts, and cheaply, since
+    a GPU would draw it while the host works."""
+    import numpy as np
+
+    if isinstance(bitmask, (bytes, bytearray)):
+        words = np.frombuffer(bitmask, dtype=np.int32).reshape(num_rows, -1)
+    else:
+        words = bitmask.numpy().reshape(num_rows, -1)
+    words = words.view(np.uint32)
+    nw = min(words.shape[1], -(-vocab_size // 32))
+    cols = np.flatnonzero(words[:, :nw].any(axis=0))  # the words any row allows
+    words = words[:, cols]
+    tail = vocab_size - 32 * (nw - 1)
+    if tail < 32 and len(cols) and cols[-1] == nw - 1:  # tokens past the vocabulary are never drawn
+        words[:, -1] &= np.uint32((1 << tail) - 1)
+    rows = np.arange(num_rows)
+    cand = rng.integers(0, max(1, len(cols)), size=(num_rows, tries))
+    vals = words[rows[:, None], cand] if len(cols) else np.zeros((num_rows, tries), np.uint32)
+    hit = vals != 0
+    first = hit.argmax(axis=1)
+    w = cand[rows, first]
+    chosen = vals[rows, first]
+    few = np.flatnonzero(~hit.any(axis=1))  # few allowed tokens (most JSON states): search those rows
+    if len(few):
+        r, c = np.nonzero(words[few])
+        order = np.lexsort((rng.random(len(r)), r))  # by row, at random within a row
+        found, first_of = np.unique(r[order], return_index=True)
+        if len(found) < len(few):
+            i = int(few[min(set(range(len(few))) - set(found.tolist()))])
+            raise RuntimeError(f"bitmask row {i} allows no token below {vocab_size}")
+        w[few] = c[order[first_of]]
+        chosen[few] = words[few, w[few]]
+    w = cols[w]
+    bits = (chosen[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    b = (rng.random(bits.shape) * bits).argmax(axis=1)
+    return [int(t) for t in 32 * w + b]
 
 
 class StandInExecutor:
     supports_async = True
+    supports_deferred_sampling = True
 
     def __init__(self, args, model_dir: str, hf_config, dtype, device: str, max_model_len: int):
+        import numpy as np
+
         self.step_s = float(os.environ.get("RAYLM_STANDIN_STEP_MS", "20")) / 1e3
         self.token_s = float(os.environ.get("RAYLM_STANDIN_TOKEN_US", "0")) / 1e6
-        self.token = STANDIN_TOKEN % int(hf_config.vocab_size)
+        self.sample_s = float(os.environ.get("RAYLM_STANDIN_SAMPLE_MS", "0.3")) / 1e3
+        self.vocab_size = int(hf_config.vocab_size)
+        self.token = STANDIN_TOKEN % self.vocab_size
+        self.rng = np.random.default_rng(int(os.environ.get("RAYLM_STANDIN_SEED", "0")))
+        self._drawer = None  # a thread that draws grammar rows' tokens, as a GPU would beside the host
         self._busy_until = 0.0  # one step at a time, as on one device
 
     def kv_bytes_per_block(self) -> int:
@@ -44,17 +102,40 @@ class StandInExecutor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         pass
 
-    def launch(self, plan: StepPlan) -> _Launched:
+    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> _Launched:
         tokens = sum(len(s.token_ids) for s in plan.seqs)
         start = max(time.perf_counter(), self._busy_until)
         self._busy_until = start + (self.step_s + self.token_s * tokens if plan.seqs else 0.0)
-        return _Launched(plan, self._busy_until)
+        launched = _Launched(plan, self._busy_until)
+        if not defer_sampling:
+            self._draw(launched, plan.bitmask_ids, plan.bitmask)
+        return launched
+
+    def finish_sampling(self, launched: _Launched, bitmask_ids: list[str], bitmask) -> None:
+        """The deferred step's bitmasks: its sampling ends no earlier than sample_s from now."""
+        self._draw(launched, bitmask_ids, bitmask)
+        launched.done_at = max(launched.done_at, time.perf_counter() + self.sample_s)
+        self._busy_until = max(self._busy_until, launched.done_at)
+
+    def _draw(self, launched: _Launched, ids, bitmask) -> None:
+        if not ids:
+            return
+        if self._drawer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._drawer = ThreadPoolExecutor(1, thread_name_prefix="raylm-standin")
+        ids = list(ids)
+        launched.drawn = (ids, self._drawer.submit(allowed_tokens, bitmask, len(ids), self.vocab_size, self.rng))
 
     def collect(self, launched: _Launched) -> StepResult:
+        sampled = {s.request_id: self.token for s in launched.plan.seqs if s.sample}
+        if launched.drawn is not None:
+            ids, fut = launched.drawn
+            sampled.update(zip(ids, fut.result()))
         wait = launched.done_at - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        return StepResult(sampled={s.request_id: self.token for s in launched.plan.seqs if s.sample})
+        return StepResult(sampled=sampled)
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
@@ -63,4 +144,5 @@ class StandInExecutor:
         return 0.0
 
     def shutdown(self) -> None:
-        pass
+        if self._drawer is not None:
+            self._drawer.shutdown(wait=False)
