@@ -13,7 +13,8 @@
 #       before the next step is planned, as before pipelining), to compare on one machine
 #   ss  the host path alone on this machine's CPUs: structured.py behind the stand-in executor
 #       (1.5 ms + 20 us per token a step, about an H200 decode step of Llama-3.1-8B), pipelined
-#       and not, all schemas precompiled and not (no GPU work)
+#       and not, all schemas precompiled and not, and precompiled on 2, 4 and 16 grammar threads
+#       (the default is half the CPUs, up to 8; no GPU work)
 #   sg  the same with the guidance backend (llguidance): carry .gpu/whl3 (its wheel, 3 MB) too,
 #       and install it with whl2's; the offline engine needs no Ray, so a call of so and sg alone
 #       can leave .gpu/ray.tar.xz behind, which keeps the carry under its limit
@@ -40,7 +41,9 @@ for p in $parts; do
   case $p in
     so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b ;;
     su) run su 300 python3 benchmarks/structured.py --model llama-3.1-8b --no-pipeline ;;
-    ss) for extra in "" "--no-pipeline" "--precompiled" "--precompiled --no-pipeline"; do
+    ss) for extra in "" "--no-pipeline" "--precompiled" "--precompiled --no-pipeline" \
+                     "--precompiled --grammar-threads 2" "--precompiled --grammar-threads 4" \
+                     "--precompiled --grammar-threads 16"; do
           run ss 200 python3 benchmarks/structured.py --model llama-3.1-8b --standin-step-ms 1.5 \
               --standin-token-us 20 $extra
         done ;;

@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--no-pipeline", action="store_true",
                    help="queue each grammar step's sampling before planning the next (the engine before "
                         "pipelining), to compare")
+    p.add_argument("--grammar-threads", type=int, default=None,
+                   help="threads for the matchers' per-step work (default: half the CPUs, up to 8)")
     p.add_argument("--precompiled", action="store_true",
                    help="compile every schema before the timed run (cache hits): the step loop's cost alone")
     args = p.parse_args()
@@ -187,6 +189,8 @@ def main() -> None:
     setup_s = time.perf_counter() - t
     grammars = llm.llm_engine.core._grammars
     llm.llm_engine.core.pipeline_grammar_steps = not args.no_pipeline
+    if args.grammar_threads:
+        grammars.accept_threads = args.grammar_threads
     grammars.compile_seconds.clear()
     if args.precompiled:  # the step loop alone: every schema already in the compile cache
         for c in constrained:
@@ -210,7 +214,8 @@ def main() -> None:
                             f"token a step) on {os.cpu_count()} CPUs")
     result.update({
         "num_requests": n, "max_tokens": max_tokens, "precompiled": args.precompiled,
-        "pipelined": not args.no_pipeline, "temperature": args.temperature, "backend": args.backend,
+        "pipelined": not args.no_pipeline,
+        "grammar_threads": grammars.accept_threads, "temperature": args.temperature, "backend": args.backend,
         "tokenizer": "SmolLM2-135M-Instruct (49152 tokens)",
         "unconstrained_output_tok_per_s": tok_a / a["elapsed"],
         "structured_output_tok_per_s": tok_b / b["elapsed"],
@@ -244,7 +249,9 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     suffix = (("" if args.backend == "xgrammar" else f"-{args.backend}") + ("-standin" if standin else "")
-              + ("-precompiled" if args.precompiled else "") + ("-unpipelined" if args.no_pipeline else ""))
+              + ("-precompiled" if args.precompiled else "") + ("-unpipelined" if args.no_pipeline else "")
+              + (f"-n{n}" if args.num_requests and not cpu else "")
+              + (f"-t{args.grammar_threads}" if args.grammar_threads else ""))
     common.save_result(result, f"structured_{model_name if not cpu else 'cpu-smoke'}{suffix}")
 
 

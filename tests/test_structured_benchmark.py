@@ -64,7 +64,7 @@ def test_structured_benchmark_behind_the_stand_in_executor(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     name = [f for f in os.listdir(tmp_path) if f.startswith("structured_")]
-    assert len(name) == 1 and name[0].endswith("-standin-precompiled.json"), name
+    assert len(name) == 1 and name[0].endswith("-standin-precompiled-n8.json"), name
     r = json.load(open(tmp_path / name[0]))
     assert r["device"].startswith("stand-in executor (1.0 ms + 5.0 us per token a step)")
     assert r["num_requests"] == 8 and r["precompiled"] and r["pipelined"]

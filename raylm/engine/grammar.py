@@ -482,10 +482,12 @@ class GrammarStep:
             except BaseException as exc:  # noqa: BLE001 - re-raised by accepted()
                 self._acc_futures[c].set_exception(exc)
                 raise
-            rows = [i for i in fill_chunks[c] if not fill[i].is_terminated()]
+            rows = []
             for i in fill_chunks[c]:
                 if fill[i].is_terminated():
                     buf[i].fill_(-1)
+                else:
+                    rows.append(i)
             if rows:
                 manager._chunk_fillers[c].batch_fill_next_token_bitmask([fill[i] for i in rows], buf, indices=rows)
 
