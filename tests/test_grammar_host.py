@@ -216,3 +216,75 @@ def test_pipelined_grammar_steps_match_synchronous_steps(llama_dir, monkeypatch)
         assert not core.step_in_flight and not core.has_unfinished_requests()
     finally:
         llm.shutdown()
+
+
+def _pipelined_and_sync(llama_dir, prompts, params, extra_requests=None, **engine_kw):
+    """Token ids from a synchronous engine and from an asynchronous one whose grammar
+    steps pipeline (threads from 2 rows), and how many of the latter's steps left the next
+    one launched. `extra_requests`: (after how many steps, prompt, params) added mid-run."""
+    def run(async_scheduling: bool):
+        llm = LLM(llama_dir, max_num_seqs=16, async_scheduling=async_scheduling, **engine_kw)
+        try:
+            engine, core = llm.llm_engine, llm.llm_engine.core
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                engine.add_request(str(i), p, sp)
+            late = sorted(extra_requests or [], key=lambda x: x[0])
+            done, steps, pipelined = {}, 0, 0
+            while engine.has_unfinished_requests() or late:
+                while late and late[0][0] <= steps:
+                    _, p, sp = late.pop(0)
+                    engine.add_request(f"late{len(done)}-{steps}", p, sp)
+                for o in engine.step():
+                    if o.finished:
+                        done[o.request_id] = o.outputs[0].token_ids
+                steps += 1
+                pipelined += core._deferred is not None
+            stats = core.stats()
+            return done, pipelined, stats
+        finally:
+            llm.shutdown()
+
+    want, _, _ = run(False)
+    got, pipelined, stats = run(True)
+    return want, got, pipelined, stats
+
+
+def test_pipelined_grammar_steps_under_preemption(llama_dir, monkeypatch):
+    """A KV cache too small for every request at once: the scheduler preempts requests
+    whose next step is already launched (two steps in flight) and recomputes them; the
+    tokens are the synchronous engine's and no block leaks."""
+    monkeypatch.setattr(grammar_mod, "PARALLEL_STEP_MIN", 2)
+    probe = LLM(llama_dir, max_model_len=256, block_size=4)
+    per_block = probe.llm_engine.executor.kv_bytes_per_block()
+    probe.shutdown()
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40,
+                             structured_outputs=StructuredOutputsParams(json=SCHEMAS[s % 3]))
+              for s in range(8)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    want, got, pipelined, stats = _pipelined_and_sync(llama_dir, prompts, params, max_model_len=256,
+                                                      block_size=4, kv_cache_memory_bytes=64 * per_block)
+    assert got == want
+    assert pipelined > 5 and stats["num_preemptions"] > 0 and stats["blocks_in_use"] == 0
+
+
+def test_a_penalty_request_arriving_mid_pipeline_drains_it(llama_dir, monkeypatch):
+    """A request whose sampling reads its outputs so far (a repetition penalty) arrives
+    while grammar steps pipeline: the pipeline drains (its next step waits for the tokens
+    in flight) and resumes once it is gone; every request's tokens are the synchronous
+    engine's."""
+    monkeypatch.setattr(grammar_mod, "PARALLEL_STEP_MIN", 2)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60,
+                             structured_outputs=StructuredOutputsParams(json=SCHEMAS[s % 3]))
+              for s in range(6)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    late = [(8, PROMPTS[0], SamplingParams(temperature=0.9, seed=11, max_tokens=6, repetition_penalty=1.3,
+                                           ignore_eos=True)),
+            (10, PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))]
+    want, got, pipelined, _ = _pipelined_and_sync(llama_dir, prompts, params, extra_requests=late,
+                                                  max_model_len=512)
+    assert pipelined > 5
+    assert {k: v for k, v in got.items() if not k.startswith("late")} == \
+        {k: v for k, v in want.items() if not k.startswith("late")}
+    # The late requests' ids carry the step they came in at; their tokens do not depend on it.
+    assert sorted(v for k, v in got.items() if k.startswith("late")) == \
+        sorted(v for k, v in want.items() if k.startswith("late"))
