@@ -38,10 +38,11 @@ def anyio_backend():
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def sched(llama_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+async def sched(llama_dir, request):
+    # Asynchronous scheduling: grammar steps defer their sampling and pipeline (as on a GPU).
     s = LocalCluster(EngineArgs(model=llama_dir, dtype="float32", max_model_len=256, block_size=8,
-                                max_num_seqs=8), served_model_name="tiny")
+                                max_num_seqs=8, async_scheduling=request.param), served_model_name="tiny")
     yield s
     await s.shutdown()
 
