@@ -45,6 +45,8 @@ COMPILE_THREADS = max(2, min(8, _cpus() // 2))
 # accept_token takes 10-20 us each, and it sits between a step's tokens and the next
 # step's bitmasks.
 ACCEPT_THREADS = max(1, min(8, _cpus() // 2))
+# The bitmask fill's threads (xgrammar's own, GIL-free) in a pipelined step (start_step).
+FILL_THREADS = ACCEPT_THREADS
 PARALLEL_ACCEPT_MIN = 64
 # A step's accepts and next bitmasks go to threads (GrammarManager.start_step) from this
 # many rows: below it the hand-off costs more than it overlaps.
@@ -52,8 +54,9 @@ PARALLEL_STEP_MIN = 32
 # While a step's matcher work runs on threads, the interpreter's switch interval (5 ms by
 # default) is cut to this, so a thread's return from a GIL-free call does not wait up to
 # 5 ms for the main thread's Python: on 2 cores, 50 fills of 200 rows beside a busy main
-# thread took 319 ms at 5 ms and 62 ms at 0.2 ms, against 48 ms alone.
-STEP_SWITCH_INTERVAL = 2e-4
+# thread took 319 ms at 5 ms, 105 ms at 1 ms, 62 ms at 0.2 ms and 55 ms at 0.05 ms,
+# against 48 ms alone (the main thread's loop ran 10% slower at 0.05 ms).
+STEP_SWITCH_INTERVAL = 5e-5
 GUIDANCE_ROLLBACK = 1024  # tokens a GuidanceMatcher can roll back (a step's proposals are fewer)
 
 
@@ -205,9 +208,10 @@ class GrammarManager:
         self._turn = 0
         self.pin_memory = False  # bitmask buffers in page-locked memory (CUDA, in process)
         self._batch = None
-        self._chunk_fillers: list = []  # a one-thread BatchGrammarMatcher per start_step chunk
+        self._chunk_fillers: dict = {}  # (chunks, chunk) -> its BatchGrammarMatcher (start_step)
         self.accept_threads = ACCEPT_THREADS
         self._accept_pool = None
+        self._accept_pool_size = 0
         self.mask_vocab = vocab_size  # the bitmask's vocabulary: the larger of model and tokenizer
         self.compile_seconds: deque[float] = deque(maxlen=4096)  # per compile, for benchmarks
         self._compiling: dict[str, Future] = {}  # request id -> its grammar's future
@@ -428,8 +432,12 @@ class GrammarManager:
         fill_next_token_bitmask_par(self._executor, [(m.llmatcher, i) for m, i in zip(matchers, rows)], buf)
 
     def _step_pool(self, threads: int) -> ThreadPoolExecutor:
-        if self._accept_pool is None:
+        """The threads of the per-step matcher work (at least `threads` of them)."""
+        if self._accept_pool is None or self._accept_pool_size < threads:
+            if self._accept_pool is not None:
+                self._accept_pool.shutdown(wait=False)
             self._accept_pool = ThreadPoolExecutor(threads, thread_name_prefix="raylm-grammar-accept")
+            self._accept_pool_size = threads
         return self._accept_pool
 
     def shutdown(self) -> None:
@@ -467,8 +475,15 @@ class GrammarStep:
         acc_chunks: list[list[int]] = [[] for _ in fill_chunks]
         for j, m in enumerate(accept):
             acc_chunks[chunk_of.get(id(m), j % len(fill_chunks))].append(j)
-        while len(manager._chunk_fillers) < len(fill_chunks):
-            manager._chunk_fillers.append(xgr.BatchGrammarMatcher(max_threads=1))
+        # Each chunk fills its rows on its share of FILL_THREADS of xgrammar's own (GIL-free)
+        # threads: one chunk (accept_threads 1) on all of them, 8 chunks on one each.
+        fillers = []
+        for c in range(len(fill_chunks)):
+            key = (len(fill_chunks), c)
+            if key not in manager._chunk_fillers:
+                share = max(1, FILL_THREADS // len(fill_chunks))
+                manager._chunk_fillers[key] = xgr.BatchGrammarMatcher(max_threads=share)
+            fillers.append(manager._chunk_fillers[key])
         self._acc_index = acc_chunks
         self._acc_futures = [Future() for _ in fill_chunks]
 
@@ -489,7 +504,7 @@ class GrammarStep:
                 else:
                     rows.append(i)
             if rows:
-                manager._chunk_fillers[c].batch_fill_next_token_bitmask([fill[i] for i in rows], buf, indices=rows)
+                fillers[c].batch_fill_next_token_bitmask([fill[i] for i in rows], buf, indices=rows)
 
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, STEP_SWITCH_INTERVAL))
