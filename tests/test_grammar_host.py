@@ -164,6 +164,30 @@ def test_start_step_on_threads_equals_accepts_then_bitmask(tok, monkeypatch):
     par.shutdown()
 
 
+def test_a_step_without_rows_or_abandoned_restores_the_switch_interval(tok, monkeypatch):
+    """A threaded step that fills no row (its requests all left the next step), or is
+    abandoned before its bitmask is read (the executor failed), still joins its threads
+    and restores the switch interval on close(); a fill-less step takes no bitmask buffer."""
+    import sys
+
+    monkeypatch.setattr(grammar_mod, "PARALLEL_STEP_MIN", 2)
+    compiled, trajs = trajectories(tok, 6, 2, seed=3)
+    mgr = manager(tok)
+    mgr.accept_threads = 2
+    ms = [mgr.matcher(c, []) for c in compiled]
+    switch, turn = sys.getswitchinterval(), mgr._turn
+    job = mgr.start_step(ms, [t[0] for t in trajs], [])
+    assert sys.getswitchinterval() < switch
+    assert all(ok for ok, _ in job.accepted())
+    job.close()
+    job.close()
+    assert sys.getswitchinterval() == switch and mgr._turn == turn
+    job = mgr.start_step(ms, [t[1] for t in trajs], ms)
+    job.close()  # abandoned: its bitmask never read
+    assert sys.getswitchinterval() == switch
+    mgr.shutdown()
+
+
 def test_pipelined_grammar_steps_match_synchronous_steps(llama_dir, monkeypatch):
     """Under asynchronous scheduling with grammar rows, the next step is scheduled,
     planned and launched while this one's bitmasks fill on the grammar threads

@@ -384,29 +384,33 @@ class EngineCore:
         outputs: list[EngineCoreOutput] = []
         rows = self.grammar_requests.rows(sched1)
         step = None
-        if self._inflight is not None:
-            sched0, launched0 = self._inflight
-            self._inflight = None
-            result = self.executor.collect(launched0)
-            t1 = time.perf_counter()
-            tm["execute_s"] += t1 - t0
-            tm["wait_s"] += t1 - t0  # blocked on the device
-            step = self.grammar_requests.start_step({} if result.spec_sampled else result.sampled, rows)
-            outputs = self._record(sched0, result, launched=True, grammar_step=step)
-            tm["steps"] += 1
-            t0 = time.perf_counter()
-            tm["process_s"] += t0 - t1
-        elif rows:
-            step = self.grammar_requests.start_step({}, rows)
-        nxt = None
-        if pipeline and self._can_pipeline():
-            sched2 = self.scheduler.schedule()
-            if sched2 or sched2.preempted_ids or self.planner.has_finished:
-                nxt = (sched2, self.planner.plan(sched2))
-            t1 = time.perf_counter()
-            tm["schedule_s"] += t1 - t0
-            t0 = t1
-        mask = step.bitmask() if rows else None
+        try:
+            if self._inflight is not None:
+                sched0, launched0 = self._inflight
+                self._inflight = None
+                result = self.executor.collect(launched0)
+                t1 = time.perf_counter()
+                tm["execute_s"] += t1 - t0
+                tm["wait_s"] += t1 - t0  # blocked on the device
+                step = self.grammar_requests.start_step({} if result.spec_sampled else result.sampled, rows)
+                outputs = self._record(sched0, result, launched=True, grammar_step=step)
+                tm["steps"] += 1
+                t0 = time.perf_counter()
+                tm["process_s"] += t0 - t1
+            elif rows:
+                step = self.grammar_requests.start_step({}, rows)
+            nxt = None
+            if pipeline and self._can_pipeline():
+                sched2 = self.scheduler.schedule()
+                if sched2 or sched2.preempted_ids or self.planner.has_finished:
+                    nxt = (sched2, self.planner.plan(sched2))
+                t1 = time.perf_counter()
+                tm["schedule_s"] += t1 - t0
+                t0 = t1
+            mask = step.bitmask() if rows else None
+        finally:
+            if step is not None:  # its threads joined (an abandoned or fill-less step's too)
+                step.close()
         t1 = time.perf_counter()
         tm["grammar_s"] += t1 - t0
         self.executor.finish_sampling(launched1, [st.request.request_id for st in rows], mask)

@@ -458,7 +458,8 @@ class GrammarStep:
         self._acc_futures: list = []
         self._fill_futures: list = []
         self._buf = None
-        self._switch = None
+        self._threaded = False
+        self._switch = None  # the interpreter's switch interval to restore, while threads run
 
     @classmethod
     def threaded(cls, manager: GrammarManager, accept: list, tokens: list[int], fill: list) -> "GrammarStep":
@@ -467,8 +468,9 @@ class GrammarStep:
         import xgrammar as xgr
 
         self = cls(manager, None, fill)
+        self._threaded = True
         threads = max(1, manager.accept_threads)
-        self._buf = buf = manager._next_buffer(len(fill))
+        self._buf = buf = manager._next_buffer(len(fill)) if fill else None  # no turn taken without rows
         size = max(1, -(-len(fill) // threads))
         fill_chunks = [list(range(lo, min(lo + size, len(fill)))) for lo in range(0, len(fill), size)] or [[]]
         chunk_of = {id(fill[i]): c for c, rows in enumerate(fill_chunks) for i in rows}
@@ -525,14 +527,23 @@ class GrammarStep:
 
     def bitmask(self):
         """The fill's bitmask rows (waits for the threads)."""
-        if self._switch is None:  # inline: fill now
+        if not self._threaded:  # inline: fill now
             allow = frozenset(i for i, m in enumerate(self._fill) if m.is_terminated())
             return self._manager.bitmask_tensor(self._fill, allow)
+        self.close()
+        for fut in self._fill_futures:
+            fut.result()  # raises what a thread raised
+        return self._buf
+
+    def close(self) -> None:
+        """Wait for the threads and restore the switch interval (idempotent; also when a
+        step is abandoned, e.g. its executor failed, or it filled no row)."""
+        if self._switch is None:
+            return
         import sys
 
         try:
-            for fut in self._fill_futures:
-                fut.result()
+            wait_futures(self._fill_futures)
         finally:
             sys.setswitchinterval(self._switch)
-        return self._buf
+            self._switch = None

@@ -190,3 +190,7 @@ class GrammarStepRequests:
         engine uses tensors); call it once, after stops()."""
         buf = self._job.bitmask()
         return buf if self._owner.tensor_bitmasks else buf.numpy().tobytes()
+
+    def close(self) -> None:
+        """Wait for the work's threads, if any (always call it, also after bitmask())."""
+        self._job.close()
