@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from raylm.kernels.interpret import runs_kernel
+from raylm.kernels.transfer import to_device
 
 _NEG_INF = float("-inf")
 
@@ -41,10 +42,7 @@ def _token_bitmask_kernel(logits_ptr, stride_l, rows_ptr, bitmask_ptr, stride_b,
 def _rows_tensor(rows: Union[torch.Tensor, Sequence[int]], device: torch.device) -> torch.Tensor:
     if isinstance(rows, torch.Tensor):
         return rows.to(device=device, dtype=torch.int64)
-    if device.type != "cuda":
-        return torch.tensor(list(rows), dtype=torch.int64, device=device)
-    # Through pinned memory: a pageable copy would wait for the work queued on the GPU.
-    return torch.tensor(list(rows), dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    return to_device(list(rows), torch.int64, device)  # pinned: never waits for the GPU
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: Union[torch.Tensor, Sequence[int]],
