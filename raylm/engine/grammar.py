@@ -25,6 +25,7 @@ from raylm.engine.sampling_params import StructuredOutputsParams
 from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig, build_grammar, spec_key
 
 CACHE_SIZE = 1024  # compiled grammars kept (by spec)
+_UNKNOWN = object()  # a cached value not looked up yet
 
 
 def _cpus() -> int:
@@ -215,6 +216,7 @@ class GrammarManager:
         self.mask_vocab = vocab_size  # the bitmask's vocabulary: the larger of model and tokenizer
         self.compile_seconds: deque[float] = deque(maxlen=4096)  # per compile, for benchmarks
         self._compiling: dict[str, Future] = {}  # request id -> its grammar's future
+        self._think = _UNKNOWN  # the tokenizer's (<think>, </think>) ids, once looked up
 
     @property
     def num_compiling(self) -> int:
@@ -281,7 +283,7 @@ class GrammarManager:
 
     def reasoning_tokens(self) -> Optional[tuple[int, int]]:
         """The tokenizer's `<think>` and `</think>` ids (None unless each is one token)."""
-        if not hasattr(self, "_think"):
+        if self._think is _UNKNOWN:
             self._think = reasoning_tokens(self._tokenizer())
         return self._think
 
