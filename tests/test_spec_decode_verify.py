@@ -204,3 +204,23 @@ def test_position_states_share_plain_rows_and_copy_the_others():
     assert [s.num_sampled for s in ps[3:]] == [0, 1, 2]
     assert [s.output_token_ids for s in ps[3:]] == [[], [4], [4, 5]]
     assert seeded.output_token_ids == [] and seeded.num_sampled == 0
+
+
+def test_acceptance_draws_of_seeded_rows_take_nothing_from_the_default_generator():
+    """Rejection sampling's acceptance draws: a seeded row's depend on (seed, position)
+    alone, whatever its neighbours; a batch of seeded rows draws nothing from the default
+    generator (no unseeded draw it would overwrite), and unseeded rows still draw from it."""
+    from raylm.workers.spec_verify import _acceptance_noise
+
+    seeded = [state(SamplingOptions(temperature=0.8, seed=s)) for s in (3, 4)]
+    free = state(SamplingOptions(temperature=0.8))
+    props = [[5, 6], [7]]
+    gen = torch.Generator().manual_seed(0)
+    before = gen.get_state()
+    u, noise = _acceptance_noise(seeded, props, 3, 50, torch.device("cpu"), gen)
+    assert torch.equal(gen.get_state(), before)
+    u2, noise2 = _acceptance_noise([seeded[0], free, seeded[1]], [props[0], [9, 9], props[1]], 5, 50,
+                                   torch.device("cpu"), gen)
+    assert not torch.equal(gen.get_state(), before)
+    assert torch.equal(u2[[0, 1, 4]], u) and torch.equal(noise2[[0, 1, 4]], noise)
+    assert bool((noise2[2:4] > 0).all()) and bool(((u2[2:4] >= 0) & (u2[2:4] < 1)).all())

@@ -136,9 +136,8 @@ def _acceptance_noise(states, proposals, num: int, vocab: int, device,
     for a residual draw. A seeded row's draws at output position p depend only on (seed, p):
     on CUDA every seeded u in one launch and every noise row in another, keyed by (seed, p),
     u at the Philox counter just past the noise's (so independent of it); on the CPU from
-    the row's generator re-seeded for (seed, p)."""
-    u = torch.rand(num, device=device, generator=default_generator)
-    noise = torch.empty(num, vocab, device=device).exponential_(generator=default_generator)
+    the row's generator re-seeded for (seed, p). Unseeded rows draw from `default_generator`,
+    and only they (a batch of seeded rows draws nothing it overwrites)."""
     rows, keys, gens = [], [], []
     g = 0
     for st, props in zip(states, proposals):
@@ -148,6 +147,18 @@ def _acceptance_noise(states, proposals, num: int, vocab: int, device,
                 keys.append(draw_seed(st.options.seed ^ _VERIFY_SALT, st.num_sampled + j))
                 gens.append(st.generator)
         g += len(props)
+    if not rows:
+        u = torch.rand(num, device=device, generator=default_generator)
+        noise = torch.empty(num, vocab, device=device).exponential_(generator=default_generator)
+        return u, noise
+    u = torch.empty(num, device=device)
+    noise = torch.empty(num, vocab, device=device)
+    seeded = set(rows)
+    free = [r for r in range(num) if r not in seeded]
+    if free:
+        idx = to_device(free, torch.long, noise.device)
+        u[idx] = torch.rand(len(free), device=device, generator=default_generator)
+        noise[idx] = torch.empty(len(free), vocab, device=device).exponential_(generator=default_generator)
     if rows and batched_seeded_noise(noise.device):
         idx = to_device(rows, torch.long, noise.device)
         u[idx] = seeded_uniform(keys, 1, noise.device, counter=vocab)[:, 0]
