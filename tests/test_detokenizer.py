@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import pytest
 
+from raylm.engine import detokenizer as detokenizer_mod
 from raylm.engine.detokenizer import (IncrementalDetokenizer, check_stop_strings, decode_single_token,
                                       stream_holdback)
 
@@ -78,6 +79,15 @@ TOKENIZERS = {"byte_level": byte_level_tokenizer, "metaspace": metaspace_tokeniz
 @pytest.fixture(params=sorted(TOKENIZERS))
 def tok(request):
     return TOKENIZERS[request.param]()
+
+
+@pytest.fixture(autouse=True, params=["rust", "python"])
+def decode_path(request, monkeypatch):
+    """Every test on both paths: the fast tokenizer's Rust DecodeStream, and the Python
+    window over convert_tokens_to_string (tokenizers without it, slow tokenizers)."""
+    if request.param == "python":
+        monkeypatch.setattr(detokenizer_mod, "_DecodeStream", None)
+    return request.param
 
 
 def encode(tok, text: str) -> list[int]:
@@ -184,8 +194,10 @@ def test_ids_outside_the_vocabulary_produce_no_text(tok):
     assert detok.add_token(encode(tok, " dog")[0]) != ""
 
 
-def test_work_per_token_does_not_grow_with_length(tok):
-    # Per token, only a short window of tokens is decoded, however long the output.
+def test_work_per_token_does_not_grow_with_length(tok, decode_path, monkeypatch):
+    # Per token, only a short window of tokens is decoded, however long the output (the
+    # Python window, spied on here; DecodeStream keeps the same window in Rust).
+    monkeypatch.setattr(detokenizer_mod, "_DecodeStream", None)
     sizes = []
     real = tok.convert_tokens_to_string
 
@@ -283,3 +295,8 @@ def test_stream_holdback():
     assert stream_holdback([]) == 0
     assert stream_holdback(["a"]) == 0
     assert stream_holdback(["a", "abcd", "xy"]) == 3
+
+
+def test_fast_tokenizers_decode_in_rust(tok, decode_path):
+    detok = IncrementalDetokenizer(tok, encode(tok, PROMPT))
+    assert (detok._stream is not None) == (decode_path == "rust")

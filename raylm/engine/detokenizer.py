@@ -15,11 +15,18 @@ window starts inside the prompt, so a completion's leading space comes out as it
 would in `decode(prompt + completion)`.
 
 Cost per token: two `convert_tokens_to_string` calls over a few tokens, independent
-of the sequence length; memory is the window only.
+of the sequence length; memory is the window only. With a fast tokenizer, the same rule
+runs inside the `tokenizers` library (its `DecodeStream`, started on the same prompt
+context): one call per token, 0.7 against 2.9 us on the SmolLM2 tokenizer on this CPU.
 """
 from __future__ import annotations
 
 from raylm.engine.stop_checker import check_stop_strings, stream_holdback
+
+try:  # tokenizers >= 0.21: incremental decoding in Rust
+    from tokenizers.decoders import DecodeStream as _DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers: the Python window below
+    _DecodeStream = None
 
 __all__ = ["IncrementalDetokenizer", "decode_single_token", "check_stop_strings", "stream_holdback"]
 
@@ -73,6 +80,19 @@ class IncrementalDetokenizer:
         # _window[:_read] is emitted context, _window[_read:] is not emitted yet.
         self._window = context[::-1]
         self._read = len(self._window)
+        # A fast tokenizer decodes in its Rust backend: the same window rule there.
+        self._stream = self._backend = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if _DecodeStream is not None and backend is not None:
+            vocab = backend.get_vocab_size(with_added_tokens=True)
+            ids = [int(t) for t in prompt_token_ids[-_CONTEXT_LOOKBACK:]
+                   if 0 <= int(t) < vocab and int(t) not in self._skip]
+            try:
+                self._stream = _DecodeStream(ids=ids[-_CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens)
+            except TypeError:  # a tokenizers without DecodeStream's prompt context
+                self._stream = None
+            else:
+                self._backend, self._vocab = backend, vocab
 
     def _piece(self, token_id: int):
         """The token string of `token_id`, or None when it contributes no text."""
@@ -85,6 +105,15 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> str:
         """Append one generated token; return the text it finalises ("" while a
         character is incomplete or the token has no text)."""
+        if self._stream is not None:
+            token_id = int(token_id)
+            if not 0 <= token_id < self._vocab:  # padded embeddings: no text, as decode() drops them
+                return ""
+            delta = self._stream.step(self._backend, token_id)
+            if not delta:
+                return ""
+            self._text_parts.append(delta)
+            return delta
         piece = self._piece(token_id)
         if piece is None:
             return ""
