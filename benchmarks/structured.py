@@ -78,6 +78,7 @@ def run(llm, prompts, params, tag: str) -> dict:
     # Where the host's step goes: the core's step timing (its grammar_ms_per_step is the
     # time the step loop waited for, or did, the matchers' work).
     core.reset_timing()
+    engine.final_outputs_only = True  # as LLM.generate: no per-step snapshots of unfinished requests
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"{tag}{i}", prompt, p)
     steps, compiling, running, finished = [], [], [], {}
@@ -93,6 +94,7 @@ def run(llm, prompts, params, tag: str) -> dict:
         compiling.append(busy)
         running.append(rows)
     elapsed = time.perf_counter() - t0
+    engine.final_outputs_only = False
     outs = [finished[f"{tag}{i}"].outputs[0] for i in range(len(prompts))]
     timing = core.timing_summary()
     return {"elapsed": elapsed, "steps": steps, "compiling": compiling, "running": running, "outputs": outs,
