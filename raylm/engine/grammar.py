@@ -452,8 +452,8 @@ class GrammarStep:
     """A step's matcher work (GrammarManager.start_step): `accepted()` gives each accept's
     (accepted, terminated), `bitmask()` the fill's rows (StepPlan.bitmask, a CPU tensor;
     a matcher that terminated allows every token: its request ended, its token is
-    dropped). Call `bitmask()` once, last: it joins the threads and restores the switch
-    interval."""
+    dropped). `close()` joins the threads and restores the switch interval: `bitmask()`
+    calls it; a caller that may not reach `bitmask()` calls it too (it is idempotent)."""
 
     def __init__(self, manager: GrammarManager, accepted: list, fill: list):
         self._manager, self._accepted, self._fill = manager, accepted, fill
