@@ -185,10 +185,12 @@ def test_dummy_weights_are_the_same_model_at_any_tp_size(llama_dir, ray_session)
 
 def test_tp1_on_ray_backend(llama_dir, ray_session):
     llm = LLM(llama_dir, distributed_executor_backend="ray", **COMMON)
-    assert isinstance(llm.llm_engine.executor, ray_executor.RayExecutor)
-    prompts = prompts_of([11, 4], seed=2)
-    check_hf(llama_dir, generate(llm, prompts), prompts)
-    llm.shutdown()
+    try:  # a failure here must not leave its actor holding the CPUs the next tests wait for
+        assert isinstance(llm.llm_engine.executor, ray_executor.RayExecutor)
+        prompts = prompts_of([11, 4], seed=2)
+        check_hf(llama_dir, generate(llm, prompts), prompts)
+    finally:
+        llm.shutdown()
     wait_for_free_cpus(ray_session)
 
 
