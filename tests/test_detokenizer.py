@@ -300,3 +300,28 @@ def test_stream_holdback():
 def test_fast_tokenizers_decode_in_rust(tok, decode_path):
     detok = IncrementalDetokenizer(tok, encode(tok, PROMPT))
     assert (detok._stream is not None) == (decode_path == "rust")
+
+
+def test_tokens_without_text_stay_out_of_the_rust_stream(tok, decode_path):
+    """Skipped special tokens and ids past the vocabulary never reach DecodeStream, whose
+    buffer would grow with each (a random model's run of EOS made every token slower)."""
+    detok = IncrementalDetokenizer(tok, encode(tok, PROMPT))
+    if decode_path == "python":
+        assert detok._stream is None
+        return
+    steps = []
+    real = detok._stream
+
+    class Spy:
+        def step(self, backend, token_id):
+            steps.append(token_id)
+            return real.step(backend, token_id)
+
+    detok._stream = Spy()
+    for _ in range(1000):
+        assert detok.add_token(tok.eos_token_id) == ""
+        assert detok.add_token(len(tok) + 5) == ""
+    assert steps == []
+    word = encode(tok, " dog")
+    assert "".join(detok.add_token(t) for t in word) == reference(tok, encode(tok, PROMPT), word)
+    assert steps == word

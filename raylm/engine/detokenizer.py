@@ -107,7 +107,10 @@ class IncrementalDetokenizer:
         character is incomplete or the token has no text)."""
         if self._stream is not None:
             token_id = int(token_id)
-            if not 0 <= token_id < self._vocab:  # padded embeddings: no text, as decode() drops them
+            # Padded embeddings' ids and skipped special tokens have no text (decode() drops
+            # them); they stay out of the stream, whose buffer would otherwise grow with a
+            # run of them (a random model's EOS after EOS: 210 us a token at 4,000).
+            if not 0 <= token_id < self._vocab or token_id in self._skip:
                 return ""
             delta = self._stream.step(self._backend, token_id)
             if not delta:
