@@ -115,6 +115,8 @@ def main() -> None:
     for s in spans[:10]:
         print(f"{s['s']:8.2f} s  {s['who']:<10} {s['phase']}")
     core_phases = [p.get("phases") for p in parts if p["role"].startswith("core")]
+    for ph in core_phases:
+        print("engine core phases (s):", ", ".join(f"{k} {v:.2f}" for k, v in (ph or {}).items()))
     total = DRIVER.marks["first_request"] - t0
     print(f"\nprocess start to first served request: {total:.1f} s")
 

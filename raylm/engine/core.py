@@ -95,6 +95,9 @@ class EngineCore:
                                "kv_cache_and_graphs_s": time.perf_counter() - t2}
         logger.info("raylm start-up: load %.1f s, memory profile %.1f s, KV cache and graphs %.1f s",
                     *self.startup_timing.values())
+        # ... and where the last of them went, when the model runs in this process.
+        runner = getattr(self.executor, "runner", None)
+        self.startup_timing.update(getattr(runner, "startup_phases", None) or {})
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,

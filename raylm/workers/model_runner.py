@@ -209,25 +209,40 @@ class ModelRunner:
         self.prefill_graphs = None
         self.mixed_graphs = None
         self.host_tables = None
+        phases = self.startup_phases = {}  # seconds of each start-up phase below (startup.py)
+        mark = [time.perf_counter()]
+
+        def done(name: str) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            phases[name] = round(now - mark[0], 3)
+            mark[0] = now
+
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, heads, dim,
                                       dtype=self.kv_cache_dtype, device=self.device)
                           for _ in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache = cache
+        done("kv_cache_s")
         if self.spec is not None:  # the same block ids in the proposer's own cache
             self.spec.allocate_kv_cache(num_blocks, capture_graphs)
+            done("proposer_kv_cache_and_graphs_s")
         if capture_graphs and self._graphs_wanted():
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, self.backend, self.device, self.max_num_seqs, max_blocks)
             self.graphs.capture()
+            done("decode_graphs_s")
             self.host_tables = HostBlockTables(self.max_num_seqs, max_blocks)
             self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.device, self.max_model_len,
                                                 max_blocks, self.block_size)
             self.prefill_graphs.capture(self.graphs.pool)
+            done("prefill_graphs_s")
             if mixed_graphs_enabled() and MixedGraphs.supported(self.backend):
                 self.mixed_graphs = MixedGraphs(self.model, self.backend, self.device, self.max_num_seqs,
                                                 MIXED_GRAPH_MAX_TOKENS, max_blocks, self.block_size)
                 self.mixed_graphs.capture(self.graphs.pool)
+                done("mixed_graphs_s")
         if self.device.type == "cuda":
             # Compile the seeded-noise kernels now: the first seeded request would
             # otherwise wait for Triton (about 0.7 s on the H200) inside a step.
@@ -241,6 +256,7 @@ class ModelRunner:
 
             apply_token_bitmask(torch.zeros(1, vocab, device=self.device), [0],
                                 torch.full((1, -(-vocab // 32)), -1, dtype=torch.int32, device=self.device))
+            done("sampling_kernels_s")
 
     def release_kv_cache(self) -> None:
         self.graphs = None
