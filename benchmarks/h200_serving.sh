@@ -5,7 +5,8 @@
 # PARTS (default all): q1 (Qwen3-0.6B, one group), l1 (Llama-3.1-8B, one group), q2 (Qwen3-0.6B,
 # two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs), st (where
 # the serving path's start-up goes, benchmarks/startup.py: run it first on a fresh machine, cold caches;
-# also in benchmarks/h200_features.sh, with the feature benchmarks).
+# also in benchmarks/h200_features.sh, with the feature benchmarks), sw (st again, with the kernel
+# caches st left).
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
 parts=${*:-q1 l1 q2 hs}
 log=$OUT/serving.log
@@ -23,9 +24,9 @@ for p in $parts; do
             --open-loop-fraction 0 ;;
     q2) run q2 200 python3 benchmarks/serving.py --model qwen3-0.6b --num-groups 2 --num-gpus-per-worker 0.5 \
             --api-server-count 4 --tag h200-shared-gpu --open-loop-fraction 0 ;;
-    st) run st 200 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200
-        # ... and again, with the Triton and CUDA kernel caches the first run left.
-        run st 200 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200-warm-caches ;;
+    st) run st 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
+    # ... and again after st, with the Triton and CUDA kernel caches it left.
+    sw) run sw 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200-warm-caches ;;
     hs) run hs 240 python3 benchmarks/host_scaling.py --groups 1,2,4,8 --step-ms 25 --concurrency-per-group 256 \
             --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag h200-cpus ;;
   esac
