@@ -126,6 +126,64 @@ def test_router_admission_and_dead_groups():
         r.assign("t", [], 1)
 
 
+class _FakeRouterHandle:
+    """The Router deployment's handle as ServeRouterClient calls it, over a real Router;
+    each assign_many call takes `delay` seconds, like a Serve hop."""
+
+    def __init__(self, router: Router, delay: float = 0.02):
+        self.router, self.delay, self.batches = router, delay, []
+        self.assign_many = type("M", (), {"remote": staticmethod(self._assign_many)})()
+        self.release = type("M", (), {"remote": staticmethod(self._release)})()
+
+    async def _assign_many(self, items):
+        self.batches.append([item[0] for item in items])
+        await asyncio.sleep(self.delay)
+        out = []
+        for rid, hashes, n, redispatch, _ in items:
+            try:
+                out.append(("ok", self.router.assign(rid, hashes, n, redispatch), 0))
+            except Overloaded as exc:
+                out.append(("overloaded", str(exc), exc.retry_after))
+        return out
+
+    async def _release(self, ids):
+        self.router.release(ids)
+
+
+def test_router_client_sends_a_burst_of_assigns_in_few_calls_and_frees_abandoned_ones():
+    """A burst of requests costs the router a few calls (one in flight per ingress
+    replica, the rest waiting for it), each request gets its own answer, and a caller
+    that leaves while its call is in flight has its place released, not leaked."""
+    from raylm.cluster.router_deployment import ServeRouterClient
+
+    async def main():
+        router = Router(num_groups=2, max_num_seqs=64, max_queued_requests=10)
+        handle = _FakeRouterHandle(router)
+        client = ServeRouterClient(handle)
+        first = asyncio.ensure_future(client.assign("r0", [], 1))
+        await asyncio.sleep(0.001)  # its call is in flight: the next 99 wait for it, together
+        answers = [await first] + await asyncio.gather(*(client.assign(f"r{i}", [], 1) for i in range(1, 100)),
+                                                       return_exceptions=True)
+        assert len(handle.batches) == 2 and handle.batches[0] == ["r0"], handle.batches
+        assert sorted(sum(handle.batches, [])) == sorted(f"r{i}" for i in range(100))
+        ok = [a for a in answers if isinstance(a, tuple)]
+        assert len(ok) == 100 and {g for g, _ in ok} == {0, 1}  # 128 slots + 10 queued: all fit
+        over = await asyncio.gather(*(client.assign(f"s{i}", [], 1) for i in range(40)),
+                                    return_exceptions=True)
+        refused = [a for a in over if isinstance(a, Overloaded)]
+        assert len(refused) == 2 and "max_queued_requests is 10" in str(refused[0])
+        router.release([f"r{i}" for i in range(100)] + [f"s{i}" for i in range(40)])
+        # Callers that leave while their call is in flight: their places come back.
+        waiting = [asyncio.ensure_future(client.assign(f"t{i}", [], 1)) for i in range(5)]
+        await asyncio.sleep(0)
+        for task in waiting:
+            task.cancel()
+        await asyncio.sleep(0.1)
+        assert not router.ledger, router.ledger
+
+    asyncio.run(main())
+
+
 # ---- the core loop ----------------------------------------------------------------
 def test_core_loop_sends_one_batch_per_subscriber_per_step(llama_dir):
     core = EngineCore(EngineArgs(model=llama_dir, max_model_len=128))

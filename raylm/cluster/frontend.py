@@ -256,7 +256,12 @@ class Frontend:
             try:
                 gi, generation = await self.router.assign(rid, hashes, num_seqs, redispatch, failed_group)
                 failed_group = None
-                await self._use_generation(gi, generation)
+                try:
+                    await self._use_generation(gi, generation)
+                except asyncio.CancelledError:
+                    if not redispatch:  # the caller left before it held the request: free its place
+                        self._release(rid)
+                    raise
                 return gi
             except NoGroupAvailable:
                 left = deadline - time.monotonic()
