@@ -338,7 +338,7 @@ def _host_scaling(r: dict) -> list[Row]:
                 [r["device"], f"{r['step_ms']:g} ms", x["num_groups"], x["max_concurrency"],
                  _n(x["raylm_output_tok_per_s"]), f"{x['ratio_to_linear']:.2f}",
                  _ms(x["tpot_ms"]["p50"]), _ms(x["itl_ms"]["p99"]),
-                 ", ".join(f"{b:.2f}" for b in x["core_busy_fraction"])]) for x in r["runs"]]
+                 ", ".join(f"{b:.2f}" for b in x["core_busy_fraction"])], r.get("note", "")) for x in r["runs"]]
 
 
 def _fault(r: dict) -> list[Row]:
