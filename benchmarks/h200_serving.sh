@@ -5,7 +5,8 @@
 # PARTS (default all): q1 (Qwen3-0.6B, one group), l1 (Llama-3.1-8B, one group), q2 (Qwen3-0.6B,
 # two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs), st (where
 # the serving path's start-up goes, benchmarks/startup.py: run it first on a fresh machine, cold caches;
-# also in benchmarks/h200_features.sh, with the feature benchmarks), sw (st again, with the kernel
+# also in benchmarks/h200_features.sh, with the feature benchmarks; the engine core phases line
+# splits its build: before_load_s, load_s, profile_s, the graphs, after_graphs_s), sw (st again, with the kernel
 # caches st left).
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
 parts=${*:-q1 l1 q2 hs}
