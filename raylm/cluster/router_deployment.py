@@ -277,15 +277,8 @@ class RouterDeployment:
             return
 
     # ---- per request ---------------------------------------------------------------
-    async def assign(self, request_id: str, hashes: list[int], num_seqs: int = 1,
-                     redispatch: bool = False, failed_group: Optional[tuple] = None) -> tuple:
-        """("ok", group, its core's generation) or ("overloaded", message, retry_after)
-        or ("unavailable", message) or ("invalid", message). failed_group: (group,
-        generation) the caller saw die (marked dead now and restarted)."""
-        return self._assign(request_id, hashes, num_seqs, redispatch, failed_group)
-
     async def assign_many(self, items: list) -> list:
-        """assign's answer for each (request_id, hashes, num_seqs, redispatch, failed_group),
+        """_assign's answer for each (request_id, hashes, num_seqs, redispatch, failed_group),
         in order: an ingress replica sends the requests that arrived while its previous
         call was in flight in one call (a Serve call costs the router about a millisecond,
         the routing itself some microseconds)."""
@@ -293,6 +286,9 @@ class RouterDeployment:
 
     def _assign(self, request_id: str, hashes: list[int], num_seqs: int = 1,
                 redispatch: bool = False, failed_group: Optional[tuple] = None) -> tuple:
+        """("ok", group, its core's generation) or ("overloaded", message, retry_after)
+        or ("unavailable", message) or ("invalid", message). failed_group: (group,
+        generation) the caller saw die (marked dead now and restarted)."""
         self._ensure_polling()
         if failed_group is not None and self.router.report_failure(tuple(failed_group)):
             logger.error("worker group %d failed (seen by an ingress replica)", failed_group[0])
