@@ -175,7 +175,13 @@ def test_a_killed_ingress_replica_frees_its_streams_blocks(app):
         async with httpx.AsyncClient(timeout=600) as client:
             tasks = [asyncio.ensure_future(_stream(client, url, body, started)) for _ in range(8)]
             await started.wait()
-            replicas[0].send_signal(signal.SIGKILL)
+            # The kernel spreads the connections over the replicas (SO_REUSEPORT): kill one
+            # that carries a stream (all 8 on one replica happen one run in 128).
+            port = int(url.rsplit(":", 1)[1])
+            carrying = [p for p in replicas if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                                                   for c in p.net_connections(kind="tcp"))]
+            assert carrying, "no ingress replica holds a stream's connection"
+            carrying[0].send_signal(signal.SIGKILL)
             return await asyncio.gather(*tasks, return_exceptions=True)
     results = asyncio.run(main())
     assert any(isinstance(r, Exception) for r in results)  # the streams it carried broke
