@@ -25,9 +25,29 @@ for p in $parts; do
             --open-loop-fraction 0 ;;
     q2) run q2 200 python3 benchmarks/serving.py --model qwen3-0.6b --num-groups 2 --num-gpus-per-worker 0.5 \
             --api-server-count 4 --tag h200-shared-gpu --open-loop-fraction 0 ;;
-    st) run st 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
+    # st first compiles the carried packages' bytecode (unpack.sh installs them with --no-compile, which
+    # a user's `pip install` does not do), so the cold start measures what a fresh install would.
+    st) t0=$(date +%s.%N); python3 -m compileall -q -j 16 /tmp/site raylm > /dev/null 2>&1
+        echo "== st: bytecode of /tmp/site and raylm compiled in $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" >> "$log"
+        run st 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
     # ... and again after st, with the Triton and CUDA kernel caches it left.
     sw) run sw 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200-warm-caches ;;
+    # q2 again under MPS (the CUDA MPS control daemon, started here as this user and stopped after the
+    # run; the GPU's settings are left as they are), so two processes' kernels share the GPU at once.
+    q2m) export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+         mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+         if nvidia-cuda-mps-control -d >> "$log" 2>&1 && timeout 60 python3 -c \
+              "import torch; torch.ones(1, device='cuda').sum().item(); print('== mps client ok')" >> "$log" 2>&1; then
+           run q2m 200 python3 benchmarks/serving.py --model qwen3-0.6b --num-groups 2 --num-gpus-per-worker 0.5 \
+               --api-server-count 4 --tag h200-shared-gpu-mps --open-loop-fraction 0
+         else echo "== q2m: MPS did not start" >> "$log"; cat $CUDA_MPS_LOG_DIRECTORY/* >> "$log" 2>&1; fi
+         echo quit | nvidia-cuda-mps-control >> "$log" 2>&1
+         unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+    # hs split in two bounded runs: 1, 2 and 4 groups, then 1 and 8.
+    hs4) run hs4 200 python3 benchmarks/host_scaling.py --groups 1,2,4 --step-ms 25 --concurrency-per-group 256 \
+            --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag h200-cpus ;;
+    hs8) run hs8 270 python3 benchmarks/host_scaling.py --groups 1,8 --step-ms 25 --concurrency-per-group 256 \
+            --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag h200-cpus-g8 ;;
     hs) run hs 240 python3 benchmarks/host_scaling.py --groups 1,2,4,8 --step-ms 25 --concurrency-per-group 256 \
             --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag h200-cpus ;;
   esac
