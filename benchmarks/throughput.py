@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--attention-backend", default=None)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
                    help="engine argument async_scheduling (auto: on for TP=1 on a GPU)")
@@ -104,7 +105,7 @@ def main() -> None:
         print(f"HF: {result['peer_output_tok_per_s']:.0f} output tok/s; raylm/HF = {result['ratio_vs_peer']:.1f}x")
     else:
         result["peer"], result["peer_output_tok_per_s"] = None, None
-    suffix = (f"-tp{tp}" if tp > 1 else "") + ("-sync" if args.async_scheduling == "off" else "") + (f"-{groups}groups" if groups > 1 else "")
+    suffix = (f"-tp{tp}" if tp > 1 else "") + ("-sync" if args.async_scheduling == "off" else "") + (f"-{groups}groups" if groups > 1 else "") + (f"-{args.tag}" if args.tag else "")
     common.save_result(result, f"throughput-{args.model}{suffix}")
 
 
