@@ -230,3 +230,47 @@ def test_sampling_script_on_cpu(tmp_path):
     assert r["rows"][2]["rows_with_the_same_kept_tokens"] == 8  # top-k alone: no rounding at stake
     assert "Qwen3 generation config: raylm" in record.row(r)
     assert len(record._sampling(r)) == 3
+
+
+def test_load_generator_clock_starts_when_its_clients_are_up():
+    """loadgen.run_load's client processes are spawned (each imports the caller's module,
+    which takes seconds on a busy machine): the measured window runs from the first request
+    sent to the last response's end, so their start-up is not counted as serving time."""
+    import threading
+
+    import uvicorn
+
+    import loadgen
+    from tests.helpers import free_port
+
+    async def sse(scope, receive, send):  # three text chunks, then usage, as /v1/completions streams
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(3):
+            chunk = {"choices": [{"index": 0, "text": f"t{i}"}]}
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+                        "more_body": True})
+        usage = {"choices": [], "usage": {"completion_tokens": 3}}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode()})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(sse, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        t0 = time.time()
+        rows, elapsed = loadgen.run_load(f"http://127.0.0.1:{port}/v1/completions", [{"prompt": "x"}] * 8, 4,
+                                         procs=2)
+        wall = time.time() - t0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    s = loadgen.summarize(rows, elapsed)
+    assert s["completed"] == 8 and s["output_tokens"] == 24, s
+    starts, ends = [r["start"] for r in rows], [r["end"] for r in rows]
+    assert elapsed == max(ends) - min(starts)
+    assert min(starts) > t0 and elapsed < wall
+    # Both clients were up before the clock started: their first requests left together.
+    assert max(starts[:2] + starts[4:6]) - min(starts) < 1.0, starts
