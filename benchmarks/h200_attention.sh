@@ -28,10 +28,10 @@ pack_cache() {
 }
 for p in $parts; do
   case $p in
-    fi) run fi 420 python3 -m pytest -q -x -p no:cacheprovider --durations 15 tests/gpu/test_attention_backends_gpu.py \
+    fi) run fi 400 python3 -m pytest -q -x -p no:cacheprovider --durations 15 tests/gpu/test_attention_backends_gpu.py \
             -k "triton or flashinfer or auto"
         pack_cache ;;
-    ab) run ab 150 python3 benchmarks/attention.py --quick --backends triton,flashinfer ;;
+    ab) run ab 120 python3 benchmarks/attention.py --quick --backends triton,flashinfer ;;
     abf) run abf 300 python3 benchmarks/attention.py --backends triton,flashinfer ;;
     tp) for b in triton flashinfer auto; do
           run "tp-$b" 150 python3 benchmarks/throughput.py --model llama-3.1-8b --peer none --attention-backend $b \
