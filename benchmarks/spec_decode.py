@@ -359,6 +359,124 @@ def run_draft(args, cfg_dir: str, draft_dir: str, vocab: int) -> list[dict]:
     return records
 
 
+def controlled_checkpoints(cfg_dir: str, root: str, draft_layers: int, noises: list[float], dtype,
+                           device: str) -> tuple[str, dict[float, str]]:
+    """The acceptance-controlled draft-model workload's weights, written as safetensors
+    under `root`: (target dir, {noise: draft dir}).
+
+    The target is `cfg_dir`'s model on raylm's dummy weights (each tensor drawn from the
+    seed and its name) with every layer from `draft_layers` on silenced: its attention
+    output and MLP down projections are zero, so the layer still runs, at full cost, and
+    adds nothing to the residual stream; the target computes what its first `draft_layers`
+    layers compute. Each draft is those layers with the embeddings, the final norm and the
+    LM head, the head plus Gaussian noise of `noise` times the weights' standard deviation
+    (seeded): at noise 0 the draft proposes the target's own greedy tokens (bf16 rounding
+    aside), and acceptance falls as the noise grows. Acceptance is measured, not assumed."""
+    import json
+    import re
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from raylm.workers.loader import dummy_checkpoint
+
+    cfg = AutoConfig.from_pretrained(cfg_dir)
+    if not 0 < draft_layers < cfg.num_hidden_layers:
+        raise SystemExit(f"--draft-layers must be in 1..{cfg.num_hidden_layers - 1}, got {draft_layers}")
+    target_dir = os.path.join(root, "target")
+    cfg.save_pretrained(target_dir)
+    draft_cfg = AutoConfig.from_pretrained(cfg_dir)
+    draft_cfg.num_hidden_layers = draft_layers
+    if getattr(draft_cfg, "layer_types", None):
+        draft_cfg.layer_types = draft_cfg.layer_types[:draft_layers]
+    if hasattr(draft_cfg, "max_window_layers"):
+        draft_cfg.max_window_layers = min(draft_cfg.max_window_layers, draft_layers)
+    drafts = {noise: os.path.join(root, f"draft-noise-{noise:g}") for noise in noises}
+    draft_tensors: dict[str, torch.Tensor] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, shards, std = 0, 0, 0.04 / 12 ** 0.5  # uniform(-0.02, 0.02)
+    for name, t in dummy_checkpoint(cfg, dtype, device, seed=0):
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        layer = int(m.group(1)) if m else None
+        if layer is not None and layer >= draft_layers and name.endswith(("o_proj.weight", "down_proj.weight")):
+            t.zero_()
+        if layer is None or layer < draft_layers:
+            draft_tensors[name] = t.cpu()
+        shard[name] = t.cpu()
+        shard_bytes += t.numel() * t.element_size()
+        if shard_bytes >= 2 << 30:
+            save_file(shard, os.path.join(target_dir, f"model-{shards:05d}.safetensors"))
+            shard, shard_bytes, shards = {}, 0, shards + 1
+    if shard:
+        save_file(shard, os.path.join(target_dir, f"model-{shards:05d}.safetensors"))
+    head = "lm_head.weight" if "lm_head.weight" in draft_tensors else "model.embed_tokens.weight"
+    for noise, d in drafts.items():
+        draft_cfg.save_pretrained(d)
+        tensors = dict(draft_tensors)
+        if noise:
+            w = tensors[head].float()
+            gen = torch.Generator().manual_seed(int(noise * 1000))
+            tensors[head] = (w + noise * std * torch.randn(w.shape, generator=gen)).to(dtype)
+            if head == "model.embed_tokens.weight":  # tied: the head is the embedding
+                cfg_d = json.load(open(os.path.join(d, "config.json")))
+                assert cfg_d.get("tie_word_embeddings", False)
+        save_file(tensors, os.path.join(d, "model.safetensors"))
+    return target_dir, drafts
+
+
+def run_draft_controlled(args, cfg_dir: str, vocab: int) -> list[dict]:
+    """Draft-model speculation on the acceptance-controlled workload (see
+    controlled_checkpoints), beside the same target without speculation, at each noise
+    level and batch size: measured acceptance and speed-up."""
+    import shutil
+
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    device = "cpu" if args.smoke else "cuda"
+    noises = [float(x) for x in args.draft_noise.split(",")]
+    batches = [int(b) for b in args.draft_batch_sizes.split(",")]
+    root = tempfile.mkdtemp(prefix="raylm-controlled-")
+    records = []
+    try:
+        t = time.perf_counter()
+        target_dir, drafts = controlled_checkpoints(cfg_dir, root, args.draft_layers, noises, dtype, device)
+        print(f"controlled checkpoints written in {time.perf_counter() - t:.0f} s", flush=True)
+        kw = dict(engine_kwargs(args, target_dir, max(batches)), load_format="auto")
+        prompts = {}
+        for bs in batches:
+            rng = random.Random(bs)
+            prompts[bs] = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(bs)]
+        plain = open_llm(kw)
+        base = {bs: step_time(plain, prompts[bs], args.output_len) for bs in batches}
+        close(plain)
+        for noise, draft_dir in drafts.items():
+            spec = {"method": "draft_model", "model": draft_dir, "num_speculative_tokens": args.k}
+            drafting = open_llm(kw, spec)
+            for bs in batches:
+                ours = step_time(drafting, prompts[bs], args.output_len)
+                r = common.base_result("spec_decode", args.model)
+                r.update({
+                    "method": "draft_model",
+                    "draft_model": f"{args.model}'s first {args.draft_layers} layers, head noise {noise:g}",
+                    "draft_layers": args.draft_layers, "draft_noise": noise,
+                    "num_speculative_tokens": args.k, "mode": f"k={args.k}, noise {noise:g}",
+                    "batch_size": bs, "workload": "controlled", "prompt_len": args.prompt_len,
+                    "output_len": args.output_len,
+                    "baseline_step_ms": base[bs]["step_ms"], "raylm_step_ms": ours["step_ms"],
+                    "baseline_tpot_ms": base[bs]["step_ms"],
+                    **compared(ours, base[bs]),
+                    "note": (f"acceptance-controlled workload: the target silences its layers from "
+                             f"{args.draft_layers} on (zero output projections, full cost), the draft is its first "
+                             f"{args.draft_layers} layers with the LM head plus noise {noise:g}x the weights' "
+                             f"std; greedy"),
+                })
+                print({k: v for k, v in r.items() if k not in ("command", "torch", "note")}, flush=True)
+                records.append(r)
+            close(drafting)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return records
+
+
 def tiny_model_dir(layers: int = 2, hidden: int = 64) -> tuple[str, int]:
     from transformers import LlamaConfig
 
@@ -377,6 +495,11 @@ def main() -> None:
     p.add_argument("--draft-model", default="qwen3-0.6b",
                    help="--method draft_model: a name under ../shared/models or a dir (random weights)")
     p.add_argument("--draft-batch-sizes", default="1,16,64", help="--method draft_model: batch sizes")
+    p.add_argument("--draft-workload", default="random", choices=("random", "controlled"),
+                   help="--method draft_model: random (round cost of --draft-model) or controlled "
+                        "(acceptance varied by --draft-noise, see controlled_checkpoints)")
+    p.add_argument("--draft-layers", type=int, default=2, help="controlled: the target layers the draft keeps")
+    p.add_argument("--draft-noise", default="0,0.1,0.25,0.5", help="controlled: noise levels of the draft's LM head")
     p.add_argument("--workloads", default="repeat,copy,cycle,lookup")
     p.add_argument("--warm-len", type=int, default=768,
                    help="cycle workload: tokens of the plain greedy trajectory in each prompt")
@@ -412,10 +535,15 @@ def main() -> None:
         vocab = AutoConfig.from_pretrained(cfg_dir).vocab_size
         draft_dir = common.model_dir(args.draft_model) if args.method == "draft_model" else None
     if args.method == "draft_model":
-        records = run_draft(args, cfg_dir, draft_dir, vocab)
+        controlled = args.draft_workload == "controlled"
+        if controlled and args.smoke:
+            args.draft_layers = 1
+        records = (run_draft_controlled(args, cfg_dir, vocab) if controlled
+                   else run_draft(args, cfg_dir, draft_dir, vocab))
         if args.smoke and not os.environ.get("OUT"):
             return
-        common.save_result(records, f"spec_decode-draft-{args.model}" + ("-smoke" if args.smoke else ""))
+        common.save_result(records, f"spec_decode-draft-{args.model}" + ("-controlled" if controlled else "")
+                           + ("-smoke" if args.smoke else ""))
         return
     records = []
     for workload in args.workloads.split(","):

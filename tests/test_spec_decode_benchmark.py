@@ -62,6 +62,27 @@ def test_spec_decode_benchmark_draft_model_smoke_on_cpu(tmp_path):
         assert r["requests_equal_to_baseline"] == r["requests"]
 
 
+def test_spec_decode_benchmark_controlled_draft_workload_smoke_on_cpu(tmp_path):
+    """--draft-workload controlled: the target silences its layers past the draft's, the
+    draft is its first layer with a noisy LM head. Without noise the draft proposes the
+    target's own tokens (float32: every one accepted); with noise acceptance falls; the
+    outputs equal plain decoding's either way (speculation is exact)."""
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "spec_decode.py"), "--smoke",
+                        "--method", "draft_model", "--draft-workload", "controlled", "--draft-noise", "0,1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    records = json.load(open(tmp_path / "spec_decode-draft-tiny-llama-controlled-smoke.json"))
+    assert [(r["draft_noise"], r["batch_size"]) for r in records] == [(0, 1), (0, 4), (1, 1), (1, 4)]
+    for r in records:
+        assert r["workload"] == "controlled" and r["method"] == "draft_model" and r["num_draft_tokens"] > 0
+        assert r["requests_equal_to_baseline"] == r["requests"] and r["speedup"] > 0
+        assert r["baseline_tpot_ms"] > 0
+    exact = [r["acceptance_rate"] for r in records if r["draft_noise"] == 0]
+    noisy = [r["acceptance_rate"] for r in records if r["draft_noise"] == 1]
+    assert min(exact) == 1.0 and max(noisy) < 0.5, (exact, noisy)
+
+
 def test_spec_decode_benchmark_edit_workload_on_the_real_smollm2(tmp_path):
     """--model smollm2-135m-instruct (the embedded model, float32 on the CPU): chat prompts
     asking it to repeat a text, which prompt lookup predicts; outputs equal plain decoding."""
