@@ -62,6 +62,7 @@ class EngineCore:
         t_init = time.perf_counter()
         self.args = args
         self.model = model or ModelConfig.from_args(args)
+        t_config = time.perf_counter()
         self.model_dir, self.hf_config = self.model.model_dir, self.model.hf_config
         self.vocab_size, self.max_model_len = self.model.vocab_size, self.model.max_model_len
         self.eos_token_ids = self.model.eos_token_ids
@@ -131,11 +132,14 @@ class EngineCore:
         # it out of the collector's generations, so that the full collections that the step
         # loop's garbage triggers do not walk it again each time (vLLM does the same).
         # shutdown() gives it back to the collector.
+        t_gc = time.perf_counter()
         gc.collect()
         gc.freeze()
         # ... and the rest of building it: before the model loads (its config, the device and
         # dtype: importing torch and starting CUDA when nothing has yet) and after the graphs.
-        self.startup_timing.update({"before_load_s": t0 - t_init, "after_graphs_s": time.perf_counter() - t3})
+        now = time.perf_counter()
+        self.startup_timing.update({"before_load_s": t0 - t_init, "model_config_s": t_config - t_init,
+                                    "after_graphs_s": now - t3, "gc_freeze_s": now - t_gc})
         logger.info("raylm engine core: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
                     "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
                     self.dtype, self.device, self.num_blocks, args.block_size,
