@@ -128,7 +128,8 @@ def main() -> None:
     print(f"engine cores' start-up: {cores_startup}", flush=True)
     bodies = [body(pr, o) for pr, o in zip(prompts, outputs)]
     records = []
-    peer = VLLM_H200.get(args.model, {})
+    # vLLM's figures were measured on an H200: no peer beside a run on another GPU.
+    peer = VLLM_H200.get(args.model, {}) if "H200" in common.base_result("serving", "")["device"] else {}
     for mode in ("closed-loop", "open-loop"):
         if mode == "open-loop" and args.open_loop_fraction <= 0:
             break
