@@ -24,7 +24,14 @@ import triton.language as tl
 MAX_SPLITS = 16
 
 
-@triton.jit
+# The split count is a run-time argument, not a constant, and neither it nor the strides
+# that follow from it are specialized on (Triton compiles a variant per value 1 and per
+# divisibility by 16): one compiled kernel serves every batch size, where a variant per
+# split count cost seconds of compiling while the decode graphs were captured at start-up.
+_SPLIT_ARGS = ["num_splits", "stride_ms", "stride_mh", "stride_ls", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
     scale_log2, v_scale,
@@ -33,9 +40,9 @@ def _decode_split_kernel(
     stride_bt,
     stride_ms, stride_mh, stride_mk,
     stride_ls, stride_lh,
+    num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -43,7 +50,7 @@ def _decode_split_kernel(
 
     seq_len = tl.load(seq_lens_ptr + seq)
     # Each split takes a whole number of tiles; trailing splits may be empty.
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
@@ -88,20 +95,20 @@ def _decode_split_kernel(
     tl.store(mid_lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_ms, stride_mh, stride_mk,
     stride_ls, stride_lh,
     stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     mask_d = offs_d < HEAD_DIM
 
     lse = tl.load(mid_lse_ptr + seq * stride_ls + head * stride_lh + offs_s, mask=mask_s,
@@ -162,17 +169,19 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
+        num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2,
     )
     _decode_reduce_kernel[(num_seqs, num_heads)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(max(num_splits, MAX_SPLITS))),
+        num_warps=4,
     )
     return out
 
