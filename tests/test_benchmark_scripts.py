@@ -209,7 +209,9 @@ def test_startup_script_lays_every_process_on_one_timeline(llama_dir, tmp_path):
     # and the rest of its build, before the load and after the graphs.
     phases = r["core_phases_s"][0]
     assert set(phases) == {"load_s", "profile_s", "kv_cache_and_graphs_s", "kv_cache_s", "before_load_s",
-                           "model_config_s", "after_graphs_s", "gc_freeze_s"}
+                           "model_config_s", "after_graphs_s", "gc_freeze_s", "model_config.imports_s",
+                           "model_config.hf_config_s", "model_config.model_class_s",
+                           "model_config.eos_and_generation_s", "model_config.sampling_defaults_s"}
     assert all(v >= 0 for v in phases.values())
     assert "process start to first served request" in record.row(r)
     (row,) = record._startup(r)

@@ -140,6 +140,8 @@ class EngineCore:
         now = time.perf_counter()
         self.startup_timing.update({"before_load_s": t0 - t_init, "model_config_s": t_config - t_init,
                                     "after_graphs_s": now - t3, "gc_freeze_s": now - t_gc})
+        # ... the model config's parts (imports, HF config, model class, EOS ids and tokenizer).
+        self.startup_timing.update({f"model_config.{k}": v for k, v in self.model.timing.items()})
         logger.info("raylm engine core: model=%s dtype=%s device=%s kv_blocks=%d (block_size=%d, "
                     "%d tokens, max concurrency %.1f at max_model_len=%d)", self.model_dir,
                     self.dtype, self.device, self.num_blocks, args.block_size,

@@ -27,26 +27,38 @@ class ModelConfig:
     # The sampling defaults of the checkpoint's generation_config.json, by SamplingParams
     # name, for requests that leave them out (as vLLM's --generation-config auto).
     default_sampling: dict = field(default_factory=dict)
+    # Seconds from_args spent on each part (start-up's model_config_s, split).
+    timing: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_args(cls, args: EngineArgs, check_support: bool = True) -> "ModelConfig":
         """Resolve the checkpoint; with check_support, unsupported architectures and
         quantization configs fail here, before anything is loaded."""
+        import time
+
+        marks = [("start", time.perf_counter())]
         from raylm.workers.loader import load_config, resolve_model_path
 
+        marks.append(("imports_s", time.perf_counter()))
         model_dir = resolve_model_path(args.model)
         hf_config = load_config(model_dir)
+        marks.append(("hf_config_s", time.perf_counter()))
         if check_support:
             from raylm.workers.models.llama import get_model_class
             from raylm.workers.quantization import get_quant_config
 
             get_model_class(hf_config)
             get_quant_config(hf_config, args.quantization)
+        marks.append(("model_class_s", time.perf_counter()))
         tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer or model_dir)
         generation = _generation_config(model_dir)
-        return cls(model_dir, hf_config, int(hf_config.vocab_size), resolve_max_model_len(args, hf_config),
-                   _eos_token_ids(hf_config, tokenizer_path, generation), tokenizer_path,
-                   sampling_defaults_for(args.generation_config, model_dir))
+        eos = _eos_token_ids(hf_config, tokenizer_path, generation)
+        marks.append(("eos_and_generation_s", time.perf_counter()))
+        out = cls(model_dir, hf_config, int(hf_config.vocab_size), resolve_max_model_len(args, hf_config),
+                  eos, tokenizer_path, sampling_defaults_for(args.generation_config, model_dir))
+        marks.append(("sampling_defaults_s", time.perf_counter()))
+        out.timing = {name: round(t - marks[i][1], 3) for i, (name, t) in enumerate(marks[1:])}
+        return out
 
     def load_tokenizer(self):
         """The HF tokenizer (None under skip_tokenizer_init)."""
