@@ -65,7 +65,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+        for c in self.completions:  # (per request and token at the ingress: no generator)
+            if c.finish_reason is None:
+                return False
+        return True
 
     def to_output(self) -> RequestOutput:
         cached = min(c.num_cached_tokens for c in self.completions)
