@@ -547,48 +547,6 @@ async def test_openai_client_chat_with_smollm2(smol):
             await oa.chat.completions.create(model="gpt-4", messages=question)
 
 
-def test_a_single_stream_is_read_in_place_and_closing_it_ends_the_backend_stream():
-    """One prompt: Streams reads the backend's stream itself (no drain task): every output
-    in order, bad input raised by start(), and close() before the end runs the backend
-    stream's cleanup (where the frontend aborts the request)."""
-    from raylm.cluster.openai_api import _Streams
-
-    class Out:
-        def __init__(self, n, finished):
-            self.n, self.finished = n, finished
-
-    closed = []
-
-    class Backend:
-        async def generate_stream(self, prompt, params, request_id=None):
-            if prompt.get("bad"):
-                raise ValueError("bad prompt")
-            try:
-                for n in range(1, 6):
-                    await asyncio.sleep(0)
-                    yield Out(n, n == 5)
-            finally:
-                closed.append(request_id)
-
-    async def main():
-        streams = _Streams(Backend(), [({}, None, "a")])
-        await streams.start()
-        assert not streams._tasks  # read in place
-        seen = [out.n async for i, out in streams.outputs() if i == 0]
-        await streams.close()
-        early = _Streams(Backend(), [({}, None, "b")])
-        await early.start()
-        await early.close()  # the client left after the first chunk
-        bad = _Streams(Backend(), [({"bad": True}, None, "c")])
-        with pytest.raises(ValueError, match="bad prompt"):
-            await bad.start()
-        await bad.close()
-        return seen
-
-    assert asyncio.run(main()) == [1, 2, 3, 4, 5]
-    assert closed == ["a", "b"]
-
-
 def test_streams_yield_the_newest_output_when_writing_lags():
     """Cumulative outputs queued while the response is written are collapsed to each
     prompt's newest: fewer chunks, the same last output, every stream ends."""

@@ -12,21 +12,13 @@ from raylm.engine.sampling_params import SamplingParams
 
 class Streams:
     """One backend stream per prompt, each drained by its own task into one queue, so a
-    batch progresses together; `close()` cancels them, which aborts unfinished requests.
-    A single prompt (nearly every request) is read in place: no task and no second queue
-    between the backend's stream and the response, one task switch less per token."""
+    batch progresses together; `close()` cancels them, which aborts unfinished requests."""
 
     def __init__(self, backend, requests: list[tuple[dict, SamplingParams, str]]):
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._n = self._live = len(requests)
+        self._live = len(requests)
         self._early: list[tuple[int, RequestOutput]] = []
-        self._single = None
-        if len(requests) == 1:
-            prompt, params, request_id = requests[0]
-            self._single = backend.generate_stream(prompt, params, request_id=request_id)
-            self._tasks = []
-        else:
-            self._tasks = [asyncio.ensure_future(self._drain(i, backend, *r)) for i, r in enumerate(requests)]
+        self._tasks = [asyncio.ensure_future(self._drain(i, backend, *r)) for i, r in enumerate(requests)]
 
     async def _drain(self, i: int, backend, prompt: dict, params: SamplingParams, request_id: str):
         stream = None
@@ -42,14 +34,6 @@ class Streams:
                 await stream.aclose()  # a no-op once the stream has ended
 
     async def _next(self) -> Optional[tuple[int, RequestOutput]]:
-        if self._single is not None:
-            if not self._live:
-                return None
-            try:
-                return 0, await self._single.__anext__()
-            except StopAsyncIteration:
-                self._live = 0
-                return None
         while self._live:
             i, item = await self._queue.get()
             if item is None:
@@ -63,7 +47,7 @@ class Streams:
     async def start(self) -> None:
         """Wait for each stream's first output, so that bad input (the backend's
         ValueError) is known before a response starts."""
-        waiting = set(range(self._n))
+        waiting = set(range(len(self._tasks)))
         while waiting:
             item = await self._next()
             if item is None:
@@ -95,12 +79,10 @@ class Streams:
         last: dict[int, RequestOutput] = {}
         async for i, out in self.outputs():
             last[i] = out
-        return [last[i] for i in range(self._n)]
+        return [last[i] for i in range(len(self._tasks))]
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self._single is not None and hasattr(self._single, "aclose"):
-                await self._single.aclose()  # a no-op once the stream has ended
