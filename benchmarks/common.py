@@ -186,9 +186,13 @@ def save_result(result: dict, stem: str) -> str:
     return path
 
 
+def device_name() -> str:
+    """The GPU's name (a record's "device"), or "cpu"."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def base_result(benchmark: str, model: str) -> dict:
-    return {"benchmark": benchmark, "model": model,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    return {"benchmark": benchmark, "model": model, "device": device_name(),
             "date": datetime.date.today().isoformat(),
             "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
             "torch": torch.__version__}

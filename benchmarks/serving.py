@@ -129,7 +129,7 @@ def main() -> None:
     bodies = [body(pr, o) for pr, o in zip(prompts, outputs)]
     records = []
     # vLLM's figures were measured on an H200: no peer beside a run on another GPU.
-    peer = VLLM_H200.get(args.model, {}) if "H200" in common.base_result("serving", "")["device"] else {}
+    peer = VLLM_H200.get(args.model, {}) if "H200" in common.device_name() else {}
     for mode in ("closed-loop", "open-loop"):
         if mode == "open-loop" and args.open_loop_fraction <= 0:
             break

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,8 +35,6 @@ class ModelConfig:
     def from_args(cls, args: EngineArgs, check_support: bool = True) -> "ModelConfig":
         """Resolve the checkpoint; with check_support, unsupported architectures and
         quantization configs fail here, before anything is loaded."""
-        import time
-
         marks = [("start", time.perf_counter())]
         from raylm.workers.loader import load_config, resolve_model_path
 
