@@ -14,7 +14,7 @@ import pytest
 from raylm import LLM, SamplingParams
 from raylm.cluster.frontend import next_item
 from raylm.cluster.local import LocalCluster
-from raylm.cluster.router import NoGroupAvailable, Overloaded, Router
+from raylm.cluster.router import KV_FULL, NoGroupAvailable, Overloaded, Router
 from raylm.engine.config import EngineArgs
 from raylm.engine.core import EngineCore, EngineCoreOutput, EngineCoreRequest
 from raylm.engine.core_loop import CoreLoop
@@ -107,6 +107,33 @@ def test_router_follows_published_hashes_and_load():
     with pytest.raises(ValueError, match="already in use"):
         r.assign("x", [], 1)
         r.assign("x", [], 1)
+
+
+def test_router_fills_free_slots_before_queueing_behind_stale_kv_usage():
+    """Group 0's snapshot says its KV is 30 % used, group 1's 0 %: the load alone would give
+    group 1 some 77 more requests than group 0, past its 256 slots, to wait a whole round
+    while group 0 has room. A group with a free slot comes first; past every group's slots
+    the requests spread by load again."""
+    r = Router(num_groups=2, max_num_seqs=256, max_queued_requests=1024)
+    r.update(0, _snapshot(1, kv_cache_usage_perc=0.3))
+    r.update(1, _snapshot(1, kv_cache_usage_perc=0.0))
+    for i in range(512):
+        r.assign(f"r{i}", [], 1)
+    assert [g.inflight_seqs for g in r.groups] == [256, 256]
+    for i in range(512, 612):
+        r.assign(f"r{i}", [], 1)
+    assert r.groups[1].inflight_seqs > r.groups[0].inflight_seqs  # queued where the KV is emptier
+    # A cached prefix does not pull a request into a full group while another has room.
+    r.release([rid for rid in list(r.ledger) if r.group_of(rid) == 1])
+    r.release([rid for rid in list(r.ledger) if r.group_of(rid) == 0][256:])  # group 0 full, 1 empty
+    prefix = prefix_block_hashes(list(range(40)), 4)
+    r.update(0, _snapshot(2, hashes=prefix))
+    assert r.assign("p", prefix, 1) == 1
+    # A group whose KV is full has no room even with free sequence slots.
+    r.release(list(r.ledger))
+    r.update(0, _snapshot(3, kv_cache_usage_perc=KV_FULL))
+    r.update(1, _snapshot(2, kv_cache_usage_perc=0.5))
+    assert r.assign("q", [], 1) == 1
 
 
 def test_router_admission_and_dead_groups():

@@ -5,7 +5,11 @@ block hashes it cached or evicted since the last one), which `update` applies. P
 request it handles two messages and no tokens: `assign` (route, or refuse when the
 waiting queue is full) and `release` (the request ended). A request goes to the group
 caching the longest part of its prefix (or with requests in flight sharing it), unless
-that group is clearly busier; otherwise to the least-loaded group.
+that group is clearly busier; otherwise to the least-loaded group. A group with a free
+running slot always comes before one where the request would wait: the load's KV term
+comes from snapshots that lag, and a stale one must not send requests to wait in one
+group's queue while another has room (with requests of equal length that costs a whole
+round of them).
 
 Each group is `starting`, `serving`, `restarting` (its core died and a new one is being
 started) or `dead` (not restarted, or between restarts). A serving group that holds work
@@ -23,6 +27,9 @@ from typing import Optional
 # Prefer the group caching a request's prefix unless its load exceeds the least-loaded
 # group's by more than this (load = sequences in flight / max_num_seqs + KV usage).
 AFFINITY_LOAD_SLACK = 0.5
+# KV usage from which a group counts as full even with free sequence slots (a new
+# request's prompt would wait there for blocks).
+KV_FULL = 0.95
 # Seconds a refused client is told to wait (Retry-After).
 RETRY_AFTER_S = 1
 
@@ -79,6 +86,11 @@ class GroupView:
     @property
     def load(self) -> float:
         return self.inflight_seqs / self.max_num_seqs + self.kv_usage
+
+    @property
+    def has_room(self) -> bool:
+        """Whether a request routed here now would run in the next step, not wait."""
+        return self.inflight_seqs < self.max_num_seqs and self.kv_usage < KV_FULL
 
     @property
     def queued(self) -> int:
@@ -159,13 +171,16 @@ class Router:
         return gi
 
     def _route(self, alive: list[int], hashes: list[int]) -> int:
-        least = min(alive, key=lambda i: (self.groups[i].load, self.groups[i].requests_routed))
+        groups = self.groups
+        least = min(alive, key=lambda i: (not groups[i].has_room, groups[i].load, groups[i].requests_routed))
         best, best_hit = least, 0
         if hashes:
-            floor = self.groups[least].load
+            floor, room = groups[least].load, groups[least].has_room
             for i in alive:
-                hit = self.groups[i].prefix_hit(hashes)
-                if hit > best_hit and self.groups[i].load - floor <= AFFINITY_LOAD_SLACK:
+                if room and not groups[i].has_room:
+                    continue  # it would wait there while another group has room
+                hit = groups[i].prefix_hit(hashes)
+                if hit > best_hit and groups[i].load - floor <= AFFINITY_LOAD_SLACK:
                     best, best_hit = i, hit
         return best
 
