@@ -11,7 +11,7 @@ the first layer of a step makes it), replayed from a CUDA graph of 10 calls so l
 overhead is left out as the engine's graphs leave it out (`"timed": "eager"` where the
 capture fails, or with --eager), the mean over enough calls to fill ~50 ms, against
 its floor: the larger of the KV bytes over the HBM bandwidth and the attention FLOPs over
-the bf16 tensor-core peak (H200 datasheet numbers below). A backend that is not installed
+the bf16 tensor-core peak (the datasheet numbers of the GPU it ran on, below). A backend that is not installed
 or refuses a shape gets a row with `us` null and the reason in `refused`.
 
 Writes benchmarks/results/attention_<date>.json (or under $OUT) and a .png beside it.
@@ -33,10 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from raylm.workers.attention_backends import AttentionMetadata, get_attention_backend  # noqa: E402
 
-# NVIDIA H200 SXM datasheet (nvidia.com/en-us/data-center/h200): 4.8 TB/s HBM3e, 989 TFLOP/s
-# dense bf16 tensor-core (1,979 with sparsity). Measured here: ~4.3 TB/s copy, ~790 TFLOP/s.
-H200_HBM_BYTES_PER_S = 4.8e12
-H200_BF16_DENSE_FLOPS = 989e12
+# Datasheets: H200 SXM (nvidia.com/en-us/data-center/h200) 4.8 TB/s HBM3e; H100 SXM 80GB
+# (nvidia.com/en-us/data-center/h100) 3.35 TB/s HBM3; both 989 TFLOP/s dense bf16 tensor-core
+# (1,979 with sparsity). Measured on the H200: ~4.3 TB/s copy, ~790 TFLOP/s.
+PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (HBM bytes/s, bf16 FLOP/s)
+
+
+def device_peaks(name: str) -> tuple[float, float]:
+    """(HBM bytes/s, dense bf16 FLOP/s) of the GPU called `name`; the H200's for one not listed."""
+    return next((v for k, v in PEAKS.items() if k in name), PEAKS["H200"])
 BACKENDS = ("triton", "flashinfer", "flash_attn")
 DECODE_BATCHES = (1, 64, 256)
 DECODE_CONTEXTS = (1024, 8192, 32768)
@@ -68,12 +73,13 @@ def make_step(seqs, block_size: int, device="cuda"):
     return meta, n0
 
 
-def floor_us(seqs, heads: int, kv_heads: int, head_dim: int, elem: int) -> float:
+def floor_us(seqs, heads: int, kv_heads: int, head_dim: int, elem: int,
+             peaks: tuple[float, float] = PEAKS["H200"]) -> float:
     """max(KV bytes read / bandwidth, causal attention FLOPs / peak), in microseconds."""
     kv_bytes = sum(c + n for c, n in seqs) * kv_heads * head_dim * 2 * elem
     visible = sum(n * c + n * (n + 1) // 2 for c, n in seqs)  # keys seen, summed over queries
     flops = 4 * heads * head_dim * visible  # QK^T and PV, 2 FLOPs per multiply-add
-    return max(kv_bytes / H200_HBM_BYTES_PER_S, flops / H200_BF16_DENSE_FLOPS) * 1e6
+    return max(kv_bytes / peaks[0], flops / peaks[1]) * 1e6
 
 
 def graphed(fn, calls: int = 10):
@@ -150,8 +156,9 @@ def run(args) -> dict:
         except ImportError as e:
             backends[name] = str(e)
     rows = []
+    peaks = device_peaks(common.device_name())
     for op, batch, ctx, tokens, seqs in points(args.quick):
-        floor = floor_us(seqs, *layout, kv_dtype.itemsize)
+        floor = floor_us(seqs, *layout, kv_dtype.itemsize, peaks)
         for name, backend in backends.items():
             row = {"op": op, "backend": name, "batch_size": batch, "context_len": ctx,
                    "num_tokens": tokens, "us": None, "floor_us": round(floor, 2)}
@@ -169,7 +176,7 @@ def run(args) -> dict:
     result = common.base_result("attention", args.model)
     result.update({"block_size": args.block_size, "kv_cache_dtype": args.kv_cache_dtype,
                    "heads": layout[0], "kv_heads": layout[1], "head_dim": layout[2],
-                   "hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_dense_flops": H200_BF16_DENSE_FLOPS,
+                   "hbm_bytes_per_s": peaks[0], "bf16_dense_flops": peaks[1],
                    "rows": rows})
     return result
 

@@ -1,38 +1,71 @@
 #!/usr/bin/env bash
-# The attention backends on one H200 (the device tool), from the project root, on a machine where
-# .gpu/unpack.sh has run (Ray is only needed by the serving part l1). Carry .gpu/attn/flashinfer (the
-# flashinfer-python wheel; benchmarks/ATTENTION_INSTALL.md says how it was downloaded) and, when an
-# earlier call left one, .gpu/fi-cache.tgz (FlashInfer's JIT cache), then:
+# The attention backends on one H200 or H100 (the device tool), from the project root.
 #   export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/h200_attention.sh PARTS
-# PARTS (default: fi ab):
-#   fi  the GPU tests of the attention backends for triton, flashinfer and auto (FlashInfer compiles
-#       each kernel variant with nvcc on first use); its JIT cache is then packed into $OUT/fi-cache.tgz
-#   ab  benchmarks/attention.py --quick: triton beside flashinfer per operation
-#   abf the full sweep
-#   tp  benchmarks/throughput.py, Llama-3.1-8B offline, triton then flashinfer then auto
-#   l1  benchmarks/serving.py, Llama-3.1-8B over HTTP with attention_backend=flashinfer
-# FlashInfer is installed into /tmp/fi (its own target, first on the path: never --upgrade into
-# /tmp/site, see ../shared/hooks/DEVICE.md); apache-tvm-ffi comes with .gpu/whl.
+# What each call carries (64 MiB a call with the working tree, so FlashAttention-4's packed
+# CUDA 13 library comes in two calls back to back; the machine keeps /tmp while it is warm):
+#   call 1: .gpu/attn/fa4 (FA4's wheels, apache-tvm-ffi, part 00 of the library) and
+#           .gpu/attn/flashinfer; PARTS "stash" copies them to /tmp/attn and installs FlashInfer
+#   call 2: .gpu/attn/fa4-part2 (part 01) and .gpu/fi-cache.tgz (FlashInfer's JIT cache from an
+#           earlier call); PARTS "fa4" joins the parts, checks them and installs FA4, then e.g.
+#           "fi fa ab3"
+# benchmarks/ATTENTION_INSTALL.md says how the files were made. PARTS:
+#   stash  copy the carried wheels and parts to /tmp/attn; install FlashInfer
+#   fa4    join and install FlashAttention-4 (needs both parts in /tmp/attn)
+#   fi     the GPU tests of triton, flashinfer and auto (FlashInfer compiles each kernel variant
+#          with nvcc on first use); its JIT cache is then packed into $OUT/fi-cache.tgz
+#   fa     the GPU tests of flash_attn (FA4's CuTe DSL compiles its kernels on first use)
+#   ab     benchmarks/attention.py --quick: triton beside flashinfer per operation
+#   abf    the full sweep, triton and flashinfer;  ab3  the full sweep of all three
+#   tp     benchmarks/throughput.py, Llama-3.1-8B offline, triton then flashinfer then auto
+#   l1     benchmarks/serving.py, Llama-3.1-8B over HTTP with attention_backend=flashinfer
+# FlashInfer goes to /tmp/fi and FA4 to /tmp/fa4 (own targets, first on the path: never
+# --upgrade into /tmp/site, see ../shared/hooks/DEVICE.md).
 parts=${*:-fi ab}
 log=$OUT/attention.log
 . "$(dirname "$0")/h200_run.sh"
-if [ ! -d /tmp/fi/flashinfer ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi .gpu/attn/flashinfer/*.whl >> "$log" 2>&1
-fi
-export PYTHONPATH=/tmp/fi:$PYTHONPATH
+install_fi() {
+  [ -d /tmp/fi/flashinfer ] && return
+  local w=(.gpu/attn/flashinfer/*.whl); [ -f "${w[0]}" ] || w=(/tmp/attn/flashinfer_python-*.whl)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi "${w[@]}" \
+    $(ls .gpu/attn/fa4/apache_tvm_ffi-*.whl /tmp/attn/apache_tvm_ffi-*.whl 2>/dev/null | head -1) >> "$log" 2>&1
+}
+install_fa4() {
+  [ -d /tmp/fa4/flash_attn ] && return
+  cp .gpu/attn/fa4-part2/* /tmp/attn/ 2>/dev/null
+  (cd /tmp/attn && cat nvidia_cutlass_dsl_libs_cu13-4.8.1.tar.xz.part-* > cu13.tar.xz \
+     && sha256sum -c cu13.sha256) >> "$log" 2>&1 || { echo "== fa4: parts missing or bad" >> "$log"; return; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4 \
+    $(ls /tmp/attn/*.whl | grep -v flashinfer) >> "$log" 2>&1
+  tar -xJf /tmp/attn/cu13.tar.xz -C /tmp/fa4 && rm -f /tmp/attn/cu13.tar.xz
+}
+[ -d /tmp/fi/flashinfer ] || [ ! -d .gpu/attn/flashinfer ] || install_fi
+# --target does not run the .pth that puts the CuTe DSL's packages on the path.
+export PYTHONPATH=/tmp/fi:/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-cache
+if [ -f .gpu/fa4-cache.tgz ] && [ ! -d /tmp/fa4-cache ]; then mkdir -p /tmp/fa4-cache && tar -xzf .gpu/fa4-cache.tgz -C /tmp/fa4-cache; fi
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-ws FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
 if [ -f .gpu/fi-cache.tgz ] && [ ! -d /tmp/fi-ws ]; then mkdir -p /tmp/fi-ws && tar -xzf .gpu/fi-cache.tgz -C /tmp/fi-ws; fi
 python3 -c "import flashinfer; print('== flashinfer', flashinfer.__version__)" >> "$log" 2>&1
 pack_cache() {
   [ -d /tmp/fi-ws ] && tar -czf "$OUT/fi-cache.tgz" -C /tmp/fi-ws . && ls -la "$OUT/fi-cache.tgz" >> "$log"
+  [ -d /tmp/fa4-cache ] && tar -czf "$OUT/fa4-cache.tgz" -C /tmp/fa4-cache . && ls -la "$OUT/fa4-cache.tgz" >> "$log"
+  return 0
 }
 for p in $parts; do
   case $p in
-    fi) run fi 400 python3 -m pytest -q -x -p no:cacheprovider --durations 15 tests/gpu/test_attention_backends_gpu.py \
+    stash) mkdir -p /tmp/attn && cp .gpu/attn/fa4/* .gpu/attn/flashinfer/* /tmp/attn/ && install_fi
+           ls -la /tmp/attn >> "$log" ;;
+    fa4) install_fa4
+         python3 -c "import flash_attn.cute.interface as f; print('== fa4 imported', f.__file__)" >> "$log" 2>&1 ;;
+    fa) run fa 300 python3 -m pytest -q --maxfail=12 -p no:cacheprovider --durations 15 tests/gpu/test_attention_backends_gpu.py \
+            -k "flash_attn"
+        pack_cache ;;
+    ab3) run ab3 240 python3 benchmarks/attention.py --backends triton,flashinfer,flash_attn ;;
+    fi) run fi 330 python3 -m pytest -q --maxfail=12 -p no:cacheprovider --durations 15 tests/gpu/test_attention_backends_gpu.py \
             -k "triton or flashinfer or auto"
         pack_cache ;;
-    ab) run ab 120 python3 benchmarks/attention.py --quick --backends triton,flashinfer ;;
-    abf) run abf 300 python3 benchmarks/attention.py --backends triton,flashinfer ;;
+    ab) run ab 150 python3 benchmarks/attention.py --quick --backends triton,flashinfer ;;
+    abf) run abf 200 python3 benchmarks/attention.py --backends triton,flashinfer ;;
     tp) for b in triton flashinfer auto; do
           run "tp-$b" 150 python3 benchmarks/throughput.py --model llama-3.1-8b --peer none --attention-backend $b \
               --tag "h200-attention-$b"

@@ -140,8 +140,10 @@ def main() -> None:
         "roofline_output_tok_per_s": 1e3 / first["floor_tpot_ms"],
         "fraction_of_roofline": first["floor_tpot_ms"] / first["raylm_tpot_ms"],
         "enforce_eager": args.enforce_eager, "tensor_parallel_size": tp,
+        "attention_backend": args.attention_backend or "auto",
     })
-    common.save_result(result, f"latency-{args.model}" + (f"-tp{tp}" if tp > 1 else ""))
+    backend = f"-{args.attention_backend}" if args.attention_backend not in (None, "auto") else ""
+    common.save_result(result, f"latency-{args.model}" + (f"-tp{tp}" if tp > 1 else "") + backend)
 
 
 if __name__ == "__main__":

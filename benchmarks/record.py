@@ -197,6 +197,13 @@ def row(r: dict) -> str:
         numbers = (f"{r['profile_steps']} steps at {r['concurrency']} in flight ({r['mixed_steps']} mixed): GPU kernels "
                    f"{r['gpu_kernel_ms_per_step']:.1f} ms a step ({fams}); top kernels {tops} ms")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "attention":
+        best: dict[str, list] = {}
+        for x in r["rows"]:
+            if x["us"] is not None:
+                best.setdefault(f"{x['op']} {x['batch_size']}x{x['context_len']}", []).append((x["us"], x["backend"]))
+        numbers = "; ".join(f"{k}: {min(v)[1]} {min(v)[0]:.1f} us" for k, v in best.items())
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "latency":
         parts = [f"{x['prompt_len']}: TTFT {x['raylm_ttft_ms']:.1f} ms, TPOT {x['raylm_tpot_ms']:.2f} ms"
                  + (f" ({_peer_name(r.get('peer') or 'hf')} {x['peer_ttft_ms']:.1f} / {x['peer_tpot_ms']:.2f})"
@@ -292,11 +299,13 @@ def _throughput(r: dict) -> list[Row]:
     startup = _n(r.get("raylm_startup_s"))
     if r.get("process_start_to_first_token_s") is not None:
         startup += f" ({r['process_start_to_first_token_s']:.0f} from process start)"
-    return [Row((r["model"], r["device"], tp, g, requests, off), "",
+    backend = r.get("attention_backend")
+    return [Row((r["model"], r["device"], tp, g, requests, off, backend or ""), "",
                 [r["model"], r["device"], f"{tp} x {g}", requests, _n(ours),
                  _peer_name(r.get("peer")) if peer else "-", _n(peer), _ratio(ours, peer),
                  _n(r.get("fraction_of_roofline"), 2), startup],
-                "asynchronous scheduling off" if off else "")]
+                "; ".join(x for x in ("asynchronous scheduling off" if off else "",
+                                      f"attention_backend {backend}" if backend else "") if x))]
 
 
 def _latency_cell(stats: dict | None, q: str, peer=None, peer_name: str = "") -> str:
@@ -322,8 +331,10 @@ def _serving(r: dict) -> list[Row]:
     busy = ", ".join(f"{x['busy_fraction']:.2f}" for x in r.get("groups") or [])
     share = r.get("num_gpus_per_worker") or 1
     note = (f"{g} groups sharing one GPU; " if share < 1 else "") + (f"cores in steps {busy}" if busy else "")
+    if r.get("attention_backend"):
+        note += f"; attention_backend {r['attention_backend']}"
     return [Row((r["model"], r["device"], tp, g, share, r["num_requests"], conc, r.get("min_len"), r.get("max_len"),
-                 mode),
+                 mode, r.get("attention_backend") or ""),
                 mode,
                 [r["model"], r["device"], f"{tp} x {g}", load, f"{r.get('min_len', '-')}-{r.get('max_len', '-')}",
                  _n(ours), _peer_name(r.get("peer")) if peer else "-", _n(peer), _ratio(ours, peer),
@@ -370,9 +381,11 @@ def _latency(r: dict) -> list[Row]:
     for x in r["rows"]:
         peer = (f"{_peer_name(r.get('peer') or 'hf')}: {_ms(x['peer_ttft_ms'])} / {_ms(x['peer_tpot_ms'])}"
                 if x.get("peer_tpot_ms") is not None else "-")
-        rows.append(Row((r["model"], r["device"], tp, x["prompt_len"]), str(x["prompt_len"]),
+        backend = r.get("attention_backend") or ""
+        rows.append(Row((r["model"], r["device"], tp, x["prompt_len"], backend), str(x["prompt_len"]),
                         [r["model"], r["device"], tp, x["prompt_len"], _ms(x["raylm_ttft_ms"]),
-                         _ms(x["raylm_tpot_ms"]), peer, _ms(x.get("floor_tpot_ms"))]))
+                         _ms(x["raylm_tpot_ms"]), peer, _ms(x.get("floor_tpot_ms"))],
+                        f"attention_backend {backend}" if backend else ""))
     return rows
 
 
@@ -543,6 +556,25 @@ def _startup(r: dict) -> list[Row]:
                  f"{marks[('driver', 'serve_run')]:.1f}", f"{r['startup_s']:.1f}"], r.get("note", ""))]
 
 
+def _attention(r: dict) -> list[Row]:
+    """One row per point of the sweep, microseconds per backend side by side."""
+    points: dict[tuple, dict] = {}
+    for x in r["rows"]:
+        key = (x["op"], x["batch_size"], x["context_len"], x["num_tokens"])
+        p = points.setdefault(key, {"floor": x["floor_us"], "us": {}})
+        p["us"][x["backend"]] = _n(x["us"], 1) if x["us"] is not None else "refused"
+    rows = []
+    for (op, batch, ctx, tokens), p in points.items():
+        what = (f"batch {batch}, context {ctx}" if op == "decode" else f"{tokens} tokens" if op == "prefill"
+                else f"{tokens} tokens: a {tokens - batch + 1}-token chunk beside {batch - 1} decodes")
+        best = min((float(v.replace(",", "")), k) for k, v in p["us"].items() if v != "refused")
+        rows.append(Row((r["model"], r["device"], r["block_size"], r["kv_cache_dtype"], op, batch, ctx, tokens),
+                        f"{op}-{batch}-{ctx}-{tokens}",
+                        [r["model"], r["device"], op, what, p["us"], _n(p["floor"], 1), best[1],
+                         f"{p['floor'] / best[0]:.2f}"]))
+    return rows
+
+
 def _ray_overhead(r: dict) -> list[Row]:
     return [Row((r["device"], name), name,
                 [name.split("_", 1)[1].replace("_", " "), r["device"], r["config"]["batch"],
@@ -573,6 +605,14 @@ SECTIONS = [
             ("host_scaling",),
             ["Machine", "Stand-in step", "Groups", "Streams", "out tok/s", "Of linear", "TPOT p50", "ITL p99",
              "Cores in steps"], _host_scaling),
+    Section("Attention kernels per operation",
+            "One layer's paged attention (`benchmarks/attention.py`: Llama-3.1-8B's heads, block size 16, bf16 "
+            "cache, replayed from CUDA graphs), microseconds per backend: Triton (ours), FlashInfer, FlashAttention-4 "
+            "(`flash_attn`). Floor: the KV bytes over the HBM bandwidth or the FLOPs over the bf16 peak, whichever "
+            "is larger (datasheet figures of the GPU). `attention_backend=\"auto\"` picks from this table "
+            "(raylm/workers/attention_backends.py, AUTO_RULES).",
+            ("attention",),
+            ["Model", "Device", "Op", "Shape", "{} us", "Floor us", "Fastest", "Floor / fastest"], _attention),
     Section("Speculative decoding",
             "`benchmarks/spec_decode.py`: speculation beside the same engine without it, in one run, greedy. "
             "Acceptance: accepted over proposed tokens; mean acceptance length: tokens a verified row emits. "

@@ -153,6 +153,7 @@ def main() -> None:
             "max_concurrency": args.max_concurrency if rate is None else None,
             "min_len": args.min_len, "max_len": args.max_len, "temperature": args.temperature,
             "num_groups": args.num_groups, "tensor_parallel_size": args.tensor_parallel_size,
+            "attention_backend": extra.get("attention_backend", "auto"),
             "num_gpus_per_worker": args.num_gpus_per_worker, "api_server_count": args.api_server_count,
             "num_gpus": args.num_groups * args.tensor_parallel_size * args.num_gpus_per_worker,
             **s, "startup_s": startup_s, "cores_startup": cores_startup, "groups": groups,

@@ -53,6 +53,7 @@ def fakes(monkeypatch):
     monkeypatch.setitem(attention_backends._BACKENDS, "missing", MissingBackend)
     monkeypatch.setattr(attention_backends, "AUTO_RULES",
                         {"decode": ("missing", "recording"), "prefill": ("recording",)})
+    monkeypatch.setattr(attention_backends, "AUTO_SMALL_DECODE_SEQS", 1)
     RecordingBackend.calls = []
 
 
@@ -91,6 +92,31 @@ def test_auto_picks_per_op_and_falls_back_to_triton(fakes, block_size):
     assert auto.for_op("prefill").name == "recording"
     assert RecordingBackend.calls == (["decode"] if decode_by == "recording" else []) + ["prefill"]
     assert isinstance(auto.fallback, TritonAttentionBackend)
+
+
+def test_auto_keeps_small_decode_steps_apart(fakes):
+    """Decode steps of at most AUTO_SMALL_DECODE_SEQS sequences follow "decode_small" (here
+    no rule: Triton), larger ones "decode"; a CUDA graph of b rows asks for_op("decode", b)."""
+    gen = torch.Generator().manual_seed(3)
+    auto = get_attention_backend("auto")
+    one = _step([(20, 1)], 32, gen)
+    two = _step([(20, 1), (45, 1)], 32, gen)
+    for meta, qkv, cache, dims in (one, two):
+        got, _ = _run(auto, meta, qkv, cache, dims)
+        want, _ = _run(TorchAttentionBackend(), meta, qkv, cache, dims)
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    assert RecordingBackend.calls == ["decode"]  # the two-sequence step only
+    assert auto.for_op("decode", 1).name == "triton" and auto.for_op("decode", 2).name == "recording"
+    assert auto.for_op("decode").name == "recording" and auto.for_op("prefill", 1).name == "triton"
+
+
+def test_auto_rules_as_measured():
+    """The shipped rules: FlashInfer decodes batches past AUTO_SMALL_DECODE_SEQS when it is
+    installed; small decode steps and prefill (mixed steps included) stay on Triton."""
+    rules = attention_backends.AUTO_RULES
+    assert rules["decode"][0] == "flashinfer" and rules["decode"][-1] == "triton"
+    assert rules["decode_small"] == ("triton",) and rules["prefill"] == ("triton",)
+    assert attention_backends.AUTO_SMALL_DECODE_SEQS >= 1
 
 
 def test_auto_without_rules_is_triton():

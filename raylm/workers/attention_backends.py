@@ -6,8 +6,9 @@ Backends (each in raylm/workers/attention/, imported only when asked for):
 - "triton": our Triton kernels (split-K decode, varlen paged prefill).
 - "flashinfer": FlashInfer's paged decode / prefill wrappers (flashinfer-python).
 - "flash_attn": FlashAttention-4's varlen forward over the page table (flash-attn-4).
-- "auto": per operation ("decode", "prefill"), the first backend of AUTO_RULES that is
-  installed and accepts the shape, else "triton".
+- "auto": per operation ("decode", "prefill"; decode steps of at most
+  AUTO_SMALL_DECODE_SEQS sequences apart, as "decode_small"), the first backend of
+  AUTO_RULES that is installed and accepts the shape, else "triton".
 
 KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]. Token t
 of a sequence lives in block `block_table[t // block_size]` at offset `t % block_size`;
@@ -27,6 +28,7 @@ import torch
 logger = logging.getLogger("raylm")
 
 OPS = ("decode", "prefill")  # a decode step (one query per sequence), anything else
+AUTO_OPS = ("decode", "decode_small", "prefill")  # "auto"'s rules
 
 
 @dataclass
@@ -122,8 +124,9 @@ class AttentionBackend:
             self._accepted.add((op, shape))
         return shape
 
-    def for_op(self, op: str) -> "AttentionBackend":
-        """The backend that runs `op` (itself; "auto" answers its choice)."""
+    def for_op(self, op: str, num_seqs: Optional[int] = None) -> "AttentionBackend":
+        """The backend that runs `op` over `num_seqs` sequences (a CUDA graph's rows; None:
+        any): itself; "auto" answers its choice."""
         return self
 
     def graph_prepare(self, meta: AttentionMetadata, max_blocks: int) -> None:
@@ -188,11 +191,28 @@ def default_backend(device: str) -> str:
 
 
 # Per operation, the backends "auto" prefers, best first; "triton" is always the last
-# resort. Filled from benchmarks/attention.py on the target GPU: until measured, Triton.
+# resort. From benchmarks/attention.py (Llama-3.1-8B's heads, block 16, bf16 cache, one
+# layer, CUDA graphs) on an H100, 2026-12-05 (benchmarks/results/attention-h100.json),
+# and the end-to-end runs beside it:
+# - decode: FlashInfer 1-8 % faster than Triton at batch 64 and 256 for 1k to 32k
+#   contexts (360 against 392 us at 256 x 1k) and at batch 1 from 8k context; at batch 1
+#   and 1k context it is slower (8.1 against 5.5 us), and its per-step plan costs host
+#   time: batch-1 TPOT went up 3 % (6.47 against 6.27 ms, 128-token prompt). So decode
+#   steps of at most AUTO_SMALL_DECODE_SEQS sequences stay on Triton (nothing was measured
+#   between batch 1 and 64). FlashAttention-4 is within 2 % of FlashInfer from batch 64 and
+#   7x slower at batch 1 and 32k (no split-KV on SM90). Offline, FlashInfer decode made
+#   Llama-3.1-8B 8,431 out tok/s against Triton's 8,163 and Qwen3-0.6B 17,808 against 17,326.
+# - prefill, which also runs the mixed steps of chunked prefill beside decodes: FA4 is the
+#   fastest kernel (mixed step 409 us, Triton 480, FlashInfer 1,107; a 2k prompt 78, 153, 96
+#   us), but only Triton's kernels are captured in the mixed-step CUDA graphs, and with FA4
+#   running prefill the engine was slower end to end (Llama-3.1-8B 8,066, Qwen3-0.6B
+#   16,942 out tok/s).
 AUTO_RULES: dict[str, tuple[str, ...]] = {
-    "decode": ("triton",),
+    "decode": ("flashinfer", "triton"),
+    "decode_small": ("triton",),
     "prefill": ("triton",),
 }
+AUTO_SMALL_DECODE_SEQS = 8
 AUTO_FALLBACK = "triton"
 
 
@@ -212,7 +232,7 @@ class AutoAttentionBackend(AttentionBackend):
         self.fallback = get_attention_backend(AUTO_FALLBACK)
         self.candidates: dict[str, list[AttentionBackend]] = {}
         made: dict[str, AttentionBackend] = {AUTO_FALLBACK: self.fallback}
-        for op in OPS:
+        for op in AUTO_OPS:
             self.candidates[op] = []
             for name in rules.get(op, ()):
                 if name not in made:
@@ -224,24 +244,34 @@ class AutoAttentionBackend(AttentionBackend):
                 self.candidates[op].append(made[name])
         self.chosen: dict[str, AttentionBackend] = {}
 
-    def choose(self, op: str, shape: AttentionShape) -> AttentionBackend:
-        """The backend for `op` at `shape` (decided once per operation)."""
-        backend = self.chosen.get(op)
+    @staticmethod
+    def rule(op: str, num_seqs: Optional[int]) -> str:
+        """The AUTO_RULES entry of `op` over `num_seqs` sequences."""
+        if op == "decode" and num_seqs is not None and num_seqs <= AUTO_SMALL_DECODE_SEQS:
+            return "decode_small"
+        return op
+
+    def choose(self, op: str, shape: AttentionShape, num_seqs: Optional[int] = None) -> AttentionBackend:
+        """The backend for `op` over `num_seqs` sequences at `shape` (decided once per rule)."""
+        key = self.rule(op, num_seqs)
+        backend = self.chosen.get(key)
         if backend is None:
             backend = self.fallback
-            for candidate in self.candidates[op]:
+            for candidate in self.candidates[key]:
                 reason = candidate.refusal(op, shape)
                 if reason is None:
                     backend = candidate
                     break
                 logger.info("attention_backend auto: %s refuses %s at %s: %s",
                             candidate.name, op, shape.describe(), reason)
-            logger.info("attention_backend auto: %s runs %s", backend.name, op)
-            self.chosen[op] = backend
+            what = {"decode_small": f"decode steps of at most {AUTO_SMALL_DECODE_SEQS} sequences",
+                    "decode": f"decode steps of more than {AUTO_SMALL_DECODE_SEQS} sequences"}.get(key, key)
+            logger.info("attention_backend auto: %s runs %s", backend.name, what)
+            self.chosen[key] = backend
         return backend
 
-    def for_op(self, op: str) -> AttentionBackend:
-        return self.chosen.get(op, self.fallback)
+    def for_op(self, op: str, num_seqs: Optional[int] = None) -> AttentionBackend:
+        return self.chosen.get(self.rule(op, num_seqs), self.fallback)
 
     def memory_reserve_bytes(self, *args) -> int:
         """Every backend it may choose: the choice is made after the KV cache is sized."""
@@ -257,5 +287,6 @@ class AutoAttentionBackend(AttentionBackend):
 
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
         op = meta.op
-        backend = self.chosen.get(op) or self.choose(op, AttentionShape.of(q, kv_cache))
+        backend = (self.chosen.get(self.rule(op, meta.num_seqs))
+                   or self.choose(op, AttentionShape.of(q, kv_cache), meta.num_seqs))
         return backend.attend(q, kv_cache, meta, scale, k_scale, v_scale)

@@ -107,7 +107,9 @@ class DecodeGraphs:
         self.capture_bytes = 0
         self.pool = None  # the memory pool the graphs share (PrefillGraphs joins it)
         self.metas: dict[int, AttentionMetadata] = {}
-        self.impl = None  # the backend that runs decode (backend.for_op), known after a pass
+        # The backend that runs each captured size's decode (backend.for_op: "auto" may
+        # choose by batch size), known after an eager pass of that size.
+        self.impls: dict[int, object] = {}
 
     def _meta(self, b: int) -> AttentionMetadata:
         # Triton's decode reads only the tensors; the *_cpu fields are placeholders that a
@@ -134,14 +136,14 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for b in reversed(self.sizes):  # largest first, so smaller ones reuse its pool
                 self._forward(b)  # compile the kernels for this shape outside capture (eagerly)
-                self.impl = self.backend.for_op("decode")
-                if not self.impl.supports_cuda_graphs:
-                    logger.info("attention backend %r cannot be captured: decode runs eagerly",
-                                self.impl.name)
+                impl = self.impls[b] = self.backend.for_op("decode", b)
+                if not impl.supports_cuda_graphs:
+                    logger.info("attention backend %r cannot be captured: decode of %d sequences runs eagerly",
+                                impl.name, b)
                     break
                 meta = self._meta(b)
-                self.impl.graph_prepare(meta, self.max_blocks)
-                self.impl.graph_plan(meta, [1] * b, [1] * b)
+                impl.graph_prepare(meta, self.max_blocks)
+                impl.graph_plan(meta, [1] * b, [1] * b)
                 self._forward(b)  # and the graph-mode launch, outside capture too
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
@@ -157,7 +159,9 @@ class DecodeGraphs:
                     len(self.graphs), self.max_batch, self.capture_s, self.capture_bytes / 2**20)
 
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
-        return bool(self.graphs) and num_seqs <= self.max_batch and max_blocks <= self.max_blocks
+        if not self.graphs or num_seqs > self.max_batch or max_blocks > self.max_blocks:
+            return False
+        return next(s for s in self.sizes if s >= num_seqs) in self.graphs  # sizes past a refusal lack one
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             seq_lens: list[int], tables: tuple[torch.Tensor, int], placeholders=None) -> torch.Tensor:
@@ -181,7 +185,7 @@ class DecodeGraphs:
         if b > n:
             self.slot_mapping[n:b].fill_(-1)
             self.seq_lens[n:b].zero_()
-        self.impl.graph_plan(self.metas[b], [1] * n, seq_lens)
+        self.impls[b].graph_plan(self.metas[b], [1] * n, seq_lens)
         self.graphs[b].replay()
         return first_rows(self.outputs[b], n)
 
