@@ -240,6 +240,34 @@ def test_core_loop_sends_one_batch_per_subscriber_per_step(llama_dir):
         core.shutdown()
 
 
+def test_core_loop_event_log_answers_each_reader_from_where_it_is(monkeypatch):
+    """The prefix-cache events a snapshot returns are exactly those after the reader's seq,
+    read from the log's right end; a reader behind the bounded log gets all hashes."""
+    from types import SimpleNamespace
+
+    import raylm.engine.core_loop as core_loop
+
+    monkeypatch.setattr(core_loop, "EVENT_LOG_LEN", 1024)
+    core = SimpleNamespace(block_manager=SimpleNamespace(hash_events=[]), stats=dict, timing_summary=dict,
+                           metrics=SimpleNamespace(snapshot=dict))
+    loop = CoreLoop(core, deliver=None)  # never started: _publish is driven by hand
+    log = []
+    for step in range(300):  # 1,500 events, past a log of 1,024
+        events = [(int(i % 3 != 0), step * 10 + i) for i in range(5)]
+        core.block_manager.hash_events = list(events)
+        log += events
+        loop._publish()
+    cached = set()
+    for op, h in log:
+        (cached.add if op else cached.discard)(h)
+    assert loop.snapshot(1500)["events"] == []
+    assert loop.snapshot(1490)["events"] == log[-10:]
+    assert loop.snapshot(1500 - len(loop._events))["events"] == log[-len(loop._events):]
+    assert set(loop.snapshot(1500 - len(loop._events) - 1)["hashes"]) == cached  # behind the log
+    assert set(loop.snapshot(-1)["hashes"]) == cached
+    assert len(loop._events) == 1024
+
+
 # ---- through the in-process cluster ------------------------------------------------
 def test_stop_string_at_the_edge_stops_the_core_request(llama_dir):
     llm = LLM(llama_dir, max_model_len=128)

@@ -117,8 +117,10 @@ class CoreLoop:
             if since < 0 or since + 1 < first:
                 out["hashes"] = list(self._cached)
             else:
-                # The log holds consecutive numbers: skip to the first one after `since`.
-                out["events"] = [(op, h) for _, op, h in itertools.islice(self._events, since + 1 - first, None)]
+                # The log holds consecutive numbers: the last seq - since entries are the new
+                # ones, read from the right end (a deque reads from an offset by walking to it).
+                new = list(itertools.islice(reversed(self._events), self._seq - since))
+                out["events"] = [(op, h) for _, op, h in reversed(new)]
         return out
 
     # ---- the loop ------------------------------------------------------------------
