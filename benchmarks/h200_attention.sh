@@ -16,7 +16,8 @@
 #   fa     the GPU tests of flash_attn (FA4's CuTe DSL compiles its kernels on first use)
 #   ab     benchmarks/attention.py --quick: triton beside flashinfer per operation
 #   abf    the full sweep, triton and flashinfer;  ab3  the full sweep of all three
-#   tp     benchmarks/throughput.py, Llama-3.1-8B offline, triton then flashinfer then auto
+#   tp     benchmarks/throughput.py offline, Llama-3.1-8B then Qwen3-0.6B, each backend in turn
+#   lat    benchmarks/latency.py (batch 1), Llama-3.1-8B, triton then auto
 #   l1     benchmarks/serving.py, Llama-3.1-8B over HTTP with attention_backend=flashinfer
 # FlashInfer goes to /tmp/fi and FA4 to /tmp/fa4 (own targets, first on the path: never
 # --upgrade into /tmp/site, see ../shared/hooks/DEVICE.md).
@@ -66,10 +67,15 @@ for p in $parts; do
         pack_cache ;;
     ab) run ab 150 python3 benchmarks/attention.py --quick --backends triton,flashinfer ;;
     abf) run abf 200 python3 benchmarks/attention.py --backends triton,flashinfer ;;
-    tp) for b in triton flashinfer auto; do
-          run "tp-$b" 150 python3 benchmarks/throughput.py --model llama-3.1-8b --peer none --attention-backend $b \
-              --tag "h200-attention-$b"
+    tp) for m in llama-3.1-8b qwen3-0.6b; do
+          for b in triton flashinfer flash_attn auto; do
+            run "tp-$m-$b" 150 python3 benchmarks/throughput.py --model $m --peer none --attention-backend $b \
+                --tag "attention-$b"
+          done
         done ;;
+    lat) for b in triton auto; do
+           run "lat-$b" 150 python3 benchmarks/latency.py --model llama-3.1-8b --attention-backend $b
+         done ;;
     l1) run l1 200 python3 benchmarks/serving.py --model llama-3.1-8b --num-groups 1 --tag h200-flashinfer \
             --open-loop-fraction 0 --engine-arg attention_backend=flashinfer ;;
   esac
