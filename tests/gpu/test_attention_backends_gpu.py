@@ -181,7 +181,8 @@ def test_engine_matches_triton(tmp_path, backend):
     """Greedy tokens and their logprobs with `backend` against the Triton backend on the same
     random weights (Qwen3-0.6B's layout, 4 layers): prompts of 5 to 600 tokens, a prefix-cache
     hit, chunked prefill (mixed steps); eager, and with CUDA graphs (decode and one-sequence
-    prefill graphs planned before each replay)."""
+    prefill graphs planned before each replay). "auto" gets 12 prompts, so that its decode
+    steps are past AUTO_SMALL_DECODE_SEQS (FlashInfer's, where it is installed)."""
     if backend != "auto":
         _backend(backend)
     from raylm import LLM, SamplingParams
@@ -190,6 +191,8 @@ def test_engine_matches_triton(tmp_path, backend):
     gen = torch.Generator().manual_seed(4)
     base = torch.randint(0, 1000, (600,), generator=gen).tolist()
     prompts = [base[:5], base[:130], base, base[:300] + [7, 8, 9]]
+    if backend == "auto":  # past AUTO_SMALL_DECODE_SEQS, so decode steps take auto's large-batch rule
+        prompts = [p + [i] for i in range(3) for p in prompts]
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
     outs = {}
     for name in ("triton", backend):
