@@ -7,15 +7,20 @@ engine's load / memory profile / KV cache and graphs phases) and the ingress rep
     python benchmarks/startup.py --model qwen3-0.6b                       # on the GPU
     python benchmarks/startup.py --model DIR --engine-arg max_num_batched_tokens=512  # CPU
 
-Random weights (`load_format="dummy"`). Prints the timeline, and the critical path: the
-stretch of each phase that nothing else overlapped. Writes
-benchmarks/results/startup-<model>[-<tag>].json (or under $OUT).
+Random weights (`load_format="dummy"`). The benchmark's own preparation (the model folder's
+stand-in tokenizer, written with transformers) runs first, in this process; then a fresh
+process is measured, which imports before serving only what `raylm serve` imports (Ray and
+raylm.cluster: no torch, no transformers; torch and the benchmark's helpers come after the
+first request). Prints the timeline, and the critical path: the stretch of each phase that
+nothing else overlapped. Writes benchmarks/results/startup-<model>[-<tag>].json (or under
+$OUT).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 
@@ -55,16 +60,18 @@ def main() -> None:
     p.add_argument("--tag", default="")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra engine argument (repeatable), e.g. max_num_batched_tokens=512")
+    p.add_argument("--prepared", default=None, help=argparse.SUPPRESS)  # the measured process's model folder
     args = p.parse_args()
 
-    from benchmarks import common
+    if args.prepared is None:  # the benchmark's preparation, then the measured process
+        from transformers import AutoConfig
 
-    DRIVER.mark("benchmark_imports")
-    from transformers import AutoConfig
+        from benchmarks import common
 
-    cfg_dir = common.model_dir(args.model)
-    cfg = AutoConfig.from_pretrained(cfg_dir)
-    common.add_word_tokenizer(cfg_dir, cfg)
+        cfg_dir = common.model_dir(args.model)
+        common.add_word_tokenizer(cfg_dir, AutoConfig.from_pretrained(cfg_dir))
+        sys.exit(subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--prepared", cfg_dir]))
+    cfg_dir = args.prepared
     import ray
     from ray import serve
 
@@ -94,6 +101,7 @@ def main() -> None:
         answer = json.loads(resp.read())
     assert answer["usage"]["completion_tokens"] == 4, answer
     DRIVER.mark("first_request")
+    heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)  # none, as in `raylm serve`
 
     router = serve.get_deployment_handle("Router", app_name=APP_NAME)
     ingress = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
@@ -120,7 +128,10 @@ def main() -> None:
     total = DRIVER.marks["first_request"] - t0
     print(f"\nprocess start to first served request: {total:.1f} s")
 
+    from benchmarks import common  # torch: after the first request, as `raylm serve` never imports it
+
     result = common.base_result("startup", args.model)
+    result["command"] = result["command"].split(" --prepared ")[0]
     if result["device"] == "cpu":
         result["device"] = f"cpu ({os.cpu_count()} cores)"
     result.update({"num_groups": args.num_groups, "api_server_count": args.api_server_count,
@@ -128,7 +139,8 @@ def main() -> None:
                    "startup_s": round(total, 2), "timeline": line,
                    "longest_spans": [{k: v for k, v in s.items() if k != "start"} for s in spans[:10]],
                    "core_phases_s": core_phases, "cpu_count": os.cpu_count(),
-                   "load_average_at_start": round(LOAD_AT_START, 2)})
+                   "load_average_at_start": round(LOAD_AT_START, 2),
+                   "driver_imported_before_first_request": heavy})
     common.save_result(result, f"startup-{os.path.basename(args.model.rstrip('/'))}"
                        + (f"-{args.tag}" if args.tag else ""))
     serve.shutdown()

@@ -183,7 +183,8 @@ def test_closed_loop_batch_bound():
 def test_startup_script_lays_every_process_on_one_timeline(llama_dir, tmp_path):
     """benchmarks/startup.py on the CPU: the driver's steps and the marks of the router,
     the engine core and both ingress replicas, in the order the start-up takes them (the
-    router starts the core before its own model config), and a RESULTS.md row."""
+    router starts the core before its own model config), and a RESULTS.md row; the measured
+    process is not the one that prepared the model folder."""
     import socket
 
     import record
@@ -205,6 +206,9 @@ def test_startup_script_lays_every_process_on_one_timeline(llama_dir, tmp_path):
     times = [t[k][0] for k in order]
     assert times == sorted(times), list(zip(order, times))
     assert abs(r["startup_s"] - max(x["t_s"] for x in r["timeline"])) < 0.01 and r["startup_s"] > 0
+    # The measured process imported what `raylm serve` does before serving: not torch or transformers
+    # (the benchmark's own preparation ran before it, in another process).
+    assert r["driver_imported_before_first_request"] == [] and "--prepared" not in r["command"]
     # The engine's three phases, where the last went (on the CPU: the KV cache alone, no graphs),
     # and the rest of its build, before the load and after the graphs.
     phases = r["core_phases_s"][0]
