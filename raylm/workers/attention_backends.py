@@ -27,8 +27,9 @@ import torch
 
 logger = logging.getLogger("raylm")
 
-OPS = ("decode", "prefill")  # a decode step (one query per sequence), anything else
-AUTO_OPS = ("decode", "decode_small", "prefill")  # "auto"'s rules
+# A backend's operations (AttentionMetadata.op): a decode step (one query per sequence),
+# anything else. "auto" keeps small decode steps apart ("decode_small").
+AUTO_OPS = ("decode", "decode_small", "prefill")
 
 
 @dataclass
