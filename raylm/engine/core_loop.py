@@ -119,7 +119,7 @@ class CoreLoop:
             else:
                 # The log holds consecutive numbers: the last seq - since entries are the new
                 # ones, read from the right end (a deque reads from an offset by walking to it).
-                new = list(itertools.islice(reversed(self._events), self._seq - since))
+                new = list(itertools.islice(reversed(self._events), max(0, self._seq - since)))
                 out["events"] = [(op, h) for _, op, h in reversed(new)]
         return out
 
