@@ -42,6 +42,8 @@ PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # (HBM bytes/s, b
 def device_peaks(name: str) -> tuple[float, float]:
     """(HBM bytes/s, dense bf16 FLOP/s) of the GPU called `name`; the H200's for one not listed."""
     return next((v for k, v in PEAKS.items() if k in name), PEAKS["H200"])
+
+
 BACKENDS = ("triton", "flashinfer", "flash_attn")
 DECODE_BATCHES = (1, 64, 256)
 DECODE_CONTEXTS = (1024, 8192, 32768)

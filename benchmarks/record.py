@@ -198,11 +198,8 @@ def row(r: dict) -> str:
                    f"{r['gpu_kernel_ms_per_step']:.1f} ms a step ({fams}); top kernels {tops} ms")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "attention":
-        best: dict[str, list] = {}
-        for x in r["rows"]:
-            if x["us"] is not None:
-                best.setdefault(f"{x['op']} {x['batch_size']}x{x['context_len']}", []).append((x["us"], x["backend"]))
-        numbers = "; ".join(f"{k}: {min(v)[1]} {min(v)[0]:.1f} us" for k, v in best.items())
+        numbers = "; ".join(f"{op} {batch}x{ctx}: {p['best'][1]} {p['best'][0]:.1f} us"
+                            for (op, batch, ctx, _), p in _attention_points(r).items() if p["best"])
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "latency":
         parts = [f"{x['prompt_len']}: TTFT {x['raylm_ttft_ms']:.1f} ms, TPOT {x['raylm_tpot_ms']:.2f} ms"
@@ -330,9 +327,10 @@ def _serving(r: dict) -> list[Row]:
         startup = _n(r.get("startup_s"))
     busy = ", ".join(f"{x['busy_fraction']:.2f}" for x in r.get("groups") or [])
     share = r.get("num_gpus_per_worker") or 1
-    note = (f"{g} groups sharing one GPU; " if share < 1 else "") + (f"cores in steps {busy}" if busy else "")
-    if r.get("attention_backend"):
-        note += f"; attention_backend {r['attention_backend']}"
+    note = "; ".join(x for x in (f"{g} groups sharing one GPU" if share < 1 else "",
+                                 f"cores in steps {busy}" if busy else "",
+                                 f"attention_backend {r['attention_backend']}" if r.get("attention_backend") else "")
+                     if x)
     return [Row((r["model"], r["device"], tp, g, share, r["num_requests"], conc, r.get("min_len"), r.get("max_len"),
                  mode, r.get("attention_backend") or ""),
                 mode,
@@ -556,22 +554,31 @@ def _startup(r: dict) -> list[Row]:
                  f"{marks[('driver', 'serve_run')]:.1f}", f"{r['startup_s']:.1f}"], r.get("note", ""))]
 
 
-def _attention(r: dict) -> list[Row]:
-    """One row per point of the sweep, microseconds per backend side by side."""
+def _attention_points(r: dict) -> dict[tuple, dict]:
+    """An attention sweep by point (op, batch, context, tokens): its floor, each backend's
+    microseconds (None: refused) and the fastest (us, backend), None if all refused."""
     points: dict[tuple, dict] = {}
     for x in r["rows"]:
         key = (x["op"], x["batch_size"], x["context_len"], x["num_tokens"])
-        p = points.setdefault(key, {"floor": x["floor_us"], "us": {}})
-        p["us"][x["backend"]] = _n(x["us"], 1) if x["us"] is not None else "refused"
+        points.setdefault(key, {"floor": x["floor_us"], "us": {}})["us"][x["backend"]] = x["us"]
+    for p in points.values():
+        p["best"] = min(((us, name) for name, us in p["us"].items() if us is not None), default=None)
+    return points
+
+
+def _attention(r: dict) -> list[Row]:
+    """One row per point of the sweep, microseconds per backend side by side."""
     rows = []
-    for (op, batch, ctx, tokens), p in points.items():
+    for (op, batch, ctx, tokens), p in _attention_points(r).items():
         what = (f"batch {batch}, context {ctx}" if op == "decode" else f"{tokens} tokens" if op == "prefill"
                 else f"{tokens} tokens: a {tokens - batch + 1}-token chunk beside {batch - 1} decodes")
-        best = min((float(v.replace(",", "")), k) for k, v in p["us"].items() if v != "refused")
+        best = p["best"]
         rows.append(Row((r["model"], r["device"], r["block_size"], r["kv_cache_dtype"], op, batch, ctx, tokens),
                         f"{op}-{batch}-{ctx}-{tokens}",
-                        [r["model"], r["device"], op, what, p["us"], _n(p["floor"], 1), best[1],
-                         f"{p['floor'] / best[0]:.2f}"]))
+                        [r["model"], r["device"], op, what,
+                         {name: "refused" if us is None else _n(us, 1) for name, us in p["us"].items()},
+                         _n(p["floor"], 1), best[1] if best else "-",
+                         f"{p['floor'] / best[0]:.2f}" if best else "-"]))
     return rows
 
 
