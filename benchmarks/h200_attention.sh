@@ -39,13 +39,15 @@ install_fa4() {
     $(ls /tmp/attn/*.whl | grep -v flashinfer) >> "$log" 2>&1
   tar -xJf /tmp/attn/cu13.tar.xz -C /tmp/fa4 && rm -f /tmp/attn/cu13.tar.xz
 }
-[ -d /tmp/fi/flashinfer ] || [ ! -d .gpu/attn/flashinfer ] || install_fi
+[ -d .gpu/attn/flashinfer ] && install_fi
 # --target does not run the .pth that puts the CuTe DSL's packages on the path.
 export PYTHONPATH=/tmp/fi:/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
 export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-cache
-if [ -f .gpu/fa4-cache.tgz ] && [ ! -d /tmp/fa4-cache ]; then mkdir -p /tmp/fa4-cache && tar -xzf .gpu/fa4-cache.tgz -C /tmp/fa4-cache; fi
+# A carried JIT cache is merged into the machine's (importing a package may have made its
+# folder already, empty).
+if [ -f .gpu/fa4-cache.tgz ]; then mkdir -p /tmp/fa4-cache && tar -xzf .gpu/fa4-cache.tgz -C /tmp/fa4-cache; fi
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-ws FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
-if [ -f .gpu/fi-cache.tgz ] && [ ! -d /tmp/fi-ws ]; then mkdir -p /tmp/fi-ws && tar -xzf .gpu/fi-cache.tgz -C /tmp/fi-ws; fi
+if [ -f .gpu/fi-cache.tgz ]; then mkdir -p /tmp/fi-ws && tar -xzf .gpu/fi-cache.tgz -C /tmp/fi-ws; fi
 python3 -c "import flashinfer; print('== flashinfer', flashinfer.__version__)" >> "$log" 2>&1
 pack_cache() {
   [ -d /tmp/fi-ws ] && tar -czf "$OUT/fi-cache.tgz" -C /tmp/fi-ws . && ls -la "$OUT/fi-cache.tgz" >> "$log"
