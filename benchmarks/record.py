@@ -514,11 +514,24 @@ def _structured(r: dict) -> list[Row]:
 
 
 def _sampling(r: dict) -> list[Row]:
+    def fi(x: dict) -> str:
+        if x.get("flashinfer_ms") is None:
+            return "-"
+        return (f"{x['flashinfer_ms']:.3f} ({x['flashinfer_rows_with_our_kept_tokens']} of {r['batch_size']} "
+                f"rows ours)")
+
+    def draws(x: dict) -> str:
+        if x.get("raylm_sample_ms") is None:
+            return "-"
+        return f"{x['raylm_sample_ms']:.3f} / " + _fmt(x.get("flashinfer_sample_ms"), ".3f")
+
     return [Row((r["device"], x["setting"], r["batch_size"], r["vocab_size"]), x["setting"],
                 [r["device"], x["setting"], f"{x['top_k'] or '-'} / {x['top_p']}", r["batch_size"], r["vocab_size"],
-                 f"{x['raylm_ms']:.2f}", f"{x['peer_ms']:.2f}", f"{x['speedup']:.1f}x",
+                 f"{x['raylm_ms']:.3f}", _fmt(x.get("raylm_sort_ms"), ".3f"), f"{x['peer_ms']:.2f}",
+                 f"{x['speedup']:.1f}x",
                  "-" if x.get("floor_ms") is None else f"{x['floor_ms']:.3f} ({x['fraction_of_floor']:.2f})",
-                 f"{x['rows_with_the_same_kept_tokens']} of {r['batch_size']}"]) for x in r["rows"]]
+                 f"{x['rows_with_the_same_kept_tokens']} of {r['batch_size']}", fi(x), draws(x)])
+            for x in r["rows"]]
 
 
 def _host_step(r: dict) -> list[Row]:
@@ -713,10 +726,15 @@ SECTIONS = [
             "sampler beside HF transformers' logits warpers on the same logits in the same run, at the "
             "settings of real generation configs. ms per call; floor: the logits read and the mask written "
             "once at the measured copy bandwidth (GPU only), with the fraction of it reached. Same kept "
-            "tokens: rows where both keep one set (they differ only by rounding at the top-p boundary).",
+            "tokens: rows where both keep one set (they differ only by rounding at the top-p boundary). "
+            "Sorting: raylm's filter before its sort-free kernel (a sort of the vocabulary where a row's k is "
+            "large or absent). FlashInfer: its sort-free renorm kernels' mask on the same logits (where "
+            "installed). Draw: a whole sampling step, raylm's filter and exponential race / FlashInfer's "
+            "top_k_top_p_sampling_from_logits.",
             ("sampling",),
-            ["Device", "Setting", "top_k / top_p", "Batch", "Vocabulary", "raylm ms", "HF warpers ms",
-             "Speed-up", "Floor ms (fraction)", "Same kept tokens"], _sampling),
+            ["Device", "Setting", "top_k / top_p", "Batch", "Vocabulary", "raylm ms", "raylm sorting ms",
+             "HF warpers ms", "Speed-up", "Floor ms (fraction)", "Same kept tokens", "FlashInfer ms",
+             "Draw ms raylm / FlashInfer"], _sampling),
     Section("GPU time of a serving step",
             "Kernel time per step (ms, `torch.profiler`) in the steady state of the serving benchmark's closed "
             "loop, run offline: 256 in flight, prompts and outputs of 100-1024 tokens.",

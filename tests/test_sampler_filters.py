@@ -1,14 +1,18 @@
 """Top-k and top-p masks (`sampler._top_k_top_p`) against the plain definition: top-k
-keeps every token at least as likely as the k-th (ties included), top-p the smallest set
-of the most likely remaining tokens whose probability reaches p, rows independent of
-each other. Both of its orderings (torch.topk's candidates when every row has a small k,
-a sort of the vocabulary otherwise) give the definition's masks, with masked (-inf)
-logits and with ties at the k-th value."""
+keeps every token at least as likely as the k-th, top-p the smallest set of the most
+likely remaining tokens whose probability reaches p, and every token as likely as its
+least likely one (ties at either threshold stay), rows independent of each other. Its
+three ways (torch.topk's candidates when every row has a small k; otherwise the Triton
+kernel that searches the thresholds without a sort, here under Triton's interpreter, or
+a sort where no kernel runs) give the definition's masks, with masked (-inf) logits and
+with ties at the thresholds."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from raylm.kernels import sampling as ks
+from raylm.kernels.interpret import use_interpreter
 from raylm.workers import sampler
 from raylm.workers.sampler import _top_k_top_p
 
@@ -30,7 +34,8 @@ def reference(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tor
             probs = row.softmax(dim=0)
             sorted_probs, idx = probs.sort(descending=True)
             before = sorted_probs.cumsum(dim=0) - sorted_probs  # mass of the more likely tokens
-            row[idx[before >= p]] = INF
+            kept = idx[before < p]
+            row[row < row[kept].min()] = INF
     return out
 
 
@@ -49,7 +54,16 @@ def random_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
     ([0, 0, 0, 0, 0, 0], [0.9, 0.5, 1.0, 0.1, 0.99, 0.7]),  # top-p alone
     ([3, 3, 3, 3, 3, 3], [1.0] * 6),  # top-k alone
 ])
-def test_masks_equal_the_definition(top_k, top_p):
+@pytest.mark.parametrize("way", ["sort", "kernel"])
+def test_masks_equal_the_definition(top_k, top_p, way, monkeypatch):
+    """`way` is how rows with a large k or none are filtered: the Triton kernel (under the
+    interpreter) or, where no kernel runs, a sort."""
+    if way == "kernel":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        use_interpreter()
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ks.runs_kernel("cpu") == (way == "kernel")
     logits = random_logits(len(top_k), 4096, seed=sum(top_k))
     got = _top_k_top_p(logits, top_k, top_p)
     want = reference(logits, top_k, top_p)
@@ -67,6 +81,37 @@ def test_both_orderings_agree_and_the_candidates_path_is_taken(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "topk", lambda self, *a, **kw: calls.append(a) or real_topk(self, *a, **kw))
     fast = _top_k_top_p(logits, top_k, top_p)
     assert calls and calls[0][0] == 50  # the largest k candidates, not a sort
-    monkeypatch.setattr(sampler, "TOP_K_CANDIDATES_MAX", 0)  # force the sort
+    monkeypatch.setattr(sampler, "TOP_K_CANDIDATES_MAX", 0)  # force the kernel or the sort
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert torch.equal(torch.isinf(fast), torch.isinf(_top_k_top_p(logits, top_k, top_p)))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter()
     assert torch.equal(torch.isinf(fast), torch.isinf(_top_k_top_p(logits, top_k, top_p)))
     assert _top_k_top_p(logits, [0] * 6, [1.0] * 6) is logits  # nothing asked: nothing done
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 1025])
+def test_kernel_on_awkward_rows(vocab, monkeypatch):
+    """The kernel beside the sort on odd widths (one block, a partial last block) and
+    awkward rows: all tokens equal, one finite token among -inf, negative and positive
+    zeros, logits far apart, a few tied levels, k = vocab, k = 1, p just under 1 and tiny p."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter()
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(8, vocab, generator=g) * 4
+    logits[0] = 1.5  # all tied
+    logits[1] = INF
+    logits[1, vocab // 2] = -3.0  # one finite token
+    logits[2, ::2] = -0.0
+    logits[2, 1::2] = 0.0
+    logits[3] *= 1e4  # far apart: the search spans many exponents
+    logits[4] = logits[4].round()  # a few levels, so many ties at the top-p threshold
+    top_k = [0, 1, vocab, 3, 0, vocab + 5, 2, 0]
+    top_p = [0.5, 0.9, 0.999999, 0.7, 0.9, 1e-6, 1.0, 0.3]
+    got = ks.top_k_top_p_filter(logits, top_k, top_p)
+    want = ks.top_k_top_p_filter_reference(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(reference(logits, top_k, top_p))), \
+        (torch.isinf(got) != torch.isinf(want)).sum(dim=1)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    kept = ~torch.isinf(got)
+    assert torch.equal(got[kept], logits[kept]) and kept.any(dim=1).all()

@@ -128,3 +128,131 @@ def seeded_exponential_reference(keys: Sequence[int], vocab: int, counter: int =
     d = 1.0 - w
     noise = -torch.log(w) * (u / d.clamp_min(2.0 ** -32))
     return torch.where(d == 0, u.clamp_min(2.0 ** -32), noise)
+
+
+# ---- top-k and top-p without a sort ---------------------------------------------------
+# A float32 x maps to an int32 key in the same order (negative floats: magnitude bits
+# flipped), so "the largest threshold whose tokens at or above it reach k tokens (top-k) or
+# p of the mass (top-p)" is a search over keys: each pass over the row sums the weights
+# (1 for top-k, exp(x - max) for top-p) at or above NT evenly spaced candidate keys and
+# keeps the one sub-range where the sum crosses the target, so 32-bit keys take
+# ceil(32 / log2(NT)) passes: a few reads of the row where a sort writes and reads it
+# several times and moves the indices too.
+FILTER_NT = 16  # candidates a pass
+
+
+@triton.jit
+def _order_key(x):
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _search(x_ptr, n_cols, lo, hi, m, target, floor, MASS: tl.constexpr, NT: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """The largest key t in [lo, hi) with weight(key >= t) >= target, given that lo
+    qualifies and hi does not; only keys >= floor count."""
+    j = tl.arange(0, NT)
+    while hi - lo > 1:
+        step = (hi - lo + NT - 1) // NT
+        cand = lo + j.to(tl.int64) * step  # cand[0] = lo
+        cand32 = tl.minimum(cand, hi).to(tl.int32)
+        acc = tl.zeros([NT], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + cols, mask=cols < n_cols, other=float("-inf"))
+            key = _order_key(x)
+            if MASS:
+                w = tl.where(key >= floor, tl.exp(x - m), 0.0)
+            else:
+                w = tl.where((key >= floor) & (cols < n_cols), 1.0, 0.0)
+            acc += tl.sum(tl.where(key[None, :] >= cand32[:, None], w[None, :], 0.0), axis=1)
+        ok = (acc >= target) & (cand < hi)
+        best = tl.max(tl.where(ok, j, 0), axis=0)
+        new_lo = lo + best.to(tl.int64) * step
+        hi = tl.minimum(new_lo + step, hi)
+        lo = new_lo
+    return lo
+
+
+@triton.jit
+def _top_k_top_p_kernel(x_ptr, out_ptr, k_ptr, p_ptr, stride_x, stride_o, n_cols,
+                        HAS_K: tl.constexpr, HAS_P: tl.constexpr, NT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    # Pass 1: the row's largest and smallest keys (and its largest logit).
+    kmax = tl.full([BLOCK], -2147483648, tl.int32)
+    kmin = tl.full([BLOCK], 2147483647, tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        key = _order_key(tl.load(x_row + cols, mask=inside, other=0.0))
+        kmax = tl.maximum(kmax, tl.where(inside, key, -2147483648))
+        kmin = tl.minimum(kmin, tl.where(inside, key, 2147483647))
+    top = tl.max(kmax, axis=0).to(tl.int64)
+    lo = tl.min(kmin, axis=0).to(tl.int64)
+    hi = top + 1
+    m = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row masked whole: no NaN from -inf - -inf
+    if HAS_K:
+        k = tl.load(k_ptr + row)
+        if (k > 0) & (k < n_cols):
+            lo = _search(x_row, n_cols, lo, hi, m, k.to(tl.float32), lo.to(tl.int32), False, NT, BLOCK)
+    floor = lo.to(tl.int32)
+    if HAS_P:
+        p = tl.load(p_ptr + row)
+        if p < 1.0:
+            z = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf"))
+                z += tl.where(_order_key(x) >= floor, tl.exp(x - m), 0.0)
+            lo = _search(x_row, n_cols, lo, hi, m, p * tl.sum(z, axis=0), floor, True, NT, BLOCK)
+    thresh = lo.to(tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        x = tl.load(x_row + cols, mask=inside, other=0.0)
+        tl.store(out_ptr + row * stride_o + cols, tl.where(_order_key(x) >= thresh, x, float("-inf")),
+                 mask=inside)
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
+    """float32 [B, V] logits with every token outside row i's top-k (top_k[i]; 0 or at least
+    the vocabulary: none) and then outside the top-p of what is left (top_p[i]; 1: none) set
+    to -inf; a new tensor. Top-k keeps the tokens at least as likely as the k-th, top-p
+    those at least as likely as the least likely token of the smallest most-likely set
+    reaching p of the row's softmax: ties at either threshold are kept. One launch, no
+    sort (see FILTER_NT); `top_k_top_p_filter_reference` elsewhere."""
+    if not runs_kernel(logits.device):
+        return top_k_top_p_filter_reference(logits, top_k, top_p)
+    rows, vocab = logits.shape
+    x = logits.contiguous()
+    out = torch.empty_like(x)
+    if rows == 0:
+        return out
+    cuda = x.device.type == "cuda"
+    has_k = any(0 < k < vocab for k in top_k)
+    has_p = any(p < 1.0 for p in top_p)
+    ks = torch.tensor([int(k) for k in top_k], dtype=torch.int32, pin_memory=cuda).to(x.device, non_blocking=True)
+    ps = torch.tensor([float(p) for p in top_p], dtype=torch.float32, pin_memory=cuda).to(x.device, non_blocking=True)
+    block = min(triton.next_power_of_2(vocab), 1024 if cuda else 1 << 16)
+    _top_k_top_p_kernel[(rows,)](x, out, ks, ps, x.stride(0), out.stride(0), vocab, HAS_K=has_k, HAS_P=has_p,
+                                 NT=FILTER_NT, BLOCK=block, num_warps=8)
+    return out
+
+
+def top_k_top_p_filter_reference(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
+                                 ) -> torch.Tensor:
+    """`top_k_top_p_filter` from one sort of each row (the definition)."""
+    vals, idx = logits.sort(dim=1, descending=True)
+    vocab = logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    kth = vals.gather(1, torch.tensor([k - 1 for k in ks], device=logits.device).view(-1, 1))
+    out = logits.masked_fill(logits < kth, float("-inf"))
+    ps = torch.tensor([float(p) for p in top_p], dtype=logits.dtype, device=logits.device)
+    probs = out.softmax(dim=1).gather(1, idx)
+    remove = ((probs.cumsum(dim=1) - probs) >= ps.unsqueeze(1)) & (ps < 1.0).unsqueeze(1)
+    least_kept = vals.masked_fill(remove, float("inf")).min(dim=1, keepdim=True).values
+    return out.masked_fill(out < least_kept, float("-inf"))

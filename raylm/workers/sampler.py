@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from raylm.kernels.sampling import seeded_exponential
+from raylm.kernels.sampling import seeded_exponential, top_k_top_p_filter
 from raylm.workers.messages import SamplingOptions
 from raylm.workers.transfer import to_device
 
@@ -134,38 +134,37 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
 
 
 # When every row's top-k is at most this, top-k and top-p work on torch.topk's candidates
-# instead of a sort of the whole vocabulary (Qwen3's generation config asks top_k 20).
+# instead of the whole vocabulary (Qwen3's generation config asks top_k 20); otherwise a
+# Triton kernel searches each row's thresholds without a sort (CUDA, or the interpreter),
+# and elsewhere the vocabulary is sorted.
 TOP_K_CANDIDATES_MAX = 1024
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Top-k then top-p masks from one ordering of the row's tokens, most likely first:
-    a sort of the vocabulary, or torch.topk's max(k) candidates when every row has a
-    small k (top-k masks the rest anyway). Top-k keeps the tokens at least as likely as
-    the k-th; top-p the smallest prefix of what is left reaching p, from the row's own
-    softmax (the same numbers as sorting the probabilities)."""
+    """Top-k then top-p masks (`kernels.sampling.top_k_top_p_filter` says what each keeps:
+    ties at a threshold stay). From torch.topk's max(k) candidates when every row has a
+    small k (top-k masks the rest anyway), else from the kernel or a sort. Top-p uses the
+    row's own softmax after top-k; a row's tokens never depend on its neighbours' settings."""
     vocab = logits.shape[1]
     ks = [k if 0 < k < vocab else vocab for k in top_k]
     need_k, need_p = any(k < vocab for k in ks), any(p < 1.0 for p in top_p)
     if not (need_k or need_p):
         return logits
     width = max(ks)
-    if width <= TOP_K_CANDIDATES_MAX:
-        vals, idx = logits.topk(width, dim=1)
-    else:
-        vals, idx = logits.sort(dim=1, descending=True)
+    if width > TOP_K_CANDIDATES_MAX:
+        return top_k_top_p_filter(logits, ks, top_p)  # the kernel, or a sort
+    vals, idx = logits.topk(width, dim=1)
     if need_k:
         kth = vals.gather(1, to_device([k - 1 for k in ks], torch.long, logits.device).view(-1, 1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if need_p:
         ps = to_device(top_p, logits.dtype, logits.device)
         probs = logits.softmax(dim=1).gather(1, idx)
-        cum = probs.cumsum(dim=1)
-        # Keep the smallest set reaching p; rows at p = 1 keep all (the sum may round to 1
-        # before the tail, and a row's tokens must not depend on its neighbours' top_p).
-        remove = ((cum - probs) >= ps.unsqueeze(1)) & (ps < 1.0).unsqueeze(1)
-        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, remove),
-                                    float("-inf"))
+        # The smallest most-likely set reaching p, and every token as likely as its least
+        # likely one; rows at p = 1 keep all (the sum may round to 1 before the tail).
+        remove = ((probs.cumsum(dim=1) - probs) >= ps.unsqueeze(1)) & (ps < 1.0).unsqueeze(1)
+        least_kept = vals.masked_fill(remove, float("inf")).min(dim=1, keepdim=True).values
+        logits = logits.masked_fill(logits < least_kept, float("-inf"))
     return logits
 
 

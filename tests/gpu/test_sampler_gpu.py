@@ -1,5 +1,5 @@
-"""The sampler's top-k / top-p masks on a GPU (torch.topk's candidates and the sort, as
-CUDA runs them) equal the definition's, at Qwen3's vocabulary and a full batch: exactly
+"""The sampler's top-k / top-p masks on a GPU (torch.topk's candidates and the sort-free
+kernel, as CUDA runs them) equal the definition's, at Qwen3's vocabulary and a full batch: exactly
 for top-k, and up to the one token at the top-p boundary where the GPU's softmax rounds
 differently from the CPU's. The seeded-noise kernel compiled for the GPU equals its CPU
 reference, and seeded rows sample the same in any batch. Skipped without a GPU."""
@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from raylm.kernels.sampling import (seeded_exponential, seeded_exponential_reference,  # noqa: E402
-                                    seeded_uniform, seeded_uniform_reference)
+                                    seeded_uniform, seeded_uniform_reference, top_k_top_p_filter,
+                                    top_k_top_p_filter_reference)
 from raylm.workers.messages import SamplingOptions  # noqa: E402
 from raylm.workers.sampler import SamplingState, _top_k_top_p, draw_seed, sample  # noqa: E402
 from tests.test_sampler_filters import reference  # noqa: E402
@@ -29,6 +30,27 @@ def test_masks_on_the_gpu_equal_the_definition(top_k, top_p):
     want = reference(logits[rows], [top_k] * len(rows), [top_p] * len(rows))
     differ = (torch.isinf(got) != torch.isinf(want)).sum(dim=1)
     assert (differ == 0).all() if top_p == 1.0 else (differ <= 1).all(), differ
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiled kernels only")
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (2000, 0.8), (20, 0.95), (50, 1.0), (0, 0.999), (1, 0.5)])
+def test_sort_free_kernel_equals_the_sort_on_the_gpu(top_k, top_p):
+    """Every row of a full batch at Llama 3's vocabulary, with per-row settings mixed in
+    (rows without a filter, masked tokens): the compiled kernel's masks equal one sort's,
+    up to the token at the top-p boundary (two summation orders), and keep the logits."""
+    g = torch.Generator().manual_seed(7 + top_k)
+    logits = (torch.randn(256, 128256, generator=g) * 3).cuda()
+    logits[3, :60000] = float("-inf")
+    logits[4] = logits[4].round()  # tied levels
+    ks = [top_k] * 256
+    ps = [top_p] * 256
+    ks[5], ps[5] = 0, 1.0  # a row left alone
+    got = top_k_top_p_filter(logits, ks, ps)
+    want = top_k_top_p_filter_reference(logits, ks, ps)
+    differ = (torch.isinf(got) != torch.isinf(want)).sum(dim=1)
+    assert (differ == 0).all() if top_p == 1.0 else (differ <= 1).all(), differ
+    kept = ~torch.isinf(got)
+    assert torch.equal(got[kept], logits[kept]) and kept[5].all()
 
 
 def _seeded_keys(n: int) -> list[int]:
