@@ -19,6 +19,10 @@
 #   tp     benchmarks/throughput.py offline, Llama-3.1-8B then Qwen3-0.6B, each backend in turn
 #   lat    benchmarks/latency.py (batch 1), Llama-3.1-8B, triton then auto
 #   l1     benchmarks/serving.py, Llama-3.1-8B over HTTP with attention_backend=flashinfer
+#   smp    the sampler's GPU tests (its sort-free top-k / top-p kernel) and benchmarks/sampling.py,
+#          which times FlashInfer's sampling kernels beside ours
+#   tpa    benchmarks/throughput.py offline with attention_backend=auto, both models, then
+#          Llama-3.1-8B with top_p 0.9 (its Instruct generation config) beside it
 # FlashInfer goes to /tmp/fi and FA4 to /tmp/fa4 (own targets, first on the path: never
 # --upgrade into /tmp/site, see ../shared/hooks/DEVICE.md).
 parts=${*:-fi ab}
@@ -78,6 +82,14 @@ for p in $parts; do
     lat) for b in triton auto; do
            run "lat-$b" 150 python3 benchmarks/latency.py --model llama-3.1-8b --attention-backend $b
          done ;;
+    smp) run smp 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py
+         run sampling 200 python3 benchmarks/sampling.py ;;
+    tpa) for m in llama-3.1-8b qwen3-0.6b; do
+           run "tpa-$m" 150 python3 benchmarks/throughput.py --model $m --peer none --attention-backend auto \
+               --tag attention-auto
+         done
+         run tpa-topp 150 python3 benchmarks/throughput.py --model llama-3.1-8b --peer none --attention-backend auto \
+             --top-p 0.9 --tag attention-auto-top-p ;;
     l1) run l1 200 python3 benchmarks/serving.py --model llama-3.1-8b --num-groups 1 --tag h200-flashinfer \
             --open-loop-fraction 0 --engine-arg attention_backend=flashinfer ;;
   esac

@@ -9,3 +9,5 @@ run() {  # name, timeout, command...
   echo "== $name exit $?" >> "$log"
   python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
 }
+# The lent GPU's kind for result names: h200 or h100 (the H200 is asked for; an H100 may come).
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -q H200 && echo h200 || echo h100)

@@ -3,7 +3,8 @@
 # installs .gpu/whl, which has py-spy for the engine core's profiles; xgrammar is not needed here):
 #   bash .gpu/unpack.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/h200_serving.sh PARTS
 # PARTS (default all): q1 (Qwen3-0.6B, one group), l1 (Llama-3.1-8B, one group), q2 (Qwen3-0.6B,
-# two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs), st (where
+# two groups sharing the GPU), hs (host scaling with the stand-in model on the machine's CPUs; hs4,
+# hs14 and hs8 its bounded pieces: groups 1,2,4, 1,4 and 1,8), st (where
 # the serving path's start-up goes, benchmarks/startup.py: run it first on a fresh machine, cold caches;
 # also in benchmarks/h200_features.sh, with the feature benchmarks; the engine core phases line
 # splits its build: before_load_s, load_s, profile_s, the graphs, after_graphs_s), sw (st again, with the kernel
@@ -29,9 +30,9 @@ for p in $parts; do
     # a user's `pip install` does not do), so the cold start measures what a fresh install would.
     st) t0=$(date +%s.%N); python3 -m compileall -q -j 16 /tmp/site raylm > /dev/null 2>&1
         echo "== st: bytecode of /tmp/site and raylm compiled in $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" >> "$log"
-        run st 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200 ;;
+        run st 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag "$gpu" ;;
     # ... and again after st, with the Triton and CUDA kernel caches it left.
-    sw) run sw 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag h200-warm-caches ;;
+    sw) run sw 150 python3 benchmarks/startup.py --model qwen3-0.6b --tag "$gpu-warm-caches" ;;
     # q2 again under MPS (the CUDA MPS control daemon, started here as this user and stopped after the
     # run; the GPU's settings are left as they are), so two processes' kernels share the GPU at once.
     q2m) export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
@@ -46,6 +47,8 @@ for p in $parts; do
     # hs split in two bounded runs: 1, 2 and 4 groups, then 1 and 8.
     hs4) run hs4 200 python3 benchmarks/host_scaling.py --groups 1,2,4 --step-ms 25 --concurrency-per-group 256 \
             --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag h200-cpus ;;
+    hs14) run hs14 200 python3 benchmarks/host_scaling.py --groups 1,4 --step-ms 25 --concurrency-per-group 256 \
+            --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag cpus-g4 ;;
     hs8) run hs8 270 python3 benchmarks/host_scaling.py --groups 1,8 --step-ms 25 --concurrency-per-group 256 \
             --requests-per-group 512 --output-len 256 --api-server-count 8 --client-procs 8 --tag h200-cpus-g8 ;;
     hs) run hs 240 python3 benchmarks/host_scaling.py --groups 1,2,4,8 --step-ms 25 --concurrency-per-group 256 \

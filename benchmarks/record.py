@@ -297,12 +297,14 @@ def _throughput(r: dict) -> list[Row]:
     if r.get("process_start_to_first_token_s") is not None:
         startup += f" ({r['process_start_to_first_token_s']:.0f} from process start)"
     backend = r.get("attention_backend")
-    return [Row((r["model"], r["device"], tp, g, requests, off, backend or ""), "",
+    top_p = r.get("top_p", 1.0)
+    return [Row((r["model"], r["device"], tp, g, requests, off, backend or "", top_p), "",
                 [r["model"], r["device"], f"{tp} x {g}", requests, _n(ours),
                  _peer_name(r.get("peer")) if peer else "-", _n(peer), _ratio(ours, peer),
                  _n(r.get("fraction_of_roofline"), 2), startup],
                 "; ".join(x for x in ("asynchronous scheduling off" if off else "",
-                                      f"attention_backend {backend}" if backend else "") if x))]
+                                      f"attention_backend {backend}" if backend else "",
+                                      f"top_p {top_p}" if top_p < 1.0 else "") if x))]
 
 
 def _latency_cell(stats: dict | None, q: str, peer=None, peer_name: str = "") -> str:

@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--num-groups", type=int, default=1)
     p.add_argument("--peer", choices=["hf", "none"], default="hf")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="every request's top_p (Llama-3.1-Instruct's generation config asks 0.9)")
     p.add_argument("--hf-batch-size", type=int, default=128)
     args = p.parse_args()
 
@@ -69,7 +71,10 @@ def main() -> None:
                          attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
                          tensor_parallel_size=tp,
                          async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
-    sps = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=o) for o in outputs]
+    if args.top_p < 1.0 and args.peer == "hf":
+        raise SystemExit("--top-p below 1 is raylm's alone: use --peer none")
+    sps = [SamplingParams(temperature=args.temperature, top_p=args.top_p, ignore_eos=True, max_tokens=o)
+           for o in outputs]
     if groups > 1:
         run = run_groups(engine_kwargs, groups, prompts, sps)
     else:
@@ -84,7 +89,7 @@ def main() -> None:
     result = common.base_result("throughput", args.model)
     result.update({
         "num_requests": args.num_requests, "prompt_tokens": sum(len(x) for x in prompts),
-        "temperature": args.temperature, "raylm_output_tok_per_s": generated / elapsed,
+        "temperature": args.temperature, "top_p": args.top_p, "raylm_output_tok_per_s": generated / elapsed,
         "tensor_parallel_size": tp, "num_groups": groups, "num_gpus": tp * groups,
         "measured_bandwidth_Bps": bandwidth, "measured_bf16_flops": peak,
         "enforce_eager": args.enforce_eager, "attention_backend": args.attention_backend,
