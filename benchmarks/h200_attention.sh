@@ -21,6 +21,9 @@
 #   l1     benchmarks/serving.py, Llama-3.1-8B over HTTP with attention_backend=flashinfer
 #   smp    the sampler's GPU tests (its sort-free top-k / top-p kernel) and benchmarks/sampling.py,
 #          which times FlashInfer's sampling kernels beside ours
+#   smpt   the sampler's GPU tests alone;  sb  sampling.py alone, with a longer bound (FlashInfer's
+#          sampling module compiles on first use unless the carried JIT cache has it)
+#   topp   Llama-3.1-8B offline, auto, top_p 1 then 0.9 (FlashInfer draws where installed)
 #   tpa    benchmarks/throughput.py offline with attention_backend=auto, both models, then
 #          Llama-3.1-8B with top_p 0.9 (its Instruct generation config) beside it
 # FlashInfer goes to /tmp/fi and FA4 to /tmp/fa4 (own targets, first on the path: never
@@ -84,6 +87,12 @@ for p in $parts; do
          done ;;
     smp) run smp 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py
          run sampling 200 python3 benchmarks/sampling.py ;;
+    smpt) run smpt 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py ;;
+    sb) run sampling 480 python3 benchmarks/sampling.py ;;
+    topp) for p in 1.0 0.9; do
+            run "topp-$p" 150 python3 benchmarks/throughput.py --model llama-3.1-8b --peer none \
+                --attention-backend auto --top-p $p --tag "attention-auto-top-p-$p-flashinfer-sampler"
+          done ;;
     tpa) for m in llama-3.1-8b qwen3-0.6b; do
            run "tpa-$m" 150 python3 benchmarks/throughput.py --model $m --peer none --attention-backend auto \
                --tag attention-auto

@@ -115,3 +115,44 @@ def test_kernel_on_awkward_rows(vocab, monkeypatch):
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     kept = ~torch.isinf(got)
     assert torch.equal(got[kept], logits[kept]) and kept.any(dim=1).all()
+
+
+class _RecordingFlashInfer:
+    """Stands in for flashinfer.sampling to check what the sampler would hand it (the real
+    kernel runs in tests/gpu/test_sampler_gpu.py)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def top_k_top_p_sampling_from_logits(self, logits, top_k, top_p, **kw):
+        self.calls.append((logits.clone(), top_k.tolist(), top_p.tolist(), kw))
+        return torch.zeros(logits.shape[0], dtype=torch.int32)
+
+
+def test_which_batches_flashinfer_draws():
+    """FlashInfer draws a batch only where it stands for our draw: some row asks top-k or
+    top-p, no sampling row is seeded or asks min-p. It gets the temperature-scaled logits,
+    each row's k (the vocabulary where none) and p, top-k first."""
+    from raylm.workers.messages import SamplingOptions
+    from raylm.workers.sampler import SamplingState, _flashinfer_draw, flashinfer_sampling
+
+    assert flashinfer_sampling(torch.device("cpu")) is None  # CUDA only
+    logits = torch.randn(3, 50)
+
+    def states(*options):
+        return [SamplingState.of_request([1], o, torch.device("cpu")) for o in options]
+
+    fi = _RecordingFlashInfer()
+    got = _flashinfer_draw(fi, logits, states(SamplingOptions(temperature=0.5, top_p=0.9),
+                                              SamplingOptions(temperature=0.5, top_k=7),
+                                              SamplingOptions(temperature=0.0, seed=3)), None)  # greedy
+    assert got.dtype == torch.long and len(fi.calls) == 1
+    scaled, ks, ps, kw = fi.calls[0]
+    assert torch.allclose(scaled[:2], logits[:2] / 0.5)  # (the greedy row's token is the argmax)
+    assert ks == [50, 7, 50] and ps == pytest.approx([0.9, 1.0, 1.0])
+    assert kw["filter_apply_order"] == "top_k_first"
+    for options in [(SamplingOptions(top_p=0.9, seed=1), SamplingOptions(top_p=0.9)),  # a seeded row
+                    (SamplingOptions(top_p=0.9, min_p=0.1), SamplingOptions()),  # min-p
+                    (SamplingOptions(temperature=0.7), SamplingOptions())]:  # no filter asked
+        assert _flashinfer_draw(fi, logits[:2], states(*options), None) is None
+    assert len(fi.calls) == 1

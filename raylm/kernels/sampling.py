@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from raylm.kernels.interpret import runs_kernel
+from raylm.kernels.transfer import to_device
 
 
 @triton.jit
@@ -177,8 +178,7 @@ def _search(x_ptr, n_cols, lo, hi, m, target, floor, MASS: tl.constexpr, NT: tl.
 
 @triton.jit
 def _top_k_top_p_kernel(x_ptr, out_ptr, k_ptr, p_ptr, stride_x, stride_o, n_cols,
-                        HAS_K: tl.constexpr, HAS_P: tl.constexpr, NT: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        NT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     # Pass 1: the row's largest and smallest keys (and its largest logit).
@@ -195,20 +195,18 @@ def _top_k_top_p_kernel(x_ptr, out_ptr, k_ptr, p_ptr, stride_x, stride_o, n_cols
     hi = top + 1
     m = tl.where(top >= 0, top, top ^ 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row masked whole: no NaN from -inf - -inf
-    if HAS_K:
-        k = tl.load(k_ptr + row)
-        if (k > 0) & (k < n_cols):
-            lo = _search(x_row, n_cols, lo, hi, m, k.to(tl.float32), lo.to(tl.int32), False, NT, BLOCK)
+    k = tl.load(k_ptr + row)
+    if (k > 0) & (k < n_cols):
+        lo = _search(x_row, n_cols, lo, hi, m, k.to(tl.float32), lo.to(tl.int32), False, NT, BLOCK)
     floor = lo.to(tl.int32)
-    if HAS_P:
-        p = tl.load(p_ptr + row)
-        if p < 1.0:
-            z = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf"))
-                z += tl.where(_order_key(x) >= floor, tl.exp(x - m), 0.0)
-            lo = _search(x_row, n_cols, lo, hi, m, p * tl.sum(z, axis=0), floor, True, NT, BLOCK)
+    p = tl.load(p_ptr + row)
+    if p < 1.0:
+        z = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf"))
+            z += tl.where(_order_key(x) >= floor, tl.exp(x - m), 0.0)
+        lo = _search(x_row, n_cols, lo, hi, m, p * tl.sum(z, axis=0), floor, True, NT, BLOCK)
     thresh = lo.to(tl.int32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -233,12 +231,10 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequen
     if rows == 0:
         return out
     cuda = x.device.type == "cuda"
-    has_k = any(0 < k < vocab for k in top_k)
-    has_p = any(p < 1.0 for p in top_p)
-    ks = torch.tensor([int(k) for k in top_k], dtype=torch.int32, pin_memory=cuda).to(x.device, non_blocking=True)
-    ps = torch.tensor([float(p) for p in top_p], dtype=torch.float32, pin_memory=cuda).to(x.device, non_blocking=True)
+    ks = to_device([int(k) for k in top_k], torch.int32, x.device)
+    ps = to_device([float(p) for p in top_p], torch.float32, x.device)
     block = min(triton.next_power_of_2(vocab), 1024 if cuda else 1 << 16)
-    _top_k_top_p_kernel[(rows,)](x, out, ks, ps, x.stride(0), out.stride(0), vocab, HAS_K=has_k, HAS_P=has_p,
+    _top_k_top_p_kernel[(rows,)](x, out, ks, ps, x.stride(0), out.stride(0), vocab,
                                  NT=FILTER_NT, BLOCK=block, num_warps=8)
     return out
 

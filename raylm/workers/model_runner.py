@@ -246,11 +246,18 @@ class ModelRunner:
         if self.device.type == "cuda":
             # Compile the seeded-noise kernels now: the first seeded request would
             # otherwise wait for Triton (about 0.7 s on the H200) inside a step.
-            from raylm.kernels.sampling import seeded_exponential, seeded_uniform
+            from raylm.kernels.sampling import seeded_exponential, seeded_uniform, top_k_top_p_filter
+            from raylm.workers.sampler import flashinfer_sampling
 
             vocab = self.hf_config.vocab_size
             seeded_exponential([0], vocab, self.device)
             seeded_uniform([0], 1, self.device, counter=vocab)  # speculative verification's
+            # The sort-free top-k / top-p kernel, and FlashInfer's draw where it samples
+            # (it compiles with nvcc on first use unless its JIT cache has it).
+            top_k_top_p_filter(torch.zeros(1, vocab, device=self.device), [vocab // 2], [0.5])
+            fi = flashinfer_sampling(self.device)
+            if fi is not None:
+                fi.top_k_top_p_sampling_from_logits(torch.zeros(1, vocab, device=self.device), vocab // 2, 0.5)
             # ... and the grammar bitmask's (float32 logits, as sampling sees them).
             from raylm.kernels.bitmask import apply_token_bitmask
 

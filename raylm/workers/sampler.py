@@ -12,6 +12,7 @@ On CUDA every seeded row's noise comes from one kernel launch keyed by that mix
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -185,6 +186,49 @@ def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     return logits
 
 
+_FLASHINFER_SAMPLING: list = []  # [module or None], imported once
+
+
+def flashinfer_sampling(device: torch.device):
+    """FlashInfer's sampling module where it draws for us: on CUDA with flashinfer
+    installed, unless RAYLM_USE_FLASHINFER_SAMPLER=0 (vLLM's VLLM_USE_FLASHINFER_SAMPLER).
+    Its sort-free top-k / top-p draw beat ours on an H100 at batch 256 and a 152k
+    vocabulary (0.29 against 2.09 ms at Qwen3's top_k 20 / top_p 0.95, 0.60 against
+    3.63 ms at top_p 0.9: benchmarks/sampling.py)."""
+    if device.type != "cuda" or os.environ.get("RAYLM_USE_FLASHINFER_SAMPLER", "1") == "0":
+        return None
+    if not _FLASHINFER_SAMPLING:
+        try:
+            import flashinfer.sampling as module
+        except ImportError:
+            module = None
+        _FLASHINFER_SAMPLING.append(module)
+    return _FLASHINFER_SAMPLING[0]
+
+
+def _flashinfer_draw(fi, logits: torch.Tensor, states: list[SamplingState],
+                     default_generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    """The batch's draw by FlashInfer's top_k_top_p_sampling_from_logits (top-k, then top-p
+    of what is left, as `_filter` orders them), when it can stand for ours: some row asks
+    top-k or top-p, no row is seeded (a seeded row's draw must not depend on its batch)
+    and none asks min-p. None otherwise."""
+    vocab = logits.shape[1]
+    ks = [st.options.top_k if 0 < st.options.top_k < vocab else vocab for st in states]
+    ps = [st.options.top_p for st in states]
+    if not (any(k < vocab for k in ks) or any(p < 1.0 for p in ps)):
+        return None
+    if any(st.generator is not None or st.options.min_p > 0 for st in states if not st.is_greedy):
+        return None
+    temps = [max(st.options.temperature, 1e-5) for st in states]
+    if all(t == temps[0] for t in temps):
+        scaled = logits / temps[0]
+    else:
+        scaled = logits / to_device(temps, logits.dtype, logits.device).unsqueeze(1)
+    return fi.top_k_top_p_sampling_from_logits(
+        scaled, to_device(ks, torch.int32, logits.device), to_device(ps, torch.float32, logits.device),
+        filter_apply_order="top_k_first", deterministic=True, generator=default_generator).long()
+
+
 def sample(logits: torch.Tensor, states: list[SamplingState],
            default_generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row of `logits` (float32, [B, V]). A seeded row draws for output
@@ -193,6 +237,13 @@ def sample(logits: torch.Tensor, states: list[SamplingState],
         logits = _apply_penalties(logits.clone(), states)
     if all(st.is_greedy for st in states):
         return logits.argmax(dim=1)
+    fi = flashinfer_sampling(logits.device)
+    sampled = None if fi is None else _flashinfer_draw(fi, logits, states, default_generator)
+    if sampled is not None:
+        if not any(st.is_greedy for st in states):
+            return sampled
+        greedy = to_device([st.is_greedy for st in states], torch.bool, logits.device)
+        return torch.where(greedy, logits.argmax(dim=1), sampled)
     scaled = _filter(logits, states)
     # Exponential race: argmax p/q with q ~ Exp(1) draws from p = softmax(scaled); in logs,
     # argmax(scaled - log q), which needs no softmax. Unseeded rows share one batched draw;
