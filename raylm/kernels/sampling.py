@@ -158,7 +158,9 @@ def _search(x_ptr, n_cols, lo, hi, m, target, floor, MASS: tl.constexpr, NT: tl.
         step = (hi - lo + NT - 1) // NT
         cand = lo + j.to(tl.int64) * step  # cand[0] = lo
         cand32 = tl.minimum(cand, hi).to(tl.int32)
-        acc = tl.zeros([NT], dtype=tl.float32)
+        # Per-lane partial sums, reduced once a pass: a reduction per block would put a
+        # barrier in every iteration (one program a row, so latency, not bandwidth, bounds it).
+        acc2 = tl.zeros([NT, BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + cols, mask=cols < n_cols, other=float("-inf"))
@@ -167,7 +169,8 @@ def _search(x_ptr, n_cols, lo, hi, m, target, floor, MASS: tl.constexpr, NT: tl.
                 w = tl.where(key >= floor, tl.exp(x - m), 0.0)
             else:
                 w = tl.where((key >= floor) & (cols < n_cols), 1.0, 0.0)
-            acc += tl.sum(tl.where(key[None, :] >= cand32[:, None], w[None, :], 0.0), axis=1)
+            acc2 += tl.where(key[None, :] >= cand32[:, None], w[None, :], 0.0)
+        acc = tl.sum(acc2, axis=1)
         ok = (acc >= target) & (cand < hi)
         best = tl.max(tl.where(ok, j, 0), axis=0)
         new_lo = lo + best.to(tl.int64) * step
@@ -233,7 +236,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequen
     cuda = x.device.type == "cuda"
     ks = to_device([int(k) for k in top_k], torch.int32, x.device)
     ps = to_device([float(p) for p in top_p], torch.float32, x.device)
-    block = min(triton.next_power_of_2(vocab), 1024 if cuda else 1 << 16)
+    block = min(triton.next_power_of_2(vocab), 512 if cuda else 1 << 16)
     _top_k_top_p_kernel[(rows,)](x, out, ks, ps, x.stride(0), out.stride(0), vocab,
                                  NT=FILTER_NT, BLOCK=block, num_warps=8)
     return out
