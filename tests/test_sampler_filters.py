@@ -3,8 +3,8 @@ keeps every token at least as likely as the k-th, top-p the smallest set of the 
 likely remaining tokens whose probability reaches p, and every token as likely as its
 least likely one (ties at either threshold stay), rows independent of each other. Its
 three ways (torch.topk's candidates when every row has a small k; otherwise the Triton
-kernel that searches the thresholds without a sort, here under Triton's interpreter, or
-a sort where no kernel runs) give the definition's masks, with masked (-inf) logits and
+kernel that searches the thresholds without a sort, here under Triton's interpreter, as
+CUDA runs it; or the CPU's sort) give the definition's masks, with masked (-inf) logits and
 with ties at the thresholds."""
 from __future__ import annotations
 
@@ -57,15 +57,16 @@ def random_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("way", ["sort", "kernel"])
 def test_masks_equal_the_definition(top_k, top_p, way, monkeypatch):
     """`way` is how rows with a large k or none are filtered: the Triton kernel (under the
-    interpreter) or, where no kernel runs, a sort."""
+    interpreter, as CUDA runs it) or the CPU's sort."""
     if way == "kernel":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         use_interpreter()
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert ks.runs_kernel("cpu") == (way == "kernel")
+        monkeypatch.setattr(sampler, "FILTER_KERNEL_ON_CPU", True)
+    calls = []
+    monkeypatch.setattr(sampler, "top_k_top_p_filter", lambda *a: calls.append(1) or ks.top_k_top_p_filter(*a))
     logits = random_logits(len(top_k), 4096, seed=sum(top_k))
     got = _top_k_top_p(logits, top_k, top_p)
+    assert bool(calls) == (way == "kernel" and max(k if 0 < k < 4096 else 4096 for k in top_k) > 1024)
     want = reference(logits, top_k, top_p)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     kept = ~torch.isinf(got)
@@ -81,11 +82,11 @@ def test_both_orderings_agree_and_the_candidates_path_is_taken(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "topk", lambda self, *a, **kw: calls.append(a) or real_topk(self, *a, **kw))
     fast = _top_k_top_p(logits, top_k, top_p)
     assert calls and calls[0][0] == 50  # the largest k candidates, not a sort
-    monkeypatch.setattr(sampler, "TOP_K_CANDIDATES_MAX", 0)  # force the kernel or the sort
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sampler, "TOP_K_CANDIDATES_MAX", 0)  # force the sort (the CPU's way) ...
     assert torch.equal(torch.isinf(fast), torch.isinf(_top_k_top_p(logits, top_k, top_p)))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # ... or the kernel
     use_interpreter()
+    monkeypatch.setattr(sampler, "FILTER_KERNEL_ON_CPU", True)
     assert torch.equal(torch.isinf(fast), torch.isinf(_top_k_top_p(logits, top_k, top_p)))
     assert _top_k_top_p(logits, [0] * 6, [1.0] * 6) is logits  # nothing asked: nothing done
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from raylm.kernels.sampling import seeded_exponential, top_k_top_p_filter
+from raylm.kernels.sampling import seeded_exponential, top_k_top_p_filter, top_k_top_p_filter_reference
 from raylm.workers.messages import SamplingOptions
 from raylm.workers.transfer import to_device
 
@@ -136,9 +136,11 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
 
 # When every row's top-k is at most this, top-k and top-p work on torch.topk's candidates
 # instead of the whole vocabulary (Qwen3's generation config asks top_k 20); otherwise a
-# Triton kernel searches each row's thresholds without a sort (CUDA, or the interpreter),
-# and elsewhere the vocabulary is sorted.
+# Triton kernel searches each row's thresholds without a sort (CUDA), and the CPU sorts.
 TOP_K_CANDIDATES_MAX = 1024
+# Tests set this to run that kernel on the CPU too (under Triton's interpreter); otherwise
+# the CPU sorts, even while test files keep the interpreter on for the whole session.
+FILTER_KERNEL_ON_CPU = False
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -153,7 +155,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
         return logits
     width = max(ks)
     if width > TOP_K_CANDIDATES_MAX:
-        return top_k_top_p_filter(logits, ks, top_p)  # the kernel, or a sort
+        if logits.device.type == "cuda" or FILTER_KERNEL_ON_CPU:
+            return top_k_top_p_filter(logits, ks, top_p)
+        return top_k_top_p_filter_reference(logits, ks, top_p)
     vals, idx = logits.topk(width, dim=1)
     if need_k:
         kth = vals.gather(1, to_device([k - 1 for k in ks], torch.long, logits.device).view(-1, 1))
