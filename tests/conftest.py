@@ -3,6 +3,14 @@ supported architecture saved with transformers, and transformers as the oracle."
 from __future__ import annotations
 
 import os
+import signal
+
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every process it starts: Python keeps an ignored SIGINT ignored
+# instead of raising KeyboardInterrupt, so `serve run` and the test cluster holders would
+# never stop on the Ctrl-C the tests send them. Handled here, the children get the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
