@@ -12,13 +12,21 @@ from raylm.engine.sampling_params import SamplingParams
 
 class Streams:
     """One backend stream per prompt, each drained by its own task into one queue, so a
-    batch progresses together; `close()` cancels them, which aborts unfinished requests."""
+    batch progresses together; `close()` cancels them, which aborts unfinished requests.
+    A single prompt (most requests) is read in the caller's task, without a drain task
+    and a queue between: one task switch less per token."""
 
     def __init__(self, backend, requests: list[tuple[dict, SamplingParams, str]]):
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._live = len(requests)
+        self._live = self._count = len(requests)
         self._early: list[tuple[int, RequestOutput]] = []
-        self._tasks = [asyncio.ensure_future(self._drain(i, backend, *r)) for i, r in enumerate(requests)]
+        self._single = None
+        self._tasks: list[asyncio.Future] = []
+        if len(requests) == 1:
+            prompt, params, request_id = requests[0]
+            self._single = backend.generate_stream(prompt, params, request_id=request_id)
+        else:
+            self._tasks = [asyncio.ensure_future(self._drain(i, backend, *r)) for i, r in enumerate(requests)]
 
     async def _drain(self, i: int, backend, prompt: dict, params: SamplingParams, request_id: str):
         stream = None
@@ -47,6 +55,12 @@ class Streams:
     async def start(self) -> None:
         """Wait for each stream's first output, so that bad input (the backend's
         ValueError) is known before a response starts."""
+        if self._single is not None:
+            try:
+                self._early.append((0, await self._single.__anext__()))
+            except StopAsyncIteration:
+                raise RuntimeError("the backend ended a stream without any output") from None
+            return
         waiting = set(range(len(self._tasks)))
         while waiting:
             item = await self._next()
@@ -62,6 +76,10 @@ class Streams:
         chunks, nothing lost."""
         while self._early:
             yield self._early.pop(0)
+        if self._single is not None:
+            async for out in self._single:  # the backend coalesces what queued meanwhile
+                yield 0, out
+            return
         while (item := await self._next()) is not None:
             newest = {item[0]: item[1]}
             while self._live and not self._queue.empty():
@@ -79,9 +97,12 @@ class Streams:
         last: dict[int, RequestOutput] = {}
         async for i, out in self.outputs():
             last[i] = out
-        return [last[i] for i in range(len(self._tasks))]
+        return [last[i] for i in range(self._count)]
 
     async def close(self) -> None:
+        if self._single is not None and hasattr(self._single, "aclose"):
+            with anyio.CancelScope(shield=True):
+                await self._single.aclose()  # an unfinished request is aborted
         for t in self._tasks:
             t.cancel()
         with anyio.CancelScope(shield=True):
