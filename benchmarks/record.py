@@ -35,6 +35,11 @@ def _peer_name(peer: str | None) -> str:
     return PEERS.get(peer, peer or "-")
 
 
+def _notes(*parts) -> str:
+    """The non-empty parts of a note, joined."""
+    return "; ".join(x for x in parts if x)
+
+
 def _fmt(x, spec=".0f"):
     return "-" if x is None else format(x, spec)
 
@@ -302,9 +307,9 @@ def _throughput(r: dict) -> list[Row]:
                 [r["model"], r["device"], f"{tp} x {g}", requests, _n(ours),
                  _peer_name(r.get("peer")) if peer else "-", _n(peer), _ratio(ours, peer),
                  _n(r.get("fraction_of_roofline"), 2), startup],
-                "; ".join(x for x in ("asynchronous scheduling off" if off else "",
-                                      f"attention_backend {backend}" if backend else "",
-                                      f"top_p {top_p}" if top_p < 1.0 else "") if x))]
+                _notes("asynchronous scheduling off" if off else "",
+                       f"attention_backend {backend}" if backend else "",
+                       f"top_p {top_p}" if top_p < 1.0 else ""))]
 
 
 def _latency_cell(stats: dict | None, q: str, peer=None, peer_name: str = "") -> str:
@@ -329,10 +334,8 @@ def _serving(r: dict) -> list[Row]:
         startup = _n(r.get("startup_s"))
     busy = ", ".join(f"{x['busy_fraction']:.2f}" for x in r.get("groups") or [])
     share = r.get("num_gpus_per_worker") or 1
-    note = "; ".join(x for x in (f"{g} groups sharing one GPU" if share < 1 else "",
-                                 f"cores in steps {busy}" if busy else "",
-                                 f"attention_backend {r['attention_backend']}" if r.get("attention_backend") else "")
-                     if x)
+    note = _notes(f"{g} groups sharing one GPU" if share < 1 else "", f"cores in steps {busy}" if busy else "",
+                  f"attention_backend {r['attention_backend']}" if r.get("attention_backend") else "")
     return [Row((r["model"], r["device"], tp, g, share, r["num_requests"], conc, r.get("min_len"), r.get("max_len"),
                  mode, r.get("attention_backend") or ""),
                 mode,
@@ -805,7 +808,7 @@ def render_table(section: Section, chosen: list[tuple[dict, Row]]) -> str:
     header = []
     for c in section.columns:
         header += [c.format(k) for k in spread] if "{}" in c else [c]
-    notes = ["; ".join(x for x in (row.note, r.get("label")) if x) for r, row in chosen]
+    notes = [_notes(row.note, r.get("label")) for r, row in chosen]
     header += (["Note"] if any(notes) else []) + ["Date", "Command", "Result file"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (r, row), note in zip(chosen, notes):

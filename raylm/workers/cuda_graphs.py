@@ -161,7 +161,11 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
         if not self.graphs or num_seqs > self.max_batch or max_blocks > self.max_blocks:
             return False
-        return next(s for s in self.sizes if s >= num_seqs) in self.graphs  # sizes past a refusal lack one
+        return self._size(num_seqs) in self.graphs  # sizes past a refusal lack one
+
+    def _size(self, n: int) -> int:
+        """The smallest captured batch size that holds n sequences."""
+        return next(s for s in self.sizes if s >= n)
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             seq_lens: list[int], tables: tuple[torch.Tensor, int], placeholders=None) -> torch.Tensor:
@@ -170,7 +174,7 @@ class DecodeGraphs:
         device) overwrite input ids that the previous step is still sampling. Nothing here
         waits for the GPU."""
         n = len(input_ids)
-        b = next(s for s in self.sizes if s >= n)
+        b = self._size(n)
         dev = self.input_ids.device
         cols = to_device([input_ids, positions, slots, seq_lens], torch.long, dev)
         self.input_ids[:n].copy_(cols[0])

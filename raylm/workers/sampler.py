@@ -173,13 +173,17 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     return logits
 
 
-def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (each a no-op at its default)."""
+def _scaled(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Each row over its temperature (a greedy row's clamped: its token is the argmax)."""
     temps = [max(st.options.temperature, 1e-5) for st in states]
     if all(t == temps[0] for t in temps):
-        logits = logits / temps[0]
-    else:
-        logits = logits / to_device(temps, logits.dtype, logits.device).unsqueeze(1)
+        return logits / temps[0]
+    return logits / to_device(temps, logits.dtype, logits.device).unsqueeze(1)
+
+
+def _filter(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (each a no-op at its default)."""
+    logits = _scaled(logits, states)
     logits = _top_k_top_p(logits, [st.options.top_k for st in states], [st.options.top_p for st in states])
     min_p = [st.options.min_p for st in states]
     if any(m > 0 for m in min_p):
@@ -223,13 +227,8 @@ def _flashinfer_draw(fi, logits: torch.Tensor, states: list[SamplingState],
         return None
     if any(st.generator is not None or st.options.min_p > 0 for st in states if not st.is_greedy):
         return None
-    temps = [max(st.options.temperature, 1e-5) for st in states]
-    if all(t == temps[0] for t in temps):
-        scaled = logits / temps[0]
-    else:
-        scaled = logits / to_device(temps, logits.dtype, logits.device).unsqueeze(1)
     return fi.top_k_top_p_sampling_from_logits(
-        scaled, to_device(ks, torch.int32, logits.device), to_device(ps, torch.float32, logits.device),
+        _scaled(logits, states), to_device(ks, torch.int32, logits.device), to_device(ps, torch.float32, logits.device),
         filter_apply_order="top_k_first", deterministic=True, generator=default_generator).long()
 
 
