@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -189,6 +190,27 @@ def save_result(result: dict, stem: str) -> str:
 def device_name() -> str:
     """The GPU's name (a record's "device"), or "cpu"."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def http_stack() -> dict:
+    """What the ingress replicas serve HTTP with in this environment (they share its
+    packages): uvicorn's parser (httptools, or the pure-Python h11 without it) and the
+    event loop (uvloop, which Ray uses where installed unless RAY_USE_UVLOOP=0, or
+    asyncio's own). A user's `pip install raylm` brings both C parts, through
+    ray[serve]'s uvicorn[standard]."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+
+    def have(name: str) -> Optional[str]:
+        try:
+            return version(name) if find_spec(name) is not None else None
+        except PackageNotFoundError:
+            return None
+
+    uvloop_on = os.environ.get("RAY_USE_UVLOOP", "1").lower() not in ("0", "false", "no", "off")
+    parser, loop = have("httptools"), have("uvloop") if uvloop_on else None
+    return {"http_parser": f"httptools {parser}" if parser else "h11 (pure Python)",
+            "event_loop": f"uvloop {loop}" if loop else "asyncio"}
 
 
 def base_result(benchmark: str, model: str) -> dict:

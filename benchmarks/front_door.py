@@ -238,7 +238,7 @@ def main() -> None:
     result.update({"device": f"cpu ({os.cpu_count()} cores)", "standin": True, "step_ms": args.step_ms,
                    "load_average_1m_at_start": load_at_start,  # other work on the machine shows here
                    "streams": args.streams, "prompt_len": args.prompt_len, "output_len": args.output_len,
-                   "client_procs": args.client_procs, "body_bytes": args.body_bytes,
+                   "client_procs": args.client_procs, "body_bytes": args.body_bytes, "http_stack": common.http_stack(),
                    "max_request_body_bytes": LIMIT, "slow_gap_ms": args.slow_gap_ms,
                    "health_period_ms": args.health_period_ms, "health_target_p99_ms": 100.0, **figures,
                    "ttft_ms": summary["ttft_ms"], "tpot_ms": summary["tpot_ms"], "itl_ms": summary["itl_ms"]})

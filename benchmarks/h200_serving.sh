@@ -10,9 +10,15 @@
 # splits its build: before_load_s, load_s, profile_s, the graphs, after_graphs_s), sw (st again, with the kernel
 # caches st left).
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
+# The carried packages must include uvloop and httptools (the C parts of uvicorn[standard], which a
+# user's `pip install raylm` gets through ray[serve]): without them the ingress serves on asyncio's own
+# loop and uvicorn's pure-Python h11 parser, and every streamed token costs it more CPU. The runs before
+# 2026-12-06 had neither (the image lacks both and the pack left them out); each result now records its
+# "http_stack", and the log's first line says which it was.
 parts=${*:-q1 l1 q2 hs}
 log=$OUT/serving.log
 . "$(dirname "$0")/h200_run.sh"
+echo "== http stack: $(python3 -c 'import uvloop, httptools; print("uvloop", uvloop.__version__, "httptools", httptools.__version__)' 2>&1 | tail -1)" >> "$log"
 profile() {  # after $1 s, 8 s of py-spy on the engine core process -> $OUT/$2
   (sleep "$1"; pid=$(pgrep -f "ray::EngineCoreActor" | head -1)
    [ -n "$pid" ] && py-spy record -d 8 -r 100 -p "$pid" -f raw -o "$OUT/$2" > /dev/null 2>&1) &

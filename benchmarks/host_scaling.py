@@ -40,6 +40,7 @@ def save(args, runs: list[dict]) -> None:
                    "token_us": args.token_us, "prompt_len": args.prompt_len, "output_len": args.output_len,
                    "concurrency_per_group": args.concurrency_per_group,
                    "api_server_count": args.api_server_count, "client_procs": args.client_procs,
+                   "http_stack": common.http_stack(),
                    "runs": runs, "peer": "linear scaling (G x one group)"})
     common.save_result(result, "host_scaling" + (f"-{args.tag}" if args.tag else ""))
 

@@ -156,6 +156,7 @@ def main() -> None:
             "attention_backend": extra.get("attention_backend", "auto"),
             "num_gpus_per_worker": args.num_gpus_per_worker, "api_server_count": args.api_server_count,
             "num_gpus": args.num_groups * args.tensor_parallel_size * args.num_gpus_per_worker,
+            "http_stack": common.http_stack(),
             **s, "startup_s": startup_s, "cores_startup": cores_startup, "groups": groups,
             "mean_batch": s["output_tokens"] / max(1, sum(g["steps"] for g in groups)),
             "mean_batch_bound": (closed_loop_batch_bound(outputs, args.max_concurrency * args.num_groups)

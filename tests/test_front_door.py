@@ -278,3 +278,30 @@ def test_drain_refuses_new_requests_and_ends_streams_with_an_error_event():
     assert json.loads(events[-3]) == {"finish_reason": "abort"}
     assert json.loads(events[-2])["error"]["code"] == 503
     assert "shutdown_timeout" in json.loads(events[-2])["error"]["message"]
+
+
+def test_an_ingress_without_uvicorn_standard_warns(caplog):
+    """h11 or asyncio's own loop (no httptools, no uvloop) is named in a warning; the
+    C parts a user's install brings warn nothing. The names are uvicorn's own classes."""
+    import logging
+
+    import uvicorn
+
+    from raylm.cluster.app import warn_slow_http_stack
+
+    def protocol(http: str) -> str:
+        config = uvicorn.Config(lambda scope, receive, send: None, http=http, lifespan="off")
+        config.load()
+        return config.http_protocol_class.__name__
+
+    with caplog.at_level(logging.WARNING, logger="raylm"):
+        assert not warn_slow_http_stack(protocol("httptools"), "uvloop")
+        assert not caplog.records
+        assert warn_slow_http_stack(protocol("h11"), "asyncio.unix_events")
+    message = caplog.records[-1].getMessage()
+    assert "httptools" in message and "h11" in message and "uvloop" in message
+    assert "uvicorn[standard]" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raylm"):
+        assert warn_slow_http_stack(protocol("httptools"), "asyncio.unix_events")
+    assert "uvloop" in caplog.records[-1].getMessage() and "h11" not in caplog.records[-1].getMessage()
