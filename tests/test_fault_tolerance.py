@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 
 import httpx
@@ -192,44 +193,111 @@ def test_a_killed_ingress_replica_frees_its_streams_blocks(app):
           what="serving after the replica's replacement")
 
 
-def test_a_core_drops_the_requests_of_a_dead_subscriber(ray_session, llama_dir):
-    """An ingress replica that dies leaves no stream to notice it: the core pings the
-    subscribing actor and aborts its requests (here long before they could finish: the
-    stand-in model takes 1 s a step, the request wants 100 tokens)."""
+def _standin_core(llama_dir, step_ms: int = 1000):
+    """An engine core actor over the stand-in model (`step_ms` a step), started."""
     import dataclasses
 
-    import msgpack
     import ray
 
     from raylm.cluster.core_actor import EngineCoreActor
     from raylm.engine.config import EngineArgs
-    from raylm.engine.core import EngineCoreRequest
 
     args = EngineArgs(model=llama_dir, device="cpu", max_model_len=128, async_scheduling=True,
                       distributed_executor_backend="raylm.engine.standin_executor:StandInExecutor")
     core = ray.remote(EngineCoreActor).options(
         num_cpus=0, max_concurrency=100,
-        runtime_env={"env_vars": {"RAYLM_STANDIN_STEP_MS": "1000"}}).remote(dataclasses.asdict(args), 0)
+        runtime_env={"env_vars": {"RAYLM_STANDIN_STEP_MS": str(step_ms)}}).remote(dataclasses.asdict(args), 0)
+    ray.get(core.ready.remote())
+    return core
+
+
+def _connect_outputs(where: dict, token: str = None) -> socket.socket:
+    """A subscriber's output connection, opened as RayCoreClient opens it (the token as one frame)."""
+    sock = socket.create_connection((where["host"], where["port"]), timeout=60)
+    token = (token or where["token"]).encode("ascii")
+    sock.sendall(len(token).to_bytes(4, "little") + token)
+    return sock
+
+
+def _add_long_request(core, subscriber: str = "sub") -> None:
+    import msgpack
+    import ray
+
+    from raylm.engine.core import EngineCoreRequest
+
+    request = EngineCoreRequest("r", [5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True),
+                                subscriber=subscriber)
+    ray.get(core.add_requests.remote(msgpack.packb([request.to_wire()])))
+    _wait(lambda: ray.get(core.snapshot.remote(-1, False))["stats"]["num_requests_running"] == 1,
+          timeout=60, what="the request running")
+
+
+def _wait_aborted(core) -> dict:
+    import ray
+
+    snap = _wait(lambda: (lambda s: s if s["metrics"]["success"]["abort"] == 1 else None)(
+        ray.get(core.snapshot.remote(-1, False))), timeout=60, what="the abort")
+    assert snap["stats"]["num_requests_running"] == 0 and snap["stats"]["blocks_in_use"] == 0
+    assert snap["stats"]["generation_tokens"] < 100
+    return snap
+
+
+def test_a_core_drops_the_requests_of_a_dead_subscriber(ray_session, llama_dir):
+    """An ingress replica whose host vanishes leaves its output connection open with no
+    one reading it (here the test holds it open): the core also pings the subscribing
+    actor, and when it is gone aborts its requests (long before they could finish: the
+    stand-in model takes 1 s a step, the request wants 100 tokens)."""
+    import ray
 
     @ray.remote(num_cpus=0)
     class Subscriber:
         def ping(self):
             return True
 
+    core = _standin_core(llama_dir)
     owner = Subscriber.remote()
     try:
-        ray.get([core.ready.remote(), owner.ping.remote()])
-        stream = core.subscribe.options(num_returns="streaming").remote("sub", owner)
-        request = EngineCoreRequest("r", [5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True),
-                                    subscriber="sub")
-        ray.get(core.add_requests.remote(msgpack.packb([request.to_wire()])))
-        _wait(lambda: ray.get(core.snapshot.remote(-1, False))["stats"]["num_requests_running"] == 1,
-              timeout=60, what="the request running")
+        ray.get(owner.ping.remote())
+        where = ray.get(core.open_outputs.remote("sub", owner))
+        sock = _connect_outputs(where)  # kept open: only the ping can tell
+        _add_long_request(core)
         ray.kill(owner)
-        snap = _wait(lambda: (lambda s: s if s["metrics"]["success"]["abort"] == 1 else None)(
-            ray.get(core.snapshot.remote(-1, False))), timeout=60, what="the abort")
-        assert snap["stats"]["num_requests_running"] == 0 and snap["stats"]["blocks_in_use"] == 0
-        assert snap["stats"]["generation_tokens"] < 100
-        del stream
+        _wait_aborted(core)
+        sock.close()
+    finally:
+        ray.kill(core)
+
+
+def test_a_closed_output_connection_aborts_its_requests_and_a_bad_token_reads_nothing(ray_session, llama_dir):
+    """The subscriber's connection carries its outputs as length-prefixed msgpack frames;
+    closing it aborts the subscriber's requests at once (blocks freed). A connection with
+    a token the core did not give is closed without a byte of output, and a token opens
+    one connection only."""
+    import msgpack
+    import ray
+
+    from raylm.engine.core import EngineCoreOutput
+
+    core = _standin_core(llama_dir, step_ms=200)
+    try:
+        where = ray.get(core.open_outputs.remote("sub"))
+        stranger = _connect_outputs(where, token="0" * 32)
+        assert stranger.recv(1) == b""  # closed by the core: no outputs for a wrong token
+        stranger.close()
+        sock = _connect_outputs(where)
+        _add_long_request(core)
+        head = b""
+        while len(head) < 4:
+            head += sock.recv(4 - len(head))
+        body = b""
+        while len(body) < int.from_bytes(head, "little"):
+            body += sock.recv(int.from_bytes(head, "little") - len(body))
+        outs = [EngineCoreOutput.from_wire(r) for r in msgpack.unpackb(body)]
+        assert outs and outs[0].request_id == "r" and outs[0].new_token_ids
+        again = _connect_outputs(where)  # the token again, after it opened `sock`: refused
+        assert again.recv(1) == b""
+        again.close()
+        sock.close()
+        _wait_aborted(core)
     finally:
         ray.kill(core)
