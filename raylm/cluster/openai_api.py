@@ -151,8 +151,11 @@ async def _wait_disconnect(raw: Request) -> None:
         pass
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)  # one encoder: json.dumps with options builds one a call
+
+
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {_JSON.encode(obj)}\n\n"
 
 
 class _OpenAIServer:
@@ -253,23 +256,29 @@ class _OpenAIServer:
         return JSONResponse(result)
 
     async def _events(self, streams: _Streams, stream) -> AsyncIterator[str]:
+        """The SSE events, one write per output: a step's chunks together, and a
+        prompt's last ones held back to go with the usage chunk and `[DONE]`
+        (one write at the end instead of three)."""
+        held = ""
         try:
-            for chunk in stream.first_chunks():
-                yield _sse(chunk)
+            if first := "".join(map(_sse, stream.first_chunks())):
+                yield first
             async for i, out in streams.outputs():
-                for chunk in stream.chunks(i, out):
-                    yield _sse(chunk)
+                held += "".join(map(_sse, stream.chunks(i, out)))
+                if held and not out.finished:
+                    yield held
+                    held = ""
             if (chunk := stream.usage_chunk()) is not None:
-                yield _sse(chunk)
+                held += _sse(chunk)
         except Exception as exc:  # the response has started: report in-band, as vLLM does
             if is_client_error(exc):
                 logger.warning("stream ended by a refused input: %s", exc)
-                yield _sse(error_body(400, str(exc)))
+                held += _sse(error_body(400, str(exc)))
             else:
-                yield _sse(error_body(500, internal_error_message(exc, "a response stream")))
+                held += _sse(error_body(500, internal_error_message(exc, "a response stream")))
         finally:
             await streams.close()
-        yield _DONE
+        yield held + _DONE
 
     # ---- /v1/completions -----------------------------------------------------------
     def completions(self, body: CompletionRequest) -> Awaitable[Response]:
