@@ -13,7 +13,8 @@ Each group serves --concurrency-per-group streams at once (--requests-per-group 
 of --prompt-len token ids and --output-len tokens, ignore_eos); one decode step of the
 stand-in takes --step-ms plus --token-us per scheduled token. Writes
 benchmarks/results/host_scaling-<tag>.json: per G the tok/s, its ratio to G x one group,
-TTFT/TPOT/ITL, and the cores' busy fraction.
+TTFT/TPOT/ITL, the cores' busy fraction, and the host CPU per output token of each role
+(ingress replicas, router, cores, clients; from /proc over the load, Linux).
 """
 from __future__ import annotations
 
@@ -28,6 +29,28 @@ from benchmarks import common  # noqa: E402
 from benchmarks.loadgen import run_load, summarize  # noqa: E402
 
 STANDIN = "raylm.engine.standin_executor:StandInExecutor"
+# The serving path's processes by role, as Ray names them (their command lines).
+ROLES = {"ingress": "ray::ServeReplica:raylm:Ingress", "router": "ray::ServeReplica:raylm:Router",
+         "core": "ray::EngineCoreActor"}
+
+
+def role_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system, every thread) used so far by each role's processes
+    (Linux /proc; the clients count their own, see loadgen)."""
+    out = dict.fromkeys(ROLES, 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        for role, name in ROLES.items():
+            if cmd.startswith(name):
+                out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def save(args, runs: list[dict]) -> None:
@@ -94,19 +117,27 @@ def main() -> None:
         run_load(url, bodies[:4], 4, procs=1)  # warm-up
         router = serve.get_deployment_handle("Router", app_name=APP_NAME)
         before = router.stats.remote().result()
+        cpu_before = role_cpu_s()
         t = time.perf_counter()
         rows, elapsed = run_load(url, bodies, args.concurrency_per_group * g, procs=args.client_procs)
+        cpu_after = role_cpu_s()
         after = router.stats.remote().result()
         s = summarize(rows, elapsed)
+        # Host CPU per output token by role, over the whole load (the clients' start-up excluded).
+        cpu = {role: cpu_after[role] - cpu_before[role] for role in ROLES}
+        cpu["clients"] = sum(r.get("client_cpu_s", 0.0) for r in rows)
+        cpu_us = {role: round(1e6 * v / s["output_tokens"], 1) for role, v in cpu.items()}
+        cpu_us["total"] = round(sum(cpu_us.values()), 1)
         assert s["failed"] == 0 and s["output_tokens"] == n * args.output_len, s["errors"]
         busy = [(a["busy_s"] - b["busy_s"]) / elapsed for a, b in zip(after["groups"], before["groups"])]
         run = {"num_groups": g, "num_requests": n, "max_concurrency": args.concurrency_per_group * g,
                **{k: s[k] for k in ("raylm_output_tok_per_s", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms",
                                     "time_s")},
-               "core_busy_fraction": busy, "wall_s": time.perf_counter() - t}
+               "core_busy_fraction": busy, "cpu_us_per_token": cpu_us, "wall_s": time.perf_counter() - t}
         runs.append(run)
         print(f"G={g}: {run['raylm_output_tok_per_s']:.0f} output tok/s, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
-              f"ITL p99 {s['itl_ms']['p99']:.0f} ms, cores busy {[round(b, 2) for b in busy]}", flush=True)
+              f"ITL p99 {s['itl_ms']['p99']:.0f} ms, cores busy {[round(b, 2) for b in busy]}, "
+              f"CPU us a token {cpu_us}", flush=True)
         save(args, runs)
         serve.delete(APP_NAME)
     serve.shutdown()

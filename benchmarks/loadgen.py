@@ -75,7 +75,11 @@ async def _drive(url: str, bodies: list[dict], concurrency: int, rate: Optional[
 
 
 def _proc(args) -> list[dict]:
-    return asyncio.run(_drive(*args))
+    cpu = time.process_time()
+    rows = asyncio.run(_drive(*args))
+    if rows:  # the client process's own CPU seconds, on its first row
+        rows[0]["client_cpu_s"] = time.process_time() - cpu
+    return rows
 
 
 def run_load(url: str, bodies: list[dict], concurrency: int, procs: int = 4,

@@ -169,6 +169,9 @@ def row(r: dict) -> str:
         numbers = f"median one-token decode step, batch {r['config']['batch']}, ms: " + ", ".join(
             f"{k} {v['median_ms']}" for k, v in r["results"].items() if "median_ms" in v)
         return f"| {r['date']} | {r['benchmark']} | - | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "output_channel":
+        numbers = "; ".join(f"{x['path']}: {x['total_cpu_us_per_batch']} us of CPU a batch" for x in r["rows"])
+        return f"| {r['date']} | {r['benchmark']} | - | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "host_step":
         wires = {"none": "", "whole": " + msgpack plan and result"}
         numbers = "; ".join(f"{x['running']} sequences{wires[x['wire']]}: "
@@ -352,7 +355,14 @@ def _host_scaling(r: dict) -> list[Row]:
                 [r["device"], f"{r['step_ms']:g} ms", x["num_groups"], x["max_concurrency"],
                  _n(x["raylm_output_tok_per_s"]), f"{x['ratio_to_linear']:.2f}",
                  _ms(x["tpot_ms"]["p50"]), _ms(x["itl_ms"]["p99"]),
-                 ", ".join(f"{b:.2f}" for b in x["core_busy_fraction"])], r.get("note", "")) for x in r["runs"]]
+                 ", ".join(f"{b:.2f}" for b in x["core_busy_fraction"]), _cpu_per_token(x.get("cpu_us_per_token"))],
+                r.get("note", "")) for x in r["runs"]]
+
+
+def _cpu_per_token(c: dict | None) -> str:
+    if not c:
+        return "-"
+    return f"{c['total']:.0f} ({' / '.join(_n(c[k]) for k in ('ingress', 'core', 'router', 'clients'))})"
 
 
 def _fault(r: dict) -> list[Row]:
@@ -607,6 +617,13 @@ def _ray_overhead(r: dict) -> list[Row]:
             for name, v in r["results"].items() if "median_ms" in v]
 
 
+def _output_channel(r: dict) -> list[Row]:
+    return [Row((r["device"], x["path"]), x["path"],
+                [x["path"], r["device"], f"{r['batch_bytes']:,}", f"{r['rate_per_s']:g}",
+                 x["sender_cpu_us_per_batch"], x["receiver_cpu_us_per_batch"], x["total_cpu_us_per_batch"]])
+            for x in r["rows"]]
+
+
 SECTIONS = [
     Section("Offline throughput",
             "Output tokens per second of the `LLM` API on random bf16 weights. The workload: token-id prompts "
@@ -626,10 +643,11 @@ SECTIONS = [
     Section("Host scaling (no GPU)",
             "The whole serving path (ingress replicas serving HTTP, router, one engine core process per group, "
             "clients in their own processes) in front of a stand-in model that sleeps each step's device time "
-            "(`benchmarks/host_scaling.py`). Linear: G times one group's tok/s. Latencies in ms.",
+            "(`benchmarks/host_scaling.py`). Linear: G times one group's tok/s. Latencies in ms. Host CPU: "
+            "every thread of each role's processes over the load, per output token.",
             ("host_scaling",),
             ["Machine", "Stand-in step", "Groups", "Streams", "out tok/s", "Of linear", "TPOT p50", "ITL p99",
-             "Cores in steps"], _host_scaling),
+             "Cores in steps", "Host CPU us a token (ingress / core / router / clients)"], _host_scaling),
     Section("Attention kernels per operation",
             "One layer's paged attention (`benchmarks/attention.py`: Llama-3.1-8B's heads, block size 16, bf16 "
             "cache, replayed from CUDA graphs), microseconds per backend: Triton (ours), FlashInfer, FlashAttention-4 "
@@ -756,6 +774,13 @@ SECTIONS = [
             "Median one-token decode step (ms) of a tiny model on the CPU, in process and through Ray.",
             ("ray_overhead",),
             ["Path", "Device", "Batch", "Median ms", "p10 ms", "p90 ms"], _ray_overhead),
+    Section("Engine core to ingress: one step's outputs",
+            "CPU time (us, every thread, above idle) to hand one batch of outputs from an engine core's "
+            "actor to an ingress replica's, by the way it travels; a core sends one batch a step to every "
+            "ingress replica.",
+            ("output_channel",),
+            ["Path", "Device", "Batch bytes", "Batches a second", "Sender us", "Receiver us", "Total us"],
+            _output_channel),
     Section("Kernel tile sweeps: int8 and block-scaled fp8",
             "Best Triton tile per M for one Llama-3.1-8B layer's four GEMMs (us), without and with the "
             "activation quantization.",

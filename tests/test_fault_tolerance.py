@@ -271,8 +271,8 @@ def test_a_core_drops_the_requests_of_a_dead_subscriber(ray_session, llama_dir):
 def test_a_closed_output_connection_aborts_its_requests_and_a_bad_token_reads_nothing(ray_session, llama_dir):
     """The subscriber's connection carries its outputs as length-prefixed msgpack frames;
     closing it aborts the subscriber's requests at once (blocks freed). A connection with
-    a token the core did not give is closed without a byte of output, and a token opens
-    one connection only."""
+    a token the core did not give, or a first frame longer than a token, is closed
+    without a byte of output, and a token opens one connection only."""
     import msgpack
     import ray
 
@@ -284,6 +284,10 @@ def test_a_closed_output_connection_aborts_its_requests_and_a_bad_token_reads_no
         stranger = _connect_outputs(where, token="0" * 32)
         assert stranger.recv(1) == b""  # closed by the core: no outputs for a wrong token
         stranger.close()
+        greedy = socket.create_connection((where["host"], where["port"]), timeout=60)
+        greedy.sendall((1 << 31).to_bytes(4, "little"))  # a 2 GiB first frame: refused, not buffered
+        assert greedy.recv(1) == b""
+        greedy.close()
         sock = _connect_outputs(where)
         _add_long_request(core)
         head = b""
@@ -299,5 +303,55 @@ def test_a_closed_output_connection_aborts_its_requests_and_a_bad_token_reads_no
         again.close()
         sock.close()
         _wait_aborted(core)
+    finally:
+        ray.kill(core)
+
+
+def test_requests_and_aborts_travel_on_the_output_connection(ray_session, llama_dir):
+    """An ingress replica's view of a core (RayCoreClient) sends its requests and aborts
+    on the connection it reads outputs from, in order, with no Ray call each: here the
+    actor handle it holds refuses add_requests and abort, yet the request runs, streams
+    its tokens and is aborted (its blocks freed)."""
+    import ray
+
+    from raylm.cluster.core_actor import RayCoreClient
+    from raylm.engine.core import EngineCoreRequest
+
+    class NoPerRequestCalls:  # the core actor, but only its subscription methods
+        def __init__(self, actor):
+            self._actor = actor
+
+        def __getattr__(self, name):
+            assert name in ("open_outputs", "unsubscribe"), f"a Ray call to {name}"
+            return getattr(self._actor, name)
+
+    core = _standin_core(llama_dir, step_ms=50)
+
+    async def scenario() -> list:
+        client = RayCoreClient(NoPerRequestCalls(core), 0)
+        got, failed = [], []
+        client.subscribe("sub", got.extend, failed.append)
+        request = EngineCoreRequest("r", [5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True),
+                                    subscriber="sub")
+        await client.add([request])
+        for _ in range(1200):  # up to 60 s for some tokens
+            if sum(len(o.new_token_ids) for o in got) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        client.abort(["r"])
+        for _ in range(1200):  # before unsubscribing, which would abort it too
+            snap = await core.snapshot.remote(-1, False)
+            if snap["metrics"]["success"]["abort"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        client.unsubscribe("sub")
+        assert not failed, failed
+        return got, snap
+
+    try:
+        got, snap = asyncio.run(scenario())
+        assert snap["metrics"]["success"]["abort"] == 1 and snap["stats"]["blocks_in_use"] == 0
+        assert all(o.request_id == "r" for o in got)
+        assert 3 <= sum(len(o.new_token_ids) for o in got) < 100
     finally:
         ray.kill(core)

@@ -5,9 +5,11 @@ tensor_parallel_size=1, the model itself (the GPU is the actor's); larger groups
 their ranks in Ray actors of their own placement group. The busy loop runs in a thread
 of the actor (`CoreLoop`); the actor's event loop only takes requests in and hands each
 step's outputs to the subscribed ingress replicas, one msgpack batch per replica per
-step, over a TCP connection each replica opens to the core (`open_outputs`): a Ray
-streaming generator cost about 2.4 ms of CPU per batch on the 2-core CPU (both ends
-together), the socket about 0.3 ms, and a core sends one batch per step to every replica.
+step, over a TCP connection each replica opens to the core (`open_outputs`; the
+replica's requests and aborts come in on it too): a Ray
+streaming generator cost about 2.5 ms of CPU per batch on the 2-core CPU (both ends
+together), the socket about 0.4 ms (`benchmarks/output_channel.py`), and a core sends one
+batch per step to every replica.
 
 `RayCoreClient` is the ingress replica's view of one such actor (a `CoreClient`).
 """
@@ -51,9 +53,13 @@ def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(_LEN, "little") + payload
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
-    """One frame's payload; IncompleteReadError at the end of the stream."""
-    return await reader.readexactly(int.from_bytes(await reader.readexactly(_LEN), "little"))
+async def _read_frame(reader: asyncio.StreamReader, limit: Optional[int] = None) -> bytes:
+    """One frame's payload; IncompleteReadError at the end of the stream, ValueError
+    for a frame longer than `limit`."""
+    size = int.from_bytes(await reader.readexactly(_LEN), "little")
+    if limit is not None and size > limit:
+        raise ValueError(f"a frame of {size} bytes, more than the {limit} expected")
+    return await reader.readexactly(size)
 
 
 def _current_actor():
@@ -168,15 +174,16 @@ class EngineCoreActor:
         subscriber = None
         try:
             _keepalive(writer.get_extra_info("socket"))
-            token = (await asyncio.wait_for(_read_frame(reader), CONNECT_TIMEOUT_S)).decode("ascii", "replace")
+            token = (await asyncio.wait_for(_read_frame(reader, limit=64), CONNECT_TIMEOUT_S)).decode(
+                "ascii", "replace")  # bounded: whoever reaches the port cannot make it buffer more
             subscriber = next((s for t, s in list(self._tokens.items()) if hmac.compare_digest(t, token)), None)
             if subscriber is None:
                 logger.warning("engine core %d: refused an output connection with an unknown token", self.index)
                 return
             del self._tokens[token]
             box = self._outbox(subscriber)
-            hangup = asyncio.ensure_future(reader.read(1))  # the subscriber sends nothing more: EOF
-            hangup.add_done_callback(lambda _: (setattr(box, "closed", True), box.event.set()))
+            commands = asyncio.ensure_future(self._commands(reader))  # ends with the connection
+            commands.add_done_callback(lambda _: (setattr(box, "closed", True), box.event.set()))
             try:
                 while not box.closed:
                     await box.event.wait()
@@ -186,13 +193,34 @@ class EngineCoreActor:
                         writer.write(_frame(msgpack.packb([o.to_wire() for o in outs])))
                         await writer.drain()
             finally:
-                hangup.cancel()
+                commands.cancel()
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
             pass  # the subscriber went away
+        except ValueError as exc:  # not a subscriber's first frame
+            logger.warning("engine core %d: refused an output connection: %s", self.index, exc)
         finally:
             writer.close()
             if subscriber is not None:
                 self._drop(subscriber)
+
+    async def _commands(self, reader: asyncio.StreamReader) -> None:
+        """The subscriber's requests and aborts on its connection (frames of msgpack
+        ["add", rows] and ["abort", request_ids, reason]), until the connection ends."""
+        while True:
+            try:
+                kind, *args = msgpack.unpackb(await _read_frame(reader))
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                return
+            try:
+                if kind == "add":
+                    self.loop.add([EngineCoreRequest.from_wire(r) for r in args[0]])
+                elif kind == "abort":
+                    await self.abort(*args)
+                else:
+                    raise ValueError(f"unknown command {kind!r}")
+            except Exception:  # a bug: end the connection (the subscriber re-dispatches its requests)
+                logger.exception("engine core %d: a subscriber's command failed", self.index)
+                return
 
     async def unsubscribe(self, subscriber: str) -> None:
         box = self._outboxes.get(subscriber)
@@ -264,23 +292,47 @@ class RayCoreClient:
         self.index = index
         self.generation = generation  # of its group's core (bumped at each restart)
         self._tasks: dict[str, asyncio.Task] = {}
+        # The subscription's connection (its StreamWriter; None once it failed): requests
+        # and aborts go to the core on it too, in order, with no Ray call each.
+        self._conn: Optional[asyncio.Future] = None
 
     async def add(self, requests: list[EngineCoreRequest]) -> None:
-        await self.actor.add_requests.remote(msgpack.packb([r.to_wire() for r in requests]))
+        rows = [r.to_wire() for r in requests]
+        if self._conn is None:  # not subscribed
+            await self.actor.add_requests.remote(msgpack.packb(rows))
+            return
+        writer = await asyncio.shield(self._conn)
+        if writer is None or writer.is_closing():
+            raise ConnectionError(f"engine core {self.index}: its connection is closed")
+        writer.write(_frame(msgpack.packb(["add", rows])))
+        await writer.drain()
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> None:
-        self.actor.abort.remote(list(request_ids), reason)  # fire and forget
+        """Fire and forget: on the connection (after the requests sent before it, once
+        it is open), else a Ray call."""
+        conn = self._conn
+        if conn is not None and not conn.done():
+            conn.add_done_callback(lambda _: self.abort(request_ids, reason))
+            return
+        writer = conn.result() if conn is not None else None
+        if writer is not None and not writer.is_closing():
+            writer.write(_frame(msgpack.packb(["abort", list(request_ids), reason])))
+        else:
+            self.actor.abort.remote(list(request_ids), reason)
 
     def subscribe(self, subscriber: str, on_batch, on_error) -> None:
-        self._tasks[subscriber] = detached(self._read(subscriber, on_batch, on_error))
+        # Set before the task runs: a request added meanwhile waits for the connection.
+        self._conn = asyncio.get_running_loop().create_future()
+        self._tasks[subscriber] = detached(self._read(subscriber, on_batch, on_error, self._conn))
 
-    async def _read(self, subscriber: str, on_batch, on_error) -> None:
+    async def _read(self, subscriber: str, on_batch, on_error, conn: asyncio.Future) -> None:
         writer = None
         try:
             where = await self.actor.open_outputs.remote(subscriber, _current_actor())
             reader, writer = await asyncio.open_connection(where["host"], where["port"])
             _keepalive(writer.get_extra_info("socket"))
             writer.write(_frame(where["token"].encode("ascii")))
+            conn.set_result(writer)
             while True:
                 try:
                     rows = msgpack.unpackb(await _read_frame(reader))
@@ -293,6 +345,8 @@ class RayCoreClient:
             logger.warning("engine core %d: output stream failed: %s", self.index, exc)
             on_error(exc)
         finally:
+            if not conn.done():
+                conn.set_result(None)
             if writer is not None:
                 writer.close()
 
