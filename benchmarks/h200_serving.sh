@@ -10,11 +10,12 @@
 # splits its build: before_load_s, load_s, profile_s, the graphs, after_graphs_s), sw (st again, with the kernel
 # caches st left).
 # Results and logs go to $OUT; each run is bounded and leaves no Ray processes behind.
-# The carried packages must include uvloop and httptools (the C parts of uvicorn[standard], which a
-# user's `pip install raylm` gets through ray[serve]): without them the ingress serves on asyncio's own
-# loop and uvicorn's pure-Python h11 parser, and every streamed token costs it more CPU. The runs before
-# 2026-12-06 had neither (the image lacks both and the pack left them out); each result now records its
-# "http_stack", and the log's first line says which it was.
+# The ingress needs uvloop and httptools (the C parts of uvicorn[standard], which a user's
+# `pip install raylm` gets through ray[serve]): without httptools uvicorn parses HTTP with the
+# pure-Python h11, and every streamed token costs the ingress more CPU. The image has uvloop but not
+# httptools, and the pack carried plain uvicorn, so the runs before 2026-12-06 most likely used h11;
+# the pack now carries httptools, each result records its "http_stack", and the log's first line
+# says which it was.
 parts=${*:-q1 l1 q2 hs}
 log=$OUT/serving.log
 . "$(dirname "$0")/h200_run.sh"
