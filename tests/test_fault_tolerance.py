@@ -290,17 +290,16 @@ def test_a_closed_output_connection_aborts_its_requests_and_a_bad_token_reads_no
         greedy.close()
         sock = _connect_outputs(where)
         _add_long_request(core)
-        head = b""
-        while len(head) < 4:
-            head += sock.recv(4 - len(head))
-        body = b""
-        while len(body) < int.from_bytes(head, "little"):
-            body += sock.recv(int.from_bytes(head, "little") - len(body))
+        stream = sock.makefile("rb")  # buffered: read(n) returns n bytes, or fewer at the end
+        size = int.from_bytes(stream.read(4), "little")
+        body = stream.read(size)
+        assert size and len(body) == size
         outs = [EngineCoreOutput.from_wire(r) for r in msgpack.unpackb(body)]
         assert outs and outs[0].request_id == "r" and outs[0].new_token_ids
         again = _connect_outputs(where)  # the token again, after it opened `sock`: refused
         assert again.recv(1) == b""
         again.close()
+        stream.close()
         sock.close()
         _wait_aborted(core)
     finally:
