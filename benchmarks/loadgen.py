@@ -19,10 +19,25 @@ from typing import Optional
 
 async def sse_chunks(resp):
     """The JSON chunks of an aiohttp streaming response (server-sent events)."""
-    async for raw in resp.content:
-        line = raw.decode().strip()
-        if line.startswith("data: ") and line != "data: [DONE]":
-            yield json.loads(line[6:])
+    async for batch in sse_batches(resp):
+        for chunk in batch:
+            yield chunk
+
+
+async def sse_batches(resp):
+    """The JSON chunks of a streaming response, a list per network read: the events that
+    arrived together (the clock is read once for them). Splitting the bytes on the blank
+    line that ends an event costs the client a fraction of reading line by line."""
+    buf = b""
+    async for data in resp.content.iter_any():
+        events = (buf + data).split(b"\n\n")
+        buf = events.pop()
+        batch = [json.loads(ev[6:]) for ev in events
+                 if ev.startswith(b"data: ") and ev != b"data: [DONE]"]
+        if batch:
+            yield batch
+    if buf.strip().startswith(b"data: ") and buf.strip() != b"data: [DONE]":
+        yield [json.loads(buf.strip()[6:])]
 
 
 async def _one(session, url: str, body: dict) -> dict:
@@ -32,15 +47,16 @@ async def _one(session, url: str, body: dict) -> dict:
         async with session.post(url, json=body) as resp:
             if resp.status != 200:
                 return {"start": start, "error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
-            async for chunk in sse_chunks(resp):
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    now = time.time()
-                    first = first or now
-                    stamps.append(now)
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("error"):
-                    error = str(chunk["error"])
+            async for batch in sse_batches(resp):
+                now = time.time()
+                for chunk in batch:
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        first = first or now
+                        stamps.append(now)
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if chunk.get("error"):
+                        error = str(chunk["error"])
     except Exception as exc:  # connection reset, ...
         error = f"{type(exc).__name__}: {exc}"
     end = time.time()

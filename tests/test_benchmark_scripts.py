@@ -4,6 +4,7 @@ and benchmarks/tp_correctness.py (TP=2 against TP=1 on dummy weights). Each writ
 result file that benchmarks/record.py turns into a RESULTS.md row."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -280,3 +281,29 @@ def test_load_generator_clock_starts_when_its_clients_are_up():
     assert min(starts) > t0 and elapsed < wall
     # Both clients were up before the clock started: their first requests left together.
     assert max(starts[:2] + starts[4:6]) - min(starts) < 1.0, starts
+
+
+def test_load_generator_splits_events_across_reads():
+    """loadgen.sse_batches splits the stream on the blank line that ends an event, not on
+    the network's reads: an event cut across reads parses once whole, the events of one read
+    come as one batch, and [DONE] is no chunk."""
+    import loadgen
+
+    class Content:
+        def __init__(self, reads):
+            self.reads = reads
+
+        async def iter_any(self):
+            for r in self.reads:
+                yield r
+
+    class Resp:
+        content = Content([b'data: {"a": 1}\n\ndata: {"a"', b': 2}\n', b'\ndata: {"a": 3}\n\ndata: [DONE]\n\n'])
+
+    async def collect(gen):
+        return [x async for x in gen]
+
+    assert asyncio.run(collect(loadgen.sse_batches(Resp()))) == [[{"a": 1}], [{"a": 2}, {"a": 3}]]
+    assert asyncio.run(collect(loadgen.sse_chunks(Resp()))) == [{"a": 1}, {"a": 2}, {"a": 3}]
+    Resp.content = Content([b'data: {"a": 4}'])  # a last event with no blank line after it
+    assert asyncio.run(collect(loadgen.sse_chunks(Resp()))) == [{"a": 4}]
