@@ -43,7 +43,7 @@ def main() -> None:
     import ray
 
     from benchmarks import common
-    from raylm.cluster.core_actor import _frame, _read_frame
+    from raylm.cluster.core_actor import frame, read_frame
 
     n, gap = args.batches, 1.0 / args.rate
 
@@ -64,7 +64,7 @@ def main() -> None:
             async def send(reader, writer):
                 for _ in range(n):
                     await asyncio.sleep(gap)
-                    writer.write(_frame(self.payload))
+                    writer.write(frame(self.payload))
                     await writer.drain()
                 writer.close()
 
@@ -88,7 +88,7 @@ def main() -> None:
             got = 0
             try:
                 while True:
-                    await _read_frame(reader)
+                    await read_frame(reader)
                     got += 1
             except asyncio.IncompleteReadError:
                 writer.close()

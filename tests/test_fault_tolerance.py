@@ -354,3 +354,58 @@ def test_requests_and_aborts_travel_on_the_output_connection(ray_session, llama_
         assert 3 <= sum(len(o.new_token_ids) for o in got) < 100
     finally:
         ray.kill(core)
+
+
+def test_a_core_pushes_its_snapshots_on_a_connection(ray_session, llama_dir):
+    """The router reads a core's state from a connection the core writes a snapshot to
+    every `interval` (open_snapshots): the first holds every cached block hash (since=-1),
+    the later ones only the prefix-cache events after the one before; a request's work
+    shows in them with no Ray call. A wrong token reads nothing."""
+    import msgpack
+    import ray
+
+    core = _standin_core(llama_dir, step_ms=50)
+    try:
+        where = ray.get(core.open_snapshots.remote(-1, 0.05))
+        stranger = _connect_outputs(where, token="1" * 32)
+        assert stranger.recv(1) == b""
+        stranger.close()
+        sock = _connect_outputs(where)
+        stream = sock.makefile("rb")
+
+        def read():
+            size = int.from_bytes(stream.read(4), "little")
+            return msgpack.unpackb(stream.read(size), strict_map_key=False)
+
+        first = read()
+        assert first["hashes"] == [] and first["alive"] and "events" not in first
+        _add_long_request(core)
+        snaps = [read() for _ in range(3)]
+        assert all("events" in s and "hashes" not in s for s in snaps)
+        assert all(s["seq"] >= first["seq"] for s in snaps)
+        seen = _wait(lambda: (lambda s: s if s["stats"]["generation_tokens"] > 0 else None)(read()),
+                     timeout=60, what="the request's tokens in a pushed snapshot")
+        assert seen["stats"]["num_requests_running"] == 1
+        assert ray.get(core.call_counts.remote())["open_snapshots"] == 1
+        stream.close()
+        sock.close()
+    finally:
+        ray.kill(core)
+
+
+def test_the_router_follows_its_cores_without_a_ray_call_a_poll(app):
+    """The router keeps its view of each group current from the pushed snapshots: over
+    two seconds of its polls at 20 a second it reads snapshots from the connections and
+    the cores answer no snapshot call (each core has opened its snapshot connection once
+    or, after a lost connection or a restart, a few times)."""
+    import ray
+
+    _wait(lambda: _both_serving(app), what="both groups serving")
+    cores = [a for _, a in _router().cores.remote().result()]
+    pushed = _router().stats.remote().result()["snapshots_pushed"]  # (stats itself asks by call)
+    before = [ray.get(c.call_counts.remote()) for c in cores]
+    time.sleep(2.0)
+    after = [ray.get(c.call_counts.remote()) for c in cores]
+    assert [b.get("snapshot", 0) for b in before] == [a.get("snapshot", 0) for a in after], (before, after)
+    assert all(1 <= a["open_snapshots"] <= 3 for a in after), after
+    assert _router().stats.remote().result()["snapshots_pushed"] > pushed

@@ -88,6 +88,22 @@ def _snapshot(seq, events=None, hashes=None, **stats):
     return snap
 
 
+def test_router_applies_each_prefix_cache_event_once_whatever_the_snapshots_order():
+    """A core's snapshots reach the router on two paths (pushed, and asked for by /metrics
+    and stats), so one may repeat events already applied or end before them: the router
+    applies the new part only, and an older snapshot leaves the hashes as they are."""
+    r = Router(num_groups=1, max_num_seqs=4, max_queued_requests=8)
+    a, b = 11, 22
+    r.update(0, _snapshot(2, hashes=[a, b]))
+    r.update(0, _snapshot(4, events=[(0, a), (0, b)]))  # events 3 and 4: both evicted
+    r.update(0, _snapshot(3, events=[(1, a), (0, a)]))  # events 2..3, asked for before: old
+    assert r.groups[0].cached == set() and r.groups[0].seq == 4
+    r.update(0, _snapshot(5, events=[(0, b), (1, a)]))  # events 4..5: only 5 is new
+    assert r.groups[0].cached == {a} and r.groups[0].seq == 5
+    r.update(0, _snapshot(3, hashes=[b]))  # a full list older than what is applied
+    assert r.groups[0].cached == {a} and r.groups[0].seq == 5
+
+
 def test_router_follows_published_hashes_and_load():
     r = Router(num_groups=2, max_num_seqs=4, max_queued_requests=8)
     prefix = prefix_block_hashes(list(range(40)), 4)  # 9 full blocks

@@ -210,15 +210,20 @@ class Router:
         steps = g.stats.get("steps", 0)
         if steps != g.last_steps or not g.holds_work:
             g.last_steps, g.last_progress = steps, now
+        # Snapshots come pushed and, for /metrics and stats, by call: one may end before
+        # the prefix-cache events already applied (g.seq), and its older part is skipped.
+        seq = snapshot["seq"]
         if "hashes" in snapshot:
-            g.cached = set(snapshot["hashes"])
+            if seq >= g.seq:
+                g.cached = set(snapshot["hashes"])
         else:
-            for op, h in snapshot["events"]:
+            events = snapshot["events"]
+            for op, h in events[max(0, g.seq - (seq - len(events))):]:
                 if op:
                     g.cached.add(h)
                 else:
                     g.cached.discard(h)
-        g.seq = snapshot["seq"]
+        g.seq = max(g.seq, seq)
         if not snapshot.get("alive", True):
             self.mark_dead(gi, snapshot.get("error") or "the engine core stopped")
 

@@ -1,6 +1,8 @@
-"""The router deployment: it starts one engine core actor per worker group, polls their
-snapshots, routes and admits requests (`raylm.cluster.router.Router`), notices dead or
-hung groups and restarts them. `ServeRouterClient` is the ingress replicas' view of it.
+"""The router deployment: it starts one engine core actor per worker group, follows their
+snapshots (each core pushes one every POLL_S on a connection the router opens to it, with
+no Ray call each), routes and admits requests (`raylm.cluster.router.Router`), notices
+dead or hung groups and restarts them. `ServeRouterClient` is the ingress replicas' view
+of it.
 """
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import logging
 import uuid
 from typing import Optional
 
+import msgpack
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raylm.cluster.core_actor import EngineCoreActor
+from raylm.cluster.core_actor import EngineCoreActor, connect, read_frame
 from raylm.cluster.frontend import detached
 from raylm.cluster.local import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_SERVED_NAME
 from raylm.cluster.router import NoGroupAvailable, Overloaded, Router
@@ -26,7 +29,7 @@ logger = logging.getLogger("raylm")
 MAX_ONGOING_REQUESTS = 4096
 INGRESS_NUM_CPUS = 0.1
 ROUTER_NUM_CPUS = 0.1
-# How often the router reads each core's snapshot (stats, prefix-cache changes).
+# How often each core sends the router its snapshot (stats, prefix-cache changes).
 POLL_S = 0.05
 CORE_START_TIMEOUT_S = 600
 # A group holding work whose step counter has not moved this long is hung (vLLM has no such knob).
@@ -164,6 +167,8 @@ class RouterDeployment:
         self.actors = wait_cores(*launched, self.args)
         self.startup.mark("cores_ready")
         self._poller: Optional[asyncio.Task] = None
+        self._followers: dict[tuple[int, int], asyncio.Task] = {}  # (group, generation) -> _follow
+        self._pushed = 0  # snapshots read from the cores' connections
         self._restarts: dict[int, asyncio.Task] = {}
 
     async def __del__(self):
@@ -186,6 +191,8 @@ class RouterDeployment:
         poller = getattr(self, "_poller", None)
         if poller is not None:
             poller.cancel()
+        for task in getattr(self, "_followers", {}).values():
+            task.cancel()
         self._closing = True
         for a in getattr(self, "actors", []):
             try:
@@ -199,41 +206,91 @@ class RouterDeployment:
             self._poller = detached(self._poll())
 
     async def _poll(self) -> None:
+        """Follow each group's core (its snapshots arrive on a connection of their own)
+        and mark hung groups."""
         while True:
-            await self._refresh()
+            for gi, g in enumerate(self.router.groups):
+                key = (gi, g.generation)
+                if g.alive and key not in self._followers:
+                    self._followers = {k: t for k, t in self._followers.items() if not t.done()}
+                    self._followers[key] = detached(self._follow(gi, g.generation, self.actors[gi]))
+            for i in self.router.watch():
+                logger.error("worker group %d hung: %s", i, self.router.groups[i].error)
+                self._schedule_restart(i)
             await asyncio.sleep(POLL_S)
 
+    async def _follow(self, gi: int, generation: int, actor) -> None:
+        """Apply core gi's pushed snapshots (EngineCoreActor.open_snapshots) while it
+        is the group's core. When the connection ends, a Ray call says whether the core
+        is gone (the group is marked dead and restarted) or only the connection was; then
+        a new one is opened."""
+        groups = self.router.groups
+        while not getattr(self, "_closing", False) and groups[gi].generation == generation and groups[gi].alive:
+            writer = None
+            try:
+                where = await self._ask(gi, generation, actor.open_snapshots.remote(groups[gi].seq, POLL_S))
+                if where is None:
+                    return
+                reader, writer = await connect(where)
+                while True:
+                    snap = msgpack.unpackb(await read_frame(reader), strict_map_key=False)
+                    self._pushed += 1
+                    if not self._take(gi, generation, snap):
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection ended: the core, or only the connection?
+                logger.info("worker group %d: snapshot connection ended: %s", gi, type(exc).__name__)
+            finally:
+                if writer is not None:
+                    writer.close()
+            snap = await self._ask(gi, generation, actor.snapshot.remote(groups[gi].seq))
+            if snap is None or not self._take(gi, generation, snap):
+                return
+            await asyncio.sleep(POLL_S)
+
+    async def _ask(self, gi: int, generation: int, ref):
+        """A Ray call's answer from core gi; None when the group has moved on to a newer
+        core meanwhile, or when the call failed: the actor died, and the group is marked
+        dead and restarted."""
+        groups = self.router.groups
+        try:
+            answer = await ref
+        except Exception as exc:  # the actor died
+            if generation == groups[gi].generation and groups[gi].alive and not getattr(self, "_closing", False):
+                logger.error("worker group %d failed: %s", gi, type(exc).__name__)
+                self.router.mark_dead(gi, f"the engine core process is gone ({type(exc).__name__})")
+                self._schedule_restart(gi)
+            return None
+        return answer if generation == groups[gi].generation else None
+
+    def _take(self, gi: int, generation: int, snap: dict) -> bool:
+        """Apply a snapshot of core gi if it is still the group's core and the group
+        serves; returns whether it did (a core whose loop failed is marked dead and
+        restarted)."""
+        g = self.router.groups[gi]
+        if generation != g.generation or not g.alive:
+            return False
+        self.router.update(gi, snap)
+        if not g.alive:  # its loop failed: a worker died
+            logger.error("worker group %d failed: %s", gi, g.error)
+            self._schedule_restart(gi)
+            return False
+        return True
+
     async def _refresh(self, hashes: bool = True) -> list:
+        """Every core's snapshot now, by Ray call (for /metrics and stats, which must be
+        current; the pushed ones are up to POLL_S old)."""
         groups = self.router.groups
         # Each answer counts only for the core generation it was asked of: a restart may
         # replace a group's core while the question is out.
         asked = [(g.generation, a.snapshot.remote(g.seq, hashes)) for g, a in zip(groups, self.actors)]
         snaps = []
         for i, (generation, ref) in enumerate(asked):
-            try:
-                snap = await ref
-            except Exception as exc:  # the actor died
-                if generation != groups[i].generation:
-                    snaps.append(None)
-                    continue
-                if groups[i].alive and not getattr(self, "_closing", False):
-                    logger.error("worker group %d failed: %s", i, type(exc).__name__)
-                    self.router.mark_dead(i, f"the engine core process is gone ({type(exc).__name__})")
-                    self._schedule_restart(i)
-                snaps.append(None)
-                continue
-            if generation != groups[i].generation:
-                snaps.append(None)
-                continue
-            if hashes and groups[i].alive:
-                self.router.update(i, snap)
-                if not groups[i].alive:  # its loop failed: a worker died
-                    logger.error("worker group %d failed: %s", i, groups[i].error)
-                    self._schedule_restart(i)
+            snap = await self._ask(i, generation, ref)
+            if snap is not None and hashes:
+                self._take(i, generation, snap)
             snaps.append(snap)
-        for i in self.router.watch():
-            logger.error("worker group %d hung: %s", i, groups[i].error)
-            self._schedule_restart(i)
         return snaps
 
     # ---- restarts ------------------------------------------------------------------
@@ -334,7 +391,7 @@ class RouterDeployment:
 
     async def stats(self) -> dict:
         await self._refresh()
-        return self.router.stats()
+        return dict(self.router.stats(), snapshots_pushed=self._pushed)
 
     async def startup_marks(self) -> list:
         """The start-up marks of this replica and of every engine core (raylm.cluster.startup)."""
