@@ -88,6 +88,27 @@ def _snapshot(seq, events=None, hashes=None, **stats):
     return snap
 
 
+def test_a_request_no_frontend_releases_does_not_make_an_idle_group_look_hung():
+    """A core is hung when it holds work and its step counter stops. A request routed to it
+    and not yet taken in counts as work; one routed before the core stepped again does not
+    (an ingress replica that died leaves its requests in the ledger: the core aborted them,
+    and an idle core must not be restarted for them every step_timeout)."""
+    import time
+
+    r = Router(num_groups=1, max_num_seqs=4, max_queued_requests=8, step_timeout=4.0)
+    r.assign("leaked", [], 1)  # its replica dies; nobody releases it
+    r.update(0, _snapshot(0, steps=10, num_requests_running=1))
+    r.update(0, _snapshot(0, steps=12))  # the core stepped, aborted it, and is idle
+    t = time.monotonic()  # later snapshots carry their own times
+    for dt in (3, 8, 20):
+        r.update(0, _snapshot(0, steps=12), now=t + dt)
+    assert r.watch(now=t + 21) == [] and r.groups[0].alive
+    r.assign("new", [], 1)  # routed after the last step: work the core holds until it steps
+    r.update(0, _snapshot(0, steps=12), now=t + 22)
+    assert r.watch(now=t + 23) == []
+    assert r.watch(now=t + 25) == [0] and "no step" in r.groups[0].error
+
+
 def test_router_applies_each_prefix_cache_event_once_whatever_the_snapshots_order():
     """A core's snapshots reach the router on two paths (pushed, and asked for by /metrics
     and stats), so one may repeat events already applied or end before them: the router

@@ -62,6 +62,8 @@ class GroupView:
     failures: int = 0  # deaths since it last served (for the restart back-off)
     last_steps: int = -1
     last_progress: float = field(default_factory=time.monotonic)  # steps advanced, or idle
+    last_step_change: float = field(default_factory=time.monotonic)  # its step counter last moved
+    last_assigned: float = float("-inf")  # a request was last routed here
     seq: int = -1  # the last prefix-cache event applied
     cached: set = field(default_factory=set)  # block hashes its pool caches
     inflight_hashes: Counter = field(default_factory=Counter)  # of requests routed, unfinished
@@ -76,8 +78,13 @@ class GroupView:
 
     @property
     def holds_work(self) -> bool:
-        return (self.inflight_seqs > 0 or self.stats.get("num_requests_running", 0) > 0
-                or self.stats.get("num_requests_waiting", 0) > 0)
+        """Its core runs or queues requests, or a request was routed here after its step
+        counter last moved (one the core may not have taken in yet). Requests routed
+        before that count no more: the core has stepped since, so it took them in, and
+        any left in the ledger are ones no frontend will release (their ingress replica
+        died), which must not make an idle core look hung."""
+        return (self.stats.get("num_requests_running", 0) > 0 or self.stats.get("num_requests_waiting", 0) > 0
+                or (self.inflight_seqs > 0 and self.last_assigned >= self.last_step_change))
 
     @property
     def kv_usage(self) -> float:
@@ -167,7 +174,8 @@ class Router:
         g.inflight_seqs += num_seqs
         g.inflight_hashes.update(hashes)
         g.requests_routed += 1
-        self.ledger[request_id] = _Entry(gi, hashes, num_seqs, time.monotonic())
+        g.last_assigned = time.monotonic()
+        self.ledger[request_id] = _Entry(gi, hashes, num_seqs, g.last_assigned)
         return gi
 
     def _route(self, alive: list[int], hashes: list[int]) -> int:
@@ -208,6 +216,8 @@ class Router:
         now = time.monotonic() if now is None else now
         g.stats, g.metrics = snapshot["stats"], snapshot.get("metrics")
         steps = g.stats.get("steps", 0)
+        if steps != g.last_steps:
+            g.last_step_change = now
         if steps != g.last_steps or not g.holds_work:
             g.last_steps, g.last_progress = steps, now
         # Snapshots come pushed and, for /metrics and stats, by call: one may end before
@@ -275,7 +285,8 @@ class Router:
         g.generation += 1
         g.restarts += 1
         g.failures = 0
-        g.stats, g.seq, g.last_steps, g.last_progress = {}, -1, -1, time.monotonic()
+        g.stats, g.seq, g.last_steps = {}, -1, -1
+        g.last_progress = g.last_step_change = time.monotonic()
 
     def check_all_serving(self) -> None:
         """Raise unless every group serves."""
