@@ -246,7 +246,8 @@ def test_a_core_drops_the_requests_of_a_dead_subscriber(ray_session, llama_dir):
     """An ingress replica whose host vanishes leaves its output connection open with no
     one reading it (here the test holds it open): the core also pings the subscribing
     actor, and when it is gone aborts its requests (long before they could finish: the
-    stand-in model takes 1 s a step, the request wants 100 tokens)."""
+    stand-in model takes 1 s a step, the request wants 100 tokens) and names them in its
+    snapshots, for the router to release."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -262,7 +263,8 @@ def test_a_core_drops_the_requests_of_a_dead_subscriber(ray_session, llama_dir):
         sock = _connect_outputs(where)  # kept open: only the ping can tell
         _add_long_request(core)
         ray.kill(owner)
-        _wait_aborted(core)
+        snap = _wait_aborted(core)
+        assert snap["orphans"] == ["r"]  # the router releases it: its frontend is gone
         sock.close()
     finally:
         ray.kill(core)

@@ -109,6 +109,20 @@ def test_a_request_no_frontend_releases_does_not_make_an_idle_group_look_hung():
     assert r.watch(now=t + 25) == [0] and "no step" in r.groups[0].error
 
 
+def test_router_releases_the_requests_a_core_dropped_with_their_subscriber():
+    """A core names the requests it dropped because their ingress replica died (no
+    frontend will release them): the router releases those it routed to that group."""
+    r = Router(num_groups=2, max_num_seqs=4, max_queued_requests=8)
+    for rid in ("a", "b"):
+        assert r.assign(rid, [], 1) in (0, 1)
+    ga = r.group_of("a")
+    r.update(1 - ga, dict(_snapshot(0), orphans=["a"]))  # not that group's: kept
+    assert r.group_of("a") == ga
+    r.update(ga, dict(_snapshot(0), orphans=["a"]))
+    assert r.group_of("a") is None and r.groups[ga].inflight_seqs == (1 if r.group_of("b") == ga else 0)
+    assert r.group_of("b") is not None
+
+
 def test_router_applies_each_prefix_cache_event_once_whatever_the_snapshots_order():
     """A core's snapshots reach the router on two paths (pushed, and asked for by /metrics
     and stats), so one may repeat events already applied or end before them: the router

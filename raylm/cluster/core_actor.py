@@ -20,7 +20,8 @@ import hmac
 import logging
 import secrets
 import socket
-from collections import Counter
+import time
+from collections import Counter, deque
 from typing import Optional
 
 import msgpack
@@ -34,6 +35,9 @@ logger = logging.getLogger("raylm")
 # How often a core checks that each subscribing ingress replica is alive.
 OWNER_CHECK_S = 2.0
 OWNER_CHECK_TIMEOUT_S = 10.0
+# How long snapshots name the requests dropped with a dead subscriber (the router
+# releases them: their frontend is gone).
+ORPHAN_KEEP_S = 10.0
 # How long a replica has to connect to the address open_outputs gave it.
 CONNECT_TIMEOUT_S = 60.0
 # Frames of the output connection: a 4-byte little-endian length, then that many bytes.
@@ -135,6 +139,7 @@ class EngineCoreActor:
         # connection token -> subscriber (see open_outputs), or the router's snapshot reader
         self._tokens: dict[str, object] = {}
         self.calls: Counter = Counter()  # the router's Ray calls for snapshots (call_counts)
+        self._orphans: deque = deque()  # (time, request ids) dropped with their subscriber
 
     async def ready(self) -> dict:
         """Starts the loop (from the actor's event loop); what the router needs to know."""
@@ -246,7 +251,7 @@ class EngineCoreActor:
         ended = asyncio.ensure_future(reader.read(1))  # the reader sends nothing more: EOF ends it
         try:
             while not ended.done():
-                snap = self.loop.snapshot(since)
+                snap = self._snapshot(since)
                 since = snap["seq"]
                 writer.write(frame(msgpack.packb(snap)))
                 await writer.drain()
@@ -300,8 +305,23 @@ class EngineCoreActor:
         if box is not None and box.watcher is not None:
             box.watcher.cancel()
         if self.loop.alive:
-            self.loop.call(lambda core: core.abort(
-                [rid for rid, sub in core.subscribers.items() if sub == subscriber]))
+            def drop(core) -> None:  # on the loop's thread
+                ids = [rid for rid, sub in core.subscribers.items() if sub == subscriber]
+                core.abort(ids)
+                if ids:
+                    self._orphans.append((time.monotonic(), ids))
+            self.loop.call(drop)
+
+    def _snapshot(self, since: int) -> dict:
+        """CoreLoop.snapshot, with "orphans": the requests dropped with their subscriber
+        in the last ORPHAN_KEEP_S seconds, which no frontend will release at the router."""
+        snap = self.loop.snapshot(since)
+        now = time.monotonic()
+        while self._orphans and self._orphans[0][0] < now - ORPHAN_KEEP_S:
+            self._orphans.popleft()
+        if self._orphans:
+            snap["orphans"] = [rid for _, ids in list(self._orphans) for rid in ids]
+        return snap
 
     # ---- requests ------------------------------------------------------------------
     async def add_requests(self, wire: bytes) -> None:
@@ -317,7 +337,7 @@ class EngineCoreActor:
     async def snapshot(self, since: int = -1, hashes: bool = True) -> dict:
         """CoreLoop.snapshot; hashes=False leaves the prefix-cache part out."""
         self.calls["snapshot"] += 1
-        snap = self.loop.snapshot(since if hashes else 1 << 62)
+        snap = self._snapshot(since if hashes else 1 << 62)
         if not hashes:
             snap.pop("events", None)
             snap.pop("hashes", None)
@@ -330,8 +350,6 @@ class EngineCoreActor:
 
     async def hang_for_test(self, seconds: float) -> None:
         """Test hook: the loop sleeps `seconds` between two steps, as a hung step would."""
-        import time
-
         self.loop.call(lambda core: time.sleep(seconds))
 
     async def shutdown(self) -> None:

@@ -234,6 +234,10 @@ class Router:
                 else:
                     g.cached.discard(h)
         g.seq = max(g.seq, seq)
+        for rid in snapshot.get("orphans", ()):  # their frontend died: none will release them
+            entry = self.ledger.get(rid)
+            if entry is not None and entry.group == gi:
+                self.release([rid], count=False)
         if not snapshot.get("alive", True):
             self.mark_dead(gi, snapshot.get("error") or "the engine core stopped")
 
