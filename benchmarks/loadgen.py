@@ -32,12 +32,16 @@ async def sse_batches(resp):
     async for data in resp.content.iter_any():
         events = (buf + data).split(b"\n\n")
         buf = events.pop()
-        batch = [json.loads(ev[6:]) for ev in events
-                 if ev.startswith(b"data: ") and ev != b"data: [DONE]"]
+        batch = _chunks(events)
         if batch:
             yield batch
-    if buf.strip().startswith(b"data: ") and buf.strip() != b"data: [DONE]":
-        yield [json.loads(buf.strip()[6:])]
+    batch = _chunks([buf.strip()])  # a last event with no blank line after it
+    if batch:
+        yield batch
+
+
+def _chunks(events: list[bytes]) -> list[dict]:
+    return [json.loads(ev[6:]) for ev in events if ev.startswith(b"data: ") and ev != b"data: [DONE]"]
 
 
 async def _one(session, url: str, body: dict) -> dict:

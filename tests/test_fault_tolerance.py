@@ -219,6 +219,17 @@ def _connect_outputs(where: dict, token: str = None) -> socket.socket:
     return sock
 
 
+def _read_frame(stream):
+    """One msgpack frame from a core's connection, read through a buffered file
+    (`sock.makefile("rb")`: read(n) returns n bytes, or fewer at the end), whole."""
+    import msgpack
+
+    size = int.from_bytes(stream.read(4), "little")
+    body = stream.read(size)
+    assert size and len(body) == size
+    return msgpack.unpackb(body, strict_map_key=False)
+
+
 def _add_long_request(core, subscriber: str = "sub") -> None:
     import msgpack
     import ray
@@ -275,7 +286,6 @@ def test_a_closed_output_connection_aborts_its_requests_and_a_bad_token_reads_no
     closing it aborts the subscriber's requests at once (blocks freed). A connection with
     a token the core did not give, or a first frame longer than a token, is closed
     without a byte of output, and a token opens one connection only."""
-    import msgpack
     import ray
 
     from raylm.engine.core import EngineCoreOutput
@@ -292,11 +302,8 @@ def test_a_closed_output_connection_aborts_its_requests_and_a_bad_token_reads_no
         greedy.close()
         sock = _connect_outputs(where)
         _add_long_request(core)
-        stream = sock.makefile("rb")  # buffered: read(n) returns n bytes, or fewer at the end
-        size = int.from_bytes(stream.read(4), "little")
-        body = stream.read(size)
-        assert size and len(body) == size
-        outs = [EngineCoreOutput.from_wire(r) for r in msgpack.unpackb(body)]
+        stream = sock.makefile("rb")
+        outs = [EngineCoreOutput.from_wire(r) for r in _read_frame(stream)]
         assert outs and outs[0].request_id == "r" and outs[0].new_token_ids
         again = _connect_outputs(where)  # the token again, after it opened `sock`: refused
         assert again.recv(1) == b""
@@ -363,7 +370,6 @@ def test_a_core_pushes_its_snapshots_on_a_connection(ray_session, llama_dir):
     every `interval` (open_snapshots): the first holds every cached block hash (since=-1),
     the later ones only the prefix-cache events after the one before; a request's work
     shows in them with no Ray call. A wrong token reads nothing."""
-    import msgpack
     import ray
 
     core = _standin_core(llama_dir, step_ms=50)
@@ -374,18 +380,13 @@ def test_a_core_pushes_its_snapshots_on_a_connection(ray_session, llama_dir):
         stranger.close()
         sock = _connect_outputs(where)
         stream = sock.makefile("rb")
-
-        def read():
-            size = int.from_bytes(stream.read(4), "little")
-            return msgpack.unpackb(stream.read(size), strict_map_key=False)
-
-        first = read()
+        first = _read_frame(stream)
         assert first["hashes"] == [] and first["alive"] and "events" not in first
         _add_long_request(core)
-        snaps = [read() for _ in range(3)]
+        snaps = [_read_frame(stream) for _ in range(3)]
         assert all("events" in s and "hashes" not in s for s in snaps)
         assert all(s["seq"] >= first["seq"] for s in snaps)
-        seen = _wait(lambda: (lambda s: s if s["stats"]["generation_tokens"] > 0 else None)(read()),
+        seen = _wait(lambda: (lambda s: s if s["stats"]["generation_tokens"] > 0 else None)(_read_frame(stream)),
                      timeout=60, what="the request's tokens in a pushed snapshot")
         assert seen["stats"]["num_requests_running"] == 1
         assert ray.get(core.call_counts.remote())["open_snapshots"] == 1

@@ -234,10 +234,8 @@ class Router:
                 else:
                     g.cached.discard(h)
         g.seq = max(g.seq, seq)
-        for rid in snapshot.get("orphans", ()):  # their frontend died: none will release them
-            entry = self.ledger.get(rid)
-            if entry is not None and entry.group == gi:
-                self.release([rid], count=False)
+        orphans = snapshot.get("orphans", ())  # their frontend died: none will release them
+        self.release([rid for rid in orphans if self.group_of(rid) == gi], count=False)
         if not snapshot.get("alive", True):
             self.mark_dead(gi, snapshot.get("error") or "the engine core stopped")
 
