@@ -239,6 +239,19 @@ def test_sampling_script_on_cpu(tmp_path):
     assert len(record._sampling(r)) == 3
 
 
+def test_prefill_tile_sweep_on_cpu(tmp_path):
+    """benchmarks/prefill_tiles.py --smoke: every tile variant and the --baseline kernel (here
+    the kernel itself, loaded from its file) agree with the first variant on each shape."""
+    kernel = os.path.join(ROOT, "raylm", "kernels", "attention", "prefill.py")
+    out = _script("prefill_tiles.py", ["--smoke", "--baseline", kernel], tmp_path)
+    r = json.load(open(tmp_path / "prefill_tiles.json"))
+    assert r["benchmark"] == "prefill_tiles" and r["baseline"] == kernel
+    assert {x["variant"] for x in r["rows"]} == {"baseline", "default", "tiles"}
+    for x in r["rows"]:
+        assert x["us"] > 0 and x["max_abs_diff_vs_first"] < 1e-4, x
+    assert out.count("== ") == 4  # a best-of line per model and shape
+
+
 def test_load_generator_clock_starts_when_its_clients_are_up():
     """loadgen.run_load's client processes are spawned (each imports the caller's module,
     which takes seconds on a busy machine): the measured window runs from the first request

@@ -109,6 +109,28 @@ def test_prefill_attention_mixed(block_size, num_heads, num_kv_heads):
     torch.testing.assert_close(out, ref, atol=ATTN_TOL, rtol=ATTN_TOL)
 
 
+@pytest.mark.parametrize("block_m,block_n,heads_first", [(16, 16, True), (64, 16, True), (128, 32, True),
+                                                        (64, 64, True), (32, 16, False)])
+def test_prefill_attention_tiles(block_m, block_n, heads_first, monkeypatch):
+    """Tile shapes the tile sweep tries: whole unmasked tiles of a long cached prefix, then
+    the masked ones at each q block's own positions; q blocks on either grid axis."""
+    import raylm.kernels.attention.prefill as prefill
+
+    if not heads_first:
+        monkeypatch.setattr(prefill, "MAX_GRID_Y", 4)
+    gen = torch.Generator().manual_seed(block_m + block_n)
+    head_dim, scale = 32, 32 ** -0.5
+    # A chunk of 70 tokens after a 97-token cached prefix, a fresh 40-token prompt, a decode row.
+    query_lens, seq_lens = [70, 40, 1], [97 + 70, 40, 130]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, 16, 2, head_dim, gen)
+    q, query_start_loc = packed_queries(query_lens, 8, head_dim, gen)
+    out = paged_prefill_attention(q, kv_cache, block_tables, seq_lens_t, query_start_loc, scale,
+                                  max(query_lens), block_m=block_m, block_n=block_n, num_warps=4,
+                                  num_stages=3)
+    ref = paged_prefill_attention_ref(q, kv_cache, block_tables, seq_lens_t, query_start_loc, scale)
+    torch.testing.assert_close(out, ref, atol=ATTN_TOL, rtol=ATTN_TOL)
+
+
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 def test_prefill_attention_head_dims(head_dim):
     gen = torch.Generator().manual_seed(head_dim)

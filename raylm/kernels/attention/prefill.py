@@ -5,9 +5,11 @@ into the same step.
 
 One program handles BLOCK_Q consecutive query tokens of one sequence times the GROUP
 query heads sharing one kv head (BLOCK_M = BLOCK_Q * GROUP_PAD rows), so each K/V tile
-is loaded once per group. The grid is (num_tokens // BLOCK_Q + num_seqs, num_kv_heads),
-an upper bound on the q blocks of all sequences known from shapes alone; each program
-finds its sequence by binary search over query_start_loc.
+is loaded once per group. The grid is (num_kv_heads, num_tokens // BLOCK_Q + num_seqs),
+the second an upper bound on the q blocks of all sequences known from shapes alone; each
+program finds its sequence by binary search over query_start_loc. The q blocks run last
+first (the longest causal programs first), and only the tiles that reach a row's own
+position or the end of the keys compute a mask.
 
 KV cache layout: [2, num_blocks, block_size, num_kv_heads, head_dim]. An fp8 cache
 (float8_e4m3fn) holds K / k_scale and V / v_scale: tiles are loaded as fp8 and converted
@@ -20,6 +22,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+
+MAX_GRID_Y = 65535  # CUDA's bound on a grid's second axis
 
 
 @triton.jit
@@ -38,6 +43,43 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table, n0, kv_end, q_pos, scale_log2,
+                 kv_head, offs_n, offs_d, mask_d, stride_cb, stride_ct, stride_ch,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """One K/V tile (keys n0 + offs_n) folded into the running softmax of every row.
+    MASKED: the tile may hold keys past kv_end or past a row's position; otherwise every
+    key of the tile is visible to every row and no mask is computed."""
+    tok = n0 + offs_n
+    if MASKED:
+        mask_n = tok < kv_end
+        block = tl.load(table + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+    else:
+        block = tl.load(table + tok // BLOCK_SIZE).to(tl.int64)
+        kv_mask = mask_d[None, :]
+    kv_off = block * stride_cb + (tok % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+    kv_ptrs = kv_off[:, None] + offs_d[None, :]
+    if MASKED or not EVEN_D:
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_cache_ptr + kv_ptrs).to(q.dtype)
+    qk = tl.dot(q, tl.trans(k)) * scale_log2
+    if MASKED:
+        visible = mask_n[None, :] & (tok[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED or not EVEN_D:
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
+    else:
+        v = tl.load(v_cache_ptr + kv_ptrs).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
@@ -49,10 +91,18 @@ def _prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
-    q_block = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # The last q blocks first: in a causal prompt they see the most keys, so the longest
+    # programs start first and the short ones fill the tail. The grid puts the kv heads on
+    # its first axis (every head of a q block before the next block) unless the q blocks
+    # are more than CUDA allows on its second (65,535).
+    if HEADS_FIRST:
+        kv_head = tl.program_id(0)
+        q_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        kv_head = tl.program_id(1)
+        q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -80,26 +130,22 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     # Keys up to the last query of this block: the cached prefix plus the causal part.
     kv_end = tl.minimum(seq_len, context_len + (local_block + 1) * BLOCK_Q)
-    for n0 in range(0, kv_end, BLOCK_N):
-        tok = n0 + offs_n
-        mask_n = tok < kv_end
-        block = tl.load(table + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        kv_off = block * stride_cb + (tok % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2
-        visible = mask_n[None, :] & (tok[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Whole tiles before the block's first query are visible to every row: no masks. The
+    # tiles after (at most a tile more than the block's own queries) are masked; the first
+    # of them starts at or before every row's position, so no row is left without a key.
+    full_end = ((context_len + local_block * BLOCK_Q) // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table, n0, kv_end, q_pos,
+                                     scale_log2, kv_head, offs_n, offs_d, mask_d, stride_cb, stride_ct,
+                                     stride_ch, BLOCK_SIZE, False, EVEN_D)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table, n0, kv_end, q_pos,
+                                     scale_log2, kv_head, offs_n, offs_d, mask_d, stride_cb, stride_ct,
+                                     stride_ch, BLOCK_SIZE, True, EVEN_D)
 
     out = acc * (v_scale / l_i)[:, None]
     tl.store(out_ptr + tok_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -110,7 +156,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                             max_query_len: int, block_m: int | None = None,
                             block_n: int | None = None, k_scale: float = 1.0,
-                            v_scale: float = 1.0) -> torch.Tensor:
+                            v_scale: float = 1.0, num_warps: int | None = None,
+                            num_stages: int | None = None) -> torch.Tensor:
     """q [num_tokens, Hq, D] packed by sequence (sequence i's rows are
     query_start_loc[i]:query_start_loc[i+1]); kv_cache [2, num_blocks, block_size, Hk, D]
     already holding the new tokens (q's dtype, or fp8 holding K / k_scale and V / v_scale);
@@ -136,7 +183,13 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     if num_tokens == 0:
         return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    if num_warps is None:
+        num_warps = 8 if block_d >= 256 else 4
+    if num_stages is None:
+        num_stages = 2
+    q_blocks = num_tokens // block_q + num_seqs
+    heads_first = q_blocks <= MAX_GRID_Y
+    grid = (num_kv_heads, q_blocks) if heads_first else (q_blocks, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         block_tables, seq_lens, query_start_loc,
@@ -146,7 +199,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        num_warps=8 if block_d >= 256 else 4, num_stages=2,
+        HEADS_FIRST=heads_first,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
