@@ -239,17 +239,19 @@ def test_sampling_script_on_cpu(tmp_path):
     assert len(record._sampling(r)) == 3
 
 
-def test_prefill_tile_sweep_on_cpu(tmp_path):
-    """benchmarks/prefill_tiles.py --smoke: every tile variant and the --baseline kernel (here
-    the kernel itself, loaded from its file) agree with the first variant on each shape."""
-    kernel = os.path.join(ROOT, "raylm", "kernels", "attention", "prefill.py")
-    out = _script("prefill_tiles.py", ["--smoke", "--baseline", kernel], tmp_path)
-    r = json.load(open(tmp_path / "prefill_tiles.json"))
-    assert r["benchmark"] == "prefill_tiles" and r["baseline"] == kernel
-    assert {x["variant"] for x in r["rows"]} == {"baseline", "default", "tiles"}
+def test_attention_tile_sweep_on_cpu(tmp_path):
+    """benchmarks/attention_tiles.py --smoke: every tile variant and the baseline kernels (here
+    the kernels themselves, loaded from their files) agree with the first variant on each shape."""
+    kernels = os.path.join(ROOT, "raylm", "kernels", "attention")
+    out = _script("attention_tiles.py", ["--smoke", "--baseline-prefill", os.path.join(kernels, "prefill.py"),
+                                         "--baseline-decode", os.path.join(kernels, "decode.py")], tmp_path)
+    r = json.load(open(tmp_path / "attention_tiles.json"))
+    assert r["benchmark"] == "attention_tiles" and r["baseline_prefill"].endswith("prefill.py")
+    assert {(x["op"], x["variant"]) for x in r["rows"]} == {
+        (op, v) for op in ("prefill", "decode") for v in ("baseline", "default", "tiles")}
     for x in r["rows"]:
         assert x["us"] > 0 and x["max_abs_diff_vs_first"] < 1e-4, x
-    assert out.count("== ") == 4  # a best-of line per model and shape
+    assert out.count("== ") == 6  # a best-of line per op, model and shape
 
 
 def test_load_generator_clock_starts_when_its_clients_are_up():

@@ -143,7 +143,8 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device) -> int:
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
                            block_n: int | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           v_scale: float = 1.0, num_warps: int = 4,
+                           num_stages: int = 2) -> torch.Tensor:
     """q [num_seqs, Hq, D]; kv_cache [2, num_blocks, block_size, Hk, D] (q's dtype, or fp8
     holding K / k_scale and V / v_scale); block_tables [num_seqs, max_blocks] int32;
     seq_lens [num_seqs] int32 (0 marks a padding row, whose output is zeros) -> out
@@ -174,7 +175,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_reduce_kernel[(num_seqs, num_heads)](
         mid_o, mid_lse, out,
