@@ -144,7 +144,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
                            block_n: int | None = None, k_scale: float = 1.0,
                            v_scale: float = 1.0, num_warps: int = 4,
-                           num_stages: int = 2) -> torch.Tensor:
+                           num_stages: int = 3) -> torch.Tensor:
     """q [num_seqs, Hq, D]; kv_cache [2, num_blocks, block_size, Hk, D] (q's dtype, or fp8
     holding K / k_scale and V / v_scale); block_tables [num_seqs, max_blocks] int32;
     seq_lens [num_seqs] int32 (0 marks a padding row, whose output is zeros) -> out
