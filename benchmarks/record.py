@@ -594,6 +594,30 @@ def _attention_points(r: dict) -> dict[tuple, dict]:
     return points
 
 
+def _attention_tiles(r: dict) -> list[Row]:
+    """One row per kernel, model and shape of a tile sweep: the earlier kernel (baseline),
+    the default, and the fastest variant, microseconds, beside the floor."""
+    rows = []
+    by_point: dict[tuple, list[dict]] = {}
+    for x in r["rows"]:
+        by_point.setdefault((x["op"], x["model"], x["shape"]), []).append(x)
+    for (op, model, shape), xs in by_point.items():
+        def us(variant):
+            return next((x["us"] for x in xs if x["variant"] == variant and x["us"] is not None), None)
+        timed = [x for x in xs if x["us"] is not None]
+        if not timed:
+            continue
+        best = min(timed, key=lambda x: x["us"])
+        name = best["variant"] if best["tiles"] is None else "tiles " + " / ".join(str(t) for t in best["tiles"])
+        base, default = us("baseline"), us("default")
+        rows.append(Row((op, model, shape, r["device"]), f"{op} {model} {shape}",
+                        [op, model, r["device"], shape, _fmt(base, ".1f") if base else "-",
+                         _fmt(default, ".1f") if default else "-", _ratio(base, default) if base and default else "-",
+                         name, f"{best['us']:.1f}", f"{xs[0]['floor_us']:.1f}",
+                         f"{xs[0]['floor_us'] / best['us']:.2f}"], r.get("label", "")))
+    return rows
+
+
 def _attention(r: dict) -> list[Row]:
     """One row per point of the sweep, microseconds per backend side by side."""
     rows = []
@@ -656,6 +680,15 @@ SECTIONS = [
             "(raylm/workers/attention_backends.py, AUTO_RULES).",
             ("attention",),
             ["Model", "Device", "Op", "Shape", "{} us", "Floor us", "Fastest", "Floor / fastest"], _attention),
+    Section("Attention kernel tiles",
+            "raylm's Triton prefill / mixed-step kernel (tiles: BLOCK_M / BLOCK_N / warps / stages) and decode "
+            "kernel (tiles: BLOCK_N / warps / stages) on one layer's paged cache, replayed from CUDA graphs "
+            "(`benchmarks/attention_tiles.py`; block size 16, bf16), microseconds: the kernel before the change "
+            "(baseline), the default at the time of the run, its speed-up over the baseline, and the fastest "
+            "variant. Floor as above.",
+            ("attention_tiles",),
+            ["Kernel", "Model", "Device", "Shape", "Baseline us", "Default us", "Default vs baseline",
+             "Fastest", "Fastest us", "Floor us", "Floor / fastest"], _attention_tiles),
     Section("Speculative decoding",
             "`benchmarks/spec_decode.py`: speculation beside the same engine without it, in one run, greedy. "
             "Acceptance: accepted over proposed tokens; mean acceptance length: tokens a verified row emits. "
