@@ -221,6 +221,57 @@ def test_grammars_start_after_the_reasoning(think_dir):
         assert at_once.finish_reason == "stop" and a not in at_once.token_ids and end not in at_once.token_ids
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_padded_vocabulary_grammar_rows_and_a_waiting_gate(think_dir, tmp_path, asynchronous):
+    """A model whose vocabulary is padded past the tokenizer's (40 ids no text spells): the
+    bitmask covers the tokenizer's vocabulary only; a grammar row never samples a padded id,
+    however hard logit_bias pushes it, while a row whose reasoning gate still waits samples
+    as an unconstrained request does, padded ids included."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylm import LLM, SamplingParams, StructuredOutputsParams
+
+    d = str(tmp_path / "padded")
+    shutil.copytree(think_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    model.resize_token_embeddings(len(tok) + 40)
+    model.save_pretrained(d)
+    # One padded id inside the bitmask's last word, one past the bitmask (the id pushed hardest).
+    inside, padded = len(tok) + 1, -(-len(tok) // 32) * 32 + 3
+    assert inside < -(-len(tok) // 32) * 32 and padded < len(tok) + 40
+    bias = {inside: 90, padded: 100}
+    start = tok.convert_tokens_to_ids("<think>")
+    prompt = tok.encode("Think, then answer.")
+    so = StructuredOutputsParams(regex="[x-z]{3}")
+    llm = LLM(d, dtype="float32", max_model_len=128, structured_outputs_config={"reasoning_parser": "qwen3"},
+              async_scheduling=asynchronous)
+    try:
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in (prompt, prompt + [start, tok.convert_tokens_to_ids("</think>")], prompt)],
+            [SamplingParams(temperature=0.0, max_tokens=4, logit_bias=bias, structured_outputs=so),
+             SamplingParams(temperature=0.0, max_tokens=6, logit_bias=bias, structured_outputs=so),
+             SamplingParams(temperature=0.0, max_tokens=4, logit_bias=bias)], use_tqdm=False)
+    finally:
+        llm.shutdown()
+    waiting, constrained, plain = (o.outputs[0].token_ids for o in outs)
+    assert plain == [padded] * 4  # what logit_bias does without a grammar
+    assert waiting == plain  # the gate waits: the same as without a grammar
+    assert all(t < len(tok) for t in constrained)
+    assert tok.decode(constrained[:3]) in {x + y + z for x in "xyz" for y in "xyz" for z in "xyz"}
+    from raylm.engine.grammar import GrammarManager
+
+    manager = GrammarManager(lambda: tok, len(tok) + 40, [tok.eos_token_id])
+    try:
+        m = manager.matcher(manager.compile(so).result(), [])
+        assert manager.mask_vocab == len(tok)
+        assert manager.bitmask_tensor([m]).shape == (1, -(-len(tok) // 32))
+    finally:
+        manager.shutdown()
+
+
 def test_app_arguments_pass_the_parser_to_the_cores():
     from raylm.cluster.app import with_reasoning_parser
 

@@ -427,7 +427,8 @@ class EngineCore:
                 step.close()
         t1 = time.perf_counter()
         tm["grammar_s"] += t1 - t0
-        self.executor.finish_sampling(launched1, [st.request.request_id for st in rows], mask)
+        ids, mask = self.grammar_requests.constrained(rows, mask) if rows else ([], None)
+        self.executor.finish_sampling(launched1, ids, mask)
         self._inflight = (sched1, launched1)
         t0 = time.perf_counter()
         tm["deferred_sampling_s"] += t0 - t1

@@ -7,9 +7,13 @@ token i at bit i % 32 of word i // 32.
 
 The tokenizer and each backend's vocabulary (xgrammar's `TokenizerInfo`, llguidance's
 `LLTokenizer`) are built on first use, in the pool, so an engine that never sees a
-grammar pays nothing. The model's vocabulary may be larger than the tokenizer's (padded
-embeddings): the bitmask covers the model's, and both backends ban the ids no token
-spells."""
+grammar pays nothing. The bitmask covers the tokenizer's vocabulary, and so do both
+backends' vocabularies. A model's vocabulary may be larger (padded embeddings): the ids
+past the tokenizer's, which no text spells, are past the bitmask, and applying it bans them
+(`apply_token_bitmask`). Giving xgrammar the model's vocabulary instead made every padded
+id a special token it checks on each accept: with the embedded SmolLM2 tokenizer (49,152
+tokens) under Llama-3.1-8B's 128,256 logits, 256 accepts took 4.6 ms against 0.4 ms, and
+256 bitmasks 5.5 ms against 2.7 ms, on one core of the 2-core CPU."""
 from __future__ import annotations
 
 import os
@@ -213,7 +217,7 @@ class GrammarManager:
         self.accept_threads = ACCEPT_THREADS
         self._accept_pool = None
         self._accept_pool_size = 0
-        self.mask_vocab = vocab_size  # the bitmask's vocabulary: the larger of model and tokenizer
+        self.mask_vocab = vocab_size  # the bitmask's vocabulary: the tokenizer's, once loaded
         self.compile_seconds: deque[float] = deque(maxlen=4096)  # per compile, for benchmarks
         self._compiling: dict[str, Future] = {}  # request id -> its grammar's future
         self._think = _UNKNOWN  # the tokenizer's (<think>, </think>) ids, once looked up
@@ -278,8 +282,13 @@ class GrammarManager:
         tokenizer = self._load_tokenizer()
         if tokenizer is None:
             raise ValueError("structured_outputs needs a tokenizer, and skip_tokenizer_init is set")
-        self.mask_vocab = max(self.vocab_size, len(tokenizer))
+        self.mask_vocab = len(tokenizer)
         return tokenizer
+
+    def _stop_ids(self) -> Optional[list[int]]:
+        """The stop tokens the tokenizer spells (None: the backend finds the tokenizer's)."""
+        ids = [t for t in self.stop_token_ids if t < self.mask_vocab]
+        return ids or None
 
     def reasoning_tokens(self) -> Optional[tuple[int, int]]:
         """The tokenizer's `<think>` and `</think>` ids (None unless each is one token)."""
@@ -294,7 +303,7 @@ class GrammarManager:
             if self._compiler is None:
                 tokenizer = self._tokenizer()
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.mask_vocab,
-                                                          stop_token_ids=self.stop_token_ids)
+                                                          stop_token_ids=self._stop_ids())
                 self._compiler = xgr.GrammarCompiler(info)
             return self._compiler
 
@@ -305,7 +314,7 @@ class GrammarManager:
             if self._guidance_tokenizer is None:
                 tokenizer = self._tokenizer()
                 self._guidance_tokenizer = llguidance.hf.from_tokenizer(
-                    tokenizer, n_vocab=self.mask_vocab, eos_token=self.stop_token_ids)
+                    tokenizer, n_vocab=self.mask_vocab, eos_token=self._stop_ids())
             return self._guidance_tokenizer
 
     def matcher(self, compiled, earlier_outputs: list[int], reasoning_end: Optional[int] = None):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from raylm.engine.grammar import reasoning_closed
+from raylm.engine.grammar import ReasoningGate, reasoning_closed
 from raylm.engine.spec_decode.grammar import position_bitmasks
 from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig
 
@@ -107,11 +107,29 @@ class GrammarRequests:
                 else:
                     plain.append(state)
         if plain:
-            plan.bitmask_ids = [st.request.request_id for st in plain]
-            plan.bitmask = self.bitmask(plain)
+            plan.bitmask_ids, plan.bitmask = self.constrained(plain, self.bitmask(plain))
         if spec:
             plan.spec_bitmask_ids = [st.request.request_id for st in spec]
             plan.spec_bitmask = position_bitmasks([st.grammar for st in spec], props, self.manager.mask_vocab)
+
+    def constrained(self, rows: list, bitmask) -> tuple[list[str], object]:
+        """(request ids, bitmask) of the `rows` that the grammar constrains now, for a step
+        plan, from the bitmask of all `rows` (a CPU tensor or bytes, row i for rows[i]). A
+        reasoning gate that still waits allows everything: its row stays out of the plan,
+        so its request samples as an unconstrained one, also the model's ids past the
+        tokenizer's, which the bitmask does not cover."""
+        free = {i for i, st in enumerate(rows) if isinstance(st.grammar, ReasoningGate) and st.grammar.waiting}
+        ids = [st.request.request_id for st in rows]
+        if not free:
+            return ids, bitmask
+        keep = [i for i in range(len(rows)) if i not in free]
+        if not keep:
+            return [], None
+        ids = [ids[i] for i in keep]
+        if isinstance(bitmask, (bytes, bytearray)):
+            width = len(bitmask) // len(rows)
+            return ids, b"".join(bitmask[i * width:(i + 1) * width] for i in keep)
+        return ids, bitmask[keep]
 
     def advance(self, state, token: int) -> bool:
         """Feed an emitted token to the request's matcher; True when the request ends
