@@ -190,6 +190,11 @@ def row(r: dict) -> str:
         numbers = "; ".join(f"{x['model']} {x['ndec']} decodes at {x['ctx']} + {x['pre_q']}-token chunk: one launch "
                             f"{x['full_us']:.0f} us, split {x['split_us']:.0f} us" for x in r["rows"])
         return f"| {r['date']} | {r['benchmark']} | - | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "attention_tiles":
+        points = _attention_tiles(r)
+        numbers = "; ".join(f"{row.cells[0]} {row.cells[1]} {row.cells[3]}: default {row.cells[5]} us "
+                            f"(baseline {row.cells[4]}), fastest {row.cells[8]} ({row.cells[7]})" for row in points)
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "decode_tile_sweep":
         numbers = "; ".join(f"{x['n']} x {x['ctx']}: default {x['default_us']:.0f} us, best {x['best_us']:.0f} "
                             f"({x['best']}), floor {x['floor_us']:.0f}" for x in r["rows"])
