@@ -328,3 +328,22 @@ def test_config_disable_additional_properties_closes_guidance_objects(tok):
     nullable = {"anyOf": [{"type": ["object", "null"]}], "items": [{"properties": {}}]}
     assert _closed(nullable) == {"anyOf": [{"type": ["object", "null"], "additionalProperties": False}],
                                  "items": [{"properties": {}, "additionalProperties": False}]}
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_ids_past_the_tokenizer_are_refused_and_leave_the_matcher_usable(backend):
+    """The grammar backends know the tokenizer's vocabulary, not a padded model's: an id past
+    it (a padded id proposed by n-gram speculation from a token-id prompt, say) is refused,
+    and the matcher goes on accepting (llguidance itself would stay in an error state)."""
+    from raylm.engine.grammar import GrammarManager
+
+    tok = make_tokenizer()
+    manager = GrammarManager(lambda: tok, len(tok) + 100, [tok.eos_token_id],
+                             config=GrammarConfig(backend=backend))
+    try:
+        m = manager.matcher(manager.compile(StructuredOutputsParams(regex="[a-c]{3}")).result(), [])
+        a = tok.convert_tokens_to_ids("a")
+        assert not m.accept_token(len(tok) + 5) and not m.accept_token(len(tok) + 99)
+        assert m.accept_token(a) and m.accept_token(a) and manager.mask_vocab == len(tok)
+    finally:
+        manager.shutdown()

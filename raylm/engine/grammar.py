@@ -73,16 +73,17 @@ class GuidanceMatcher:
     nothing but a stop token can follow; the stop token that xgrammar then asks for is
     accepted here without reaching llguidance, and rolled back likewise."""
 
-    __slots__ = ("_m", "_stop", "_consumed", "_terminated")
+    __slots__ = ("_m", "_stop", "_vocab", "_consumed", "_terminated")
 
-    def __init__(self, matcher, stop_token_ids):
+    def __init__(self, matcher, stop_token_ids, vocab: int):
         self._m = matcher
         self._stop = stop_token_ids
+        self._vocab = vocab  # the tokenizer's: llguidance errors for good on an id past it
         self._consumed: list[bool] = []  # per accepted token, newest last: did llguidance see it
         self._terminated = False
 
     def accept_token(self, token: int) -> bool:
-        if self._terminated:
+        if self._terminated or not 0 <= token < self._vocab:
             return False
         if self._m.is_stopped():  # only a stop token may follow
             if token not in self._stop:
@@ -326,7 +327,7 @@ class GrammarManager:
         if isinstance(compiled, xgr.CompiledGrammar):
             m = xgr.GrammarMatcher(compiled)
         else:
-            m = GuidanceMatcher(compiled.deep_copy(), frozenset(self.stop_token_ids))
+            m = GuidanceMatcher(compiled.deep_copy(), frozenset(self.stop_token_ids), self.mask_vocab)
         if reasoning_end is not None:
             m = ReasoningGate(m, reasoning_end)
         for t in earlier_outputs:
