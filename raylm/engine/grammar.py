@@ -169,6 +169,11 @@ class ReasoningGate:
             self.inner.fill_next_token_bitmask(bitmask, index)
 
 
+def gate_waits(matcher) -> bool:
+    """A reasoning gate that still waits: its grammar allows every token for now."""
+    return isinstance(matcher, ReasoningGate) and matcher.waiting
+
+
 def reasoning_tokens(tokenizer) -> Optional[tuple[int, int]]:
     """The ids of `<think>` and `</think>` when the tokenizer spells each as one token."""
     ids = []
@@ -195,13 +200,13 @@ class GrammarManager:
     """Compiles grammars for one model's vocabulary and builds matchers and bitmasks.
 
     `load_tokenizer()` returns the HF tokenizer (called once, in the pool);
-    `vocab_size` is the model's (logits') vocabulary; `stop_token_ids` end a grammar;
-    `config` the engine's `structured_outputs_config`, parsed."""
+    `vocab_size` is the model's (logits') vocabulary, the bitmask's width until the
+    tokenizer is loaded; `stop_token_ids` end a grammar; `config` the engine's
+    `structured_outputs_config`, parsed."""
 
     def __init__(self, load_tokenizer: Callable, vocab_size: int, stop_token_ids: list[int],
                  max_workers: int = COMPILE_THREADS, config: GrammarConfig = DEFAULT_CONFIG):
         self._load_tokenizer = load_tokenizer
-        self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self.config = config
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="raylm-grammar")
@@ -368,7 +373,7 @@ class GrammarManager:
         import xgrammar as xgr
 
         # A waiting reasoning gate allows everything; an open one is its grammar's row.
-        waiting = {i for i, m in enumerate(matchers) if isinstance(m, ReasoningGate) and m.waiting} | allow_all
+        waiting = {i for i, m in enumerate(matchers) if gate_waits(m)} | allow_all
         for i in waiting:
             buf[i].fill_(-1)
         matchers = [m.inner if isinstance(m, ReasoningGate) else m for m in matchers]

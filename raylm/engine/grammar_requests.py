@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from raylm.engine.grammar import ReasoningGate, reasoning_closed
+from raylm.engine.grammar import gate_waits, reasoning_closed
 from raylm.engine.spec_decode.grammar import position_bitmasks
 from raylm.engine.structured_outputs import DEFAULT_CONFIG, GrammarConfig
 
@@ -118,7 +118,7 @@ class GrammarRequests:
         reasoning gate that still waits allows everything: its row stays out of the plan,
         so its request samples as an unconstrained one, also the model's ids past the
         tokenizer's, which the bitmask does not cover."""
-        free = {i for i, st in enumerate(rows) if isinstance(st.grammar, ReasoningGate) and st.grammar.waiting}
+        free = {i for i, st in enumerate(rows) if gate_waits(st.grammar)}
         ids = [st.request.request_id for st in rows]
         if not free:
             return ids, bitmask
