@@ -7,7 +7,9 @@ Qwen3-0.6B 16/8/128; block size 16, bf16):
   (a 512-token chunk after 2k cached beside 64 decodes at 4k); a serving step (a 560-token
   prompt beside 156 decodes at 850 tokens, the Llama serving benchmark's mean batch);
 - decode steps (raylm/kernels/attention/decode.py), each (BLOCK_N, num_warps, num_stages) at
-  the kernel's split count: batch 256 at 700 and 1,500 tokens, 64 at 4k, 16 at 2k, 1 at 8k.
+  the kernel's split count, or (BLOCK_N, num_warps, num_stages, waves, max_splits) with the
+  split rule's two knobs: batch 256 at 700 and 1,500 tokens, 64 at 4k, 16 at 2k, 4 at 8k, and
+  1 at 1k, 8k and 32k.
 
 Beside each kernel's default, and with --baseline-prefill / --baseline-decode FILE (a copy of
 an earlier kernel file), that kernel at its own default in the same run: the A/B of a kernel
@@ -48,13 +50,18 @@ PREFILL_SHAPES = {
     "serving: 560 new + 156 decodes at 850": [(0, 560)] + [(849, 1)] * 156,
 }
 DECODE_SHAPES = {f"decode {b} x {c}": [(c - 1, 1)] * b
-                 for b, c in [(256, 700), (256, 1500), (64, 4096), (16, 2048), (1, 8192)]}
+                 for b, c in [(256, 700), (256, 1500), (64, 4096), (16, 2048), (1, 1024), (1, 8192),
+                              (1, 32768), (4, 8192)]}
 # prefill: (BLOCK_M, BLOCK_N, num_warps, num_stages); decode: (BLOCK_N, num_warps, num_stages);
 # None: the kernel's default.
 PREFILL_TILES = [None, (64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
                  (128, 32, 8, 3), (128, 64, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2)]
 DECODE_TILES = [None, (32, 4, 2), (32, 4, 3), (64, 4, 3), (64, 4, 4), (32, 2, 3), (64, 8, 3), (128, 4, 2),
-                (16, 4, 3)]
+                (16, 4, 3),
+                # (BLOCK_N, warps, stages, waves, max_splits): more splits where few sequences leave
+                # SMs idle (the default rule: 2 waves, at most MAX_SPLITS)
+                (64, 4, 3, 2, 16), (64, 4, 3, 2, 32), (64, 4, 3, 2, 64), (128, 4, 3, 2, 64), (32, 4, 3, 2, 64),
+                (32, 4, 3, 2, 32)]
 
 
 def load_module(path: str, name: str):
@@ -73,7 +80,9 @@ def prefill_call(mod, tiles, q, cache, meta, scale):
 
 def decode_call(mod, tiles, q, cache, meta, scale):
     kw = {} if tiles is None else dict(block_n=tiles[0], num_warps=tiles[1], num_stages=tiles[2])
-    splits = mod.decode_num_splits(q.shape[0], cache.shape[3], q.device)
+    # A 5-tuple also sets the split rule: programs for `waves` times the SMs, at most max_splits.
+    split_kw = {} if tiles is None or len(tiles) < 5 else dict(waves=tiles[3], max_splits=tiles[4])
+    splits = mod.decode_num_splits(q.shape[0], cache.shape[3], q.device, **split_kw)
     return lambda: mod.paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, scale,
                                               num_splits=splits, **kw)
 
@@ -94,7 +103,7 @@ def main() -> None:
     if args.smoke:
         kernels["prefill"] = (prefill, {"prefill 40": [(0, 40)], "mixed 24 after 40 + 3 decodes": [(40, 24)] + [(49, 1)] * 3},
                               [None, (32, 16, 4, 2)], prefill_call, args.baseline_prefill)
-        kernels["decode"] = (decode, {"decode 3 x 50": [(49, 1)] * 3}, [None, (16, 4, 3)], decode_call,
+        kernels["decode"] = (decode, {"decode 3 x 50": [(49, 1)] * 3}, [None, (16, 4, 3), (16, 4, 3, 8, 64)], decode_call,
                              args.baseline_decode)
         device = "cpu"
     elif not torch.cuda.is_available():

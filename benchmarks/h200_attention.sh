@@ -13,11 +13,15 @@
 #   fa4    join and install FlashAttention-4 (needs both parts in /tmp/attn)
 #   fi     the GPU tests of triton, flashinfer and auto (FlashInfer compiles each kernel variant
 #          with nvcc on first use); its JIT cache is then packed into $OUT/fi-cache.tgz
+#   fie    the engine tests alone of flashinfer and auto (greedy output and logprobs against Triton's)
 #   fa     the GPU tests of flash_attn (FA4's CuTe DSL compiles its kernels on first use)
 #   ab     benchmarks/attention.py --quick: triton beside flashinfer per operation
 #   abf    the full sweep, triton and flashinfer;  ab3  the full sweep of all three
 #   tp     benchmarks/throughput.py offline, Llama-3.1-8B then Qwen3-0.6B, each backend in turn
 #   lat    benchmarks/latency.py (batch 1), Llama-3.1-8B, triton then auto
+#   l32    the same at 1k and 32k-token prompts, triton, flashinfer and auto
+#   ab128  the full sweep of all three at block size 128 (FA4 reads pages by TMA only there)
+#   tpl    benchmarks/throughput.py offline, Llama-3.1-8B, triton and auto alternating, twice
 #   l1     benchmarks/serving.py, Llama-3.1-8B over HTTP with attention_backend=flashinfer
 #   smp    the sampler's GPU tests (its sort-free top-k / top-p kernel) and benchmarks/sampling.py,
 #          which times FlashInfer's sampling kernels beside ours
@@ -74,6 +78,9 @@ for p in $parts; do
     fi) run fi 330 python3 -m pytest -q --maxfail=12 -p no:cacheprovider --durations 15 tests/gpu/test_attention_backends_gpu.py \
             -k "triton or flashinfer or auto"
         pack_cache ;;
+    fie) run fie 330 python3 -m pytest -q -p no:cacheprovider --durations 15 tests/gpu/test_attention_backends_gpu.py \
+             -k "engine and (flashinfer or auto)"
+         pack_cache ;;
     ab) run ab 150 python3 benchmarks/attention.py --quick --backends triton,flashinfer ;;
     abf) run abf 200 python3 benchmarks/attention.py --backends triton,flashinfer ;;
     tp) for m in llama-3.1-8b qwen3-0.6b; do
@@ -82,6 +89,17 @@ for p in $parts; do
                 --tag "attention-$b"
           done
         done ;;
+    l32) for b in triton flashinfer auto; do
+           run "l32-$b" 240 python3 benchmarks/latency.py --model llama-3.1-8b --peer none --prompt-lens 1024,32768 \
+               --max-model-len 33792 --output-len 64 --attention-backend $b
+         done ;;
+    ab128) run ab128 240 python3 benchmarks/attention.py --backends triton,flashinfer,flash_attn --block-size 128 ;;
+    tpl) for i in 1 2; do
+           for b in triton auto; do
+             run "tpl-$b-$i" 150 python3 benchmarks/throughput.py --model llama-3.1-8b --peer none \
+                 --attention-backend $b --tag "attention-$b-$i"
+           done
+         done ;;
     lat) for b in triton auto; do
            run "lat-$b" 150 python3 benchmarks/latency.py --model llama-3.1-8b --attention-backend $b
          done ;;

@@ -687,7 +687,7 @@ SECTIONS = [
             ["Model", "Device", "Op", "Shape", "{} us", "Floor us", "Fastest", "Floor / fastest"], _attention),
     Section("Attention kernel tiles",
             "raylm's Triton prefill / mixed-step kernel (tiles: BLOCK_M / BLOCK_N / warps / stages) and decode "
-            "kernel (tiles: BLOCK_N / warps / stages) on one layer's paged cache, replayed from CUDA graphs "
+            "kernel (tiles: BLOCK_N / warps / stages, then the split rule's waves / max splits where set) on one layer's paged cache, replayed from CUDA graphs "
             "(`benchmarks/attention_tiles.py`; block size 16, bf16), microseconds: the kernel before the change "
             "(baseline), the default at the time of the run, its speed-up over the baseline, and the fastest "
             "variant. Floor as above.",

@@ -72,6 +72,29 @@ def test_decode_attention_split_k(block_size, num_heads, num_kv_heads):
     assert torch.all(out[3] == 0)
 
 
+def test_decode_attention_empty_splits_write_nothing(monkeypatch):
+    """At MAX_SPLITS most splits of a short context are empty: they write no partial output and
+    the merge reads none, so whatever the workspace held (NaN here) cannot reach the result."""
+    import raylm.kernels.attention.decode as decode
+
+    real_empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(decode.torch, "empty", nan_empty)
+    gen = torch.Generator().manual_seed(11)
+    seq_lens = [3, 40, 0, 17]
+    kv_cache, block_tables, seq_lens_t = paged_inputs(seq_lens, 16, 2, 32, gen)
+    q = torch.randn(len(seq_lens), 4, 32, generator=gen).to(DEVICE)
+    out = decode.paged_decode_attention(q, kv_cache, block_tables, seq_lens_t, 0.2,
+                                        num_splits=decode.MAX_SPLITS, block_n=16)
+    ref = paged_decode_attention_ref(q, kv_cache, block_tables, seq_lens_t, 0.2)
+    torch.testing.assert_close(out, ref, atol=ATTN_TOL, rtol=ATTN_TOL)
+    assert torch.all(out[2] == 0)
+
+
 @pytest.mark.parametrize("num_splits", [None, 1])
 def test_decode_attention_default_and_single_split(num_splits):
     gen = torch.Generator().manual_seed(7)

@@ -211,8 +211,14 @@ def default_backend(device: str) -> str:
 # Since then (2026-12-06, benchmarks/attention_tiles.py) Triton's decode kernel runs three
 # pipeline stages, 2-3 % faster on an H100 and 5-9 % on an H200 at batch 256, and its prefill
 # kernel skips masks on whole tiles: on an H100 a 2k prompt takes 107 us (153 before) and the
-# mixed step 411 us (452 before; FA4's was 409). FlashInfer and FA4 have not been timed beside
-# them since, so the rule stands as measured.
+# mixed step 411 us (452 before; FA4's was 409). Later that day its decode took up to 32 splits
+# at batch 1 and 2 (16 before): batch 1 at 32k context 50.9 us on an H100 (63.8 before;
+# FlashInfer's 54.5 on 12-05), 8k 13.8 (15.5), 1k 6.7 (5.8); batch-1 TPOT at a 32k prompt, same
+# machine, 7.76 ms against 8.20, FlashInfer 7.65 on another H100 machine. So small decode
+# steps stay on Triton at any context. FlashInfer's prefill was not timed beside the new
+# prefill kernel per operation; end to end it gave a 32k prompt 19 % less TTFT (1,246 against
+# 1,531 ms on Triton's), which a rule for long steps without decode rows could take (not yet
+# measured in the engine's CUDA-graph and mixed-step paths, so not in the rule).
 AUTO_RULES: dict[str, tuple[str, ...]] = {
     "decode": ("flashinfer", "triton"),
     "decode_small": ("triton",),

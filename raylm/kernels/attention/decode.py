@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SPLITS = 16
+MAX_SPLITS = 32
 
 
 # The split count is a run-time argument, not a constant, and neither it nor the
@@ -88,12 +88,13 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # An empty split reports lse = -inf and a zero partial output.
+    # An empty split reports lse = -inf and writes no partial output (the merge reads none).
     has = l_i > 0
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
-    mid = mid_o_ptr + seq * stride_ms + heads[:, None] * stride_mh + split * stride_mk + offs_d[None, :]
-    tl.store(mid, o, mask=mask_h[:, None] & mask_d[None, :])
+    if start < end:
+        o = acc * (v_scale / l_i)[:, None]
+        mid = mid_o_ptr + seq * stride_ms + heads[:, None] * stride_mh + split * stride_mk + offs_d[None, :]
+        tl.store(mid, o, mask=mask_h[:, None] & mask_d[None, :])
     tl.store(mid_lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=mask_h)
 
 
@@ -119,8 +120,11 @@ def _decode_reduce_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)  # an empty sequence (padding) gives zeros
     w = tl.exp2(lse - m)
     denom = tl.sum(w, 0)
+    # Only the splits that attended anything wrote a partial output: the trailing splits of a
+    # context shorter than the split count's tiles are empty.
+    filled = mask_s & (lse > float("-inf"))
     o = tl.load(mid_o_ptr + seq * stride_ms + head * stride_mh + offs_s[:, None] * stride_mk
-                + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+                + offs_d[None, :], mask=filled[:, None] & mask_d[None, :], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.maximum(denom, 1e-30)
     tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=mask_d)
@@ -133,11 +137,13 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a nominal few, so tests still exercise split-K
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, device) -> int:
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device, waves: float = 2,
+                      max_splits: int = MAX_SPLITS) -> int:
     """Splits per sequence so that (seqs x kv heads x splits) programs fill the GPU about
-    twice; depends only on the batch shape, so it is fixed for a captured graph."""
-    want = -(-2 * _num_sms(torch.device(device)) // max(1, num_seqs * num_kv_heads))
-    return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
+    `waves` times, at most `max_splits`; depends only on the batch shape, so it is fixed for
+    a captured graph."""
+    want = math.ceil(waves * _num_sms(torch.device(device)) / max(1, num_seqs * num_kv_heads))
+    return max(1, min(max_splits, triton.next_power_of_2(want)))
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -183,7 +189,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
+        # At least 16 wide, so the common split counts (1 to 16) share one compiled merge.
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),
         num_warps=4,
     )
     return out
