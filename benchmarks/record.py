@@ -623,8 +623,38 @@ def _attention_tiles(r: dict) -> list[Row]:
     return rows
 
 
+def _attention_gap_reason(backend: str, op: str, batch: int, ctx: int, block_size: int) -> str:
+    """Why `backend` trails the fastest at a point, where its source or a measurement says
+    (benchmarks/ATTENTION_INSTALL.md, RESULTS findings of 2026-12-05 and -06)."""
+    if backend == "flash_attn" and op == "decode" and batch <= 16:
+        return "no split-KV on SM90: one program per sequence and head leaves SMs idle"
+    if backend == "flash_attn" and block_size != 128:
+        return "pages read by TMA only at block size 128; gathered at this block size"
+    if backend == "flashinfer" and op == "mixed":
+        return "raylm runs a mixed step in its prefill wrapper, each decode row a one-token request; not profiled"
+    if backend == "triton" and op in ("prefill", "mixed"):
+        return "Triton's tiles, no TMA or warp-specialized pipeline (FA3's and FA4's SM90 kernels have both)"
+    if backend == "triton" and op == "decode" and batch == 1 and ctx >= 8192:
+        return "at most 16 splits at batch 1 then: 128 programs on 132 SMs (32 since 2026-12-06)"
+    return "cause not profiled"
+
+
+def _attention_gaps(p: dict, op: str, batch: int, ctx: int, block_size: int) -> str:
+    """The backends more than 5 % behind the fastest at a point, by how much and why."""
+    if not p["best"]:
+        return ""
+    best_us, best_name = p["best"]
+    out = []
+    for name, us in sorted(p["us"].items()):
+        if us is not None and us > 1.05 * best_us:
+            why = _attention_gap_reason(name, op, batch, ctx, block_size)
+            out.append(f"{name} {us / best_us:.2f}x {best_name} ({why})")
+    return "; ".join(out)
+
+
 def _attention(r: dict) -> list[Row]:
-    """One row per point of the sweep, microseconds per backend side by side."""
+    """One row per point of the sweep, microseconds per backend side by side; the note names
+    each backend more than 5 % behind the fastest, and why where known."""
     rows = []
     for (op, batch, ctx, tokens), p in _attention_points(r).items():
         what = (f"batch {batch}, context {ctx}" if op == "decode" else f"{tokens} tokens" if op == "prefill"
@@ -635,7 +665,8 @@ def _attention(r: dict) -> list[Row]:
                         [r["model"], r["device"], op, what,
                          {name: "refused" if us is None else _n(us, 1) for name, us in p["us"].items()},
                          _n(p["floor"], 1), best[1] if best else "-",
-                         f"{p['floor'] / best[0]:.2f}" if best else "-"]))
+                         f"{p['floor'] / best[0]:.2f}" if best else "-"],
+                        _attention_gaps(p, op, batch, ctx, r["block_size"])))
     return rows
 
 
@@ -682,7 +713,9 @@ SECTIONS = [
             "cache, replayed from CUDA graphs), microseconds per backend: Triton (ours), FlashInfer, FlashAttention-4 "
             "(`flash_attn`). Floor: the KV bytes over the HBM bandwidth or the FLOPs over the bf16 peak, whichever "
             "is larger (datasheet figures of the GPU). `attention_backend=\"auto\"` picks from this table "
-            "(raylm/workers/attention_backends.py, AUTO_RULES).",
+            "(raylm/workers/attention_backends.py, AUTO_RULES). The note names each backend more than 5 % behind "
+            "the fastest at that shape, and why where the source or a measurement says. Triton's figures here "
+            "predate its kernels of 2026-12-06 (the next table times those against these).",
             ("attention",),
             ["Model", "Device", "Op", "Shape", "{} us", "Floor us", "Fastest", "Floor / fastest"], _attention),
     Section("Attention kernel tiles",

@@ -98,3 +98,20 @@ def test_committed_block_is_what_the_committed_results_give():
 def test_every_committed_record_has_a_summary_line():
     for r in record.load_records():
         assert record.row(r).startswith(f"| {r['date']} | {r['benchmark']} |"), r["_path"]
+
+
+def test_attention_rows_name_backends_more_than_5_percent_behind():
+    """The per-operation attention table says where a backend is more than 5 % behind the
+    fastest, and why where known (issue: "or the table says where and why not")."""
+    rows = [{"op": "decode", "batch_size": 1, "context_len": 32768, "num_tokens": 1, "backend": b,
+             "us": us, "floor_us": 40.0} for b, us in [("triton", 50.0), ("flashinfer", 52.0),
+                                                       ("flash_attn", 400.0)]]
+    rows += [{"op": "prefill", "batch_size": 1, "context_len": 2048, "num_tokens": 2048, "backend": b,
+              "us": us, "floor_us": 30.0} for b, us in [("triton", 100.0), ("flashinfer", None),
+                                                        ("flash_attn", 97.0)]]
+    r = {"benchmark": "attention", "model": "tiny", "device": "GPU X", "block_size": 16,
+         "kv_cache_dtype": "auto", "rows": rows}
+    decode, prefill = record._attention(r)
+    assert decode.note == "flash_attn 8.00x triton (no split-KV on SM90: one program per sequence and head leaves SMs idle)"
+    assert prefill.note == ""  # triton 3 % behind; flashinfer refused the shape (its cell says so)
+    assert prefill.cells[4]["flashinfer"] == "refused"
