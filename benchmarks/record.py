@@ -530,7 +530,18 @@ def _structured(r: dict) -> list[Row]:
                  f"{r['unconstrained_output_tok_per_s']:,.0f}", f"{r['ratio_structured_vs_unconstrained']:.2f}",
                  step, f"{r['compile_ms_p50']:.1f} / {r['compile_ms_p99']:.1f}",
                  "-" if r.get("step_ms_p99_while_compiling") is None else f"{r['step_ms_p99_while_compiling']:.1f}",
+                 _compile_probe(r.get("compile_probe")),
                  f"{r['stopped_valid']} of {r['num_requests']}"])]  # the record's label joins the note
+
+
+def _compile_probe(p: dict | None) -> str:
+    """The compile probe's cell: until every new-schema request has a token, the window and
+    its step p99, structured against the same requests unconstrained, beside the steady batch."""
+    if not p:
+        return "-"
+    return (f"{p['probe_requests']} beside {p['background_requests']} (steps {p['background_step_ms_p99']:.1f}): "
+            f"{1e3 * p['structured_window_s']:.0f} / {1e3 * p['unconstrained_window_s']:.0f} ms, step p99 "
+            f"{p['structured_step_ms_p99']:.1f} / {p['unconstrained_step_ms_p99']:.1f}")
 
 
 def _sampling(r: dict) -> list[Row]:
@@ -810,11 +821,14 @@ SECTIONS = [
             "queued before the next step is planned). A stand-in executor device sleeps each step's GPU "
             "time and draws grammar rows' tokens from their bitmasks: the host path alone. Step times and "
             "compile times in ms; the step p50 is over all steps, or (full batch) over those that ran at "
-            "least 3/4 of the requests with no compile pending.",
+            "least 3/4 of the requests with no compile pending. Compile probe (`--probe`, since 2026-12-06): "
+            "requests with schemas never compiled arrive beside a steady batch of decoding requests (its step "
+            "p99 in brackets); until each has its first token: the window, structured / the same requests "
+            "unconstrained, and the window's step p99, structured / unconstrained.",
             ("structured",),
             ["Model", "Device", "Backend", "Requests", "Structured out tok/s", "Unconstrained out tok/s", "Ratio",
              "Step p50 structured / unconstrained", "Compile p50 / p99", "Step p99 while compiling",
-             "Stopped and valid"], _structured),
+             "Compile probe", "Stopped and valid"], _structured),
     Section("Sampling filters",
             "Temperature 0.6, then top-k / top-p on one step's logits (`benchmarks/sampling.py`), raylm's "
             "sampler beside HF transformers' logits warpers on the same logits in the same run, at the "

@@ -15,6 +15,10 @@ prefix cache is off, so the two runs do the same work but for the grammar.
 Reports output tok/s of both and their ratio, grammar compile time p50/p99 (each
 schema is new, so every request compiles; compiles run on a thread pool off the step
 loop) and the step time p99 while schemas compile against the unconstrained steps'.
+Then the compile probe (`--probe N`, default 64; 0: none): N requests with schemas not yet
+compiled arrive beside a steady batch of N decoding unconstrained requests, and the steps
+until each has its first token are timed, against the same N requests unconstrained: whether
+compiling new schemas slows the steps of the requests already running.
 The tokenizer is the embedded SmolLM2's (byte-level BPE, 49k tokens: the weights are
 random, the model's own tokenizer is not here); the model's larger vocabulary is padded
 and masked. Writes benchmarks/results/structured_<model>.json only on a GPU (under $OUT
@@ -101,6 +105,75 @@ def run(llm, prompts, params, tag: str) -> dict:
             "timing": timing}
 
 
+def compile_probe(llm, prompts: list[str], schemas: list[dict], background: int, temperature: float) -> dict:
+    """Whether new schemas compiling slow the steps of requests already running: `background`
+    unconstrained requests decode in a steady batch; then the probe requests (each with a
+    schema never compiled before) arrive at once, and the steps from their arrival until every
+    one of them has its first token are timed; then the same requests unconstrained arrive in
+    their place (the same prompts, so the same prefill work) and the same is timed. Each arm's
+    probe requests are aborted once they all have a token; the background keeps decoding."""
+    from raylm import SamplingParams, StructuredOutputsParams
+
+    engine = llm.llm_engine
+    core = engine.core
+    engine.final_outputs_only = False
+    bg = [f"bg{i}" for i in range(background)]
+    for i, rid in enumerate(bg):
+        engine.add_request(rid, prompts[i % len(prompts)],
+                           SamplingParams(temperature=temperature, seed=i, max_tokens=1500, ignore_eos=True))
+
+    def timed_steps(count=None, until=None):
+        times, compiling = [], []
+        while (count is None or len(times) < count):
+            busy = bool(core._num_compiling)
+            t = time.perf_counter()
+            outs = engine.step()
+            times.append(time.perf_counter() - t)
+            compiling.append(busy)
+            if until is not None and until(outs):
+                break
+        return times, compiling
+
+    # Steady state: every background request decoding.
+    while core.scheduler.num_waiting or any(len(core.requests[r].request.output_token_ids) == 0
+                                            for r in bg if r in core.requests):
+        engine.step()
+    base, _ = timed_steps(count=40)
+    arms = {}
+    for arm in ("structured", "unconstrained"):
+        ids = [f"{arm[0]}probe{i}" for i in range(len(schemas))]
+        t0 = time.perf_counter()
+        for i, (rid, prompt, schema) in enumerate(zip(ids, prompts, schemas)):
+            so = StructuredOutputsParams(json=schema) if arm == "structured" else None
+            engine.add_request(rid, prompt, SamplingParams(temperature=temperature, seed=i, max_tokens=64,
+                                                           structured_outputs=so))
+        waiting = set(ids)
+
+        def all_started(outs):
+            for o in outs:
+                if o.request_id in waiting and o.outputs and len(o.outputs[0].token_ids) > 0:
+                    waiting.discard(o.request_id)
+            return not waiting
+
+        times, compiling = timed_steps(until=all_started)
+        window_s = time.perf_counter() - t0
+        engine.abort_request(ids)
+        during = [t for t, c in zip(times, compiling) if c]
+        arms[arm] = {"steps": len(times), "window_s": window_s,
+                     "step_ms_p50": 1e3 * pct(times, 0.5), "step_ms_p99": 1e3 * pct(times, 0.99),
+                     "step_ms_max": 1e3 * max(times),
+                     "steps_while_compiling": len(during),
+                     "step_ms_p99_while_compiling": 1e3 * pct(during, 0.99) if during else None}
+        timed_steps(count=10)  # back to the background alone
+    engine.abort_request([r for r in bg if r in core.requests])
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.final_outputs_only = True
+    return {"background_requests": background, "probe_requests": len(schemas),
+            "background_step_ms_p50": 1e3 * pct(base, 0.5), "background_step_ms_p99": 1e3 * pct(base, 0.99),
+            **{f"{arm}_{k}": v for arm, d in arms.items() for k, v in d.items()}}
+
+
 def full_batch_step_ms(run_out: dict, n: int):
     """p50 wall time of the steps that ran at least 3/4 of the requests with no compile
     pending (the steady state the per-step cost is about: a p50, so the few prefill
@@ -158,6 +231,9 @@ def main() -> None:
                    help="threads for the matchers' per-step work (default: half the CPUs, up to 8)")
     p.add_argument("--precompiled", action="store_true",
                    help="compile every schema before the timed run (cache hits): the step loop's cost alone")
+    p.add_argument("--probe", type=int, default=64,
+                   help="after the runs, the compile probe: this many requests with schemas not yet "
+                        "compiled arrive beside a steady batch of as many unconstrained ones (0: none)")
     args = p.parse_args()
     standin = args.standin_step_ms is not None
     if standin:
@@ -204,6 +280,13 @@ def main() -> None:
     plain = [SamplingParams(temperature=args.temperature, seed=i, ignore_eos=True,
                             max_tokens=max(1, len(c.token_ids))) for i, c in enumerate(b["outputs"])]
     a = run(llm, prompts, plain, "u")
+    probe = {}
+    if args.probe:
+        k = min(args.probe, n)
+        fresh = make_schemas(len(schemas) + k, random.Random(1))[-k:]  # none of the run's: not compiled yet
+        fresh = [s for s in fresh if s not in schemas][:k]
+        probe = compile_probe(llm, prompts[:len(fresh)], fresh, min(args.probe, args.max_num_seqs - k),
+                              args.temperature)
     llm.shutdown()
     tok_a = sum(len(c.token_ids) for c in a["outputs"])
     tok_b = sum(len(c.token_ids) for c in b["outputs"])
@@ -238,6 +321,7 @@ def main() -> None:
         "full_batch_steps": [full_batch_step_ms(b, n)[1], full_batch_step_ms(a, n)[1]],
         **check_outputs(b["outputs"], schemas),
         "structured_step_timing": b["timing"], "unconstrained_step_timing": a["timing"],
+        "compile_probe": probe,
     })
     result["ratio_structured_vs_unconstrained"] = (result["structured_output_tok_per_s"]
                                                    / result["unconstrained_output_tok_per_s"])
@@ -247,6 +331,15 @@ def main() -> None:
           f"{result['stopped']}/{n} stopped, {result['stopped_valid']} valid; full-batch step p50 "
           f"{result['structured_full_batch_step_ms_p50'] or 0:.1f} ms vs "
           f"{result['unconstrained_full_batch_step_ms_p50'] or 0:.1f} ms", flush=True)
+    if probe:
+        print(f"compile probe: {probe['probe_requests']} new schemas beside {probe['background_requests']} "
+              f"decoding requests (steps p50 / p99 {probe['background_step_ms_p50']:.1f} / "
+              f"{probe['background_step_ms_p99']:.1f} ms): until all have a token, structured "
+              f"{probe['structured_steps']} steps in {1e3 * probe['structured_window_s']:.0f} ms, p50 / p99 "
+              f"{probe['structured_step_ms_p50']:.1f} / {probe['structured_step_ms_p99']:.1f} ms; the same "
+              f"unconstrained {probe['unconstrained_steps']} steps in {1e3 * probe['unconstrained_window_s']:.0f} "
+              f"ms, {probe['unconstrained_step_ms_p50']:.1f} / {probe['unconstrained_step_ms_p99']:.1f} ms",
+              flush=True)
     if cpu and not os.environ.get("OUT"):
         print(json.dumps(result, indent=2))
         return

@@ -28,7 +28,7 @@ def test_schemas_are_distinct_bounded_and_valid():
 def test_structured_benchmark_smoke_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "structured.py"), "--device", "cpu",
-                        "--num-requests", "4", "--max-tokens", "160"], cwd=ROOT, env=env,
+                        "--num-requests", "4", "--max-tokens", "160", "--probe", "0"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     r = json.load(open(tmp_path / "structured_cpu-smoke.json"))
@@ -45,6 +45,7 @@ def test_structured_benchmark_smoke_on_cpu(tmp_path):
     assert st["steps"] > 0 and un["steps"] > 0
     assert st["grammar_ms_per_step"] > 0 and un["grammar_ms_per_step"] == 0
     assert r["structured_s"] > 0 and r["unconstrained_s"] > 0 and r["pipelined"] and not r["precompiled"]
+    assert r["compile_probe"] == {}  # --probe 0
 
 
 def test_structured_benchmark_behind_the_stand_in_executor(tmp_path):
@@ -72,3 +73,14 @@ def test_structured_benchmark_behind_the_stand_in_executor(tmp_path):
     assert r["unconstrained_output_tokens"] == r["structured_output_tokens"] > 0
     st = r["structured_step_timing"]
     assert st["grammar_ms_per_step"] > 0 and st["device_wait_ms_per_step"] > 0
+    # The compile probe: 8 new schemas (none of the run's, so each compiles) beside a steady
+    # batch of 64 decoding requests, then the same 8 unconstrained; each arm timed until all 8
+    # have a token.
+    probe = r["compile_probe"]
+    assert probe["probe_requests"] == 8 and probe["background_requests"] == 64
+    assert r["num_compiles"] == 8 + 8
+    for arm in ("structured", "unconstrained"):
+        assert probe[f"{arm}_steps"] >= 1 and probe[f"{arm}_window_s"] > 0
+        assert 0 < probe[f"{arm}_step_ms_p50"] <= probe[f"{arm}_step_ms_p99"] <= probe[f"{arm}_step_ms_max"]
+    assert probe["structured_steps_while_compiling"] >= 1
+    assert probe["unconstrained_steps_while_compiling"] == 0
