@@ -34,44 +34,40 @@ class _Launched:
         self.drawn = None  # the grammar rows' tokens: (ids, a future of the tokens)
 
 
-def allowed_tokens(bitmask, num_rows: int, vocab_size: int, rng, tries: int = 16) -> list[int]:
+def allowed_tokens(bitmask, num_rows: int, vocab_size: int, rng) -> list[int]:
     """One token per row of a packed int32 bitmask (bytes or a CPU tensor, rows of
     ceil(V/32) words, bit t of word w allowing token 32w + t), each one its row allows
-    below `vocab_size`: a random bit of a random nonzero word (the first nonzero of
-    `tries` random words; rows where all of those are zero search the row). Not uniform
-    over tokens; a stand-in needs only a token the grammar accepts, and cheaply, since
-    a GPU would draw it while the host works."""
+    below `vocab_size`: a random set bit of a random nonzero word of the row. Not uniform
+    over tokens; a stand-in needs only a token the grammar accepts, and cheaply, since a
+    GPU would draw it while the host works: one pass over the rows' nonzero words, 0.8 ms
+    for 256 rows of a 49k-token bitmask on the 2-core CPU, where the earlier version
+    (random probes, then a search of the rows that allow few tokens) took 2.7 ms of the
+    host's CPU, holding the GIL from the core's threads for much of it."""
     import numpy as np
 
     if isinstance(bitmask, (bytes, bytearray)):
         words = np.frombuffer(bitmask, dtype=np.int32).reshape(num_rows, -1)
     else:
         words = bitmask.numpy().reshape(num_rows, -1)
-    words = words.view(np.uint32)
     nw = min(words.shape[1], -(-vocab_size // 32))
-    cols = np.flatnonzero(words[:, :nw].any(axis=0))  # the words any row allows
-    words = words[:, cols]
+    words = np.ascontiguousarray(words[:, :nw]).view(np.uint32)
     tail = vocab_size - 32 * (nw - 1)
-    if tail < 32 and len(cols) and cols[-1] == nw - 1:  # tokens past the vocabulary are never drawn
-        words[:, -1] &= np.uint32((1 << tail) - 1)
-    rows = np.arange(num_rows)
-    cand = rng.integers(0, max(1, len(cols)), size=(num_rows, tries))
-    vals = words[rows[:, None], cand] if len(cols) else np.zeros((num_rows, tries), np.uint32)
-    hit = vals != 0
-    first = hit.argmax(axis=1)
-    w = cand[rows, first]
-    chosen = vals[rows, first]
-    few = np.flatnonzero(~hit.any(axis=1))  # few allowed tokens (most JSON states): search those rows
-    if len(few):
-        r, c = np.nonzero(words[few])
-        order = np.lexsort((rng.random(len(r)), r))  # by row, at random within a row
-        found, first_of = np.unique(r[order], return_index=True)
-        if len(found) < len(few):
-            i = int(few[min(set(range(len(few))) - set(found.tolist()))])
-            raise RuntimeError(f"bitmask row {i} allows no token below {vocab_size}")
-        w[few] = c[order[first_of]]
-        chosen[few] = words[few, w[few]]
-    w = cols[w]
+    tail_mask = np.uint32((1 << tail) - 1) if tail < 32 else np.uint32(0xFFFFFFFF)
+    # Row-major: each row's nonzero words together, in order (through a bool array: 8x faster).
+    flat = np.flatnonzero(words != 0)
+    r, c = np.divmod(flat, nw)
+    if tail < 32:  # tokens past the vocabulary are never drawn: a last word allowing only those is no choice
+        last = np.flatnonzero(c == nw - 1)
+        empty = last[(words[r[last], nw - 1] & tail_mask) == 0]
+        if len(empty):
+            r, c = np.delete(r, empty), np.delete(c, empty)
+    counts = np.bincount(r, minlength=num_rows)
+    if not counts.all():
+        raise RuntimeError(f"bitmask row {int(np.argmin(counts))} allows no token below {vocab_size}")
+    starts = np.cumsum(counts) - counts
+    w = c[starts + (rng.random(num_rows) * counts).astype(np.int64)]
+    chosen = words[np.arange(num_rows), w]
+    chosen = np.where(w == nw - 1, chosen & tail_mask, chosen)
     bits = (chosen[:, None] >> np.arange(32, dtype=np.uint32)) & 1
     b = (rng.random(bits.shape) * bits).argmax(axis=1)
     return [int(t) for t in 32 * w + b]
