@@ -290,8 +290,9 @@ def main() -> None:
     probe = {}
     if args.probe:
         k = min(args.probe, n)
-        fresh = make_schemas(len(schemas) + k, random.Random(1))[-k:]  # none of the run's: not compiled yet
-        fresh = [s for s in fresh if s not in schemas][:k]
+        # Past the run's n: each has a field note_<i> with i >= n, so none is a schema of the run
+        # (make_schemas gives schema i that field), and none is compiled yet.
+        fresh = make_schemas(len(schemas) + k, random.Random(1))[-k:]
         probe = compile_probe(llm, prompts[:len(fresh)], fresh, min(args.probe, args.max_num_seqs - k),
                               args.temperature)
     llm.shutdown()
