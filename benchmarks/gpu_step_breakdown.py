@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=150)
     p.add_argument("--profile-steps", type=int, default=40)
     p.add_argument("--attention-backend", default=None)
+    p.add_argument("--top", type=int, default=15, help="how many kernels to list by time")
+    p.add_argument("--tag", default="", help="suffix for the result file's name")
     args = p.parse_args()
 
     from raylm import LLM, SamplingParams
@@ -101,6 +103,7 @@ def main() -> None:
     stats1 = engine.stats()
     by_family: dict[str, float] = collections.Counter()
     by_kernel: dict[str, float] = collections.Counter()
+    kernel_calls: dict[str, int] = collections.Counter()
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None)
         if us is None:
@@ -109,6 +112,7 @@ def main() -> None:
             continue
         by_family[family(ev.key)] += us
         by_kernel[ev.key[:90]] += us
+        kernel_calls[ev.key[:90]] += ev.count
     n = args.profile_steps
     gpu_ms = sum(by_family.values()) / 1e3 / n
     tokens = (stats1.get("generation_tokens", 0) - stats0.get("generation_tokens", 0))
@@ -121,14 +125,22 @@ def main() -> None:
         "output_tokens_per_step": tokens / n if tokens else None,
         "mixed_steps": stats1.get("num_mixed_steps", 0) - stats0.get("num_mixed_steps", 0),
         "families_ms_per_step": {k: v / 1e3 / n for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
-        "top_kernels_ms_per_step": {k: v / 1e3 / n for k, v in by_kernel.most_common(15)},
+        "top_kernels_ms_per_step": {k: v / 1e3 / n for k, v in by_kernel.most_common(args.top)},
+        # Launches per step of those kernels, and of all kernels: at small batches the
+        # step's fixed cost is largely these launches' count times their minimum duration.
+        "top_kernels_calls_per_step": {k: kernel_calls[k] / n for k, _ in by_kernel.most_common(args.top)},
+        "kernel_calls_per_step": sum(kernel_calls.values()) / n,
     })
     print(f"wall {rec['wall_ms_per_step']:.2f} ms/step, GPU kernels {gpu_ms:.2f} ms/step, "
           f"{rec['output_tokens_per_step']} output tokens/step, {rec['mixed_steps']} mixed of {n}")
     for k, v in rec["families_ms_per_step"].items():
         print(f"  {k:30s} {v:7.3f} ms/step")
+    print(f"{rec['kernel_calls_per_step']:.0f} kernel launches per step; top kernels:")
+    for k, v in rec["top_kernels_ms_per_step"].items():
+        print(f"  {v * 1e3:8.1f} us/step  {rec['top_kernels_calls_per_step'][k]:5.0f}x  {k}")
     common.save_result(rec, f"gpu_step_breakdown-{rec['model']}"
-                       + (f"-{args.attention_backend}" if args.attention_backend else ""))
+                       + (f"-{args.attention_backend}" if args.attention_backend else "")
+                       + (f"-{args.tag}" if args.tag else ""))
     llm.shutdown()
 
 

@@ -74,11 +74,18 @@ def model_dir(args) -> str:
     return d
 
 
-def run(llm, prompts, params, tag: str) -> dict:
+def run(llm, prompts, params, tag: str, trace: bool = False) -> dict:
     """Drive the engine step by step: per-step wall times, and whether a grammar was
-    compiling (its request waiting for it) when the step ran."""
+    compiling (its request waiting for it) when the step ran. `trace`: the core's host
+    phases of each pipelined grammar step and the device's timeline of each step too
+    (medians of the full-batch steps, see trace_summary)."""
     engine = llm.llm_engine
     core = engine.core
+    runner = getattr(core.executor, "runner", None)  # the in-process executor's
+    if trace:
+        core.step_trace = []
+        if runner is not None:
+            runner.gpu_trace, runner._trace_last_end = [], None
     # Where the host's step goes: the core's step timing (its grammar_ms_per_step is the
     # time the step loop waited for, or did, the matchers' work).
     core.reset_timing()
@@ -101,8 +108,33 @@ def run(llm, prompts, params, tag: str) -> dict:
     engine.final_outputs_only = False
     outs = [finished[f"{tag}{i}"].outputs[0] for i in range(len(prompts))]
     timing = core.timing_summary()
+    traced = None
+    if trace:
+        traced = trace_summary(core.step_trace, runner.gpu_trace if runner is not None else None, len(prompts))
+        core.step_trace = None
+        if runner is not None:
+            runner.gpu_trace = None
     return {"elapsed": elapsed, "steps": steps, "compiling": compiling, "running": running, "outputs": outs,
-            "timing": timing}
+            "timing": timing, "trace": traced}
+
+
+def trace_summary(host: list, gpu, n: int) -> dict:
+    """Medians (ms) of each traced phase over the steps with at least 3/4 of the n requests:
+    the host's phases of a pipelined grammar step (core.step_trace, in the order they run:
+    between_ms the engine's work between two core steps, then collect, record (of which
+    record_accept_wait), plan, bitmask_wait, finish_sampling, launch), and the device's
+    timeline (ModelRunner.gpu_trace: forward, idle before sampling, sampling, idle before
+    the forward pass)."""
+    def med(rows: list, key: str):
+        xs = sorted(r[key] for r in rows if r.get(key) is not None)
+        return xs[len(xs) // 2] if xs else None
+
+    out = {}
+    for name, rows in (("host", host or []), ("gpu", gpu or [])):
+        full = [r for r in rows if r.get("rows", 0) >= 0.75 * n]
+        keys = sorted({k for r in full for k in r if k.endswith("_ms")})
+        out[name] = {"steps": len(full), **{k: med(full, k) for k in keys}}
+    return out
 
 
 def compile_probe(llm, prompts: list[str], schemas: list[dict], background: int, temperature: float) -> dict:
@@ -231,6 +263,12 @@ def main() -> None:
                    help="threads for the matchers' per-step work (default: half the CPUs, up to 8)")
     p.add_argument("--precompiled", action="store_true",
                    help="compile every schema before the timed run (cache hits): the step loop's cost alone")
+    p.add_argument("--late-inputs", action="store_true",
+                   help="build each pipelined grammar step's inputs after the step before it has its "
+                        "sampling queued, not while its bitmasks fill (the engine before this), to compare")
+    p.add_argument("--trace", action="store_true",
+                   help="also time each phase of the steps on the host and the device (CUDA events): "
+                        "medians of the full-batch steps in the result's \"trace\"")
     p.add_argument("--probe", type=int, default=64,
                    help="after the runs, the compile probe: this many requests with schemas not yet "
                         "compiled arrive beside a steady batch of as many unconstrained ones (0: none)")
@@ -274,6 +312,8 @@ def main() -> None:
                  use_tqdm=False)
     grammars = llm.llm_engine.core._grammars
     llm.llm_engine.core.pipeline_grammar_steps = not args.no_pipeline
+    if args.late_inputs:
+        llm.llm_engine.core.executor.supports_before_inputs = False
     if args.grammar_threads:
         grammars.accept_threads = args.grammar_threads
     grammars.compile_seconds.clear()
@@ -281,12 +321,12 @@ def main() -> None:
         for c in constrained:
             grammars.compile(c.structured_outputs).result()
 
-    b = run(llm, prompts, constrained, "s")
+    b = run(llm, prompts, constrained, "s", trace=args.trace)
     # The same requests unconstrained, each generating as many tokens as its structured
     # output had (ignore_eos), so both runs do the same work but for the grammar.
     plain = [SamplingParams(temperature=args.temperature, seed=i, ignore_eos=True,
                             max_tokens=max(1, len(c.token_ids))) for i, c in enumerate(b["outputs"])]
-    a = run(llm, prompts, plain, "u")
+    a = run(llm, prompts, plain, "u", trace=args.trace)
     probe = {}
     if args.probe:
         k = min(args.probe, n)
@@ -307,7 +347,7 @@ def main() -> None:
                             f"token a step) on {os.cpu_count()} CPUs")
     result.update({
         "num_requests": n, "max_tokens": max_tokens, "precompiled": args.precompiled,
-        "pipelined": not args.no_pipeline,
+        "pipelined": not args.no_pipeline, "early_inputs": not args.late_inputs,
         "grammar_threads": grammars.accept_threads, "temperature": args.temperature, "backend": args.backend,
         "tokenizer": "SmolLM2-135M-Instruct (49152 tokens)",
         "unconstrained_output_tok_per_s": tok_a / a["elapsed"],
@@ -331,6 +371,8 @@ def main() -> None:
         "structured_step_timing": b["timing"], "unconstrained_step_timing": a["timing"],
         "compile_probe": probe,
     })
+    if args.trace:
+        result["trace"] = {"structured": b["trace"], "unconstrained": a["trace"]}
     result["ratio_structured_vs_unconstrained"] = (result["structured_output_tok_per_s"]
                                                    / result["unconstrained_output_tok_per_s"])
     print(f"unconstrained {result['unconstrained_output_tok_per_s']:.0f} tok/s, structured "
@@ -339,6 +381,11 @@ def main() -> None:
           f"{result['stopped']}/{n} stopped, {result['stopped_valid']} valid; full-batch step p50 "
           f"{result['structured_full_batch_step_ms_p50'] or 0:.1f} ms vs "
           f"{result['unconstrained_full_batch_step_ms_p50'] or 0:.1f} ms", flush=True)
+    if args.trace:
+        for arm in ("structured", "unconstrained"):
+            for side, d in result["trace"][arm].items():
+                print(f"trace {arm} {side}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in d.items()), flush=True)
     if probe:
         print(f"compile probe: {probe['probe_requests']} new schemas beside {probe['background_requests']} "
               f"decoding requests (steps p50 / p99 {probe['background_step_ms_p50']:.1f} / "

@@ -217,9 +217,28 @@ def test_pipelined_grammar_steps_match_synchronous_steps(llama_dir, monkeypatch)
             return out
 
         core.step = counting_step
+        # The order of a pipelined launch: N+2's inputs built on the host, then N+1's
+        # sampling queued (launch's before_inputs), then N+2's forward pass.
+        runner, events = core.executor.runner, []
+        launch, finish = runner.launch, runner.finish_sampling
+
+        def logged_launch(plan, defer_sampling=False, before_inputs=None):
+            events.append("launch")
+            return launch(plan, defer_sampling, before_inputs)
+
+        def logged_finish(*a):
+            events.append("sample")
+            return finish(*a)
+
+        runner.launch, runner.finish_sampling = logged_launch, logged_finish
+        hook = runner.model.register_forward_pre_hook(lambda *_: events.append("forward"))
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        hook.remove()
+        runner.launch, runner.finish_sampling = launch, finish
         assert got == want
         assert sum(pipelined) > 5, pipelined  # steps left the next one launched
+        order = "".join(e[0] for e in events)  # l, s, f
+        assert order.count("lsf") > 5, order  # a step's sampling queued inside the next one's launch
         assert (2, 1) in core.grammar_requests.manager._chunk_fillers  # on the threads, in 2 chunks
         # An abort between steps while two are in flight: the others are unchanged.
         engine = llm.llm_engine

@@ -93,6 +93,10 @@ class EngineCore:
         # waits for the grammar bitmasks that the in-flight step's tokens decide.
         self._deferred = None
         self.pipeline_grammar_steps = True  # see _finish_deferred (benchmarks turn it off to compare)
+        # A list to trace the pipelined grammar steps' host phases into (_finish_deferred;
+        # benchmarks set it): one dict of phase -> ms per call.
+        self.step_trace: Optional[list] = None
+        self._trace_returned: Optional[float] = None
         t3 = time.perf_counter()
         self.startup_timing = {"load_s": t1 - t0, "profile_s": t2 - t1,
                                "kv_cache_and_graphs_s": t3 - t2}
@@ -397,6 +401,16 @@ class EngineCore:
         tm = self.timing
         outputs: list[EngineCoreOutput] = []
         rows = self.grammar_requests.rows(sched1)
+        # step_trace: each phase's host time (ms), in the order they run.
+        trace = None if self.step_trace is None else {"rows": len(sched1.seqs), "grammar_rows": len(rows)}
+        if trace is not None and self._trace_returned is not None:  # the engine's work between calls
+            trace["between_ms"] = 1e3 * (t0 - self._trace_returned)
+        last = [t0]
+
+        def mark(phase: str, t: float) -> None:
+            if trace is not None:
+                trace[phase + "_ms"] = 1e3 * (t - last[0])
+                last[0] = t
         step = None
         try:
             if self._inflight is not None:
@@ -406,11 +420,16 @@ class EngineCore:
                 t1 = time.perf_counter()
                 tm["execute_s"] += t1 - t0
                 tm["wait_s"] += t1 - t0  # blocked on the device
+                mark("collect", t1)
+                g0 = tm["grammar_s"]
                 step = self.grammar_requests.start_step({} if result.spec_sampled else result.sampled, rows)
                 outputs = self._record(sched0, result, launched=True, grammar_step=step)
                 tm["steps"] += 1
                 t0 = time.perf_counter()
                 tm["process_s"] += t0 - t1
+                mark("record", t0)
+                if trace is not None:  # of which waiting for the matchers' accepts
+                    trace["record_accept_wait_ms"] = 1e3 * (tm["grammar_s"] - g0)
             elif rows:
                 step = self.grammar_requests.start_step({}, rows)
             nxt = None
@@ -421,21 +440,54 @@ class EngineCore:
                 t1 = time.perf_counter()
                 tm["schedule_s"] += t1 - t0
                 t0 = t1
-            mask = step.bitmask() if rows else None
+                mark("plan", t1)
+
+            inside = [0.0]  # seconds queue_sampling took
+
+            def queue_sampling() -> None:
+                """Wait for N+1's bitmasks and queue its sampling."""
+                t1 = time.perf_counter()
+                mark("launch_prepare", t1)  # the host's part of N+2's launch before this (if any)
+                mask = step.bitmask() if rows else None
+                if step is not None:
+                    step.close()
+                t2 = time.perf_counter()
+                tm["grammar_s"] += t2 - t1
+                mark("bitmask_wait", t2)
+                ids, mask = self.grammar_requests.constrained(rows, mask) if rows else ([], None)
+                self.executor.finish_sampling(launched1, ids, mask)
+                self._inflight = (sched1, launched1)
+                t3 = time.perf_counter()
+                tm["deferred_sampling_s"] += t3 - t2
+                mark("finish_sampling", t3)
+                inside[0] = t3 - t1
+
+            if nxt is not None and getattr(self.executor, "supports_before_inputs", False):
+                # N+2's inputs are built on the host while N+1's bitmasks fill; then N+1's
+                # sampling is queued, and N+2's inputs and forward pass right behind it.
+                t1 = time.perf_counter()
+                self._deferred = (nxt[0], self.executor.launch(nxt[1], defer_sampling=True,
+                                                               before_inputs=queue_sampling))
+                self._mark_launched(nxt[0])
+                t2 = time.perf_counter()
+                tm["execute_s"] += (t2 - t1) - inside[0]
+                mark("launch", t2)
+                nxt = None
+            else:
+                queue_sampling()
         finally:
             if step is not None:  # its threads joined (an abandoned or fill-less step's too)
                 step.close()
-        t1 = time.perf_counter()
-        tm["grammar_s"] += t1 - t0
-        ids, mask = self.grammar_requests.constrained(rows, mask) if rows else ([], None)
-        self.executor.finish_sampling(launched1, ids, mask)
-        self._inflight = (sched1, launched1)
-        t0 = time.perf_counter()
-        tm["deferred_sampling_s"] += t0 - t1
         if nxt is not None:
+            t0 = time.perf_counter()
             self._deferred = (nxt[0], self.executor.launch(nxt[1], defer_sampling=True))
             self._mark_launched(nxt[0])
-            tm["execute_s"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            tm["execute_s"] += t1 - t0
+            mark("launch", t1)
+        if trace is not None:
+            self.step_trace.append(trace)
+            self._trace_returned = time.perf_counter()
         return outputs
 
     def _needs_current_outputs(self, sched_out, grammar: bool = True) -> bool:

@@ -47,8 +47,11 @@ class UniProcExecutor:
     # The engine may launch a step before it knows its grammar bitmasks (finish_sampling).
     supports_deferred_sampling = True
 
-    def launch(self, plan: StepPlan, defer_sampling: bool = False):
-        return self.runner.launch(plan, defer_sampling)
+    # launch(before_inputs=...): a callback between the host's and the device's part of a launch.
+    supports_before_inputs = True
+
+    def launch(self, plan: StepPlan, defer_sampling: bool = False, before_inputs=None):
+        return self.runner.launch(plan, defer_sampling, before_inputs)
 
     def finish_sampling(self, pending, bitmask_ids: list[str], bitmask) -> None:
         self.runner.finish_sampling(pending, bitmask_ids, bitmask)

@@ -45,13 +45,17 @@ def _cpus() -> int:
 # 3.7 ms each on two; its own max_threads did not help), and a burst of new schemas holds
 # their requests back until each compiles (half the CPUs, as vLLM's pool).
 COMPILE_THREADS = max(2, min(8, _cpus() // 2))
-# A step's emitted tokens go to their xgrammar matchers on this many threads, a chunk and
-# one batch call each, once there are PARALLEL_ACCEPT_MIN of them: at 256 JSON requests
-# accept_token takes 10-20 us each, and it sits between a step's tokens and the next
-# step's bitmasks.
-ACCEPT_THREADS = max(1, min(8, _cpus() // 2))
-# The bitmask fill's threads (xgrammar's own, GIL-free) in a pipelined step (start_step).
-FILL_THREADS = ACCEPT_THREADS
+# A step's emitted tokens go to their xgrammar matchers on this many Python threads, a
+# chunk and one batch call each (once there are PARALLEL_ACCEPT_MIN of them), and each
+# thread then fills its chunk's bitmasks on its share of FILL_THREADS. One: on an H100
+# machine's 16 CPUs (structured.py --trace, 256 JSON requests, Llama-3.1-8B) the offline
+# engine made 0.97 and 0.90 of its unconstrained throughput with one such thread, 0.90
+# with 2 and 0.83 with 8: each thread takes the GIL around its calls, and the main
+# thread, which records the step meanwhile, waited 0.7-0.9 ms a step for one thread's
+# accepts of all 256 rows against 4.5 ms for eight threads' 32 each.
+ACCEPT_THREADS = 1
+# The bitmask fill's threads (xgrammar's own, GIL-free) in a step's matcher work (start_step).
+FILL_THREADS = max(1, min(8, _cpus() // 2))
 PARALLEL_ACCEPT_MIN = 64
 # A step's accepts and next bitmasks go to threads (GrammarManager.start_step) from this
 # many rows: below it the hand-off costs more than it overlaps.

@@ -98,7 +98,11 @@ class StandInExecutor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         pass
 
-    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> _Launched:
+    supports_before_inputs = True
+
+    def launch(self, plan: StepPlan, defer_sampling: bool = False, before_inputs=None) -> _Launched:
+        if before_inputs is not None:  # no host part to a stand-in's launch
+            before_inputs()
         tokens = sum(len(s.token_ids) for s in plan.seqs)
         start = max(time.perf_counter(), self._busy_until)
         self._busy_until = start + (self.step_s + self.token_s * tokens if plan.seqs else 0.0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -41,6 +41,13 @@ MIXED_GRAPH_MEMORY_RESERVE = 1 << 30
 CUDA_CONTEXT_BYTES = 1 << 30
 # kv_cache_dtype (vLLM's engine argument) -> the cache's torch dtype; "auto" is the model's.
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def _timing_event():
+    """A CUDA event with timing, recorded now on the current stream."""
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
 
 
 def _row_index(rows: list[int], device: torch.device):
@@ -114,6 +121,14 @@ class ModelRunner:
         # with PLACEHOLDER_TOKEN inputs that are filled from here.
         self._last_tokens: Optional[torch.Tensor] = None
         self._last_rows: dict[str, int] = {}
+        # A list to trace each collected step's GPU timeline into (CUDA only; benchmarks set
+        # it): the forward pass, the device's idle wait before sampling (for a deferred
+        # step, the grammar bitmasks) and before the forward pass (the host's launch), the
+        # sampling, in ms. See _trace_collected.
+        self.gpu_trace: Optional[list] = None
+        self._trace_last_end = None
+        # The launching step's (before_inputs callback, trace) until its inputs are ready.
+        self._before_inputs: Optional[tuple] = None
         # Model-based speculation (a draft model or an EAGLE-3 head; spec_proposer).
         self.spec = None
         if spec_decode is not None:
@@ -409,10 +424,25 @@ class ModelRunner:
                                        self._placeholders(plan, query_start))
         return hidden, query_start
 
+    def _inputs_ready(self) -> None:
+        """The launching step's inputs are built on the host: run its before_inputs (see
+        launch), once, then mark the start of its device work for gpu_trace."""
+        if self._before_inputs is None:
+            return
+        callback, trace = self._before_inputs
+        self._before_inputs = None
+        if callback is not None:
+            with torch.inference_mode(False):  # the engine's code, as when it calls us itself
+                callback()
+        if trace is not None:
+            trace["forward"] = _timing_event()
+
     def _placeholders(self, plan: StepPlan, query_start: list[int]):
         """(input rows, their tokens) for the PLACEHOLDER_TOKEN inputs of `plan` (the last
         token of a request that the previous launched step sampled), read from that step's
-        tokens on the device; None when there are none."""
+        tokens on the device; None when there are none. The launch's before_inputs runs
+        first (it may queue the previous step's sampling)."""
+        self._inputs_ready()
         dst, src = [], []
         for i, s in enumerate(plan.seqs):
             if s.token_ids[-1] == PLACEHOLDER_TOKEN:
@@ -468,7 +498,8 @@ class ModelRunner:
         return self.collect(self.launch(plan))
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, defer_sampling: bool = False) -> PendingStep:
+    def launch(self, plan: StepPlan, defer_sampling: bool = False,
+               before_inputs: Optional[Callable[[], None]] = None) -> PendingStep:
         """Queue one step on the device without waiting for it: the forward pass, sampling
         and log-probabilities, and the copies of their results to the host. On a GPU
         nothing here waits for the device, so the host can plan the next step (whose
@@ -477,12 +508,22 @@ class ModelRunner:
         `defer_sampling` stops after the logits: `finish_sampling` queues the rest once
         the caller knows the grammar bitmasks (asynchronous scheduling with structured
         outputs: the matchers need the previous step's tokens, which arrive while this
-        step's forward pass runs)."""
+        step's forward pass runs).
+
+        `before_inputs` runs once the step's inputs are built on the host and before
+        anything of the step is queued on the device: the engine queues the previous
+        step's deferred sampling there (finish_sampling), whose tokens this step's
+        placeholders read, so this step's host work overlaps the wait for its bitmasks."""
         pending = PendingStep(StepResult(), time.perf_counter())
         self._update_states(plan)
+        if self.gpu_trace is not None and self.device.type == "cuda" and plan.seqs:
+            pending.trace = {"rows": len(plan.seqs)}
+        self._before_inputs = (before_inputs, pending.trace)
         if not plan.seqs:
+            self._inputs_ready()
             return pending
         hidden, query_start = self._forward(plan)  # reads the previous step's tokens
+        self._inputs_ready()  # (run by _forward's placeholders already)
         aux = None
         if isinstance(hidden, tuple):  # EAGLE-3: the target's aux hidden states too
             hidden, aux = hidden
@@ -529,7 +570,13 @@ class ModelRunner:
                 self.spec.after_step(plan, query_start, aux, None)  # with rank 0's _propose
             return pending
         logits = logits.float()
-        args = (pending, plan, logits, sample_ids, spec_ids, spec_rows, proposals, prompt_rows)
+        if pending.trace is not None:
+            pending.trace["logits"] = _timing_event()
+        # The rows' sampling states now: a later step's plan may drop a finished request's
+        # before this step's deferred sampling runs (see before_inputs).
+        states = {rid: self.states[rid] for rid in sample_ids}
+        states.update((rid, self.states[rid]) for rid, _, _ in prompt_rows)
+        args = (pending, plan, logits, sample_ids, spec_ids, spec_rows, proposals, prompt_rows, states)
         if defer_sampling:
             pending.deferred = args
             return pending
@@ -547,12 +594,15 @@ class ModelRunner:
         self._sample_step(*args)
 
     def _sample_step(self, pending: PendingStep, plan: StepPlan, logits: torch.Tensor, sample_ids: list[str],
-                     spec_ids: list[str], spec_rows: list[int], proposals: list, prompt_rows: list) -> None:
+                     spec_ids: list[str], spec_rows: list[int], proposals: list, prompt_rows: list,
+                     row_states: dict) -> None:
         """Sampling, verification of proposals, log-probabilities, and the copies of their
         results to the host (the part of a step after the logits)."""
         dev = self.device
+        if pending.trace is not None:
+            pending.trace["sample"] = _timing_event()
         if sample_ids:
-            states = [self.states[rid] for rid in sample_ids]
+            states = [row_states[rid] for rid in sample_ids]
             sample_logits = logits[:len(sample_ids)]
             sample_in = sample_logits
             if self.processor_ids or plan.bitmask_ids:  # raw logits stay for logprobs
@@ -579,14 +629,16 @@ class ModelRunner:
         if prompt_rows:
             lp = torch.log_softmax(logits[len(sample_ids) + len(spec_rows):], dim=-1)
             targets = to_device([t for _, _, t in prompt_rows], torch.long, dev)
-            k = max(self.states[rid].options.prompt_logprobs for rid, _, _ in prompt_rows)
+            k = max(row_states[rid].options.prompt_logprobs for rid, _, _ in prompt_rows)
             # (request id, target, k): the request's state may be gone by collect time.
-            pending.prompt_rows = [(rid, tgt, self.states[rid].options.prompt_logprobs)
+            pending.prompt_rows = [(rid, tgt, row_states[rid].options.prompt_logprobs)
                                    for rid, _, tgt in prompt_rows]
             pending.prompt_logprobs = tuple(to_host(t) for t in topk_logprobs(lp, targets, k))
         if dev.type == "cuda":
             pending.event = torch.cuda.Event()
             pending.event.record()
+            if pending.trace is not None:
+                pending.trace["end"] = _timing_event()
 
     def _verify(self, pending: PendingStep, spec_ids: list[str], proposals: list[list[int]],
                 logits: torch.Tensor, draft_probs: Optional[torch.Tensor] = None,
@@ -648,4 +700,24 @@ class ModelRunner:
 
     def collect(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step's results and return them as a StepResult."""
-        return collect_step(pending)
+        result = collect_step(pending)
+        if pending.trace is not None and self.gpu_trace is not None:
+            self._trace_collected(pending.trace)
+        return result
+
+    def _trace_collected(self, ev: dict) -> None:
+        """Append a collected step's GPU timeline to gpu_trace (ms): `forward_ms` (the
+        forward pass and logits), `idle_before_sample_ms` (the device waiting for the host
+        to queue the sampling: a deferred step's grammar bitmasks), `sample_ms`, and
+        `idle_before_forward_ms` (from the previous traced step's end to this forward
+        pass: the device waiting for the host's launch; None for the first). A step that
+        sampled nothing has only its forward pass."""
+        rec = {"rows": ev["rows"], "idle_before_forward_ms": None}
+        if self._trace_last_end is not None:
+            rec["idle_before_forward_ms"] = max(0.0, self._trace_last_end.elapsed_time(ev["forward"]))
+        if "logits" in ev and "sample" in ev and "end" in ev:
+            rec["forward_ms"] = ev["forward"].elapsed_time(ev["logits"])
+            rec["idle_before_sample_ms"] = ev["logits"].elapsed_time(ev["sample"])
+            rec["sample_ms"] = ev["sample"].elapsed_time(ev["end"])
+            self._trace_last_end = ev["end"]
+        self.gpu_trace.append(rec)

@@ -34,6 +34,9 @@ class PendingStep:
     spec_logprobs: Optional[tuple] = None
     # launch(defer_sampling=True): what finish_sampling needs to queue the sampling.
     deferred: Optional[tuple] = None
+    # ModelRunner.gpu_trace: timing events (forward start, logits done, sampling start and
+    # end) of this step, read when it is collected.
+    trace: Optional[dict] = None
     # Model-based speculation: (the rows' query starts, the target's aux hidden states).
     spec_ctx: Optional[tuple] = None
 
