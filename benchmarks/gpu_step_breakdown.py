@@ -25,6 +25,7 @@ from benchmarks import common  # noqa: E402
 FAMILIES = (
     ("prefill_attention", "attention (prefill / mixed)"), ("prefill_attn", "attention (prefill / mixed)"),
     ("decode_attention", "attention (decode)"), ("decode_attn", "attention (decode)"),
+    ("_decode_split", "attention (decode)"), ("_decode_reduce", "attention (decode)"),
     ("flash", "attention (library)"), ("batchprefill", "attention (library)"),
     ("batchdecode", "attention (library)"),
     ("kv_cache", "kv-cache write"), ("write_kv", "kv-cache write"),

@@ -508,10 +508,11 @@ def _step_profile(r: dict) -> list[Row]:
 def _gpu_step_breakdown(r: dict) -> list[Row]:
     fams = r["families_ms_per_step"]
     top = ", ".join(f"{k.split('(')[0][:28]} {v:.2f}" for k, v in list(r["top_kernels_ms_per_step"].items())[:3])
-    return [Row((r["model"], r["device"], r.get("attention_backend", "default")), "",
-                [r["model"], r["device"], r.get("attention_backend", "default"),
+    calls = r.get("kernel_calls_per_step")
+    return [Row((r["model"], r["device"], r.get("attention_backend", "default"), r.get("concurrency", 256)), "",
+                [r["model"], r["device"], r.get("attention_backend", "default"), r.get("concurrency", 256),
                  f"{r['profile_steps']} ({r['mixed_steps']} mixed)", f"{r['gpu_kernel_ms_per_step']:.2f}",
-                 f"{fams.get('gemm', 0):.2f}", top])]
+                 f"{fams.get('gemm', 0):.2f}", "-" if calls is None else f"{calls:.0f}", top], r.get("label", ""))]
 
 
 def _structured(r: dict) -> list[Row]:
@@ -519,7 +520,8 @@ def _structured(r: dict) -> list[Row]:
     # before it (--precompiled), grammar steps not pipelined (--no-pipeline).
     backend = (r.get("backend", "xgrammar") + ("; schemas precompiled" if r.get("precompiled") else "")
                + ("; not pipelined" if r.get("pipelined") is False else "")
-               + (f"; grammar threads {r['grammar_threads']}" if r.get("grammar_threads") else ""))
+               + (f"; grammar threads {r['grammar_threads']}" if r.get("grammar_threads") else "")
+               + ("; traced" if r.get("trace") else ""))
     if r.get("structured_full_batch_step_ms_p50") and r.get("unconstrained_full_batch_step_ms_p50"):
         step = (f"{r['structured_full_batch_step_ms_p50']:.1f} / {r['unconstrained_full_batch_step_ms_p50']:.1f} "
                 "(full batch)")
@@ -845,9 +847,11 @@ SECTIONS = [
              "Draw ms raylm / FlashInfer"], _sampling),
     Section("GPU time of a serving step",
             "Kernel time per step (ms, `torch.profiler`) in the steady state of the serving benchmark's closed "
-            "loop, run offline: 256 in flight, prompts and outputs of 100-1024 tokens.",
+            "loop, run offline: 256 in flight (or as the row says), prompts and outputs of 100-1024 tokens; "
+            "kernel launches per step where recorded.",
             ("gpu_step_breakdown",),
-            ["Model", "Device", "Attention", "Steps profiled", "GPU kernels", "GEMMs", "Top kernels (ms)"],
+            ["Model", "Device", "Attention", "In flight", "Steps profiled", "GPU kernels", "GEMMs", "Launches",
+             "Top kernels (ms)", "Note"],
             _gpu_step_breakdown),
     Section("Host work per decode step",
             "What the engine process does per decode step (schedule, record, detokenize, build outputs) with "

@@ -263,6 +263,8 @@ def main() -> None:
                    help="threads for the matchers' per-step work (default: half the CPUs, up to 8)")
     p.add_argument("--precompiled", action="store_true",
                    help="compile every schema before the timed run (cache hits): the step loop's cost alone")
+    p.add_argument("--fill-threads", type=int, default=None,
+                   help="xgrammar threads for a step's bitmask fill (default: half the CPUs, up to 8)")
     p.add_argument("--late-inputs", action="store_true",
                    help="build each pipelined grammar step's inputs after the step before it has its "
                         "sampling queued, not while its bitmasks fill (the engine before this), to compare")
@@ -316,6 +318,11 @@ def main() -> None:
         llm.llm_engine.core.executor.supports_before_inputs = False
     if args.grammar_threads:
         grammars.accept_threads = args.grammar_threads
+    from raylm.engine import grammar as grammar_mod
+
+    if args.fill_threads:
+        grammar_mod.FILL_THREADS = args.fill_threads
+        grammars._chunk_fillers.clear()  # the warm-up's, built with the default
     grammars.compile_seconds.clear()
     if args.precompiled:  # the step loop alone: every schema already in the compile cache
         for c in constrained:
@@ -348,7 +355,7 @@ def main() -> None:
     result.update({
         "num_requests": n, "max_tokens": max_tokens, "precompiled": args.precompiled,
         "pipelined": not args.no_pipeline, "early_inputs": not args.late_inputs,
-        "grammar_threads": grammars.accept_threads, "temperature": args.temperature, "backend": args.backend,
+        "grammar_threads": grammars.accept_threads, "fill_threads": grammar_mod.FILL_THREADS, "temperature": args.temperature, "backend": args.backend,
         "tokenizer": "SmolLM2-135M-Instruct (49152 tokens)",
         "unconstrained_output_tok_per_s": tok_a / a["elapsed"],
         "structured_output_tok_per_s": tok_b / b["elapsed"],

@@ -61,7 +61,7 @@ def test_structured_benchmark_behind_the_stand_in_executor(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "structured.py"), "--model", str(cfg),
                         "--standin-step-ms", "1", "--standin-token-us", "5", "--num-requests", "8",
-                        "--max-tokens", "96", "--precompiled"],
+                        "--max-tokens", "96", "--precompiled", "--trace"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     name = [f for f in os.listdir(tmp_path) if f.startswith("structured_")]
@@ -84,3 +84,12 @@ def test_structured_benchmark_behind_the_stand_in_executor(tmp_path):
         assert 0 < probe[f"{arm}_step_ms_p50"] <= probe[f"{arm}_step_ms_p99"] <= probe[f"{arm}_step_ms_max"]
     assert probe["structured_steps_while_compiling"] >= 1
     assert probe["unconstrained_steps_while_compiling"] == 0
+    # --trace: the host's phases of the structured run's pipelined steps (full batch), in
+    # order; no device timeline without a GPU, and no pipelined steps unconstrained.
+    host = r["trace"]["structured"]["host"]
+    assert host["steps"] >= 1
+    for phase in ("collect", "record", "plan", "launch_prepare", "bitmask_wait", "finish_sampling", "launch"):
+        assert host[f"{phase}_ms"] >= 0, phase
+    assert r["trace"]["structured"]["gpu"]["steps"] == 0
+    assert r["trace"]["unconstrained"]["host"]["steps"] == 0
+    assert r["early_inputs"] and r["grammar_threads"] == 1
