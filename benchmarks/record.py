@@ -210,6 +210,18 @@ def row(r: dict) -> str:
         numbers = (f"{r['profile_steps']} steps at {r['concurrency']} in flight ({r['mixed_steps']} mixed): GPU kernels "
                    f"{r['gpu_kernel_ms_per_step']:.1f} ms a step ({fams}); top kernels {tops} ms")
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
+    if r["benchmark"] == "gemv":
+        ops = {}
+        for x in r["rows"]:
+            ops.setdefault(x["op"], []).append(x)
+        parts = []
+        for op, xs in ops.items():
+            cublas = next(x for x in xs if x["backend"] == "cublas")
+            best = min((x for x in xs if x["backend"] != "cublas"), key=lambda x: x["us"])
+            parts.append(f"{op} {cublas['n']}x{cublas['k']}: cuBLAS {cublas['us']:.1f} us, {best['backend']} "
+                         f"{best['us']:.1f} us ({best['tb_per_s']:.2f} TB/s)")
+        numbers = "; ".join(parts)
+        return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "attention":
         numbers = "; ".join(f"{op} {batch}x{ctx}: {p['best'][1]} {p['best'][0]:.1f} us"
                             for (op, batch, ctx, _), p in _attention_points(r).items() if p["best"])

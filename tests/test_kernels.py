@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     use_interpreter()  # before the kernel modules are imported
 
 from raylm.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from raylm.kernels.gemv import gemv, gemv_ref  # noqa: E402
 from raylm.kernels.attention.decode import (  # noqa: E402
     decode_num_splits, paged_decode_attention, paged_decode_attention_ref)
 from raylm.kernels.attention.kv_cache import write_kv_cache, write_kv_cache_ref  # noqa: E402
@@ -231,6 +232,22 @@ def test_rotary_embedding(scaling):
     torch.testing.assert_close(k, k_layer, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n,k,bias", [(37, 100, False), (64, 1030, True), (8, 512, False)])
+def test_gemv(n, k, bias):
+    """One row against a weight whose N and K are not multiples of the tiles (masked rows
+    and columns), with and without a bias, and a weight with padded rows (stride > K)."""
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=gen).to(DEVICE)
+    w = torch.randn(n, k + 3, generator=gen).to(DEVICE)[:, :k]  # rows strided past K
+    b = torch.randn(n, generator=gen).to(DEVICE) if bias else None
+    out = gemv(x, w, b, block_n=8, block_k=64)
+    assert out.shape == (1, n)
+    torch.testing.assert_close(out, gemv_ref(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.randn(2, k).to(DEVICE), w)
+
+
 def test_silu_and_mul():
     from raylm.workers.layers.basic import SiluAndMul
 
@@ -240,3 +257,19 @@ def test_silu_and_mul():
     assert out.shape == (2, 3, 80)
     torch.testing.assert_close(out, silu_and_mul_ref(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, SiluAndMul()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_takes_the_gemv_only_for_one_row_on_cuda():
+    """raylm.workers.layers.linear.linear: one row of x on CUDA with a bf16/fp16 weight of a
+    shape where the Triton GEMV beat cuBLAS (square, or at least 4x taller than wide); F.linear
+    for everything else, so the CPU's results are F.linear's exactly."""
+    from raylm.workers.layers.linear import gemv_wins, linear
+
+    assert gemv_wins(4096, 4096) and gemv_wins(28672, 4096) and gemv_wins(128256, 4096)
+    assert not gemv_wins(6144, 4096) and not gemv_wins(4096, 14336)
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(1, 64, generator=gen), torch.randn(64, 64, generator=gen)
+    assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
+    if torch.cuda.is_available():
+        xb, wb = x.cuda().bfloat16(), w.cuda().bfloat16()
+        torch.testing.assert_close(linear(xb, wb), gemv_ref(xb, wb), atol=2e-2, rtol=2e-2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raylm.workers.layers.linear import default_weight_loader, divide
+from raylm.workers.layers.linear import default_weight_loader, divide, linear
 from raylm.workers.parallel_state import all_reduce, gather_last_dim, get_tp_rank, get_tp_size
 
 
@@ -88,7 +88,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     TP the full logits are gathered on rank 0 only; other ranks get None."""
 
     def forward(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size > 1:
             # Only rank 0 samples: a gather moves 1/tp of an all-gather's bytes.
             logits = gather_last_dim(logits, dst=0)

@@ -9,6 +9,7 @@ any full checkpoint tensor: sharding lives next to the layer.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -45,6 +46,34 @@ def _along(param, dim: int, size: int) -> int:
     return size
 
 
+# One-row products (decode at batch 1) on raylm's Triton GEMV where it beat cuBLAS on an
+# H100 (benchmarks/gemv.py, Llama-3.1-8B's shapes in CUDA graphs, 2026-12-06): a square
+# weight (o_proj 4096 x 4096: 13.8 against 15.5 us) and one at least 4x taller than wide
+# (gate_up 28672 x 4096: 78.9 against 81.5 us; the LM head 128256 x 4096: 336 against
+# 374 us); cuBLAS kept qkv (6144 x 4096: 20.4 against 21.0-22.2 us) and down (4096 x
+# 14336: about even). RAYLM_TRITON_GEMV=0 turns it off.
+TRITON_GEMV = os.environ.get("RAYLM_TRITON_GEMV", "1") != "0"
+
+
+def gemv_wins(n: int, k: int) -> bool:
+    """Whether a one-row product with an [n, k] weight goes to the Triton GEMV."""
+    return n == k or n >= 4 * k
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, but a single row of x on CUDA with a bf16/fp16 weight of a shape in
+    gemv_wins on the Triton GEMV (raylm.kernels.gemv)."""
+    if (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
+            and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape)):
+        from raylm.kernels.gemv import gemv
+
+        return gemv(x, weight, bias, block_n=4, block_k=512, num_warps=4, num_stages=3)
+    return F.linear(x, weight, bias)
+
+
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class UnquantizedLinearMethod:
     """Dense weight [out, in] (and bias [out])."""
 
@@ -54,7 +83,7 @@ class UnquantizedLinearMethod:
                                              requires_grad=False), 0, 1)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return linear(x, layer.weight, bias)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass

@@ -1,0 +1,93 @@
+"""Batch-1 weight GEMVs: cuBLAS (F.linear) against raylm's Triton GEMV (raylm.kernels.gemv)
+at a model's linear shapes, each timed inside a CUDA graph of 20 calls, with the bytes
+streamed per second (the weight's bytes over the time).
+
+    python benchmarks/gemv.py --model llama-3.1-8b
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+CONFIGS = [(8, 512, 4, 3), (4, 512, 4, 3), (16, 256, 4, 3), (8, 256, 4, 4), (8, 1024, 8, 2), (4, 1024, 4, 2)]
+
+
+def shapes(cfg) -> dict:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {"qkv_proj": (q + 2 * kv, h), "o_proj": (h, q), "gate_up_proj": (2 * i, h), "down_proj": (h, i),
+            "lm_head": (cfg.vocab_size, h)}
+
+
+def time_us(fn, reps: int = 20, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(iters):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, 1e3 * start.elapsed_time(end) / reps)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b")
+    args = p.parse_args()
+    from transformers import AutoConfig
+
+    from raylm.kernels.gemv import gemv
+
+    cfg = AutoConfig.from_pretrained(common.model_dir(args.model))
+    dev = torch.device("cuda")
+    rows = []
+    for name, (n, k) in shapes(cfg).items():
+        # A weight per call site, as many as fit in 2 GB: the graph's calls read different
+        # weights, so L2 holds none between them (50 MB on an H100).
+        copies = max(1, min(20, (2 << 30) // (n * k * 2)))
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        idx = [0]
+
+        def pick():
+            idx[0] = (idx[0] + 1) % copies
+            return ws[idx[0]]
+
+        ref = F.linear(x, ws[0]).float()
+        cands = {"cublas": lambda: F.linear(x, pick())}
+        for bn, bk, warps, stages in CONFIGS:
+            err = (gemv(x, ws[0], block_n=bn, block_k=bk, num_warps=warps, num_stages=stages).float() - ref).abs().max()
+            assert err <= 0.05 * ref.abs().max() + 1e-2, (name, bn, bk, float(err))
+            cands[f"triton {bn}/{bk}/{warps}/{stages}"] = (
+                lambda bn=bn, bk=bk, w=warps, s=stages: gemv(x, pick(), block_n=bn, block_k=bk, num_warps=w, num_stages=s))
+        for backend, fn in cands.items():
+            us = time_us(fn)
+            rows.append({"op": name, "n": n, "k": k, "backend": backend, "us": us, "tb_per_s": n * k * 2 / us / 1e6})
+            print(f"{name:14s} {n:6d} x {k:6d} {backend:22s} {us:8.1f} us {rows[-1]['tb_per_s']:5.2f} TB/s", flush=True)
+        del ws
+    res = common.base_result("gemv", args.model)
+    res.update({"command": "python " + " ".join(sys.argv), "rows": rows,
+                "copy_tb_per_s": common.measure_bandwidth() / 1e12})
+    common.save_result(res, f"gemv-{args.model}")
+
+
+if __name__ == "__main__":
+    main()

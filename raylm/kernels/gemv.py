@@ -1,0 +1,57 @@
+"""One-row matrix-vector product for bf16/fp16 weights: y = x @ W.T with x [1, K] and W
+[N, K] (nn.Linear's layout), on CUDA cores, each program streaming BLOCK_N whole rows of
+W. Decode at batch 1 is weight streaming; cuBLAS's M=1 tiles for some shapes leave the
+SMs short of bytes in flight (Llama-3.1-8B's o_proj, 4096 x 4096: 64 tiles of 64 rows
+at 1.66 TB/s on an H100, benchmarks/gpu_step_breakdown.py --concurrency 1)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_w,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         block_n: int = 8, block_k: int = 512, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """x [1, K] (or [K]) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype, float32 sums."""
+    n, k = weight.shape
+    x1 = x.reshape(-1)
+    if x1.numel() != k:
+        raise ValueError(f"gemv takes one row: x has {x.numel()} elements, the weight's rows {k}")
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    if weight.stride(1) != 1:
+        raise ValueError("gemv needs the weight's rows contiguous (stride 1 along K)")
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch, float32 sums."""
+    y = x.reshape(1, -1).float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
