@@ -94,6 +94,27 @@ def test_bitmask_buffers_take_turns(tok):
     mgr.shutdown()
 
 
+def test_bitmask_buffers_start_at_the_reserved_rows(tok, llama_dir):
+    """Each buffer holds reserve_rows (the engine's max_num_seqs) from its first use, so a
+    batch growing to that size never allocates (on CUDA: pins) a new buffer mid-run."""
+    mgr = manager(tok)
+    mgr.reserve_rows = 40
+    compiled = mgr.compile(StructuredOutputsParams(json=SCHEMAS[0])).result()
+    ms = [mgr.matcher(compiled, []) for _ in range(3)]
+    first = [mgr.bitmask_tensor(ms).data_ptr(), mgr.bitmask_tensor(ms).data_ptr()]
+    assert [b.shape[0] for b in mgr._bitmask] == [40, 40]
+    big = [mgr.matcher(compiled, []) for _ in range(40)]
+    assert [mgr.bitmask_tensor(big).data_ptr(), mgr.bitmask_tensor(big).data_ptr()] == first
+    mgr.shutdown()
+    llm = LLM(llama_dir, max_model_len=512, max_num_seqs=24)
+    try:  # the engine reserves its max_num_seqs
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(
+            json=SCHEMAS[0])), use_tqdm=False)
+        assert llm.llm_engine.core.grammar_requests.manager.reserve_rows == 24
+    finally:
+        llm.shutdown()
+
+
 def test_in_process_engine_hands_tensors_and_outputs_do_not_change(llama_dir, monkeypatch):
     llm = LLM(llama_dir, max_model_len=512, max_num_seqs=16)
     try:

@@ -122,6 +122,9 @@ class EngineCore:
         # Structured outputs: compiles, matchers and bitmasks (see grammar_requests).
         self.grammar_requests = GrammarRequests(self.requests, self._load_tokenizer, self.vocab_size,
                                                 self.eos_token_ids, self.structured_outputs_config)
+        # Bitmask buffers for a full batch from the first grammar step: each growth pins new
+        # host memory mid-run (the benchmark's first structured steps paid ~4 of them).
+        self.grammar_requests.reserve_rows = args.max_num_seqs
         if getattr(self.executor, "supports_deferred_sampling", False):  # the model runs in this process
             self.grammar_requests.use_tensors(pin_memory=self.device.startswith("cuda"))
         # Speculative decoding: proposals before each step (see spec_decode.speculator).

@@ -222,6 +222,7 @@ class GrammarManager:
         self._bitmask = [None, None]  # two buffers, used in turn (see bitmask_tensor)
         self._turn = 0
         self.pin_memory = False  # bitmask buffers in page-locked memory (CUDA, in process)
+        self.reserve_rows = 0  # rows each bitmask buffer starts with (the engine's max_num_seqs)
         self._batch = None
         self._chunk_fillers: dict = {}  # (chunks, chunk) -> its BatchGrammarMatcher (start_step)
         self.accept_threads = ACCEPT_THREADS
@@ -366,7 +367,7 @@ class GrammarManager:
         self._turn ^= 1
         held = self._bitmask[self._turn]
         if held is None or held.shape[0] < n:
-            rows = max(n, 8, 0 if held is None else 2 * held.shape[0])
+            rows = max(n, 8, self.reserve_rows, 0 if held is None else 2 * held.shape[0])
             held = xgr.allocate_token_bitmask(rows, self.mask_vocab)
             if self.pin_memory:
                 held = held.pin_memory()

@@ -33,6 +33,7 @@ class GrammarRequests:
         # tensor itself, no bytes, and on CUDA it sits in page-locked memory.
         self.tensor_bitmasks = False
         self.pin_memory = False
+        self.reserve_rows = 0  # the bitmask buffers' rows from the start (GrammarManager.reserve_rows)
 
     def use_tensors(self, pin_memory: bool) -> None:
         """The executor runs the model in this process: put bitmasks in plans as CPU
@@ -54,6 +55,7 @@ class GrammarRequests:
             self.manager = GrammarManager(self._load_tokenizer, self.vocab_size, self.eos_token_ids,
                                           config=self.config)
             self.manager.pin_memory = self.pin_memory
+            self.manager.reserve_rows = self.reserve_rows
         self.manager.submit(request_id, structured_outputs)
 
     def admit(self, block: bool) -> list[tuple]:
