@@ -261,15 +261,18 @@ def test_silu_and_mul():
 
 def test_linear_takes_the_gemv_only_for_one_row_on_cuda():
     """raylm.workers.layers.linear.linear: one row of x on CUDA with a bf16/fp16 weight of a
-    shape where the Triton GEMV beat cuBLAS (square, or at least 4x taller than wide); F.linear
+    shape where the Triton GEMV beat cuBLAS (both sides at least 4096, as measured); F.linear
     for everything else, so the CPU's results are F.linear's exactly."""
     from raylm.workers.layers.linear import gemv_wins, linear
 
-    assert gemv_wins(4096, 4096) and gemv_wins(28672, 4096) and gemv_wins(128256, 4096)
-    assert not gemv_wins(6144, 4096) and not gemv_wins(4096, 14336)
+    assert all(gemv_wins(n, k) for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
+                                            (128256, 4096)])
+    assert not gemv_wins(2048, 4096) and not gemv_wins(151936, 1024)
     gen = torch.Generator().manual_seed(7)
     x, w = torch.randn(1, 64, generator=gen), torch.randn(64, 64, generator=gen)
     assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
     if torch.cuda.is_available():
-        xb, wb = x.cuda().bfloat16(), w.cuda().bfloat16()
+        xb = torch.randn(1, 4096, generator=gen).cuda().bfloat16()
+        wb = (torch.randn(4096, 4096, generator=gen) / 64).cuda().bfloat16()
         torch.testing.assert_close(linear(xb, wb), gemv_ref(xb, wb), atol=2e-2, rtol=2e-2)
+

@@ -46,32 +46,38 @@ def _along(param, dim: int, size: int) -> int:
     return size
 
 
-# One-row products (decode at batch 1) on raylm's Triton GEMV where it beat cuBLAS on an
-# H100 (benchmarks/gemv.py, Llama-3.1-8B's shapes in CUDA graphs, 2026-12-06): a square
-# weight (o_proj 4096 x 4096: 13.8 against 15.5 us) and one at least 4x taller than wide
-# (gate_up 28672 x 4096: 78.9 against 81.5 us; the LM head 128256 x 4096: 336 against
-# 374 us); cuBLAS kept qkv (6144 x 4096: 20.4 against 21.0-22.2 us) and down (4096 x
-# 14336: about even). RAYLM_TRITON_GEMV=0 turns it off.
+# One-row products (decode at batch 1) on raylm's Triton GEMV, 2 rows a program in 2048-wide
+# chunks (8 warps, 2 stages), which beat cuBLAS at every Llama-3.1-8B shape on an H100
+# (benchmarks/gemv.py, CUDA graphs, 2026-12-06): qkv 6144 x 4096 18.4 against 20.5 us,
+# o_proj 4096 x 4096 13.0 against 15.7, gate_up 28672 x 4096 76.0 against 82.2, down
+# 4096 x 14336 40.1 against 43.6, the LM head 128256 x 4096 329 against 374. Taken where
+# both sides are at least 4096, the range measured. RAYLM_TRITON_GEMV=0 turns it off.
 TRITON_GEMV = os.environ.get("RAYLM_TRITON_GEMV", "1") != "0"
+GEMV_MIN_DIM = 4096
+GEMV_TILES = {"block_n": 2, "block_k": 2048, "num_warps": 8, "num_stages": 2}
 
 
 def gemv_wins(n: int, k: int) -> bool:
     """Whether a one-row product with an [n, k] weight goes to the Triton GEMV."""
-    return n == k or n >= 4 * k
+    return n >= GEMV_MIN_DIM and k >= GEMV_MIN_DIM
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, but a single row of x on CUDA with a bf16/fp16 weight of a shape in
     gemv_wins on the Triton GEMV (raylm.kernels.gemv)."""
-    if (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
-            and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape)):
+    if _takes_gemv(x, weight):
         from raylm.kernels.gemv import gemv
 
-        return gemv(x, weight, bias, block_n=4, block_k=512, num_warps=4, num_stages=3)
+        return gemv(x, weight, bias, **GEMV_TILES)
     return F.linear(x, weight, bias)
 
 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
+            and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape))
 
 
 class UnquantizedLinearMethod:
