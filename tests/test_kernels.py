@@ -271,7 +271,7 @@ def test_linear_takes_the_gemv_only_for_one_row_on_cuda():
     gen = torch.Generator().manual_seed(7)
     x, w = torch.randn(1, 64, generator=gen), torch.randn(64, 64, generator=gen)
     assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:  # Hopper, as measured
         xb = torch.randn(1, 4096, generator=gen).cuda().bfloat16()
         wb = (torch.randn(4096, 4096, generator=gen) / 64).cuda().bfloat16()
         torch.testing.assert_close(linear(xb, wb), gemv_ref(xb, wb), atol=2e-2, rtol=2e-2)

@@ -51,7 +51,8 @@ def _along(param, dim: int, size: int) -> int:
 # (benchmarks/gemv.py, CUDA graphs, 2026-12-06): qkv 6144 x 4096 18.4 against 20.5 us,
 # o_proj 4096 x 4096 13.0 against 15.7, gate_up 28672 x 4096 76.0 against 82.2, down
 # 4096 x 14336 40.1 against 43.6, the LM head 128256 x 4096 329 against 374. Taken where
-# both sides are at least 4096, the range measured. RAYLM_TRITON_GEMV=0 turns it off.
+# both sides are at least 4096, on Hopper (SM 9.x): the range and the GPUs measured.
+# RAYLM_TRITON_GEMV=0 turns it off.
 TRITON_GEMV = os.environ.get("RAYLM_TRITON_GEMV", "1") != "0"
 GEMV_MIN_DIM = 4096
 GEMV_TILES = {"block_n": 2, "block_k": 2048, "num_warps": 8, "num_stages": 2}
@@ -77,7 +78,19 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
-            and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape))
+            and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape)
+            and _measured_gpu(x.device))
+
+
+_MEASURED_GPU: dict = {}
+
+
+def _measured_gpu(device: torch.device) -> bool:
+    """Whether the GEMV was measured on this kind of GPU (Hopper: the H100 and H200)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _MEASURED_GPU:
+        _MEASURED_GPU[idx] = torch.cuda.get_device_capability(idx)[0] == 9
+    return _MEASURED_GPU[idx]
 
 
 class UnquantizedLinearMethod:
