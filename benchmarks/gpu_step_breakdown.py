@@ -117,6 +117,7 @@ def main() -> None:
     n = args.profile_steps
     gpu_ms = sum(by_family.values()) / 1e3 / n
     tokens = (stats1.get("generation_tokens", 0) - stats0.get("generation_tokens", 0))
+    top = by_kernel.most_common(args.top)
     rec = common.base_result("gpu_step_breakdown", os.path.basename(args.model.rstrip("/")))
     rec.update({
         "command": "python " + " ".join(sys.argv),
@@ -126,10 +127,10 @@ def main() -> None:
         "output_tokens_per_step": tokens / n if tokens else None,
         "mixed_steps": stats1.get("num_mixed_steps", 0) - stats0.get("num_mixed_steps", 0),
         "families_ms_per_step": {k: v / 1e3 / n for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
-        "top_kernels_ms_per_step": {k: v / 1e3 / n for k, v in by_kernel.most_common(args.top)},
+        "top_kernels_ms_per_step": {k: v / 1e3 / n for k, v in top},
         # Launches per step of those kernels, and of all kernels: at small batches the
         # step's fixed cost is largely these launches' count times their minimum duration.
-        "top_kernels_calls_per_step": {k: kernel_calls[k] / n for k, _ in by_kernel.most_common(args.top)},
+        "top_kernels_calls_per_step": {k: kernel_calls[k] / n for k, _ in top},
         "kernel_calls_per_step": sum(kernel_calls.values()) / n,
     })
     print(f"wall {rec['wall_ms_per_step']:.2f} ms/step, GPU kernels {gpu_ms:.2f} ms/step, "

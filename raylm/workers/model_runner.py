@@ -572,10 +572,12 @@ class ModelRunner:
         logits = logits.float()
         if pending.trace is not None:
             pending.trace["logits"] = _timing_event()
-        # The rows' sampling states now: a later step's plan may drop a finished request's
-        # before this step's deferred sampling runs (see before_inputs).
-        states = {rid: self.states[rid] for rid in sample_ids}
-        states.update((rid, self.states[rid]) for rid, _, _ in prompt_rows)
+        # A deferred step keeps its rows' sampling states: a later step's plan may drop a
+        # finished request's before this step's sampling runs (see before_inputs).
+        states = self.states
+        if defer_sampling:
+            states = {rid: self.states[rid] for rid in sample_ids}
+            states.update((rid, self.states[rid]) for rid, _, _ in prompt_rows)
         args = (pending, plan, logits, sample_ids, spec_ids, spec_rows, proposals, prompt_rows, states)
         if defer_sampling:
             pending.deferred = args

@@ -63,34 +63,19 @@ def gemv_wins(n: int, k: int) -> bool:
     return n >= GEMV_MIN_DIM and k >= GEMV_MIN_DIM
 
 
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, but a single row of x on CUDA with a bf16/fp16 weight of a shape in
+    """F.linear, but a single row of x on a Hopper GPU with a bf16/fp16 weight of a shape in
     gemv_wins on the Triton GEMV (raylm.kernels.gemv)."""
-    if _takes_gemv(x, weight):
+    if (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
+            and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape)
+            and torch.cuda.get_device_capability(x.device)[0] == 9):
         from raylm.kernels.gemv import gemv
 
         return gemv(x, weight, bias, **GEMV_TILES)
     return F.linear(x, weight, bias)
-
-
-_GEMV_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
-            and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape)
-            and _measured_gpu(x.device))
-
-
-_MEASURED_GPU: dict = {}
-
-
-def _measured_gpu(device: torch.device) -> bool:
-    """Whether the GEMV was measured on this kind of GPU (Hopper: the H100 and H200)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _MEASURED_GPU:
-        _MEASURED_GPU[idx] = torch.cuda.get_device_capability(idx)[0] == 9
-    return _MEASURED_GPU[idx]
 
 
 class UnquantizedLinearMethod:
