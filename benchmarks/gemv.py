@@ -51,6 +51,38 @@ def time_us(fn, reps: int = 20, iters: int = 20) -> float:
     return best
 
 
+# The gate/up GEMV with SiLU-and-mul as its epilogue: (gate rows per program, K chunk, warps, stages).
+SILU_CONFIGS = [(1, 2048, 8, 2), (1, 1024, 4, 3), (1, 1024, 8, 2), (1, 4096, 8, 2), (2, 2048, 8, 2),
+                (2, 1024, 8, 2), (1, 2048, 4, 2), (1, 512, 4, 4)]
+
+
+def time_gate_up_silu(x, ws, pick, n, k) -> list[dict]:
+    """silu(gate) * up of the merged gate/up weight: cuBLAS then the SiLU kernel, the
+    engine's GEMV then the SiLU kernel, and the fused GEMV (gemv_silu_mul) per config."""
+    from raylm.kernels.activation import silu_and_mul
+    from raylm.kernels.gemv import gemv, gemv_silu_mul
+    from raylm.workers.layers.linear import GEMV_TILES
+
+    ref = silu_and_mul(F.linear(x, ws[0])).float()
+    cands = {"cublas + silu": lambda: silu_and_mul(F.linear(x, pick())),
+             "triton + silu": lambda: silu_and_mul(gemv(x, pick(), **GEMV_TILES))}
+    for bn, bk, warps, stages in SILU_CONFIGS:
+        err = (gemv_silu_mul(x, ws[0], block_n=bn, block_k=bk, num_warps=warps, num_stages=stages).float()
+               - ref).abs().max()
+        assert err <= 0.05 * ref.abs().max() + 1e-2, ("gate_up_silu", bn, bk, float(err))
+        cands[f"fused {bn}/{bk}/{warps}/{stages}"] = (
+            lambda bn=bn, bk=bk, w=warps, s=stages: gemv_silu_mul(x, pick(), block_n=bn, block_k=bk,
+                                                                  num_warps=w, num_stages=s))
+    rows = []
+    for backend, fn in cands.items():
+        us = time_us(fn)
+        rows.append({"op": "gate_up_silu", "n": n, "k": k, "backend": backend, "us": us,
+                     "tb_per_s": n * k * 2 / us / 1e6})
+        print(f"{'gate_up_silu':14s} {n:6d} x {k:6d} {backend:22s} {us:8.1f} us {rows[-1]['tb_per_s']:5.2f} TB/s",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
@@ -85,6 +117,8 @@ def main() -> None:
             us = time_us(fn)
             rows.append({"op": name, "n": n, "k": k, "backend": backend, "us": us, "tb_per_s": n * k * 2 / us / 1e6})
             print(f"{name:14s} {n:6d} x {k:6d} {backend:22s} {us:8.1f} us {rows[-1]['tb_per_s']:5.2f} TB/s", flush=True)
+        if name == "gate_up_proj":
+            rows += time_gate_up_silu(x, ws, pick, n, k)
         del ws
     res = common.base_result("gemv", args.model)
     res.update({"command": "python " + " ".join(sys.argv), "rows": rows,

@@ -28,6 +28,7 @@ FAMILIES = (
     ("_decode_split", "attention (decode)"), ("_decode_reduce", "attention (decode)"),
     ("flash", "attention (library)"), ("batchprefill", "attention (library)"),
     ("batchdecode", "attention (library)"),
+    ("rotary_write_kv", "rotary + kv-cache write"), ("gemv_silu", "gemm + activation"), ("gemv", "gemm"),
     ("kv_cache", "kv-cache write"), ("write_kv", "kv-cache write"),
     ("rms_norm", "norm"), ("rotary", "rotary"), ("silu", "activation"),
     ("gemm", "gemm"), ("nvjet", "gemm"), ("cutlass", "gemm"), ("xmma", "gemm"), ("cublas", "gemm"),

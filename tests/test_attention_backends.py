@@ -56,7 +56,12 @@ def make_step(seqs, block_size, num_blocks, gen):
     # Decode only: the split-K decode kernel.
     [(20, 1), (70, 1), (0, 1)],
 ], ids=["mixed", "decode"])
-def test_triton_backend_matches_torch(seqs):
+@pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
+def test_triton_backend_matches_torch(seqs, rope):
+    """With `rope` the layer rotates q and k first: the Triton backend in one launch with
+    the cache write (rotary_write_kv), the torch backend rotary then write."""
+    from raylm.workers.layers.rotary import RotaryEmbedding
+
     gen = torch.Generator().manual_seed(len(seqs))
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 4, 2, 32, 16, 24
     meta = make_step(seqs, block_size, num_blocks, gen)
@@ -67,11 +72,14 @@ def test_triton_backend_matches_torch(seqs):
     # The cached prefixes: random contents the new tokens' slots are written over.
     cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE)
 
+    rotary = RotaryEmbedding(head_dim, 128, 10000.0).to(DEVICE) if rope else None
+    positions = torch.cat([torch.arange(c, c + n) for c, n in seqs]).to(DEVICE)
+
     outs, caches = [], []
     for backend in (TorchAttentionBackend(), get_attention_backend("triton")):
         layer = Attention(num_heads, head_dim, num_kv_heads, head_dim ** -0.5)
         layer.kv_cache = cache.clone()
-        outs.append(layer(q, k, v, meta, backend))
+        outs.append(layer(q.clone(), k.clone(), v, meta, backend, rotary, positions))
         caches.append(layer.kv_cache)
     assert torch.equal(caches[0], caches[1])
     torch.testing.assert_close(outs[1], outs[0], atol=TOL, rtol=TOL)

@@ -12,10 +12,11 @@ if not torch.cuda.is_available():
     use_interpreter()  # before the kernel modules are imported
 
 from raylm.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from raylm.kernels.gemv import gemv, gemv_ref  # noqa: E402
+from raylm.kernels.gemv import gemv, gemv_ref, gemv_silu_mul, gemv_silu_mul_ref  # noqa: E402
 from raylm.kernels.attention.decode import (  # noqa: E402
     decode_num_splits, paged_decode_attention, paged_decode_attention_ref)
-from raylm.kernels.attention.kv_cache import write_kv_cache, write_kv_cache_ref  # noqa: E402
+from raylm.kernels.attention.kv_cache import (  # noqa: E402
+    rotary_write_kv_cache, write_kv_cache, write_kv_cache_ref)
 from raylm.kernels.attention.prefill import (  # noqa: E402
     paged_prefill_attention, paged_prefill_attention_ref)
 from raylm.kernels.norm import rms_norm, rms_norm_ref  # noqa: E402
@@ -232,6 +233,41 @@ def test_rotary_embedding(scaling):
     torch.testing.assert_close(k, k_layer, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim,num_kv_heads,dtype,cache_dtype", [
+    (32, 2, torch.float32, torch.float32), (80, 3, torch.float32, torch.float32),
+    (32, 2, torch.bfloat16, torch.bfloat16), (32, 2, torch.bfloat16, torch.float8_e4m3fn)])
+def test_rotary_write_kv_cache_is_rotary_then_write(head_dim, num_kv_heads, dtype, cache_dtype):
+    """The fused launch stores exactly what the rotary kernel followed by write_kv_cache
+    stores (q rotated in place, the rotated k and v at each slot, padding skipped), for
+    head sizes and head counts that are not powers of two and for an fp8 cache with scales."""
+    from raylm.workers.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(head_dim + num_kv_heads)
+    num_tokens, num_heads, block_size, num_blocks = 9, 6, 16, 5
+    rope = RotaryEmbedding(head_dim, 256, 10000.0).to(DEVICE)
+    positions = torch.randint(0, 256, (num_tokens,), generator=gen).to(DEVICE)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(DEVICE, dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[4] = -1  # a padding token: its q is rotated, nothing is written
+    slots = slots.to(DEVICE)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE, cache_dtype)
+    scales = (0.5, 2.0) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+
+    def views(t):
+        q, k, v = t.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
+                v.view(num_tokens, num_kv_heads, head_dim))
+
+    fused_qkv, fused_cache = qkv.clone(), cache.clone()
+    q, k, v = views(qkv)
+    rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache)
+    write_kv_cache(k, v, cache, slots, *scales)
+    fq, fk, fv = views(fused_qkv)
+    rotary_write_kv_cache(positions, fq, fk, fv, rope.cos_cache, rope.sin_cache, fused_cache, slots, *scales)
+    assert torch.equal(fq, q)
+    assert torch.equal(fused_cache.view(torch.uint8), cache.view(torch.uint8))
+
+
 @pytest.mark.parametrize("n,k,bias", [(37, 100, False), (64, 1030, True), (8, 512, False)])
 def test_gemv(n, k, bias):
     """One row against a weight whose N and K are not multiples of the tiles (masked rows
@@ -246,6 +282,23 @@ def test_gemv(n, k, bias):
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.randn(2, k).to(DEVICE), w)
+
+
+@pytest.mark.parametrize("n,k,block_n", [(37, 100, 1), (64, 1030, 2), (8, 512, 4)])
+def test_gemv_silu_mul(n, k, block_n):
+    """The gate/up GEMV with SiLU-and-mul as its epilogue: rows r and n + r of a [2n, K]
+    weight, N and K not multiples of the tiles, rows strided past K."""
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, k, generator=gen).to(DEVICE)
+    w = (torch.randn(2 * n, k + 5, generator=gen) / k ** 0.5).to(DEVICE)[:, :k]  # products of order 1
+    out = gemv_silu_mul(x, w, block_n=block_n, block_k=64)
+    assert out.shape == (1, n)
+    torch.testing.assert_close(out, gemv_silu_mul_ref(x, w), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, silu_and_mul(torch.nn.functional.linear(x, w)), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="odd"):
+        gemv_silu_mul(x, w[:-1])
+    with pytest.raises(ValueError, match="one row"):
+        gemv_silu_mul(torch.randn(2, k).to(DEVICE), w)
 
 
 def test_silu_and_mul():
@@ -276,3 +329,24 @@ def test_linear_takes_the_gemv_only_for_one_row_on_cuda():
         wb = (torch.randn(4096, 4096, generator=gen) / 64).cuda().bfloat16()
         torch.testing.assert_close(linear(xb, wb), gemv_ref(xb, wb), atol=2e-2, rtol=2e-2)
 
+
+
+def test_gate_up_silu_only_where_the_gemv_runs():
+    """LlamaMLP's gate/up projection with SiLU-and-mul in one launch (gate_up_silu) where
+    linear() would take the GEMV, the same values as the projection then SiluAndMul; None
+    (the two-step path) elsewhere: on the CPU, for two rows, with a bias."""
+    from raylm.workers.layers.basic import SiluAndMul
+    from raylm.workers.layers.linear import MergedColumnParallelLinear, gate_up_silu
+
+    gen = torch.Generator().manual_seed(9)
+    layer = MergedColumnParallelLinear(64, [96, 96], dtype=torch.float32)
+    layer.weight.data.copy_(torch.randn(192, 64, generator=gen) / 8)
+    assert gate_up_silu(torch.randn(1, 64, generator=gen), layer) is None
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:  # Hopper, as measured
+        big = MergedColumnParallelLinear(4096, [4096, 4096], dtype=torch.bfloat16).cuda()
+        big.weight.data.copy_(torch.randn(8192, 4096, generator=gen) / 64)
+        x = torch.randn(1, 4096, generator=gen).cuda().bfloat16()
+        torch.testing.assert_close(gate_up_silu(x, big), SiluAndMul()(big(x)), atol=2e-2, rtol=2e-2)
+        assert gate_up_silu(x.expand(2, -1).contiguous(), big) is None
+        with_bias = MergedColumnParallelLinear(4096, [4096, 4096], bias=True, dtype=torch.bfloat16).cuda()
+        assert gate_up_silu(x, with_bias) is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -30,6 +31,10 @@ logger = logging.getLogger("raylm")
 # A backend's operations (AttentionMetadata.op): a decode step (one query per sequence),
 # anything else. "auto" keeps small decode steps apart ("decode_small").
 AUTO_OPS = ("decode", "decode_small", "prefill")
+
+# The rotary embedding and the KV-cache write in one launch where the cache is written by
+# raylm's kernel (AttentionBackend.rotary_write_kv); RAYLM_FUSED_ROPE_KV=0: two launches.
+FUSED_ROPE_KV = os.environ.get("RAYLM_FUSED_ROPE_KV", "1") != "0"
 
 
 @dataclass
@@ -99,6 +104,7 @@ class AttentionBackend:
     name = "base"
     supports_fp8_kv_cache = False
     supports_cuda_graphs = False
+    triton_kv_write = False  # write_kv is raylm.kernels.attention.kv_cache.write_kv_cache
 
     def __init__(self):
         self._accepted: set = set()
@@ -140,6 +146,25 @@ class AttentionBackend:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         raise NotImplementedError
+
+    def rotary_write_kv(self, rotary, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """The rotary embedding `rotary` (a RotaryEmbedding) at `positions` on q and k, then
+        write_kv of the rotated k and v; returns the rotated q. A backend whose cache is
+        written by raylm's Triton kernel (triton_kv_write) does both in one launch wherever
+        that kernel runs (CUDA, or Triton's interpreter); RAYLM_FUSED_ROPE_KV=0: two."""
+        from raylm.kernels.interpret import runs_kernel
+
+        if self.triton_kv_write and FUSED_ROPE_KV and runs_kernel(q.device):
+            from raylm.kernels.attention.kv_cache import rotary_write_kv_cache
+
+            rotary_write_kv_cache(positions, q, k, v, rotary.cos_cache, rotary.sin_cache, kv_cache,
+                                  slot_mapping, k_scale, v_scale)
+            return q
+        q, k = rotary(positions, q, k)
+        self.write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+        return q
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
@@ -296,6 +321,9 @@ class AutoAttentionBackend(AttentionBackend):
 
     def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         self.fallback.write_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+
+    def rotary_write_kv(self, *args, **kwargs):
+        return self.fallback.rotary_write_kv(*args, **kwargs)
 
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
         op = meta.op

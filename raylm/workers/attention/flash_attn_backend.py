@@ -57,6 +57,7 @@ class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
     supports_cuda_graphs = True
     supports_fp8_kv_cache = False
+    triton_kv_write = True
 
     def __init__(self):
         super().__init__()

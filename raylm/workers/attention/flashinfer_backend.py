@@ -116,6 +116,7 @@ class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_cuda_graphs = True
     supports_fp8_kv_cache = True
+    triton_kv_write = True
 
     def __init__(self):
         super().__init__()

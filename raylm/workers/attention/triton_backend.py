@@ -15,6 +15,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
     supports_fp8_kv_cache = True
+    triton_kv_write = True
 
     def write_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         write_kv_cache(k, v, kv_cache, slot_mapping, k_scale, v_scale)

@@ -29,9 +29,16 @@ class Attention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
 
-    def forward(self, q, k, v, meta: AttentionMetadata, backend: AttentionBackend):
-        """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]."""
+    def forward(self, q, k, v, meta: AttentionMetadata, backend: AttentionBackend,
+                rotary=None, positions=None):
+        """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]. With `rotary` (a RotaryEmbedding)
+        q and k are rotated at `positions` first, fused with the cache write where the
+        backend can (AttentionBackend.rotary_write_kv)."""
         assert self.kv_cache is not None, "KV cache not allocated"
-        backend.write_kv(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        if rotary is not None:
+            q = backend.rotary_write_kv(rotary, positions, q, k, v, self.kv_cache, meta.slot_mapping,
+                                        self.k_scale, self.v_scale)
+        else:
+            backend.write_kv(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         out = backend.attend(q, self.kv_cache, meta, self.scale, self.k_scale, self.v_scale)
         return out.reshape(q.shape[0], -1)

@@ -56,6 +56,9 @@ def _along(param, dim: int, size: int) -> int:
 TRITON_GEMV = os.environ.get("RAYLM_TRITON_GEMV", "1") != "0"
 GEMV_MIN_DIM = 4096
 GEMV_TILES = {"block_n": 2, "block_k": 2048, "num_warps": 8, "num_stages": 2}
+# The gate/up GEMV with SiLU-and-mul as its epilogue (rows r and I + r in one program).
+GEMV_SILU = os.environ.get("RAYLM_GEMV_SILU", "1") != "0"
+GEMV_SILU_TILES = {"block_n": 1, "block_k": 2048, "num_warps": 8, "num_stages": 2}
 
 
 def gemv_wins(n: int, k: int) -> bool:
@@ -66,16 +69,35 @@ def gemv_wins(n: int, k: int) -> bool:
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, but a single row of x on a Hopper GPU with a bf16/fp16 weight of a shape in
-    gemv_wins on the Triton GEMV (raylm.kernels.gemv)."""
-    if (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
+def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T goes to the Triton GEMV: a single row of x on a Hopper GPU with
+    a bf16/fp16 weight of a shape in gemv_wins."""
+    return (TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and weight.dtype in _GEMV_DTYPES
             and x.dtype == weight.dtype and weight.stride(1) == 1 and gemv_wins(*weight.shape)
-            and torch.cuda.get_device_capability(x.device)[0] == 9):
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, or the Triton GEMV (raylm.kernels.gemv) where takes_gemv."""
+    if takes_gemv(x, weight):
         from raylm.kernels.gemv import gemv
 
         return gemv(x, weight, bias, **GEMV_TILES)
     return F.linear(x, weight, bias)
+
+
+def gate_up_silu(x: torch.Tensor, layer: "MergedColumnParallelLinear") -> Optional[torch.Tensor]:
+    """silu(gate) * up of a dense [gate; up] projection with no bias in one launch (the GEMV
+    with SiLU-and-mul as its epilogue, raylm.kernels.gemv.gemv_silu_mul) where the product
+    takes_gemv; None elsewhere, where the caller runs the projection and SiluAndMul.
+    RAYLM_GEMV_SILU=0: never."""
+    if not (GEMV_SILU and isinstance(layer.quant_method, UnquantizedLinearMethod) and layer.bias is None
+            and not layer.gather_output and len(layer.output_sizes) == 2
+            and layer.output_sizes[0] == layer.output_sizes[1] and takes_gemv(x, layer.weight)):
+        return None
+    from raylm.kernels.gemv import gemv_silu_mul
+
+    return gemv_silu_mul(x, layer.weight, **GEMV_SILU_TILES)
 
 
 class UnquantizedLinearMethod:

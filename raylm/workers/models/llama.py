@@ -10,7 +10,8 @@ from torch import nn
 
 from raylm.workers.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from raylm.workers.layers.basic import ParallelLMHead, RMSNorm, SiluAndMul, VocabParallelEmbedding
-from raylm.workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from raylm.workers.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                        gate_up_silu)
 from raylm.workers.layers.rotary import RotaryEmbedding, rope_parameters
 
 
@@ -47,8 +48,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta, backend))
+        return self.o_proj(self.attn(q, k, v, meta, backend, self.rotary_emb, positions))
 
 
 class LlamaMLP(nn.Module):
@@ -64,7 +64,10 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        h = gate_up_silu(x, self.gate_up_proj)
+        if h is None:
+            h = self.act(self.gate_up_proj(x))
+        return self.down_proj(h)
 
 
 class LlamaDecoderLayer(nn.Module):
