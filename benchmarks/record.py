@@ -216,10 +216,11 @@ def row(r: dict) -> str:
             ops.setdefault(x["op"], []).append(x)
         parts = []
         for op, xs in ops.items():
-            cublas = next(x for x in xs if x["backend"] == "cublas")
-            best = min((x for x in xs if x["backend"] != "cublas"), key=lambda x: x["us"])
-            parts.append(f"{op} {cublas['n']}x{cublas['k']}: cuBLAS {cublas['us']:.1f} us, {best['backend']} "
-                         f"{best['us']:.1f} us ({best['tb_per_s']:.2f} TB/s)")
+            # cuBLAS's row ("cublas", or "cublas + silu" for the gate/up product with SiLU-and-mul)
+            cublas = next(x for x in xs if x["backend"].startswith("cublas"))
+            best = min((x for x in xs if x is not cublas), key=lambda x: x["us"])
+            parts.append(f"{op} {cublas['n']}x{cublas['k']}: {cublas['backend'].replace('cublas', 'cuBLAS')} "
+                         f"{cublas['us']:.1f} us, {best['backend']} {best['us']:.1f} us ({best['tb_per_s']:.2f} TB/s)")
         numbers = "; ".join(parts)
         return f"| {r['date']} | {r['benchmark']} | {r['model']} | {r['device']} | `{r['command']}` | {numbers} |"
     if r["benchmark"] == "attention":
@@ -524,7 +525,8 @@ def _gpu_step_breakdown(r: dict) -> list[Row]:
     return [Row((r["model"], r["device"], r.get("attention_backend", "default"), r.get("concurrency", 256)), "",
                 [r["model"], r["device"], r.get("attention_backend", "default"), r.get("concurrency", 256),
                  f"{r['profile_steps']} ({r['mixed_steps']} mixed)", f"{r['gpu_kernel_ms_per_step']:.2f}",
-                 f"{fams.get('gemm', 0):.2f}", "-" if calls is None else f"{calls:.0f}", top], r.get("label", ""))]
+                 f"{sum(v for k, v in fams.items() if k.startswith('gemm')):.2f}",  # "gemm + activation" too
+                 "-" if calls is None else f"{calls:.0f}", top])]
 
 
 def _structured(r: dict) -> list[Row]:
@@ -863,7 +865,7 @@ SECTIONS = [
             "kernel launches per step where recorded.",
             ("gpu_step_breakdown",),
             ["Model", "Device", "Attention", "In flight", "Steps profiled", "GPU kernels", "GEMMs", "Launches",
-             "Top kernels (ms)", "Note"],
+             "Top kernels (ms)"],
             _gpu_step_breakdown),
     Section("Host work per decode step",
             "What the engine process does per decode step (schedule, record, detokenize, build outputs) with "

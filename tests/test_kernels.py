@@ -225,7 +225,7 @@ def test_rotary_embedding(scaling):
     q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
     q, k = q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
     q_ref, k_ref = rotary_embedding_ref(positions, q, k, rope.cos_cache, rope.sin_cache)
-    q_layer, k_layer = rope(positions, q, k)
+    q_layer, k_layer = rope(positions, q.clone(), k.clone())  # in place on CUDA: on copies
     rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache)  # in place, into qkv
     torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
