@@ -110,13 +110,39 @@ def test_auto_keeps_small_decode_steps_apart(fakes):
     assert auto.for_op("decode").name == "recording" and auto.for_op("prefill", 1).name == "triton"
 
 
+def test_auto_takes_long_prefill_steps_apart(monkeypatch):
+    """A prefill step of more than AUTO_LONG_PREFILL_TOKENS new tokens with no decode row
+    follows "prefill_long"; the same tokens beside a decode row, and shorter steps, follow
+    "prefill" (here no rule: Triton), which CUDA graphs ask for."""
+    monkeypatch.setitem(attention_backends._BACKENDS, "recording", RecordingBackend)
+    monkeypatch.setattr(attention_backends, "AUTO_RULES", {"prefill_long": ("recording",)})
+    monkeypatch.setattr(attention_backends, "AUTO_LONG_PREFILL_TOKENS", 20)
+    RecordingBackend.calls = []
+    gen = torch.Generator().manual_seed(5)
+    auto = get_attention_backend("auto")
+    long_ = _step([(0, 13), (37, 9)], 32, gen)     # 22 new tokens, no decode row
+    mixed = _step([(0, 13), (37, 9), (20, 1)], 32, gen)  # the same beside a decode row
+    short = _step([(0, 13), (37, 7)], 32, gen)     # 20 new tokens
+    for meta, qkv, cache, dims in (long_, mixed, short):
+        got, got_cache = _run(auto, meta, qkv, cache, dims)
+        want, want_cache = _run(TorchAttentionBackend(), meta, qkv, cache, dims)
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+        assert torch.equal(got_cache, want_cache)
+    assert RecordingBackend.calls == ["prefill"]  # the long step only
+    assert auto.chosen["prefill_long"].name == "recording" and auto.chosen["prefill"].name == "triton"
+    assert auto.for_op("prefill").name == "triton" and auto.for_op("prefill", 1).name == "triton"
+
+
 def test_auto_rules_as_measured():
-    """The shipped rules: FlashInfer decodes batches past AUTO_SMALL_DECODE_SEQS when it is
-    installed; small decode steps and prefill (mixed steps included) stay on Triton."""
+    """The shipped rules: FlashInfer decodes batches past AUTO_SMALL_DECODE_SEQS and runs long
+    prompts' prefill steps when it is installed; small decode steps and other prefill steps
+    (mixed steps included) stay on Triton."""
     rules = attention_backends.AUTO_RULES
     assert rules["decode"][0] == "flashinfer" and rules["decode"][-1] == "triton"
+    assert rules["prefill_long"][0] == "flashinfer" and rules["prefill_long"][-1] == "triton"
     assert rules["decode_small"] == ("triton",) and rules["prefill"] == ("triton",)
     assert attention_backends.AUTO_SMALL_DECODE_SEQS >= 1
+    assert attention_backends.AUTO_LONG_PREFILL_TOKENS >= 2048  # past the mixed-step graphs' sizes
 
 
 def test_auto_without_rules_is_triton():

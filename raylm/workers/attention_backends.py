@@ -7,8 +7,9 @@ Backends (each in raylm/workers/attention/, imported only when asked for):
 - "flashinfer": FlashInfer's paged decode / prefill wrappers (flashinfer-python).
 - "flash_attn": FlashAttention-4's varlen forward over the page table (flash-attn-4).
 - "auto": per operation ("decode", "prefill"; decode steps of at most
-  AUTO_SMALL_DECODE_SEQS sequences apart, as "decode_small"), the first backend of
-  AUTO_RULES that is installed and accepts the shape, else "triton".
+  AUTO_SMALL_DECODE_SEQS sequences apart, as "decode_small", and prefill steps of more than
+  AUTO_LONG_PREFILL_TOKENS new tokens without decode rows, as "prefill_long"), the first
+  backend of AUTO_RULES that is installed and accepts the shape, else "triton".
 
 KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]. Token t
 of a sequence lives in block `block_table[t // block_size]` at offset `t % block_size`;
@@ -30,7 +31,7 @@ logger = logging.getLogger("raylm")
 
 # A backend's operations (AttentionMetadata.op): a decode step (one query per sequence),
 # anything else. "auto" keeps small decode steps apart ("decode_small").
-AUTO_OPS = ("decode", "decode_small", "prefill")
+AUTO_OPS = ("decode", "decode_small", "prefill", "prefill_long")
 
 # The rotary embedding and the KV-cache write in one launch where the cache is written by
 # raylm's kernel (AttentionBackend.rotary_write_kv); RAYLM_FUSED_ROPE_KV=0: two launches.
@@ -244,12 +245,20 @@ def default_backend(device: str) -> str:
 # prefill kernel per operation; end to end it gave a 32k prompt 19 % less TTFT (1,246 against
 # 1,531 ms on Triton's), which a rule for long steps without decode rows could take (not yet
 # measured in the engine's CUDA-graph and mixed-step paths, so not in the rule).
+# Long prompts (2026-12-06, attention.py at block 128 on an H100): Triton's prefill attention
+# at 8k tokens takes 1,548 us a layer, FlashInfer's 1,053 and FA4's 861 (a 2k prompt 107, 95,
+# 69); no tile of attention_tiles.py closes the gap. A prefill step of more than
+# AUTO_LONG_PREFILL_TOKENS new tokens and no decode rows is never in a CUDA graph (those stop
+# at 2,048 tokens) and has no one-token rows, FlashInfer's slow case: "prefill_long" takes
+# FlashInfer there, whose 32k-prompt TTFT was 19 % below Triton's end to end (above).
 AUTO_RULES: dict[str, tuple[str, ...]] = {
     "decode": ("flashinfer", "triton"),
     "decode_small": ("triton",),
     "prefill": ("triton",),
+    "prefill_long": ("flashinfer", "triton"),
 }
 AUTO_SMALL_DECODE_SEQS = 8
+AUTO_LONG_PREFILL_TOKENS = 2048
 AUTO_FALLBACK = "triton"
 
 
@@ -282,15 +291,24 @@ class AutoAttentionBackend(AttentionBackend):
         self.chosen: dict[str, AttentionBackend] = {}
 
     @staticmethod
-    def rule(op: str, num_seqs: Optional[int]) -> str:
-        """The AUTO_RULES entry of `op` over `num_seqs` sequences."""
+    def rule(op: str, num_seqs: Optional[int], long_prefill: bool = False) -> str:
+        """The AUTO_RULES entry of `op` over `num_seqs` sequences (`long_prefill`: a prefill
+        step of more than AUTO_LONG_PREFILL_TOKENS new tokens, none of them a decode row)."""
         if op == "decode" and num_seqs is not None and num_seqs <= AUTO_SMALL_DECODE_SEQS:
             return "decode_small"
+        if op == "prefill" and long_prefill:
+            return "prefill_long"
         return op
 
-    def choose(self, op: str, shape: AttentionShape, num_seqs: Optional[int] = None) -> AttentionBackend:
+    @staticmethod
+    def is_long_prefill(meta: AttentionMetadata) -> bool:
+        lens = meta.query_lens_cpu
+        return meta.op == "prefill" and min(lens) > 1 and sum(lens) > AUTO_LONG_PREFILL_TOKENS
+
+    def choose(self, op: str, shape: AttentionShape, num_seqs: Optional[int] = None,
+               long_prefill: bool = False) -> AttentionBackend:
         """The backend for `op` over `num_seqs` sequences at `shape` (decided once per rule)."""
-        key = self.rule(op, num_seqs)
+        key = self.rule(op, num_seqs, long_prefill)
         backend = self.chosen.get(key)
         if backend is None:
             backend = self.fallback
@@ -302,7 +320,9 @@ class AutoAttentionBackend(AttentionBackend):
                 logger.info("attention_backend auto: %s refuses %s at %s: %s",
                             candidate.name, op, shape.describe(), reason)
             what = {"decode_small": f"decode steps of at most {AUTO_SMALL_DECODE_SEQS} sequences",
-                    "decode": f"decode steps of more than {AUTO_SMALL_DECODE_SEQS} sequences"}.get(key, key)
+                    "decode": f"decode steps of more than {AUTO_SMALL_DECODE_SEQS} sequences",
+                    "prefill_long": f"prefill steps of more than {AUTO_LONG_PREFILL_TOKENS} new tokens "
+                                    "without decode rows"}.get(key, key)
             logger.info("attention_backend auto: %s runs %s", backend.name, what)
             self.chosen[key] = backend
         return backend
@@ -326,7 +346,7 @@ class AutoAttentionBackend(AttentionBackend):
         return self.fallback.rotary_write_kv(*args, **kwargs)
 
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale, k_scale=1.0, v_scale=1.0):
-        op = meta.op
-        backend = (self.chosen.get(self.rule(op, meta.num_seqs))
-                   or self.choose(op, AttentionShape.of(q, kv_cache), meta.num_seqs))
+        op, long_prefill = meta.op, self.is_long_prefill(meta)
+        backend = (self.chosen.get(self.rule(op, meta.num_seqs, long_prefill))
+                   or self.choose(op, AttentionShape.of(q, kv_cache), meta.num_seqs, long_prefill))
         return backend.attend(q, kv_cache, meta, scale, k_scale, v_scale)
