@@ -7,6 +7,7 @@ greedy tokens and logprobs with each backend against the Triton backend, eager a
 CUDA graphs. Skipped without CUDA; a backend whose package is missing is skipped."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -177,14 +178,19 @@ def _small_config_dir(tmp_path, name: str) -> str:
 
 
 @pytest.mark.parametrize("backend", ["flashinfer", "flash_attn", "auto"])
-def test_engine_matches_triton(tmp_path, backend):
+def test_engine_matches_triton(tmp_path, monkeypatch, backend):
     """Greedy tokens and their logprobs with `backend` against the Triton backend on the same
     random weights (Qwen3-0.6B's layout, 4 layers): prompts of 5 to 600 tokens, a prefix-cache
     hit, chunked prefill (mixed steps); eager, and with CUDA graphs (decode and one-sequence
     prefill graphs planned before each replay). "auto" gets 12 prompts, so that its decode
-    steps are past AUTO_SMALL_DECODE_SEQS (FlashInfer's, where it is installed)."""
+    steps are past AUTO_SMALL_DECODE_SEQS, and a long-prefill bound of 100 tokens, so that its
+    eager prompt-only steps take "prefill_long" (FlashInfer's, where it is installed)."""
     if backend != "auto":
         _backend(backend)
+    else:
+        from raylm.workers import attention_backends
+
+        monkeypatch.setattr(attention_backends, "AUTO_LONG_PREFILL_TOKENS", 100)
     from raylm import LLM, SamplingParams
 
     cfg_dir = _small_config_dir(tmp_path, "qwen3-0.6b")
@@ -202,6 +208,8 @@ def test_engine_matches_triton(tmp_path, backend):
                       max_num_batched_tokens=256, attention_backend=name)
             assert (llm.llm_engine.executor.runner.graphs is None) == eager
             outs[name, eager] = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            if name == "auto" and eager and importlib.util.find_spec("flashinfer") is not None:
+                assert llm.llm_engine.executor.runner.backend.chosen["prefill_long"].name == "flashinfer"
             llm.shutdown()
     for eager in (True, False):
         for a, b in zip(outs["triton", eager], outs[backend, eager]):
