@@ -350,3 +350,31 @@ def test_gate_up_silu_only_where_the_gemv_runs():
         assert gate_up_silu(x.expand(2, -1).contiguous(), big) is None
         with_bias = MergedColumnParallelLinear(4096, [4096, 4096], bias=True, dtype=torch.bfloat16).cuda()
         assert gate_up_silu(x, with_bias) is None
+
+
+def test_llama_mlp_takes_the_fused_gate_up_where_the_gemv_runs(monkeypatch):
+    """LlamaMLP with the one-row GEMV forced on (as on a Hopper GPU; here the kernels run
+    under the interpreter where CUDA is absent): the gate/up product and SiLU-and-mul in one
+    launch (gemv_silu_mul, called once), the same output as the two-step path; two rows keep
+    the two-step path."""
+    from types import SimpleNamespace
+
+    from raylm.kernels import gemv as gemv_module
+    from raylm.workers.layers import linear as linear_module
+    from raylm.workers.models.llama import LlamaMLP
+
+    gen = torch.Generator().manual_seed(11)
+    cfg = SimpleNamespace(hidden_size=64, intermediate_size=96, mlp_bias=False)
+    mlp = LlamaMLP(cfg, torch.float32).to(DEVICE)
+    for p in mlp.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen) / 8)
+    x = torch.randn(1, 64, generator=gen).to(DEVICE)
+    want = mlp.down_proj(mlp.act(mlp.gate_up_proj(x)))
+    calls = []
+    fused = gemv_module.gemv_silu_mul
+    monkeypatch.setattr(gemv_module, "gemv_silu_mul", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(linear_module, "takes_gemv", lambda x, w: x.shape[0] == 1)
+    torch.testing.assert_close(mlp(x), want, atol=1e-4, rtol=1e-4)
+    assert calls == [1]
+    mlp(torch.randn(2, 64, generator=gen).to(DEVICE))
+    assert calls == [1]
