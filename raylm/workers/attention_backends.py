@@ -243,8 +243,7 @@ def default_backend(device: str) -> str:
 # machine, 7.76 ms against 8.20, FlashInfer 7.65 on another H100 machine. So small decode
 # steps stay on Triton at any context. FlashInfer's prefill was not timed beside the new
 # prefill kernel per operation; end to end it gave a 32k prompt 19 % less TTFT (1,246 against
-# 1,531 ms on Triton's), which a rule for long steps without decode rows could take (not yet
-# measured in the engine's CUDA-graph and mixed-step paths, so not in the rule).
+# 1,531 ms on Triton's), which the rule for long steps without decode rows below now takes.
 # Long prompts (2026-12-06, attention.py at block 128 on an H100): Triton's prefill attention
 # at 8k tokens takes 1,548 us a layer, FlashInfer's 1,053 and FA4's 861 (a 2k prompt 107, 95,
 # 69); no tile of attention_tiles.py closes the gap. A prefill step of more than

@@ -19,6 +19,15 @@ FP8_MAX = quant_act.FP8_MAX  # largest float8_e4m3fn value
 
 
 @triton.jit
+def _to_e4m3_grid(x, scale, FP8_MAX: tl.constexpr):
+    """clamp(x / scale, +-FP8_MAX) rounded to the e4m3 grid in float32: the cast to fp8 is
+    then exact, compiled or in the interpreter (whose float32 -> fp8 cast rounds wrongly).
+    _round_to_e4m3 is looked up through its module so use_interpreter()'s reload is seen."""
+    x = tl.math.div_rn(x.to(tl.float32), scale)
+    return quant_act._round_to_e4m3(tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX))
+
+
+@triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -39,13 +48,8 @@ def _write_kv_kernel(
     k = tl.load(k_ptr + row * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + row * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     if FP8:
-        # Round to the e4m3 grid in float32 first: the cast is then exact, compiled or in
-        # the interpreter (whose float32 -> fp8 cast rounds wrongly). Looked up through the
-        # module so use_interpreter()'s reload is seen.
-        k = tl.math.div_rn(k.to(tl.float32), k_scale)
-        v = tl.math.div_rn(v.to(tl.float32), v_scale)
-        k = quant_act._round_to_e4m3(tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX))
-        v = quant_act._round_to_e4m3(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX))
+        k = _to_e4m3_grid(k, k_scale, FP8_MAX)
+        v = _to_e4m3_grid(v, v_scale, FP8_MAX)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -104,10 +108,8 @@ def _rotary_write_kv_kernel(
         v1 = tl.load(v_src, mask=mask, other=0.0)
         v2 = tl.load(v_src + HALF, mask=mask, other=0.0)
         if FP8:
-            r1 = quant_act._round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(r1.to(tl.float32), k_scale), -FP8_MAX), FP8_MAX))
-            r2 = quant_act._round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(r2.to(tl.float32), k_scale), -FP8_MAX), FP8_MAX))
-            v1 = quant_act._round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v1.to(tl.float32), v_scale), -FP8_MAX), FP8_MAX))
-            v2 = quant_act._round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v2.to(tl.float32), v_scale), -FP8_MAX), FP8_MAX))
+            r1, r2 = _to_e4m3_grid(r1, k_scale, FP8_MAX), _to_e4m3_grid(r2, k_scale, FP8_MAX)
+            v1, v2 = _to_e4m3_grid(v1, v_scale, FP8_MAX), _to_e4m3_grid(v2, v_scale, FP8_MAX)
         tl.store(k_cache_ptr + dst, r1.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(k_cache_ptr + dst + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
