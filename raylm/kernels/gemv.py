@@ -31,17 +31,23 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_w,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
+def _one_row(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
+    """x as the contiguous [K] row a GEMV kernel reads; a ValueError naming `what` when x is
+    not one row of the weight's K or the weight's rows are strided along K."""
+    k = weight.shape[1]
+    x1 = x.reshape(-1)
+    if x1.numel() != k:
+        raise ValueError(f"{what} takes one row: x has {x.numel()} elements, the weight's rows {k}")
+    if weight.stride(1) != 1:
+        raise ValueError(f"{what} needs the weight's rows contiguous (stride 1 along K)")
+    return x1 if x1.stride(0) == 1 else x1.contiguous()
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
          block_n: int = 8, block_k: int = 512, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """x [1, K] (or [K]) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype, float32 sums."""
     n, k = weight.shape
-    x1 = x.reshape(-1)
-    if x1.numel() != k:
-        raise ValueError(f"gemv takes one row: x has {x.numel()} elements, the weight's rows {k}")
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
-    if weight.stride(1) != 1:
-        raise ValueError("gemv needs the weight's rows contiguous (stride 1 along K)")
+    x1 = _one_row(x, weight, "gemv")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
@@ -92,13 +98,7 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, block_n: int = 1, block
     if n2 % 2:
         raise ValueError(f"gemv_silu_mul needs [gate; up] rows: the weight has an odd {n2} rows")
     n = n2 // 2
-    x1 = x.reshape(-1)
-    if x1.numel() != k:
-        raise ValueError(f"gemv_silu_mul takes one row: x has {x.numel()} elements, the weight's rows {k}")
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
-    if weight.stride(1) != 1:
-        raise ValueError("gemv_silu_mul needs the weight's rows contiguous (stride 1 along K)")
+    x1 = _one_row(x, weight, "gemv_silu_mul")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_silu_mul_kernel[(triton.cdiv(n, block_n),)](
         x1, weight, out, n, k, weight.stride(0),

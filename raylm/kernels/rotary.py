@@ -24,6 +24,18 @@ def _rotate(ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, BLOCK_H: tl.conste
 
 
 @triton.jit
+def _cos_sin(positions_ptr, t, cos_ptr, sin_ptr, stride_cos, stride_sin,
+             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token t's cos and sin rows ([1, BLOCK_HALF], float32; zeros past HALF)."""
+    pos = tl.load(positions_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
@@ -32,11 +44,7 @@ def _rotary_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    mask_d = offs_d < HALF
-    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _cos_sin(positions_ptr, t, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF, BLOCK_HALF)
     _rotate(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, BLOCK_HQ, HALF, BLOCK_HALF)
     _rotate(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_KV_HEADS, BLOCK_HK, HALF, BLOCK_HALF)
 

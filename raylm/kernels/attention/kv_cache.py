@@ -86,16 +86,13 @@ def _rotary_write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    mask_d = offs_d < HALF
-    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    cos, sin = rotary._cos_sin(positions_ptr, t, cos_ptr, sin_ptr, stride_cos, stride_sin, HALF, BLOCK_HALF)
     rotary._rotate(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, BLOCK_HQ, HALF, BLOCK_HALF)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot >= 0:
         offs_h = tl.arange(0, BLOCK_HK)
-        mask = (offs_h < NUM_KV_HEADS)[:, None] & mask_d[None, :]
+        offs_d = tl.arange(0, BLOCK_HALF)
+        mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HALF)[None, :]
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct \
             + offs_h[:, None] * stride_ch + offs_d[None, :]
         k_src = k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
