@@ -355,7 +355,8 @@ def main() -> None:
     result.update({
         "num_requests": n, "max_tokens": max_tokens, "precompiled": args.precompiled,
         "pipelined": not args.no_pipeline, "early_inputs": not args.late_inputs,
-        "grammar_threads": grammars.accept_threads, "fill_threads": grammar_mod.FILL_THREADS, "temperature": args.temperature, "backend": args.backend,
+        "grammar_threads": grammars.accept_threads, "fill_threads": grammar_mod.FILL_THREADS,
+        "temperature": args.temperature, "backend": args.backend,
         "tokenizer": "SmolLM2-135M-Instruct (49152 tokens)",
         "unconstrained_output_tok_per_s": tok_a / a["elapsed"],
         "structured_output_tok_per_s": tok_b / b["elapsed"],

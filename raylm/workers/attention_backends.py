@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from raylm.kernels.interpret import runs_kernel
+
 logger = logging.getLogger("raylm")
 
 # A backend's operations (AttentionMetadata.op): a decode step (one query per sequence),
@@ -155,8 +157,6 @@ class AttentionBackend:
         write_kv of the rotated k and v; returns the rotated q. A backend whose cache is
         written by raylm's Triton kernel (triton_kv_write) does both in one launch wherever
         that kernel runs (CUDA, or Triton's interpreter); RAYLM_FUSED_ROPE_KV=0: two."""
-        from raylm.kernels.interpret import runs_kernel
-
         if self.triton_kv_write and FUSED_ROPE_KV and runs_kernel(q.device):
             from raylm.kernels.attention.kv_cache import rotary_write_kv_cache
 
