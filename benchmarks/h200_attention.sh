@@ -40,7 +40,7 @@ install_fi() {
   [ -d /tmp/fi/flashinfer ] && return
   local w=(.gpu/attn/flashinfer/*.whl); [ -f "${w[0]}" ] || w=(/tmp/attn/flashinfer_python-*.whl)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi "${w[@]}" \
-    $(ls .gpu/attn/fa4/apache_tvm_ffi-*.whl /tmp/attn/apache_tvm_ffi-*.whl 2>/dev/null | head -1) >> "$log" 2>&1
+    $(ls .gpu/attn/fa4/apache_tvm_ffi-*.whl .gpu/whl2/apache_tvm_ffi-*.whl /tmp/attn/apache_tvm_ffi-*.whl 2>/dev/null | head -1) >> "$log" 2>&1
 }
 install_fa4() {
   [ -d /tmp/fa4/flash_attn ] && return

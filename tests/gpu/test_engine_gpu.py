@@ -197,3 +197,44 @@ def test_mixed_graphs_match_eager(tmp_path, monkeypatch):
     for a, b in zip(results["0"], results["1"]):
         tok = a.outputs[0].token_ids[0]
         assert abs(a.outputs[0].logprobs[0][tok].logprob - b.outputs[0].logprobs[0][tok].logprob) < 0.1
+
+
+def test_batch1_norms_inside_the_gemvs_match_transformers(tmp_path, monkeypatch):
+    """Batch-1 decode at Llama-3.1-8B's shapes (4 layers), in CUDA graphs, with each RMSNorm
+    inside the GEMV after it and each residual add in the GEMV before it, and without
+    (RAYLM_GEMV_NORM=0): transformers run over the prompt and each run's tokens gives the
+    log-probability of every chosen token within bf16 tolerance, and each chosen token is
+    transformers' argmax up to a near-tie."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raylm import LLM, SamplingParams
+    from raylm.workers.layers import linear as linear_module
+    from raylm.workers.models import llama as llama_module
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the one-row GEMV runs on Hopper GPUs (as measured)")
+    cfg_dir = _small_config_dir(tmp_path, "llama-3.1-8b")
+    cfg = AutoConfig.from_pretrained(cfg_dir)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    prompt = torch.randint(0, cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    calls = []
+    normed = llama_module.normed_linear
+    monkeypatch.setattr(llama_module, "normed_linear", lambda *a: calls.append(1) or normed(*a))
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    for fused in (False, True):
+        monkeypatch.setattr(linear_module, "GEMV_NORM", fused)
+        calls.clear()
+        llm = LLM(cfg_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=1024, max_num_seqs=4, gpu_memory_utilization=0.5)
+        llm.llm_engine.executor.runner.model.load_weights(iter(hf.state_dict().items()))
+        out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0]
+        llm.shutdown()
+        assert bool(calls) == fused
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + out.token_ids[:-1]], device="cuda")).logits[0, len(prompt) - 1:]
+        ref = torch.log_softmax(logits.float(), -1)
+        for i, tok in enumerate(out.token_ids):
+            assert abs(out.logprobs[i][tok].logprob - ref[i, tok].item()) < 0.15, (fused, i)
+            assert ref[i].max().item() - ref[i, tok].item() < 0.15, (fused, i)
