@@ -445,6 +445,7 @@ def test_one_row_decode_with_norms_in_the_gemvs_matches_hf(arch, silu, checkpoin
     monkeypatch.setattr(linear_module, "GEMV_TILES", tiles)
     monkeypatch.setattr(linear_module, "GEMV_SILU_TILES", tiles)
     monkeypatch.setattr(linear_module, "GEMV_SILU", silu)
+    monkeypatch.setattr(linear_module, "GEMV_NORM", True)
     calls = []
     normed = llama_module.normed_linear
     monkeypatch.setattr(llama_module, "normed_linear", lambda *a: calls.append(1) or normed(*a))

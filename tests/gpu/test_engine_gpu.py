@@ -202,7 +202,7 @@ def test_mixed_graphs_match_eager(tmp_path, monkeypatch):
 def test_batch1_norms_inside_the_gemvs_match_transformers(tmp_path, monkeypatch):
     """Batch-1 decode at Llama-3.1-8B's shapes (4 layers), in CUDA graphs, with each RMSNorm
     inside the GEMV after it and each residual add in the GEMV before it, and without
-    (RAYLM_GEMV_NORM=0): transformers run over the prompt and each run's tokens gives the
+    (RAYLM_GEMV_NORM=1 and 0): transformers run over the prompt and each run's tokens gives the
     log-probability of every chosen token within bf16 tolerance, and each chosen token is
     transformers' argmax up to a near-tie."""
     from transformers import AutoConfig, AutoModelForCausalLM

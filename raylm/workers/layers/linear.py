@@ -110,8 +110,9 @@ def _dense_one_row(x: torch.Tensor, layer: "LinearBase") -> bool:
 
 
 # Batch-1 decode with each RMSNorm inside the GEMV after it and each residual add in the
-# epilogue of the GEMV before it (no norm launches: 2 a layer). RAYLM_GEMV_NORM=0 turns it off.
-GEMV_NORM = os.environ.get("RAYLM_GEMV_NORM", "1") != "0"
+# epilogue of the GEMV before it (no norm launches: 2 a layer): RAYLM_GEMV_NORM=1. Off by
+# default until it has been timed on a GPU.
+GEMV_NORM = os.environ.get("RAYLM_GEMV_NORM", "0") == "1"
 
 
 def fuses_norms(x: torch.Tensor, normed: list["LinearBase"], residual: list["RowParallelLinear"]) -> bool:
