@@ -83,67 +83,9 @@ def time_gate_up_silu(x, ws, pick, n, k) -> list[dict]:
     return rows
 
 
-def time_norm_pairs(cfg, dev) -> list[dict]:
-    """A layer's two GEMV pairs with the RMSNorm between them: o_proj, the residual add and
-    the norm (one kernel), then qkv; down_proj, add + norm, then gate/up with SiLU. Unfused
-    (three launches) against the add in the first GEMV's epilogue and the norm inside the
-    second (two launches), as the engine runs batch-1 decode."""
-    from raylm.kernels.gemv import gemv, gemv_silu_mul
-    from raylm.kernels.norm import rms_norm
-    from raylm.workers.layers.linear import GEMV_SILU_TILES, GEMV_TILES
-
-    sh = shapes(cfg)
-    h = cfg.hidden_size
-    g = 1 + 0.1 * torch.randn(h, device=dev, dtype=torch.bfloat16)
-    res = torch.randn(1, h, device=dev, dtype=torch.bfloat16)
-    rows = []
-    for first, second in (("o_proj", "qkv_proj"), ("down_proj", "gate_up_proj")):
-        (n1, k1), (n2, k2) = sh[first], sh[second]
-        copies = max(1, min(10, (2 << 30) // ((n1 * k1 + n2 * k2) * 2)))
-        w1 = [torch.randn(n1, k1, device=dev, dtype=torch.bfloat16) / k1 ** 0.5 for _ in range(copies)]
-        w2 = [torch.randn(n2, k2, device=dev, dtype=torch.bfloat16) / k2 ** 0.5 for _ in range(copies)]
-        a = torch.randn(1, k1, device=dev, dtype=torch.bfloat16)
-        idx = [0]
-        silu = second == "gate_up_proj"
-
-        def pair():
-            idx[0] = (idx[0] + 1) % copies
-            return w1[idx[0]], w2[idx[0]]
-
-        def prod2(x, w, norm_weight=None):
-            if silu:
-                return gemv_silu_mul(x, w, norm_weight=norm_weight, eps=1e-5, **GEMV_SILU_TILES)
-            return gemv(x, w, norm_weight=norm_weight, eps=1e-5, **GEMV_TILES)
-
-        def unfused():
-            wa, wb = pair()
-            normed, _ = rms_norm(gemv(a, wa, **GEMV_TILES), g, 1e-5, res)
-            return prod2(normed, wb)
-
-        def fused():
-            wa, wb = pair()
-            return prod2(gemv(a, wa, residual=res, **GEMV_TILES), wb, norm_weight=g)
-
-        idx[0] = copies - 1
-        want = unfused().float()
-        idx[0] = copies - 1
-        err = (fused().float() - want).abs().max()
-        assert err <= 0.05 * want.abs().max() + 1e-2, (first, second, float(err))
-        for backend, fn in (("gemv, add + norm, gemv", unfused), ("gemv + add, norm + gemv", fused)):
-            us = time_us(fn)
-            rows.append({"op": f"{first} -> {second}", "n": n2, "k": k2, "backend": backend, "us": us,
-                         "tb_per_s": (n1 * k1 + n2 * k2) * 2 / us / 1e6})
-            print(f"{first + ' -> ' + second:26s} {backend:24s} {us:8.1f} us {rows[-1]['tb_per_s']:5.2f} TB/s",
-                  flush=True)
-        del w1, w2
-    return rows
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--norm-pairs", action="store_true",
-                   help="only the GEMV pairs with the RMSNorm between them, unfused and fused")
     args = p.parse_args()
     from transformers import AutoConfig
 
@@ -151,8 +93,8 @@ def main() -> None:
 
     cfg = AutoConfig.from_pretrained(common.model_dir(args.model))
     dev = torch.device("cuda")
-    rows = time_norm_pairs(cfg, dev)
-    for name, (n, k) in ({} if args.norm_pairs else shapes(cfg)).items():
+    rows = []
+    for name, (n, k) in shapes(cfg).items():
         # A weight per call site, as many as fit in 2 GB: the graph's calls read different
         # weights, so L2 holds none between them (50 MB on an H100).
         copies = max(1, min(20, (2 << 30) // (n * k * 2)))
@@ -181,7 +123,7 @@ def main() -> None:
     res = common.base_result("gemv", args.model)
     res.update({"command": "python " + " ".join(sys.argv), "rows": rows,
                 "copy_tb_per_s": common.measure_bandwidth() / 1e12})
-    common.save_result(res, f"gemv-{args.model}" + ("-norm-pairs" if args.norm_pairs else ""))
+    common.save_result(res, f"gemv-{args.model}")
 
 
 if __name__ == "__main__":

@@ -13,33 +13,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, out_ptr, N, K, stride_w, eps,
-                 HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """HAS_NORM: x is the residual stream and the product is W (g * x) / rms(x), the sum of
-    squares taken in the same pass over x. HAS_RESIDUAL: the product, rounded to the output
-    dtype, plus r (the new residual stream)."""
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_w,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            ss += x * x
-            x = x * tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
-    if HAS_NORM:
-        y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -55,118 +43,70 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
     return x1 if x1.stride(0) == 1 else x1.contiguous()
 
 
-def _norm_weight(norm_weight: Optional[torch.Tensor], k: int, what: str) -> None:
-    if norm_weight is not None and (norm_weight.dim() != 1 or norm_weight.numel() != k
-                                    or norm_weight.stride(0) != 1):
-        raise ValueError(f"{what}: norm_weight must be a contiguous [{k}] vector, "
-                         f"got shape {tuple(norm_weight.shape)}")
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         block_n: int = 8, block_k: int = 512, num_warps: int = 4, num_stages: int = 3, *,
-         norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [1, K] (or [K]) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype, float32 sums.
-    norm_weight [K]: x is first RMS-normed with that weight (x the residual stream, the
-    norm computed in the same pass: no normed copy of x). residual [N]: returns the
-    product rounded to x's dtype plus residual (the next residual stream)."""
+         block_n: int = 8, block_k: int = 512, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """x [1, K] (or [K]) @ weight[N, K].T (+ bias) -> [1, N] in x's dtype, float32 sums."""
     n, k = weight.shape
     x1 = _one_row(x, weight, "gemv")
-    _norm_weight(norm_weight, k, "gemv")
-    r1 = None
-    if residual is not None:
-        r1 = residual.reshape(-1)
-        if r1.numel() != n:
-            raise ValueError(f"gemv: residual has {residual.numel()} elements, the product {n}")
-        r1 = r1 if r1.stride(0) == 1 else r1.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x1, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else x1,
-        r1 if r1 is not None else out, out, n, k, weight.stride(0), eps,
-        HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None, HAS_RESIDUAL=r1 is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-def _rms_norm_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.reshape(1, -1).float()
-    return norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-             norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Plain PyTorch, float32 sums: RMSNorm as transformers' (normed rows rounded to x's
-    dtype), the product, the residual added to the rounded product."""
-    if norm_weight is not None:
-        x = _rms_norm_ref(x, norm_weight, eps)
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch, float32 sums."""
     y = x.reshape(1, -1).float() @ weight.float().t()
     if bias is not None:
         y = y + bias.float()
-    y = y.to(x.dtype)
-    if residual is not None:
-        y = (y.float() + residual.reshape(1, -1).float()).to(x.dtype)
-    return y
+    return y.to(x.dtype)
 
 
 @triton.jit
-def _gemv_silu_mul_kernel(x_ptr, w_ptr, g_ptr, out_ptr, N, K, stride_w, eps,
-                          HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_w,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rows r of the gate half and r + N of the up half in one program, so silu(g) * u is
-    its epilogue; HAS_NORM as in _gemv_kernel."""
+    its epilogue."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     g_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     u_rows = w_ptr + (rows.to(tl.int64) + N)[:, None] * stride_w
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            ss += x * x
-            x = x * tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        x = x[None, :]
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         wg = tl.load(g_rows + cols[None, :], mask=mask, other=0.0)
         wu = tl.load(u_rows + cols[None, :], mask=mask, other=0.0)
         acc_g += wg.to(tl.float32) * x
         acc_u += wu.to(tl.float32) * x
-    g = tl.sum(acc_g, axis=1)
-    u = tl.sum(acc_u, axis=1)
-    if HAS_NORM:
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-        g, u = g * rstd, u * rstd
     # Each product rounded to the output dtype first, as the unfused path stores it.
-    g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
-    u = u.to(out_ptr.dtype.element_ty).to(tl.float32)
+    g = tl.sum(acc_g, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
+    u = tl.sum(acc_u, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + rows, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, block_n: int = 1, block_k: int = 2048,
-                  num_warps: int = 8, num_stages: int = 2, *, norm_weight: Optional[torch.Tensor] = None,
-                  eps: float = 1e-6) -> torch.Tensor:
+                  num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for one row x [1, K] and the MLP's merged weight
     [2 * I, K] (gate rows, then up rows) -> [1, I]: the gate/up GEMV with SiLU-and-mul as
-    its epilogue, one launch and no [1, 2 * I] intermediate. norm_weight [K]: x RMS-normed
-    first, as in gemv."""
+    its epilogue, one launch and no [1, 2 * I] intermediate."""
     n2, k = weight.shape
     if n2 % 2:
         raise ValueError(f"gemv_silu_mul needs [gate; up] rows: the weight has an odd {n2} rows")
     n = n2 // 2
     x1 = _one_row(x, weight, "gemv_silu_mul")
-    _norm_weight(norm_weight, k, "gemv_silu_mul")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_silu_mul_kernel[(triton.cdiv(n, block_n),)](
-        x1, weight, norm_weight if norm_weight is not None else x1, out, n, k, weight.stride(0), eps,
-        HAS_NORM=norm_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        x1, weight, out, n, k, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-def gemv_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
-                      eps: float = 1e-6) -> torch.Tensor:
+def gemv_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: the GEMV's [1, 2 * I] output in x's dtype, then SiLU-and-mul in float32."""
-    gate, up = gemv_ref(x, weight, norm_weight=norm_weight, eps=eps).float().chunk(2, dim=-1)
+    gate, up = gemv_ref(x, weight).float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)

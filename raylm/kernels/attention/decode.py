@@ -4,8 +4,7 @@ whole cached context (causal is implicit: the query is the newest token).
 Flash-decoding: the context of each sequence is cut into `num_splits` ranges of whole
 BLOCK_N tiles; one program per (sequence, kv head, split) computes a partial softmax
 for all query heads of that kv head (GQA: the K/V tile is loaded once per group), and
-the splits are merged by their log-sum-exp: by the last of a (sequence, kv head)'s split
-programs to finish (an arrival counter), or by a second kernel. `num_splits` is a Python int
+a second kernel merges the splits by their log-sum-exp. `num_splits` is a Python int
 fixed for a given batch size, so the launch is CUDA-graph friendly: sequences whose
 context is short simply leave their later splits empty.
 
@@ -16,7 +15,6 @@ to q's dtype (exact), k_scale is folded into the softmax scale and v_scale into 
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import torch
@@ -24,11 +22,6 @@ import triton
 import triton.language as tl
 
 MAX_SPLITS = 32
-# The splits merged by the last split program of each (sequence, kv head) (one launch a layer)
-# rather than by a second kernel: RAYLM_DECODE_FUSED_MERGE=1. Off by default until it has run
-# on a GPU (its cross-program memory ordering is not exercised by the interpreter).
-FUSED_MERGE = os.environ.get("RAYLM_DECODE_FUSED_MERGE", "0") == "1"
-MAX_COUNTERS = 1 << 16
 
 
 # The split count is a run-time argument, not a constant, and neither it nor the
@@ -40,49 +33,18 @@ MAX_COUNTERS = 1 << 16
 _SPLIT_ARGS = ["num_splits", "stride_ls", "stride_lh"]
 
 
-@triton.jit
-def _merge_splits(mid_o_ptr, mid_lse_ptr, out_ptr, seq, heads, mask_h, offs_d, mask_d,
-                  stride_ms, stride_mh, stride_mk, stride_ls, stride_lh, stride_os, stride_oh,
-                  num_splits, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[seq, heads] = the splits' partial outputs weighted by their log-sum-exp (base 2),
-    for the split kernel's last program of a (sequence, kv head). Its loads go past the SM's
-    L1 (.cg): the partials are other programs' stores of this launch, and an earlier launch
-    may have left those addresses stale in this SM's L1."""
-    offs_s = tl.arange(0, BLOCK_S)
-    lse_rows = mid_lse_ptr + seq * stride_ls + heads * stride_lh
-    lse = tl.load(lse_rows[:, None] + offs_s[None, :], mask=mask_h[:, None] & (offs_s < num_splits)[None, :],
-                  other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # an empty sequence (padding) gives zeros
-    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    o_rows = mid_o_ptr + seq * stride_ms + heads[:, None] * stride_mh + offs_d[None, :]
-    for s in range(0, num_splits):
-        # Only the splits that attended anything wrote a partial output.
-        lse_s = tl.load(lse_rows + s, mask=mask_h, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(o_rows + s * stride_mk, mask=(lse_s > float("-inf"))[:, None] & mask_d[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc += o * tl.exp2(lse_s - m)[:, None]
-    out = acc / tl.maximum(denom, 1e-30)[:, None]
-    tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
-
-
 @triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
-    counter_ptr, out_ptr,
     scale_log2, v_scale,
     stride_qs, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
     stride_ms, stride_mh, stride_mk,
     stride_ls, stride_lh,
-    stride_os, stride_oh,
     num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -134,19 +96,6 @@ def _decode_split_kernel(
         mid = mid_o_ptr + seq * stride_ms + heads[:, None] * stride_mh + split * stride_mk + offs_d[None, :]
         tl.store(mid, o, mask=mask_h[:, None] & mask_d[None, :])
     tl.store(mid_lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=mask_h)
-    if FUSED_MERGE:
-        # The last of the (seq, kv head)'s splits to finish merges them: the block's stores
-        # are done (barrier) before its arrival is counted with release semantics, and the
-        # last arrival's acquire makes every split's partials visible to its loads (.cg,
-        # past L1). It then resets the counter for the next launch (or graph replay).
-        tl.debug_barrier()
-        counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            _merge_splits(mid_o_ptr, mid_lse_ptr, out_ptr, seq, heads, mask_h, offs_d, mask_d,
-                          stride_ms, stride_mh, stride_mk, stride_ls, stride_lh, stride_os, stride_oh,
-                          num_splits, BLOCK_H, BLOCK_D, BLOCK_S)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=_SPLIT_ARGS)
@@ -197,25 +146,15 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device, waves: float = 2
     return max(1, min(max_splits, triton.next_power_of_2(want)))
 
 
-@lru_cache(maxsize=None)
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """One int32 per (sequence, kv head), zero between launches: the fused merge's last
-    program resets its own. Allocated once per device (outside any graph capture: the first
-    decode launch is the eager warm-up), so every captured graph shares it; graphs replay
-    one at a time on the engine's stream."""
-    return torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
-
-
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
                            block_n: int | None = None, k_scale: float = 1.0,
                            v_scale: float = 1.0, num_warps: int = 4,
-                           num_stages: int = 3, fused_merge: bool | None = None) -> torch.Tensor:
+                           num_stages: int = 3) -> torch.Tensor:
     """q [num_seqs, Hq, D]; kv_cache [2, num_blocks, block_size, Hk, D] (q's dtype, or fp8
     holding K / k_scale and V / v_scale); block_tables [num_seqs, max_blocks] int32;
     seq_lens [num_seqs] int32 (0 marks a padding row, whose output is zeros) -> out
-    [num_seqs, Hq, D] in q's dtype, accumulated in float32. fused_merge (default
-    FUSED_MERGE): the splits merged inside the split kernel, one launch."""
+    [num_seqs, Hq, D] in q's dtype, accumulated in float32."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -231,36 +170,27 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    if fused_merge is None:
-        fused_merge = FUSED_MERGE
-    fused_merge = fused_merge and num_seqs * num_kv_heads <= MAX_COUNTERS
-    # At least 16 wide, so the common split counts (1 to 16) share one compiled merge.
-    block_s = max(16, triton.next_power_of_2(num_splits))
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
-        _arrival_counters(q.device) if fused_merge else mid_lse, out,
         scale * math.log2(math.e) * k_scale, float(v_scale),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
         num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        FUSED_MERGE=fused_merge, BLOCK_S=block_s,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if fused_merge:
-        return out
     _decode_reduce_kernel[(num_seqs, num_heads)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
+        # At least 16 wide, so the common split counts (1 to 16) share one compiled merge.
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),
         num_warps=4,
     )
     return out

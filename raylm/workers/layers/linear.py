@@ -86,58 +86,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return F.linear(x, weight, bias)
 
 
-def gate_up_silu(x: torch.Tensor, layer: "MergedColumnParallelLinear",
-                 norm: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
+def gate_up_silu(x: torch.Tensor, layer: "MergedColumnParallelLinear") -> Optional[torch.Tensor]:
     """silu(gate) * up of a dense [gate; up] projection with no bias in one launch (the GEMV
     with SiLU-and-mul as its epilogue, raylm.kernels.gemv.gemv_silu_mul) where the product
     takes_gemv; None elsewhere, where the caller runs the projection and SiluAndMul.
-    `norm` (an RMSNorm): x is the residual stream, normed in the same launch.
     RAYLM_GEMV_SILU=0: never."""
-    if not (GEMV_SILU and _dense_one_row(x, layer) and layer.bias is None and len(layer.output_sizes) == 2
-            and layer.output_sizes[0] == layer.output_sizes[1]):
+    if not (GEMV_SILU and isinstance(layer.quant_method, UnquantizedLinearMethod) and layer.bias is None
+            and not layer.gather_output and len(layer.output_sizes) == 2
+            and layer.output_sizes[0] == layer.output_sizes[1] and takes_gemv(x, layer.weight)):
         return None
     from raylm.kernels.gemv import gemv_silu_mul
 
-    if norm is None:
-        return gemv_silu_mul(x, layer.weight, **GEMV_SILU_TILES)
-    return gemv_silu_mul(x, layer.weight, norm_weight=norm.weight, eps=norm.eps, **GEMV_SILU_TILES)
-
-
-def _dense_one_row(x: torch.Tensor, layer: "LinearBase") -> bool:
-    """A dense layer whose one-row product takes the GEMV, with no gather after it."""
-    return (isinstance(layer.quant_method, UnquantizedLinearMethod) and not getattr(layer, "gather_output", False)
-            and takes_gemv(x, layer.weight))
-
-
-# Batch-1 decode with each RMSNorm inside the GEMV after it and each residual add in the
-# epilogue of the GEMV before it (no norm launches: 2 a layer): RAYLM_GEMV_NORM=1. Off by
-# default until it has been timed on a GPU.
-GEMV_NORM = os.environ.get("RAYLM_GEMV_NORM", "0") == "1"
-
-
-def fuses_norms(x: torch.Tensor, normed: list["LinearBase"], residual: list["RowParallelLinear"]) -> bool:
-    """Whether one row of the residual stream x can go through `normed` (the projections
-    after an RMSNorm: qkv, gate/up) with the norm inside their GEMV and through `residual`
-    (o_proj, down_proj) with the residual add in their GEMV's epilogue: all dense, all taking
-    the GEMV, the row-parallel ones on one rank (no all-reduce between product and add)."""
-    return (GEMV_NORM and all(_dense_one_row(x, layer) for layer in normed)
-            and all(layer.tp_size == 1 and _dense_one_row(x, layer) for layer in residual))
-
-
-def normed_linear(x: torch.Tensor, norm: nn.Module, layer: "ColumnParallelLinear") -> torch.Tensor:
-    """layer(norm(x)) for one row of the residual stream x, the norm inside the GEMV (where
-    fuses_norms said so)."""
-    from raylm.kernels.gemv import gemv
-
-    return gemv(x, layer.weight, layer.bias, norm_weight=norm.weight, eps=norm.eps, **GEMV_TILES)
-
-
-def linear_residual(x: torch.Tensor, layer: "RowParallelLinear", residual: torch.Tensor) -> torch.Tensor:
-    """layer(x) + residual for one row, the add in the GEMV's epilogue (where fuses_norms
-    said so): the next residual stream."""
-    from raylm.kernels.gemv import gemv
-
-    return gemv(x, layer.weight, layer.bias, residual=residual, **GEMV_TILES)
+    return gemv_silu_mul(x, layer.weight, **GEMV_SILU_TILES)
 
 
 class UnquantizedLinearMethod:

@@ -11,7 +11,7 @@ from torch import nn
 from raylm.workers.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from raylm.workers.layers.basic import ParallelLMHead, RMSNorm, SiluAndMul, VocabParallelEmbedding
 from raylm.workers.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                        fuses_norms, gate_up_silu, linear_residual, normed_linear)
+                                        gate_up_silu)
 from raylm.workers.layers.rotary import RotaryEmbedding, rope_parameters
 
 
@@ -41,17 +41,14 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
 
     def forward(self, positions, hidden, meta: AttentionMetadata, backend: AttentionBackend):
-        return self.o_proj(self.attend(self.qkv_proj(hidden), positions, meta, backend))
-
-    def attend(self, qkv, positions, meta: AttentionMetadata, backend: AttentionBackend):
-        """Attention over the projected qkv, before o_proj."""
+        qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.attn(q, k, v, meta, backend, self.rotary_emb, positions)
+        return self.o_proj(self.attn(q, k, v, meta, backend, self.rotary_emb, positions))
 
 
 class LlamaMLP(nn.Module):
@@ -82,10 +79,6 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
     def forward(self, positions, hidden, residual, meta, backend):
-        """(hidden, residual) in and out, their sum the residual stream; residual None: hidden
-        is the stream itself (the first layer's input, and what the one-row path returns)."""
-        if residual is None and self._fuses_norms(hidden):
-            return self._forward_one_row(positions, hidden, meta, backend), None
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -94,21 +87,6 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, meta, backend)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
-
-    def _fuses_norms(self, stream) -> bool:
-        attn, mlp = self.self_attn, self.mlp
-        return fuses_norms(stream, [attn.qkv_proj, mlp.gate_up_proj], [attn.o_proj, mlp.down_proj])
-
-    def _forward_one_row(self, positions, stream, meta, backend):
-        """Batch-1 decode on the one-row GEMVs: each norm inside the GEMV after it, each
-        residual add in the epilogue of the GEMV before it; returns the next stream."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv = normed_linear(stream, self.input_layernorm, attn.qkv_proj)
-        stream = linear_residual(attn.attend(qkv, positions, meta, backend), attn.o_proj, stream)
-        h = gate_up_silu(stream, mlp.gate_up_proj, self.post_attention_layernorm)
-        if h is None:
-            h = mlp.act(normed_linear(stream, self.post_attention_layernorm, mlp.gate_up_proj))
-        return linear_residual(h, mlp.down_proj, stream)
 
 
 class LlamaModel(nn.Module):
@@ -129,10 +107,8 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta, backend)
-        return self._final_norm(hidden, residual)
-
-    def _final_norm(self, hidden, residual):
-        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
 
     def _forward_with_aux(self, hidden, positions, meta, backend):
         """(final hidden, [T, len(aux layers) * hidden]): the input of each aux layer
@@ -142,7 +118,8 @@ class LlamaModel(nn.Module):
             if i in self.aux_hidden_state_layers:
                 aux.append(hidden if residual is None else hidden + residual)
             hidden, residual = layer(positions, hidden, residual, meta, backend)
-        return self._final_norm(hidden, residual), torch.cat(aux, dim=-1)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden, torch.cat(aux, dim=-1)
 
 
 def load_tensor(params: dict, stacked_params, name: str, tensor: torch.Tensor,
